@@ -1,0 +1,10 @@
+class EmbeddingCache:  # placeholder
+    pass
+
+
+class CachedEmbedder:  # placeholder
+    pass
+
+
+class EmbedStats:  # placeholder
+    pass

@@ -1,0 +1,165 @@
+"""The one exception tree of embedcache.
+
+Every error the package raises on purpose is an :class:`EmbedCacheError`. Where a
+built-in exception describes the same situation, the class also derives from it, so
+``except ValueError`` or ``except TypeError`` keeps working for callers who do not know
+this package::
+
+    EmbedCacheError
+    ├── InvalidInputError (ValueError)           bad argument values: texts, arrays, k, thresholds
+    │   ├── InvalidInputTypeError (TypeError)    wrong type or dtype
+    │   └── DimensionMismatchError               vectors of another dimension than expected
+    ├── ConfigurationError (ValueError)          missing API key, unknown option, bad setting
+    ├── MissingDependencyError (ImportError)     an optional extra is not installed
+    ├── APIError                                 the embeddings service failed us
+    │   ├── APIConnectionError                   could not reach the server / connection dropped
+    │   │   └── APITimeoutError                  no reply within the timeout
+    │   ├── APIStatusError                       the server answered with an error status
+    │   │   ├── BadRequestError                  400, 422
+    │   │   ├── AuthenticationError              401
+    │   │   ├── PermissionDeniedError            403
+    │   │   ├── NotFoundError                    404 (unknown model or path)
+    │   │   ├── RateLimitError                   429 (after retries)
+    │   │   └── ServerError                      5xx (after retries)
+    │   └── InvalidResponseError                 a 2xx reply that breaks the contract
+    ├── CacheError                               the embedding cache cannot be used
+    └── StoreError                               the vector store cannot be used
+        ├── StoreCorruptedError                  damaged or unknown files (names the file)
+        ├── StoreLockedError                     another process holds the write lock
+        ├── DuplicateIdError (ValueError)        adding an id that exists, without upsert
+        └── NamespaceMismatchError (ValueError)  vectors from another embedder or dimension
+
+Messages say what was expected and what was received, and never contain an API key.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "CacheError",
+    "ConfigurationError",
+    "DimensionMismatchError",
+    "DuplicateIdError",
+    "EmbedCacheError",
+    "InvalidInputError",
+    "InvalidInputTypeError",
+    "InvalidResponseError",
+    "MissingDependencyError",
+    "NamespaceMismatchError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ServerError",
+    "StoreCorruptedError",
+    "StoreError",
+    "StoreLockedError",
+]
+
+
+class EmbedCacheError(Exception):
+    """Base class of every error raised on purpose by embedcache."""
+
+
+class InvalidInputError(EmbedCacheError, ValueError):
+    """An argument has the right type but a value outside what is accepted."""
+
+
+class InvalidInputTypeError(InvalidInputError, TypeError):
+    """An argument has the wrong type or dtype."""
+
+
+class DimensionMismatchError(InvalidInputError):
+    """Vectors have another dimension than the one expected."""
+
+
+class ConfigurationError(EmbedCacheError, ValueError):
+    """A setting is missing or invalid (for example no API key)."""
+
+
+class MissingDependencyError(EmbedCacheError, ImportError):
+    """An optional dependency is not installed; the message says how to install it."""
+
+
+class APIError(EmbedCacheError):
+    """The embeddings service could not give us vectors.
+
+    ``status_code`` is the HTTP status when the server answered, else ``None``;
+    ``message`` is the server's own explanation when it gave one.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+
+
+class APIConnectionError(APIError):
+    """The server could not be reached, or the connection dropped mid-reply."""
+
+
+class APITimeoutError(APIConnectionError):
+    """The server did not answer within the timeout."""
+
+
+class APIStatusError(APIError):
+    """The server answered with an error status (4xx or 5xx)."""
+
+
+class BadRequestError(APIStatusError):
+    """400 or 422: the server rejected the request (input too long, bad parameter...)."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: the API key is missing, wrong or expired."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the key is valid but may not use this model or endpoint."""
+
+
+class NotFoundError(APIStatusError):
+    """404: unknown model or wrong base URL."""
+
+
+class RateLimitError(APIStatusError):
+    """429: still rate limited after every retry."""
+
+
+class ServerError(APIStatusError):
+    """5xx: the server failed, still after every retry."""
+
+
+class InvalidResponseError(APIError):
+    """A successful reply that breaks the contract (missing vectors, NaN, wrong dimension...).
+
+    Such a reply is never cached.
+    """
+
+
+class CacheError(EmbedCacheError):
+    """The embedding cache cannot be opened or used."""
+
+
+class StoreError(EmbedCacheError):
+    """The vector store cannot be opened or used."""
+
+
+class StoreCorruptedError(StoreError):
+    """A store file is damaged, truncated, or of an unknown format version."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the store's lock."""
+
+
+class DuplicateIdError(StoreError, ValueError):
+    """An id that already exists was added without ``upsert=True``."""
+
+
+class NamespaceMismatchError(StoreError, ValueError):
+    """Vectors or an embedder from another namespace or dimension than the store's."""

@@ -1,0 +1,97 @@
+"""The ``Embedder`` protocol shared by every provider, and input validation.
+
+An embedder turns a sequence of non-empty strings into an ``(n, d)`` float32 array, rows in
+input order. ``cache_namespace`` says whose vectors these are: two embedders that could
+return different vectors for the same text never share a namespace, so a cache keyed by it
+never serves one model's vectors for another.
+
+``embed`` accepts ``on_batch(positions, vectors)``: called as each batch of results arrives
+(possibly out of order, from the thread that received it), with ``positions`` an int64 array
+of indices into ``texts`` and ``vectors`` the matching rows. :class:`embedcache.CachedEmbedder`
+uses it to write what was paid for before the whole call finishes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from embedcache.errors import InvalidInputError, InvalidInputTypeError
+
+__all__ = ["BatchCallback", "Embedder", "Usage", "validate_texts"]
+
+BatchCallback = Callable[[np.ndarray, np.ndarray], None]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What :class:`embedcache.CachedEmbedder` and the workflows need of an embedder."""
+
+    #: provider kind, endpoint host, model and dimensions, e.g. ``"openai|host|model|1024"``
+    cache_namespace: str
+    #: model identifier as the provider knows it
+    model: str
+    #: requested output dimension, or ``None`` for the model's native one
+    dimensions: int | None
+
+    def embed(
+        self, texts: Sequence[str], *, on_batch: BatchCallback | None = None
+    ) -> np.ndarray:
+        """Embed ``texts``: array of shape (n, d), float32, rows in input order."""
+        ...
+
+
+@dataclass
+class Usage:
+    """Cumulative request and token counters of one provider (thread-safe increments)."""
+
+    requests: int = 0
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, requests: int = 0, tokens: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.tokens += tokens
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.requests, self.tokens
+
+
+def validate_texts(texts: object, *, allow_empty_list: bool = False) -> list[str]:
+    """Return ``texts`` as a list of str, or raise naming the first offending position.
+
+    Accepts any sequence or iterable of ``str`` (a single ``str`` is refused: it would be
+    embedded character by character). Empty strings and non-strings are errors, as is an
+    empty list unless ``allow_empty_list``.
+    """
+    if isinstance(texts, (str, bytes)):
+        raise InvalidInputTypeError(
+            f"texts must be a sequence of strings, got a single {type(texts).__name__}; "
+            "wrap it in a list"
+        )
+    if texts is None:
+        raise InvalidInputTypeError("texts must be a sequence of strings, got None")
+    try:
+        items = list(texts)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidInputTypeError(
+            f"texts must be a sequence of strings, got {type(texts).__name__}"
+        ) from None
+    if not items and not allow_empty_list:
+        raise InvalidInputError("texts must contain at least one string, got an empty sequence")
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise InvalidInputTypeError(
+                f"texts[{i}] must be a str, got {type(t).__name__}: {t!r:.60}"
+            )
+        if not t:
+            raise InvalidInputError(f"texts[{i}] is an empty string; every text must be non-empty")
+    return items

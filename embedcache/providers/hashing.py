@@ -1,0 +1,3 @@
+class HashingEmbeddings:  # placeholder
+    def __init__(self, *a, **k):
+        raise NotImplementedError
