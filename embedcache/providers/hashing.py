@@ -1,3 +1,208 @@
-class HashingEmbeddings:  # placeholder
-    def __init__(self, *a, **k):
-        raise NotImplementedError
+"""The built-in offline embedder: signed feature hashing of character n-grams.
+
+No model, no network, no randomness: the same text gives the same vector in every process
+and on every machine, because n-grams are hashed with our own 64-bit FNV-1a over their UTF-8
+bytes (never Python's salted ``hash()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+
+from embedcache.errors import InvalidInputError, InvalidInputTypeError
+from embedcache.providers.base import BatchCallback, Usage, validate_texts
+
+__all__ = ["HashingEmbeddings"]
+
+# Bumped whenever a change to this module changes the vectors it returns.
+_ALGORITHM_VERSION = 1
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_MIX1 = np.uint64(0xFF51AFD7ED558CCD)
+_MIX2 = np.uint64(0xC4CEB9FE1A85EC53)
+
+
+@numba.njit(cache=True, inline="always")
+def _fnv_byte(h, b):
+    return (h ^ np.uint64(b)) * _FNV_PRIME
+
+
+@numba.njit(cache=True)
+def _hash_ngram(cps, start, n):
+    """FNV-1a over the UTF-8 bytes of code points ``cps[start:start+n]``, then a
+    murmur3 finalizer so that the low bits are as well mixed as the high ones."""
+    h = _FNV_OFFSET
+    for k in range(start, start + n):
+        c = np.uint32(cps[k])
+        if c < 0x80:
+            h = _fnv_byte(h, c)
+        elif c < 0x800:
+            h = _fnv_byte(h, 0xC0 | (c >> 6))
+            h = _fnv_byte(h, 0x80 | (c & 0x3F))
+        elif c < 0x10000:
+            h = _fnv_byte(h, 0xE0 | (c >> 12))
+            h = _fnv_byte(h, 0x80 | ((c >> 6) & 0x3F))
+            h = _fnv_byte(h, 0x80 | (c & 0x3F))
+        else:
+            h = _fnv_byte(h, 0xF0 | (c >> 18))
+            h = _fnv_byte(h, 0x80 | ((c >> 12) & 0x3F))
+            h = _fnv_byte(h, 0x80 | ((c >> 6) & 0x3F))
+            h = _fnv_byte(h, 0x80 | (c & 0x3F))
+    h ^= h >> np.uint64(33)
+    h *= _MIX1
+    h ^= h >> np.uint64(33)
+    h *= _MIX2
+    h ^= h >> np.uint64(33)
+    return h
+
+
+@numba.njit(parallel=True, cache=True)
+def _embed_codepoints(cps, offsets, dim, lo, hi, out):
+    """Fill ``out[i]`` with the L2-normalized signed hashed n-gram vector of text ``i``.
+
+    cps: uint32 code points of all texts, concatenated; offsets: int64 (n + 1,) bounds.
+    Each distinct n-gram of a text adds sign * (1 + log(count)) to its bucket; the sum
+    runs over the text's n-grams in sorted hash order, so the result does not depend on
+    the thread count.
+    """
+    n_texts = offsets.shape[0] - 1
+    udim = np.uint64(dim)
+    for i in numba.prange(n_texts):
+        a = offsets[i]
+        length = offsets[i + 1] - a
+        total = 0
+        for n in range(lo, hi + 1):
+            if length >= n:
+                total += length - n + 1
+        if total == 0:  # shorter than the shortest n-gram: the whole text is one gram
+            hashes = np.empty(1, dtype=np.uint64)
+            hashes[0] = _hash_ngram(cps, a, length)
+        else:
+            hashes = np.empty(total, dtype=np.uint64)
+            m = 0
+            for n in range(lo, hi + 1):
+                for s in range(a, a + length - n + 1):
+                    hashes[m] = _hash_ngram(cps, s, n)
+                    m += 1
+        hashes.sort()
+        row = out[i]
+        row[:] = 0.0
+        acc = np.zeros(dim, dtype=np.float64)
+        k = 0
+        while k < hashes.shape[0]:
+            h = hashes[k]
+            run = 1
+            while k + run < hashes.shape[0] and hashes[k + run] == h:
+                run += 1
+            weight = 1.0 + np.log(run)
+            bucket = (h >> np.uint64(1)) % udim
+            if h & np.uint64(1):
+                acc[bucket] -= weight
+            else:
+                acc[bucket] += weight
+            k += run
+        norm = 0.0
+        for j in range(dim):
+            norm += acc[j] * acc[j]
+        if norm > 0.0:
+            inv = 1.0 / np.sqrt(norm)
+            for j in range(dim):
+                row[j] = acc[j] * inv
+
+
+def _prepare(text: str, lowercase: bool) -> str:
+    if lowercase:
+        text = text.lower()
+    return " " + " ".join(text.split()) + " "
+
+
+class HashingEmbeddings:
+    """Offline embedder: signed feature hashing of character n-grams, numba-accelerated.
+
+    It finds **lexical** near-duplicates — texts that share most of their character
+    n-grams (typos, re-punctuation, small edits, boilerplate) — **not semantic** ones:
+    "a car" and "an automobile" are far apart. Use a real model
+    (:class:`OpenAIEmbeddings`, :class:`LocalEmbeddings`) for meaning.
+
+    Each text is (optionally) lowercased, its whitespace runs collapsed to one space and
+    padded with a space on both sides; every character n-gram with ``ngram_range[0] <= n
+    <= ngram_range[1]`` is hashed (64-bit FNV-1a over UTF-8 bytes) to a bucket and a sign;
+    a distinct n-gram seen ``c`` times adds ``±(1 + log c)`` to its bucket; rows are
+    L2-normalized. Deterministic across processes, machines and thread counts.
+
+    dim: output dimension. Larger lowers hash collisions (more memory per vector).
+    ngram_range: (min, max) n-gram lengths in characters.
+    lowercase: fold case before hashing.
+    batch_size: texts per ``on_batch`` call.
+
+    >>> emb = HashingEmbeddings(dim=64)
+    >>> X = emb.embed(["kitten", "kitten!", "quantum chromodynamics"])
+    >>> X.shape, X.dtype.name
+    ((3, 64), 'float32')
+    >>> bool(X[0] @ X[1] > X[0] @ X[2])
+    True
+    """
+
+    def __init__(
+        self,
+        dim: int = 512,
+        *,
+        ngram_range: tuple[int, int] = (3, 5),
+        lowercase: bool = True,
+        batch_size: int = 4096,
+    ) -> None:
+        for name, value in (("dim", dim), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InvalidInputTypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {value}")
+        try:
+            lo, hi = (int(v) for v in ngram_range)
+        except (TypeError, ValueError):
+            raise InvalidInputTypeError(
+                f"ngram_range must be a pair of ints, got {ngram_range!r}"
+            ) from None
+        if not 1 <= lo <= hi:
+            raise InvalidInputError(f"ngram_range must satisfy 1 <= min <= max, got {ngram_range!r}")
+        self.dim = int(dim)
+        self.ngram_range = (lo, hi)
+        self.lowercase = bool(lowercase)
+        self.batch_size = int(batch_size)
+        self.dimensions: int | None = self.dim
+        self.model = f"hashing-char-{lo}-{hi}"
+        self.cache_namespace = (
+            f"hashing|v{_ALGORITHM_VERSION}|dim={self.dim}|ngram={lo}-{hi}"
+            f"|lowercase={int(self.lowercase)}"
+        )
+        self.usage = Usage()
+
+    def __repr__(self) -> str:
+        return (
+            f"HashingEmbeddings(dim={self.dim}, ngram_range={self.ngram_range}, "
+            f"lowercase={self.lowercase})"
+        )
+
+    def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
+        """Embed ``texts``: array of shape (n, dim), float32, unit rows, in input order.
+
+        ``on_batch(positions, vectors)`` is called after each ``batch_size`` texts.
+        """
+        items = validate_texts(texts)
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        lo, hi = self.ngram_range
+        for start in range(0, len(items), self.batch_size):
+            chunk = [_prepare(t, self.lowercase) for t in items[start : start + self.batch_size]]
+            lengths = np.fromiter((len(t) for t in chunk), dtype=np.int64, count=len(chunk))
+            offsets = np.zeros(len(chunk) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            cps = np.frombuffer("".join(chunk).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            block = out[start : start + len(chunk)]
+            _embed_codepoints(cps, offsets, self.dim, lo, hi, block)
+            self.usage.add(requests=1)
+            if on_batch is not None:
+                on_batch(np.arange(start, start + len(chunk), dtype=np.int64), block)
+        return out

@@ -1,0 +1,176 @@
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedcache.errors import InvalidInputError, InvalidInputTypeError
+from embedcache.providers.hashing import HashingEmbeddings
+
+
+def _fnv1a_fmix(data: bytes) -> int:
+    mask = (1 << 64) - 1
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & mask
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & mask
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & mask
+    h ^= h >> 33
+    return h
+
+
+def naive_embed(text, dim, lo, hi, lowercase=True):
+    """Obviously correct pure-Python version of the documented algorithm."""
+    if lowercase:
+        text = text.lower()
+    text = " " + " ".join(text.split()) + " "
+    grams = [text[s : s + n] for n in range(lo, hi + 1) for s in range(len(text) - n + 1)]
+    if not grams:
+        grams = [text]
+    counts = {}
+    for g in grams:
+        counts[g] = counts.get(g, 0) + 1
+    vec = np.zeros(dim, dtype=np.float64)
+    for g, c in sorted(counts.items(), key=lambda kv: _fnv1a_fmix(kv[0].encode("utf-8", "surrogatepass"))):
+        h = _fnv1a_fmix(g.encode("utf-8", "surrogatepass"))
+        sign = -1.0 if h & 1 else 1.0
+        vec[(h >> 1) % dim] += sign * (1.0 + math.log(c))
+    norm = np.linalg.norm(vec)
+    return (vec / norm if norm > 0 else vec).astype(np.float32)
+
+
+text_st = st.text(min_size=1, max_size=40).filter(lambda t: t != "")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(text_st, min_size=1, max_size=6),
+    dim=st.integers(1, 70),
+    lo=st.integers(1, 4),
+    extra=st.integers(0, 3),
+    lowercase=st.booleans(),
+)
+def test_matches_naive_reference(texts, dim, lo, extra, lowercase):
+    emb = HashingEmbeddings(dim, ngram_range=(lo, lo + extra), lowercase=lowercase, batch_size=4)
+    X = emb.embed(texts)
+    assert X.shape == (len(texts), dim) and X.dtype == np.float32
+    ref = np.stack([naive_embed(t, dim, lo, lo + extra, lowercase) for t in texts])
+    np.testing.assert_allclose(X, ref, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(text_st, min_size=1, max_size=8))
+def test_rows_are_unit_or_zero_and_order_independent(texts):
+    emb = HashingEmbeddings(32)
+    X = emb.embed(texts)
+    norms = np.linalg.norm(X, axis=1)
+    assert np.all((np.abs(norms - 1) < 1e-5) | (norms == 0))
+    # each row depends on its own text only
+    for i, t in enumerate(texts):
+        np.testing.assert_array_equal(emb.embed([t])[0], X[i])
+
+
+def test_known_vector_is_stable_across_processes():
+    code = (
+        "import numpy as np, embedcache.providers.hashing as h;"
+        "x = h.HashingEmbeddings(16).embed(['Grüße, world! 😀', 'abc'])"
+        ";print(x.tobytes().hex())"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(outs) == 1
+    here = HashingEmbeddings(16).embed(["Grüße, world! 😀", "abc"]).tobytes().hex()
+    assert outs == {here}
+
+
+def test_lexical_near_duplicates_score_higher_than_unrelated_texts():
+    emb = HashingEmbeddings()
+    X = emb.embed(
+        [
+            "The quick brown fox jumps over the lazy dog.",
+            "the quick brown fox jumped over the lazy dog",
+            "Quarterly revenue grew by four percent in Europe.",
+        ]
+    )
+    assert X[0] @ X[1] > 0.7
+    assert abs(X[0] @ X[2]) < 0.2
+
+
+def test_case_and_whitespace_folding():
+    emb = HashingEmbeddings(64)
+    X = emb.embed(["Hello   World", "hello world", "hello\tworld\n"])
+    np.testing.assert_array_equal(X[0], X[1])
+    np.testing.assert_array_equal(X[1], X[2])
+    cased = HashingEmbeddings(64, lowercase=False).embed(["Hello World", "hello world"])
+    assert not np.array_equal(cased[0], cased[1])
+
+
+def test_namespace_changes_with_every_vector_changing_parameter():
+    spaces = {
+        HashingEmbeddings().cache_namespace,
+        HashingEmbeddings(256).cache_namespace,
+        HashingEmbeddings(ngram_range=(2, 4)).cache_namespace,
+        HashingEmbeddings(lowercase=False).cache_namespace,
+    }
+    assert len(spaces) == 4
+    # batch_size does not change vectors, so it does not change the namespace
+    assert HashingEmbeddings(batch_size=3).cache_namespace == HashingEmbeddings().cache_namespace
+    emb = HashingEmbeddings(128)
+    assert emb.dimensions == 128 and emb.model == "hashing-char-3-5"
+
+
+def test_on_batch_reports_every_position_once_with_matching_rows():
+    emb = HashingEmbeddings(32, batch_size=3)
+    texts = [f"text number {i}" for i in range(10)]
+    seen = {}
+
+    def on_batch(positions, vectors):
+        assert positions.dtype == np.int64 and vectors.shape == (len(positions), 32)
+        for p, v in zip(positions, vectors):
+            assert p not in seen
+            seen[int(p)] = v.copy()
+
+    X = emb.embed(texts, on_batch=on_batch)
+    assert sorted(seen) == list(range(10))
+    for p, v in seen.items():
+        np.testing.assert_array_equal(v, X[p])
+    assert emb.usage.requests == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"dim": 0}, InvalidInputError),
+        ({"dim": 2.5}, InvalidInputTypeError),
+        ({"dim": True}, InvalidInputTypeError),
+        ({"ngram_range": (0, 3)}, InvalidInputError),
+        ({"ngram_range": (4, 3)}, InvalidInputError),
+        ({"ngram_range": "ab"}, InvalidInputTypeError),
+        ({"batch_size": 0}, InvalidInputError),
+    ],
+)
+def test_bad_settings(kwargs, exc):
+    with pytest.raises(exc):
+        HashingEmbeddings(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "texts, match",
+    [([], "empty sequence"), (["a", ""], r"texts\[1\]"), (["a", 3], r"texts\[1\]"), ("abc", "single str")],
+)
+def test_bad_texts_name_the_position(texts, match):
+    with pytest.raises(InvalidInputError, match=match):
+        HashingEmbeddings().embed(texts)
