@@ -1,3 +1,760 @@
-class OpenAIEmbeddings:  # placeholder
-    def __init__(self, *a, **k):
-        raise NotImplementedError
+"""Client for any OpenAI-compatible ``/embeddings`` endpoint (IONOS AI Model Hub by default).
+
+What it does for you:
+
+* splits the texts into batches of at most ``batch_size`` texts and ``max_batch_chars``
+  characters (a single longer text goes alone);
+* keeps up to ``max_concurrency`` requests in flight (threads for :meth:`~OpenAIEmbeddings.embed`,
+  tasks for :meth:`~OpenAIEmbeddings.aembed`) under a token bucket of ``requests_per_second``
+  with room for ``burst`` requests at once;
+* retries connection errors, timeouts, 408, 409, 429 and 5xx up to ``max_retries`` times with
+  exponential backoff and full jitter, or exactly the server's ``retry-after-ms`` /
+  ``Retry-After`` (seconds or an HTTP date) when it sends one;
+* maps error statuses to the typed exceptions of :mod:`embedcache.errors`, carrying the status
+  and the server's own message, whether the body is OpenAI-style ``{"error": {"message": ...}}``
+  or FastAPI-style ``{"detail": ...}``;
+* checks every reply before anyone sees it: one vector per input, placed by ``data[i].index``
+  (a permutation of the batch positions), equal dimensions, finite values, and the requested
+  ``dimensions``; anything else raises :class:`~embedcache.errors.InvalidResponseError` and
+  is never handed to ``on_batch`` (so never cached);
+* reads base64 (little-endian float32) and plain float-list replies alike.
+
+The API key never appears in ``repr``, exception text or log records: it is kept in a
+wrapper that hides it, and removed from any server message that echoes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import inspect
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import httpx
+import numpy as np
+import tenacity
+
+from embedcache.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    InvalidResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+)
+from embedcache.providers.base import BatchCallback, Usage, validate_texts
+
+__all__ = ["DEFAULT_BASE_URL", "OpenAIEmbeddings", "TokenBucket"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://openai.inference.de-txl.ionos.com/v1"
+_KEY_ENV_VARS = ("IONOS_API_TOKEN", "OPENAI_API_KEY")
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+#: a server asking us to wait longer than this is waited for this long, then retried
+_MAX_RETRY_AFTER = 60.0
+_BACKOFF_INITIAL = 0.5
+_BACKOFF_MAX = 20.0
+
+
+class _Secret:
+    """Holds the API key; every textual form of it is masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("the API key cannot be pickled")
+
+
+class TokenBucket:
+    """Thread-safe token bucket: ``rate`` tokens per second, at most ``burst`` saved up.
+
+    :meth:`reserve` takes one token and returns how long the caller must wait before using
+    it (0.0 when one was available). Reservations queue up: the tenth caller in a burst
+    of ten beyond the limit waits ten intervals. ``clock`` is injectable for tests.
+
+    >>> clock = iter([0.0, 0.0, 0.0, 0.0]).__next__
+    >>> bucket = TokenBucket(rate=2.0, burst=2, clock=clock)
+    >>> [bucket.reserve() for _ in range(4)]
+    [0.0, 0.0, 0.5, 1.0]
+    """
+
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic):
+        self.rate = float(rate)
+        self.burst = int(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        with self._lock:
+            now = self._clock()
+            if self._last is not None:
+                self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= 1.0
+            return 0.0 if self._tokens >= 0.0 else -self._tokens / self.rate
+
+
+def _resolve_key(api_key: str | None) -> _Secret | None:
+    if api_key is None:
+        for name in _KEY_ENV_VARS:
+            value = os.environ.get(name, "").strip()
+            if value:
+                api_key = value
+                break
+        else:
+            return None
+    if not isinstance(api_key, str):
+        raise ConfigurationError(f"api_key must be a str, got {type(api_key).__name__}")
+    if not api_key or not all(33 <= ord(c) <= 126 for c in api_key):
+        # Never echo the value: it may be a real key with a stray newline.
+        raise ConfigurationError(
+            "api_key must be a non-empty string of printable ASCII characters without spaces"
+        )
+    return _Secret(api_key)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise InvalidInputError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidInputTypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0:
+        raise InvalidInputError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def _parse_retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the server asks us to wait, from ``retry-after-ms`` or ``Retry-After``."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        value = when.timestamp() - time.time()
+        return max(0.0, value)
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _server_message(response: httpx.Response) -> str:
+    """The server's own explanation, from OpenAI-, FastAPI- or plain-style bodies."""
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        text = response.text.strip()
+        return text[:500] if text else response.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str) and err:
+            return err
+        detail = body.get("detail")
+        if isinstance(detail, str) and detail:
+            return detail
+        if isinstance(detail, list) and detail:  # FastAPI validation errors
+            parts = []
+            for item in detail:
+                if isinstance(item, dict):
+                    loc = ".".join(str(p) for p in item.get("loc", []) or [])
+                    msg = str(item.get("msg", item))
+                    parts.append(f"{loc}: {msg}" if loc else msg)
+                else:
+                    parts.append(str(item))
+            return "; ".join(parts)
+        if body.get("message"):
+            return str(body["message"])
+    return json.dumps(body)[:500]
+
+
+def _status_error_class(status: int) -> type[APIStatusError]:
+    if status in (400, 422):
+        return BadRequestError
+    if status == 401:
+        return AuthenticationError
+    if status == 403:
+        return PermissionDeniedError
+    if status == 404:
+        return NotFoundError
+    if status == 429:
+        return RateLimitError
+    if status >= 500:
+        return ServerError
+    return APIStatusError
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, APIConnectionError):  # includes timeouts
+        return True
+    if isinstance(exc, APIStatusError):
+        return exc.status_code in _RETRYABLE_STATUS or (exc.status_code or 0) >= 500
+    return False
+
+
+def _decode_vector(embedding: object, where: str) -> np.ndarray:
+    if isinstance(embedding, str):
+        try:
+            raw = base64.b64decode(embedding, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidResponseError(f"{where}: embedding is not valid base64") from None
+        if len(raw) % 4:
+            raise InvalidResponseError(
+                f"{where}: base64 embedding has {len(raw)} bytes, expected a multiple of 4 (float32)"
+            )
+        return np.frombuffer(raw, dtype="<f4")
+    if isinstance(embedding, list):
+        arr = np.array(embedding)
+        if arr.ndim != 1 or arr.dtype.kind not in "fiu":
+            raise InvalidResponseError(
+                f"{where}: embedding must be a flat list of numbers, got array of dtype "
+                f"{arr.dtype} and shape {arr.shape}"
+            )
+        with np.errstate(over="ignore"):
+            return arr.astype(np.float32)
+    raise InvalidResponseError(
+        f"{where}: embedding must be a base64 string or a list of numbers, "
+        f"got {type(embedding).__name__}"
+    )
+
+
+class OpenAIEmbeddings:
+    """Embeddings from any OpenAI-compatible endpoint; see the module docstring for the contract.
+
+    model: model id as the server knows it (``.list_models()`` lists them).
+    base_url: endpoint root, ending before ``/embeddings``. Defaults to the IONOS AI Model Hub.
+    api_key: defaults to ``$IONOS_API_TOKEN``, else ``$OPENAI_API_KEY``; without one, any
+        request raises :class:`~embedcache.errors.ConfigurationError`.
+    dimensions: ask the model for shorter vectors (models that support it); ``None`` = native.
+    batch_size, max_batch_chars: largest batch by count and by total characters.
+    max_concurrency: requests in flight at once (and HTTP connections kept).
+    requests_per_second, burst: client-side rate limit (``None`` = unlimited); per instance.
+    max_retries: retries after the first attempt for retryable failures.
+    timeout: seconds for connect, read, write and pool waits of one request.
+    encoding_format: ``"base64"`` (compact) or ``"float"``; either reply is accepted.
+    transport, async_transport: httpx transports (e.g. ``httpx.MockTransport``) for tests.
+    sleep: called with the seconds to wait between retries instead of sleeping (for tests);
+        may return an awaitable in :meth:`aembed`.
+
+    >>> emb = OpenAIEmbeddings("BAAI/bge-m3", api_key="sk-example")
+    >>> emb
+    OpenAIEmbeddings(model='BAAI/bge-m3', base_url='https://openai.inference.de-txl.ionos.com/v1')
+    >>> emb.cache_namespace
+    'openai|openai.inference.de-txl.ionos.com/v1|BAAI/bge-m3|native'
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        dimensions: int | None = None,
+        batch_size: int = 128,
+        max_batch_chars: int = 200_000,
+        max_concurrency: int = 8,
+        requests_per_second: float | None = 5.0,
+        burst: int = 10,
+        max_retries: int = 6,
+        timeout: float = 60.0,
+        encoding_format: str = "base64",
+        transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], object] | None = None,
+    ) -> None:
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidInputError(f"model must be a non-empty string, got {model!r}")
+        if not isinstance(base_url, str):
+            raise InvalidInputTypeError(f"base_url must be a str, got {type(base_url).__name__}")
+        url = httpx.URL(base_url.rstrip("/"))
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigurationError(
+                f"base_url must be an http(s) URL such as {DEFAULT_BASE_URL!r}, got {base_url!r}"
+            )
+        if url.userinfo:
+            raise ConfigurationError("base_url must not contain credentials; pass api_key instead")
+        if dimensions is not None:
+            dimensions = _check_int("dimensions", dimensions, 1)
+        if encoding_format not in ("base64", "float"):
+            raise ConfigurationError(
+                f"encoding_format must be 'base64' or 'float', got {encoding_format!r}"
+            )
+        self.model = model
+        self.base_url = str(url)
+        self.dimensions: int | None = dimensions
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.max_batch_chars = _check_int("max_batch_chars", max_batch_chars, 1)
+        self.max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
+        self.max_retries = _check_int("max_retries", max_retries, 0)
+        self.timeout = _check_positive("timeout", timeout)
+        self.encoding_format = encoding_format
+        burst = _check_int("burst", burst, 1)
+        if requests_per_second is None or requests_per_second == math.inf:
+            self._bucket: TokenBucket | None = None
+        else:
+            self._bucket = TokenBucket(_check_positive("requests_per_second", requests_per_second), burst)
+        self.requests_per_second = None if self._bucket is None else self._bucket.rate
+        self.burst = burst
+        self._key = _resolve_key(api_key)
+        self._transport = transport
+        self._async_transport = async_transport
+        self._sleep = sleep
+        hostpath = f"{url.host}{':' + str(url.port) if url.port else ''}{url.path}".rstrip("/")
+        self.cache_namespace = (
+            f"openai|{hostpath}|{model}|{dimensions if dimensions is not None else 'native'}"
+        )
+        self.usage = Usage()
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._aclient: httpx.AsyncClient | None = None
+        self._aclient_loop: asyncio.AbstractEventLoop | None = None
+        self._seen_dim: int | None = dimensions
+
+    def __repr__(self) -> str:
+        return f"OpenAIEmbeddings(model={self.model!r}, base_url={self.base_url!r})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _headers(self) -> dict[str, str]:
+        if self._key is None:
+            raise ConfigurationError(
+                "no API key: pass api_key=... or set IONOS_API_TOKEN or OPENAI_API_KEY"
+            )
+        return {
+            "Authorization": f"Bearer {self._key.reveal()}",
+            "Accept": "application/json",
+            "User-Agent": "embedcache",
+        }
+
+    def _limits(self) -> httpx.Limits:
+        return httpx.Limits(
+            max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
+        )
+
+    def _get_client(self) -> httpx.Client:
+        headers = self._headers()
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(
+                    base_url=self.base_url,
+                    headers=headers,
+                    timeout=self.timeout,
+                    limits=self._limits(),
+                    transport=self._transport,
+                )
+            return self._client
+
+    def _get_executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self.max_concurrency, thread_name_prefix="embedcache-http"
+                )
+            return self._executor
+
+    def _get_aclient(self) -> httpx.AsyncClient:
+        headers = self._headers()
+        loop = asyncio.get_running_loop()
+        if self._aclient is None or self._aclient_loop is not loop:
+            # An AsyncClient is bound to the loop it first ran in; a new loop needs a new one.
+            self._aclient = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=self.timeout,
+                limits=self._limits(),
+                transport=self._async_transport,
+            )
+            self._aclient_loop = loop
+        return self._aclient
+
+    def _redact(self, text: str) -> str:
+        if self._key is not None:
+            text = text.replace(self._key.reveal(), "***")
+        return text
+
+    def _map_transport_error(self, exc: httpx.TransportError, what: str) -> APIError:
+        detail = f"{type(exc).__name__}: {self._redact(str(exc))}".rstrip(": ")
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(f"{what} timed out (timeout={self.timeout:g} s): {detail}")
+        return APIConnectionError(f"{what} failed to connect or lost the connection: {detail}")
+
+    def _check_status(self, response: httpx.Response, what: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        message = self._redact(_server_message(response))
+        err = _status_error_class(status)(
+            f"{what} -> {status} {response.reason_phrase}: {message}", status_code=status
+        )
+        err.message = message
+        err.retry_after = _parse_retry_after(response.headers)  # type: ignore[attr-defined]
+        raise err
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return min(float(retry_after), _MAX_RETRY_AFTER)
+        return self._backoff(state)
+
+    _backoff = tenacity.wait_random_exponential(multiplier=_BACKOFF_INITIAL, max=_BACKOFF_MAX)
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait_s = state.next_action.sleep if state.next_action is not None else 0.0
+        logger.info(
+            "retrying in %.2f s (attempt %d of %d): %s",
+            wait_s, state.attempt_number + 1, self.max_retries + 1, exc,
+        )
+
+    def _retry_kwargs(self) -> dict[str, Any]:
+        return dict(
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception(_is_retryable),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+
+    def _retrying(self) -> tenacity.Retrying:
+        kwargs = self._retry_kwargs()
+        if self._sleep is not None:
+            kwargs["sleep"] = self._sleep
+        return tenacity.Retrying(**kwargs)
+
+    def _aretrying(self) -> tenacity.AsyncRetrying:
+        kwargs = self._retry_kwargs()
+        if self._sleep is not None:
+            user_sleep = self._sleep
+
+            async def _sleep(seconds: float) -> None:
+                result = user_sleep(seconds)
+                if inspect.isawaitable(result):
+                    await result
+
+            kwargs["sleep"] = _sleep
+        return tenacity.AsyncRetrying(**kwargs)
+
+    def _body(self, batch: list[str]) -> bytes:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "input": batch,
+            "encoding_format": self.encoding_format,
+        }
+        if self.dimensions is not None:
+            payload["dimensions"] = self.dimensions
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+    def _parse_embeddings(self, response: httpx.Response, n: int) -> np.ndarray:
+        """Validate one /embeddings reply for a batch of ``n`` texts; (n, d) float32."""
+        what = "POST /embeddings"
+        try:
+            body = json.loads(response.content)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidResponseError(
+                f"{what} -> {response.status_code}: reply is not valid JSON ({exc})",
+                status_code=response.status_code,
+            ) from None
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise InvalidResponseError(f"{what}: reply has no 'data' list")
+        if len(data) != n:
+            raise InvalidResponseError(f"{what}: expected {n} embeddings, got {len(data)}")
+        rows: list[np.ndarray | None] = [None] * n
+        for k, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise InvalidResponseError(f"{what}: data[{k}] must be an object, got {type(item).__name__}")
+            idx = item.get("index")
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < n:
+                raise InvalidResponseError(f"{what}: data[{k}].index must be an int in [0, {n}), got {idx!r}")
+            if rows[idx] is not None:
+                raise InvalidResponseError(f"{what}: index {idx} appears twice; indexes must be a permutation")
+            rows[idx] = _decode_vector(item.get("embedding"), f"{what}: data[{k}]")
+        dims = {r.shape[0] for r in rows}  # type: ignore[union-attr]
+        if len(dims) != 1:
+            raise InvalidResponseError(f"{what}: embeddings of unequal dimensions {sorted(dims)}")
+        (dim,) = dims
+        if dim == 0:
+            raise InvalidResponseError(f"{what}: embeddings are empty")
+        if self.dimensions is not None and dim != self.dimensions:
+            raise InvalidResponseError(
+                f"{what}: requested dimensions={self.dimensions}, got {dim}-d embeddings"
+            )
+        out = np.stack(rows).astype(np.float32, copy=False)  # type: ignore[arg-type]
+        if not np.isfinite(out).all():
+            bad = int(np.nonzero(~np.isfinite(out).all(axis=1))[0][0])
+            raise InvalidResponseError(f"{what}: embedding {bad} has NaN or infinite values")
+        with self._lock:
+            if self._seen_dim is None:
+                self._seen_dim = dim
+            elif dim != self._seen_dim:
+                raise InvalidResponseError(
+                    f"{what}: model {self.model!r} returned {self._seen_dim}-d embeddings before, "
+                    f"{dim}-d now"
+                )
+        usage = body.get("usage")
+        tokens = 0
+        if isinstance(usage, dict):
+            t = usage.get("total_tokens", usage.get("prompt_tokens"))
+            if isinstance(t, int) and not isinstance(t, bool) and t >= 0:
+                tokens = t
+        self.usage.add(tokens=tokens)
+        return out
+
+    def _parse_models(self, response: httpx.Response) -> list[str]:
+        try:
+            body = json.loads(response.content)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidResponseError("GET /models: reply is not valid JSON") from None
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("id"), str) for m in data
+        ):
+            raise InvalidResponseError("GET /models: expected {'data': [{'id': str}, ...]}")
+        return [m["id"] for m in data]
+
+    def _plan(self, texts: list[str]) -> list[tuple[int, int]]:
+        """Consecutive ``(start, stop)`` slices within the count and character limits."""
+        batches = []
+        start, chars = 0, 0
+        for i, t in enumerate(texts):
+            if i > start and (i - start >= self.batch_size or chars + len(t) > self.max_batch_chars):
+                batches.append((start, i))
+                start, chars = i, 0
+            chars += len(t)
+        batches.append((start, len(texts)))
+        return batches
+
+    # ------------------------------------------------------------------ sync
+
+    def _request(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
+        client = self._get_client()
+        what = f"{method} {path}"
+        if self._bucket is not None:
+            delay = self._bucket.reserve()
+            if delay > 0:
+                time.sleep(delay)
+        self.usage.add(requests=1)
+        try:
+            if content is None:
+                response = client.request(method, path)
+            else:
+                response = client.request(
+                    method, path, content=content, headers={"Content-Type": "application/json"}
+                )
+        except httpx.TransportError as exc:
+            raise self._map_transport_error(exc, what) from None
+        self._check_status(response, what)
+        return response
+
+    def _embed_batch(self, batch: list[str]) -> np.ndarray:
+        body = self._body(batch)
+        return self._retrying()(
+            lambda: self._parse_embeddings(self._request("POST", "/embeddings", body), len(batch))
+        )
+
+    def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
+        """Embed ``texts``: array of shape (n, d), float32, rows in input order.
+
+        ``on_batch(positions, vectors)`` is called in the calling thread as each batch
+        arrives (in completion order), with validated vectors only.
+        """
+        items = validate_texts(texts)
+        self._headers()  # no key: fail before any work
+        plan = self._plan(items)
+        out: np.ndarray | None = None
+
+        def accept(start: int, stop: int, vectors: np.ndarray) -> None:
+            nonlocal out
+            if out is None:
+                out = np.empty((len(items), vectors.shape[1]), dtype=np.float32)
+            out[start:stop] = vectors
+            if on_batch is not None:
+                on_batch(np.arange(start, stop, dtype=np.int64), vectors)
+
+        if len(plan) == 1 or self.max_concurrency == 1:
+            for start, stop in plan:
+                accept(start, stop, self._embed_batch(items[start:stop]))
+            assert out is not None
+            return out
+
+        executor = self._get_executor()
+        pending: dict[Future, tuple[int, int]] = {}
+        todo = iter(plan)
+        try:
+            # Keep at most max_concurrency batches submitted, so a failure stops the rest.
+            for start, stop in todo:
+                pending[executor.submit(self._embed_batch, items[start:stop])] = (start, stop)
+                if len(pending) >= self.max_concurrency:
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    start, stop = pending.pop(fut)
+                    accept(start, stop, fut.result())
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending[executor.submit(self._embed_batch, items[nxt[0] : nxt[1]])] = nxt
+        finally:
+            for fut in pending:
+                fut.cancel()
+        assert out is not None
+        return out
+
+    def list_models(self) -> list[str]:
+        """Model ids the server offers (``GET /models``)."""
+        return self._retrying()(lambda: self._parse_models(self._request("GET", "/models")))
+
+    def close(self) -> None:
+        """Close connections and worker threads (the async client: see :meth:`aclose`)."""
+        with self._lock:
+            client, self._client = self._client, None
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if client is not None:
+            client.close()
+
+    def __enter__(self) -> OpenAIEmbeddings:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ async
+
+    async def _arequest(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
+        client = self._get_aclient()
+        what = f"{method} {path}"
+        if self._bucket is not None:
+            delay = self._bucket.reserve()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        self.usage.add(requests=1)
+        try:
+            if content is None:
+                response = await client.request(method, path)
+            else:
+                response = await client.request(
+                    method, path, content=content, headers={"Content-Type": "application/json"}
+                )
+        except httpx.TransportError as exc:
+            raise self._map_transport_error(exc, what) from None
+        self._check_status(response, what)
+        return response
+
+    async def _aembed_batch(self, batch: list[str], gate: asyncio.Semaphore) -> np.ndarray:
+        body = self._body(batch)
+
+        async def attempt() -> np.ndarray:
+            async with gate:
+                response = await self._arequest("POST", "/embeddings", body)
+            return self._parse_embeddings(response, len(batch))
+
+        return await self._aretrying()(attempt)
+
+    async def aembed(
+        self, texts: Sequence[str], *, on_batch: BatchCallback | None = None
+    ) -> np.ndarray:
+        """Async form of :meth:`embed`, for callers inside an event loop."""
+        items = validate_texts(texts)
+        self._headers()
+        plan = self._plan(items)
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def run(start: int, stop: int) -> tuple[int, int, np.ndarray]:
+            return start, stop, await self._aembed_batch(items[start:stop], gate)
+
+        tasks = [asyncio.ensure_future(run(start, stop)) for start, stop in plan]
+        out: np.ndarray | None = None
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                start, stop, vectors = await next_done
+                if out is None:
+                    out = np.empty((len(items), vectors.shape[1]), dtype=np.float32)
+                out[start:stop] = vectors
+                if on_batch is not None:
+                    on_batch(np.arange(start, stop, dtype=np.int64), vectors)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        assert out is not None
+        return out
+
+    async def alist_models(self) -> list[str]:
+        """Async form of :meth:`list_models`."""
+
+        async def attempt() -> list[str]:
+            return self._parse_models(await self._arequest("GET", "/models"))
+
+        return await self._aretrying()(attempt)
+
+    async def aclose(self) -> None:
+        """Close the async client (and the sync one)."""
+        aclient, self._aclient, self._aclient_loop = self._aclient, None, None
+        if aclient is not None:
+            await aclient.aclose()
+        self.close()
+
+    async def __aenter__(self) -> OpenAIEmbeddings:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
