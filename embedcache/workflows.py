@@ -1,13 +1,828 @@
-class DedupResult:  # placeholder
-    pass
+"""The jobs users run: deduplicate a set, list its near-duplicate pairs, build a kNN graph.
+
+Every workflow has an array form and a text form. Texts are embedded through a
+:class:`embedcache.CachedEmbedder` (exact duplicate texts are collapsed first, so each
+distinct text is embedded once) and then handed to the array form; a
+:class:`embedcache.VectorStore` is read as its live vectors, in the order of ``store.ids()``.
+
+Two ways to turn near-duplicate pairs into groups (``deduplicate(..., mode=...)``):
+
+``mode="connected"`` (default)
+    A group is a connected component of the graph whose edges are the pairs scored at or
+    above ``threshold``. The result does not depend on input order, and it is what an
+    exact all-pairs search followed by union-find gives; one representative per group is
+    kept. Chains can join items that are not similar to each other (a ~ b ~ c with a and c
+    below the threshold); the score reported for a removed item is its similarity to the
+    representative, which may then be below the threshold (``explain(i)`` shows the chain's
+    strongest direct link).
+``mode="greedy"``
+    The first-seen rule of semhash: items are visited in ``keep`` order (input order, or
+    longest text first) and an item is removed when it is at or above the threshold with an
+    item already kept. Every removed item is directly similar to the item it is a duplicate
+    of, and no two kept items are near-duplicates of each other, but the result depends on
+    the visiting order, and it can keep more items than ``"connected"``.
+
+>>> import numpy as np, embedcache as ec
+>>> x = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.1, 0.99], [1, 1]], dtype=np.float32)
+>>> res = ec.deduplicate(x, threshold=0.98, progress=False)
+>>> res.kept.tolist(), res.removed.tolist(), res.duplicate_of.tolist()
+([0, 2, 4], [1, 3], [0, 2])
+>>> [g.tolist() for g in res.groups]
+[[0, 1], [2, 3]]
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from embedcache import kernels
+from embedcache.cache import CachedEmbedder
+from embedcache.errors import (
+    InvalidInputError,
+    InvalidInputTypeError,
+    MissingDependencyError,
+)
+from embedcache.providers.base import validate_texts
+from embedcache.store import VectorStore
+
+__all__ = ["DedupResult", "PairTable", "deduplicate", "knn_graph", "near_duplicates"]
+
+#: rows of the query side per pair-search or top-k call; one progress step each
+_CHUNK_ROWS = 8192
 
 
-class PairTable:  # placeholder
-    pass
+# --------------------------------------------------------------------------------------
+# PairTable
+# --------------------------------------------------------------------------------------
 
 
-def _todo(*a, **k):  # placeholder
-    raise NotImplementedError
+class PairTable:
+    """Pairs ``(i, j, score)``, sorted by score (highest first, ties by ``i`` then ``j``).
+
+    ``i`` and ``j`` index the items given (``j`` indexes the reference set for pairs
+    across two sets). When texts or ids are known, ``text_i``/``text_j`` and
+    ``id_i``/``id_j`` columns come along. Iterating yields one ``dict`` per row.
+
+    >>> import numpy as np
+    >>> t = PairTable(np.array([0, 1]), np.array([2, 3]), np.array([0.91, 0.97]))
+    >>> len(t), t.columns
+    (2, ['i', 'j', 'score'])
+    >>> t[0]
+    {'i': 1, 'j': 3, 'score': 0.97}
+    """
+
+    def __init__(
+        self,
+        i: np.ndarray,
+        j: np.ndarray,
+        score: np.ndarray,
+        *,
+        texts_i: Sequence[str] | None = None,
+        texts_j: Sequence[str] | None = None,
+        ids_i: Sequence[str] | None = None,
+        ids_j: Sequence[str] | None = None,
+        sort: bool = True,
+    ) -> None:
+        i = np.asarray(i, dtype=np.int64).reshape(-1)
+        j = np.asarray(j, dtype=np.int64).reshape(-1)
+        score = np.asarray(score, dtype=np.float32).reshape(-1)
+        if not (len(i) == len(j) == len(score)):
+            raise InvalidInputError(
+                f"i, j and score must have the same length, got {len(i)}, {len(j)}, {len(score)}"
+            )
+        if sort and len(i):
+            order = np.lexsort((j, i, -score.astype(np.float64)))
+            i, j, score = i[order], j[order], score[order]
+        self.i, self.j, self.score = i, j, score
+        self._texts_i, self._texts_j = texts_i, texts_j
+        self._ids_i, self._ids_j = ids_i, ids_j
+
+    @property
+    def columns(self) -> list[str]:
+        cols = ["i", "j", "score"]
+        if self._ids_i is not None:
+            cols += ["id_i", "id_j"]
+        if self._texts_i is not None:
+            cols += ["text_i", "text_j"]
+        return cols
+
+    def __len__(self) -> int:
+        return len(self.i)
+
+    def _row(self, k: int) -> dict[str, Any]:
+        a, b = int(self.i[k]), int(self.j[k])
+        row: dict[str, Any] = {"i": a, "j": b, "score": round(float(self.score[k]), 6)}
+        if self._ids_i is not None:
+            row["id_i"] = self._ids_i[a]
+            row["id_j"] = self._ids_j[b]  # type: ignore[index]
+        if self._texts_i is not None:
+            row["text_i"] = self._texts_i[a]
+            row["text_j"] = self._texts_j[b]  # type: ignore[index]
+        return row
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"pair {k} out of range for {len(self)} pairs")
+        return self._row(k % len(self))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for k in range(len(self)):
+            yield self._row(k)
+
+    def __repr__(self) -> str:
+        head = [self._row(k) for k in range(min(len(self), 5))]
+        lines = [f"PairTable({len(self)} pairs, columns={self.columns})"]
+        for row in head:
+            lines.append("  " + ", ".join(f"{c}={row[c]!r:.60}" for c in self.columns))
+        if len(self) > len(head):
+            lines.append("  ...")
+        return "\n".join(lines)
+
+    def to_pandas(self):
+        """A ``pandas.DataFrame`` with one row per pair (needs pandas)."""
+        pd = _import_pandas()
+        data: dict[str, Any] = {"i": self.i, "j": self.j, "score": self.score}
+        if self._ids_i is not None:
+            data["id_i"] = [self._ids_i[a] for a in self.i]
+            data["id_j"] = [self._ids_j[b] for b in self.j]  # type: ignore[index]
+        if self._texts_i is not None:
+            data["text_i"] = [self._texts_i[a] for a in self.i]
+            data["text_j"] = [self._texts_j[b] for b in self.j]  # type: ignore[index]
+        return pd.DataFrame(data)
+
+    def to_csv(self, path_or_file: str | os.PathLike | io.TextIOBase, *, delimiter: str = ",") -> None:
+        """Write the table as CSV (a header, then one line per pair); no pandas needed."""
+        if isinstance(path_or_file, (str, os.PathLike)):
+            with open(path_or_file, "w", newline="", encoding="utf-8") as f:
+                self.to_csv(f, delimiter=delimiter)
+            return
+        writer = csv.DictWriter(path_or_file, fieldnames=self.columns, delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(self)
 
 
-deduplicate = knn_graph = near_duplicates = _todo
+# --------------------------------------------------------------------------------------
+# DedupResult
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(repr=False)
+class DedupResult:
+    """What :func:`deduplicate` found.
+
+    kept, removed: sorted int64 indices into the items. ``duplicate_of[k]`` and
+    ``scores[k]`` belong to ``removed[k]``: the index of the item it duplicates (its
+    group's representative; an index into the reference set when ``reference`` is true)
+    and their cosine similarity. groups: int64 index arrays of the groups with more than
+    one item, each sorted, in the order of their first item (empty for a reference run).
+    """
+
+    kept: np.ndarray
+    removed: np.ndarray
+    duplicate_of: np.ndarray
+    scores: np.ndarray
+    groups: list[np.ndarray]
+    threshold: float
+    mode: str
+    reference: bool = False
+    texts: list[str] | None = None
+    ids: list[str] | None = None
+    reference_texts: list[str] | None = None
+    reference_ids: list[str] | None = None
+    _pairs: tuple[np.ndarray, np.ndarray, np.ndarray] = field(default=None)  # type: ignore[assignment]
+    _group_of: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def n(self) -> int:
+        """Number of items deduplicated."""
+        return len(self.kept) + len(self.removed)
+
+    @property
+    def duplicate_ratio(self) -> float:
+        """Share of the items that were removed, in [0, 1]."""
+        return len(self.removed) / self.n if self.n else 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"DedupResult(n={self.n}, kept={len(self.kept)}, removed={len(self.removed)}, "
+            f"groups={len(self.groups)}, threshold={self.threshold}, mode={self.mode!r}"
+            f"{', reference=True' if self.reference else ''})"
+        )
+
+    def _name(self, i: int, *, ref: bool = False) -> str:
+        texts = self.reference_texts if ref else self.texts
+        ids = self.reference_ids if ref else self.ids
+        label = f"reference item {i}" if ref else f"item {i}"
+        if ids is not None:
+            label += f" (id {ids[i]!r})"
+        if texts is not None:
+            text = texts[i]
+            label += f" {text[:80]!r}" + ("..." if len(text) > 80 else "")
+        return label
+
+    def explain(self, i: int) -> str:
+        """A few lines telling why item ``i`` was kept or removed."""
+        i = int(i)
+        if not 0 <= i < self.n:
+            raise InvalidInputError(f"i must be in [0, {self.n}), got {i}")
+        pos = np.searchsorted(self.removed, i)
+        is_removed = pos < len(self.removed) and self.removed[pos] == i
+        if self.reference:
+            if not is_removed:
+                return f"{self._name(i)} was kept: no reference item scores >= {self.threshold}."
+            r, s = int(self.duplicate_of[pos]), float(self.scores[pos])
+            return (
+                f"{self._name(i)} was removed: it matches {self._name(r, ref=True)} "
+                f"with cosine similarity {s:.4f} >= threshold {self.threshold}."
+            )
+        g = int(self._group_of[i])
+        if g < 0:
+            return f"{self._name(i)} was kept: no other item scores >= {self.threshold} with it."
+        group = self.groups[g]
+        lines = []
+        if is_removed:
+            r, s = int(self.duplicate_of[pos]), float(self.scores[pos])
+            lines.append(
+                f"{self._name(i)} was removed as a duplicate of {self._name(r)} "
+                f"(cosine similarity {s:.4f}, threshold {self.threshold})."
+            )
+        else:
+            lines.append(f"{self._name(i)} was kept as the representative of its group.")
+        lines.append(f"Group of {len(group)} items ({self.mode}): {group[:20].tolist()}"
+                     + (" ..." if len(group) > 20 else ""))
+        pi, pj, ps = self._pairs
+        direct = np.concatenate([pj[pi == i], pi[pj == i]])
+        dscore = np.concatenate([ps[pi == i], ps[pj == i]])
+        if len(direct):
+            order = np.lexsort((direct, -dscore.astype(np.float64)))[:5]
+            near = ", ".join(f"{int(direct[k])} ({float(dscore[k]):.4f})" for k in order)
+            lines.append(f"Its strongest direct links: {near}.")
+        return "\n".join(lines)
+
+    def least_similar_pairs(self, n: int = 10) -> PairTable:
+        """The ``n`` weakest pairs at or above the threshold that formed the groups.
+
+        Read them to choose a threshold: if these still look like duplicates, the threshold
+        could go lower; if not, raise it. For a reference run, the weakest matches between
+        removed items and reference items.
+        """
+        if n < 0:
+            raise InvalidInputError(f"n must be >= 0, got {n}")
+        pi, pj, ps = self._pairs
+        order = np.lexsort((pj, pi, ps.astype(np.float64)))[:n]
+        table = PairTable(
+            pi[order], pj[order], ps[order],
+            texts_i=self.texts, texts_j=self.reference_texts if self.reference else self.texts,
+            ids_i=self.ids, ids_j=self.reference_ids if self.reference else self.ids,
+            sort=False,
+        )
+        # least similar first
+        return table
+
+    def to_pandas(self):
+        """One row per item: index, kept, duplicate_of, score, group (and text, id)."""
+        pd = _import_pandas()
+        n = self.n
+        dup = np.full(n, -1, dtype=np.int64)
+        score = np.full(n, np.nan, dtype=np.float32)
+        dup[self.removed] = self.duplicate_of
+        score[self.removed] = self.scores
+        kept = np.ones(n, dtype=bool)
+        kept[self.removed] = False
+        data: dict[str, Any] = {"index": np.arange(n), "kept": kept, "duplicate_of": dup, "score": score}
+        if not self.reference:
+            data["group"] = self._group_of
+        if self.ids is not None:
+            data["id"] = self.ids
+        if self.texts is not None:
+            data["text"] = self.texts
+        return pd.DataFrame(data)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _import_pandas():
+    try:
+        import pandas as pd
+    except ImportError as exc:
+        raise MissingDependencyError(
+            'pandas is not installed; install it with: pip install "embedcache-sim[pandas]"'
+        ) from exc
+    return pd
+
+
+def _progress_bar(progress: bool | None, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    return tqdm(total=total, desc=desc, unit="rows", disable=not show, file=sys.stderr, leave=False)
+
+
+def _check_threshold(threshold: object) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
+        raise InvalidInputTypeError(
+            f"threshold must be a number in [-1, 1], got {type(threshold).__name__}"
+        )
+    t = float(threshold)
+    if not -1.0 <= t <= 1.0:
+        raise InvalidInputError(f"threshold must be in [-1, 1], got {threshold}")
+    return t
+
+
+@dataclass
+class _Prepared:
+    """Items reduced to their distinct vectors."""
+
+    x: np.ndarray  # (u, d) float32, L2-normalized, one row per distinct item
+    inverse: np.ndarray  # (n,) item -> row of x
+    first: np.ndarray  # (u,) first item of each row
+    texts: list[str] | None
+    ids: list[str] | None
+
+    @property
+    def n(self) -> int:
+        return len(self.inverse)
+
+
+def _collapse(keys: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(inverse, first) of equal keys, in first-seen order."""
+    seen: dict[Any, int] = {}
+    inverse = np.empty(len(keys), dtype=np.int64)
+    first: list[int] = []
+    for k, key in enumerate(keys):
+        u = seen.setdefault(key, len(first))
+        if u == len(first):
+            first.append(k)
+        inverse[k] = u
+    return inverse, np.asarray(first, dtype=np.int64)
+
+
+def _as_matrix(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise InvalidInputError(f"{name} must be a 2D array of shape (n, d), got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise InvalidInputTypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    if arr.shape[1] == 0:
+        raise InvalidInputError(f"{name} must have at least one column, got shape {arr.shape}")
+    if arr.dtype not in (np.float32, np.float16):
+        arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _is_texts(items: Any) -> bool:
+    if isinstance(items, (str, bytes)):
+        return True  # refused by validate_texts with a clear message
+    if isinstance(items, np.ndarray):
+        return items.dtype.kind in "USO"
+    if isinstance(items, (list, tuple)):
+        return len(items) == 0 or isinstance(items[0], str)
+    return False
+
+
+def _embedder(embedder: Any) -> CachedEmbedder:
+    if embedder is None:
+        from embedcache.providers.hashing import HashingEmbeddings
+
+        return CachedEmbedder(HashingEmbeddings())
+    if isinstance(embedder, CachedEmbedder):
+        return embedder
+    if not callable(getattr(embedder, "embed", None)):
+        raise InvalidInputTypeError(
+            f"embedder must be an Embedder (with .embed(texts)), got {type(embedder).__name__}"
+        )
+    return CachedEmbedder(embedder)
+
+
+def _prepare(items: Any, *, embedder: Any, progress: bool | None, name: str = "items") -> _Prepared:
+    """Texts, an (n, d) array or a VectorStore -> distinct normalized vectors."""
+    if isinstance(items, VectorStore):
+        ids = list(items.ids())
+        x = _as_matrix(items.vectors(), name)
+        meta = items.metadata(ids) if ids else []
+        texts = [m.get("text") if isinstance(m, dict) else None for m in meta]
+        texts_ok = bool(texts) and all(isinstance(t, str) for t in texts)
+        return _from_matrix(x, texts=texts if texts_ok else None, ids=ids)
+    if _is_texts(items):
+        texts = validate_texts(list(items) if isinstance(items, np.ndarray) else items, allow_empty_list=True)
+        inverse, first = _collapse(texts)
+        if len(first):
+            emb = _embedder(embedder)
+            x = emb.embed([texts[k] for k in first], progress=progress)
+            x = kernels.normalize(_as_matrix(x, "embeddings"))
+        else:
+            x = np.zeros((0, 1), dtype=np.float32)
+        return _Prepared(x, inverse, first, texts, None)
+    return _from_matrix(_as_matrix(items, name), texts=None, ids=None)
+
+
+def _from_matrix(x: np.ndarray, *, texts: list[str] | None, ids: list[str] | None) -> _Prepared:
+    keys = [hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest() for row in x]
+    inverse, first = _collapse(keys)
+    xu = x[first] if len(first) < len(x) else x
+    xu = kernels.normalize(np.ascontiguousarray(xu, dtype=np.float32)) if len(xu) else xu.astype(np.float32)
+    return _Prepared(xu, inverse, first, texts, ids)
+
+
+def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None, chunk: int):
+    """All (i, j, s) with i < j and s >= threshold over rows of normalized ``x``."""
+    n = len(x)
+    if n < 2:
+        e = np.empty(0, dtype=np.int64)
+        return e, e.copy(), np.empty(0, dtype=np.float32)
+    if n <= chunk:
+        return kernels.similar_pairs(x, threshold, metric="dot")
+    parts_i, parts_j, parts_s = [], [], []
+    with _progress_bar(progress, n, "pairs") as bar:
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            i, j, s = kernels.similar_pairs(x[a:b], threshold, metric="dot")
+            parts_i.append(i + a), parts_j.append(j + a), parts_s.append(s)
+            if b < n:
+                i, j, s = kernels.similar_pairs(x[a:b], threshold, y=x[b:], metric="dot")
+                parts_i.append(i + a), parts_j.append(j + b), parts_s.append(s)
+            bar.update(b - a)
+    return (np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_j).astype(np.int64),
+            np.concatenate(parts_s).astype(np.float32))
+
+
+def _item_edges(p: _Prepared, threshold: float, progress: bool | None, chunk: int):
+    """Pairs over the original items: distinct-vector pairs, plus exact duplicates (1.0)
+    linked to their first occurrence. i < j."""
+    ui, uj, s = _pairs_within(p.x, threshold, progress, chunk)
+    a, b = p.first[ui], p.first[uj]
+    i, j = np.minimum(a, b), np.maximum(a, b)
+    k = np.arange(p.n, dtype=np.int64)
+    firsts = p.first[p.inverse]
+    dup = firsts != k
+    i = np.concatenate([i, firsts[dup]])
+    j = np.concatenate([j, k[dup]])
+    s = np.concatenate([s.astype(np.float32), np.ones(int(dup.sum()), dtype=np.float32)])
+    return i, j, s
+
+
+def _row_cosines(p: _Prepared, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of items a[k] and b[k] (same length)."""
+    out = np.empty(len(a), dtype=np.float32)
+    for s in range(0, len(a), 65536):
+        xa = p.x[p.inverse[a[s:s + 65536]]].astype(np.float64)
+        xb = p.x[p.inverse[b[s:s + 65536]]].astype(np.float64)
+        out[s:s + 65536] = np.clip(np.einsum("ij,ij->i", xa, xb), -1.0, 1.0)
+    same = p.inverse[a] == p.inverse[b]
+    out[same & (np.abs(out) > 0)] = 1.0  # exact duplicates are exactly 1 (zero vectors stay 0)
+    return out
+
+
+def _priority(keep: Any, n: int, texts: list[str] | None) -> np.ndarray:
+    if keep == "first":
+        return np.arange(n, dtype=np.int64)
+    if keep == "longest":
+        lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)  # type: ignore[union-attr]
+        return np.argsort(-lengths, kind="stable").astype(np.int64)
+    raise InvalidInputError(
+        "mode='greedy' takes keep='first' or keep='longest', got a callable; "
+        "use mode='connected' for a custom choice"
+    )
+
+
+def _check_keep(keep: Any, texts: list[str] | None) -> None:
+    if callable(keep):
+        return
+    if keep not in ("first", "longest"):
+        raise InvalidInputError(f"keep must be 'first', 'longest' or a callable, got {keep!r}")
+    if keep == "longest" and texts is None:
+        raise InvalidInputError(
+            "keep='longest' needs texts (a list of str, or a store whose metadata has 'text'); "
+            "got vectors only"
+        )
+
+
+def _groups_from_labels(labels: np.ndarray) -> list[np.ndarray]:
+    """Index arrays of the labels that occur more than once, ordered by first member."""
+    if not len(labels):
+        return []
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    ends = np.r_[starts[1:], len(labels)]
+    groups = [order[a:b] for a, b in zip(starts, ends) if b - a > 1 and sorted_labels[a] >= 0]
+    groups.sort(key=lambda g: int(g[0]))
+    return groups
+
+
+def _pick(keep: Any, group: np.ndarray, items: Any, texts: list[str] | None) -> int:
+    if keep == "first":
+        return int(group[0])
+    if keep == "longest":
+        lengths = [len(texts[k]) for k in group]  # type: ignore[index]
+        return int(group[int(np.argmax(lengths))])
+    choice = keep(group.copy(), items)
+    try:
+        choice = int(choice)
+    except (TypeError, ValueError):
+        raise InvalidInputTypeError(
+            f"keep callable must return an item index, got {type(choice).__name__}"
+        ) from None
+    if choice not in set(group.tolist()):
+        raise InvalidInputError(
+            f"keep callable must return one of the group's indices {group.tolist()[:10]}, got {choice}"
+        )
+    return choice
+
+
+# --------------------------------------------------------------------------------------
+# public workflows
+# --------------------------------------------------------------------------------------
+
+
+def deduplicate(
+    items: Any,
+    *,
+    threshold: float = 0.9,
+    embedder: Any = None,
+    against: Any = None,
+    keep: str | Callable[[np.ndarray, Any], int] = "first",
+    mode: str = "connected",
+    progress: bool | None = None,
+    _chunk_rows: int = _CHUNK_ROWS,
+) -> DedupResult:
+    """Find near-duplicates by cosine similarity and choose which items to keep.
+
+    items: a list of texts (embedded with ``embedder``, by default the built-in
+    :class:`~embedcache.HashingEmbeddings` behind a :class:`~embedcache.CachedEmbedder` on
+    the default cache directory; a bare embedder is wrapped in a ``CachedEmbedder``), an
+    array of shape (n, d), or a :class:`~embedcache.VectorStore`. Exact duplicates (equal
+    texts, or equal rows) are collapsed before anything is embedded or compared.
+    threshold: cosine similarity in [-1, 1]; pairs at or above it are duplicates.
+    against: a reference set (texts, array or store). Then only items at or above the
+    threshold with some reference item are removed (e.g. test rows leaking from train);
+    the items are not deduplicated among themselves, call again without ``against``.
+    keep: which member of a group stays: ``"first"`` (lowest index), ``"longest"`` (longest
+    text, the first of equals), or ``keep(group_indices, items) -> index``.
+    mode: ``"connected"`` or ``"greedy"``; see the module docstring.
+    progress: ``None`` shows progress bars when stderr is a terminal, ``False`` never.
+    """
+    threshold = _check_threshold(threshold)
+    if mode not in ("connected", "greedy"):
+        raise InvalidInputError(f"mode must be 'connected' or 'greedy', got {mode!r}")
+    if not isinstance(_chunk_rows, int) or _chunk_rows < 1:
+        raise InvalidInputError(f"_chunk_rows must be >= 1, got {_chunk_rows}")
+    p = _prepare(items, embedder=embedder, progress=progress)
+    if against is not None:
+        return _deduplicate_against(p, against, threshold, embedder, progress, _chunk_rows)
+    _check_keep(keep, p.texts)
+    n = p.n
+    pi, pj, ps = _item_edges(p, threshold, progress, _chunk_rows)
+    if mode == "connected":
+        labels = _connected_labels(n, pi, pj)
+        groups = _groups_from_labels(labels)
+        group_of = np.full(n, -1, dtype=np.int64)
+        removed_l, dup_l = [], []
+        for g, members in enumerate(groups):
+            group_of[members] = g
+            rep = _pick(keep, members, items, p.texts)
+            others = members[members != rep]
+            removed_l.append(others)
+            dup_l.append(np.full(len(others), rep, dtype=np.int64))
+    else:
+        group_of, groups, removed_l, dup_l = _greedy(n, pi, pj, ps, _priority(keep, n, p.texts))
+    removed = np.concatenate(removed_l) if removed_l else np.empty(0, dtype=np.int64)
+    dup = np.concatenate(dup_l) if dup_l else np.empty(0, dtype=np.int64)
+    order = np.argsort(removed, kind="stable")
+    removed, dup = removed[order].astype(np.int64), dup[order].astype(np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[removed] = False
+    return DedupResult(
+        kept=np.flatnonzero(mask).astype(np.int64),
+        removed=removed,
+        duplicate_of=dup,
+        scores=_row_cosines(p, removed, dup),
+        groups=groups,
+        threshold=threshold,
+        mode=mode,
+        texts=p.texts,
+        ids=p.ids,
+        _pairs=(pi, pj, ps),
+        _group_of=group_of,
+    )
+
+
+def _connected_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def _greedy(n: int, pi: np.ndarray, pj: np.ndarray, ps: np.ndarray, order: np.ndarray):
+    """semhash's first-seen rule over the pair graph, visiting items in ``order``."""
+    from scipy.sparse import csr_matrix
+
+    both_i = np.concatenate([pi, pj])
+    both_j = np.concatenate([pj, pi])
+    both_s = np.concatenate([ps, ps])
+    adj = csr_matrix((both_s, (both_i, both_j)), shape=(n, n))
+    adj.sum_duplicates()
+    indptr, indices, data = adj.indptr, adj.indices, adj.data
+    kept = np.zeros(n, dtype=bool)
+    owner = np.full(n, -1, dtype=np.int64)
+    for v in order[(indptr[order + 1] - indptr[order]) > 0]:
+        nb = indices[indptr[v]:indptr[v + 1]]
+        sc = data[indptr[v]:indptr[v + 1]]
+        hit = kept[nb]
+        if hit.any():
+            nb, sc = nb[hit], sc[hit]
+            best = np.lexsort((nb, -sc.astype(np.float64)))[0]
+            owner[v] = nb[best]
+        else:
+            kept[v] = True
+    removed = np.flatnonzero(owner >= 0)
+    labels = np.full(n, -1, dtype=np.int64)
+    labels[removed] = owner[removed]
+    labels[np.unique(owner[removed])] = np.unique(owner[removed])
+    groups = _groups_from_labels(labels)
+    group_of = np.full(n, -1, dtype=np.int64)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    return group_of, groups, [removed], [owner[removed]]
+
+
+def _deduplicate_against(p: _Prepared, against: Any, threshold: float, embedder: Any,
+                         progress: bool | None, chunk: int) -> DedupResult:
+    ref = _prepare(against, embedder=embedder, progress=progress, name="against")
+    n = p.n
+    if n and ref.n and p.x.shape[1] != ref.x.shape[1]:
+        from embedcache.errors import DimensionMismatchError
+
+        raise DimensionMismatchError(
+            f"items have dimension {p.x.shape[1]} but the reference set has {ref.x.shape[1]}"
+        )
+    best_s = np.full(len(p.x), -np.inf, dtype=np.float32)
+    best_r = np.full(len(p.x), -1, dtype=np.int64)
+    if len(p.x) and len(ref.x):
+        with _progress_bar(progress if len(p.x) > chunk else False, len(p.x), "against") as bar:
+            for a in range(0, len(p.x), chunk):
+                s, r = kernels.top_k(p.x[a:a + chunk], ref.x, 1, metric="dot")
+                best_s[a:a + chunk], best_r[a:a + chunk] = s[:, 0], r[:, 0]
+                bar.update(min(chunk, len(p.x) - a))
+    hit_u = best_s >= threshold
+    item_hit = hit_u[p.inverse]
+    removed = np.flatnonzero(item_hit).astype(np.int64)
+    dup = ref.first[best_r[p.inverse[removed]]]
+    scores = np.clip(best_s[p.inverse[removed]], -1.0, 1.0).astype(np.float32)
+    return DedupResult(
+        kept=np.flatnonzero(~item_hit).astype(np.int64),
+        removed=removed,
+        duplicate_of=dup,
+        scores=scores,
+        groups=[],
+        threshold=threshold,
+        mode="reference",
+        reference=True,
+        texts=p.texts,
+        ids=p.ids,
+        reference_texts=ref.texts,
+        reference_ids=ref.ids,
+        _pairs=(removed, dup, scores),
+        _group_of=np.full(n, -1, dtype=np.int64),
+    )
+
+
+def near_duplicates(
+    items: Any,
+    *,
+    threshold: float,
+    embedder: Any = None,
+    progress: bool | None = None,
+    _chunk_rows: int = _CHUNK_ROWS,
+) -> PairTable:
+    """Every pair ``i < j`` of items with cosine similarity >= ``threshold``, highest first.
+
+    items: texts (embedded as in :func:`deduplicate`), an (n, d) array, or a VectorStore.
+    Exact duplicates are embedded once and reported as pairs with score 1.0.
+    """
+    threshold = _check_threshold(threshold)
+    p = _prepare(items, embedder=embedder, progress=progress)
+    ui, uj, us = _pairs_within(p.x, threshold, progress, _chunk_rows)
+    if len(p.first) == p.n:  # no exact duplicates: distinct rows are the items
+        i, j, s = p.first[ui], p.first[uj], us
+    else:
+        members = _groups_from_labels(p.inverse)
+        by_row: dict[int, np.ndarray] = {int(p.inverse[m[0]]): m for m in members}
+        parts_i, parts_j, parts_s = [], [], []
+        for a, b, sc in zip(ui.tolist(), uj.tolist(), us.tolist()):
+            ma = by_row.get(a, p.first[a:a + 1])
+            mb = by_row.get(b, p.first[b:b + 1])
+            ga, gb = np.meshgrid(ma, mb, indexing="ij")
+            parts_i.append(ga.ravel()), parts_j.append(gb.ravel())
+            parts_s.append(np.full(ga.size, sc, dtype=np.float32))
+        if 1.0 >= threshold:
+            for m in members:
+                a, b = np.triu_indices(len(m), k=1)
+                parts_i.append(m[a]), parts_j.append(m[b])
+                parts_s.append(np.ones(len(a), dtype=np.float32))
+        cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.empty(0, dtype=dt))
+        i, j, s = cat(parts_i, np.int64), cat(parts_j, np.int64), cat(parts_s, np.float32)
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    return PairTable(lo, hi, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
+
+
+def knn_graph(
+    x: Any,
+    k: int,
+    *,
+    metric: str = "cosine",
+    mode: str = "similarity",
+    symmetric: bool = True,
+    progress: bool | None = None,
+    _chunk_rows: int = _CHUNK_ROWS,
+):
+    """The exact k-nearest-neighbour graph as a ``scipy.sparse.csr_matrix`` of shape (n, n).
+
+    x: array of shape (n, d) or a VectorStore. Row i holds the k most similar other rows
+    (no self loops). mode="similarity" stores the score; mode="distance" stores
+    ``1 - cosine`` (clipped at 0, kept as explicit entries even when 0) with each row
+    ordered by increasing distance, the form scikit-learn's ``metric="precomputed"``
+    (DBSCAN, HDBSCAN, ``NearestNeighbors``, spectral embedding) expects. symmetric=True
+    adds j -> i for every i -> j (the graph then has k or more entries per row).
+
+    >>> import numpy as np
+    >>> x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    >>> G = knn_graph(x, 1, progress=False)
+    >>> G.shape, G.nnz, G[0].indices.tolist()
+    ((4, 4), 4, [1])
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
+    if metric not in ("cosine", "dot"):
+        raise InvalidInputError(f"metric must be 'cosine' or 'dot', got {metric!r}")
+    if mode not in ("similarity", "distance"):
+        raise InvalidInputError(f"mode must be 'similarity' or 'distance', got {mode!r}")
+    if mode == "distance" and metric != "cosine":
+        raise InvalidInputError("mode='distance' needs metric='cosine' (distance = 1 - cosine)")
+    from scipy.sparse import csr_matrix
+
+    arr = _as_matrix(x.vectors() if isinstance(x, VectorStore) else x, "x")
+    n = len(arr)
+    rows_l, cols_l, vals_l = [], [], []
+    if n > 1:
+        with _progress_bar(progress if n > _chunk_rows else False, n, "knn") as bar:
+            for a in range(0, n, _chunk_rows):
+                q = arr[a:a + _chunk_rows]
+                s, idx = _top_k_offset(q, arr, int(k), metric, a)
+                valid = idx >= 0
+                rows_l.append(np.nonzero(valid)[0] + a)
+                cols_l.append(idx[valid])
+                vals_l.append(s[valid])
+                bar.update(len(q))
+    rows = np.concatenate(rows_l).astype(np.int64) if rows_l else np.empty(0, dtype=np.int64)
+    cols = np.concatenate(cols_l).astype(np.int64) if cols_l else np.empty(0, dtype=np.int64)
+    vals = np.concatenate(vals_l).astype(np.float32) if vals_l else np.empty(0, dtype=np.float32)
+    if symmetric and len(rows):
+        rows, cols, vals = (np.concatenate([rows, cols]), np.concatenate([cols, rows]),
+                            np.concatenate([vals, vals]))
+        order = np.lexsort((-vals.astype(np.float64), cols, rows))
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        first = np.r_[True, (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])]
+        rows, cols, vals = rows[first], cols[first], vals[first]  # the higher score of i->j, j->i
+    if mode == "distance":
+        vals = np.maximum(1.0 - vals, 0.0).astype(np.float32)
+        order = np.lexsort((cols, vals, rows))
+    else:
+        order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    graph = csr_matrix((vals, cols, indptr), shape=(n, n))
+    graph.has_sorted_indices = mode == "similarity"
+    return graph
+
+
+def _top_k_offset(q: np.ndarray, corpus: np.ndarray, k: int, metric: str, offset: int):
+    """top_k of a block of rows of ``corpus`` against all of it, never matching a row to itself."""
+    if offset == 0 and len(q) == len(corpus):
+        return kernels.top_k(q, corpus, k, metric=metric, exclude_self=True)
+    s, idx = kernels.top_k(q, corpus, k + 1, metric=metric)
+    own = idx == (np.arange(len(q))[:, None] + offset)
+    # drop the row itself where it appears (or the last slot if it did not)
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), s.shape[1] - 1)
+    keep = np.ones_like(own)
+    keep[np.arange(len(q)), drop] = False
+    kk = min(k, s.shape[1] - 1)
+    return s[keep].reshape(len(q), -1)[:, :kk], idx[keep].reshape(len(q), -1)[:, :kk]
