@@ -431,7 +431,9 @@ def _prepare(items: Any, *, embedder: Any, progress: bool | None, name: str = "i
 
 
 def _from_matrix(x: np.ndarray, *, texts: list[str] | None, ids: list[str] | None) -> _Prepared:
-    keys = [hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest() for row in x]
+    # zero rows are similar to nothing, not even to each other: never collapse them
+    keys = [hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
+            if row.any() else k for k, row in enumerate(x)]
     inverse, first = _collapse(keys)
     xu = x[first] if len(first) < len(x) else x
     xu = kernels.normalize(np.ascontiguousarray(xu, dtype=np.float32)) if len(xu) else xu.astype(np.float32)
@@ -460,10 +462,9 @@ def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None, chunk:
             np.concatenate(parts_s).astype(np.float32))
 
 
-def _item_edges(p: _Prepared, threshold: float, progress: bool | None, chunk: int):
-    """Pairs over the original items: distinct-vector pairs, plus exact duplicates (1.0)
-    linked to their first occurrence. i < j."""
-    ui, uj, s = _pairs_within(p.x, threshold, progress, chunk)
+def _item_edges(p: _Prepared, ui: np.ndarray, uj: np.ndarray, s: np.ndarray):
+    """Pairs over the original items: distinct-row pairs ``(ui, uj, s)`` between first
+    occurrences, plus each exact duplicate linked to its first occurrence (1.0). i < j."""
     a, b = p.first[ui], p.first[uj]
     i, j = np.minimum(a, b), np.maximum(a, b)
     k = np.arange(p.n, dtype=np.int64)
@@ -586,7 +587,8 @@ def deduplicate(
         return _deduplicate_against(p, against, threshold, embedder, progress, _chunk_rows)
     _check_keep(keep, p.texts)
     n = p.n
-    pi, pj, ps = _item_edges(p, threshold, progress, _chunk_rows)
+    ui, uj, us = _pairs_within(p.x, threshold, progress, _chunk_rows)
+    pi, pj, ps = _item_edges(p, ui, uj, us)
     if mode == "connected":
         labels = _connected_labels(n, pi, pj)
         groups = _groups_from_labels(labels)
@@ -599,7 +601,7 @@ def deduplicate(
             removed_l.append(others)
             dup_l.append(np.full(len(others), rep, dtype=np.int64))
     else:
-        group_of, groups, removed_l, dup_l = _greedy(n, pi, pj, ps, _priority(keep, n, p.texts))
+        group_of, groups, removed_l, dup_l = _greedy(p, ui, uj, us, _priority(keep, n, p.texts))
     removed = np.concatenate(removed_l) if removed_l else np.empty(0, dtype=np.int64)
     dup = np.concatenate(dup_l) if dup_l else np.empty(0, dtype=np.int64)
     order = np.argsort(removed, kind="stable")
@@ -630,28 +632,39 @@ def _connected_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _greedy(n: int, pi: np.ndarray, pj: np.ndarray, ps: np.ndarray, order: np.ndarray):
-    """semhash's first-seen rule over the pair graph, visiting items in ``order``."""
+def _greedy(p: _Prepared, ui: np.ndarray, uj: np.ndarray, us: np.ndarray, order: np.ndarray):
+    """semhash's first-seen rule, visiting items in ``order``.
+
+    Works on distinct rows: an exact copy has the neighbours of the row it copies, and at
+    most one item per row is ever kept (its copies score 1.0 with it).
+    """
     from scipy.sparse import csr_matrix
 
-    both_i = np.concatenate([pi, pj])
-    both_j = np.concatenate([pj, pi])
-    both_s = np.concatenate([ps, ps])
-    adj = csr_matrix((both_s, (both_i, both_j)), shape=(n, n))
+    u, n = len(p.x), p.n
+    adj = csr_matrix((np.concatenate([us, us]), (np.concatenate([ui, uj]), np.concatenate([uj, ui]))),
+                     shape=(u, u))
     adj.sum_duplicates()
     indptr, indices, data = adj.indptr, adj.indices, adj.data
-    kept = np.zeros(n, dtype=bool)
+    kept_of_row = np.full(u, -1, dtype=np.int64)
     owner = np.full(n, -1, dtype=np.int64)
-    for v in order[(indptr[order + 1] - indptr[order]) > 0]:
-        nb = indices[indptr[v]:indptr[v + 1]]
-        sc = data[indptr[v]:indptr[v + 1]]
-        hit = kept[nb]
+    owner_score = np.zeros(n, dtype=np.float32)
+    copies = np.bincount(p.inverse, minlength=u) > 1
+    rows = p.inverse[order]
+    active = (indptr[rows + 1] > indptr[rows]) | copies[rows]
+    for v, r in zip(order[active].tolist(), rows[active].tolist()):
+        best, best_s = kept_of_row[r], 1.0
+        nb = indices[indptr[r]:indptr[r + 1]]
+        cand = kept_of_row[nb]
+        hit = cand >= 0
         if hit.any():
-            nb, sc = nb[hit], sc[hit]
-            best = np.lexsort((nb, -sc.astype(np.float64)))[0]
-            owner[v] = nb[best]
+            cand, sc = cand[hit], data[indptr[r]:indptr[r + 1]][hit]
+            k = np.lexsort((cand, -sc.astype(np.float64)))[0]
+            if best < 0 or sc[k] > best_s or (sc[k] == best_s and cand[k] < best):
+                best, best_s = int(cand[k]), float(sc[k])
+        if best >= 0:
+            owner[v], owner_score[v] = best, best_s
         else:
-            kept[v] = True
+            kept_of_row[r] = v
     removed = np.flatnonzero(owner >= 0)
     labels = np.full(n, -1, dtype=np.int64)
     labels[removed] = owner[removed]

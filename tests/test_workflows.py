@@ -1,0 +1,435 @@
+"""deduplicate, near_duplicates and knn_graph against brute force on small sets."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import embedcache as ec
+from embedcache.providers.base import Usage
+
+# ---------------------------------------------------------------------------------------
+# plain references
+# ---------------------------------------------------------------------------------------
+
+
+def cosine_matrix(x, y=None):
+    x = np.asarray(x, dtype=np.float64)
+    y = x if y is None else np.asarray(y, dtype=np.float64)
+    nx = np.linalg.norm(x, axis=1)
+    ny = np.linalg.norm(y, axis=1)
+    s = x @ y.T
+    denom = np.outer(nx, ny)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = np.where(denom > 0, s / np.where(denom > 0, denom, 1), 0.0)
+    return np.clip(s, -1, 1)
+
+
+def components(n, adjacency):
+    """Union-find over the boolean adjacency matrix; groups of size > 1, sorted."""
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            if adjacency[i, j]:
+                parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def greedy(n, adjacency, scores, order):
+    kept, owner = [], {}
+    for v in order:
+        near = [u for u in kept if adjacency[u, v]]
+        if near:
+            owner[v] = max(near, key=lambda u: (scores[u, v], -u))
+        else:
+            kept.append(v)
+    return sorted(kept), owner
+
+
+def separated(s, threshold, gap=1e-4):
+    """True when no score is so close to the threshold that float32 rounding could flip it."""
+    off = s[~np.eye(len(s), dtype=bool)] if s.shape[0] == s.shape[1] else s.ravel()
+    return not np.any(np.abs(off - threshold) < gap)
+
+
+@st.composite
+def planted(draw, max_rows=14, dim=None):
+    """Random vectors plus perturbed copies and exact copies of some of them."""
+    d = dim or draw(st.integers(2, 6))
+    n = draw(st.integers(1, max_rows))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    for k in range(n):
+        roll = rng.random()
+        if k and roll < 0.25:
+            x[k] = x[rng.integers(0, k)]  # exact copy
+        elif k and roll < 0.5:
+            x[k] = x[rng.integers(0, k)] + rng.normal(scale=0.15, size=d)
+    return x
+
+
+thresholds = st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99])
+
+
+# ---------------------------------------------------------------------------------------
+# deduplicate on arrays
+# ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=planted(), threshold=thresholds, chunk=st.sampled_from([2, 3, 8192]))
+def test_connected_groups_equal_brute_force(x, threshold, chunk):
+    s = cosine_matrix(x)
+    assume(separated(s, threshold))
+    res = ec.deduplicate(x, threshold=threshold, progress=False, _chunk_rows=chunk)
+    expected = components(len(x), s >= threshold)
+    assert [g.tolist() for g in res.groups] == expected
+    reps = {g[0] for g in expected}
+    members = {i for g in expected for i in g}
+    assert res.kept.tolist() == sorted(set(range(len(x))) - (members - reps))
+    assert res.removed.tolist() == sorted(members - reps)
+    group_first = {i: g[0] for g in expected for i in g}
+    assert res.duplicate_of.tolist() == [group_first[i] for i in res.removed.tolist()]
+    np.testing.assert_allclose(res.scores, [s[i, group_first[i]] for i in res.removed], atol=1e-5)
+    assert res.duplicate_ratio == pytest.approx(len(res.removed) / len(x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=planted(), threshold=thresholds)
+def test_greedy_follows_the_first_seen_rule(x, threshold):
+    s = cosine_matrix(x)
+    assume(separated(s, threshold))
+    res = ec.deduplicate(x, threshold=threshold, mode="greedy", progress=False)
+    kept, owner = greedy(len(x), s >= threshold, s, range(len(x)))
+    assert res.kept.tolist() == kept
+    assert dict(zip(res.removed.tolist(), res.duplicate_of.tolist())) == owner
+    # every removed item is directly similar to the item it duplicates
+    assert np.all(res.scores >= threshold - 1e-6)
+    # no two kept items are near-duplicates
+    sk = s[np.ix_(res.kept, res.kept)]
+    assert not np.any(np.triu(sk >= threshold, 1))
+
+
+def test_connected_and_greedy_differ_on_a_chain():
+    # a ~ b ~ c, but a and c are below the threshold
+    angles = np.radians([0.0, 20.0, 40.0])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    threshold = float(np.cos(np.radians(25)))
+    con = ec.deduplicate(x, threshold=threshold, progress=False)
+    gre = ec.deduplicate(x, threshold=threshold, mode="greedy", progress=False)
+    assert con.kept.tolist() == [0] and [g.tolist() for g in con.groups] == [[0, 1, 2]]
+    assert con.scores[1] < threshold  # c is in a's group through b only
+    assert gre.kept.tolist() == [0, 2] and gre.duplicate_of.tolist() == [0]
+    text = con.explain(2)
+    assert "removed" in text and "item 0" in text and "1 (0.9" in text
+
+
+def test_zero_rows_are_never_duplicates():
+    x = np.array([[0, 0], [0, 0], [1, 0], [1, 0]], dtype=np.float32)
+    res = ec.deduplicate(x, threshold=0.5, progress=False)
+    assert res.removed.tolist() == [3]  # equal zero rows are not collapsed
+    assert [g.tolist() for g in res.groups] == [[2, 3]]
+
+
+def test_keep_callable_and_validation():
+    x = np.array([[1, 0], [1, 0.01], [1, 0.02], [0, 1]], dtype=np.float32)
+    res = ec.deduplicate(x, threshold=0.99, keep=lambda group, items: group[-1], progress=False)
+    assert res.kept.tolist() == [2, 3] and res.duplicate_of.tolist() == [2, 2]
+    with pytest.raises(ec.InvalidInputError, match="one of the group"):
+        ec.deduplicate(x, threshold=0.99, keep=lambda group, items: 3, progress=False)
+    with pytest.raises(ec.InvalidInputError, match="needs texts"):
+        ec.deduplicate(x, threshold=0.99, keep="longest", progress=False)
+    with pytest.raises(ec.InvalidInputError, match="keep must be"):
+        ec.deduplicate(x, threshold=0.99, keep="last", progress=False)
+    with pytest.raises(ec.InvalidInputError, match="greedy"):
+        ec.deduplicate(x, threshold=0.99, keep=min, mode="greedy", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(threshold=1.5), r"threshold must be in \[-1, 1\], got 1.5"),
+        (dict(threshold="0.9"), "threshold must be a number"),
+        (dict(threshold=0.9, mode="fuzzy"), "mode must be"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ec.InvalidInputError, match=match):
+        ec.deduplicate(np.eye(3, dtype=np.float32), progress=False, **kwargs)
+
+
+def test_bad_arrays():
+    with pytest.raises(ec.InvalidInputError, match="2D array"):
+        ec.deduplicate(np.ones(3, dtype=np.float32), progress=False)
+    with pytest.raises(ec.InvalidInputError, match="NaN"):
+        ec.deduplicate(np.array([[1.0, np.nan]]), progress=False)
+
+
+def test_empty_and_single():
+    res = ec.deduplicate(np.ones((1, 3), dtype=np.float32), progress=False)
+    assert res.kept.tolist() == [0] and res.groups == [] and res.duplicate_ratio == 0.0
+    res = ec.deduplicate([], progress=False)
+    assert res.n == 0 and res.duplicate_ratio == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=planted(max_rows=10, dim=4), ref=planted(max_rows=8, dim=4), threshold=thresholds)
+def test_against_removes_items_near_the_reference(x, ref, threshold):
+    s = cosine_matrix(x, ref)
+    assume(separated(s, threshold))
+    res = ec.deduplicate(x, against=ref, threshold=threshold, progress=False, _chunk_rows=3)
+    best = s.max(axis=1)
+    assert res.removed.tolist() == np.flatnonzero(best >= threshold).tolist()
+    assert res.kept.tolist() == np.flatnonzero(best < threshold).tolist()
+    for i, r, sc in zip(res.removed, res.duplicate_of, res.scores):
+        assert sc == pytest.approx(best[i], abs=1e-5)
+        assert s[i, r] == pytest.approx(best[i], abs=1e-5)
+    assert res.groups == [] and res.reference
+
+
+def test_against_dimension_mismatch():
+    with pytest.raises(ec.DimensionMismatchError, match="dimension 3 .* has 2"):
+        ec.deduplicate(np.eye(3, dtype=np.float32), against=np.eye(2, dtype=np.float32), progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# texts: collapse, delegate, explain, pandas
+# ---------------------------------------------------------------------------------------
+
+
+class CountingEmbedder:
+    """Wraps the hashing embedder and records every text it is asked to embed."""
+
+    def __init__(self):
+        self.inner = ec.HashingEmbeddings(dim=128)
+        self.cache_namespace = "counting|" + self.inner.cache_namespace
+        self.model = "counting"
+        self.dimensions = 128
+        self.usage = Usage()
+        self.seen: list[str] = []
+
+    def embed(self, texts, *, on_batch=None):
+        self.seen.extend(texts)
+        out = self.inner.embed(texts)
+        if on_batch is not None:
+            on_batch(np.arange(len(texts)), out)
+        return out
+
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "Stock markets fell sharply on Monday.",
+    "The cat sat on the mat!",
+    "The cat sat on the mat.",
+    "A recipe for lemon cake with yogurt.",
+    "Stock markets fell sharply on Monday.",
+    "the cat sat on the mat",
+]
+
+
+@pytest.fixture
+def embedder(tmp_path):
+    inner = CountingEmbedder()
+    return inner, ec.CachedEmbedder(inner, cache=ec.EmbeddingCache(tmp_path / "cache"))
+
+
+def test_texts_collapse_exact_duplicates_and_delegate(embedder):
+    inner, emb = embedder
+    res = ec.deduplicate(TEXTS, threshold=0.8, embedder=emb, progress=False)
+    assert sorted(inner.seen) == sorted(set(TEXTS))  # each distinct text embedded once
+    x = inner.inner.embed(TEXTS)
+    arr = ec.deduplicate(x, threshold=0.8, progress=False)
+    assert res.kept.tolist() == arr.kept.tolist()
+    assert [g.tolist() for g in res.groups] == [g.tolist() for g in arr.groups]
+    assert res.duplicate_of.tolist() == arr.duplicate_of.tolist()
+    assert 3 in res.removed and res.duplicate_of[res.removed.tolist().index(3)] == 0
+    assert res.scores[res.removed.tolist().index(3)] == 1.0
+
+
+def test_keep_longest_picks_the_longest_text(embedder):
+    _, emb = embedder
+    texts = ["short cat text", "short cat text, longer", "short cat text, longer!!!", "unrelated words here"]
+    res = ec.deduplicate(texts, threshold=0.7, keep="longest", embedder=emb, progress=False)
+    assert [g.tolist() for g in res.groups] == [[0, 1, 2]]
+    assert res.kept.tolist() == [2, 3]
+    gre = ec.deduplicate(texts, threshold=0.7, keep="longest", mode="greedy", embedder=emb, progress=False)
+    assert 2 in gre.kept
+
+
+def test_explain_least_similar_and_pandas(embedder):
+    _, emb = embedder
+    res = ec.deduplicate(TEXTS, threshold=0.8, embedder=emb, progress=False)
+    removed = int(res.removed[0])
+    story = res.explain(removed)
+    assert "removed as a duplicate of item" in story and repr(TEXTS[removed][:80]) in story
+    assert "was kept" in res.explain(4)
+    with pytest.raises(ec.InvalidInputError, match="i must be in"):
+        res.explain(len(TEXTS))
+    weak = res.least_similar_pairs(2)
+    pi, pj, ps = res._pairs
+    assert len(weak) == 2 and list(weak.score) == sorted(ps)[:2]
+    assert {"text_i", "text_j"} <= set(weak.columns)
+    df = res.to_pandas()
+    assert len(df) == len(TEXTS) and df["kept"].sum() == len(res.kept)
+    assert df.loc[removed, "duplicate_of"] == res.duplicate_of[0]
+    assert list(df["text"]) == TEXTS
+
+
+def test_texts_against_reference(embedder):
+    _, emb = embedder
+    train = ["The cat sat on the mat.", "A recipe for lemon cake with yogurt."]
+    test = ["The cat sat on the mat!", "Something else entirely, about trains.", "A recipe for lemon cake with yogurt."]
+    res = ec.deduplicate(test, against=train, threshold=0.8, embedder=emb, progress=False)
+    assert res.removed.tolist() == [0, 2] and res.duplicate_of.tolist() == [0, 1]
+    assert "reference item 1" in res.explain(2)
+    assert "kept" in res.explain(1)
+
+
+def test_invalid_texts_name_the_position(embedder):
+    _, emb = embedder
+    with pytest.raises(ec.InvalidInputError, match=r"texts\[1\]"):
+        ec.deduplicate(["fine", ""], embedder=emb, progress=False)
+
+
+def test_progress_bar_only_when_asked(capsys):
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    ec.deduplicate(x, threshold=0.9, progress=False, _chunk_rows=5)
+    assert capsys.readouterr().err == ""
+    ec.deduplicate(x, threshold=0.9, progress=True, _chunk_rows=5)
+    assert "pairs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# near_duplicates
+# ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=planted(), threshold=thresholds, chunk=st.sampled_from([3, 8192]))
+def test_near_duplicates_equal_brute_force(x, threshold, chunk):
+    s = cosine_matrix(x)
+    assume(separated(s, threshold))
+    table = ec.near_duplicates(x, threshold=threshold, progress=False, _chunk_rows=chunk)
+    i, j = np.nonzero(np.triu(s >= threshold, 1))
+    expected = sorted(zip(i.tolist(), j.tolist()), key=lambda p: (-s[p], p))
+    got = list(zip(table.i.tolist(), table.j.tolist()))
+    assert sorted(got) == sorted(expected)
+    assert np.all(np.diff(table.score) <= 0)  # highest first
+    np.testing.assert_allclose(table.score, [s[p] for p in got], atol=1e-5)
+
+
+def test_near_duplicates_texts_table(embedder, tmp_path):
+    inner, emb = embedder
+    table = ec.near_duplicates(TEXTS, threshold=0.8, embedder=emb, progress=False)
+    x = inner.inner.embed(TEXTS)
+    s = cosine_matrix(x)
+    i, j = np.nonzero(np.triu(s >= 0.8, 1))
+    assert sorted(zip(table.i.tolist(), table.j.tolist())) == sorted(zip(i.tolist(), j.tolist()))
+    first = table[0]
+    assert first["score"] == pytest.approx(1.0) and first["text_i"] == first["text_j"]
+    rows = list(table)
+    assert len(rows) == len(table) and rows[0] == first
+    buf = io.StringIO()
+    table.to_csv(buf)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "i,j,score,text_i,text_j" and len(lines) == len(table) + 1
+    df = table.to_pandas()
+    assert list(df.columns) == table.columns and len(df) == len(table)
+    assert "PairTable(" in repr(table)
+
+
+def test_pair_table_validates_lengths():
+    with pytest.raises(ec.InvalidInputError, match="same length"):
+        ec.PairTable(np.array([0]), np.array([1, 2]), np.array([0.5]))
+    t = ec.PairTable(np.array([0]), np.array([1]), np.array([0.5]))
+    with pytest.raises(IndexError):
+        t[1]
+
+
+# ---------------------------------------------------------------------------------------
+# knn_graph
+# ---------------------------------------------------------------------------------------
+
+
+def naive_knn(x, k):
+    s = cosine_matrix(x)
+    np.fill_diagonal(s, -np.inf)
+    out = np.zeros_like(s)
+    for i in range(len(x)):
+        order = sorted(range(len(x)), key=lambda j: (-s[i, j], j))
+        for j in order[:k]:
+            if j != i:
+                out[i, j] = s[i, j]
+    return out, s
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 12), k=st.integers(1, 5),
+       chunk=st.sampled_from([2, 5, 8192]))
+def test_knn_graph_equals_brute_force(seed, n, k, chunk):
+    x = np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
+    expected, s = naive_knn(x, k)
+    g = ec.knn_graph(x, k, symmetric=False, progress=False, _chunk_rows=chunk)
+    assert g.shape == (n, n) and g.diagonal().sum() == 0
+    assert np.all(np.diff(g.indptr) == min(k, n - 1))
+    dense = g.toarray()
+    np.testing.assert_array_equal(dense != 0, expected != 0)
+    np.testing.assert_allclose(dense, expected, atol=1e-5)
+    sym = ec.knn_graph(x, k, progress=False, _chunk_rows=chunk)
+    np.testing.assert_array_equal(sym.toarray() != 0, (expected != 0) | (expected.T != 0))
+    assert (abs(sym - sym.T) > 1e-6).nnz == 0
+    dist = ec.knn_graph(x, k, mode="distance", progress=False, _chunk_rows=chunk)
+    np.testing.assert_array_equal(dist.indptr, sym.indptr)
+    for i in range(n):
+        row = dist.data[dist.indptr[i]:dist.indptr[i + 1]]
+        assert np.all(np.diff(row) >= 0)  # each row by increasing distance
+    np.testing.assert_allclose(dist.toarray()[sym.toarray() != 0], 1 - sym.toarray()[sym.toarray() != 0],
+                               atol=1e-5)
+
+
+def test_knn_graph_keeps_zero_distances_explicit():
+    x = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)
+    g = ec.knn_graph(x, 1, mode="distance", progress=False)
+    assert g[0, 1] == 0 and g.nnz >= 2 and 1 in g[0].indices
+
+
+def test_knn_graph_feeds_scikit_learn_precomputed():
+    from sklearn.cluster import DBSCAN
+    from sklearn.exceptions import EfficiencyWarning
+
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(3, 8))
+    x = np.concatenate([c + rng.normal(scale=0.05, size=(15, 8)) for c in centers]).astype(np.float32)
+    g = ec.knn_graph(x, 10, mode="distance", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EfficiencyWarning)
+        labels = DBSCAN(eps=0.05, min_samples=3, metric="precomputed").fit_predict(g)
+    dense_labels = DBSCAN(eps=0.05, min_samples=3, metric="cosine").fit_predict(x)
+    assert len(set(labels)) == 3 and -1 not in labels
+    np.testing.assert_array_equal(labels, dense_labels)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(k=0), "k must be"), (dict(k=2, mode="weights"), "mode must be"),
+     (dict(k=2, metric="l2"), "metric must be"), (dict(k=2, metric="dot", mode="distance"), "needs metric")],
+)
+def test_knn_graph_bad_arguments(kwargs, match):
+    with pytest.raises(ec.InvalidInputError, match=match):
+        ec.knn_graph(np.eye(3, dtype=np.float32), progress=False, **kwargs)
