@@ -1,10 +1,803 @@
-class EmbeddingCache:  # placeholder
-    pass
+"""A content-hash cache of embedding vectors, and an embedder that uses it.
+
+:class:`EmbeddingCache` keeps float32 vectors in a `diskcache`_ directory (one SQLite file,
+safe for several threads and processes at once). :class:`CachedEmbedder` wraps any
+:class:`~embedcache.providers.base.Embedder` so that a text is never embedded twice.
+
+Keys
+    SHA-256 (hex) over a length-prefixed encoding of (format version, namespace, model,
+    dimensions, text). Every field carries a tag and its byte length, so no two different
+    tuples encode to the same bytes (model ``"a"`` + text ``"bc"`` is not model ``"ab"`` +
+    text ``"c"``), and nothing is truncated.
+
+Values
+    A 16-byte header (magic ``b"ECv1"``, dtype code, dimension, and a checksum: the sum of
+    the payload's 32-bit words modulo 2**32) followed by the raw little-endian float32
+    components, stored inline in the database row. A value whose header, length or checksum
+    does not match is a miss, never an error. Values are checked a block at a time with
+    numpy, so reading is bound by SQLite, not by Python.
+
+Nothing is ever unpickled
+    diskcache pickles every value that is not ``bytes``/``str``/number, and unpickles what
+    it reads back, so whoever can write to the cache directory could run code in the
+    reading process (CVE-2025-69872). This module stores bytes only, through a
+    :class:`diskcache.Disk` subclass that refuses to write anything else and refuses to read
+    any row that is not raw bytes; the batch reader applies the same rule itself.
+
+Eviction
+    ``least-recently-stored``: when the database grows past ``size_limit``, the oldest
+    writes go first. Reads never write (unlike least-recently-used, which updates a row on
+    every hit).
+
+.. _diskcache: https://grantjenks.com/docs/diskcache/
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import numpy as np
+from tqdm.auto import tqdm
+
+from embedcache.errors import (
+    CacheError,
+    DimensionMismatchError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    InvalidResponseError,
+)
+from embedcache.providers.base import Embedder, validate_texts
+
+__all__ = ["CachedEmbedder", "EmbedStats", "EmbeddingCache"]
+
+#: Bumped whenever the key encoding or the value layout changes: old entries become misses.
+FORMAT_VERSION = 1
+
+_MAGIC = b"ECv1"
+_DTYPE_FLOAT32 = 1
+# magic, dtype code, 3 pad bytes, dimension, checksum of the payload
+_HEADER = struct.Struct("<4sB3xII")
+_HEADER_SIZE = _HEADER.size  # 16: keeps the payload 16-byte aligned within the value
+_MAX_DIM = 2**24
+_FLOAT32_LE = np.dtype("<f4")
+_LENGTH = struct.Struct(">Q")
+
+# SQLite builds before 3.32 allow 999 parameters per statement.
+_SQL_CHUNK = 900
 
 
-class CachedEmbedder:  # placeholder
-    pass
+# --------------------------------------------------------------------------- keys
 
 
-class EmbedStats:  # placeholder
-    pass
+def _field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _LENGTH.pack(len(payload)) + payload
+
+
+def _utf8(s: str) -> bytes:
+    # surrogatepass keeps the encoding injective for strings with lone surrogates
+    return s.encode("utf-8", "surrogatepass")
+
+
+def _key_prefix(namespace: str, model: str, dimensions: int | None) -> Any:
+    """A SHA-256 object fed with every field but the text, to be ``copy()``-ed per text."""
+    for name, value in (("namespace", namespace), ("model", model)):
+        if not isinstance(value, str):
+            raise InvalidInputTypeError(f"{name} must be a str, got {type(value).__name__}")
+    if dimensions is None:
+        dims = _field(b"D", b"")
+    elif isinstance(dimensions, (int, np.integer)) and not isinstance(dimensions, bool):
+        dims = _field(b"I", str(int(dimensions)).encode("ascii"))
+    else:
+        raise InvalidInputTypeError(
+            f"dimensions must be an int or None, got {type(dimensions).__name__}"
+        )
+    h = hashlib.sha256()
+    h.update(_field(b"V", str(FORMAT_VERSION).encode("ascii")))
+    h.update(_field(b"N", _utf8(namespace)))
+    h.update(_field(b"M", _utf8(model)))
+    h.update(dims)
+    return h
+
+
+def _text_digest(prefix: Any, text: str) -> bytes:
+    """The 32-byte key of ``text``; :meth:`EmbeddingCache.make_key` is its hex form."""
+    h = prefix.copy()
+    h.update(_field(b"T", _utf8(text)))
+    return h.digest()
+
+
+def _digests(prefix: Any, texts: list[str]) -> list[bytes]:
+    """``[_text_digest(prefix, t) for t in texts]``, inlined: this loop is on the hot path."""
+    copy, pack, out = prefix.copy, _LENGTH.pack, []
+    for t in texts:
+        b = t.encode("utf-8", "surrogatepass")
+        h = copy()
+        h.update(b"T" + pack(len(b)) + b)
+        out.append(h.digest())
+    return out
+
+
+def _parse_keys(keys: Sequence[str]) -> list[bytes]:
+    """Public hex keys to the 32-byte form stored in the database."""
+    if isinstance(keys, (str, bytes)):
+        raise InvalidInputTypeError("keys must be a sequence of str keys, got a single key")
+    out = []
+    for i, k in enumerate(keys):
+        if type(k) is not str:
+            raise InvalidInputTypeError(f"keys[{i}] must be a str, got {type(k).__name__}")
+        try:
+            b = bytes.fromhex(k)
+        except ValueError:
+            b = b""
+        if len(b) != 32:
+            raise InvalidInputError(
+                f"keys[{i}] must be a key from EmbeddingCache.make_key (64 hex digits), got {k!r:.80}"
+            )
+        out.append(b)
+    return out
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _checksum(words: np.ndarray) -> np.ndarray:
+    """Sum of the payload's little-endian uint32 words modulo 2**32, per row of ``words``."""
+    return words.sum(axis=-1, dtype=np.uint32)
+
+
+def _expected_header(dim: int) -> np.ndarray:
+    """The first 12 header bytes of every valid value of dimension ``dim``."""
+    return np.frombuffer(_HEADER.pack(_MAGIC, _DTYPE_FLOAT32, dim, 0)[:12], dtype=np.uint8)
+
+
+def _encode_rows(vectors: np.ndarray) -> list[bytes]:
+    """One value per row of a finite float32 (n, d) array: header + little-endian payload."""
+    n, dim = vectors.shape
+    buf = np.empty((n, _HEADER_SIZE + 4 * dim), dtype=np.uint8)
+    buf[:, :12] = _expected_header(dim)
+    payload = buf[:, _HEADER_SIZE:].view(_FLOAT32_LE)
+    payload[:] = vectors
+    buf[:, 12:16].view("<u4")[:, 0] = _checksum(payload.view("<u4"))
+    raw = buf.tobytes()
+    size = buf.shape[1]
+    return [raw[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _decode_block(blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check values that all have the length of dimension ``dim``.
+
+    Returns ``ok`` (m,) bool, whether header and checksum match, and a float32 (m, dim)
+    view of the payloads (rows where ``ok`` is False hold garbage).
+    """
+    size = _HEADER_SIZE + 4 * dim
+    buf = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), size)
+    words = buf[:, _HEADER_SIZE:].view("<u4")
+    ok = (buf[:, :12] == _expected_header(dim)).all(axis=1)
+    ok &= buf[:, 12:16].view("<u4")[:, 0] == _checksum(words)
+    return ok, words.view(_FLOAT32_LE)
+
+
+def _value_dim(blob: object) -> int | None:
+    """The dimension of a valid value, or ``None``."""
+    if type(blob) is not bytes or len(blob) <= _HEADER_SIZE or (len(blob) - _HEADER_SIZE) % 4:
+        return None
+    dim = (len(blob) - _HEADER_SIZE) // 4
+    ok, _ = _decode_block([blob], dim)
+    return dim if ok[0] else None
+
+
+def _as_matrix(vectors: np.ndarray, n: int) -> np.ndarray:
+    """Validate a 2-D array for :meth:`EmbeddingCache.set_many`: (n, d) finite floats."""
+    if vectors.dtype.kind != "f":
+        raise InvalidInputTypeError(f"vectors must be floating point, got dtype {vectors.dtype}")
+    if vectors.shape[0] != n:
+        raise InvalidInputError(f"expected {n} vectors, one per key, got {vectors.shape[0]}")
+    if not 1 <= vectors.shape[1] <= _MAX_DIM:
+        raise DimensionMismatchError(
+            f"vectors must have 1..{_MAX_DIM} components, got shape {vectors.shape}"
+        )
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(vectors, dtype=np.float32)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise InvalidInputError(
+            f"vectors[{int(np.argmax(bad))}] has NaN or infinite components (as float32)"
+        )
+    return out
+
+
+def _as_rows(vectors: object, n: int) -> list[np.ndarray]:
+    """Validate n 1-D vectors (of any lengths) for :meth:`EmbeddingCache.set_many`."""
+    if isinstance(vectors, np.ndarray):
+        raise DimensionMismatchError(
+            f"vectors must be a 2-D array (n, d), got shape {vectors.shape}"
+        )
+    try:
+        rows = [np.asarray(v) for v in vectors]  # type: ignore[union-attr]
+    except TypeError:
+        raise InvalidInputTypeError(
+            f"vectors must be a 2-D array or a sequence of 1-D arrays, got {type(vectors).__name__}"
+        ) from None
+    if len(rows) != n:
+        raise InvalidInputError(f"expected {n} vectors, one per key, got {len(rows)}")
+    for i, v in enumerate(rows):
+        if v.ndim != 1:
+            raise DimensionMismatchError(f"vectors[{i}] must be 1-D, got shape {v.shape}")
+        try:
+            rows[i] = _as_matrix(v[None, :], 1)[0]
+        except InvalidInputError as exc:
+            raise type(exc)(f"vectors[{i}]: {exc}") from None
+    return rows
+
+
+# --------------------------------------------------------------------------- diskcache
+
+
+class _RefusedValue(OSError):
+    """A row that is not raw bytes; diskcache treats an ``OSError`` from fetch as a miss."""
+
+
+class BytesOnlyDisk(diskcache.Disk):
+    """A :class:`diskcache.Disk` that stores ``bytes`` or ``str`` keys and ``bytes`` values,
+    inline, and never pickles or unpickles anything.
+
+    Writing any other value raises :class:`~embedcache.errors.InvalidInputTypeError`;
+    reading a row stored in another mode (a pickle, a file) is refused as a miss.
+    """
+
+    def put(self, key: object) -> tuple[bytes | str, bool]:
+        if type(key) is not bytes and type(key) is not str:
+            raise InvalidInputTypeError(f"cache keys must be bytes or str, got {type(key).__name__}")
+        return key, True
+
+    def get(self, key: object, raw: bool) -> bytes | str:
+        if raw and type(key) in (bytes, str):
+            return key  # type: ignore[return-value]
+        raise CacheError("refusing to read a cache key that is not plain bytes or str")
+
+    def store(self, value: object, read: bool, key: object = diskcache.core.UNKNOWN) -> tuple:
+        if read or type(value) is not bytes:
+            raise InvalidInputTypeError(
+                f"the embedding cache stores bytes only, got {type(value).__name__}"
+            )
+        return 0, diskcache.core.MODE_RAW, None, value
+
+    def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> bytes:
+        if mode != diskcache.core.MODE_RAW or filename is not None or type(value) is not bytes:
+            raise _RefusedValue(f"refusing a cache row stored in mode {mode}, not raw bytes")
+        return value
+
+
+def _default_directory() -> Path:
+    explicit = os.environ.get("EMBEDCACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "embedcache"
+    return Path.home() / ".cache" / "embedcache"
+
+
+class EmbeddingCache:
+    """A size-limited, process-safe cache of float32 vectors keyed by :meth:`make_key`.
+
+    directory: where the cache lives (created if missing). Default: ``$EMBEDCACHE_DIR``, else
+        ``$XDG_CACHE_HOME/embedcache``, else ``~/.cache/embedcache``.
+    size_limit: bytes on disk beyond which the oldest writes are evicted.
+    timeout: seconds a write waits for another process's write to finish before
+        :class:`~embedcache.errors.CacheError`.
+
+    Use :meth:`get_many` and :meth:`set_many`: one SQL statement per 900 keys and one
+    transaction per call, many times faster than one ``get`` per key.
+
+    >>> import tempfile, numpy as np
+    >>> with EmbeddingCache(tempfile.mkdtemp()) as cache:
+    ...     key = EmbeddingCache.make_key("demo", "m", None, "hello")
+    ...     cache.set_many([key], np.ones((1, 3), dtype=np.float32))
+    ...     cache.get_many([key, EmbeddingCache.make_key("demo", "m", None, "bye")])
+    [array([1., 1., 1.], dtype=float32), None]
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        size_limit: int = 4 * 2**30,
+        timeout: float = 60.0,
+    ) -> None:
+        if isinstance(size_limit, bool) or not isinstance(size_limit, (int, np.integer)):
+            raise InvalidInputTypeError(f"size_limit must be an int, got {type(size_limit).__name__}")
+        if size_limit <= 0:
+            raise InvalidInputError(f"size_limit must be > 0 bytes, got {size_limit}")
+        if not timeout > 0:
+            raise InvalidInputError(f"timeout must be > 0 seconds, got {timeout}")
+        path = Path(directory).expanduser() if directory is not None else _default_directory()
+        self._directory = str(path)
+        self._size_limit = int(size_limit)
+        self._timeout = float(timeout)
+        try:
+            self._dc = diskcache.Cache(
+                self._directory,
+                timeout=self._timeout,
+                disk=BytesOnlyDisk,
+                size_limit=self._size_limit,
+                eviction_policy="least-recently-stored",
+                statistics=0,
+                tag_index=0,
+                sqlite_mmap_size=2**30,  # reads of a large cache go through memory, not read()
+            )
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            raise CacheError(
+                f"cannot open the embedding cache at {self._directory!r}: {exc}"
+            ) from exc
+
+    # ------------------------------------------------------------------ keys
+
+    @staticmethod
+    def make_key(namespace: str, model: str, dimensions: int | None, text: str) -> str:
+        """The cache key (64 hex characters) of ``text`` embedded by one embedder.
+
+        >>> k = EmbeddingCache.make_key("ns", "a", None, "bc")
+        >>> len(k), k == EmbeddingCache.make_key("ns", "ab", None, "c")
+        (64, False)
+        """
+        if not isinstance(text, str):
+            raise InvalidInputTypeError(f"text must be a str, got {type(text).__name__}")
+        return _text_digest(_key_prefix(namespace, model, dimensions), text).hex()
+
+    # ------------------------------------------------------------------ reads and writes
+
+    def get_many(self, keys: Sequence[str]) -> list[np.ndarray | None]:
+        """The vector stored under each key (float32, 1-D), or ``None`` for a miss.
+
+        A missing, expired, damaged or non-bytes entry is a miss.
+        """
+        keys = _parse_keys(keys)
+        out: list[np.ndarray | None] = [None] * len(keys)
+        where: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):
+            where.setdefault(k, []).append(i)
+        for rows in self._select(list(where)):
+            by_size: dict[int, list[tuple[bytes, bytes]]] = {}
+            for k, v in rows:
+                if type(v) is bytes and len(v) > _HEADER_SIZE and not (len(v) - _HEADER_SIZE) % 4:
+                    by_size.setdefault(len(v), []).append((k, v))
+            for size, group in by_size.items():
+                ok, vecs = _decode_block([v for _, v in group], (size - _HEADER_SIZE) // 4)
+                block = np.array(vecs)  # one contiguous copy; each result row is a view of it
+                for j in np.flatnonzero(ok):
+                    for i in where[group[j][0]]:
+                        out[i] = block[j]
+        return out
+
+    def set_many(self, keys: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray]) -> None:
+        """Store ``vectors[i]`` under ``keys[i]``, all in one transaction.
+
+        vectors: array of shape (n, d), or n 1-D arrays; any float dtype, stored as float32.
+        Non-finite values are refused. A key given twice keeps its last vector.
+        """
+        keys = _parse_keys(keys)
+        if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
+            values = _encode_rows(_as_matrix(vectors, len(keys)))
+        else:
+            values = [_encode_rows(v[None, :])[0] for v in _as_rows(vectors, len(keys))]
+        self._store(dict(zip(keys, values)))
+
+    def _select(self, keys: list[bytes]) -> Iterator[list[tuple[bytes, object]]]:
+        """(key, value) rows of the distinct ``keys`` present, one SELECT per chunk; never writes.
+
+        Only raw rows stored inline qualify: a pickled or file-backed row is never read.
+        """
+        now = time.time()
+        try:
+            sql = self._dc._sql  # the cache's own (thread-local, fork-aware) connection
+            for start in range(0, len(keys), _SQL_CHUNK):
+                chunk = keys[start : start + _SQL_CHUNK]
+                yield sql(
+                    "SELECT key, value FROM Cache WHERE raw = 1 AND mode = ?"
+                    " AND filename IS NULL AND (expire_time IS NULL OR expire_time > ?)"
+                    f" AND key IN ({','.join('?' * len(chunk))})",
+                    (diskcache.core.MODE_RAW, now, *chunk),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot read the embedding cache at {self._directory!r}: {exc}") from exc
+
+    def _store(self, values: dict[bytes, bytes]) -> None:
+        """Insert or replace ``values`` in one transaction, keeping diskcache's accounting."""
+        if not values:
+            return
+        keys = list(values)
+        now = time.time()
+        try:
+            with self._dc._transact(retry=False) as (sql, cleanup):
+                existing: dict[bytes, tuple[int, str | None]] = {}
+                for start in range(0, len(keys), _SQL_CHUNK):
+                    chunk = keys[start : start + _SQL_CHUNK]
+                    rows = sql(
+                        "SELECT key, rowid, filename FROM Cache WHERE raw = 1"
+                        f" AND key IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    ).fetchall()
+                    existing.update((k, (rowid, fn)) for k, rowid, fn in rows)
+                con = self._dc._con
+                con.executemany(
+                    "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?,"
+                    " access_count = 0, tag = NULL, size = 0, mode = ?, filename = NULL,"
+                    " value = ? WHERE rowid = ?",
+                    [
+                        (now, now, diskcache.core.MODE_RAW, values[k], rowid)
+                        for k, (rowid, _) in existing.items()
+                    ],
+                )
+                con.executemany(
+                    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time,"
+                    " access_count, tag, size, mode, filename, value)"
+                    " VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, ?, NULL, ?)",
+                    [
+                        (k, now, now, diskcache.core.MODE_RAW, v)
+                        for k, v in values.items()
+                        if k not in existing
+                    ],
+                )
+                for _, filename in existing.values():
+                    cleanup(filename)  # files of replaced rows are removed after COMMIT
+                self._dc._cull(now, sql, cleanup, limit=self._dc.cull_limit * len(keys))
+        except diskcache.Timeout as exc:
+            raise CacheError(
+                f"the embedding cache at {self._directory!r} stayed locked by another writer "
+                f"for more than {self._timeout:g} s"
+            ) from exc
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot write the embedding cache at {self._directory!r}: {exc}") from exc
+
+    # ------------------------------------------------------------------ housekeeping
+
+    @property
+    def directory(self) -> str:
+        return self._directory
+
+    @property
+    def size_limit(self) -> int:
+        return self._size_limit
+
+    def info(self) -> dict[str, Any]:
+        """``directory``, ``entries``, ``size_bytes`` (on disk) and ``size_limit``."""
+        try:
+            return {
+                "directory": self._directory,
+                "entries": len(self._dc),
+                "size_bytes": int(self._dc.volume()),
+                "size_limit": self._size_limit,
+            }
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot read the embedding cache at {self._directory!r}: {exc}") from exc
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many were removed."""
+        try:
+            return int(self._dc.clear(retry=True))
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot clear the embedding cache at {self._directory!r}: {exc}") from exc
+
+    def __len__(self) -> int:
+        return int(len(self._dc))
+
+    def close(self) -> None:
+        """Close this thread's database connection (it reopens on next use)."""
+        self._dc.close()
+
+    def __enter__(self) -> EmbeddingCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EmbeddingCache(directory={self._directory!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled as its settings: the copy reopens the same directory (e.g. in a subprocess).
+        return {"directory": self._directory, "size_limit": self._size_limit, "timeout": self._timeout}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"], size_limit=state["size_limit"], timeout=state["timeout"])  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- CachedEmbedder
+
+
+@dataclass
+class EmbedStats:
+    """Cumulative counters of a :class:`CachedEmbedder`.
+
+    hits: distinct texts of each call served from the cache.
+    misses: distinct texts of each call sent to the embedder (a text repeated within one
+        call counts once).
+    requests, tokens: what the wrapped embedder reported in its ``usage`` during those calls
+        (0 when it keeps no usage counters).
+    seconds: wall time spent in ``embed``.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    requests: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        """hits / (hits + misses), 0.0 before any call."""
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+def _usage_snapshot(embedder: object) -> tuple[int, int]:
+    usage = getattr(embedder, "usage", None)
+    snapshot = getattr(usage, "snapshot", None)
+    if snapshot is None:
+        return 0, 0
+    requests, tokens = snapshot()
+    return int(requests), int(tokens)
+
+
+def _check_vectors(vectors: object, rows: int, dim: int | None, what: str) -> np.ndarray:
+    """``vectors`` as C-contiguous float32 (rows, d), or InvalidResponseError."""
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype.kind != "f":
+        desc = (
+            f"shape {vectors.shape}, dtype {vectors.dtype}"
+            if isinstance(vectors, np.ndarray)
+            else type(vectors).__name__
+        )
+        raise InvalidResponseError(f"{what} must be a 2-D float array, got {desc}")
+    if vectors.shape[0] != rows:
+        raise InvalidResponseError(f"{what}: expected {rows} vectors, got {vectors.shape[0]}")
+    if vectors.shape[1] == 0 or (dim is not None and vectors.shape[1] != dim):
+        expected = f"dimension {dim}" if dim is not None else "a dimension >= 1"
+        raise InvalidResponseError(f"{what}: expected {expected}, got {vectors.shape[1]}")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise InvalidResponseError(f"{what} contain NaN or infinite values (as float32)")
+    return out
+
+
+def _show_progress(progress: bool | None) -> bool:
+    if progress is None:
+        stream = sys.stderr
+        return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
+    return bool(progress)
+
+
+class _Call:
+    """One ``embed`` call: what was served from the cache, and what the embedder must supply."""
+
+    def __init__(self, owner: CachedEmbedder, texts: object, progress: bool | None) -> None:
+        self.owner = owner
+        self.started = time.perf_counter()
+        self.usage_before = _usage_snapshot(owner.embedder)
+        self.texts = validate_texts(texts)
+        prefix = _key_prefix(owner.cache_namespace, owner.model, owner.dimensions)
+        slot_of: dict[bytes, int] = {}
+        distinct_texts: list[str] = []
+        inverse = np.empty(len(self.texts), dtype=np.int64)  # input position -> distinct slot
+        for i, (t, key) in enumerate(zip(self.texts, _digests(prefix, self.texts))):
+            slot = slot_of.get(key)
+            if slot is None:
+                slot = slot_of[key] = len(distinct_texts)
+                distinct_texts.append(t)
+            inverse[i] = slot
+        self.keys = list(slot_of)
+        # slots are numbered in order of first appearance: without repeats, slot == position
+        self.inverse = None if len(self.keys) == len(self.texts) else inverse
+        self.dim = owner.dimensions
+        self.vectors: np.ndarray | None = None
+        self.have = np.zeros(len(self.keys), dtype=bool)
+        for rows in owner.cache._select(self.keys):
+            self._take_hits(rows, slot_of)
+        self.n_hits = int(self.have.sum())
+        self.missing = np.flatnonzero(~self.have)
+        self.miss_texts = [distinct_texts[s] for s in self.missing]
+        self.written = np.zeros(len(self.missing), dtype=bool)
+        self.lock = threading.Lock()
+        self.bar = None
+        if len(self.missing):
+            self.bar = tqdm(
+                total=len(self.missing),
+                unit="text",
+                desc="embedding",
+                disable=not _show_progress(progress),
+            )
+
+    def _alloc(self, dim: int) -> None:
+        self.vectors = np.empty((len(self.keys), dim), dtype=np.float32)
+
+    def _take_hits(self, rows: list[tuple[bytes, object]], slot_of: dict[bytes, int]) -> None:
+        """Copy the valid cached values among ``rows`` into their slots."""
+        if self.dim is None:  # the embedder's dimension is the first valid value's
+            self.dim = next((d for _, v in rows if (d := _value_dim(v)) is not None), None)
+            if self.dim is None:
+                return
+        if self.vectors is None:
+            self._alloc(self.dim)
+        size = _HEADER_SIZE + 4 * self.dim
+        # a value of another length under this key is damage: a miss
+        good = [(k, v) for k, v in rows if type(v) is bytes and len(v) == size]
+        if not good:
+            return
+        ok, vecs = _decode_block([v for _, v in good], self.dim)
+        slots = np.fromiter((slot_of[k] for k, _ in good), dtype=np.int64, count=len(good))
+        if not ok.all():
+            slots, vecs = slots[ok], vecs[ok]
+        self.vectors[slots] = vecs  # type: ignore[index]
+        self.have[slots] = True
+
+    def on_batch(self, positions: object, vectors: object) -> None:
+        """Validate one batch from the embedder and write it to the cache at once."""
+        pos = np.asarray(positions)
+        n = len(self.missing)
+        if pos.ndim != 1 or pos.dtype.kind not in "iu" or (pos.size and (pos.min() < 0 or pos.max() >= n)):
+            raise InvalidResponseError(
+                f"on_batch positions must be a 1-D integer array of indices in [0, {n}), "
+                f"got {pos.dtype} array of shape {pos.shape}"
+            )
+        with self.lock:
+            batch = _check_vectors(vectors, pos.shape[0], self.dim, "embedder batch vectors")
+            self._accept(pos.astype(np.int64), batch)
+
+    def _accept(self, pos: np.ndarray, batch: np.ndarray) -> None:
+        """Store validated rows for miss positions ``pos`` (caller holds the lock)."""
+        if self.vectors is None:
+            self.dim = batch.shape[1]
+            self._alloc(self.dim)
+        fresh = ~self.written[pos]
+        pos, batch = pos[fresh], batch[fresh]
+        if not pos.size:
+            return
+        slots = self.missing[pos]
+        self.owner.cache._store(dict(zip([self.keys[s] for s in slots], _encode_rows(batch))))
+        self.vectors[slots] = batch  # type: ignore[index]
+        self.written[pos] = True
+        self.have[slots] = True
+        if self.bar is not None:
+            self.bar.update(int(pos.size))
+
+    def finish(self, result: object) -> np.ndarray:
+        """Check the embedder's full answer, cache what on_batch did not, return (n, d)."""
+        with self.lock:
+            if len(self.missing):
+                full = _check_vectors(result, len(self.missing), self.dim, "embedder vectors")
+                self._accept(np.arange(len(self.missing)), full)
+            assert self.vectors is not None
+            return self.vectors if self.inverse is None else self.vectors[self.inverse]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        requests, tokens = _usage_snapshot(self.owner.embedder)
+        self.owner._record(
+            hits=self.n_hits,
+            misses=len(self.missing),
+            requests=requests - self.usage_before[0],
+            tokens=tokens - self.usage_before[1],
+            seconds=time.perf_counter() - self.started,
+        )
+
+
+class CachedEmbedder:
+    """An :class:`~embedcache.providers.base.Embedder` that asks the wrapped one only for
+    texts it has never embedded.
+
+    embedder: any Embedder (its ``cache_namespace``, ``model`` and ``dimensions`` are part of
+        every key, and are exposed unchanged, so a CachedEmbedder is itself an Embedder).
+    cache: an :class:`EmbeddingCache`; default: one at the default directory.
+
+    Misses are written to the cache as each batch of results arrives, so an error half-way
+    keeps what was already paid for. Vectors that are not a finite 2-D float array of the
+    right shape raise :class:`~embedcache.errors.InvalidResponseError` and are never cached.
+    """
+
+    def __init__(self, embedder: Embedder, cache: EmbeddingCache | None = None) -> None:
+        for attr in ("cache_namespace", "model", "dimensions", "embed"):
+            if not hasattr(embedder, attr):
+                raise InvalidInputTypeError(
+                    f"embedder must follow the Embedder protocol; "
+                    f"{type(embedder).__name__} has no {attr!r}"
+                )
+        if cache is not None and not isinstance(cache, EmbeddingCache):
+            raise InvalidInputTypeError(
+                f"cache must be an EmbeddingCache or None, got {type(cache).__name__}"
+            )
+        self.embedder = embedder
+        self._owns_cache = cache is None
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self._stats = EmbedStats()
+        self._stats_lock = threading.Lock()
+
+    @property
+    def cache_namespace(self) -> str:
+        return self.embedder.cache_namespace
+
+    @property
+    def model(self) -> str:
+        return self.embedder.model
+
+    @property
+    def dimensions(self) -> int | None:
+        return self.embedder.dimensions
+
+    @property
+    def stats(self) -> EmbedStats:
+        """A snapshot of the cumulative counters."""
+        with self._stats_lock:
+            s = self._stats
+            return EmbedStats(s.hits, s.misses, s.requests, s.tokens, s.seconds)
+
+    def _record(self, *, hits: int, misses: int, requests: int, tokens: int, seconds: float) -> None:
+        with self._stats_lock:
+            self._stats.hits += hits
+            self._stats.misses += misses
+            self._stats.requests += requests
+            self._stats.tokens += tokens
+            self._stats.seconds += seconds
+
+    def embed(self, texts: Sequence[str], *, progress: bool | None = None) -> np.ndarray:
+        """Vectors of ``texts``: array of shape (n, d), float32, rows in input order.
+
+        progress: ``None`` shows a progress bar over the misses only when stderr is a
+            terminal, ``True`` always, ``False`` never.
+        """
+        call = _Call(self, texts, progress)
+        try:
+            result = None
+            if len(call.missing):
+                result = self.embedder.embed(call.miss_texts, on_batch=call.on_batch)
+            return call.finish(result)
+        finally:
+            call.close()
+
+    async def aembed(self, texts: Sequence[str], *, progress: bool | None = None) -> np.ndarray:
+        """:meth:`embed` for callers inside an event loop.
+
+        Uses the wrapped embedder's ``aembed`` when it has one, else runs its ``embed`` in a
+        worker thread; the cache lookup runs in a worker thread too.
+        """
+        call = await asyncio.to_thread(_Call, self, texts, progress)
+        try:
+            result = None
+            if len(call.missing):
+                aembed = getattr(self.embedder, "aembed", None)
+                if aembed is not None:
+                    result = await aembed(call.miss_texts, on_batch=call.on_batch)
+                else:
+                    result = await asyncio.to_thread(
+                        self.embedder.embed, call.miss_texts, on_batch=call.on_batch
+                    )
+            return await asyncio.to_thread(call.finish, result)
+        finally:
+            call.close()
+
+    def close(self) -> None:
+        """Close the cache if this object opened it."""
+        if self._owns_cache:
+            self.cache.close()
+
+    def __enter__(self) -> CachedEmbedder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CachedEmbedder({self.embedder!r}, cache={self.cache!r})"
