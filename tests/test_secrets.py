@@ -1,0 +1,150 @@
+"""The API key never shows: not in exception text, log records, repr, or cache files."""
+
+import asyncio
+import logging
+import pickle
+import socket
+import traceback
+
+import numpy as np
+import pytest
+
+from embedcache import CachedEmbedder, EmbeddingCache
+from embedcache.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    InvalidResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+)
+from embedcache.providers.openai import OpenAIEmbeddings
+from fakeserver import Fault
+
+SECRET = "sk-SECRET-7f3a9c1e5b2d4f6a8c0e"
+
+
+@pytest.fixture
+def server(fake_server):
+    fake_server.api_key = SECRET
+    return fake_server
+
+
+def make(server, **kwargs):
+    kwargs.setdefault("api_key", SECRET)
+    return OpenAIEmbeddings("test-embed-small", base_url=server.base_url, requests_per_second=None,
+                            sleep=lambda s: None, max_retries=1, timeout=0.3, **kwargs)
+
+
+def all_text_of(exc: BaseException) -> str:
+    """Everything an exception could print: message, repr, attributes, chained causes."""
+    parts = ["".join(traceback.format_exception(exc)), repr(exc), repr(vars(exc))]
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts += [str(exc), repr(exc), repr(getattr(exc, "args", ()))]
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+ECHO = f"key {SECRET} is not allowed here"
+FAULTS = [
+    (Fault.error(400, message=ECHO), BadRequestError),
+    (Fault.error(422, style="fastapi", message=ECHO), BadRequestError),
+    (Fault.error(403, message=ECHO), PermissionDeniedError),
+    (Fault.error(404, style="text", message=ECHO), NotFoundError),
+    (Fault.error(429, message=ECHO, retry_after="0"), RateLimitError),
+    (Fault.error(500, style="fastapi", message=ECHO), ServerError),
+    (Fault.error(409, message=ECHO), APIStatusError),
+    (Fault.drop(), APIConnectionError),
+    (Fault.slow(2.0), APITimeoutError),
+    (Fault.nan(), InvalidResponseError),
+    (Fault.malformed_json(), InvalidResponseError),
+]
+
+
+@pytest.mark.parametrize("fault, exc_type", FAULTS, ids=lambda x: getattr(x, "kind", None) or x.__name__)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_no_key_in_any_error_or_log(server, caplog, fault, exc_type, mode):
+    caplog.set_level(logging.DEBUG)
+    for name in ("httpx", "httpcore", "embedcache"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    server.push(*[fault] * 2)
+    emb = make(server)
+    with pytest.raises(exc_type) as info:
+        if mode == "sync":
+            emb.embed(["a", "b"])
+        else:
+            asyncio.run(emb.aembed(["a", "b"]))
+    emb.close()
+    assert SECRET not in all_text_of(info.value)
+    assert caplog.records, "expected DEBUG records from httpx/httpcore"
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+        assert SECRET not in repr(record.args)
+    assert SECRET not in caplog.text
+
+
+def test_server_echoing_a_wrong_key_is_redacted(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.api_key = "the-right-key"  # the server answers: "Incorrect API key provided: <ours>"
+    emb = make(server)
+    for call in (lambda: emb.embed(["a"]), emb.list_models):
+        with pytest.raises(AuthenticationError) as info:
+            call()
+        assert "Incorrect API key provided: ***" in str(info.value)
+        assert SECRET not in all_text_of(info.value)
+    assert SECRET not in caplog.text
+
+
+def test_connection_refused_and_bad_key_settings(caplog):
+    caplog.set_level(logging.DEBUG)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once we leave: nothing listens there
+    emb = OpenAIEmbeddings("m", base_url=f"http://127.0.0.1:{port}/v1", api_key=SECRET,
+                           max_retries=1, sleep=lambda s: None)
+    with pytest.raises(APIConnectionError) as info:
+        emb.embed(["a"])
+    assert SECRET not in all_text_of(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        OpenAIEmbeddings("m", api_key=SECRET + "\n")
+    assert SECRET not in all_text_of(info.value)
+    assert SECRET not in caplog.text
+
+
+def test_no_key_in_repr_or_pickle(server, monkeypatch):
+    monkeypatch.setenv("IONOS_API_TOKEN", SECRET)
+    for emb in (make(server), make(server, api_key=None)):
+        emb.embed(["warm up the client"])
+        for text in (repr(emb), str(emb), repr(vars(emb)), emb.cache_namespace):
+            assert SECRET not in text
+        with pytest.raises(Exception) as info:
+            pickle.dumps(emb)
+        assert SECRET not in all_text_of(info.value)
+        emb.close()
+
+
+def test_no_key_in_any_cache_file(server, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    directory = tmp_path / "cache"
+    with EmbeddingCache(directory) as cache:
+        emb = CachedEmbedder(make(server, batch_size=2), cache=cache)
+        X = emb.embed([f"text {i}" for i in range(7)], progress=False)
+        assert emb.embed([f"text {i}" for i in range(7)], progress=False).tobytes() == X.tobytes()
+        server.push(Fault.error(401, message=ECHO))
+        with pytest.raises(APIError):
+            emb.embed(["a new text"], progress=False)
+        assert SECRET not in repr(emb) and SECRET not in repr(cache.info())
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    assert files, "the cache wrote no files"
+    for path in files:
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert np.isfinite(X).all()
+    assert SECRET not in caplog.text
