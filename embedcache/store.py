@@ -292,7 +292,8 @@ def _converted(chunks: Iterable[np.ndarray], dt: np.dtype) -> Iterator[np.ndarra
     for c in chunks:
         step = max(1, _CHUNK_BYTES // max(1, c.shape[1] * dt.itemsize))
         for a in range(0, c.shape[0], step):
-            y = np.ascontiguousarray(c[a : a + step], dtype=dt)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+                y = np.ascontiguousarray(c[a : a + step], dtype=dt)
             if not np.isfinite(y).all():
                 bad = int(np.flatnonzero(~np.isfinite(y).all(axis=1))[0]) + done + a
                 extra = " (float16 holds values up to 65504)" if dt.itemsize == 2 else ""
@@ -394,7 +395,8 @@ class VectorStore:
         try:
             if not exists:
                 self._create(dim, dtype or "float32", metric or "cosine", namespace, model)
-            view = self._read_view()
+            with self._reading() as view:  # checks the format and every segment's length
+                pass
             self._adopt_settings(view, dim=dim, dtype=dtype, metric=metric, namespace=namespace, model=model)
         except BaseException:
             self._close_conn()
