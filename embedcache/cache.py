@@ -407,7 +407,8 @@ class EmbeddingCache:
                 chunk = keys[start : start + _SQL_CHUNK]
                 yield sql(
                     "SELECT key, value FROM Cache WHERE raw = 1 AND mode = ?"
-                    " AND filename IS NULL AND (expire_time IS NULL OR expire_time > ?)"
+                    " AND filename IS NULL AND typeof(value) = 'blob'"
+                    " AND (expire_time IS NULL OR expire_time > ?)"
                     f" AND key IN ({','.join('?' * len(chunk))})",
                     (diskcache.core.MODE_RAW, now, *chunk),
                 ).fetchall()
@@ -453,7 +454,7 @@ class EmbeddingCache:
                 )
                 for _, filename in existing.values():
                     cleanup(filename)  # files of replaced rows are removed after COMMIT
-                self._dc._cull(now, sql, cleanup, limit=self._dc.cull_limit * len(keys))
+                self._evict(sql, cleanup, now)
         except diskcache.Timeout as exc:
             raise CacheError(
                 f"the embedding cache at {self._directory!r} stayed locked by another writer "
@@ -461,6 +462,29 @@ class EmbeddingCache:
             ) from exc
         except sqlite3.Error as exc:
             raise CacheError(f"cannot write the embedding cache at {self._directory!r}: {exc}") from exc
+
+    def _evict(self, sql: Any, cleanup: Any, now: float) -> None:
+        """Least-recently-stored eviction, inside the writing transaction.
+
+        diskcache culls up to ``cull_limit`` rows per ``set`` while over the limit; a batch
+        removes about as many of the oldest rows as bring the cache back under the limit
+        (estimated from the mean row size: freed pages are returned at COMMIT), and never the
+        rows it has just written.
+        """
+        volume = self._dc.volume()
+        if volume < self._size_limit:
+            return
+        count = max(len(self._dc), 1)
+        excess = int((volume - self._size_limit) * count / volume) + self._dc.cull_limit
+        rows = sql(
+            "SELECT rowid, filename FROM Cache WHERE store_time < ? ORDER BY store_time LIMIT ?",
+            (now, excess),
+        ).fetchall()
+        for start in range(0, len(rows), _SQL_CHUNK):
+            chunk = rows[start : start + _SQL_CHUNK]
+            sql(f"DELETE FROM Cache WHERE rowid IN ({','.join('?' * len(chunk))})", [r[0] for r in chunk])
+        for _, filename in rows:
+            cleanup(filename)
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -1,0 +1,478 @@
+"""EmbeddingCache: keys, value format, no-pickle rule, batch reads and writes, processes."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pathlib
+import pickle
+import sqlite3
+import struct
+
+import diskcache
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from embedcache import EmbeddingCache
+from embedcache.cache import FORMAT_VERSION, BytesOnlyDisk
+from embedcache.errors import (
+    CacheError,
+    DimensionMismatchError,
+    InvalidInputError,
+    InvalidInputTypeError,
+)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    with EmbeddingCache(tmp_path / "cache") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache for hypothesis tests (function-scoped fixtures do not reset per example)."""
+    with EmbeddingCache(tmp_path_factory.mktemp("shared")) as c:
+        yield c
+
+
+def key(text, namespace="ns", model="m", dimensions=None):
+    return EmbeddingCache.make_key(namespace, model, dimensions, text)
+
+
+def db(c):
+    """A separate connection to the cache's database, for planting and inspecting rows."""
+    con = sqlite3.connect(os.path.join(c.directory, "cache.db"), isolation_level=None)
+    con.execute("PRAGMA busy_timeout = 10000")
+    return con
+
+
+def bits(x):
+    return np.asarray(x, dtype=np.float32).view(np.uint32)
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def reference_key(namespace, model, dimensions, text):
+    """The documented encoding, written out independently: tag, 8-byte length, UTF-8 bytes."""
+
+    def field(tag, payload):
+        return tag + len(payload).to_bytes(8, "big") + payload
+
+    dims = field(b"D", b"") if dimensions is None else field(b"I", str(dimensions).encode())
+    data = (
+        field(b"V", str(FORMAT_VERSION).encode())
+        + field(b"N", namespace.encode("utf-8", "surrogatepass"))
+        + field(b"M", model.encode("utf-8", "surrogatepass"))
+        + dims
+        + field(b"T", text.encode("utf-8", "surrogatepass"))
+    )
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_key_is_sha256_hex_of_the_length_prefixed_fields():
+    k = key("hello", "openai|host|bge|1024", "bge", 1024)
+    assert len(k) == 64 and int(k, 16) >= 0
+    assert k == reference_key("openai|host|bge|1024", "bge", 1024, "hello")
+    assert k == key("hello", "openai|host|bge|1024", "bge", 1024)  # deterministic
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (("ns", "a", None, "bc"), ("ns", "ab", None, "c")),
+        (("a", "b", None, "c"), ("ab", "", None, "c")),
+        (("ns|m", "x", None, "t"), ("ns", "m|x", None, "t")),
+        (("ns", "m", None, "t"), ("ns", "m", 0, "t")),
+        (("ns", "m", 1, "23"), ("ns", "m", 12, "3")),
+        (("ns", "m", None, "t\x00"), ("ns", "m\x00", None, "t")),
+        (("ns", "m", None, "é"), ("ns", "m", None, "e\u0301")),  # no Unicode normalization
+    ],
+)
+def test_key_injective_where_a_naive_join_is_not(a, b):
+    assert EmbeddingCache.make_key(*a) != EmbeddingCache.make_key(*b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.text(max_size=6), st.text(max_size=6), st.none() | st.integers(0, 5000), st.text(max_size=8)),
+        min_size=2,
+        max_size=6,
+        unique=True,
+    )
+)
+def test_distinct_tuples_give_distinct_keys(tuples):
+    keys = [EmbeddingCache.make_key(*t) for t in tuples]
+    assert len(set(keys)) == len(tuples)
+    assert keys == [reference_key(*t) for t in tuples]
+
+
+def test_key_handles_lone_surrogates_and_rejects_bad_types():
+    assert key("\ud800") != key("\ud801")
+    with pytest.raises(InvalidInputTypeError, match="text must be a str"):
+        EmbeddingCache.make_key("ns", "m", None, b"bytes")
+    with pytest.raises(InvalidInputTypeError, match="dimensions must be an int or None"):
+        EmbeddingCache.make_key("ns", "m", "1024", "t")
+    with pytest.raises(InvalidInputTypeError, match="model must be a str"):
+        EmbeddingCache.make_key("ns", None, None, "t")
+
+
+# ----------------------------------------------------------------------------- round trips
+
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vec=hnp.arrays(np.float32, st.integers(1, 4096), elements=finite_f32),
+    text=st.text(min_size=1),
+)
+def test_vectors_round_trip_bit_for_bit(shared_cache, vec, text):
+    k = key(text, dimensions=vec.shape[0])
+    shared_cache.set_many([k], vec[None, :])
+    (got,) = shared_cache.get_many([k])
+    assert got.dtype == np.float32 and got.shape == vec.shape
+    np.testing.assert_array_equal(bits(got), bits(vec))  # keeps -0.0 and subnormals exactly
+
+
+def test_round_trip_awkward_values(cache):
+    tiny = np.finfo(np.float32).smallest_subnormal
+    vec = np.array([-0.0, 0.0, tiny, -tiny, np.finfo(np.float32).max, -1.5, 1e-38], np.float32)
+    cache.set_many([key("x")], [vec])
+    np.testing.assert_array_equal(bits(cache.get_many([key("x")])[0]), bits(vec))
+
+
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=30, unique=True))
+def test_many_texts_round_trip_in_order(shared_cache, texts):
+    keys = [key(t, namespace="many") for t in texts]
+    vectors = np.arange(len(texts) * 3, dtype=np.float32).reshape(-1, 3) - 7.25
+    shared_cache.set_many(keys, vectors)
+    got = shared_cache.get_many(list(reversed(keys)))
+    np.testing.assert_array_equal(np.stack(got), vectors[::-1])
+
+
+def test_get_many_misses_repeats_and_empty(cache):
+    a, b, c = key("a"), key("b"), key("c")
+    cache.set_many([a, b], np.array([[1, 2], [3, 4]], np.float32))
+    got = cache.get_many([c, b, a, b])
+    assert got[0] is None
+    np.testing.assert_array_equal(got[1], [3, 4])
+    np.testing.assert_array_equal(got[2], [1, 2])
+    np.testing.assert_array_equal(got[3], [3, 4])
+    assert cache.get_many([]) == []
+    cache.set_many([], np.zeros((0, 2), np.float32))
+    assert len(cache) == 2
+
+
+def test_many_keys_span_several_sql_chunks(cache):
+    n = 2000  # > 2 chunks of 900
+    keys = [key(str(i)) for i in range(n)]
+    vectors = np.random.default_rng(0).standard_normal((n, 8), dtype=np.float32)
+    cache.set_many(keys, vectors)
+    assert len(cache) == n
+    np.testing.assert_array_equal(np.stack(cache.get_many(keys)), vectors)
+
+
+def test_set_many_overwrites_and_last_duplicate_wins(cache):
+    k = key("x")
+    cache.set_many([k], np.ones((1, 4), np.float32))
+    cache.set_many([k, k], np.array([[2, 2], [3, 3]], np.float64))
+    assert len(cache) == 1
+    (got,) = cache.get_many([k])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, [3, 3])
+
+
+def test_set_many_accepts_vectors_of_several_lengths(cache):
+    keys = [key("a"), key("b")]
+    cache.set_many(keys, [np.ones(3), np.zeros(5, np.float16)])
+    a, b = cache.get_many(keys)
+    assert a.shape == (3,) and b.shape == (5,) and not b.any()
+
+
+@pytest.mark.parametrize(
+    "vectors, error, message",
+    [
+        (np.array([[1.0, np.nan]]), InvalidInputError, "NaN or infinite"),
+        (np.array([[1.0, np.inf]]), InvalidInputError, "NaN or infinite"),
+        (np.array([[1e39, 0.0]]), InvalidInputError, "NaN or infinite"),  # overflows float32
+        (np.array([[1, 2]]), InvalidInputTypeError, "floating point"),
+        (np.ones((2, 2)), InvalidInputError, "expected 1 vectors"),
+        (np.ones(2), DimensionMismatchError, "2-D array"),
+        (np.ones((1, 0)), DimensionMismatchError, "components"),
+        ([np.ones((2, 2))], DimensionMismatchError, "must be 1-D"),
+        (42, InvalidInputTypeError, "sequence of 1-D arrays"),
+    ],
+)
+def test_set_many_refuses_bad_vectors_and_writes_nothing(cache, vectors, error, message):
+    with pytest.raises(error, match=message):
+        cache.set_many([key("x")], vectors)
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize(
+    "keys, error",
+    [
+        (["not hex"], InvalidInputError),
+        (["ab" * 31], InvalidInputError),
+        ([b"\x00" * 32], InvalidInputTypeError),
+        ("ab" * 32, InvalidInputTypeError),
+    ],
+)
+def test_bad_keys_are_refused(cache, keys, error):
+    with pytest.raises(error):
+        cache.set_many(keys, np.ones((1, 2), np.float32))
+    with pytest.raises(error):
+        cache.get_many(keys)
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def stored_key(k):
+    return bytes.fromhex(k)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE Cache SET value = substr(value, 1, length(value) - 4)",  # truncated payload
+        "UPDATE Cache SET value = substr(value, 1, 10)",  # truncated header
+        "UPDATE Cache SET value = X''",
+        "UPDATE Cache SET value = X'00' || substr(value, 2)",  # bad magic
+        "UPDATE Cache SET value = substr(value, 1, 20) || X'FF' || substr(value, 22)",  # bit rot
+        "UPDATE Cache SET value = value || X'00000000'",  # extra bytes
+        "UPDATE Cache SET value = 'some text'",
+        "UPDATE Cache SET value = 12345",
+        "UPDATE Cache SET value = NULL",
+    ],
+)
+def test_damaged_entry_is_a_miss(cache, damage):
+    good, bad = key("good"), key("bad")
+    cache.set_many([good, bad], np.ones((2, 6), np.float32))
+    with db(cache) as con:
+        con.execute(damage + " WHERE key = ?", (stored_key(bad),))
+    got_good, got_bad = cache.get_many([good, bad])
+    assert got_bad is None
+    np.testing.assert_array_equal(got_good, np.ones(6))
+    cache.set_many([bad], np.full((1, 6), 2.0))  # a damaged entry is simply replaced
+    np.testing.assert_array_equal(cache.get_many([bad])[0], np.full(6, 2.0))
+
+
+# ----------------------------------------------------------------------------- no pickles
+
+
+class _TouchOnLoad:
+    """Unpickling this object creates ``path``: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_the_planted_payload_would_run_if_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_TouchOnLoad(str(marker))))
+    assert marker.exists()
+
+
+def test_planted_pickled_rows_are_refused_and_never_executed(cache, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_TouchOnLoad(str(marker)))
+    inline, in_file = key("inline"), key("in-file")
+    val = os.path.join("ab", "cd", "planted.val")
+    os.makedirs(os.path.join(cache.directory, "ab", "cd"))
+    with open(os.path.join(cache.directory, val), "wb") as f:
+        f.write(payload)
+    insert = (
+        "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count,"
+        " tag, size, mode, filename, value) VALUES (?, 1, 0, NULL, 0, 0, NULL, ?, ?, ?, ?)"
+    )
+    with db(cache) as con:
+        con.execute(insert, (stored_key(inline), 0, diskcache.core.MODE_PICKLE, None, payload))
+        con.execute(insert, (stored_key(in_file), len(payload), diskcache.core.MODE_PICKLE, val, None))
+        # a pickled *key* too (raw = 0), as diskcache writes for non-str keys
+        con.execute(insert.replace("?, 1,", "?, 0,"), (payload, 0, diskcache.core.MODE_RAW, None, b"x"))
+        # and the same payload as a raw value: bytes that are never interpreted as a pickle
+        con.execute(insert, (stored_key(key("raw")), 0, diskcache.core.MODE_RAW, None, payload))
+
+    assert cache.get_many([inline, in_file, key("raw")]) == [None, None, None]
+    # diskcache's own API on this cache goes through the bytes-only Disk: refused as a miss
+    assert cache._dc.get(stored_key(inline)) is None
+    assert cache._dc.get(stored_key(in_file)) is None
+    with pytest.raises(CacheError, match="refusing"):
+        list(cache._dc.iterkeys())
+    assert not marker.exists()
+
+
+def test_a_plain_diskcache_directory_is_read_without_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+    k = key("t")
+    with diskcache.Cache(str(tmp_path / "c")) as plain:  # default Disk: pickles values
+        plain.set(stored_key(k), _TouchOnLoad(str(marker)))
+    with EmbeddingCache(tmp_path / "c") as c:
+        assert c.get_many([k]) == [None]
+    assert not marker.exists()
+
+
+def test_bytes_only_disk_refuses_to_write_other_values(tmp_path):
+    with diskcache.Cache(str(tmp_path), disk=BytesOnlyDisk) as dc:
+        for value in (np.zeros(3), 123, "text", {"a": 1}):
+            with pytest.raises(InvalidInputTypeError, match="bytes only"):
+                dc.set("k", value)
+        with pytest.raises(InvalidInputTypeError, match="keys must be bytes or str"):
+            dc.set(("tuple", "key"), b"v")
+        dc.set("k", b"value")
+        assert dc.get("k") == b"value"
+        assert len(dc) == 1
+
+
+# ----------------------------------------------------------------------------- eviction
+
+
+def test_eviction_drops_the_oldest_writes_and_reads_do_not_write(tmp_path):
+    with EmbeddingCache(tmp_path, size_limit=300_000) as c:
+        keys = [key(str(i)) for i in range(2000)]
+        vectors = np.random.default_rng(1).standard_normal((2000, 128), dtype=np.float32)
+        for start in range(0, 2000, 100):
+            c.set_many(keys[start : start + 100], vectors[start : start + 100])
+            # reading the oldest entries does not protect them: least-recently-*stored*
+            c.get_many(keys[:50])
+        with db(c) as con:
+            before = con.execute("SELECT SUM(access_count), MAX(access_time) FROM Cache").fetchone()
+            c.get_many(keys)
+            after = con.execute("SELECT SUM(access_count), MAX(access_time) FROM Cache").fetchone()
+        assert before == after
+        present = [v is not None for v in c.get_many(keys)]
+        first = present.index(True)
+        assert 0 < first and all(present[first:])  # the newest survive, as one run
+        assert c.info()["size_bytes"] <= 300_000 * 1.1
+        np.testing.assert_array_equal(np.stack(c.get_many(keys[first:])), vectors[first:])
+
+
+# ----------------------------------------------------------------------------- housekeeping
+
+
+def test_default_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMBEDCACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with EmbeddingCache() as c:
+        assert c.directory == str(tmp_path / "explicit")
+    monkeypatch.delenv("EMBEDCACHE_DIR")
+    with EmbeddingCache() as c:
+        assert c.directory == str(tmp_path / "xdg" / "embedcache")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with EmbeddingCache() as c:
+        assert c.directory == str(tmp_path / "home" / ".cache" / "embedcache")
+
+
+def test_info_len_clear_repr_and_reopen(tmp_path):
+    with EmbeddingCache(tmp_path, size_limit=10**9) as c:
+        c.set_many([key("a"), key("b")], np.ones((2, 4), np.float32))
+        info = c.info()
+        assert info["directory"] == str(tmp_path) and info["entries"] == 2 == len(c)
+        assert info["size_limit"] == 10**9 and info["size_bytes"] > 0
+        assert repr(c) == f"EmbeddingCache(directory={str(tmp_path)!r})"
+    with EmbeddingCache(tmp_path) as c:  # persisted
+        assert len(c) == 2
+        assert c.clear() == 2
+        assert len(c) == 0 and c.get_many([key("a")]) == [None]
+
+
+def test_pickled_cache_reopens_the_same_directory(cache):
+    cache.set_many([key("a")], np.ones((1, 2), np.float32))
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.directory == cache.directory and copy.size_limit == cache.size_limit
+    np.testing.assert_array_equal(copy.get_many([key("a")])[0], [1, 1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"size_limit": 0}, InvalidInputError),
+        ({"size_limit": 1.5}, InvalidInputTypeError),
+        ({"size_limit": True}, InvalidInputTypeError),
+        ({"timeout": 0}, InvalidInputError),
+    ],
+)
+def test_bad_settings(tmp_path, kwargs, error):
+    with pytest.raises(error):
+        EmbeddingCache(tmp_path, **kwargs)
+
+
+def test_unusable_directory_raises_cache_error(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(CacheError, match="cannot open the embedding cache"):
+        EmbeddingCache(not_a_dir)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "cache.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CacheError, match="cannot open the embedding cache"):
+        EmbeddingCache(corrupt)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _value_of(i):
+    return np.arange(16, dtype=np.float32) * np.float32(i) + np.float32(i) / 7
+
+
+def _writer(cache, worker, n_keys, rounds, start):
+    """Write overlapping keys in small batches, reading back as it goes."""
+    rng = np.random.default_rng(worker)
+    start.wait(timeout=60)  # all four begin together, after their imports
+    for _ in range(rounds):
+        idx = rng.choice(n_keys, size=20, replace=False)
+        cache.set_many([key(str(i)) for i in idx], np.stack([_value_of(i) for i in idx]))
+        for i, got in zip(idx, cache.get_many([key(str(i)) for i in idx])):
+            if got is None or not np.array_equal(got, _value_of(i)):
+                raise AssertionError(f"worker {worker}: key {i} read back wrong")
+
+
+def test_four_processes_writing_overlapping_keys_lose_and_corrupt_nothing(cache):
+    n_keys = 120
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(4)
+    procs = [ctx.Process(target=_writer, args=(cache, w, n_keys, 25, start)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with db(cache) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        (count,) = con.execute("SELECT COUNT(*) FROM Cache").fetchone()
+    assert count == len(cache)  # diskcache's counter kept by the triggers
+    written = set()
+    for w in range(4):
+        rng = np.random.default_rng(w)
+        for _ in range(25):
+            written.update(int(i) for i in rng.choice(n_keys, size=20, replace=False))
+    assert count == len(written)
+    got = cache.get_many([key(str(i)) for i in sorted(written)])
+    for i, v in zip(sorted(written), got):
+        np.testing.assert_array_equal(v, _value_of(i))
+
+
+def test_value_header_layout(cache):
+    """The documented layout: magic, dtype code, dimension, payload word-sum, payload."""
+    vec = np.array([1.0, -2.0, 3.5], np.float32)
+    cache.set_many([key("x")], vec[None])
+    with db(cache) as con:
+        (blob,) = con.execute("SELECT value FROM Cache").fetchone()
+    magic, code, dim, checksum = struct.unpack_from("<4sB3xII", blob)
+    assert (magic, code, dim, len(blob)) == (b"ECv1", 1, 3, 16 + 12)
+    assert checksum == int(vec.view("<u4").astype(np.uint64).sum() % 2**32)
+    np.testing.assert_array_equal(np.frombuffer(blob, "<f4", offset=16), vec)
