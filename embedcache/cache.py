@@ -58,7 +58,7 @@ from embedcache.errors import (
     InvalidInputTypeError,
     InvalidResponseError,
 )
-from embedcache.providers.base import Embedder, validate_texts
+from embedcache.providers.base import BatchCallback, Embedder, validate_texts
 
 __all__ = ["CachedEmbedder", "EmbedStats", "EmbeddingCache"]
 
@@ -607,8 +607,17 @@ def _show_progress(progress: bool | None) -> bool:
 class _Call:
     """One ``embed`` call: what was served from the cache, and what the embedder must supply."""
 
-    def __init__(self, owner: CachedEmbedder, texts: object, progress: bool | None) -> None:
+    def __init__(
+        self,
+        owner: CachedEmbedder,
+        texts: object,
+        progress: bool | None,
+        on_batch: BatchCallback | None,
+    ) -> None:
         self.owner = owner
+        self.user_on_batch = on_batch
+        self._order: np.ndarray | None = None
+        self._bounds: np.ndarray | None = None
         self.started = time.perf_counter()
         self.usage_before = _usage_snapshot(owner.embedder)
         self.texts = validate_texts(texts)
@@ -678,33 +687,55 @@ class _Call:
             )
         with self.lock:
             batch = _check_vectors(vectors, pos.shape[0], self.dim, "embedder batch vectors")
-            self._accept(pos.astype(np.int64), batch)
+            slots = self._accept(pos.astype(np.int64), batch)
+        self.deliver(slots)
 
-    def _accept(self, pos: np.ndarray, batch: np.ndarray) -> None:
-        """Store validated rows for miss positions ``pos`` (caller holds the lock)."""
+    def _accept(self, pos: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        """Store validated rows for miss positions ``pos`` (caller holds the lock).
+
+        Returns the slots that were new.
+        """
         if self.vectors is None:
             self.dim = batch.shape[1]
             self._alloc(self.dim)
         fresh = ~self.written[pos]
         pos, batch = pos[fresh], batch[fresh]
-        if not pos.size:
-            return
         slots = self.missing[pos]
+        if not pos.size:
+            return slots
         self.owner.cache._store(dict(zip([self.keys[s] for s in slots], _encode_rows(batch))))
         self.vectors[slots] = batch  # type: ignore[index]
         self.written[pos] = True
         self.have[slots] = True
         if self.bar is not None:
             self.bar.update(int(pos.size))
+        return slots
+
+    def deliver(self, slots: np.ndarray) -> None:
+        """Pass the input positions of ``slots`` and their vectors to the caller's on_batch."""
+        if self.user_on_batch is None or not slots.size:
+            return
+        if self.inverse is None:
+            positions = slots
+        else:
+            if self._bounds is None:  # input positions grouped by slot, built once
+                self._order = np.argsort(self.inverse, kind="stable")
+                self._bounds = np.searchsorted(self.inverse[self._order], np.arange(len(self.keys) + 1))
+            b = self._bounds
+            positions = np.concatenate([self._order[b[s] : b[s + 1]] for s in slots])
+        rows = positions if self.inverse is None else self.inverse[positions]
+        self.user_on_batch(positions, self.vectors[rows])  # type: ignore[index]
 
     def finish(self, result: object) -> np.ndarray:
         """Check the embedder's full answer, cache what on_batch did not, return (n, d)."""
+        slots = np.zeros(0, dtype=np.int64)
         with self.lock:
             if len(self.missing):
                 full = _check_vectors(result, len(self.missing), self.dim, "embedder vectors")
-                self._accept(np.arange(len(self.missing)), full)
-            assert self.vectors is not None
-            return self.vectors if self.inverse is None else self.vectors[self.inverse]
+                slots = self._accept(np.arange(len(self.missing)), full)
+        self.deliver(slots)
+        assert self.vectors is not None
+        return self.vectors if self.inverse is None else self.vectors[self.inverse]
 
     def close(self) -> None:
         if self.bar is not None:
@@ -776,14 +807,23 @@ class CachedEmbedder:
             self._stats.tokens += tokens
             self._stats.seconds += seconds
 
-    def embed(self, texts: Sequence[str], *, progress: bool | None = None) -> np.ndarray:
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        progress: bool | None = None,
+        on_batch: BatchCallback | None = None,
+    ) -> np.ndarray:
         """Vectors of ``texts``: array of shape (n, d), float32, rows in input order.
 
         progress: ``None`` shows a progress bar over the misses only when stderr is a
             terminal, ``True`` always, ``False`` never.
+        on_batch: ``on_batch(positions, vectors)`` as in the Embedder protocol: once for the
+            texts served from the cache, then as each batch of misses arrives.
         """
-        call = _Call(self, texts, progress)
+        call = _Call(self, texts, progress, on_batch)
         try:
+            call.deliver(np.flatnonzero(call.have))
             result = None
             if len(call.missing):
                 result = self.embedder.embed(call.miss_texts, on_batch=call.on_batch)
@@ -791,14 +831,21 @@ class CachedEmbedder:
         finally:
             call.close()
 
-    async def aembed(self, texts: Sequence[str], *, progress: bool | None = None) -> np.ndarray:
+    async def aembed(
+        self,
+        texts: Sequence[str],
+        *,
+        progress: bool | None = None,
+        on_batch: BatchCallback | None = None,
+    ) -> np.ndarray:
         """:meth:`embed` for callers inside an event loop.
 
         Uses the wrapped embedder's ``aembed`` when it has one, else runs its ``embed`` in a
         worker thread; the cache lookup runs in a worker thread too.
         """
-        call = await asyncio.to_thread(_Call, self, texts, progress)
+        call = await asyncio.to_thread(_Call, self, texts, progress, on_batch)
         try:
+            call.deliver(np.flatnonzero(call.have))
             result = None
             if len(call.missing):
                 aembed = getattr(self.embedder, "aembed", None)

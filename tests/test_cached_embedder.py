@@ -1,0 +1,420 @@
+"""CachedEmbedder: never pays twice, keeps what was paid for, caches nothing bad."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedcache import CachedEmbedder, EmbeddingCache, EmbedStats, HashingEmbeddings
+from embedcache.errors import InvalidInputError, InvalidInputTypeError, InvalidResponseError
+from embedcache.providers.base import Embedder, Usage
+
+
+def vector_of(text, dim):
+    """The fake embedder's deterministic vector for ``text``."""
+    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+
+
+class FakeEmbedder:
+    """Counts what it is asked; answers batch by batch through ``on_batch``.
+
+    fail_after: raise after this many batches were delivered.
+    corrupt: a function (batch index, vectors) -> what to deliver instead.
+    threads: deliver batches from a pool of worker threads.
+    """
+
+    def __init__(self, dim=8, *, namespace="fake|test", dimensions=None, batch_size=3,
+                 fail_after=None, corrupt=None, call_on_batch=True, threads=0):
+        self.dim = dim
+        self.cache_namespace = f"{namespace}|{dim}"
+        self.model = "fake-model"
+        self.dimensions = dimensions
+        self.batch_size = batch_size
+        self.fail_after = fail_after
+        self.corrupt = corrupt
+        self.call_on_batch = call_on_batch
+        self.threads = threads
+        self.calls: list[list[str]] = []
+        self.usage = Usage()
+
+    @property
+    def requested(self):
+        return [t for call in self.calls for t in call]
+
+    def _batch(self, b, texts, start, on_batch):
+        chunk = texts[start : start + self.batch_size]
+        vectors = np.stack([vector_of(t, self.dim) for t in chunk])
+        if self.corrupt is not None:
+            vectors = self.corrupt(b, vectors)
+        self.usage.add(requests=1, tokens=sum(len(t) for t in chunk))
+        if on_batch is not None and self.call_on_batch:
+            on_batch(np.arange(start, start + len(chunk)), vectors)
+        return vectors
+
+    def embed(self, texts, *, on_batch=None):
+        texts = list(texts)
+        self.calls.append(texts)
+        starts = list(range(0, len(texts), self.batch_size))
+        if self.threads:
+            with ThreadPoolExecutor(self.threads) as pool:
+                parts = list(pool.map(lambda bs: self._batch(bs[0], texts, bs[1], on_batch),
+                                      enumerate(starts)))
+        else:
+            parts = []
+            for b, start in enumerate(starts):
+                if self.fail_after is not None and b == self.fail_after:
+                    raise ConnectionError(f"connection dropped after {b} batches")
+                parts.append(self._batch(b, texts, start, on_batch))
+        return np.concatenate(parts)
+
+
+class AsyncFakeEmbedder(FakeEmbedder):
+    async def aembed(self, texts, *, on_batch=None):
+        await asyncio.sleep(0)
+        return self.embed(texts, on_batch=on_batch)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    with EmbeddingCache(tmp_path / "cache") as c:
+        yield c
+
+
+def expected(texts, dim=8):
+    return np.stack([vector_of(t, dim) for t in texts])
+
+
+# ----------------------------------------------------------------------------- paying once
+
+
+def test_second_embed_makes_zero_requests(cache):
+    fake = FakeEmbedder()
+    emb = CachedEmbedder(fake, cache=cache)
+    texts = [f"text {i}" for i in range(10)]
+    first = emb.embed(texts)
+    assert first.dtype == np.float32 and first.shape == (10, 8) and first.flags.c_contiguous
+    np.testing.assert_array_equal(first, expected(texts))
+    assert fake.requested == texts and fake.usage.requests == 4
+    second = emb.embed(texts)
+    np.testing.assert_array_equal(second, first)
+    assert len(fake.calls) == 1  # nothing more was asked
+    assert emb.stats.hits == 10 and emb.stats.misses == 10
+    assert emb.stats.requests == 4 and emb.stats.tokens == sum(map(len, texts))
+    assert emb.stats.seconds > 0
+
+
+def test_a_new_object_on_the_same_cache_makes_zero_requests(cache):
+    texts = ["a", "b", "c"]
+    CachedEmbedder(FakeEmbedder(), cache=cache).embed(texts)
+    fake = FakeEmbedder()
+    out = CachedEmbedder(fake, cache=cache).embed(list(reversed(texts)))
+    assert fake.calls == []
+    np.testing.assert_array_equal(out, expected(list(reversed(texts))))
+
+
+def test_repeats_within_one_call_are_requested_once(cache):
+    fake = FakeEmbedder()
+    emb = CachedEmbedder(fake, cache=cache)
+    texts = ["x", "y", "x", "x", "z", "y"]
+    out = emb.embed(texts)
+    assert fake.requested == ["x", "y", "z"]
+    np.testing.assert_array_equal(out, expected(texts))
+    assert emb.stats == EmbedStats(hits=0, misses=3, requests=1, tokens=3, seconds=emb.stats.seconds)
+
+
+def test_only_misses_are_requested_and_order_is_kept(cache):
+    fake = FakeEmbedder()
+    emb = CachedEmbedder(fake, cache=cache)
+    emb.embed(["b", "d"])
+    texts = ["a", "b", "c", "d", "e", "a"]
+    out = emb.embed(texts)
+    assert fake.calls[1] == ["a", "c", "e"]
+    np.testing.assert_array_equal(out, expected(texts))
+    assert (emb.stats.hits, emb.stats.misses) == (2, 5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    cached=st.lists(st.text(min_size=1, max_size=12), max_size=12),
+    texts=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=25),
+)
+def test_any_mix_of_hits_misses_and_repeats(tmp_path_factory, cached, texts):
+    with EmbeddingCache(tmp_path_factory.mktemp("mix")) as c:
+        if cached:
+            CachedEmbedder(FakeEmbedder(batch_size=4), cache=c).embed(cached)
+        fake = FakeEmbedder(batch_size=4)
+        out = CachedEmbedder(fake, cache=c).embed(texts)
+        np.testing.assert_array_equal(out, expected(texts))
+        misses = list(dict.fromkeys(t for t in texts if t not in set(cached)))
+        assert fake.requested == misses
+
+
+def test_namespaces_do_not_share_vectors(cache):
+    a, b = FakeEmbedder(namespace="one"), FakeEmbedder(namespace="two")
+    CachedEmbedder(a, cache=cache).embed(["same text"])
+    CachedEmbedder(b, cache=cache).embed(["same text"])
+    assert a.requested == b.requested == ["same text"]
+    assert len(cache) == 2
+
+
+def test_wrapped_embedder_attributes_pass_through(cache):
+    fake = FakeEmbedder(dimensions=8)
+    emb = CachedEmbedder(fake, cache=cache)
+    assert (emb.cache_namespace, emb.model, emb.dimensions) == (fake.cache_namespace, "fake-model", 8)
+    assert isinstance(emb, Embedder)
+    inner = CachedEmbedder(emb, cache=cache)  # a CachedEmbedder is itself an Embedder
+    np.testing.assert_array_equal(inner.embed(["q"]), expected(["q"]))
+    assert "EmbeddingCache(directory=" in repr(emb)
+
+
+def test_with_the_builtin_hashing_embedder(cache):
+    texts = ["a red fox", "a red fox!", "stock markets fell"]
+    direct = HashingEmbeddings(dim=64).embed(texts)
+    emb = CachedEmbedder(HashingEmbeddings(dim=64), cache=cache)
+    np.testing.assert_array_equal(emb.embed(texts), direct)
+    np.testing.assert_array_equal(emb.embed(texts), direct)
+    assert emb.stats.hits == 3 and emb.stats.misses == 3
+
+
+def test_default_cache_directory_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMBEDCACHE_DIR", str(tmp_path / "env-cache"))
+    with CachedEmbedder(FakeEmbedder()) as emb:
+        emb.embed(["a"])
+        assert emb.cache.directory == str(tmp_path / "env-cache")
+    assert len(EmbeddingCache(tmp_path / "env-cache")) == 1
+
+
+# ----------------------------------------------------------------------------- keeping what was paid for
+
+
+def test_partial_progress_is_kept_when_the_embedder_fails(cache):
+    texts = [f"t{i}" for i in range(9)]
+    failing = FakeEmbedder(batch_size=3, fail_after=2)
+    with pytest.raises(ConnectionError):
+        CachedEmbedder(failing, cache=cache).embed(texts)
+    assert len(cache) == 6  # the two batches that arrived
+    fake = FakeEmbedder(batch_size=3)
+    out = CachedEmbedder(fake, cache=cache).embed(texts)
+    assert fake.requested == texts[6:]
+    np.testing.assert_array_equal(out, expected(texts))
+
+
+def test_batches_from_several_threads(cache):
+    texts = [f"t{i}" for i in range(40)]
+    fake = FakeEmbedder(batch_size=3, threads=4)
+    out = CachedEmbedder(fake, cache=cache).embed(texts)
+    np.testing.assert_array_equal(out, expected(texts))
+    assert len(cache) == 40
+
+
+def test_an_embedder_that_ignores_on_batch_is_still_cached(cache):
+    fake = FakeEmbedder(call_on_batch=False)
+    emb = CachedEmbedder(fake, cache=cache)
+    emb.embed(["a", "b"])
+    emb.embed(["a", "b"])
+    assert len(fake.calls) == 1 and len(cache) == 2
+
+
+def test_dimension_is_learned_from_the_cache_when_not_declared(cache):
+    CachedEmbedder(FakeEmbedder(dim=5), cache=cache).embed(["a"])
+    fake = FakeEmbedder(dim=5)
+    out = CachedEmbedder(fake, cache=cache).embed(["a", "b"])
+    assert out.shape == (2, 5) and fake.requested == ["b"]
+
+
+# ----------------------------------------------------------------------------- nothing bad is cached
+
+
+def _nan(b, v):
+    v = v.copy()
+    v[0, 0] = np.nan
+    return v
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_nan, "NaN or infinite"),
+        (lambda b, v: np.where(v > 0, np.inf, v), "NaN or infinite"),
+        (lambda b, v: v[:-1], "expected 3 vectors"),
+        (lambda b, v: v[0], "2-D float array"),
+        (lambda b, v: v.astype(np.int64), "2-D float array"),
+        (lambda b, v: v.tolist(), "2-D float array"),
+        (lambda b, v: v[:, :0], "dimension"),
+        (lambda b, v: v.astype(np.float64) * 1e300, "NaN or infinite"),  # overflows float32
+    ],
+)
+def test_bad_vectors_are_rejected_and_never_cached(cache, corrupt, message):
+    fake = FakeEmbedder(batch_size=3, corrupt=corrupt)
+    with pytest.raises(InvalidResponseError, match=message):
+        CachedEmbedder(fake, cache=cache).embed(["a", "b", "c"])
+    assert len(cache) == 0
+
+
+def test_a_bad_later_batch_keeps_the_good_ones(cache):
+    fake = FakeEmbedder(batch_size=2, corrupt=lambda b, v: _nan(b, v) if b == 1 else v)
+    with pytest.raises(InvalidResponseError):
+        CachedEmbedder(fake, cache=cache).embed(["a", "b", "c", "d"])
+    assert len(cache) == 2
+    ok = FakeEmbedder(batch_size=2)
+    CachedEmbedder(ok, cache=cache).embed(["a", "b", "c", "d"])
+    assert ok.requested == ["c", "d"]
+
+
+def test_a_batch_of_another_dimension_is_rejected(cache):
+    fake = FakeEmbedder(dim=4, batch_size=2,
+                        corrupt=lambda b, v: np.hstack([v, v]) if b == 1 else v)
+    with pytest.raises(InvalidResponseError, match="expected dimension 4, got 8"):
+        CachedEmbedder(fake, cache=cache).embed(["a", "b", "c"])
+    assert len(cache) == 2
+
+
+def test_declared_dimensions_are_enforced(cache):
+    fake = FakeEmbedder(dim=4, dimensions=6)
+    with pytest.raises(InvalidResponseError, match="expected dimension 6, got 4"):
+        CachedEmbedder(fake, cache=cache).embed(["a"])
+    assert len(cache) == 0
+
+
+def test_bad_positions_from_on_batch_are_rejected(cache):
+    class BadPositions(FakeEmbedder):
+        def embed(self, texts, *, on_batch=None):
+            on_batch(np.array([len(texts)]), np.ones((1, self.dim), np.float32))
+            return np.ones((len(texts), self.dim), np.float32)
+
+    with pytest.raises(InvalidResponseError, match="positions"):
+        CachedEmbedder(BadPositions(), cache=cache).embed(["a", "b"])
+    assert len(cache) == 0
+
+
+def test_a_damaged_entry_is_requested_again_and_repaired(cache):
+    emb = CachedEmbedder(FakeEmbedder(), cache=cache)
+    emb.embed(["a", "b"])
+    key = EmbeddingCache.make_key(emb.cache_namespace, emb.model, emb.dimensions, "a")
+    con = sqlite3.connect(os.path.join(cache.directory, "cache.db"), isolation_level=None)
+    con.execute("UPDATE Cache SET value = substr(value, 1, length(value) - 1) WHERE key = ?",
+                (bytes.fromhex(key),))
+    con.close()
+    fake = FakeEmbedder()
+    out = CachedEmbedder(fake, cache=cache).embed(["a", "b"])
+    assert fake.requested == ["a"]
+    np.testing.assert_array_equal(out, expected(["a", "b"]))
+    np.testing.assert_array_equal(cache.get_many([key])[0], vector_of("a", 8))
+
+
+# ----------------------------------------------------------------------------- input and options
+
+
+@pytest.mark.parametrize(
+    "texts, error, message",
+    [
+        (["ok", ""], InvalidInputError, r"texts\[1\] is an empty string"),
+        (["ok", 3], InvalidInputTypeError, r"texts\[1\] must be a str"),
+        ("a single string", InvalidInputTypeError, "single str"),
+        ([], InvalidInputError, "at least one"),
+    ],
+)
+def test_bad_texts_fail_before_any_request(cache, texts, error, message):
+    fake = FakeEmbedder()
+    with pytest.raises(error, match=message):
+        CachedEmbedder(fake, cache=cache).embed(texts)
+    assert fake.calls == []
+
+
+def test_constructor_checks_its_arguments(cache):
+    with pytest.raises(InvalidInputTypeError, match="Embedder protocol"):
+        CachedEmbedder(object(), cache=cache)
+    with pytest.raises(InvalidInputTypeError, match="EmbeddingCache"):
+        CachedEmbedder(FakeEmbedder(), cache="/tmp/somewhere")
+
+
+def test_progress_bar_only_when_asked(cache, capsys):
+    emb = CachedEmbedder(FakeEmbedder(), cache=cache)
+    emb.embed(["a", "b"], progress=False)
+    assert capsys.readouterr().err == ""
+    emb.embed(["c", "d", "e"], progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err
+    emb.embed(["c", "d", "e"])  # stderr is not a terminal here: no bar, and no misses anyway
+    assert capsys.readouterr().err == ""
+
+
+def test_stats_is_a_snapshot(cache):
+    emb = CachedEmbedder(FakeEmbedder(), cache=cache)
+    before = emb.stats
+    emb.embed(["a"])
+    assert before.misses == 0 and emb.stats.misses == 1
+    assert emb.stats.hit_rate == 0.0
+    emb.embed(["a"])
+    assert emb.stats.hit_rate == 0.5
+
+
+def test_concurrent_embeds_from_threads(cache):
+    fake = FakeEmbedder(batch_size=5)
+    emb = CachedEmbedder(fake, cache=cache)
+    texts = [f"t{i}" for i in range(60)]
+    results = {}
+
+    def work(i):
+        results[i] = emb.embed(texts[i * 10 : i * 10 + 30])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        np.testing.assert_array_equal(results[i], expected(texts[i * 10 : i * 10 + 30]))
+    assert len(cache) == 60
+
+
+# ----------------------------------------------------------------------------- async
+
+
+def test_aembed_uses_the_embedders_aembed(cache):
+    fake = AsyncFakeEmbedder()
+    emb = CachedEmbedder(fake, cache=cache)
+    out = asyncio.run(emb.aembed(["a", "b", "a"]))
+    np.testing.assert_array_equal(out, expected(["a", "b", "a"]))
+    assert fake.requested == ["a", "b"]
+    asyncio.run(emb.aembed(["a", "b"]))
+    assert len(fake.calls) == 1
+
+
+def test_aembed_falls_back_to_embed_in_a_thread(cache):
+    fake = FakeEmbedder(batch_size=1, fail_after=1)
+    emb = CachedEmbedder(fake, cache=cache)
+    with pytest.raises(ConnectionError):
+        asyncio.run(emb.aembed(["a", "b"]))
+    assert len(cache) == 1
+    fake.fail_after = None
+    out = asyncio.run(emb.aembed(["a", "b"]))
+    np.testing.assert_array_equal(out, expected(["a", "b"]))
+    assert fake.calls[-1] == ["b"]
+
+
+def test_on_batch_reports_every_input_position_once(cache):
+    emb = CachedEmbedder(FakeEmbedder(batch_size=2), cache=cache)
+    emb.embed(["b", "d"])
+    texts = ["a", "b", "c", "a", "d", "e", "b"]
+    seen = np.zeros(len(texts), dtype=int)
+    got = np.zeros((len(texts), 8), np.float32)
+
+    def on_batch(positions, vectors):
+        seen[positions] += 1
+        got[positions] = vectors
+
+    out = emb.embed(texts, on_batch=on_batch)
+    assert seen.tolist() == [1] * len(texts)
+    np.testing.assert_array_equal(got, out)
+    np.testing.assert_array_equal(out, expected(texts))
