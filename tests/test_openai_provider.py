@@ -359,6 +359,15 @@ def test_contract_breaking_replies(body, text):
         emb.embed(["x"])
 
 
+def test_redirect_is_an_error_that_names_the_target():
+    redirect = httpx.Response(308, headers={"Location": "https://elsewhere.example/v1/embeddings"})
+    emb = OpenAIEmbeddings(MODEL, api_key="k", requests_per_second=None,
+                           transport=httpx.MockTransport(lambda r: redirect))
+    with pytest.raises(APIStatusError, match="elsewhere.example") as info:
+        emb.embed(["x"])
+    assert info.value.status_code == 308 and emb.usage.requests == 1
+
+
 @pytest.mark.parametrize(
     "usage, tokens",
     [({"prompt_tokens": 7, "total_tokens": 9}, 9), ({"prompt_tokens": 7}, 7), (None, 0), ({"total_tokens": "x"}, 0)],

@@ -430,8 +430,14 @@ class OpenAIEmbeddings:
 
     def _check_status(self, response: httpx.Response, what: str) -> None:
         status = response.status_code
-        if status < 400:
+        if status < 300:
             return
+        if status < 400:
+            location = self._redact(response.headers.get("location", "?"))
+            raise APIStatusError(
+                f"{what} -> {status} redirect to {location}; set base_url to the final URL",
+                status_code=status,
+            )
         message = self._redact(_server_message(response))
         err = _status_error_class(status)(
             f"{what} -> {status} {response.reason_phrase}: {message}", status_code=status
