@@ -369,17 +369,21 @@ class EmbeddingCache:
         where: dict[bytes, list[int]] = {}
         for i, k in enumerate(keys):
             where.setdefault(k, []).append(i)
-        for rows in self._select(list(where)):
-            by_size: dict[int, list[tuple[bytes, bytes]]] = {}
-            for k, v in rows:
-                if type(v) is bytes and len(v) > _HEADER_SIZE and not (len(v) - _HEADER_SIZE) % 4:
-                    by_size.setdefault(len(v), []).append((k, v))
-            for size, group in by_size.items():
-                ok, vecs = _decode_block([v for _, v in group], (size - _HEADER_SIZE) // 4)
+        distinct = list(where)
+        start = 0
+        for values in self._select(distinct):
+            by_size: dict[int, list[int]] = {}
+            for j, v in enumerate(values):
+                if v is not None and len(v) > _HEADER_SIZE and not (len(v) - _HEADER_SIZE) % 4:
+                    by_size.setdefault(len(v), []).append(j)
+            for size, js in by_size.items():
+                ok, vecs = _decode_block([values[j] for j in js], (size - _HEADER_SIZE) // 4)  # type: ignore[misc]
                 block = np.array(vecs)  # one contiguous copy; each result row is a view of it
-                for j in np.flatnonzero(ok):
-                    for i in where[group[j][0]]:
-                        out[i] = block[j]
+                for j, good, row in zip(js, ok, block):
+                    if good:
+                        for i in where[distinct[start + j]]:
+                            out[i] = row
+            start += len(values)
         return out
 
     def set_many(self, keys: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray]) -> None:
@@ -395,23 +399,33 @@ class EmbeddingCache:
             values = [_encode_rows(v[None, :])[0] for v in _as_rows(vectors, len(keys))]
         self._store(dict(zip(keys, values)))
 
-    def _select(self, keys: list[bytes]) -> Iterator[list[tuple[bytes, object]]]:
-        """(key, value) rows of the distinct ``keys`` present, one SELECT per chunk; never writes.
+    def _select(self, keys: list[bytes], size: int | None = None) -> Iterator[list[bytes | None]]:
+        """The stored values of distinct ``keys``, in their order, ``None`` where absent.
 
-        Only raw rows stored inline qualify: a pickled or file-backed row is never read.
+        One SELECT per chunk of keys, driven by a ``VALUES`` list LEFT JOINed to the index,
+        so rows come back in the order asked (no sort, no key-to-row mapping) and a read
+        never writes. Only raw rows stored inline qualify: a pickled or file-backed row is
+        never read. ``size``: only values of exactly this many bytes qualify.
         """
         now = time.time()
+        size_filter = "" if size is None else f" AND length(c.value) = {int(size)}"
         try:
             sql = self._dc._sql  # the cache's own (thread-local, fork-aware) connection
             for start in range(0, len(keys), _SQL_CHUNK):
                 chunk = keys[start : start + _SQL_CHUNK]
-                yield sql(
-                    "SELECT key, value FROM Cache WHERE raw = 1 AND mode = ?"
-                    " AND filename IS NULL AND typeof(value) = 'blob'"
-                    " AND (expire_time IS NULL OR expire_time > ?)"
-                    f" AND key IN ({','.join('?' * len(chunk))})",
-                    (diskcache.core.MODE_RAW, now, *chunk),
+                rows = sql(
+                    f"SELECT q.column1, c.value FROM (VALUES {','.join(['(?)'] * len(chunk))}) AS q"
+                    " LEFT JOIN Cache AS c ON c.key = q.column1 AND c.raw = 1"
+                    f" AND c.mode = {diskcache.core.MODE_RAW} AND c.filename IS NULL"
+                    f" AND typeof(c.value) = 'blob'{size_filter}"
+                    " AND (c.expire_time IS NULL OR c.expire_time > ?)",
+                    (*chunk, now),
                 ).fetchall()
+                values = [v for _, v in rows]
+                if [k for k, _ in rows] != chunk:  # SQLite keeps VALUES order; never rely on it
+                    found = dict(rows)
+                    values = [found.get(k) for k in chunk]
+                yield values
         except sqlite3.Error as exc:
             raise CacheError(f"cannot read the embedding cache at {self._directory!r}: {exc}") from exc
 
@@ -637,8 +651,13 @@ class _Call:
         self.dim = owner.dimensions
         self.vectors: np.ndarray | None = None
         self.have = np.zeros(len(self.keys), dtype=bool)
-        for rows in owner.cache._select(self.keys):
-            self._take_hits(rows, slot_of)
+        start = 0
+        for values in owner.cache._select(self.keys, self._size()):
+            if self.dim is None:  # the embedder's dimension is the first valid value's
+                self.dim = next((d for v in values if (d := _value_dim(v)) is not None), None)
+            if self.dim is not None:
+                self._take_hits(start, values)
+            start += len(values)
         self.n_hits = int(self.have.sum())
         self.missing = np.flatnonzero(~self.have)
         self.miss_texts = [distinct_texts[s] for s in self.missing]
@@ -656,24 +675,29 @@ class _Call:
     def _alloc(self, dim: int) -> None:
         self.vectors = np.empty((len(self.keys), dim), dtype=np.float32)
 
-    def _take_hits(self, rows: list[tuple[bytes, object]], slot_of: dict[bytes, int]) -> None:
-        """Copy the valid cached values among ``rows`` into their slots."""
-        if self.dim is None:  # the embedder's dimension is the first valid value's
-            self.dim = next((d for _, v in rows if (d := _value_dim(v)) is not None), None)
-            if self.dim is None:
-                return
+    def _size(self) -> int | None:
+        return None if self.dim is None else _HEADER_SIZE + 4 * self.dim
+
+    def _take_hits(self, start: int, values: list[bytes | None]) -> None:
+        """Copy the valid values among ``values`` (slots ``start`` on) into their slots."""
         if self.vectors is None:
-            self._alloc(self.dim)
-        size = _HEADER_SIZE + 4 * self.dim
-        # a value of another length under this key is damage: a miss
-        good = [(k, v) for k, v in rows if type(v) is bytes and len(v) == size]
-        if not good:
+            self._alloc(self.dim)  # type: ignore[arg-type]
+        size = self._size()
+        if None in values or any(len(v) != size for v in values):  # type: ignore[arg-type]
+            # a value of another length under this key is damage: a miss
+            js = [j for j, v in enumerate(values) if v is not None and len(v) == size]
+        else:
+            js = None
+        blobs = values if js is None else [values[j] for j in js]
+        if not blobs:
             return
-        ok, vecs = _decode_block([v for _, v in good], self.dim)
-        slots = np.fromiter((slot_of[k] for k, _ in good), dtype=np.int64, count=len(good))
-        if not ok.all():
+        ok, vecs = _decode_block(blobs, self.dim)  # type: ignore[arg-type]
+        slots = start + (np.arange(len(blobs)) if js is None else np.array(js, dtype=np.int64))
+        if ok.all() and js is None:
+            self.vectors[start : start + len(blobs)] = vecs  # type: ignore[index]
+        else:
             slots, vecs = slots[ok], vecs[ok]
-        self.vectors[slots] = vecs  # type: ignore[index]
+            self.vectors[slots] = vecs  # type: ignore[index]
         self.have[slots] = True
 
     def on_batch(self, positions: object, vectors: object) -> None:

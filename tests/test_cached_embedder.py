@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
 import os
+import sqlite3
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -84,6 +85,12 @@ class AsyncFakeEmbedder(FakeEmbedder):
         return self.embed(texts, on_batch=on_batch)
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    with EmbeddingCache(tmp_path_factory.mktemp("shared")) as c:
+        yield c
+
+
 @pytest.fixture
 def cache(tmp_path):
     with EmbeddingCache(tmp_path / "cache") as c:
@@ -148,15 +155,15 @@ def test_only_misses_are_requested_and_order_is_kept(cache):
     cached=st.lists(st.text(min_size=1, max_size=12), max_size=12),
     texts=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=25),
 )
-def test_any_mix_of_hits_misses_and_repeats(tmp_path_factory, cached, texts):
-    with EmbeddingCache(tmp_path_factory.mktemp("mix")) as c:
-        if cached:
-            CachedEmbedder(FakeEmbedder(batch_size=4), cache=c).embed(cached)
-        fake = FakeEmbedder(batch_size=4)
-        out = CachedEmbedder(fake, cache=c).embed(texts)
-        np.testing.assert_array_equal(out, expected(texts))
-        misses = list(dict.fromkeys(t for t in texts if t not in set(cached)))
-        assert fake.requested == misses
+def test_any_mix_of_hits_misses_and_repeats(shared_cache, cached, texts):
+    namespace = uuid.uuid4().hex  # a fresh namespace: nothing cached from other examples
+    if cached:
+        CachedEmbedder(FakeEmbedder(namespace=namespace, batch_size=4), cache=shared_cache).embed(cached)
+    fake = FakeEmbedder(namespace=namespace, batch_size=4)
+    out = CachedEmbedder(fake, cache=shared_cache).embed(texts)
+    np.testing.assert_array_equal(out, expected(texts))
+    misses = list(dict.fromkeys(t for t in texts if t not in set(cached)))
+    assert fake.requested == misses
 
 
 def test_namespaces_do_not_share_vectors(cache):
