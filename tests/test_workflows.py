@@ -433,3 +433,27 @@ def test_knn_graph_feeds_scikit_learn_precomputed():
 def test_knn_graph_bad_arguments(kwargs, match):
     with pytest.raises(ec.InvalidInputError, match=match):
         ec.knn_graph(np.eye(3, dtype=np.float32), progress=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# VectorStore input
+# ---------------------------------------------------------------------------------------
+
+
+def test_store_input_matches_array_input(tmp_path, embedder):
+    _, emb = embedder
+    with ec.VectorStore(tmp_path / "vs") as store:
+        store.add_texts(TEXTS, emb, ids=[f"t{k}" for k in range(len(TEXTS))])
+        store.delete(["t1"])
+        x = store.vectors().copy()
+        res = ec.deduplicate(store, threshold=0.8, keep="longest", progress=False)
+        arr = ec.deduplicate(x, threshold=0.8, progress=False)
+        assert [g.tolist() for g in res.groups] == [g.tolist() for g in arr.groups]
+        assert res.ids == store.ids() and res.texts == [t for k, t in enumerate(TEXTS) if k != 1]
+        assert "id 't" in res.explain(int(res.removed[0]))
+        ref = ec.deduplicate(["The cat sat on the mat?"], against=store, threshold=0.8, embedder=emb, progress=False)
+        assert ref.removed.tolist() == [0] and ref.reference_ids[ref.duplicate_of[0]] in {"t0", "t2", "t3", "t6"}
+        table = ec.near_duplicates(store, threshold=0.8, progress=False)
+        assert {"id_i", "id_j"} <= set(table.columns) and table[0]["id_i"].startswith("t")
+        g = ec.knn_graph(store, 2, progress=False)
+        np.testing.assert_allclose(g.toarray(), ec.knn_graph(x, 2, progress=False).toarray())
