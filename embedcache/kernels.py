@@ -1,18 +1,19 @@
 """Similarity kernels: normalize, similarity matrices, exact top-k and threshold pairs.
 
 Every public function here is a thin validating wrapper over private ``@njit`` cores that
-take only arrays and scalars. Dot products go through BLAS (``np.dot`` inside numba, which
-always calls ``gemm`` for two matrices) on blocks sized for the caches; selection, heap
-merges and pair collection run in numba ``prange`` loops where each thread writes its own
-buffer, merged at the end. The number of threads follows numba's
+take only arrays and scalars. For many rows, dot products go through BLAS (``np.dot``
+inside numba) on blocks sized for the caches; selection, heap merges and pair collection
+run in numba ``prange`` loops where each thread writes its own buffer, merged at the end.
+For a few queries, top_k streams the corpus once through all threads instead. The number of threads follows numba's
 (``NUMBA_NUM_THREADS`` / :func:`numba.set_num_threads`); results do not depend on it, nor
 on the block size.
 
 Scores
-    ``metric="dot"``: the float32 dot product.
-    ``metric="cosine"``: ``dot(a, b) * (1/|a| * 1/|b|)`` with the norms accumulated in
-    float64, clipped to [-1, 1]. A zero vector has similarity 0 with everything, itself
-    included.
+    ``metric="dot"``: the dot product of the float32 rows, accumulated in float64 and
+    rounded once to float32.
+    ``metric="cosine"``: ``dot(a, b) * (1/|a| * 1/|b|)``, all in float64, clipped to
+    [-1, 1] and rounded to float32. A zero vector has similarity 0 with everything,
+    itself included. The same pair gets the same score bit for bit from every function.
 
 Ties are broken by the lower index. The first call of each kernel compiles it (a few
 seconds); compiled code is cached on disk (``cache=True``), so later processes start fast.
@@ -34,6 +35,7 @@ array([[0, 1]])
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -132,65 +134,49 @@ def _check_block(block: int | None, default: int) -> int:
 
 # ----------------------------------------------------------------------------------------
 # njit cores
+#
+# Every score that leaves this module is made by `_score(_dot64(a, b), inv_a, inv_b)`: a
+# float64-accumulated dot product of float32 rows, scaled and rounded once. BLAS (float32
+# gemm) does the bulk of the arithmetic, but its rounding depends on the shapes it is
+# called with, so its scores are only used as a filter: a pair whose BLAS score is within
+# the BLAS error bound of the current cut-off is rescored exactly. The result is the same
+# bit for bit for every block size, thread count and code path, and the same score for the
+# same pair in cosine_similarity, top_k and similar_pairs.
 # ----------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _inv_norms(x):
-    """1/|row| for each row of a float32 matrix, accumulated in float64; 0 for zero rows."""
-    n, d = x.shape
-    out = np.empty(n, np.float32)
-    for i in prange(n):
-        s = 0.0
-        for k in range(d):
-            v = np.float64(x[i, k])
-            s += v * v
-        out[i] = np.float32(1.0 / np.sqrt(s)) if s > 0.0 else np.float32(0.0)
-    return out
+@njit(inline="always", fastmath=FASTMATH)
+def _dot64(a, b):
+    """Dot product of two float32 vectors, accumulated in float64."""
+    s = 0.0
+    for k in range(a.shape[0]):
+        s += np.float64(a[k]) * np.float64(b[k])
+    return s
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _normalize_rows(x, out):
-    n, d = x.shape
-    for i in prange(n):
-        s = 0.0
-        for k in range(d):
-            v = np.float64(x[i, k])
-            s += v * v
-        scale = 1.0 / np.sqrt(s) if s > 0.0 else 0.0
-        for k in range(d):
-            out[i, k] = np.float32(x[i, k] * scale)
+@njit(inline="always", fastmath=FASTMATH)
+def _inv_norm(sumsq):
+    return 1.0 / np.sqrt(sumsq) if sumsq > 0.0 else 0.0
 
 
-@njit(cache=True)
-def _gemm_nt(a, b, out):
-    """out = a @ b.T through BLAS gemm (for any shapes, never gemv)."""
-    np.dot(a, b.T, out)
+@njit(inline="always", fastmath=FASTMATH)
+def _score(dot, inv_a, inv_b, cosine):
+    """The published score: float32, cosine clipped to [-1, 1]."""
+    if cosine:
+        v = dot * (inv_a * inv_b)
+        return np.float32(min(max(v, -1.0), 1.0))
+    return np.float32(dot)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _scale_clip(s, inv_a, inv_b):
-    """Cosine from dot products in place: s[i, j] * (inv_a[i] * inv_b[j]) clipped to [-1, 1]."""
-    n, m = s.shape
-    for i in prange(n):
-        ia = inv_a[i]
-        for j in range(m):
-            v = s[i, j] * (ia * inv_b[j])
-            s[i, j] = min(max(v, np.float32(-1.0)), np.float32(1.0))
-
-
-@njit(parallel=True, cache=True)
-def _mirror_upper(s):
-    """Copy the upper triangle onto the lower one so that s is exactly symmetric."""
-    n = s.shape[0]
-    for j in prange(n):
-        for i in range(j):
-            s[j, i] = s[i, j]
+@njit(inline="always")
+def _better(s, j, s0, j0):
+    """(s, j) ranks before (s0, j0): higher score, or equal score and lower index."""
+    return s > s0 or (s == s0 and j < j0)
 
 
 @njit(inline="always")
 def _heap_replace_root(hs, hi, s, j):
-    """Replace the root (the worst kept item) of a min-heap ordered by (score, -index)."""
+    """Replace the root (the worst kept item) of a heap whose root ranks last."""
     k = hs.shape[0]
     pos = 0
     while True:
@@ -198,9 +184,9 @@ def _heap_replace_root(hs, hi, s, j):
         if c >= k:
             break
         r = c + 1
-        if r < k and (hs[r] < hs[c] or (hs[r] == hs[c] and hi[r] > hi[c])):
+        if r < k and _better(hs[c], hi[c], hs[r], hi[r]):
             c = r
-        if hs[c] < s or (hs[c] == s and hi[c] > j):
+        if _better(s, j, hs[c], hi[c]):
             hs[pos] = hs[c]
             hi[pos] = hi[c]
             pos = c
@@ -211,48 +197,196 @@ def _heap_replace_root(hs, hi, s, j):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _select_block(
-    s, col0, inv_q, inv_c, cosine, mask, use_mask, row0, exclude_self, heap_s, heap_i
-):
-    """Fold one score tile (queries row0.. x corpus rows col0..) into the per-query heaps.
+def _row_stats(x, inv, norm):
+    """inv[i] = 1/|x_i| (0 for a zero row), norm[i] = |x_i| (float64 accumulation).
 
-    Each query row is owned by one thread and scanned in ascending corpus order, so the
-    result does not depend on the thread count.
+    Returns the first row that holds NaN or infinity, or -1.
+    """
+    n = x.shape[0]
+    first_bad = np.full(n, -1, np.int64) if n else np.full(1, -1, np.int64)
+    for i in prange(n):
+        ss = _dot64(x[i], x[i])
+        if not np.isfinite(ss):
+            first_bad[i] = i
+            ss = 0.0
+        inv[i] = _inv_norm(ss)
+        norm[i] = np.sqrt(ss)
+    for i in range(n):
+        if first_bad[i] >= 0:
+            return i
+    return -1
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _normalize_rows(x, out):
+    n, d = x.shape
+    for i in prange(n):
+        scale = _inv_norm(_dot64(x[i], x[i]))
+        for k in range(d):
+            out[i, k] = np.float32(x[i, k] * scale)
+
+
+@njit(cache=True)
+def _gemm_nt(a, b, out):
+    """out = a @ b.T through BLAS gemm."""
+    np.dot(a, b.T, out)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _dense(a, b, inv_a, inv_b, cosine, symmetric, out):
+    """out[i, j] = score(a_i, b_j); with symmetric (b is a) one triangle, mirrored."""
+    n = a.shape[0]
+    m = b.shape[0]
+    for i in prange(n):
+        start = i if symmetric else 0
+        for j in range(start, m):
+            out[i, j] = _score(_dot64(a[i], b[j]), inv_a[i], inv_b[j], cosine)
+    if symmetric:
+        for j in prange(n):
+            for i in range(j):
+                out[j, i] = out[i, j]
+
+
+@njit(inline="always")
+def _cutoff(kth, margin, rel):
+    """Lowest BLAS score that may still beat ``kth`` once rescored exactly."""
+    return kth - (margin + rel * abs(kth))
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _select_tile(
+    s, queries, inv_q, margin_q, rel, block, inv_c, filt_c, col0, row0, cosine,
+    mask, use_mask, exclude_self, heap_s, heap_i,
+):
+    """Fold a BLAS score tile (queries row0.. x corpus rows col0..) into per-query heaps.
+
+    ``filt_c`` scales BLAS scores into the filter's units (1/|c| for cosine, whose queries
+    went to BLAS normalized; 1 for dot); ``margin_q[q]`` bounds the BLAS error there. Each
+    query row belongs to one thread and is scanned in ascending corpus order.
     """
     nq, nc = s.shape
     for r in prange(nq):
         q = row0 + r
         hs = heap_s[q]
         hi = heap_i[q]
-        iq = inv_q[r] if cosine else np.float32(1.0)
+        qrow = queries[q]
+        margin = margin_q[q]
+        cut = _cutoff(hs[0], margin, rel)
         for c in range(nc):
-            v = s[r, c]
-            if cosine:
-                v = min(max(v * (iq * inv_c[c]), np.float32(-1.0)), np.float32(1.0))
-            if v >= hs[0]:
+            v = s[r, c] * filt_c[c]
+            if not v < cut:  # NaN (a row too small for the filter) is a candidate
                 j = col0 + c
-                if v == hs[0] and j > hi[0]:
-                    continue
                 if use_mask and not mask[j]:
                     continue
                 if exclude_self and j == q:
                     continue
-                _heap_replace_root(hs, hi, v, j)
+                e = _score(_dot64(qrow, block[c]), inv_q[q], inv_c[c], cosine)
+                if _better(e, j, hs[0], hi[0]):
+                    _heap_replace_root(hs, hi, e, j)
+                    cut = _cutoff(hs[0], margin, rel)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _stream_row(row, j, queries, inv_q, inv_r, cosine, exclude_self, hs, hi):
+    for q in range(queries.shape[0]):
+        if exclude_self and j == q:
+            continue
+        e = _score(_dot64(queries[q], row), inv_q[q], inv_r, cosine)
+        if _better(e, j, hs[q, 0], hi[q, 0]):
+            _heap_replace_root(hs[q], hi[q], e, j)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _stream_f32(queries, inv_q, corpus, cosine, mask, use_mask, exclude_self, heap_s, heap_i):
+    """Few queries: every chunk of the corpus is read once, by one thread, into its own heaps.
+
+    heap_s / heap_i: (chunks, q, k). Returns the first row holding NaN/inf, or -1.
+    """
+    n = corpus.shape[0]
+    chunks = heap_s.shape[0]
+    bad = np.full(chunks, -1, np.int64)
+    for t in prange(chunks):
+        lo = n * t // chunks
+        part = corpus[lo : n * (t + 1) // chunks]
+        hs = heap_s[t]
+        hi = heap_i[t]
+        for jj in range(part.shape[0]):
+            row = part[jj]
+            ss = _dot64(row, row)
+            if not np.isfinite(ss):
+                if bad[t] < 0:
+                    bad[t] = lo + jj
+                continue
+            if use_mask and not mask[lo + jj]:
+                continue
+            _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
+    for t in range(chunks):
+        if bad[t] >= 0:
+            return bad[t]
+    return -1
+
+
+@njit(inline="always")
+def _half_to_float(h, bits):
+    """float16 bit patterns -> float32 bit patterns (into ``bits``); True if inf/NaN seen."""
+    special = False
+    for k in range(h.shape[0]):
+        v = np.uint32(h[k])
+        mag = (v & np.uint32(0x7FFF)) << np.uint32(13)
+        special |= (v & np.uint32(0x7C00)) == np.uint32(0x7C00)
+        bits[k] = ((v & np.uint32(0x8000)) << np.uint32(16)) | mag
+    return special
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _stream_f16(queries, inv_q, corpus, cosine, mask, use_mask, exclude_self, heap_s, heap_i):
+    """As _stream_f32 for a float16 corpus given as its uint16 bit patterns."""
+    n, d = corpus.shape
+    chunks = heap_s.shape[0]
+    bad = np.full(chunks, -1, np.int64)
+    two112 = np.float32(2.0**112)
+    for t in prange(chunks):
+        lo = n * t // chunks
+        part = corpus[lo : n * (t + 1) // chunks]
+        hs = heap_s[t]
+        hi = heap_i[t]
+        bits = np.empty(d, np.uint32)
+        raw = bits.view(np.float32)
+        row = np.empty(d, np.float32)
+        for jj in range(part.shape[0]):
+            if _half_to_float(part[jj], bits):
+                if bad[t] < 0:
+                    bad[t] = lo + jj
+                continue
+            for k in range(d):
+                row[k] = raw[k] * two112  # rebias the exponent; exact, subnormals included
+            if use_mask and not mask[lo + jj]:
+                continue
+            ss = _dot64(row, row)
+            _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
+    for t in range(chunks):
+        if bad[t] >= 0:
+            return bad[t]
+    return -1
 
 
 @njit(parallel=True, cache=True)
 def _sort_heaps(heap_s, heap_i, out_s, out_i, no_index):
-    """Heaps -> rows sorted best first (score desc, index asc); empty slots -> -inf, -1."""
-    nq, k = heap_s.shape
+    """Rows of candidates -> the best out.shape[1] of each, sorted (score desc, index asc).
+
+    Empty slots (the sentinel index) become score -inf, index -1.
+    """
+    nq, m = heap_s.shape
+    kk = out_s.shape[1]
     for q in prange(nq):
         hs = heap_s[q]
         hi = heap_i[q]
         order = np.argsort(hi, kind="mergesort")
-        neg = np.empty(k, np.float32)
-        for t in range(k):
+        neg = np.empty(m, np.float32)
+        for t in range(m):
             neg[t] = -hs[order[t]]
         order2 = np.argsort(neg, kind="mergesort")
-        for t in range(k):
+        for t in range(kk):
             p = order[order2[t]]
             if hi[p] == no_index:
                 out_s[q, t] = -np.inf
@@ -262,37 +396,75 @@ def _sort_heaps(heap_s, heap_i, out_s, out_i, no_index):
                 out_i[q, t] = hi[p]
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _count_pairs(s, threshold, upper_from, counts):
-    """counts[r] = number of entries of row r >= threshold at columns >= upper_from[r]."""
-    n, m = s.shape
-    for r in prange(n):
-        c = 0
-        for j in range(upper_from[r], m):
-            if s[r, j] >= threshold:
-                c += 1
-        counts[r] = c
+@njit(inline="always")
+def _pair_cut(thr, margin, rel):
+    return thr - (margin + rel * abs(thr))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _fill_pairs(s, threshold, upper_from, offsets, row0, col0, out_i, out_j, out_s):
-    n, m = s.shape
-    for r in prange(n):
-        p = offsets[r]
-        if offsets[r + 1] == p:
-            continue
-        for j in range(upper_from[r], m):
-            v = s[r, j]
-            if v >= threshold:
-                out_i[p] = row0 + r
-                out_j[p] = col0 + j
-                out_s[p] = v
-                p += 1
+def _pairs_tile(
+    s, xb, yb, inv_x, inv_y, filt_x, filt_y, margin_x, rel, thr, diagonal, cosine,
+    counts, out_j, out_s,
+):
+    """Pairs of one BLAS tile whose exact score is >= thr.
+
+    Row r writes its matches (column, score) into out_j[r, :] / out_s[r, :] up to their
+    width and counts every match in counts[r]; a row that overflows is redone by the
+    caller with wider buffers. With ``diagonal`` only columns c > r are considered.
+    """
+    nr, nc = s.shape
+    width = out_j.shape[1]
+    for r in prange(nr):
+        cut = _pair_cut(thr, margin_x[r], rel)
+        fx = filt_x[r]
+        xrow = xb[r]
+        n_found = 0
+        start = r + 1 if diagonal else 0
+        for c in range(start, nc):
+            if not s[r, c] * (fx * filt_y[c]) < cut:  # NaN: rescore
+                e = _score(_dot64(xrow, yb[c]), inv_x[r], inv_y[c], cosine)
+                if e >= thr:
+                    if n_found < width:
+                        out_j[r, n_found] = c
+                        out_s[r, n_found] = e
+                    n_found += 1
+        counts[r] = n_found
 
 
 # ----------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------
+
+_UNIT = 2.0**-24  # float32 unit roundoff
+# Up to this many queries, top_k streams the corpus once through numba (memory-bound);
+# above it, BLAS gemm on blocks does the arithmetic.
+_STREAM_MAX_QUERIES = 8
+
+
+def _blas_margin(d: int) -> float:
+    """Bound on |BLAS float32 dot - exact dot| / (|a| |b|) for d-dimensional rows, with
+    room for the rounding of the scaled filter score."""
+    return 1.1 * (d + 8) * _UNIT
+
+
+def _filter_scale(inv: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """float32 1/|row| for scaling BLAS scores in the filter; NaN (always rescored) for
+    rows so small that their float32 products underflow."""
+    with np.errstate(over="ignore"):
+        filt = inv.astype(np.float32)
+    filt[(norm > 0) & (norm < 2.0**-60)] = np.nan
+    return filt
+
+
+def _stats(x: np.ndarray, name: str, offset: int = 0):
+    inv = np.empty(x.shape[0], np.float64)
+    norm = np.empty(x.shape[0], np.float64)
+    bad = _row_stats(x, inv, norm)
+    if bad >= 0:
+        raise InvalidInputError(
+            f"{name} must be finite, got NaN or infinity in row {offset + bad}"
+        )
+    return inv, norm
 
 
 def normalize(x, *, out=None):
@@ -319,31 +491,21 @@ def normalize(x, *, out=None):
     elif not out.flags.c_contiguous or not out.flags.writeable:
         raise InvalidInputError("out must be a writeable C-contiguous array")
     if x.shape[0]:
-        src = np.ascontiguousarray(x, dtype=np.float32) if x.dtype != np.float64 else x
+        src = x if x.dtype == np.float64 else x.astype(np.float32, copy=False)
         _normalize_rows(np.ascontiguousarray(src), out)
     return out
 
 
 def _similarity(a, b, cosine: bool) -> np.ndarray:
     a32 = _as_float32("a", a)
-    if b is None:
-        n = a32.shape[0]
-        s = np.empty((n, n), np.float32)
-        if n:
-            _gemm_nt(a32, a32, s)
-            if cosine:
-                inv = _inv_norms(a32)
-                _scale_clip(s, inv, inv)
-            _mirror_upper(s)
-        return s
-    b32 = _as_float32("b", b)
+    b32 = a32 if b is None else _as_float32("b", b)
     _check_same_dim("a", a32, "b", b32)
-    s = np.empty((a32.shape[0], b32.shape[0]), np.float32)
-    if s.size:
-        _gemm_nt(a32, b32, s)
-        if cosine:
-            _scale_clip(s, _inv_norms(a32), _inv_norms(b32))
-    return s
+    inv_a, _ = _stats(a32, "a")
+    inv_b = inv_a if b is None else _stats(b32, "b")[0]
+    out = np.empty((a32.shape[0], b32.shape[0]), np.float32)
+    if out.size:
+        _dense(a32, b32, inv_a, inv_b, cosine, b is None, out)
+    return out
 
 
 def cosine_similarity(a, b=None):
@@ -351,14 +513,17 @@ def cosine_similarity(a, b=None):
 
     a: (n, d); b: (m, d) or None. Returns (n, m), or with ``b=None`` the (n, n)
     self-similarity matrix, exactly symmetric (one triangle computed, then mirrored).
-    A zero row has similarity 0 with everything. Memory: the (n, m) result; use
-    :func:`top_k` or :func:`similar_pairs` when that is too large.
+    ``cosine_similarity(a, b) == cosine_similarity(b, a).T`` exactly, and every entry is
+    the score top_k and similar_pairs give the same pair. A zero row has similarity 0
+    with everything. Memory: the (n, m) result; for large inputs use :func:`top_k` or
+    :func:`similar_pairs`, which use BLAS and never build the whole matrix.
     """
     return _similarity(a, b, cosine=True)
 
 
 def dot_similarity(a, b=None):
-    """Dense dot-product matrix, float32: ``a @ b.T`` (or ``a @ a.T``, exactly symmetric).
+    """Dense dot-product matrix, float32: ``a @ b.T`` (or ``a @ a.T``, exactly symmetric),
+    accumulated in float64.
 
     >>> dot_similarity(np.array([[1.0, 2.0]]), np.array([[3.0, 4.0], [1.0, 0.0]]))
     array([[11.,  1.]], dtype=float32)
@@ -366,22 +531,35 @@ def dot_similarity(a, b=None):
     return _similarity(a, b, cosine=False)
 
 
+def _check_mask(mask, n: int) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise InvalidInputTypeError(f"mask must be a bool array, got dtype {mask.dtype}")
+    if mask.shape != (n,):
+        raise InvalidInputError(f"mask must have shape ({n},), got {mask.shape}")
+    return np.ascontiguousarray(mask)
+
+
 def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None, _block_size=None):
     """Exact k nearest corpus rows of every query, best first.
 
     queries: (q, d) float array. corpus: (N, d) float32, float16 or float64 array, or a
-    ``numpy.memmap``; it is read block by block (float16/float64 blocks upcast/downcast to
+    ``numpy.memmap``; it is read block by block (float16 and float64 blocks converted to
     float32), so memory beyond inputs and outputs stays a few blocks whatever N is.
     k: number of neighbours, >= 1. When ``k > N`` only N columns are returned.
     metric: "cosine" (default) or "dot".
-    exclude_self: never match query row i with corpus row i (queries and corpus are the
-    same set).
+    exclude_self: never match query row i with corpus row i (for queries that are the
+    first rows of the corpus, as in a k-nearest-neighbour graph).
     mask: optional bool array (N,); rows where it is False are never returned.
 
     Returns ``(scores, indices)``: float32 and int64 arrays of shape (q, min(k, N)), sorted
     by score descending, ties broken by the lower index. Slots for which no eligible corpus
     row exists (because of ``mask`` or ``exclude_self``) hold score ``-inf`` and index -1.
     The result is identical for every block size and thread count.
+
+    Up to a few queries the corpus is streamed once through all threads (memory-bound);
+    for more, BLAS multiplies blocks of queries and corpus rows and a fused scan keeps a
+    heap per query, rescoring exactly the few candidates near its current k-th best.
     """
     metric = _check_metric(metric)
     q32 = _as_float32("queries", queries)
@@ -393,51 +571,70 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None,
         raise InvalidInputError(f"k must be >= 1, got {k}")
     n = corpus.shape[0]
     use_mask = mask is not None
-    if use_mask:
-        mask = np.asarray(mask)
-        if mask.dtype != np.bool_:
-            raise InvalidInputTypeError(f"mask must be a bool array, got dtype {mask.dtype}")
-        if mask.shape != (n,):
-            raise InvalidInputError(f"mask must have shape ({n},), got {mask.shape}")
-        mask = np.ascontiguousarray(mask)
-    else:
-        mask = np.ones(1, np.bool_)
+    mask = _check_mask(mask, n) if use_mask else np.ones(1, np.bool_)
+    exclude_self = bool(exclude_self)
     kk = int(min(k, n))
     nq = q32.shape[0]
     cosine = metric == "cosine"
-    cblock = _check_block(_block_size, _TOPK_CORPUS_BLOCK)
-    qblock = _check_block(_block_size, _TOPK_QUERY_BLOCK)
     out_s = np.empty((nq, kk), np.float32)
     out_i = np.empty((nq, kk), np.int64)
     if nq == 0 or kk == 0:
         return out_s, out_i
-    inv_q = _inv_norms(q32) if cosine else np.ones(nq, np.float32)
+    inv_q, norm_q = _stats(q32, "queries")
+    base = corpus.view(np.ndarray) if isinstance(corpus, np.ndarray) else corpus
+    if (
+        nq <= _STREAM_MAX_QUERIES
+        and base.dtype in (np.float32, np.float16)
+        and base.flags.c_contiguous
+    ):
+        if _block_size is None:
+            chunks = numba.get_num_threads()
+        else:
+            chunks = -(-n // _check_block(_block_size, n))
+        chunks = max(1, min(chunks, n))
+        heap_s = np.full((chunks, nq, kk), -np.inf, np.float32)
+        heap_i = np.full((chunks, nq, kk), _NO_INDEX, np.int64)
+        if base.dtype == np.float32:
+            stream = _stream_f32
+        else:
+            stream, base = _stream_f16, base.view(np.uint16)
+        args = (q32, inv_q, base, cosine, mask, use_mask, exclude_self, heap_s, heap_i)
+        bad = stream(*args)
+        if bad >= 0:
+            raise InvalidInputError(f"corpus must be finite, got NaN or infinity in row {bad}")
+        heap_s = np.ascontiguousarray(heap_s.transpose(1, 0, 2)).reshape(nq, chunks * kk)
+        heap_i = np.ascontiguousarray(heap_i.transpose(1, 0, 2)).reshape(nq, chunks * kk)
+        _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
+        return out_s, out_i
+
+    cblock = _check_block(_block_size, _TOPK_CORPUS_BLOCK)
+    qblock = _check_block(_block_size, _TOPK_QUERY_BLOCK)
+    margin = _blas_margin(q32.shape[1])
+    if cosine:
+        qf = normalize(q32)  # BLAS (filter) input; exact scores use the raw rows
+        margin_q = np.full(nq, margin)
+    else:
+        qf = q32
     heap_s = np.full((nq, kk), -np.inf, np.float32)
     heap_i = np.full((nq, kk), _NO_INDEX, np.int64)
     tile = np.empty(min(qblock, nq) * min(cblock, n), np.float32)
-    dummy = np.ones(1, np.float32)
     for c0 in range(0, n, cblock):
-        block = corpus[c0 : c0 + cblock]
+        block = base[c0 : c0 + cblock]
         if block.dtype != np.float32 or not block.flags.c_contiguous:
             block = np.ascontiguousarray(block, dtype=np.float32)
-        _check_finite("corpus", block)  # names the block's first bad row below
-        inv_c = _inv_norms(block) if cosine else dummy
+        inv_c, norm_c = _stats(block, "corpus", c0)
+        if cosine:
+            filt_c = _filter_scale(inv_c, norm_c)
+        else:
+            filt_c = np.ones(block.shape[0], np.float32)
+            margin_q = margin * norm_q * norm_c.max() + 1e-37
         for r0 in range(0, nq, qblock):
-            qb = q32[r0 : r0 + qblock]
+            qb = qf[r0 : r0 + qblock]
             s = tile[: qb.shape[0] * block.shape[0]].reshape(qb.shape[0], block.shape[0])
             _gemm_nt(qb, block, s)
-            _select_block(
-                s,
-                c0,
-                inv_q[r0 : r0 + qblock],
-                inv_c,
-                cosine,
-                mask,
-                use_mask,
-                r0,
-                bool(exclude_self),
-                heap_s,
-                heap_i,
+            _select_tile(
+                s, q32, inv_q, margin_q, 4 * _UNIT, block, inv_c, filt_c, c0, r0, cosine,
+                mask, use_mask, exclude_self, heap_s, heap_i,
             )
     _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
     return out_s, out_i
@@ -449,17 +646,17 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     x: (n, d) float array. y: optional (m, d) array; without it pairs within x with
     i < j are returned, with it every (i, j) with i a row of x and j a row of y.
     threshold: a float; for cosine it must lie in [-1, 1].
-    Returns ``(i, j, scores)``: int64, int64, float32 arrays of equal length. Memory is
-    proportional to the output plus one tile of scores; only the upper triangle is
+    Returns ``(i, j, scores)``: int64, int64, float32 arrays of equal length. The scores
+    are those of :func:`cosine_similarity` / :func:`dot_similarity` bit for bit. Memory
+    is proportional to the output plus one tile of scores; only the upper triangle is
     computed when y is None.
     """
     metric = _check_metric(metric)
-    try:
-        threshold = float(threshold)
-    except (TypeError, ValueError) as exc:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
         raise InvalidInputTypeError(
             f"threshold must be a number, got {type(threshold).__name__}"
-        ) from exc
+        )
+    threshold = float(threshold)
     if not np.isfinite(threshold):
         raise InvalidInputError(f"threshold must be finite, got {threshold}")
     if metric == "cosine" and not -1.0 <= threshold <= 1.0:
@@ -470,41 +667,49 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     _check_same_dim("x", x32, "y", y32)
     cosine = metric == "cosine"
     block = _check_block(_block_size, _PAIRS_BLOCK)
-    inv_x = _inv_norms(x32) if cosine else None
-    inv_y = (inv_x if same else _inv_norms(y32)) if cosine else None
+    inv_x, norm_x = _stats(x32, "x")
+    inv_y, norm_y = (inv_x, norm_x) if same else _stats(y32, "y")
+    if cosine:
+        filt_x, filt_y = _filter_scale(inv_x, norm_x), _filter_scale(inv_y, norm_y)
+    else:
+        filt_x, filt_y = np.ones(len(x32), np.float32), np.ones(len(y32), np.float32)
+    margin = _blas_margin(x32.shape[1])
     thr = np.float32(threshold)
     n, m = x32.shape[0], y32.shape[0]
     tile = np.empty(min(block, n) * min(block, m) if n and m else 0, np.float32)
+    width = 16
     parts_i, parts_j, parts_s = [], [], []
     for r0 in range(0, n, block):
         xb = x32[r0 : r0 + block]
         nr = xb.shape[0]
+        counts = np.empty(nr, np.int64)
         for c0 in range(r0 if same else 0, m, block):
             yb = y32[c0 : c0 + block]
-            s = tile[: nr * yb.shape[0]].reshape(nr, yb.shape[0])
+            nc = yb.shape[0]
+            s = tile[: nr * nc].reshape(nr, nc)
             _gemm_nt(xb, yb, s)
             if cosine:
-                _scale_clip(s, inv_x[r0 : r0 + nr], inv_y[c0 : c0 + yb.shape[0]])
-            if same and c0 == r0:
-                upper_from = np.arange(1, nr + 1, dtype=np.int64)
+                margin_x = np.full(nr, margin)
             else:
-                upper_from = np.zeros(nr, np.int64)
-            counts = np.empty(nr, np.int64)
-            _count_pairs(s, thr, upper_from, counts)
-            offsets = np.zeros(nr + 1, np.int64)
-            np.cumsum(counts, out=offsets[1:])
-            total = int(offsets[-1])
-            if total:
-                oi = np.empty(total, np.int64)
-                oj = np.empty(total, np.int64)
-                os_ = np.empty(total, np.float32)
-                _fill_pairs(s, thr, upper_from, offsets, r0, c0, oi, oj, os_)
-                parts_i.append(oi)
-                parts_j.append(oj)
-                parts_s.append(os_)
+                margin_x = margin * norm_x[r0 : r0 + nr] * norm_y[c0 : c0 + nc].max() + 1e-37
+            while True:
+                out_j = np.empty((nr, width), np.int64)
+                out_s = np.empty((nr, width), np.float32)
+                _pairs_tile(
+                    s, xb, yb, inv_x[r0:], inv_y[c0:], filt_x[r0:], filt_y[c0:], margin_x,
+                    4 * _UNIT, thr, same and c0 == r0, cosine, counts, out_j, out_s,
+                )
+                if counts.max() <= width:
+                    break
+                width = int(counts.max())
+            rows, cols = np.nonzero(np.arange(width)[None, :] < counts[:, None])
+            if len(rows):
+                parts_i.append(rows + r0)
+                parts_j.append(out_j[rows, cols] + c0)
+                parts_s.append(out_s[rows, cols])
     if not parts_i:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
-    i = np.concatenate(parts_i)
+    i = np.concatenate(parts_i).astype(np.int64, copy=False)
     j = np.concatenate(parts_j)
     sc = np.concatenate(parts_s)
     order = np.lexsort((j, i))

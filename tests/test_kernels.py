@@ -1,0 +1,437 @@
+"""Kernels against the plain-loop reference in tests/naive.py, plus hypothesis properties."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import naive
+from embedcache import (
+    DimensionMismatchError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    cosine_similarity,
+    dot_similarity,
+    normalize,
+    similar_pairs,
+    top_k,
+)
+from embedcache.kernels import FASTMATH
+from strategies import matrices, matrix_pairs, small_ints
+
+SIZES = [1, 2, 7, 513]
+BLOCKS = [None, 5, 17]
+
+
+def int_matrix(n, d, seed, *, low=-3, high=4):
+    """Small-integer matrix (exact float32 dot products) with a zero row and duplicates."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(low, high, size=(n, d)).astype(np.float32)
+    if n >= 3:
+        x[n // 2] = 0.0
+        x[-1] = x[0]
+    return x
+
+
+def float_matrix(n, d, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    if n >= 3:
+        x[1] = 0.0
+        x[-1] = x[0]
+    return x
+
+
+@pytest.fixture
+def two_threads():
+    """Run with numba.set_num_threads(1) and (2) and restore the previous count."""
+    before = numba.get_num_threads()
+    yield [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
+    numba.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------
+# normalize and similarity matrices
+# ----------------------------------------------------------------------------------------
+
+
+def test_fastmath_leaves_out_nnan_and_ninf():
+    assert "nnan" not in FASTMATH and "ninf" not in FASTMATH and "fast" not in FASTMATH
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_normalize_matches_naive(n, dtype):
+    x = float_matrix(n, 9, n).astype(dtype)
+    got = normalize(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, naive.normalize(x), atol=2e-7 * 3)
+    if n >= 3:
+        assert not got[1].any()  # zero row stays zero
+
+
+def test_normalize_out_in_place():
+    x = float_matrix(7, 5, 1)
+    expected = normalize(x)
+    out = normalize(x, out=x)
+    assert out is x
+    np.testing.assert_array_equal(x, expected)
+    with pytest.raises(InvalidInputTypeError, match="out must be a float32"):
+        normalize(x, out=np.empty((7, 5)))
+    with pytest.raises(InvalidInputError, match=r"out must have shape \(7, 5\)"):
+        normalize(x, out=np.empty((5, 7), np.float32))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_similarity_matrices_match_naive(n, metric):
+    func = cosine_similarity if metric == "cosine" else dot_similarity
+    a = float_matrix(n, 6, n)
+    b = float_matrix(max(1, n // 2), 6, n + 1)
+    tol = 1e-5 if metric == "cosine" else 1e-4
+    np.testing.assert_allclose(func(a), naive.similarity(a, None, metric), atol=tol, rtol=tol)
+    np.testing.assert_allclose(func(a, b), naive.similarity(a, b, metric), atol=tol, rtol=tol)
+
+
+def test_zero_vector_has_similarity_zero_with_everything():
+    x = float_matrix(5, 4, 2)
+    s = cosine_similarity(x)
+    assert not s[1].any() and not s[:, 1].any()
+    assert not cosine_similarity(x, np.zeros((3, 4), np.float32)).any()
+
+
+# ----------------------------------------------------------------------------------------
+# top_k
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_top_k_dot_is_exact_with_ties(n, block):
+    # small integers: every dot product is exact, so indices must match the reference
+    # exactly, ties (duplicated rows, equal scores) going to the lower index
+    corpus = int_matrix(n, 5, n)
+    queries = np.concatenate([corpus[: min(n, 4)], int_matrix(3, 5, n + 7)])
+    for k, queries in [(k, queries) for k in sorted({1, 3, n, n + 4})] + [
+        (4, int_matrix(30, 5, n + 8))  # enough queries for the BLAS path
+    ]:
+        s, i = top_k(queries, corpus, k, metric="dot", _block_size=block)
+        es, ei = naive.top_k(queries, corpus, k, metric="dot")
+        assert s.shape == i.shape == (len(queries), min(k, n))
+        assert s.dtype == np.float32 and i.dtype == np.int64
+        np.testing.assert_array_equal(i, ei)
+        np.testing.assert_array_equal(s, es)
+
+
+def check_top_k(s, i, full, k, *, atol, eligible=None):
+    """(s, i) is a valid top-k of the score matrix ``full`` up to ``atol``: the reported
+    scores are the rows' true scores, best first, nothing better was left out, exact ties
+    are in ascending index order, and slots are empty only when no eligible row is left."""
+    nq, n = full.shape
+    eligible = np.ones((nq, n), bool) if eligible is None else eligible
+    assert s.shape == i.shape == (nq, min(k, n))
+    for r in range(nq):
+        filled = i[r] >= 0
+        assert filled.sum() == min(k, eligible[r].sum())
+        assert (i[r][~filled] == -1).all() and np.isneginf(s[r][~filled]).all()
+        chosen = i[r][filled]
+        assert len(set(chosen.tolist())) == len(chosen) and eligible[r][chosen].all()
+        np.testing.assert_allclose(s[r][filled], full[r, chosen], atol=atol)
+        assert (np.diff(s[r][filled]) <= 0).all()
+        same = np.diff(s[r][filled]) == 0
+        assert (np.diff(chosen)[same] > 0).all()
+        rest = eligible[r].copy()
+        rest[chosen] = False
+        if rest.any() and len(chosen):
+            assert full[r, rest].max() <= s[r][filled][-1] + atol
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("n_queries", [1, 3, 40])
+def test_top_k_cosine_matches_naive(n, block, n_queries):
+    corpus = float_matrix(n, 8, n)
+    queries = np.concatenate([corpus[:1], float_matrix(n_queries - 1, 8, n + 3)])
+    full = naive.similarity(queries, corpus, "cosine")
+    for k in sorted({1, 5, n + 2}):
+        s, i = top_k(queries, corpus, k, _block_size=block)
+        check_top_k(s, i, full, k, atol=2e-6)
+        es, _ = naive.top_k(queries, corpus, k, scores=full)
+        np.testing.assert_allclose(s, es, atol=2e-6)
+        if n >= 3:  # row 0 and its duplicate, row n-1, in index order
+            assert i[0, 0] == 0 and (k == 1 or i[0, 1] == n - 1)
+            assert s[0, 0] == s[0, 1] if k > 1 else True
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_top_k_mask_and_exclude_self(block, metric):
+    x = int_matrix(40, 4, 3)
+    mask = np.zeros(40, bool)
+    mask[[0, 3, 5, 17, 39]] = True
+    for exclude_self in (False, True):
+        s, i = top_k(x, x, 8, metric=metric, exclude_self=exclude_self, mask=mask,
+                     _block_size=block)
+        eligible = np.repeat(mask[None, :], 40, axis=0)
+        if exclude_self:
+            np.fill_diagonal(eligible, False)
+        check_top_k(s, i, naive.similarity(x, x, metric), 8, atol=2e-6, eligible=eligible)
+        assert (i[:, 5:] == -1).all() and np.isneginf(s[:, 5:]).all()
+        if exclude_self:
+            assert (i != np.arange(40)[:, None]).all()
+            assert (i[3] >= 0).sum() == 4  # row 3 is masked in but excluded for itself
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_top_k_same_answer_for_one_query_or_many(metric, dtype):
+    # one query streams the corpus, many go through BLAS: the answers agree bit for bit,
+    # and equal the ranking of the dense matrix
+    corpus = float_matrix(513, 24, 11).astype(dtype)
+    corpus[200:230] = corpus[5]
+    queries = np.concatenate([corpus[:3].astype(np.float32), float_matrix(37, 24, 12)])
+    many = top_k(queries, corpus, 12, metric=metric)
+    for r in (0, 1, 2, 20, 39):
+        one = top_k(queries[r : r + 1], corpus, 12, metric=metric)
+        np.testing.assert_array_equal(one[0], many[0][r : r + 1])
+        np.testing.assert_array_equal(one[1], many[1][r : r + 1])
+    func = cosine_similarity if metric == "cosine" else dot_similarity
+    ms, mi = naive.top_k(queries, corpus, 12, scores=func(queries, corpus.astype(np.float32)))
+    np.testing.assert_array_equal(many[1], mi)
+    np.testing.assert_array_equal(many[0], ms.astype(np.float32))
+
+
+def test_top_k_k_beyond_n_returns_n_columns():
+    x = int_matrix(3, 4, 0)
+    s, i = top_k(x, x, 10, metric="dot")
+    assert s.shape == i.shape == (3, 3)
+    s, i = top_k(x, x, 10, metric="dot", exclude_self=True)
+    assert s.shape == (3, 3) and (i[:, 2] == -1).all() and np.isneginf(s[:, 2]).all()
+
+
+def test_top_k_empty_inputs():
+    x = float_matrix(4, 3, 0)
+    s, i = top_k(x[:0], x, 2)
+    assert s.shape == i.shape == (0, 2)
+    s, i = top_k(x, x[:0], 2)
+    assert s.shape == i.shape == (4, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_top_k_other_corpus_dtypes_equal_float32_copy(dtype):
+    corpus = float_matrix(513, 16, 4).astype(dtype)
+    queries = float_matrix(5, 16, 5)
+    for block in BLOCKS:
+        s, i = top_k(queries, corpus, 7, _block_size=block)
+        es, ei = top_k(queries, corpus.astype(np.float32), 7, _block_size=block)
+        np.testing.assert_array_equal(i, ei)
+        np.testing.assert_array_equal(s, es)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_top_k_memmap_corpus(tmp_path, dtype):
+    data = float_matrix(513, 8, 6).astype(dtype)
+    mm = np.memmap(tmp_path / "corpus.bin", dtype=dtype, mode="w+", shape=data.shape)
+    mm[:] = data
+    mm.flush()
+    ro = np.memmap(tmp_path / "corpus.bin", dtype=dtype, mode="r", shape=data.shape)
+    queries = float_matrix(4, 8, 7)
+    for block in BLOCKS:
+        s, i = top_k(queries, ro, 5, _block_size=block)
+        es, ei = top_k(queries, data.astype(np.float32), 5)
+        np.testing.assert_array_equal(i, ei)
+        np.testing.assert_array_equal(s, es)
+
+
+def test_top_k_results_independent_of_thread_count(two_threads):
+    corpus = float_matrix(513, 12, 8)
+    corpus[100:140] = corpus[0]  # many exact ties
+    queries = np.concatenate([corpus[:3], float_matrix(20, 12, 9)])
+    results = []
+    for threads in two_threads:
+        numba.set_num_threads(threads)
+        for n_queries in (1, 4, len(queries)):
+            for metric in ("cosine", "dot"):
+                results.append(top_k(queries[:n_queries], corpus, 9, metric=metric))
+    half = len(results) // len(two_threads)
+    for a, b in zip(results[:half], results[half:]):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------------------
+# similar_pairs
+# ----------------------------------------------------------------------------------------
+
+
+def as_lists(result):
+    i, j, s = result
+    assert i.dtype == np.int64 and j.dtype == np.int64 and s.dtype == np.float32
+    return list(zip(i.tolist(), j.tolist())), s
+
+
+PAIR_CASES = [(n, b) for n in (1, 2, 7, 120) for b in BLOCKS] + [(513, None), (513, 17)]
+
+
+@pytest.mark.parametrize(("n", "block"), PAIR_CASES)
+def test_similar_pairs_dot_exact(n, block):
+    x = int_matrix(n, 3, n, low=-1, high=2)
+    y = int_matrix(max(1, n // 3), 3, n + 1, low=-1, high=2)
+    for other in (None, y):
+        pairs, s = as_lists(similar_pairs(x, 2.0, y=other, metric="dot", _block_size=block))
+        expected = naive.similar_pairs(x, 2.0, y=other, metric="dot")
+        assert pairs == [(a, b) for a, b, _ in expected]
+        np.testing.assert_array_equal(s, [v for _, _, v in expected])
+
+
+@pytest.mark.parametrize(("n", "block"), PAIR_CASES)
+def test_similar_pairs_cosine_equals_thresholded_matrix(n, block):
+    x = float_matrix(n, 4, n)
+    y = float_matrix(max(1, n // 3), 4, n + 1)
+    for other in (None, y):
+        got = similar_pairs(x, 0.7, y=other, _block_size=block)
+        pairs, s = as_lists(got)
+        full = cosine_similarity(x, other)
+        expected = naive.similar_pairs(x, 0.7, y=other, scores=full)
+        assert pairs == [(a, b) for a, b, _ in expected]
+        np.testing.assert_array_equal(s, [v for _, _, v in expected])
+        # and the scores are right, not only consistent
+        ref = naive.similarity(x, other, "cosine")
+        np.testing.assert_allclose(s, ref[got[0], got[1]], atol=1e-5)
+
+
+def test_similar_pairs_duplicates_found_once():
+    x = float_matrix(50, 8, 3)
+    x[10] = x[20] = x[30]
+    i, j, s = similar_pairs(x, 0.999, _block_size=17)
+    assert list(zip(i.tolist(), j.tolist())) == [(0, 49), (10, 20), (10, 30), (20, 30)]
+    np.testing.assert_allclose(s, 1.0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------
+
+
+def test_validation_messages():
+    x = float_matrix(4, 3, 0)
+    with pytest.raises(InvalidInputError, match=r"2-D array .* got shape \(3,\)"):
+        top_k(x[0], x, 2)
+    with pytest.raises(InvalidInputTypeError, match="dtype float32, float16 or float64, got int64"):
+        cosine_similarity(np.ones((2, 2), np.int64))
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(InvalidInputError, match="corpus must be finite.*row 2"):
+        top_k(x, bad, 2)
+    with pytest.raises(InvalidInputError, match="queries must be finite.*row 2"):
+        top_k(bad, x, 2)
+    bad[2, 1] = np.inf
+    with pytest.raises(InvalidInputError, match="x must be finite"):
+        similar_pairs(bad, 0.5)
+    with pytest.raises(DimensionMismatchError, match="same number of columns, got 3 and 2"):
+        top_k(x, x[:, :2], 2)
+    with pytest.raises(DimensionMismatchError):
+        cosine_similarity(x, x[:, :2])
+    with pytest.raises(InvalidInputError, match="k must be >= 1, got 0"):
+        top_k(x, x, 0)
+    with pytest.raises(InvalidInputTypeError, match="k must be an integer"):
+        top_k(x, x, 2.5)
+    with pytest.raises(InvalidInputError, match=r"threshold must be in \[-1, 1\].*1.5"):
+        similar_pairs(x, 1.5)
+    similar_pairs(x, 1.5, metric="dot")  # any threshold is fine for dot
+    with pytest.raises(InvalidInputError, match="metric must be 'cosine' or 'dot', got 'l2'"):
+        top_k(x, x, 2, metric="l2")
+    with pytest.raises(InvalidInputTypeError, match="mask must be a bool array"):
+        top_k(x, x, 2, mask=np.ones(4))
+    with pytest.raises(InvalidInputError, match=r"mask must have shape \(4,\)"):
+        top_k(x, x, 2, mask=np.ones(3, bool))
+    # errors are ValueError / TypeError for callers who do not know the package
+    with pytest.raises(ValueError):
+        top_k(x, x, -1)
+    with pytest.raises(TypeError):
+        normalize(np.array([["a"]]))
+
+
+# ----------------------------------------------------------------------------------------
+# hypothesis properties
+# ----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrix_pairs(max_rows=10))
+def test_cosine_properties(ab):
+    a, b = ab
+    s = cosine_similarity(a)
+    assert ((s >= -1) & (s <= 1)).all()
+    np.testing.assert_array_equal(s, s.T)  # exactly symmetric
+    nonzero = np.linalg.norm(a.astype(np.float64), axis=1) > 0
+    np.testing.assert_allclose(np.diag(s)[nonzero], 1.0, atol=1e-6)
+    np.testing.assert_array_equal(cosine_similarity(a, b), cosine_similarity(b, a).T)
+    np.testing.assert_array_equal(dot_similarity(a, b), dot_similarity(b, a).T)
+    d = dot_similarity(a)
+    np.testing.assert_array_equal(d, d.T)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    matrix_pairs(max_rows=14, min_rows=1),
+    st.integers(1, 16),
+    st.sampled_from(["cosine", "dot"]),
+    st.sampled_from([None, 1, 3, 5]),
+)
+def test_top_k_properties(ab, k, metric, block):
+    queries, corpus = ab
+    s, i = top_k(queries, corpus, k, metric=metric, _block_size=block)
+    assert (np.diff(s, axis=1) <= 0).all()  # best first
+    if metric == "cosine":
+        assert ((s >= -1) & (s <= 1)).all()
+    full = naive.similarity(queries, corpus, metric)  # the matrix's best k
+    scale = np.abs(queries).max() * np.abs(corpus).max() * queries.shape[1]
+    check_top_k(s, i, full, k, atol=2e-6 if metric == "cosine" else 1e-6 * scale)
+    own = (cosine_similarity if metric == "cosine" else dot_similarity)(queries, corpus)
+    ms, mi = naive.top_k(queries, corpus, k, scores=own)
+    np.testing.assert_array_equal(s, ms.astype(np.float32))
+    np.testing.assert_array_equal(i, mi)
+    # the same answer for any block size
+    s2, i2 = top_k(queries, corpus, k, metric=metric, _block_size=2)
+    np.testing.assert_array_equal(s, s2)
+    np.testing.assert_array_equal(i, i2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    matrix_pairs(max_rows=14, min_rows=1),
+    st.floats(-1, 1),
+    st.sampled_from([None, 2, 5]),
+    st.booleans(),
+)
+def test_similar_pairs_equals_thresholded_matrix(ab, threshold, block, cross):
+    x, y = ab
+    other = y if cross else None
+    i, j, s = similar_pairs(x, threshold, y=other, _block_size=block)
+    full = cosine_similarity(x, other)
+    if not cross:
+        full = np.triu(full, 1) + np.tril(np.full_like(full, -np.inf))
+    ei, ej = np.nonzero(full >= np.float32(threshold))
+    np.testing.assert_array_equal(i, ei)
+    np.testing.assert_array_equal(j, ej)
+    np.testing.assert_array_equal(s, full[ei, ej])
+
+
+@settings(max_examples=15, deadline=None)
+@given(matrices(max_rows=30, min_rows=1, elements=small_ints), st.integers(1, 8))
+def test_results_unchanged_by_thread_count(x, k):
+    before = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in {1, min(2, numba.config.NUMBA_NUM_THREADS)}:
+            numba.set_num_threads(threads)
+            runs.append((top_k(x, x, k, exclude_self=True), similar_pairs(x, 0.3)))
+    finally:
+        numba.set_num_threads(before)
+    for (a, b), (c, d) in zip(runs, runs[1:]):
+        for u, v in zip(a + b, c + d):
+            np.testing.assert_array_equal(u, v)
