@@ -1164,6 +1164,9 @@ class VectorStore:
             raise InvalidInputTypeError(f"threshold must be a number, got {type(threshold).__name__}")
         if not math.isfinite(float(threshold)):
             raise InvalidInputError(f"threshold must be finite, got {threshold!r}")
+        with self._reading() as v:
+            if v.settings["metric"] == "cosine" and not -1.0 <= float(threshold) <= 1.0:
+                raise InvalidInputError(f"threshold must be in [-1, 1] for cosine, got {threshold}")
         if other is not None and not isinstance(other, VectorStore):
             raise InvalidInputTypeError(f"other must be a VectorStore or None, got {type(other).__name__}")
         with self._reading() as v:
