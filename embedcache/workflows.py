@@ -494,18 +494,20 @@ def _priority(keep: Any, n: int, texts: list[str] | None) -> np.ndarray:
     if keep == "longest":
         lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)  # type: ignore[union-attr]
         return np.argsort(-lengths, kind="stable").astype(np.int64)
-    raise InvalidInputError(
-        "mode='greedy' takes keep='first' or keep='longest', got a callable; "
-        "use mode='connected' for a custom choice"
-    )
+    raise AssertionError(f"unchecked keep {keep!r}")  # _check_keep refuses the rest
 
 
-def _check_keep(keep: Any, texts: list[str] | None) -> None:
+def _check_keep(keep: Any, texts: list[str] | None, mode: str, *, texts_known: bool = False) -> None:
     if callable(keep):
+        if mode == "greedy":
+            raise InvalidInputError(
+                "mode='greedy' takes keep='first' or keep='longest', got a callable; "
+                "use mode='connected' for a custom choice"
+            )
         return
     if keep not in ("first", "longest"):
         raise InvalidInputError(f"keep must be 'first', 'longest' or a callable, got {keep!r}")
-    if keep == "longest" and texts is None:
+    if keep == "longest" and texts is None and texts_known:
         raise InvalidInputError(
             "keep='longest' needs texts (a list of str, or a store whose metadata has 'text'); "
             "got vectors only"
@@ -582,10 +584,12 @@ def deduplicate(
         raise InvalidInputError(f"mode must be 'connected' or 'greedy', got {mode!r}")
     if not isinstance(_chunk_rows, int) or _chunk_rows < 1:
         raise InvalidInputError(f"_chunk_rows must be >= 1, got {_chunk_rows}")
+    if against is None:  # check what can be checked before anything is embedded
+        _check_keep(keep, None, mode)
     p = _prepare(items, embedder=embedder, progress=progress)
     if against is not None:
         return _deduplicate_against(p, against, threshold, embedder, progress, _chunk_rows)
-    _check_keep(keep, p.texts)
+    _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
     ui, uj, us = _pairs_within(p.x, threshold, progress, _chunk_rows)
     pi, pj, ps = _item_edges(p, ui, uj, us)

@@ -301,6 +301,15 @@ def test_texts_against_reference(embedder):
     assert "kept" in res.explain(1)
 
 
+def test_bad_keep_is_refused_before_embedding(embedder):
+    inner, emb = embedder
+    with pytest.raises(ec.InvalidInputError, match="keep must be"):
+        ec.deduplicate(TEXTS, keep="last", embedder=emb, progress=False)
+    with pytest.raises(ec.InvalidInputError, match="greedy"):
+        ec.deduplicate(TEXTS, keep=min, mode="greedy", embedder=emb, progress=False)
+    assert inner.seen == []
+
+
 def test_invalid_texts_name_the_position(embedder):
     _, emb = embedder
     with pytest.raises(ec.InvalidInputError, match=r"texts\[1\]"):
