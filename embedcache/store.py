@@ -96,8 +96,8 @@ MAX_SEGMENT_BYTES = 256 * 1024 * 1024
 _CHUNK_BYTES = 16 * 1024 * 1024
 #: add_texts embeds this many texts per call to the embedder
 _EMBED_CHUNK = 4096
-#: SQLite statements take at most this many ``?`` parameters at once
-_SQL_CHUNK = 500
+#: ids sent to SQLite per statement (as one JSON array, unpacked by json_each)
+_SQL_CHUNK = 1 << 20
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 _METRICS = ("cosine", "dot")
 _SEGMENT_NAME = re.compile(r"^\d+\.vec(\.tmp)?$")
@@ -386,6 +386,7 @@ class VectorStore:
             self._conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA busy_timeout = 60000")
             self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: keeps the id index in memory
             exists = self._conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings'"
             ).fetchone()
@@ -838,20 +839,30 @@ class VectorStore:
         with ThreadPoolExecutor(1, thread_name_prefix="embedcache-store-write") as pool:
             fut = pool.submit(write_all)
             try:
-                if upsert:
-                    for a in range(0, n, _SQL_CHUNK):
-                        part = ids[a : a + _SQL_CHUNK]
+                for a in range(0, n, _SQL_CHUNK):
+                    part = ids[a : a + _SQL_CHUNK]
+                    if upsert:
                         conn.execute(
-                            f"UPDATE rows SET deleted = 1 WHERE deleted = 0 AND id IN ({','.join('?' * len(part))})",
-                            part,
+                            "UPDATE rows SET deleted = 1 WHERE deleted = 0 AND id IN (SELECT value FROM json_each(?))",
+                            (json.dumps(part),),
                         )
-                try:
-                    conn.executemany(
-                        "INSERT INTO rows(row, id, metadata) VALUES (?, ?, ?)",
-                        zip(range(new_first, new_first + n), ids, md),
-                    )
-                except sqlite3.IntegrityError:
-                    raise self._duplicate_error(ids) from None
+                    try:
+                        if any(m is not None for m in md[a : a + _SQL_CHUNK]):
+                            pairs = ",".join(
+                                f"[{json.dumps(i)},{m or 'null'}]" for i, m in zip(part, md[a : a + _SQL_CHUNK])
+                            )
+                            conn.execute(
+                                "INSERT INTO rows(row, id, metadata) SELECT ? + key, json_extract(value, '$[0]'), "
+                                "json_extract(value, '$[1]') FROM json_each(?)",
+                                (new_first + a, f"[{pairs}]"),
+                            )
+                        else:
+                            conn.execute(
+                                "INSERT INTO rows(row, id) SELECT ? + key, value FROM json_each(?)",
+                                (new_first + a, json.dumps(part)),
+                            )
+                    except sqlite3.IntegrityError:
+                        raise self._duplicate_error(ids) from None
                 segments = fut.result()
             except BaseException:
                 stop.set()
@@ -863,15 +874,9 @@ class VectorStore:
         w.obsolete += [s.path for s in merged]
 
     def _duplicate_error(self, ids: list[str]) -> DuplicateIdError:
-        conn = self._check_open()
-        for a in range(0, len(ids), _SQL_CHUNK):
-            part = ids[a : a + _SQL_CHUNK]
-            row = conn.execute(
-                f"SELECT id FROM rows WHERE deleted = 0 AND id IN ({','.join('?' * len(part))}) LIMIT 1", part
-            ).fetchone()
-            if row:
-                return DuplicateIdError(f"id {row[0]!r} is already in the store; pass upsert=True to replace it")
-        return DuplicateIdError("an id is already in the store; pass upsert=True to replace it")
+        found = self._rows_of(ids)
+        first = next((i for i in ids if i in found), None)
+        return DuplicateIdError(f"id {first!r} is already in the store; pass upsert=True to replace it")
 
     def _write_segment(
         self, w: _Write, seg: int, chunks: Iterable[np.ndarray], stop: threading.Event
@@ -974,11 +979,11 @@ class VectorStore:
         conn = self._check_open()
         found: dict[str, int] = {}
         for a in range(0, len(ids), _SQL_CHUNK):
-            part = ids[a : a + _SQL_CHUNK]
             found.update(
                 conn.execute(
-                    f"SELECT id, row FROM rows WHERE deleted = 0 AND id IN ({','.join('?' * len(part))})", part
-                ).fetchall()
+                    "SELECT id, row FROM rows WHERE deleted = 0 AND id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(ids[a : a + _SQL_CHUNK]),),
+                )
             )
         return found
 
@@ -1018,11 +1023,11 @@ class VectorStore:
             text: dict[int, str | None] = {}
             uniq = sorted(set(rows.tolist()))
             for a in range(0, len(uniq), _SQL_CHUNK):
-                part = uniq[a : a + _SQL_CHUNK]
                 text.update(
                     conn.execute(
-                        f"SELECT row, metadata FROM rows WHERE row IN ({','.join('?' * len(part))})", part
-                    ).fetchall()
+                        "SELECT row, metadata FROM rows WHERE row IN (SELECT value FROM json_each(?))",
+                        (json.dumps(uniq[a : a + _SQL_CHUNK]),),
+                    )
                 )
         return [json.loads(text[r]) if text[r] else {} for r in rows.tolist()]
 
@@ -1067,9 +1072,11 @@ class VectorStore:
             found: dict[int, str] = {}
             ul = uniq.tolist()
             for a in range(0, len(ul), _SQL_CHUNK):
-                part = ul[a : a + _SQL_CHUNK]
                 found.update(
-                    conn.execute(f"SELECT row, id FROM rows WHERE row IN ({','.join('?' * len(part))})", part)
+                    conn.execute(
+                        "SELECT row, id FROM rows WHERE row IN (SELECT value FROM json_each(?))",
+                        (json.dumps(ul[a : a + _SQL_CHUNK]),),
+                    )
                 )
             names[:] = [found[r] for r in ul]
         out[valid] = names[np.searchsorted(uniq, rows[valid])]
