@@ -39,7 +39,7 @@ def server(fake_server):
 def make(server, **kwargs):
     kwargs.setdefault("api_key", SECRET)
     return OpenAIEmbeddings("test-embed-small", base_url=server.base_url, requests_per_second=None,
-                            sleep=lambda s: None, max_retries=1, timeout=0.3, **kwargs)
+                            sleep=lambda s: None, max_retries=1, timeout=0.5, **kwargs)
 
 
 def all_text_of(exc: BaseException) -> str:
@@ -63,7 +63,7 @@ FAULTS = [
     (Fault.error(500, style="fastapi", message=ECHO), ServerError),
     (Fault.error(409, message=ECHO), APIStatusError),
     (Fault.drop(), APIConnectionError),
-    (Fault.slow(2.0), APITimeoutError),
+    (Fault.slow(5.0), APITimeoutError),
     (Fault.nan(), InvalidResponseError),
     (Fault.malformed_json(), InvalidResponseError),
 ]
