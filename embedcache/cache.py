@@ -5,10 +5,11 @@ safe for several threads and processes at once). :class:`CachedEmbedder` wraps a
 :class:`~embedcache.providers.base.Embedder` so that a text is never embedded twice.
 
 Keys
-    SHA-256 (hex) over a length-prefixed encoding of (format version, namespace, model,
+    SHA-256 over a length-prefixed encoding of (format version, namespace, model,
     dimensions, text). Every field carries a tag and its byte length, so no two different
     tuples encode to the same bytes (model ``"a"`` + text ``"bc"`` is not model ``"ab"`` +
-    text ``"c"``), and nothing is truncated.
+    text ``"c"``), and nothing is truncated. :meth:`EmbeddingCache.make_key` gives it as 64
+    hex digits; the database stores the 32 raw bytes.
 
 Values
     A 16-byte header (magic ``b"ECv1"``, dtype code, dimension, and a checksum: the sum of
@@ -111,18 +112,12 @@ def _key_prefix(namespace: str, model: str, dimensions: int | None) -> Any:
     return h
 
 
-def _text_digest(prefix: Any, text: str) -> bytes:
-    """The 32-byte key of ``text``; :meth:`EmbeddingCache.make_key` is its hex form."""
-    h = prefix.copy()
-    h.update(_field(b"T", _utf8(text)))
-    return h.digest()
-
-
 def _digests(prefix: Any, texts: list[str]) -> list[bytes]:
-    """``[_text_digest(prefix, t) for t in texts]``, inlined: this loop is on the hot path."""
+    """The 32-byte key of each text: ``prefix`` + the text's field (``_field(b"T", ...)``,
+    inlined: this loop is on the hot path)."""
     copy, pack, out = prefix.copy, _LENGTH.pack, []
     for t in texts:
-        b = t.encode("utf-8", "surrogatepass")
+        b = _utf8(t)
         h = copy()
         h.update(b"T" + pack(len(b)) + b)
         out.append(h.digest())
@@ -198,24 +193,30 @@ def _value_dim(blob: object) -> int | None:
     return dim if ok[0] else None
 
 
+def _finite_float32(x: np.ndarray, label: str) -> np.ndarray:
+    """``x`` as C-contiguous float32, refusing non-float dtypes and non-finite values."""
+    if x.dtype.kind != "f":
+        raise InvalidInputTypeError(f"{label} must be floating point, got dtype {x.dtype}")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(x, dtype=np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise InvalidInputError(
+            f"{label} must be finite (as float32), got NaN or infinity at index {first}"
+        )
+    return out
+
+
 def _as_matrix(vectors: np.ndarray, n: int) -> np.ndarray:
     """Validate a 2-D array for :meth:`EmbeddingCache.set_many`: (n, d) finite floats."""
-    if vectors.dtype.kind != "f":
-        raise InvalidInputTypeError(f"vectors must be floating point, got dtype {vectors.dtype}")
     if vectors.shape[0] != n:
         raise InvalidInputError(f"expected {n} vectors, one per key, got {vectors.shape[0]}")
     if not 1 <= vectors.shape[1] <= _MAX_DIM:
         raise DimensionMismatchError(
             f"vectors must have 1..{_MAX_DIM} components, got shape {vectors.shape}"
         )
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(vectors, dtype=np.float32)
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        raise InvalidInputError(
-            f"vectors[{int(np.argmax(bad))}] has NaN or infinite components (as float32)"
-        )
-    return out
+    return _finite_float32(vectors, "vectors")
 
 
 def _as_rows(vectors: object, n: int) -> list[np.ndarray]:
@@ -233,12 +234,11 @@ def _as_rows(vectors: object, n: int) -> list[np.ndarray]:
     if len(rows) != n:
         raise InvalidInputError(f"expected {n} vectors, one per key, got {len(rows)}")
     for i, v in enumerate(rows):
-        if v.ndim != 1:
-            raise DimensionMismatchError(f"vectors[{i}] must be 1-D, got shape {v.shape}")
-        try:
-            rows[i] = _as_matrix(v[None, :], 1)[0]
-        except InvalidInputError as exc:
-            raise type(exc)(f"vectors[{i}]: {exc}") from None
+        if v.ndim != 1 or not 1 <= v.shape[0] <= _MAX_DIM:
+            raise DimensionMismatchError(
+                f"vectors[{i}] must be 1-D with 1..{_MAX_DIM} components, got shape {v.shape}"
+            )
+        rows[i] = _finite_float32(v, f"vectors[{i}]")
     return rows
 
 
@@ -355,7 +355,7 @@ class EmbeddingCache:
         """
         if not isinstance(text, str):
             raise InvalidInputTypeError(f"text must be a str, got {type(text).__name__}")
-        return _text_digest(_key_prefix(namespace, model, dimensions), text).hex()
+        return _digests(_key_prefix(namespace, model, dimensions), [text])[0].hex()
 
     # ------------------------------------------------------------------ reads and writes
 
@@ -604,11 +604,10 @@ def _check_vectors(vectors: object, rows: int, dim: int | None, what: str) -> np
     if vectors.shape[1] == 0 or (dim is not None and vectors.shape[1] != dim):
         expected = f"dimension {dim}" if dim is not None else "a dimension >= 1"
         raise InvalidResponseError(f"{what}: expected {expected}, got {vectors.shape[1]}")
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not np.isfinite(out).all():
-        raise InvalidResponseError(f"{what} contain NaN or infinite values (as float32)")
-    return out
+    try:
+        return _finite_float32(vectors, what)
+    except InvalidInputError as exc:
+        raise InvalidResponseError(str(exc)) from None
 
 
 def _show_progress(progress: bool | None) -> bool:
@@ -636,18 +635,21 @@ class _Call:
         self.usage_before = _usage_snapshot(owner.embedder)
         self.texts = validate_texts(texts)
         prefix = _key_prefix(owner.cache_namespace, owner.model, owner.dimensions)
-        slot_of: dict[bytes, int] = {}
-        distinct_texts: list[str] = []
-        inverse = np.empty(len(self.texts), dtype=np.int64)  # input position -> distinct slot
-        for i, (t, key) in enumerate(zip(self.texts, _digests(prefix, self.texts))):
-            slot = slot_of.get(key)
-            if slot is None:
-                slot = slot_of[key] = len(distinct_texts)
-                distinct_texts.append(t)
-            inverse[i] = slot
-        self.keys = list(slot_of)
-        # slots are numbered in order of first appearance: without repeats, slot == position
-        self.inverse = None if len(self.keys) == len(self.texts) else inverse
+        digests = _digests(prefix, self.texts)
+        # slots: distinct keys in order of first appearance; without repeats, slot == position
+        self.inverse: np.ndarray | None = None  # input position -> slot, when there are repeats
+        if len(dict.fromkeys(digests)) == len(digests):
+            self.keys, distinct_texts = digests, self.texts
+        else:
+            slot_of: dict[bytes, int] = {}
+            distinct_texts = []
+            self.inverse = np.empty(len(digests), dtype=np.int64)
+            for i, (t, key) in enumerate(zip(self.texts, digests)):
+                slot = slot_of.setdefault(key, len(slot_of))
+                if slot == len(distinct_texts):
+                    distinct_texts.append(t)
+                self.inverse[i] = slot
+            self.keys = list(slot_of)
         self.dim = owner.dimensions
         self.vectors: np.ndarray | None = None
         self.have = np.zeros(len(self.keys), dtype=bool)
@@ -865,7 +867,8 @@ class CachedEmbedder:
         """:meth:`embed` for callers inside an event loop.
 
         Uses the wrapped embedder's ``aembed`` when it has one, else runs its ``embed`` in a
-        worker thread; the cache lookup runs in a worker thread too.
+        worker thread; the cache lookup runs in a worker thread too. Batches that arrive on
+        the event loop are written to the cache there (one short transaction each).
         """
         call = await asyncio.to_thread(_Call, self, texts, progress, on_batch)
         try:

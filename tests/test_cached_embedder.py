@@ -251,14 +251,14 @@ def _nan(b, v):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (_nan, "NaN or infinite"),
-        (lambda b, v: np.where(v > 0, np.inf, v), "NaN or infinite"),
+        (_nan, "NaN or infinity"),
+        (lambda b, v: np.where(v > 0, np.inf, v), "NaN or infinity"),
         (lambda b, v: v[:-1], "expected 3 vectors"),
         (lambda b, v: v[0], "2-D float array"),
         (lambda b, v: v.astype(np.int64), "2-D float array"),
         (lambda b, v: v.tolist(), "2-D float array"),
         (lambda b, v: v[:, :0], "dimension"),
-        (lambda b, v: v.astype(np.float64) * 1e300, "NaN or infinite"),  # overflows float32
+        (lambda b, v: v.astype(np.float64) * 1e300, "NaN or infinity"),  # overflows float32
     ],
 )
 def test_bad_vectors_are_rejected_and_never_cached(cache, corrupt, message):
