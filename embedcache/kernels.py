@@ -35,11 +35,19 @@ array([[0, 1]])
 
 from __future__ import annotations
 
-import numba
-import numpy as np
-from numba import njit, prange
+import os
 
-from embedcache.errors import (
+# numba's OpenMP threads spin for milliseconds after each parallel loop, and so do BLAS's
+# threads after each gemm; on few cores, alternating between the two pools then costs
+# ~20 ms per hand-over. Passive waiting removes that. Set OMP_WAIT_POLICY yourself (before
+# importing embedcache) to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+from embedcache.errors import (  # noqa: E402
     DimensionMismatchError,
     InvalidInputError,
     InvalidInputTypeError,
@@ -145,7 +153,7 @@ def _check_block(block: int | None, default: int) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
 def _dot64(a, b):
     """Dot product of two float32 vectors, accumulated in float64."""
     s = 0.0
@@ -196,24 +204,41 @@ def _heap_replace_root(hs, hi, s, j):
     hi[pos] = j
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _row_stats(x, inv, norm):
+# Parallel loops run over contiguous chunks, one serial (vectorized) call per chunk:
+# numba vectorizes a plain serial function better than the body of a prange loop.
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_stats_chunk(x, inv, norm):
+    bad = -1
+    for i in range(x.shape[0]):
+        ss = _dot64(x[i], x[i])
+        if not np.isfinite(ss):
+            if bad < 0:
+                bad = i
+            ss = 0.0
+        inv[i] = _inv_norm(ss)
+        norm[i] = np.sqrt(ss)
+    return bad
+
+
+@njit(parallel=True, cache=True)
+def _row_stats(x, inv, norm, chunks):
     """inv[i] = 1/|x_i| (0 for a zero row), norm[i] = |x_i| (float64 accumulation).
 
     Returns the first row that holds NaN or infinity, or -1.
     """
     n = x.shape[0]
-    first_bad = np.full(n, -1, np.int64) if n else np.full(1, -1, np.int64)
-    for i in prange(n):
-        ss = _dot64(x[i], x[i])
-        if not np.isfinite(ss):
-            first_bad[i] = i
-            ss = 0.0
-        inv[i] = _inv_norm(ss)
-        norm[i] = np.sqrt(ss)
-    for i in range(n):
-        if first_bad[i] >= 0:
-            return i
+    bad = np.full(chunks, -1, np.int64)
+    for t in prange(chunks):
+        lo = n * t // chunks
+        hi = n * (t + 1) // chunks
+        b = _row_stats_chunk(x[lo:hi], inv[lo:hi], norm[lo:hi])
+        if b >= 0:
+            bad[t] = lo + b
+    for t in range(chunks):
+        if bad[t] >= 0:
+            return bad[t]
     return -1
 
 
@@ -232,15 +257,18 @@ def _gemm_nt(a, b, out):
     np.dot(a, b.T, out)
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def _dense_row(arow, ia, b, inv_b, cosine, start, out):
+    for j in range(start, b.shape[0]):
+        out[j] = _score(_dot64(arow, b[j]), ia, inv_b[j], cosine)
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _dense(a, b, inv_a, inv_b, cosine, symmetric, out):
     """out[i, j] = score(a_i, b_j); with symmetric (b is a) one triangle, mirrored."""
     n = a.shape[0]
-    m = b.shape[0]
     for i in prange(n):
-        start = i if symmetric else 0
-        for j in range(start, m):
-            out[i, j] = _score(_dot64(a[i], b[j]), inv_a[i], inv_b[j], cosine)
+        _dense_row(a[i], inv_a[i], b, inv_b, cosine, i if symmetric else 0, out[i])
     if symmetric:
         for j in prange(n):
             for i in range(j):
@@ -264,29 +292,35 @@ def _select_tile(
     went to BLAS normalized; 1 for dot); ``margin_q[q]`` bounds the BLAS error there. Each
     query row belongs to one thread and is scanned in ascending corpus order.
     """
-    nq, nc = s.shape
-    for r in prange(nq):
+    for r in prange(s.shape[0]):
         q = row0 + r
-        hs = heap_s[q]
-        hi = heap_i[q]
-        qrow = queries[q]
-        margin = margin_q[q]
-        cut = _cutoff(hs[0], margin, rel)
-        for c in range(nc):
-            v = s[r, c] * filt_c[c]
-            if not v < cut:  # NaN (a row too small for the filter) is a candidate
-                j = col0 + c
-                if use_mask and not mask[j]:
-                    continue
-                if exclude_self and j == q:
-                    continue
-                e = _score(_dot64(qrow, block[c]), inv_q[q], inv_c[c], cosine)
-                if _better(e, j, hs[0], hi[0]):
-                    _heap_replace_root(hs, hi, e, j)
-                    cut = _cutoff(hs[0], margin, rel)
+        _select_row(
+            s[r], q, queries[q], inv_q[q], margin_q[q], rel, block, inv_c, filt_c, col0,
+            cosine, mask, use_mask, exclude_self, heap_s[q], heap_i[q],
+        )
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
+def _select_row(
+    srow, q, qrow, iq, margin, rel, block, inv_c, filt_c, col0, cosine,
+    mask, use_mask, exclude_self, hs, hi,
+):
+    cut = _cutoff(hs[0], margin, rel)
+    for c in range(srow.shape[0]):
+        v = srow[c] * filt_c[c]
+        if not v < cut:  # NaN (a row too small for the filter) is a candidate
+            j = col0 + c
+            if use_mask and not mask[j]:
+                continue
+            if exclude_self and j == q:
+                continue
+            e = _score(_dot64(qrow, block[c]), iq, inv_c[c], cosine)
+            if _better(e, j, hs[0], hi[0]):
+                _heap_replace_root(hs, hi, e, j)
+                cut = _cutoff(hs[0], margin, rel)
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def _stream_row(row, j, queries, inv_q, inv_r, cosine, exclude_self, hs, hi):
     for q in range(queries.shape[0]):
         if exclude_self and j == q:
@@ -308,25 +342,54 @@ def _stream_f32(queries, inv_q, corpus, cosine, mask, use_mask, exclude_self, he
     for t in prange(chunks):
         lo = n * t // chunks
         part = corpus[lo : n * (t + 1) // chunks]
-        hs = heap_s[t]
-        hi = heap_i[t]
-        for jj in range(part.shape[0]):
-            row = part[jj]
-            ss = _dot64(row, row)
-            if not np.isfinite(ss):
-                if bad[t] < 0:
-                    bad[t] = lo + jj
-                continue
-            if use_mask and not mask[lo + jj]:
-                continue
-            _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
+        bad[t] = _stream_chunk_f32(
+            part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, heap_s[t], heap_i[t]
+        )
     for t in range(chunks):
         if bad[t] >= 0:
             return bad[t]
     return -1
 
 
-@njit(inline="always")
+@njit(fastmath=FASTMATH, cache=True)
+def _stream_chunk_f32(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
+    bad = -1
+    for jj in range(part.shape[0]):
+        row = part[jj]
+        ss = _dot64(row, row)
+        if not np.isfinite(ss):
+            if bad < 0:
+                bad = lo + jj
+            continue
+        if use_mask and not mask[lo + jj]:
+            continue
+        _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
+    return bad
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _stream_chunk_f16(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
+    d = part.shape[1]
+    bad = -1
+    two112 = np.float32(2.0**112)
+    bits = np.empty(d, np.uint32)
+    raw = bits.view(np.float32)
+    row = np.empty(d, np.float32)
+    for jj in range(part.shape[0]):
+        if _half_to_float(part[jj], bits):
+            if bad < 0:
+                bad = lo + jj
+            continue
+        for k in range(d):
+            row[k] = raw[k] * two112  # rebias the exponent; exact, subnormals included
+        if use_mask and not mask[lo + jj]:
+            continue
+        ss = _dot64(row, row)
+        _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
+    return bad
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def _half_to_float(h, bits):
     """float16 bit patterns -> float32 bit patterns (into ``bits``); True if inf/NaN seen."""
     special = False
@@ -341,29 +404,15 @@ def _half_to_float(h, bits):
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _stream_f16(queries, inv_q, corpus, cosine, mask, use_mask, exclude_self, heap_s, heap_i):
     """As _stream_f32 for a float16 corpus given as its uint16 bit patterns."""
-    n, d = corpus.shape
+    n = corpus.shape[0]
     chunks = heap_s.shape[0]
     bad = np.full(chunks, -1, np.int64)
-    two112 = np.float32(2.0**112)
     for t in prange(chunks):
         lo = n * t // chunks
         part = corpus[lo : n * (t + 1) // chunks]
-        hs = heap_s[t]
-        hi = heap_i[t]
-        bits = np.empty(d, np.uint32)
-        raw = bits.view(np.float32)
-        row = np.empty(d, np.float32)
-        for jj in range(part.shape[0]):
-            if _half_to_float(part[jj], bits):
-                if bad[t] < 0:
-                    bad[t] = lo + jj
-                continue
-            for k in range(d):
-                row[k] = raw[k] * two112  # rebias the exponent; exact, subnormals included
-            if use_mask and not mask[lo + jj]:
-                continue
-            ss = _dot64(row, row)
-            _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
+        bad[t] = _stream_chunk_f16(
+            part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, heap_s[t], heap_i[t]
+        )
     for t in range(chunks):
         if bad[t] >= 0:
             return bad[t]
@@ -412,23 +461,27 @@ def _pairs_tile(
     width and counts every match in counts[r]; a row that overflows is redone by the
     caller with wider buffers. With ``diagonal`` only columns c > r are considered.
     """
-    nr, nc = s.shape
-    width = out_j.shape[1]
-    for r in prange(nr):
-        cut = _pair_cut(thr, margin_x[r], rel)
-        fx = filt_x[r]
-        xrow = xb[r]
-        n_found = 0
-        start = r + 1 if diagonal else 0
-        for c in range(start, nc):
-            if not s[r, c] * (fx * filt_y[c]) < cut:  # NaN: rescore
-                e = _score(_dot64(xrow, yb[c]), inv_x[r], inv_y[c], cosine)
-                if e >= thr:
-                    if n_found < width:
-                        out_j[r, n_found] = c
-                        out_s[r, n_found] = e
-                    n_found += 1
-        counts[r] = n_found
+    for r in prange(s.shape[0]):
+        counts[r] = _pairs_row(
+            s[r], xb[r], yb, inv_x[r], inv_y, filt_x[r], filt_y,
+            _pair_cut(thr, margin_x[r], rel), thr, r + 1 if diagonal else 0, cosine,
+            out_j[r], out_s[r],
+        )
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _pairs_row(srow, xrow, yb, ix, inv_y, fx, filt_y, cut, thr, start, cosine, out_j, out_s):
+    width = out_j.shape[0]
+    n_found = 0
+    for c in range(start, srow.shape[0]):
+        if not srow[c] * (fx * filt_y[c]) < cut:  # NaN: rescore
+            e = _score(_dot64(xrow, yb[c]), ix, inv_y[c], cosine)
+            if e >= thr:
+                if n_found < width:
+                    out_j[n_found] = c
+                    out_s[n_found] = e
+                n_found += 1
+    return n_found
 
 
 # ----------------------------------------------------------------------------------------
@@ -459,7 +512,7 @@ def _filter_scale(inv: np.ndarray, norm: np.ndarray) -> np.ndarray:
 def _stats(x: np.ndarray, name: str, offset: int = 0):
     inv = np.empty(x.shape[0], np.float64)
     norm = np.empty(x.shape[0], np.float64)
-    bad = _row_stats(x, inv, norm)
+    bad = _row_stats(x, inv, norm, max(1, min(numba.get_num_threads(), x.shape[0])))
     if bad >= 0:
         raise InvalidInputError(
             f"{name} must be finite, got NaN or infinity in row {offset + bad}"
@@ -607,7 +660,10 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None,
         _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
         return out_s, out_i
 
-    cblock = _check_block(_block_size, _TOPK_CORPUS_BLOCK)
+    # score tiles of about 16 MiB: fewer, larger blocks when there are few queries
+    direct = base.dtype == np.float32 and base.flags.c_contiguous
+    default_block = max(_TOPK_CORPUS_BLOCK, min((1 << 22) // nq, 65536 if direct else 8192))
+    cblock = _check_block(_block_size, default_block)
     qblock = _check_block(_block_size, _TOPK_QUERY_BLOCK)
     margin = _blas_margin(q32.shape[1])
     if cosine:
