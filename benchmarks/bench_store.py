@@ -95,12 +95,16 @@ def _run(n: int, d: int, args: argparse.Namespace, work: Path) -> None:
     print(f"{n:,} x {d} float32 ({mb:,.0f} MB), cores: {os.cpu_count()}, in {work}")
 
     # ------------------------------------------------------------------ ingest
-    raw = min(_raw_write(work / f"raw{i}.bin", x) for i in range(2))
+    # interleaved, best of each: the disk is shared with whatever else runs
+    raw = ingest = float("inf")
     path = work / "store"
-    t0 = time.perf_counter()
-    with ec.VectorStore(path) as store:
-        store.add(ids, x)
-    ingest = time.perf_counter() - t0
+    for _ in range(args.repeats):
+        raw = min(raw, _raw_write(work / "raw.bin", x))
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        with ec.VectorStore(path) as store:
+            store.add(ids, x)
+        ingest = min(ingest, time.perf_counter() - t0)
     rows = [("raw write + fsync", raw, "")]
     rows.append(("VectorStore.add (commit incl.)", ingest, f"{raw / ingest:.0%} of raw (target >= 70%)"))
     lance_tbl = None
@@ -116,7 +120,7 @@ def _run(n: int, d: int, args: argparse.Namespace, work: Path) -> None:
         lance_tbl = db.create_table("vectors", table)
         lance_ingest = time.perf_counter() - t0
         rows.append(("LanceDB create_table", lance_ingest, f"store is {lance_ingest / ingest:.2f}x faster"))
-    print("\ningest                              seconds   vectors/s")
+    print(f"\ningest (best of {args.repeats}, interleaved)   seconds   vectors/s")
     for name, sec, note in rows:
         print(f"  {name:<32} {sec:8.2f}  {n / sec:10,.0f}  {note}")
 
