@@ -57,3 +57,38 @@ def test_sigkill_at_each_step_of_the_protocol(tmp_path, op, stage):
         committed = {seg.path.name for seg in s._view.segments}
         assert {p.name for p in (tmp_path / "store" / "segments").iterdir()} == committed
         assert s.ids()[-1] == "z" and len(s) == len(expected) + 1
+
+
+def test_readers_see_only_committed_states(tmp_path):
+    """A reader polling a store while another process writes sees each commit whole, in order."""
+    import os
+    import random
+    import time
+
+    path = str(tmp_path / "store")
+    VectorStore(path, metric="dot", _max_segment_bytes=cw.SEGMENT_BYTES).close()
+    ack = tmp_path / "acks"
+    seed = 5
+    proc = cw._context().Process(target=cw.worker, args=(path, seed, 0, str(ack)), daemon=True)
+    proc.start()
+    try:
+        op_rng = random.Random(seed)
+        states = [[]]
+        model: dict = {}
+        seen = 0  # index of the last state observed
+        distinct = set()
+        with VectorStore(path) as reader:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline or len(distinct) < 3:
+                ids = reader.ids()
+                while ids not in states[seen:]:
+                    assert len(states) < seen + 500, f"reader saw a state no commit produced: {len(ids)} ids"
+                    model = cw.apply(model, cw.next_op(op_rng, model, f"c0-{len(states) - 1}"))
+                    states.append(list(model))
+                seen = states.index(ids, seen)
+                distinct.add(seen)
+                assert time.monotonic() < deadline + 30
+    finally:
+        os.kill(proc.pid, 9)
+        proc.join()
+    assert len(distinct) >= 3
