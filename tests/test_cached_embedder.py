@@ -150,10 +150,14 @@ def test_only_misses_are_requested_and_order_is_kept(cache):
     assert (emb.stats.hits, emb.stats.misses) == (2, 5)
 
 
+any_text = st.text(st.characters(exclude_categories=()) | st.characters(categories=["Cs"]),
+                   min_size=1, max_size=12)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
-    cached=st.lists(st.text(min_size=1, max_size=12), max_size=12),
-    texts=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=25),
+    cached=st.lists(any_text, max_size=12),
+    texts=st.lists(any_text, min_size=1, max_size=25),
 )
 def test_any_mix_of_hits_misses_and_repeats(shared_cache, cached, texts):
     namespace = uuid.uuid4().hex  # a fresh namespace: nothing cached from other examples
