@@ -631,7 +631,7 @@ def _connected_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    graph = coo_matrix((np.ones(len(i), dtype=bool), (i, j)), shape=(n, n)).tocsr()
     _, labels = connected_components(graph, directed=False)
     return labels.astype(np.int64)
 
