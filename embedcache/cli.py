@@ -204,9 +204,12 @@ def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | N
     idx = [int(k) for k in indices]
     if fmt == "parquet":
         pa = _import_pyarrow()
-        table = data.table.take(idx) if data.table is not None else pa.Table.from_pylist(
-            [data.rows[k] for k in idx] or None, schema=None if idx else pa.schema(
-                [(name, pa.string()) for name in data.fieldnames]))
+        if data.table is not None:
+            table = data.table.take(idx)
+        elif idx:
+            table = pa.Table.from_pylist([data.rows[k] for k in idx])
+        else:
+            table = pa.table({name: pa.array([], pa.string()) for name in data.fieldnames})
         with atomic_output(path, "wb") as f:
             pa.parquet.write_table(table, f)
         return

@@ -169,6 +169,11 @@ def test_output_format_follows_the_extension(run, tmp_path):
     run("dedup", "in.csv", "--column", "body", "-o", "out.jsonl", "-q", inproc=True)
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert set(rows[0]) == {"id", "body", "stars"} and rows[0]["id"] == "r01"
+    run("dedup", EXAMPLE, "-o", "out.parquet", "-q", inproc=True)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.column_names == ["id", "text"] and table.num_rows == len(rows)
 
 
 # ---------------------------------------------------------------------------------------
