@@ -660,9 +660,10 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None,
         _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
         return out_s, out_i
 
-    # score tiles of about 16 MiB: fewer, larger blocks when there are few queries
+    # score tiles of about 32 MiB: fewer, larger blocks when there are few queries (each
+    # block costs a hand-over between the BLAS and numba threads)
     direct = base.dtype == np.float32 and base.flags.c_contiguous
-    default_block = max(_TOPK_CORPUS_BLOCK, min((1 << 22) // nq, 65536 if direct else 8192))
+    default_block = max(_TOPK_CORPUS_BLOCK, min((1 << 23) // nq, 65536 if direct else 8192))
     cblock = _check_block(_block_size, default_block)
     qblock = _check_block(_block_size, _TOPK_QUERY_BLOCK)
     margin = _blas_margin(q32.shape[1])
