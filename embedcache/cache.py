@@ -12,9 +12,9 @@ Keys
     hex digits; the database stores the 32 raw bytes.
 
 Values
-    A 16-byte header (magic ``b"ECv1"``, dtype code, dimension, and a checksum: the sum of
-    the payload's 32-bit words modulo 2**32) followed by the raw little-endian float32
-    components, stored inline in the database row. A value whose header, length or checksum
+    A 48-byte header (magic ``b"ECv1"``, dtype code, dimension, a checksum: the sum of the
+    payload's 32-bit words modulo 2**32, and the entry's own 32-byte key) followed by the
+    raw little-endian float32 components, stored inline in the database row. A value whose header, length or checksum
     does not match is a miss, never an error. Values are checked a block at a time with
     numpy, so reading is bound by SQLite, not by Python.
 
@@ -68,9 +68,10 @@ FORMAT_VERSION = 1
 
 _MAGIC = b"ECv1"
 _DTYPE_FLOAT32 = 1
-# magic, dtype code, 3 pad bytes, dimension, checksum of the payload
-_HEADER = struct.Struct("<4sB3xII")
-_HEADER_SIZE = _HEADER.size  # 16: keeps the payload 16-byte aligned within the value
+# magic, dtype code, 3 pad bytes, dimension, checksum of the payload, the entry's own key
+_HEADER = struct.Struct("<4sB3xII32s")
+_HEADER_SIZE = _HEADER.size  # 48: keeps the payload 16-byte aligned within the value
+_KEY_AT = 16
 _MAX_DIM = 2**24
 _FLOAT32_LE = np.dtype("<f4")
 _LENGTH = struct.Struct(">Q")
@@ -154,14 +155,19 @@ def _checksum(words: np.ndarray) -> np.ndarray:
 
 def _expected_header(dim: int) -> np.ndarray:
     """The first 12 header bytes of every valid value of dimension ``dim``."""
-    return np.frombuffer(_HEADER.pack(_MAGIC, _DTYPE_FLOAT32, dim, 0)[:12], dtype=np.uint8)
+    return np.frombuffer(_HEADER.pack(_MAGIC, _DTYPE_FLOAT32, dim, 0, b"")[:12], dtype=np.uint8)
 
 
-def _encode_rows(vectors: np.ndarray) -> list[bytes]:
-    """One value per row of a finite float32 (n, d) array: header + little-endian payload."""
+def _key_rows(keys: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
+
+
+def _encode_rows(keys: list[bytes], vectors: np.ndarray) -> list[bytes]:
+    """The value of each (key, row) of a finite float32 (n, d) array."""
     n, dim = vectors.shape
     buf = np.empty((n, _HEADER_SIZE + 4 * dim), dtype=np.uint8)
     buf[:, :12] = _expected_header(dim)
+    buf[:, _KEY_AT : _KEY_AT + 32] = _key_rows(keys)
     payload = buf[:, _HEADER_SIZE:].view(_FLOAT32_LE)
     payload[:] = vectors
     buf[:, 12:16].view("<u4")[:, 0] = _checksum(payload.view("<u4"))
@@ -170,27 +176,43 @@ def _encode_rows(vectors: np.ndarray) -> list[bytes]:
     return [raw[i * size : (i + 1) * size] for i in range(n)]
 
 
-def _decode_block(blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _decode_block(
+    blobs: list[bytes], dim: int, keys: list[bytes] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Check values that all have the length of dimension ``dim``.
 
-    Returns ``ok`` (m,) bool, whether header and checksum match, and a float32 (m, dim)
-    view of the payloads (rows where ``ok`` is False hold garbage).
+    Returns ``ok`` (m,) bool, whether header, checksum and (unless ``keys`` is None) the
+    embedded key match, and a float32 (m, dim) view of the payloads (rows where ``ok`` is
+    False hold garbage).
     """
     size = _HEADER_SIZE + 4 * dim
     buf = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), size)
     words = buf[:, _HEADER_SIZE:].view("<u4")
     ok = (buf[:, :12] == _expected_header(dim)).all(axis=1)
     ok &= buf[:, 12:16].view("<u4")[:, 0] == _checksum(words)
+    if keys is not None:
+        ok &= (buf[:, _KEY_AT : _KEY_AT + 32] == _key_rows(keys)).all(axis=1)
     return ok, words.view(_FLOAT32_LE)
 
 
-def _value_dim(blob: object) -> int | None:
+def _value_dim(blob: bytes | None) -> int | None:
     """The dimension of a valid value, or ``None``."""
-    if type(blob) is not bytes or len(blob) <= _HEADER_SIZE or (len(blob) - _HEADER_SIZE) % 4:
+    if blob is None or len(blob) <= _HEADER_SIZE or (len(blob) - _HEADER_SIZE) % 4:
         return None
     dim = (len(blob) - _HEADER_SIZE) // 4
-    ok, _ = _decode_block([blob], dim)
+    ok, _ = _decode_block([blob], dim, None)
     return dim if ok[0] else None
+
+
+def _aligned(keys: list[bytes], values: list[bytes | None]) -> list[bytes | None]:
+    """``values`` in the order of ``keys``, going by the key each value carries.
+
+    SQLite returns the rows of a VALUES list joined to an index in the list's order, but
+    SQL does not promise it: a reader that finds a value under the wrong position calls
+    this rather than trusting the order.
+    """
+    carried = {v[_KEY_AT : _KEY_AT + 32]: v for v in values if v is not None}
+    return [carried.get(k) for k in keys]
 
 
 def _finite_float32(x: np.ndarray, label: str) -> np.ndarray:
@@ -370,20 +392,22 @@ class EmbeddingCache:
         for i, k in enumerate(keys):
             where.setdefault(k, []).append(i)
         distinct = list(where)
-        start = 0
-        for values in self._select(distinct):
+        for chunk, values in self._select(distinct):
+            if any(v is not None and v[_KEY_AT : _KEY_AT + 32] != k for k, v in zip(chunk, values)):
+                values = _aligned(chunk, values)
             by_size: dict[int, list[int]] = {}
             for j, v in enumerate(values):
                 if v is not None and len(v) > _HEADER_SIZE and not (len(v) - _HEADER_SIZE) % 4:
                     by_size.setdefault(len(v), []).append(j)
             for size, js in by_size.items():
-                ok, vecs = _decode_block([values[j] for j in js], (size - _HEADER_SIZE) // 4)  # type: ignore[misc]
+                ok, vecs = _decode_block(
+                    [values[j] for j in js], (size - _HEADER_SIZE) // 4, [chunk[j] for j in js]  # type: ignore[misc]
+                )
                 block = np.array(vecs)  # one contiguous copy; each result row is a view of it
                 for j, good, row in zip(js, ok, block):
                     if good:
-                        for i in where[distinct[start + j]]:
+                        for i in where[chunk[j]]:
                             out[i] = row
-            start += len(values)
         return out
 
     def set_many(self, keys: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray]) -> None:
@@ -394,18 +418,22 @@ class EmbeddingCache:
         """
         keys = _parse_keys(keys)
         if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
-            values = _encode_rows(_as_matrix(vectors, len(keys)))
+            values = _encode_rows(keys, _as_matrix(vectors, len(keys)))
         else:
-            values = [_encode_rows(v[None, :])[0] for v in _as_rows(vectors, len(keys))]
+            rows = _as_rows(vectors, len(keys))
+            values = [_encode_rows([k], v[None, :])[0] for k, v in zip(keys, rows)]
         self._store(dict(zip(keys, values)))
 
-    def _select(self, keys: list[bytes], size: int | None = None) -> Iterator[list[bytes | None]]:
-        """The stored values of distinct ``keys``, in their order, ``None`` where absent.
+    def _select(
+        self, keys: list[bytes], size: int | None = None
+    ) -> Iterator[tuple[list[bytes], list[bytes | None]]]:
+        """``(chunk, values)``: the stored values of each chunk of distinct ``keys``.
 
-        One SELECT per chunk of keys, driven by a ``VALUES`` list LEFT JOINed to the index,
-        so rows come back in the order asked (no sort, no key-to-row mapping) and a read
-        never writes. Only raw rows stored inline qualify: a pickled or file-backed row is
-        never read. ``size``: only values of exactly this many bytes qualify.
+        One SELECT per chunk, a ``VALUES`` list LEFT JOINed to the key index: one row per
+        key, ``None`` where absent, in the list's order in practice (not by contract: every
+        value carries its key, and readers check it). Only the value column comes back, and
+        a read never writes. Only raw rows stored inline qualify: a pickled or file-backed
+        row is never read. ``size``: only values of exactly this many bytes qualify.
         """
         now = time.time()
         size_filter = "" if size is None else f" AND length(c.value) = {int(size)}"
@@ -414,18 +442,16 @@ class EmbeddingCache:
             for start in range(0, len(keys), _SQL_CHUNK):
                 chunk = keys[start : start + _SQL_CHUNK]
                 rows = sql(
-                    f"SELECT q.column1, c.value FROM (VALUES {','.join(['(?)'] * len(chunk))}) AS q"
+                    f"SELECT c.value FROM (VALUES {','.join(['(?)'] * len(chunk))}) AS q"
                     " LEFT JOIN Cache AS c ON c.key = q.column1 AND c.raw = 1"
                     f" AND c.mode = {diskcache.core.MODE_RAW} AND c.filename IS NULL"
                     f" AND typeof(c.value) = 'blob'{size_filter}"
                     " AND (c.expire_time IS NULL OR c.expire_time > ?)",
                     (*chunk, now),
                 ).fetchall()
-                values = [v for _, v in rows]
-                if [k for k, _ in rows] != chunk:  # SQLite keeps VALUES order; never rely on it
-                    found = dict(rows)
-                    values = [found.get(k) for k in chunk]
-                yield values
+                if len(rows) != len(chunk):
+                    raise CacheError(f"expected {len(chunk)} rows from the cache, got {len(rows)}")
+                yield chunk, [r[0] for r in rows]
         except sqlite3.Error as exc:
             raise CacheError(f"cannot read the embedding cache at {self._directory!r}: {exc}") from exc
 
@@ -654,11 +680,11 @@ class _Call:
         self.vectors: np.ndarray | None = None
         self.have = np.zeros(len(self.keys), dtype=bool)
         start = 0
-        for values in owner.cache._select(self.keys, self._size()):
+        for chunk, values in owner.cache._select(self.keys, self._size()):
             if self.dim is None:  # the embedder's dimension is the first valid value's
                 self.dim = next((d for v in values if (d := _value_dim(v)) is not None), None)
             if self.dim is not None:
-                self._take_hits(start, values)
+                self._take_hits(start, chunk, values)
             start += len(values)
         self.n_hits = int(self.have.sum())
         self.missing = np.flatnonzero(~self.have)
@@ -680,27 +706,37 @@ class _Call:
     def _size(self) -> int | None:
         return None if self.dim is None else _HEADER_SIZE + 4 * self.dim
 
-    def _take_hits(self, start: int, values: list[bytes | None]) -> None:
-        """Copy the valid values among ``values`` (slots ``start`` on) into their slots."""
+    def _take_hits(self, start: int, chunk: list[bytes], values: list[bytes | None]) -> None:
+        """Copy the valid values of ``chunk`` (slots ``start`` on) into their slots."""
         if self.vectors is None:
             self._alloc(self.dim)  # type: ignore[arg-type]
         size = self._size()
-        if None in values or any(len(v) != size for v in values):  # type: ignore[arg-type]
-            # a value of another length under this key is damage: a miss
-            js = [j for j, v in enumerate(values) if v is not None and len(v) == size]
-        else:
-            js = None
-        blobs = values if js is None else [values[j] for j in js]
-        if not blobs:
+        # a value of another length under this key is damage: a miss
+        js = [j for j, v in enumerate(values) if v is not None and len(v) == size]
+        if not js:
             return
-        ok, vecs = _decode_block(blobs, self.dim)  # type: ignore[arg-type]
-        slots = start + (np.arange(len(blobs)) if js is None else np.array(js, dtype=np.int64))
-        if ok.all() and js is None:
-            self.vectors[start : start + len(blobs)] = vecs  # type: ignore[index]
+        everything = len(js) == len(values)
+        for attempt in range(2):
+            ok, vecs = _decode_block(
+                values if everything else [values[j] for j in js],  # type: ignore[misc]
+                self.dim,  # type: ignore[arg-type]
+                chunk if everything else [chunk[j] for j in js],
+            )
+            if ok.all() or attempt:
+                break
+            realigned = _aligned(chunk, values)  # a value under the wrong key: SQLite reordered
+            if realigned == values:
+                break  # no: damaged values, which are misses
+            values = realigned
+            js = [j for j, v in enumerate(values) if v is not None and len(v) == size]
+            everything = len(js) == len(values)
+        if everything and ok.all():
+            self.vectors[start : start + len(values)] = vecs  # type: ignore[index]
+            self.have[start : start + len(values)] = True
         else:
-            slots, vecs = slots[ok], vecs[ok]
-            self.vectors[slots] = vecs  # type: ignore[index]
-        self.have[slots] = True
+            slots = start + np.asarray(js, dtype=np.int64)[ok]
+            self.vectors[slots] = vecs[ok]  # type: ignore[index]
+            self.have[slots] = True
 
     def on_batch(self, positions: object, vectors: object) -> None:
         """Validate one batch from the embedder and write it to the cache at once."""
@@ -729,7 +765,8 @@ class _Call:
         slots = self.missing[pos]
         if not pos.size:
             return slots
-        self.owner.cache._store(dict(zip([self.keys[s] for s in slots], _encode_rows(batch))))
+        keys = [self.keys[s] for s in slots]
+        self.owner.cache._store(dict(zip(keys, _encode_rows(keys, batch))))
         self.vectors[slots] = batch  # type: ignore[index]
         self.written[pos] = True
         self.have[slots] = True

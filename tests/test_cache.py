@@ -255,7 +255,8 @@ def stored_key(k):
         "UPDATE Cache SET value = substr(value, 1, 10)",  # truncated header
         "UPDATE Cache SET value = X''",
         "UPDATE Cache SET value = X'00' || substr(value, 2)",  # bad magic
-        "UPDATE Cache SET value = substr(value, 1, 20) || X'FF' || substr(value, 22)",  # bit rot
+        "UPDATE Cache SET value = substr(value, 1, 20) || X'FF' || substr(value, 22)",  # in key
+        "UPDATE Cache SET value = substr(value, 1, 60) || X'FF' || substr(value, 62)",  # payload
         "UPDATE Cache SET value = value || X'00000000'",  # extra bytes
         "UPDATE Cache SET value = 'some text'",
         "UPDATE Cache SET value = 12345",
@@ -475,12 +476,40 @@ def test_four_processes_writing_overlapping_keys_lose_and_corrupt_nothing(cache)
 
 
 def test_value_header_layout(cache):
-    """The documented layout: magic, dtype code, dimension, payload word-sum, payload."""
+    """The documented layout: magic, dtype code, dimension, payload word-sum, key, payload."""
     vec = np.array([1.0, -2.0, 3.5], np.float32)
     cache.set_many([key("x")], vec[None])
     with db(cache) as con:
         (blob,) = con.execute("SELECT value FROM Cache").fetchone()
-    magic, code, dim, checksum = struct.unpack_from("<4sB3xII", blob)
-    assert (magic, code, dim, len(blob)) == (b"ECv1", 1, 3, 16 + 12)
+    magic, code, dim, checksum, own_key = struct.unpack_from("<4sB3xII32s", blob)
+    assert (magic, code, dim, len(blob)) == (b"ECv1", 1, 3, 48 + 12)
     assert checksum == int(vec.view("<u4").astype(np.uint64).sum() % 2**32)
-    np.testing.assert_array_equal(np.frombuffer(blob, "<f4", offset=16), vec)
+    assert own_key.hex() == key("x")
+    np.testing.assert_array_equal(np.frombuffer(blob, "<f4", offset=48), vec)
+
+
+def test_rows_returned_out_of_order_are_placed_by_their_own_key(cache, monkeypatch):
+    keys = [key(str(i)) for i in range(50)]
+    vectors = np.arange(100, dtype=np.float32).reshape(50, 2)
+    cache.set_many(keys[::2], vectors[::2])  # every other one is a miss
+    select = EmbeddingCache._select
+
+    def shuffled(self, *args, **kwargs):  # as if SQLite had not kept the VALUES order
+        for chunk, values in select(self, *args, **kwargs):
+            yield chunk, values[::-1]
+
+    monkeypatch.setattr(EmbeddingCache, "_select", shuffled)
+    got = cache.get_many(keys)
+    assert all(g is None for g in got[1::2])
+    np.testing.assert_array_equal(np.stack(got[::2]), vectors[::2])
+
+
+def test_a_value_moved_under_another_key_is_a_miss(cache):
+    a, b = key("a"), key("b")
+    cache.set_many([a, b], np.array([[1, 1], [2, 2]], np.float32))
+    with db(cache) as con:
+        (va,) = con.execute("SELECT value FROM Cache WHERE key = ?", (stored_key(a),)).fetchone()
+        con.execute("UPDATE Cache SET value = ? WHERE key = ?", (va, stored_key(b)))
+    got_a, got_b = cache.get_many([a, b])
+    np.testing.assert_array_equal(got_a, [1, 1])
+    assert got_b is None

@@ -323,6 +323,22 @@ def test_a_damaged_entry_is_requested_again_and_repaired(cache):
     np.testing.assert_array_equal(cache.get_many([key])[0], vector_of("a", 8))
 
 
+def test_rows_returned_out_of_order_are_placed_by_their_own_key(cache, monkeypatch):
+    texts = [f"t{i}" for i in range(30)]
+    CachedEmbedder(FakeEmbedder(), cache=cache).embed(texts[::2])
+    select = EmbeddingCache._select
+
+    def shuffled(self, *args, **kwargs):  # as if SQLite had not kept the VALUES order
+        for chunk, values in select(self, *args, **kwargs):
+            yield chunk, values[::-1]
+
+    monkeypatch.setattr(EmbeddingCache, "_select", shuffled)
+    fake = FakeEmbedder()
+    out = CachedEmbedder(fake, cache=cache).embed(texts)
+    assert fake.requested == texts[1::2]
+    np.testing.assert_array_equal(out, expected(texts))
+
+
 # ----------------------------------------------------------------------------- input and options
 
 
