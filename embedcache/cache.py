@@ -711,8 +711,13 @@ class _Call:
         if self.vectors is None:
             self._alloc(self.dim)  # type: ignore[arg-type]
         size = self._size()
-        # a value of another length under this key is damage: a miss
-        js = [j for j, v in enumerate(values) if v is not None and len(v) == size]
+
+        def usable() -> list[int]:  # a value of another length under this key is damage
+            if None not in values and set(map(len, values)) == {size}:  # type: ignore[arg-type]
+                return list(range(len(values)))
+            return [j for j, v in enumerate(values) if v is not None and len(v) == size]
+
+        js = usable()
         if not js:
             return
         everything = len(js) == len(values)
@@ -728,7 +733,7 @@ class _Call:
             if realigned == values:
                 break  # no: damaged values, which are misses
             values = realigned
-            js = [j for j, v in enumerate(values) if v is not None and len(v) == size]
+            js = usable()
             everything = len(js) == len(values)
         if everything and ok.all():
             self.vectors[start : start + len(values)] = vecs  # type: ignore[index]
