@@ -199,11 +199,11 @@ def _check_ids(ids: object, what: str = "ids") -> list[str]:
         raise InvalidInputTypeError(
             f"{what} must be a sequence of strings, got {type(ids).__name__}"
         ) from None
-    for i, x in enumerate(items):
-        if not isinstance(x, str):
-            raise InvalidInputTypeError(f"{what}[{i}] must be a str, got {type(x).__name__}: {x!r:.60}")
-        if not x:
-            raise InvalidInputError(f"{what}[{i}] is an empty string; ids must be non-empty")
+    if set(map(type, items)) - {str}:  # C-speed screen, then find the culprit
+        i, x = next((i, x) for i, x in enumerate(items) if not isinstance(x, str))
+        raise InvalidInputTypeError(f"{what}[{i}] must be a str, got {type(x).__name__}: {x!r:.60}")
+    if "" in items:
+        raise InvalidInputError(f"{what}[{items.index('')}] is an empty string; ids must be non-empty")
     return items
 
 
@@ -847,7 +847,7 @@ class VectorStore:
                             (json.dumps(part),),
                         )
                     try:
-                        if any(m is not None for m in md[a : a + _SQL_CHUNK]):
+                        if md[a : a + _SQL_CHUNK].count(None) != len(part):
                             pairs = ",".join(
                                 f"[{json.dumps(i)},{m or 'null'}]" for i, m in zip(part, md[a : a + _SQL_CHUNK])
                             )
