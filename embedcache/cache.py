@@ -301,6 +301,14 @@ class BytesOnlyDisk(diskcache.Disk):
             raise _RefusedValue(f"refusing a cache row stored in mode {mode}, not raw bytes")
         return value
 
+    def remove(self, file_path: str) -> None:
+        # Values are never files here, so a row naming one was written by someone else:
+        # delete it (on eviction, replacement or clear) only if it lies inside the cache.
+        root = os.path.realpath(self._directory)
+        target = os.path.realpath(os.path.join(root, file_path))
+        if os.path.commonpath([root, target]) == root and target != root:
+            super().remove(file_path)
+
 
 def _default_directory() -> Path:
     explicit = os.environ.get("EMBEDCACHE_DIR")

@@ -323,6 +323,21 @@ def test_planted_pickled_rows_are_refused_and_never_executed(cache, tmp_path):
     assert not marker.exists()
 
 
+def test_planted_rows_cannot_make_clear_delete_files_outside_the_cache(cache, tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    insert = (
+        "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count,"
+        " tag, size, mode, filename, value) VALUES (?, 1, 0, NULL, 0, 0, NULL, 7, 2, ?, NULL)"
+    )
+    with db(cache) as con:
+        con.execute(insert, (b"abs", str(outside)))
+        con.execute(insert, (b"rel", os.path.relpath(outside, cache.directory)))
+    cache.set_many([key("x")], np.ones((1, 2), np.float32))
+    assert cache.clear() == 3
+    assert outside.read_text() == "keep me"
+
+
 def test_a_plain_diskcache_directory_is_read_without_unpickling(tmp_path):
     marker = tmp_path / "pwned"
     k = key("t")
