@@ -45,7 +45,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import overload  # noqa: E402
 
 from embedcache.errors import (  # noqa: E402
     DimensionMismatchError,
@@ -330,27 +331,6 @@ def _stream_row(row, j, queries, inv_q, inv_r, cosine, exclude_self, hs, hi):
             _heap_replace_root(hs[q], hi[q], e, j)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _stream_f32(queries, inv_q, corpus, cosine, mask, use_mask, exclude_self, heap_s, heap_i):
-    """Few queries: every chunk of the corpus is read once, by one thread, into its own heaps.
-
-    heap_s / heap_i: (chunks, q, k). Returns the first row holding NaN/inf, or -1.
-    """
-    n = corpus.shape[0]
-    chunks = heap_s.shape[0]
-    bad = np.full(chunks, -1, np.int64)
-    for t in prange(chunks):
-        lo = n * t // chunks
-        part = corpus[lo : n * (t + 1) // chunks]
-        bad[t] = _stream_chunk_f32(
-            part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, heap_s[t], heap_i[t]
-        )
-    for t in range(chunks):
-        if bad[t] >= 0:
-            return bad[t]
-    return -1
-
-
 @njit(fastmath=FASTMATH, cache=True)
 def _stream_chunk_f32(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
     bad = -1
@@ -401,16 +381,34 @@ def _half_to_float(h, bits):
     return special
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _stream_f16(queries, inv_q, corpus, cosine, mask, use_mask, exclude_self, heap_s, heap_i):
-    """As _stream_f32 for a float16 corpus given as its uint16 bit patterns."""
+def _stream_chunk(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
+    """Dispatch on the corpus dtype (float32 rows, or float16 as uint16 bit patterns)."""
+
+
+@overload(_stream_chunk)
+def _stream_chunk_impl(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
+    chunk = _stream_chunk_f16 if part.dtype == types.uint16 else _stream_chunk_f32
+
+    def impl(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
+        return chunk(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi)
+
+    return impl
+
+
+@njit(parallel=True, cache=True)
+def _stream(queries, inv_q, corpus, cosine, mask, use_mask, exclude_self, heap_s, heap_i):
+    """Few queries: every chunk of the corpus is read once, by one thread, into its own heaps.
+
+    corpus: float32 rows, or float16 rows as uint16 bit patterns. heap_s / heap_i:
+    (chunks, q, k). Returns the first row holding NaN/inf, or -1.
+    """
     n = corpus.shape[0]
     chunks = heap_s.shape[0]
     bad = np.full(chunks, -1, np.int64)
     for t in prange(chunks):
         lo = n * t // chunks
         part = corpus[lo : n * (t + 1) // chunks]
-        bad[t] = _stream_chunk_f16(
+        bad[t] = _stream_chunk(
             part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, heap_s[t], heap_i[t]
         )
     for t in range(chunks):
@@ -647,12 +645,9 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None,
         chunks = max(1, min(chunks, n))
         heap_s = np.full((chunks, nq, kk), -np.inf, np.float32)
         heap_i = np.full((chunks, nq, kk), _NO_INDEX, np.int64)
-        if base.dtype == np.float32:
-            stream = _stream_f32
-        else:
-            stream, base = _stream_f16, base.view(np.uint16)
-        args = (q32, inv_q, base, cosine, mask, use_mask, exclude_self, heap_s, heap_i)
-        bad = stream(*args)
+        if base.dtype == np.float16:
+            base = base.view(np.uint16)
+        bad = _stream(q32, inv_q, base, cosine, mask, use_mask, exclude_self, heap_s, heap_i)
         if bad >= 0:
             raise InvalidInputError(f"corpus must be finite, got NaN or infinity in row {bad}")
         heap_s = np.ascontiguousarray(heap_s.transpose(1, 0, 2)).reshape(nq, chunks * kk)
