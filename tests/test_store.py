@@ -697,3 +697,54 @@ def test_second_writer_fails_or_waits_as_asked(path):
             assert s.ids() == ["a"]
     finally:
         holder.wait(10)
+
+
+def test_large_add_has_bounded_memory(path, tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(store_mod, "_CHUNK_BYTES", 1 << 20)
+    n, d = 5000, 512  # 20 MB of float64 on disk, 10 MB once converted to float32
+    src = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float64, shape=(n, d))
+    src[:] = np.random.default_rng(0).standard_normal((n, d))
+    src.flush()
+    ids = ids_of(n)
+    with VectorStore(path, _max_segment_bytes=4 << 20) as s:
+        tracemalloc.start()
+        try:
+            s.add(ids, src)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 6 << 20, f"peak {peak / 2**20:.1f} MiB while adding 10 MiB of vectors"
+        assert s.info()["segments"] == 3
+        np.testing.assert_array_equal(s.get(["r0", "r4999"]), src[[0, -1]].astype(np.float32))
+
+
+def test_add_texts_embeds_in_chunks_and_commits_once(path, monkeypatch):
+    monkeypatch.setattr(store_mod, "_EMBED_CHUNK", 3)
+    calls = []
+
+    class Counting:
+        cache_namespace = "count|1"
+        model = "count"
+        dimensions = 4
+
+        def embed(self, texts, *, on_batch=None):
+            calls.append(len(texts))
+            if len(calls) == 3 and fail:
+                raise RuntimeError("service down")
+            return np.ones((len(texts), 4), np.float32) * len(calls)
+
+    texts = [f"t{i}" for i in range(8)]
+    with VectorStore(path) as s:
+        fail = True
+        with pytest.raises(RuntimeError, match="service down"):
+            s.add_texts(texts, Counting())
+        assert len(s) == 0 and s.namespace is None  # nothing of the failed call was kept
+        fail = False
+        calls.clear()
+        generation = s.info()["generation"]
+        s.add_texts(texts, Counting())
+        assert calls == [3, 3, 2] and len(s) == 8
+        assert s.info()["generation"] == generation + 1
+        assert s.namespace == "count|1"
