@@ -519,6 +519,17 @@ def _open_store(path: str, *, must_exist: bool = True):
     return VectorStore(path)
 
 
+def _store_provider(vs: Any, embedder_opts: dict[str, Any]) -> dict[str, Any]:
+    """Without --provider, the provider kind (and model) that made the store's vectors."""
+    kind = (vs.namespace or "").split("|")[0]
+    if embedder_opts["provider"] is not None or kind not in ("hashing", "local", "openai"):
+        return embedder_opts
+    opts = dict(embedder_opts, provider=kind)
+    if kind != "hashing" and opts["model"] is None:
+        opts["model"] = vs.model
+    return opts
+
+
 @store.command("add")
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 @input_options
@@ -532,11 +543,11 @@ def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opt
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to add")
     ids = data.ids(id_field) or [str(k) for k in range(len(data.rows))]
-    emb = _cached(embedder_opts, cache_dir, quiet)
     metadata = [{k: v for k, v in row.items() if _jsonable(v)} for row in data.rows]
     for meta, text in zip(metadata, data.texts):
         meta["text"] = text
     with _open_store(store_path, must_exist=False) as vs:
+        emb = _cached(_store_provider(vs, embedder_opts), cache_dir, quiet)
         before = len(vs)
         vs.add_texts(data.texts, emb, ids=ids, metadata=metadata, upsert=upsert)
         click.echo(f"{store_path}: {len(vs)} rows ({len(vs) - before:+d})")
@@ -567,8 +578,8 @@ def store_info(store_path):
 @common_options
 def store_search(store_path, queries, k, embedder_opts, cache_dir, quiet):
     """Search STORE for the rows most similar to each QUERY text."""
-    emb = _cached(embedder_opts, cache_dir, quiet)
     with _open_store(store_path) as vs:
+        emb = _cached(_store_provider(vs, embedder_opts), cache_dir, quiet)
         q = emb.embed(list(queries), progress=False)
         scores, ids = vs.search(q, k=k)
         for query, srow, irow in zip(queries, scores, ids):

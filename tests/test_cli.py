@@ -209,6 +209,9 @@ def test_store_commands(run, tmp_path):
     assert f"{len(ROWS)}" in info and "512" in info
     found = run("store", "search", "vs", TEXTS[4], "-k", "2", "-q").stdout.splitlines()
     assert found[1].split()[1] == "r05" and float(found[1].split()[0]) > 0.99
+    # a key in the environment does not switch the provider away from the store's own
+    found = run("store", "search", "vs", TEXTS[4], "-q", extra_env={"IONOS_API_TOKEN": "k"}, inproc=True)
+    assert found.stdout.splitlines()[1].split()[1] == "r05"
     proc = run("store", "add", "vs", EXAMPLE, "-q", ok=False, inproc=True)  # ids exist, no --upsert
     assert_one_line_error(proc, "r01")
     run("store", "add", "vs", EXAMPLE, "--upsert", "-q", inproc=True)
