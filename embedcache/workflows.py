@@ -387,8 +387,9 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
 def _is_texts(items: Any) -> bool:
     if isinstance(items, (str, bytes)):
         return True  # refused by validate_texts with a clear message
-    if isinstance(items, np.ndarray):
-        return items.dtype.kind in "USO"
+    kind = getattr(getattr(items, "dtype", None), "kind", None)
+    if isinstance(kind, str):  # numpy arrays, pandas Series
+        return kind in "USO"
     if isinstance(items, (list, tuple)):
         return len(items) == 0 or isinstance(items[0], str)
     return False
@@ -418,7 +419,8 @@ def _prepare(items: Any, *, embedder: Any, progress: bool | None, name: str = "i
         texts_ok = bool(texts) and all(isinstance(t, str) for t in texts)
         return _from_matrix(x, texts=texts if texts_ok else None, ids=ids)
     if _is_texts(items):
-        texts = validate_texts(list(items) if isinstance(items, np.ndarray) else items, allow_empty_list=True)
+        texts = validate_texts(items if isinstance(items, (list, tuple, str, bytes)) else list(items),
+                               allow_empty_list=True)
         inverse, first = _collapse(texts)
         if len(first):
             emb = _embedder(embedder)

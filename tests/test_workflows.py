@@ -262,6 +262,15 @@ def test_texts_collapse_exact_duplicates_and_delegate(embedder):
     assert res.scores[res.removed.tolist().index(3)] == 1.0
 
 
+def test_texts_as_numpy_or_pandas(embedder):
+    import pandas as pd
+
+    _, emb = embedder
+    expected = ec.deduplicate(TEXTS, threshold=0.8, embedder=emb, progress=False).kept.tolist()
+    for items in (np.array(TEXTS), pd.Series(TEXTS), tuple(TEXTS)):
+        assert ec.deduplicate(items, threshold=0.8, embedder=emb, progress=False).kept.tolist() == expected
+
+
 def test_keep_longest_picks_the_longest_text(embedder):
     _, emb = embedder
     texts = ["short cat text", "short cat text, longer", "short cat text, longer!!!", "unrelated words here"]
@@ -270,6 +279,21 @@ def test_keep_longest_picks_the_longest_text(embedder):
     assert res.kept.tolist() == [2, 3]
     gre = ec.deduplicate(texts, threshold=0.7, keep="longest", mode="greedy", embedder=emb, progress=False)
     assert 2 in gre.kept
+
+
+@settings(max_examples=25, deadline=None)
+@given(picks=st.lists(st.sampled_from(TEXTS + ["The cat sat.", "Stock markets fell", "lemon cake"]),
+                      min_size=1, max_size=12),
+       threshold=st.sampled_from([0.5, 0.7, 0.9]))
+def test_greedy_longest_first_equals_brute_force(tmp_path_factory, picks, threshold):
+    emb = ec.CachedEmbedder(CountingEmbedder(), cache=ec.EmbeddingCache(tmp_path_factory.mktemp("c")))
+    s = cosine_matrix(emb.embed(picks, progress=False))
+    assume(separated(s, threshold))
+    order = sorted(range(len(picks)), key=lambda k: (-len(picks[k]), k))
+    kept, owner = greedy(len(picks), s >= threshold - 1e-9, s, order)
+    res = ec.deduplicate(picks, threshold=threshold, keep="longest", mode="greedy", embedder=emb, progress=False)
+    assert res.kept.tolist() == kept
+    assert set(dict(zip(res.removed.tolist(), res.duplicate_of.tolist()))) == set(owner)
 
 
 def test_explain_least_similar_and_pandas(embedder):
