@@ -323,3 +323,11 @@ def test_read_input_rejects_empty_texts(tmp_path):
     (tmp_path / "n.jsonl").write_text('{"text": 3}\n')
     with pytest.raises(ec.InvalidInputError, match="must be a string, got int"):
         read_input(str(tmp_path / "n.jsonl"))
+
+
+def test_parquet_without_pyarrow_is_one_line(run, tmp_path, monkeypatch):
+    write_formats(tmp_path)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    proc = run("dedup", "in.parquet", "--column", "body", "-o", "k.parquet", ok=False, inproc=True)
+    assert_one_line_error(proc, 'pip install "embedcache-sim[parquet]"')

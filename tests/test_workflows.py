@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import numpy as np
@@ -490,3 +491,12 @@ def test_store_input_matches_array_input(tmp_path, embedder):
         assert {"id_i", "id_j"} <= set(table.columns) and table[0]["id_i"].startswith("t")
         g = ec.knn_graph(store, 2, progress=False)
         np.testing.assert_allclose(g.toarray(), ec.knn_graph(x, 2, progress=False).toarray())
+
+
+def test_to_pandas_without_pandas_says_how_to_install(monkeypatch):
+    res = ec.deduplicate(np.eye(3, dtype=np.float32), progress=False)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ec.MissingDependencyError, match=r"embedcache-sim\[pandas\]"):
+        res.to_pandas()
+    with pytest.raises(ec.MissingDependencyError, match="pip install"):
+        res.least_similar_pairs().to_pandas()
