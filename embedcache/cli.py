@@ -633,6 +633,9 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors are one line on stderr and a non-zero exit."""
     try:
@@ -641,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("embedcache: interrupted", err=True)
         return 130
+    except _NoArgsIsHelp as exc:  # a group without its command: show its help
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message(), err=True)
+        return exc.exit_code
     except click.UsageError as exc:
         hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
         click.echo(f"embedcache: error: {_one_line(exc.format_message())}{hint}", err=True)

@@ -331,3 +331,9 @@ def test_parquet_without_pyarrow_is_one_line(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     proc = run("dedup", "in.parquet", "--column", "body", "-o", "k.parquet", ok=False, inproc=True)
     assert_one_line_error(proc, 'pip install "embedcache-sim[parquet]"')
+
+
+def test_group_without_command_shows_its_help(run):
+    proc = run("cache", ok=False, inproc=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "info" in proc.stderr and "clear" in proc.stderr
