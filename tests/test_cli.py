@@ -304,12 +304,13 @@ def test_wrong_key_is_one_line(run):
     assert "wrong-key" not in proc.stderr
 
 
-def test_atomic_output_removes_the_temporary_file_on_failure(tmp_path):
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_atomic_output_removes_the_temporary_file_on_failure(tmp_path, error):
     target = tmp_path / "out.txt"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(error):
         with atomic_output(str(target)) as f:
             f.write("half")
-            raise RuntimeError("interrupted")
+            raise error("interrupted")
     assert not target.exists() and list(tmp_path.iterdir()) == []
     with atomic_output(str(target)) as f:
         f.write("whole")
