@@ -338,3 +338,31 @@ def test_group_without_command_shows_its_help(run):
     proc = run("cache", ok=False, inproc=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "info" in proc.stderr and "clear" in proc.stderr
+
+
+def test_interrupted_run_leaves_no_output(tmp_path):
+    import signal
+    import time
+
+    from fakeserver import Fault
+
+    env = {k: v for k, v in os.environ.items() if k not in ("IONOS_API_TOKEN", "OPENAI_API_KEY")}
+    env.update(EMBEDCACHE_DIR=str(tmp_path / "cache"), IONOS_API_TOKEN="test-key")
+    (tmp_path / "k.jsonl").write_text("previous result\n")
+    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+        server.push(Fault.slow(3.0))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embedcache.cli", "dedup", str(EXAMPLE), "-o", "k.jsonl",
+             "--base-url", server.base_url, "--model", "test-embed-small", "--timeout", "10"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.requests, "the command never reached the server"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip() == "embedcache: interrupted"
+    assert (tmp_path / "k.jsonl").read_text() == "previous result\n"
+    assert not list(tmp_path.glob(".k.jsonl.*"))
