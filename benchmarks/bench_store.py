@@ -4,8 +4,9 @@ faiss IndexFlatIP in memory and LanceDB (embedded, on disk, exact search without
 Measured in one run over the same normalized float32 vectors (cosine everywhere; faiss uses
 inner product on the normalized vectors, which is the same score):
 
-- ingest: ``VectorStore.add`` of all rows, commit included, in vectors/s, against writing the
-  same bytes to one file and fsyncing it (the floor), and against LanceDB ``create_table``;
+- ingest: ``VectorStore.add`` of all rows into a new store, commit included (and, on a second
+  line, with creating and closing the store), in vectors/s, against writing the same bytes to
+  one file and fsyncing it (the floor), and against LanceDB ``create_table``;
 - exact top-10 for 1, 100 and 1000 queries: the store freshly opened (a new ``VectorStore``
   object, timed with the open) and warm, ``embedcache.top_k`` on the array in memory,
   faiss ``IndexFlatIP``, LanceDB ``search(...).bypass_vector_index()``;
@@ -96,17 +97,22 @@ def _run(n: int, d: int, args: argparse.Namespace, work: Path) -> None:
 
     # ------------------------------------------------------------------ ingest
     # interleaved, best of each: the disk is shared with whatever else runs
-    raw = ingest = float("inf")
+    raw = ingest = overhead = float("inf")
     path = work / "store"
     for _ in range(args.repeats):
         raw = min(raw, _raw_write(work / "raw.bin", x))
         shutil.rmtree(path, ignore_errors=True)
         t0 = time.perf_counter()
-        with ec.VectorStore(path) as store:
-            store.add(ids, x)
-        ingest = min(ingest, time.perf_counter() - t0)
+        store = ec.VectorStore(path)
+        t1 = time.perf_counter()
+        store.add(ids, x)  # returns after the commit: durable
+        t2 = time.perf_counter()
+        store.close()  # SQLite folds its log into the database file
+        ingest = min(ingest, t2 - t1)
+        overhead = min(overhead, (t1 - t0) + (time.perf_counter() - t2))
     rows = [("raw write + fsync", raw, "")]
     rows.append(("VectorStore.add (commit incl.)", ingest, f"{raw / ingest:.0%} of raw (target >= 70%)"))
+    rows.append(("  + creating and closing it", ingest + overhead, f"{raw / (ingest + overhead):.0%} of raw"))
     lance_tbl = None
     if not args.no_lancedb:
         import lancedb
