@@ -9,10 +9,11 @@ For a few queries, top_k streams the corpus once through all threads instead. Th
 on the block size.
 
 Scores
-    ``metric="dot"``: the dot product of the float32 rows, accumulated in float64 and
-    rounded once to float32.
-    ``metric="cosine"``: ``dot(a, b) * (1/|a| * 1/|b|)``, all in float64, clipped to
-    [-1, 1] and rounded to float32. A zero vector has similarity 0 with everything,
+    ``metric="dot"``: the dot product of the float32 rows, accumulated in float32 in one
+    fixed (vectorized) order.
+    ``metric="cosine"``: ``dot(a, b) * (1/|a| * 1/|b|)`` scaled in float64 (float64
+    accumulation too for rows tiny or huge enough to underflow or overflow float32),
+    clipped to [-1, 1] and rounded to float32. A zero vector has similarity 0 with everything,
     itself included. The same pair gets the same score bit for bit from every function.
 
 Ties are broken by the lower index. The first call of each kernel compiles it (a few
@@ -144,14 +145,24 @@ def _check_block(block: int | None, default: int) -> int:
 # ----------------------------------------------------------------------------------------
 # njit cores
 #
-# Every score that leaves this module is made by `_score(_dot64(a, b), inv_a, inv_b)`: a
-# float64-accumulated dot product of float32 rows, scaled and rounded once. BLAS (float32
+# Every score that leaves this module is made by `_pair_score(a, b, inv_a, inv_b)`: one
+# compiled dot-product loop (float32, fixed order; float64 for rows so small or large that
+# float32 would underflow or overflow), scaled in float64 and rounded once. BLAS (float32
 # gemm) does the bulk of the arithmetic, but its rounding depends on the shapes it is
 # called with, so its scores are only used as a filter: a pair whose BLAS score is within
 # the BLAS error bound of the current cut-off is rescored exactly. The result is the same
 # bit for bit for every block size, thread count and code path, and the same score for the
 # same pair in cosine_similarity, top_k and similar_pairs.
 # ----------------------------------------------------------------------------------------
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _dot32(a, b):
+    """Dot product of two float32 vectors, float32 accumulation (vectorized, fixed order)."""
+    s = np.float32(0.0)
+    for k in range(a.shape[0]):
+        s += a[k] * b[k]
+    return s
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -163,18 +174,34 @@ def _dot64(a, b):
     return s
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def _sumsq(a):
+    """Squared norm; float64 accumulation when float32 could underflow or overflow."""
+    s = _dot32(a, a)
+    if s >= 2.0**-60 and s <= 2.0**60:
+        return np.float64(s)
+    return _dot64(a, a)
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def _inv_norm(sumsq):
     return 1.0 / np.sqrt(sumsq) if sumsq > 0.0 else 0.0
 
 
-@njit(inline="always", fastmath=FASTMATH)
-def _score(dot, inv_a, inv_b, cosine):
-    """The published score: float32, cosine clipped to [-1, 1]."""
-    if cosine:
-        v = dot * (inv_a * inv_b)
-        return np.float32(min(max(v, -1.0), 1.0))
-    return np.float32(dot)
+@njit(fastmath=FASTMATH, cache=True)
+def _pair_score(a, b, inv_a, inv_b, cosine):
+    """The published score of rows a and b: float32, cosine clipped to [-1, 1]."""
+    dot = _dot32(a, b)
+    if not cosine:
+        return dot
+    p = inv_a * inv_b
+    if p == 0.0:
+        return np.float32(0.0)
+    d = np.float64(dot)
+    if not (p <= 2.0**60 and p >= 2.0**-100):  # tiny or huge rows: no float32 under/overflow
+        d = _dot64(a, b)
+    v = d * p
+    return np.float32(min(max(v, -1.0), 1.0))
 
 
 @njit(inline="always")
@@ -213,7 +240,7 @@ def _heap_replace_root(hs, hi, s, j):
 def _row_stats_chunk(x, inv, norm):
     bad = -1
     for i in range(x.shape[0]):
-        ss = _dot64(x[i], x[i])
+        ss = _sumsq(x[i])
         if not np.isfinite(ss):
             if bad < 0:
                 bad = i
@@ -261,7 +288,7 @@ def _gemm_nt(a, b, out):
 @njit(fastmath=FASTMATH, cache=True)
 def _dense_row(arow, ia, b, inv_b, cosine, start, out):
     for j in range(start, b.shape[0]):
-        out[j] = _score(_dot64(arow, b[j]), ia, inv_b[j], cosine)
+        out[j] = _pair_score(arow, b[j], ia, inv_b[j], cosine)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -315,7 +342,7 @@ def _select_row(
                 continue
             if exclude_self and j == q:
                 continue
-            e = _score(_dot64(qrow, block[c]), iq, inv_c[c], cosine)
+            e = _pair_score(qrow, block[c], iq, inv_c[c], cosine)
             if _better(e, j, hs[0], hi[0]):
                 _heap_replace_root(hs, hi, e, j)
                 cut = _cutoff(hs[0], margin, rel)
@@ -326,7 +353,7 @@ def _stream_row(row, j, queries, inv_q, inv_r, cosine, exclude_self, hs, hi):
     for q in range(queries.shape[0]):
         if exclude_self and j == q:
             continue
-        e = _score(_dot64(queries[q], row), inv_q[q], inv_r, cosine)
+        e = _pair_score(queries[q], row, inv_q[q], inv_r, cosine)
         if _better(e, j, hs[q, 0], hi[q, 0]):
             _heap_replace_root(hs[q], hi[q], e, j)
 
@@ -336,7 +363,7 @@ def _stream_chunk_f32(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_
     bad = -1
     for jj in range(part.shape[0]):
         row = part[jj]
-        ss = _dot64(row, row)
+        ss = _sumsq(row)
         if not np.isfinite(ss):
             if bad < 0:
                 bad = lo + jj
@@ -364,7 +391,7 @@ def _stream_chunk_f16(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_
             row[k] = raw[k] * two112  # rebias the exponent; exact, subnormals included
         if use_mask and not mask[lo + jj]:
             continue
-        ss = _dot64(row, row)
+        ss = _sumsq(row)
         _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
     return bad
 
@@ -473,7 +500,7 @@ def _pairs_row(srow, xrow, yb, ix, inv_y, fx, filt_y, cut, thr, start, cosine, o
     n_found = 0
     for c in range(start, srow.shape[0]):
         if not srow[c] * (fx * filt_y[c]) < cut:  # NaN: rescore
-            e = _score(_dot64(xrow, yb[c]), ix, inv_y[c], cosine)
+            e = _pair_score(xrow, yb[c], ix, inv_y[c], cosine)
             if e >= thr:
                 if n_found < width:
                     out_j[n_found] = c
@@ -493,9 +520,10 @@ _STREAM_MAX_QUERIES = 8
 
 
 def _blas_margin(d: int) -> float:
-    """Bound on |BLAS float32 dot - exact dot| / (|a| |b|) for d-dimensional rows, with
-    room for the rounding of the scaled filter score."""
-    return 1.1 * (d + 8) * _UNIT
+    """Bound on |BLAS float32 dot - published dot| / (|a| |b|) for d-dimensional rows
+    (both are float32 sums of d products, in different orders), with room for the
+    rounding of the scaled filter score."""
+    return 1.1 * (2 * d + 8) * _UNIT
 
 
 def _filter_scale(inv: np.ndarray, norm: np.ndarray) -> np.ndarray:
@@ -573,8 +601,7 @@ def cosine_similarity(a, b=None):
 
 
 def dot_similarity(a, b=None):
-    """Dense dot-product matrix, float32: ``a @ b.T`` (or ``a @ a.T``, exactly symmetric),
-    accumulated in float64.
+    """Dense dot-product matrix, float32: ``a @ b.T`` (or ``a @ a.T``, exactly symmetric).
 
     >>> dot_similarity(np.array([[1.0, 2.0]]), np.array([[3.0, 4.0], [1.0, 0.0]]))
     array([[11.,  1.]], dtype=float32)

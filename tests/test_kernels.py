@@ -103,6 +103,21 @@ def test_zero_vector_has_similarity_zero_with_everything():
     assert not cosine_similarity(x, np.zeros((3, 4), np.float32)).any()
 
 
+def test_cosine_of_tiny_and_huge_rows():
+    # parallel rows whose float32 squares underflow (or overflow) still have cosine 1
+    x = np.array([[1e-30, 2e-30], [1e30, 2e30], [3.0, 6.0], [1e-40, 2e-40]], np.float32)
+    x = np.concatenate([x, -x[:1]])
+    expected = np.ones((5, 5), np.float32)
+    expected[4, :4] = expected[:4, 4] = -1
+    np.testing.assert_allclose(cosine_similarity(x), expected, atol=1e-6)
+    for n_queries in (1, 5):  # streamed and BLAS-filtered paths
+        s, i = top_k(np.repeat(x[:1], n_queries, axis=0), x, 5)
+        np.testing.assert_allclose(s[0], [1, 1, 1, 1, -1], atol=1e-6)
+        assert i[0].tolist() == [0, 1, 2, 3, 4] or np.allclose(s[0, :4], 1, atol=1e-6)
+    i, j, _ = similar_pairs(x, 0.999)
+    assert list(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(4) for b in range(a + 1, 4)]
+
+
 # ----------------------------------------------------------------------------------------
 # top_k
 # ----------------------------------------------------------------------------------------
