@@ -892,7 +892,9 @@ class VectorStore:
                 if stop.is_set():
                     raise StoreError("write cancelled")
                 buf = memoryview(c).cast("B")
-                f.write(buf)
+                done = 0
+                while done < buf.nbytes:  # a raw write may take less than all
+                    done += f.write(buf[done:])
                 crc = zlib.crc32(buf, crc)
                 nbytes += buf.nbytes
             os.fsync(f.fileno())
