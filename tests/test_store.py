@@ -748,3 +748,12 @@ def test_add_texts_embeds_in_chunks_and_commits_once(path, monkeypatch):
         assert calls == [3, 3, 2] and len(s) == 8
         assert s.info()["generation"] == generation + 1
         assert s.namespace == "count|1"
+
+
+def test_ids_may_be_a_numpy_array_of_strings(path):
+    with VectorStore(path) as s:
+        s.add(np.array(["a", "b"]), vecs(2))
+        s.delete(np.array(["a"]))
+        assert s.ids() == ["b"] and type(s.ids()[0]) is str
+        with pytest.raises(InvalidInputTypeError, match=r"ids\[1\] must be a str"):
+            s.add(["c", 5], vecs(2))
