@@ -156,7 +156,7 @@ def _check_block(block: int | None, default: int) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH)
 def _dot32(a, b):
     """Dot product of two float32 vectors, float32 accumulation (vectorized, fixed order)."""
     s = np.float32(0.0)
@@ -174,7 +174,7 @@ def _dot64(a, b):
     return s
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH)
 def _sumsq(a):
     """Squared norm; float64 accumulation when float32 could underflow or overflow."""
     s = _dot32(a, a)
@@ -188,7 +188,7 @@ def _inv_norm(sumsq):
     return 1.0 / np.sqrt(sumsq) if sumsq > 0.0 else 0.0
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH)
 def _pair_score(a, b, inv_a, inv_b, cosine):
     """The published score of rows a and b: float32, cosine clipped to [-1, 1]."""
     dot = _dot32(a, b)
@@ -399,13 +399,14 @@ def _stream_chunk_f16(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_
 @njit(fastmath=FASTMATH, cache=True)
 def _half_to_float(h, bits):
     """float16 bit patterns -> float32 bit patterns (into ``bits``); True if inf/NaN seen."""
-    special = False
+    special = np.uint32(0)
     for k in range(h.shape[0]):
         v = np.uint32(h[k])
-        mag = (v & np.uint32(0x7FFF)) << np.uint32(13)
-        special |= (v & np.uint32(0x7C00)) == np.uint32(0x7C00)
-        bits[k] = ((v & np.uint32(0x8000)) << np.uint32(16)) | mag
-    return special
+        # bit 15 of (exponent + 1) is set only for an all-ones exponent (inf/NaN); an
+        # integer OR-reduction keeps the loop vectorized
+        special |= ((v & np.uint32(0x7C00)) + np.uint32(0x0400)) & np.uint32(0x8000)
+        bits[k] = ((v & np.uint32(0x8000)) << np.uint32(16)) | ((v & np.uint32(0x7FFF)) << np.uint32(13))
+    return special != 0
 
 
 def _stream_chunk(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
