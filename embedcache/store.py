@@ -338,6 +338,10 @@ class VectorStore:
 
     Vectors are stored as given (not normalized); ``get`` and ``vectors`` return them in the
     store's dtype. Vectors must be finite (a float16 store holds values up to 65504).
+
+    Each add writes new segments; a small last segment is merged into the new one (like a
+    binary counter), so many small adds leave O(log n) segments at the cost of rewriting
+    O(log n) times. Segments hold at most 256 MiB; :meth:`compact` packs them full.
     """
 
     def __init__(
