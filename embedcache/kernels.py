@@ -517,7 +517,7 @@ def _pairs_row(srow, xrow, yb, ix, inv_y, fx, filt_y, cut, thr, start, cosine, o
 _UNIT = 2.0**-24  # float32 unit roundoff
 # Up to this many queries, top_k streams the corpus once through numba (memory-bound);
 # above it, BLAS gemm on blocks does the arithmetic.
-_STREAM_MAX_QUERIES = 8
+_STREAM_MAX_QUERIES = 16
 
 
 def _blas_margin(d: int) -> float:

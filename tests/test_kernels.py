@@ -110,7 +110,7 @@ def test_cosine_of_tiny_and_huge_rows():
     expected = np.ones((5, 5), np.float32)
     expected[4, :4] = expected[:4, 4] = -1
     np.testing.assert_allclose(cosine_similarity(x), expected, atol=1e-6)
-    for n_queries in (1, 5):  # streamed and BLAS-filtered paths
+    for n_queries in (1, 20):  # streamed and BLAS-filtered paths
         s, i = top_k(np.repeat(x[:1], n_queries, axis=0), x, 5)
         np.testing.assert_allclose(s[0], [1, 1, 1, 1, -1], atol=1e-6)
         assert i[0].tolist() == [0, 1, 2, 3, 4] or np.allclose(s[0, :4], 1, atol=1e-6)
@@ -187,17 +187,19 @@ def test_top_k_mask_and_exclude_self(block, metric):
     x = int_matrix(40, 4, 3)
     mask = np.zeros(40, bool)
     mask[[0, 3, 5, 17, 39]] = True
-    for exclude_self in (False, True):
-        s, i = top_k(x, x, 8, metric=metric, exclude_self=exclude_self, mask=mask,
+    for exclude_self, nq in [(False, 40), (True, 40), (False, 3), (True, 3)]:
+        s, i = top_k(x[:nq], x, 8, metric=metric, exclude_self=exclude_self, mask=mask,
                      _block_size=block)
         eligible = np.repeat(mask[None, :], 40, axis=0)
         if exclude_self:
             np.fill_diagonal(eligible, False)
-        check_top_k(s, i, naive.similarity(x, x, metric), 8, atol=2e-6, eligible=eligible)
+        full = naive.similarity(x[:nq], x, metric)
+        check_top_k(s, i, full, 8, atol=2e-6, eligible=eligible[:nq])
         assert (i[:, 5:] == -1).all() and np.isneginf(s[:, 5:]).all()
         if exclude_self:
-            assert (i != np.arange(40)[:, None]).all()
-            assert (i[3] >= 0).sum() == 4  # row 3 is masked in but excluded for itself
+            assert (i != np.arange(nq)[:, None]).all()
+            if nq > 3:
+                assert (i[3] >= 0).sum() == 4  # row 3 is masked in but excluded for itself
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
@@ -410,10 +412,14 @@ def test_top_k_properties(ab, k, metric, block):
     ms, mi = naive.top_k(queries, corpus, k, scores=own)
     np.testing.assert_array_equal(s, ms.astype(np.float32))
     np.testing.assert_array_equal(i, mi)
-    # the same answer for any block size
+    # the same answer for any block size, and when the queries go through BLAS
     s2, i2 = top_k(queries, corpus, k, metric=metric, _block_size=2)
     np.testing.assert_array_equal(s, s2)
     np.testing.assert_array_equal(i, i2)
+    many = np.concatenate([queries] * (17 // len(queries) + 1))
+    s3, i3 = top_k(many, corpus, k, metric=metric, _block_size=block)
+    np.testing.assert_array_equal(s3[: len(queries)], s)
+    np.testing.assert_array_equal(i3[: len(queries)], i)
 
 
 @settings(max_examples=40, deadline=None)
