@@ -1,8 +1,8 @@
 """Similarity kernels: normalize, similarity matrices, exact top-k and threshold pairs.
 
 Every public function here is a thin validating wrapper over private ``@njit`` cores that
-take only arrays and scalars. For many rows, dot products go through BLAS (``np.dot``
-inside numba) on blocks sized for the caches; selection, heap merges and pair collection
+take only arrays and scalars. For many rows, dot products go through BLAS (numpy's
+``matmul``) on blocks sized for the caches; selection, heap merges and pair collection
 run in numba ``prange`` loops where each thread writes its own buffer, merged at the end.
 For a few queries, top_k streams the corpus once through all threads instead. The number of threads follows numba's
 (``NUMBA_NUM_THREADS`` / :func:`numba.set_num_threads`); results do not depend on it, nor
@@ -279,10 +279,12 @@ def _normalize_rows(x, out):
             out[i, k] = np.float32(x[i, k] * scale)
 
 
-@njit(cache=True)
 def _gemm_nt(a, b, out):
-    """out = a @ b.T through BLAS gemm."""
-    np.dot(a, b.T, out)
+    """out = a @ b.T through numpy's BLAS (one BLAS thread pool in the process: numba's
+    ``np.dot`` would start a second one, from scipy, and the two spin against each
+    other). Overflow is harmless here: the filter rescores non-finite scores exactly."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.matmul(a, b.T, out=out)
 
 
 @njit(fastmath=FASTMATH, cache=True)
