@@ -538,6 +538,25 @@ def _filter_scale(inv: np.ndarray, norm: np.ndarray) -> np.ndarray:
     return filt
 
 
+def _rows32(x: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Rows start..start+count of x as C-contiguous float32 (a view when they are)."""
+    part = x[start : start + count]
+    if part.dtype == np.float32 and part.flags.c_contiguous:
+        return part.view(np.ndarray)
+    return np.ascontiguousarray(part, dtype=np.float32)
+
+
+def _block_stats(x: np.ndarray, name: str, block: int):
+    """1/|row| and |row| of every row, converting and checking one block at a time."""
+    inv = np.empty(x.shape[0], np.float64)
+    norm = np.empty(x.shape[0], np.float64)
+    for start in range(0, x.shape[0], block):
+        b_inv, b_norm = _stats(_rows32(x, start, block), name, start)
+        inv[start : start + block] = b_inv
+        norm[start : start + block] = b_norm
+    return inv, norm
+
+
 def _stats(x: np.ndarray, name: str, offset: int = 0):
     inv = np.empty(x.shape[0], np.float64)
     norm = np.empty(x.shape[0], np.float64)
@@ -725,8 +744,9 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None,
 def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     """Every pair of rows with score >= threshold, exactly once, sorted by (i, j).
 
-    x: (n, d) float array. y: optional (m, d) array; without it pairs within x with
-    i < j are returned, with it every (i, j) with i a row of x and j a row of y.
+    x: (n, d) float array (float32, float16 or float64; a ``numpy.memmap`` is read tile by
+    tile). y: optional (m, d) array; without it pairs within x with i < j are returned,
+    with it every (i, j) with i a row of x and j a row of y.
     threshold: a float; for cosine it must lie in [-1, 1].
     Returns ``(i, j, scores)``: int64, int64, float32 arrays of equal length. The scores
     are those of :func:`cosine_similarity` / :func:`dot_similarity` bit for bit. Memory
@@ -743,14 +763,14 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
         raise InvalidInputError(f"threshold must be finite, got {threshold}")
     if metric == "cosine" and not -1.0 <= threshold <= 1.0:
         raise InvalidInputError(f"threshold must be in [-1, 1] for cosine, got {threshold}")
-    x32 = _as_float32("x", x)
+    x32 = _as_matrix("x", x)
     same = y is None
-    y32 = x32 if same else _as_float32("y", y)
+    y32 = x32 if same else _as_matrix("y", y)
     _check_same_dim("x", x32, "y", y32)
     cosine = metric == "cosine"
     block = _check_block(_block_size, _PAIRS_BLOCK)
-    inv_x, norm_x = _stats(x32, "x")
-    inv_y, norm_y = (inv_x, norm_x) if same else _stats(y32, "y")
+    inv_x, norm_x = _block_stats(x32, "x", block)
+    inv_y, norm_y = (inv_x, norm_x) if same else _block_stats(y32, "y", block)
     if cosine:
         filt_x, filt_y = _filter_scale(inv_x, norm_x), _filter_scale(inv_y, norm_y)
     else:
@@ -762,11 +782,11 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     width = 16
     parts_i, parts_j, parts_s = [], [], []
     for r0 in range(0, n, block):
-        xb = x32[r0 : r0 + block]
+        xb = _rows32(x32, r0, block)
         nr = xb.shape[0]
         counts = np.empty(nr, np.int64)
         for c0 in range(r0 if same else 0, m, block):
-            yb = y32[c0 : c0 + block]
+            yb = xb if same and c0 == r0 else _rows32(y32, c0, block)
             nc = yb.shape[0]
             s = tile[: nr * nc].reshape(nr, nc)
             _gemm_nt(xb, yb, s)

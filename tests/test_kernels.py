@@ -320,6 +320,22 @@ def test_similar_pairs_cosine_equals_thresholded_matrix(n, block):
         np.testing.assert_allclose(s, ref[got[0], got[1]], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_similar_pairs_other_dtypes_and_memmap(tmp_path, dtype):
+    x = float_matrix(100, 6, 5).astype(dtype)
+    mm = np.memmap(tmp_path / "x.bin", dtype=dtype, mode="w+", shape=x.shape)
+    mm[:] = x
+    expected = similar_pairs(x.astype(np.float32), 0.6)
+    for data in (x, mm):
+        for block in BLOCKS:
+            for got, want in zip(similar_pairs(data, 0.6, _block_size=block), expected):
+                np.testing.assert_array_equal(got, want)
+    bad = x.copy()
+    bad[42, 3] = np.inf
+    with pytest.raises(InvalidInputError, match="x must be finite.*row 42"):
+        similar_pairs(bad, 0.6, _block_size=17)
+
+
 def test_similar_pairs_duplicates_found_once():
     x = float_matrix(50, 8, 3)
     x[10] = x[20] = x[30]
