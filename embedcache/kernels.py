@@ -77,6 +77,7 @@ _NO_INDEX = np.iinfo(np.int64).max  # heap sentinel: sorts after every real inde
 _TOPK_CORPUS_BLOCK = 4096
 _TOPK_QUERY_BLOCK = 1024
 _PAIRS_BLOCK = 2048
+_PAIRS_COLUMNS = 4 * _PAIRS_BLOCK  # tiles of 2048 x 8192 scores (64 MiB)
 
 
 # ----------------------------------------------------------------------------------------
@@ -769,6 +770,7 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     _check_same_dim("x", x32, "y", y32)
     cosine = metric == "cosine"
     block = _check_block(_block_size, _PAIRS_BLOCK)
+    cblock = block if _block_size is not None else _PAIRS_COLUMNS
     inv_x, norm_x = _block_stats(x32, "x", block)
     inv_y, norm_y = (inv_x, norm_x) if same else _block_stats(y32, "y", block)
     if cosine:
@@ -778,15 +780,15 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     margin = _blas_margin(x32.shape[1])
     thr = np.float32(threshold)
     n, m = x32.shape[0], y32.shape[0]
-    tile = np.empty(min(block, n) * min(block, m) if n and m else 0, np.float32)
+    tile = np.empty(min(block, n) * min(cblock, m) if n and m else 0, np.float32)
     width = 16
     parts_i, parts_j, parts_s = [], [], []
     for r0 in range(0, n, block):
         xb = _rows32(x32, r0, block)
         nr = xb.shape[0]
         counts = np.empty(nr, np.int64)
-        for c0 in range(r0 if same else 0, m, block):
-            yb = xb if same and c0 == r0 else _rows32(y32, c0, block)
+        for c0 in range(r0 if same else 0, m, cblock):
+            yb = _rows32(y32, c0, cblock)
             nc = yb.shape[0]
             s = tile[: nr * nc].reshape(nr, nc)
             _gemm_nt(xb, yb, s)
