@@ -62,6 +62,16 @@ def test_fastmath_leaves_out_nnan_and_ninf():
     assert "nnan" not in FASTMATH and "ninf" not in FASTMATH and "fast" not in FASTMATH
 
 
+def test_kernels_use_only_the_fastmath_constant():
+    import inspect
+    import re
+
+    from embedcache import kernels
+
+    flags = re.findall(r"fastmath=([^,)]+)", inspect.getsource(kernels))
+    assert flags and set(flags) == {"FASTMATH"}
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_normalize_matches_naive(n, dtype):
