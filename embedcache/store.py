@@ -28,6 +28,7 @@ Tables of ``store.sqlite``:
     ``float16``), ``metric`` (``cosine`` or ``dot``), ``namespace`` and ``model`` (of the
     embedder that made the vectors, or NULL), ``generation`` (incremented by every commit) and
     ``next_segment`` (the number the next segment file will get; numbers are never reused).
+    Optional: ``base_url`` and ``dimensions`` of that embedder, recorded by ``add_texts``.
 ``segments(seg INTEGER PRIMARY KEY, file TEXT, first_row INTEGER, rows INTEGER, nbytes INTEGER, crc32 INTEGER)``
     The committed segments. ``file`` is relative to the store directory; the file holds the
     vectors of rows ``first_row .. first_row + rows - 1`` in order, is exactly
@@ -472,6 +473,19 @@ class VectorStore:
                 )
         return updates
 
+    def _record_embedder(self, embedder: Any) -> None:
+        """Record the ``base_url`` and ``dimensions`` the embedder was made with, once
+        (through a wrapper's ``.embedder``), so that the same embedder can be rebuilt."""
+        inner = getattr(embedder, "embedder", None)
+        for key in ("base_url", "dimensions"):
+            value = getattr(embedder, key, None)
+            if value is None and inner is not None:
+                value = getattr(inner, key, None)
+            if isinstance(value, (str, int)) and not isinstance(value, bool):
+                self._check_open().execute(
+                    "INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)", (key, value)
+                )
+
     def _set_settings(self, updates: dict[str, Any]) -> None:
         assert self._conn is not None
         self._conn.executemany("UPDATE settings SET value = ? WHERE key = ?", [(v, k) for k, v in updates.items()])
@@ -790,6 +804,7 @@ class VectorStore:
             d = first.shape[1]
             updates.update(self._settings_updates(w.view, d, None, None))
             self._set_settings(updates)
+            self._record_embedder(embedder)
 
             def all_chunks() -> Iterator[np.ndarray]:
                 yield first
@@ -1045,18 +1060,34 @@ class VectorStore:
         larger than memory use :meth:`search` or :meth:`similar_pairs`, which stream.
         """
         with self._reading() as v:
-            if len(v.segments) == 1 and v.live_mask(v.segments[0]) is None:
-                a = v.segments[0].array
-                assert a is not None
-                return a
-            out = np.empty((v.live, v.dim or 0), dtype=_DTYPES[v.settings["dtype"]])
-            pos = 0
-            for s in v.segments:
-                assert s.array is not None
-                mask = v.live_mask(s)
-                block = s.array if mask is None else s.array[mask]
-                out[pos : pos + len(block)] = block
-                pos += len(block)
+            return self._live_vectors(v)
+
+    def snapshot(self) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+        """``(ids, vectors, metadata)`` of every live row, read in one transaction.
+
+        The same as :meth:`ids`, :meth:`vectors` and :meth:`metadata` of those ids, but from
+        one committed state: a write by another process between separate calls could
+        otherwise pair ids with the vectors of other rows.
+        """
+        with self._reading() as v:
+            conn = self._check_open()
+            rows = conn.execute("SELECT id, metadata FROM rows WHERE deleted = 0 ORDER BY row").fetchall()
+            x = self._live_vectors(v)
+        return [i for i, _ in rows], x, [json.loads(m) if m else {} for _, m in rows]
+
+    def _live_vectors(self, v: _View) -> np.ndarray:
+        if len(v.segments) == 1 and v.live_mask(v.segments[0]) is None:
+            a = v.segments[0].array
+            assert a is not None
+            return a
+        out = np.empty((v.live, v.dim or 0), dtype=_DTYPES[v.settings["dtype"]])
+        pos = 0
+        for s in v.segments:
+            assert s.array is not None
+            mask = v.live_mask(s)
+            block = s.array if mask is None else s.array[mask]
+            out[pos : pos + len(block)] = block
+            pos += len(block)
         out.flags.writeable = False
         return out
 
@@ -1303,7 +1334,8 @@ class VectorStore:
 
     def info(self) -> dict[str, Any]:
         """Settings and sizes: path, format_version, dim, dtype, metric, namespace, model,
-        rows (live), deleted, segments, size_bytes (segments and database), generation."""
+        base_url and dimensions (of the embedder that made the vectors, when known), rows
+        (live), deleted, segments, size_bytes (segments and database), generation."""
         with self._reading() as v:
             s = v.settings
             db = sum(p.stat().st_size for p in self.path.glob(DB_NAME + "*") if p.is_file())
@@ -1315,6 +1347,8 @@ class VectorStore:
                 "metric": s["metric"],
                 "namespace": s["namespace"],
                 "model": s["model"],
+                "base_url": s.get("base_url"),
+                "dimensions": s.get("dimensions"),
                 "rows": v.live,
                 "deleted": len(v.deleted),
                 "segments": len(v.segments),

@@ -1,9 +1,9 @@
 """The jobs users run: deduplicate a set, list its near-duplicate pairs, build a kNN graph.
 
-Every workflow has an array form and a text form. Texts are embedded through a
-:class:`embedcache.CachedEmbedder` (exact duplicate texts are collapsed first, so each
-distinct text is embedded once) and then handed to the array form; a
-:class:`embedcache.VectorStore` is read as its live vectors, in the order of ``store.ids()``.
+Every workflow has an array form and a text form. Texts are embedded (exact duplicate texts
+are collapsed first, so each distinct text is embedded once) and then handed to the array
+form; a :class:`embedcache.VectorStore` is read as its live ids, vectors and texts, all from
+one committed state, in the order of ``store.ids()``.
 
 Two ways to turn near-duplicate pairs into groups (``deduplicate(..., mode=...)``):
 
@@ -47,9 +47,11 @@ import numpy as np
 from embedcache import kernels
 from embedcache.cache import CachedEmbedder
 from embedcache.errors import (
+    DimensionMismatchError,
     InvalidInputError,
     InvalidInputTypeError,
     MissingDependencyError,
+    NamespaceMismatchError,
 )
 from embedcache.providers.base import validate_texts
 from embedcache.store import VectorStore
@@ -395,26 +397,73 @@ def _is_texts(items: Any) -> bool:
     return False
 
 
-def _embedder(embedder: Any) -> CachedEmbedder:
-    if embedder is None:
-        from embedcache.providers.hashing import HashingEmbeddings
+class _Embedding:
+    """The embedder for texts, made on first use and closed by ``close()`` if made here.
 
-        return CachedEmbedder(HashingEmbeddings())
-    if isinstance(embedder, CachedEmbedder):
-        return embedder
-    if not callable(getattr(embedder, "embed", None)):
-        raise InvalidInputTypeError(
-            f"embedder must be an Embedder (with .embed(texts)), got {type(embedder).__name__}"
-        )
-    return CachedEmbedder(embedder)
+    No embedder: the built-in hashing embedder, used directly (it is cheap and offline, so
+    nothing is cached on disk). A bare embedder is wrapped in a :class:`CachedEmbedder` on the
+    default cache directory; a ``CachedEmbedder`` is used as it is.
+    """
+
+    def __init__(self, embedder: Any) -> None:
+        if embedder is not None and not callable(getattr(embedder, "embed", None)):
+            raise InvalidInputTypeError(
+                f"embedder must be an Embedder (with .embed(texts)), got {type(embedder).__name__}"
+            )
+        self._given = embedder
+        self._made: Any = None
+
+    def _get(self) -> Any:
+        if self._made is None:
+            if self._given is None:
+                from embedcache.providers.hashing import HashingEmbeddings
+
+                self._made = HashingEmbeddings()
+            elif isinstance(self._given, CachedEmbedder):
+                self._made = self._given
+            else:
+                self._made = CachedEmbedder(self._given)
+        return self._made
+
+    @property
+    def namespace(self) -> str | None:
+        if self._given is None:
+            return self._get().cache_namespace
+        ns = getattr(self._given, "cache_namespace", None)
+        return ns if isinstance(ns, str) else None
+
+    def embed(self, texts: list[str], progress: bool | None) -> np.ndarray:
+        emb = self._get()
+        if isinstance(emb, CachedEmbedder):
+            return emb.embed(texts, progress=progress)
+        return emb.embed(texts)
+
+    def close(self) -> None:
+        made, self._made = self._made, None
+        if made is not None and made is not self._given and isinstance(made, CachedEmbedder):
+            made.close()  # closes the cache it opened, never the caller's embedder
+
+    def __enter__(self) -> _Embedding:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _prepare(items: Any, *, embedder: Any, progress: bool | None, name: str = "items") -> _Prepared:
+def _namespace(items: Any, emb: _Embedding) -> str | None:
+    """``cache_namespace`` of the embedder that made (or will make) the vectors of ``items``."""
+    if isinstance(items, VectorStore):
+        return items.namespace
+    if _is_texts(items):
+        return emb.namespace
+    return None  # vectors given as an array: unknown
+
+
+def _prepare(items: Any, *, emb: _Embedding, progress: bool | None, name: str = "items") -> _Prepared:
     """Texts, an (n, d) array or a VectorStore -> distinct normalized vectors."""
     if isinstance(items, VectorStore):
-        ids = list(items.ids())
-        x = _as_matrix(items.vectors(), name)
-        meta = items.metadata(ids) if ids else []
+        ids, x, meta = items.snapshot()  # one read: ids, vectors and texts of one state
+        x = _as_matrix(x, name)
         texts = [m.get("text") if isinstance(m, dict) else None for m in meta]
         texts_ok = bool(texts) and all(isinstance(t, str) for t in texts)
         return _from_matrix(x, texts=texts if texts_ok else None, ids=ids)
@@ -423,8 +472,7 @@ def _prepare(items: Any, *, embedder: Any, progress: bool | None, name: str = "i
                                allow_empty_list=True)
         inverse, first = _collapse(texts)
         if len(first):
-            emb = _embedder(embedder)
-            x = emb.embed([texts[k] for k in first], progress=progress)
+            x = emb.embed([texts[k] for k in first], progress)
             x = kernels.normalize(_as_matrix(x, "embeddings"))
         else:
             x = np.zeros((0, 1), dtype=np.float32)
@@ -567,15 +615,19 @@ def deduplicate(
 ) -> DedupResult:
     """Find near-duplicates by cosine similarity and choose which items to keep.
 
-    items: a list of texts (embedded with ``embedder``, by default the built-in
-    :class:`~embedcache.HashingEmbeddings` behind a :class:`~embedcache.CachedEmbedder` on
-    the default cache directory; a bare embedder is wrapped in a ``CachedEmbedder``), an
-    array of shape (n, d), or a :class:`~embedcache.VectorStore`. Exact duplicates (equal
-    texts, or equal rows) are collapsed before anything is embedded or compared.
+    items: a list of texts (embedded with ``embedder``: by default the built-in
+    :class:`~embedcache.HashingEmbeddings`, used directly and cached nowhere; a bare embedder
+    is wrapped in a :class:`~embedcache.CachedEmbedder` on the default cache directory, closed
+    again at the end), an array of shape (n, d), or a :class:`~embedcache.VectorStore`. Exact
+    duplicates (equal texts, or equal rows) are collapsed before anything is embedded or
+    compared.
     threshold: cosine similarity in [-1, 1]; pairs at or above it are duplicates.
     against: a reference set (texts, array or store). Then only items at or above the
     threshold with some reference item are removed (e.g. test rows leaking from train);
-    the items are not deduplicated among themselves, call again without ``against``.
+    the items are not deduplicated among themselves, call again without ``against``. When
+    both sides name the embedder of their vectors (texts: ``embedder``; a store: its
+    ``namespace``) and they differ, :class:`~embedcache.NamespaceMismatchError` is raised
+    before anything is embedded.
     keep: which member of a group stays: ``"first"`` (lowest index), ``"longest"`` (longest
     text, the first of equals), or ``keep(group_indices, items) -> index``.
     mode: ``"connected"`` or ``"greedy"``; see the module docstring.
@@ -586,11 +638,20 @@ def deduplicate(
         raise InvalidInputError(f"mode must be 'connected' or 'greedy', got {mode!r}")
     if not isinstance(_chunk_rows, int) or _chunk_rows < 1:
         raise InvalidInputError(f"_chunk_rows must be >= 1, got {_chunk_rows}")
-    if against is None:  # check what can be checked before anything is embedded
-        _check_keep(keep, None, mode)
-    p = _prepare(items, embedder=embedder, progress=progress)
-    if against is not None:
-        return _deduplicate_against(p, against, threshold, embedder, progress, _chunk_rows)
+    with _Embedding(embedder) as emb:
+        if against is None:  # check what can be checked before anything is embedded
+            _check_keep(keep, None, mode)
+        else:
+            ns, ref_ns = _namespace(items, emb), _namespace(against, emb)
+            if ns is not None and ref_ns is not None and ns != ref_ns:
+                raise NamespaceMismatchError(
+                    f"items and the reference set must come from one embedder: items are of "
+                    f"namespace {ns!r}, the reference set of {ref_ns!r}"
+                )
+        p = _prepare(items, emb=emb, progress=progress)
+        if against is not None:
+            ref = _prepare(against, emb=emb, progress=progress, name="against")
+            return _deduplicate_against(p, ref, threshold, progress, _chunk_rows)
     _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
     ui, uj, us = _pairs_within(p.x, threshold, progress, _chunk_rows)
@@ -682,13 +743,10 @@ def _greedy(p: _Prepared, ui: np.ndarray, uj: np.ndarray, us: np.ndarray, order:
     return group_of, groups, [removed], [owner[removed]]
 
 
-def _deduplicate_against(p: _Prepared, against: Any, threshold: float, embedder: Any,
+def _deduplicate_against(p: _Prepared, ref: _Prepared, threshold: float,
                          progress: bool | None, chunk: int) -> DedupResult:
-    ref = _prepare(against, embedder=embedder, progress=progress, name="against")
     n = p.n
     if n and ref.n and p.x.shape[1] != ref.x.shape[1]:
-        from embedcache.errors import DimensionMismatchError
-
         raise DimensionMismatchError(
             f"items have dimension {p.x.shape[1]} but the reference set has {ref.x.shape[1]}"
         )
@@ -737,29 +795,44 @@ def near_duplicates(
     Exact duplicates are embedded once and reported as pairs with score 1.0.
     """
     threshold = _check_threshold(threshold)
-    p = _prepare(items, embedder=embedder, progress=progress)
+    with _Embedding(embedder) as emb:
+        p = _prepare(items, emb=emb, progress=progress)
     ui, uj, us = _pairs_within(p.x, threshold, progress, _chunk_rows)
     if len(p.first) == p.n:  # no exact duplicates: distinct rows are the items
         i, j, s = p.first[ui], p.first[uj], us
     else:
-        members = _groups_from_labels(p.inverse)
-        by_row: dict[int, np.ndarray] = {int(p.inverse[m[0]]): m for m in members}
-        parts_i, parts_j, parts_s = [], [], []
-        for a, b, sc in zip(ui.tolist(), uj.tolist(), us.tolist()):
-            ma = by_row.get(a, p.first[a:a + 1])
-            mb = by_row.get(b, p.first[b:b + 1])
-            ga, gb = np.meshgrid(ma, mb, indexing="ij")
-            parts_i.append(ga.ravel()), parts_j.append(gb.ravel())
-            parts_s.append(np.full(ga.size, sc, dtype=np.float32))
-        if 1.0 >= threshold:
-            for m in members:
-                a, b = np.triu_indices(len(m), k=1)
-                parts_i.append(m[a]), parts_j.append(m[b])
-                parts_s.append(np.ones(len(a), dtype=np.float32))
-        cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.empty(0, dtype=dt))
-        i, j, s = cat(parts_i, np.int64), cat(parts_j, np.int64), cat(parts_s, np.float32)
+        # items of each distinct row, contiguous: members[start[r] : start[r] + count[r]]
+        members = np.argsort(p.inverse, kind="stable")
+        count = np.bincount(p.inverse, minlength=len(p.x))
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])
+        # every distinct-row pair expands to all pairs of their items
+        i, j = _cross(members, start, count, ui, uj)
+        s = np.repeat(us.astype(np.float32), count[ui] * count[uj])
+        # exact copies of one row score 1.0 with each other (threshold <= 1 always)
+        rows = np.flatnonzero(count > 1)
+        ci, cj = _cross(members, start, count, rows, rows)
+        below = ci < cj  # each unordered pair of distinct items once
+        ci, cj = ci[below], cj[below]
+        i, j = np.concatenate([i, ci]), np.concatenate([j, cj])
+        s = np.concatenate([s, np.ones(len(ci), dtype=np.float32)])
     lo, hi = np.minimum(i, j), np.maximum(i, j)
     return PairTable(lo, hi, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
+
+
+def _cross(members: np.ndarray, start: np.ndarray, count: np.ndarray, ra: np.ndarray, rb: np.ndarray):
+    """All pairs (items of row ra[k]) x (items of row rb[k]) for every k, without a Python loop."""
+    ca, cb = count[ra], count[rb]
+    sizes = ca * cb
+    total = int(sizes.sum())
+    if not total:
+        e = np.empty(0, dtype=np.int64)
+        return e, e.copy()
+    which = np.repeat(np.arange(len(ra)), sizes)
+    t = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    wb = cb[which]
+    ia = members[start[ra][which] + t // wb]
+    ib = members[start[rb][which] + t % wb]
+    return ia.astype(np.int64), ib.astype(np.int64)
 
 
 def knn_graph(
@@ -797,7 +870,7 @@ def knn_graph(
         raise InvalidInputError("mode='distance' needs metric='cosine' (distance = 1 - cosine)")
     from scipy.sparse import csr_matrix
 
-    arr = _as_matrix(x.vectors() if isinstance(x, VectorStore) else x, "x")
+    arr = _as_matrix(x.vectors() if isinstance(x, VectorStore) else x, "x")  # one read
     n = len(arr)
     rows_l, cols_l, vals_l = [], [], []
     if n > 1:

@@ -757,3 +757,39 @@ def test_ids_may_be_a_numpy_array_of_strings(path):
         assert s.ids() == ["b"] and type(s.ids()[0]) is str
         with pytest.raises(InvalidInputTypeError, match=r"ids\[1\] must be a str"):
             s.add(["c", 5], vecs(2))
+
+
+def test_snapshot_is_ids_vectors_and_metadata_of_one_state(path):
+    with VectorStore(path, _max_segment_bytes=SMALL) as s:
+        x = vecs(20)
+        s.add(ids_of(20), x, metadata=[{"k": i} if i % 3 else None for i in range(20)])
+        s.delete(["r2", "r11"])
+        s.add(["r5"], vecs(1, seed=9), metadata=[{"k": "new"}], upsert=True)
+        ids, y, meta = s.snapshot()
+        assert ids == s.ids()
+        np.testing.assert_array_equal(y, s.vectors())
+        assert meta == s.metadata(ids)
+        assert not y.flags.writeable
+
+
+def test_add_texts_records_base_url_and_dimensions(path):
+    emb = ec.OpenAIEmbeddings("m", base_url="http://localhost:9/v1", api_key="k", dimensions=8)
+    with VectorStore(path) as s:
+        assert s.info()["base_url"] is None and s.info()["dimensions"] is None
+        s.add_texts(["a"], _FixedEmbedder(emb))
+        assert s.info()["base_url"] == "http://localhost:9/v1" and s.info()["dimensions"] == 8
+    with VectorStore(path) as s:
+        assert s.info()["base_url"] == "http://localhost:9/v1"
+
+
+class _FixedEmbedder:
+    """Takes the settings of ``inner`` (an embedder never asked for vectors) and returns ones."""
+
+    def __init__(self, inner):
+        self.embedder = inner
+        self.cache_namespace = inner.cache_namespace
+        self.model = inner.model
+        self.dimensions = inner.dimensions
+
+    def embed(self, texts, *, on_batch=None):
+        return np.ones((len(texts), 8), dtype=np.float32)

@@ -500,3 +500,77 @@ def test_to_pandas_without_pandas_says_how_to_install(monkeypatch):
         res.to_pandas()
     with pytest.raises(ec.MissingDependencyError, match="pip install"):
         res.least_similar_pairs().to_pandas()
+
+
+def test_store_is_read_in_one_snapshot(tmp_path):
+    """Another process writing between reads must not pair ids with other rows' vectors."""
+    x = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0.01]], dtype=np.float32)
+    with ec.VectorStore(tmp_path / "vs") as store, ec.VectorStore(tmp_path / "vs") as writer:
+        store.add(["a", "b", "c"], x, metadata=[{"text": t} for t in ("ta", "tb", "tc")])
+
+        def then_upsert(method):
+            def wrapped(*args, **kwargs):
+                out = method(*args, **kwargs)
+                writer.add(["a"], x[:1], metadata=[{"text": "ta"}], upsert=True)  # "a" moves to the end
+                return out
+            return wrapped
+
+        for name in ("ids", "vectors", "metadata"):
+            setattr(store, name, then_upsert(getattr(store, name)))
+        for _ in range(2):
+            table = ec.near_duplicates(store, threshold=0.9, progress=False)
+            assert [(r["id_i"], r["id_j"], r["text_i"], r["text_j"]) for r in table] in (
+                [("b", "c", "tb", "tc")], [("c", "b", "tc", "tb")]
+            )
+            writer.add(["a"], x[:1], metadata=[{"text": "ta"}], upsert=True)
+
+
+def test_against_refuses_vectors_of_another_embedder(tmp_path, embedder):
+    inner, emb = embedder
+    with ec.VectorStore(tmp_path / "vs") as store:
+        store.add_texts(TEXTS[:3], emb)
+        other = CountingEmbedder()
+        other.cache_namespace = "other|" + other.inner.cache_namespace
+        with pytest.raises(ec.NamespaceMismatchError, match="counting"):
+            ec.deduplicate(["The cat sat on the mat?"], against=store, embedder=other, progress=False)
+        assert other.seen == []  # refused before anything was embedded
+        with pytest.raises(ec.NamespaceMismatchError):  # the default embedder is another one too
+            ec.deduplicate(["The cat sat on the mat?"], against=store, progress=False)
+        with pytest.raises(ec.NamespaceMismatchError):
+            ec.deduplicate(store, against=["The cat sat on the mat?"], embedder=other, progress=False)
+        ok = ec.deduplicate(["The cat sat on the mat?"], against=store, embedder=emb, progress=False)
+        assert ok.removed.tolist() == [0]
+
+
+def test_default_embedder_caches_nothing(tmp_path, monkeypatch):
+    for var in ("EMBEDCACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    res = ec.deduplicate(TEXTS, threshold=0.8, progress=False)
+    table = ec.near_duplicates(TEXTS, threshold=0.8, progress=False)
+    assert len(res.removed) and len(table)
+    assert list(tmp_path.iterdir()) == []  # no cache directory made anywhere
+
+
+def test_a_wrapper_made_for_a_bare_embedder_is_closed(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDCACHE_DIR", str(tmp_path / "cache"))
+    closed = []
+    monkeypatch.setattr(ec.CachedEmbedder, "close", lambda self: closed.append(self.embedder))
+    bare = CountingEmbedder()
+    ec.deduplicate(TEXTS, threshold=0.8, embedder=bare, progress=False)
+    ec.near_duplicates(TEXTS, threshold=0.8, embedder=bare, progress=False)
+    assert closed == [bare, bare]
+    given = ec.CachedEmbedder(bare, cache=ec.EmbeddingCache(tmp_path / "c2"))
+    ec.deduplicate(TEXTS, threshold=0.8, embedder=given, progress=False)
+    assert closed == [bare, bare]  # the caller's CachedEmbedder is left open
+
+
+def test_near_duplicates_with_many_exact_copies_equal_brute_force():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(12, 5)).astype(np.float32)
+    base[1] = base[0] + 0.05
+    x = base[rng.integers(0, 12, size=90)]
+    s = cosine_matrix(x)
+    table = ec.near_duplicates(x, threshold=0.95, progress=False)
+    i, j = np.nonzero(np.triu(s >= 0.95 - 1e-6, 1))
+    assert sorted(zip(table.i.tolist(), table.j.tolist())) == sorted(zip(i.tolist(), j.tolist()))
+    np.testing.assert_allclose(table.score, s[table.i, table.j], atol=1e-5)
