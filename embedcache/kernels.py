@@ -76,6 +76,7 @@ _NO_INDEX = np.iinfo(np.int64).max  # heap sentinel: sorts after every real inde
 # one block is (queries in block) x (corpus rows in block) float32.
 _TOPK_CORPUS_BLOCK = 4096
 _TOPK_QUERY_BLOCK = 1024
+_TOPK_MAX_BLOCK = 65536
 _PAIRS_BLOCK = 2048
 _PAIRS_COLUMNS = 4 * _PAIRS_BLOCK  # tiles of 2048 x 8192 scores (64 MiB)
 
@@ -708,7 +709,7 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None,
     # score tiles of about 32 MiB: fewer, larger blocks when there are few queries (each
     # block costs a hand-over between the BLAS and numba threads)
     direct = base.dtype == np.float32 and base.flags.c_contiguous
-    default_block = max(_TOPK_CORPUS_BLOCK, min((1 << 23) // nq, 65536 if direct else 8192))
+    default_block = max(_TOPK_CORPUS_BLOCK, min((1 << 23) // nq, _TOPK_MAX_BLOCK if direct else 8192))
     cblock = _check_block(_block_size, default_block)
     qblock = _check_block(_block_size, _TOPK_QUERY_BLOCK)
     margin = _blas_margin(q32.shape[1])
