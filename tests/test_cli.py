@@ -366,3 +366,150 @@ def test_interrupted_run_leaves_no_output(tmp_path):
     assert err.strip() == "embedcache: interrupted"
     assert (tmp_path / "k.jsonl").read_text() == "previous result\n"
     assert not list(tmp_path.glob(".k.jsonl.*"))
+
+
+# ---------------------------------------------------------------------------------------
+# input and output details
+# ---------------------------------------------------------------------------------------
+
+
+def test_csv_with_a_byte_order_mark(run, tmp_path):
+    with open(tmp_path / "bom.csv", "w", encoding="utf-8-sig", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "id"])
+        w.writeheader()
+        w.writerows({"text": r["text"], "id": r["id"]} for r in ROWS)
+    data = read_input(str(tmp_path / "bom.csv"))
+    assert data.fieldnames == ["text", "id"] and data.texts == TEXTS
+    run("dedup", "bom.csv", "-o", "out.csv", "-q", inproc=True)
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+        assert next(csv.reader(f)) == ["text", "id"]  # written back without the mark
+
+
+def test_outputs_get_the_mode_of_a_new_file(run, tmp_path):
+    old = os.umask(0o027)
+    try:
+        run("dedup", EXAMPLE, "-o", "kept.jsonl", "--duplicates", "d.csv", "-q", inproc=True)
+        run("embed", EXAMPLE, "-o", "v.npy", "-q", inproc=True)
+    finally:
+        os.umask(old)
+    for name in ("kept.jsonl", "d.csv", "v.npy"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_show_must_not_be_negative(run):
+    proc = run("dedup", EXAMPLE, "-o", "k.jsonl", "--show", "-1", ok=False, inproc=True)
+    assert_one_line_error(proc, "--show", "-1")
+    assert proc.returncode == 2
+
+
+def test_parquet_output_of_mixed_field_types_is_one_line(run, tmp_path):
+    lines = [json.dumps({"id": 1 if k % 2 else f"x{k}", "text": t}) for k, t in enumerate(TEXTS)]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run("dedup", "mixed.jsonl", "-o", "k.parquet", ok=False, inproc=True)
+    assert_one_line_error(proc, "k.parquet", "Parquet")
+    assert not (tmp_path / "k.parquet").exists() and not list(tmp_path.glob(".k.parquet.*"))
+
+
+def test_bad_report_path_fails_before_any_work(run, tmp_path):
+    (tmp_path / "k.jsonl").write_text("previous result\n")
+    proc = run("dedup", EXAMPLE, "-o", "k.jsonl", "--duplicates", "no/such/dir/r.csv", ok=False, inproc=True)
+    assert_one_line_error(proc, "no/such/dir")
+    assert (tmp_path / "k.jsonl").read_text() == "previous result\n"
+    assert not (tmp_path / "cache").exists()  # nothing was embedded
+    proc = run("pairs", EXAMPLE, "-t", "0.9", "-o", "no/such/p.csv", ok=False, inproc=True)
+    assert_one_line_error(proc, "no/such")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_staged_outputs_replace_all_or_nothing(tmp_path):
+    from embedcache.cli import staged_outputs
+
+    (tmp_path / "a.txt").write_text("old a")
+    with pytest.raises(OSError, match="disk full"):
+        with staged_outputs() as outputs:
+            with outputs.open(str(tmp_path / "a.txt")) as f:
+                f.write("new a")
+            with outputs.open(str(tmp_path / "b.txt")) as f:
+                f.write("half of b")
+                raise OSError("disk full")
+    assert (tmp_path / "a.txt").read_text() == "old a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    with staged_outputs() as outputs:
+        for name in ("a.txt", "b.txt"):
+            with outputs.open(str(tmp_path / name)) as f:
+                f.write("new " + name)
+    assert (tmp_path / "a.txt").read_text() == "new a.txt" and (tmp_path / "b.txt").read_text() == "new b.txt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_interrupt_while_writing_leaves_old_outputs(run, tmp_path, monkeypatch):
+    (tmp_path / "k.csv").write_text("previous result\n")
+    (tmp_path / "r.csv").write_text("previous report\n")
+    write_formats(tmp_path)
+    writerows = csv.DictWriter.writerows
+    calls = []
+
+    def interrupted(self, rows):  # in the middle of the report, after the kept rows were written
+        rows = list(rows)
+        calls.append(len(rows))
+        writerows(self, rows[:1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", interrupted)
+    proc = run("dedup", "in.csv", "--column", "body", "-o", "k.csv", "--duplicates", "r.csv",
+               ok=False, inproc=True)
+    assert proc.returncode == 130 and proc.stderr.strip().endswith("embedcache: interrupted")
+    assert calls and calls[0] > 1  # the interrupt came in the middle of writing the report
+    assert (tmp_path / "k.csv").read_text() == "previous result\n"
+    assert (tmp_path / "r.csv").read_text() == "previous report\n"
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_interrupt_closes_the_embedder(run, monkeypatch):
+    import embedcache.cli as cli_mod
+
+    class Interrupted:
+        cache_namespace, model, dimensions = "test|interrupted", "m", None
+        closed = 0
+
+        def embed(self, texts, *, on_batch=None):
+            raise KeyboardInterrupt
+
+        def close(self):
+            Interrupted.closed += 1
+
+    monkeypatch.setattr(cli_mod, "_make_embedder", lambda *a, **k: Interrupted())
+    proc = run("embed", EXAMPLE, "-o", "v.npy", ok=False, inproc=True)
+    assert proc.returncode == 130 and Interrupted.closed == 1
+
+
+# ---------------------------------------------------------------------------------------
+# stores remember their embedder
+# ---------------------------------------------------------------------------------------
+
+
+def test_store_search_uses_the_stores_server_and_dimensions(run, tmp_path):
+    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+        emb = ec.OpenAIEmbeddings("test-embed-small", base_url=server.base_url, api_key="test-key",
+                                  dimensions=4)
+        with ec.VectorStore(tmp_path / "vs") as vs:
+            vs.add_texts(TEXTS[:5], ec.CachedEmbedder(emb, cache=ec.EmbeddingCache(tmp_path / "c2")),
+                         ids=[r["id"] for r in ROWS[:5]])
+        emb.close()
+        before = len(server.embedding_requests)
+        proc = run("store", "search", "vs", TEXTS[2], "-k", "1", "--max-retries", "0", "--timeout", "5",
+                   extra_env={"IONOS_API_TOKEN": "test-key"}, inproc=True)
+        assert len(server.embedding_requests) == before + 1
+        assert server.embedding_requests[-1].body["dimensions"] == 4
+        hit = proc.stdout.splitlines()[1].split()
+        assert hit[1] == ROWS[2]["id"] and float(hit[0]) > 0.99
+
+
+def test_store_refuses_an_embedder_of_another_namespace(run, tmp_path):
+    run("store", "add", "vs", EXAMPLE, "-q", inproc=True)  # hashing vectors
+    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+        for command in (["search", "vs", "battery"], ["add", "vs", EXAMPLE, "--upsert"]):
+            proc = run("store", *command, "--provider", "openai", "--base-url", server.base_url,
+                       "--model", "test-embed-small", extra_env={"IONOS_API_TOKEN": "test-key"},
+                       ok=False, inproc=True)
+            assert_one_line_error(proc, "hashing", "test-embed-small")
+        assert server.embedding_requests == []  # refused before a request was made
