@@ -341,6 +341,8 @@ def _reply(vectors, *, b64=True, usage=None):
         ({"data": [{"index": 0, "embedding": [[0.1], [0.2]]}]}, "flat list of numbers"),
         ({"data": [{"index": 0, "embedding": [True, False]}]}, "flat list of numbers"),
         ({"data": [{"index": 0, "embedding": [0.1, None]}]}, "flat list of numbers"),
+        ({"data": [{"index": 0, "embedding": [0.1, [0.2, 0.3]]}]}, "flat list of numbers"),
+        ({"data": [{"index": 0, "embedding": [[0.1, 0.2], [0.3]]}]}, "flat list of numbers"),
         ({"data": [{"index": 0, "embedding": {"x": 1}}]}, "base64 string or a list"),
         ({"data": [{"embedding": [0.1, 0.2]}]}, "index must be an int"),
         ({"data": [{"index": True, "embedding": [0.1, 0.2]}]}, "index must be an int"),
@@ -541,3 +543,88 @@ def test_async_rate_limit_and_concurrency_with_mock_transport():
                            async_transport=httpx.MockTransport(handler))
     X = asyncio.run(emb.aembed([f"t{i}" for i in range(8)]))
     assert X.shape == (8, 4) and peak == 2
+
+
+# ---------------------------------------------------------------- damaged replies
+
+
+def _gzip_marked(content):
+    # the body is decoded as the reply is read, inside the client's request
+    return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=content)
+
+
+def test_a_reply_that_cannot_be_decoded_is_retried_then_typed():
+    import gzip
+
+    good = gzip.compress(json.dumps(_reply([np.ones(3, np.float32)])).encode())
+    answers = iter([b"not gzip at all", good])
+    waits = []
+    emb = OpenAIEmbeddings(MODEL, api_key="test-key-123", requests_per_second=None, sleep=waits.append,
+                           transport=httpx.MockTransport(lambda r: _gzip_marked(next(answers))))
+    np.testing.assert_array_equal(emb.embed(["x"]), np.ones((1, 3), np.float32))
+    assert len(waits) == 1
+
+    calls = []
+    emb = OpenAIEmbeddings(MODEL, api_key="test-key-123", requests_per_second=None, max_retries=2,
+                           sleep=lambda s: None,
+                           transport=httpx.MockTransport(lambda r: calls.append(r) or _gzip_marked(b"junk")))
+    with pytest.raises(APIConnectionError, match="could not be decoded"):
+        emb.embed(["x"])
+    assert len(calls) == 3
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def _http_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("embedcache-http")]
+
+
+def test_a_failed_call_leaves_no_retries_running(fake_server):
+    # one batch fails for good while the others keep getting 500s with a short Retry-After
+    fake_server.push(Fault.error(400, message="bad batch"),
+                     *[Fault.error(500, retry_after_ms="50")] * 200)
+    emb = make(fake_server, batch_size=1, max_concurrency=3, max_retries=100, sleep=None)
+    with pytest.raises(BadRequestError):
+        emb.embed(["a", "b", "c"])
+    time.sleep(0.3)  # requests already on the wire when the call ended may still land
+    settled = len(fake_server.embedding_requests)
+    time.sleep(0.5)
+    assert len(fake_server.embedding_requests) == settled
+    assert settled < 10
+    emb.close()
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+def test_close_cuts_requests_under_way(fake_server, max_concurrency):
+    fake_server.push(*[Fault.slow(20.0)] * max_concurrency)
+    emb = make(fake_server, batch_size=1, max_concurrency=max_concurrency, max_retries=5, timeout=30)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = emb.embed(["a", "b"])
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    deadline = time.monotonic() + 5
+    while len(fake_server.embedding_requests) < max_concurrency and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    started = time.monotonic()
+    emb.close()
+    caller.join(timeout=5)
+    assert not caller.is_alive()
+    assert time.monotonic() - started < 3
+    assert isinstance(outcome.get("error"), APIConnectionError), outcome
+    assert "cancelled" in str(outcome["error"])
+    deadline = time.monotonic() + 3
+    while _http_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _http_threads()
+    assert len(fake_server.embedding_requests) == max_concurrency  # nothing retried
+    # still usable afterwards
+    np.testing.assert_array_equal(emb.embed(["c"]), expected(["c"]))
+    emb.close()

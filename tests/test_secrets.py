@@ -148,3 +148,42 @@ def test_no_key_in_any_cache_file(server, tmp_path, caplog):
         assert SECRET.encode() not in path.read_bytes(), path
     assert np.isfinite(X).all()
     assert SECRET not in caplog.text
+
+
+def _answer(status, **kwargs):
+    """An embedder whose server always answers ``httpx.Response(status, **kwargs)``."""
+    import httpx
+
+    return lambda key: OpenAIEmbeddings(
+        "m", api_key=key, requests_per_second=None, max_retries=0,
+        transport=httpx.MockTransport(lambda r: httpx.Response(status, **kwargs)))
+
+
+QUOTED = 'sk-"quoted\\key-9b8d7c6e5f4a'
+
+
+@pytest.mark.parametrize(
+    "key, make_emb",
+    [
+        # the key crosses the point where a long message is cut
+        (SECRET, _answer(400, text="x" * 480 + SECRET + " is not allowed")),
+        (SECRET, _answer(400, json={"error": {"message": "y" * 490 + SECRET}})),
+        # a body of no known shape is shown as JSON, which escapes quotes and backslashes
+        (QUOTED, _answer(400, json={"unexpected": f"echo {QUOTED}"})),
+        (QUOTED, _answer(400, json={"error": {"message": f"echo {QUOTED}"}})),
+        # a server that cut the key short itself
+        (SECRET, _answer(401, text=f"Incorrect API key provided: {SECRET[:14]}***")),
+        (SECRET, _answer(401, json={"detail": f"bad key {SECRET[:9]}… (shortened)"})),
+        (SECRET, _answer(302, headers={"Location": f"https://elsewhere/{SECRET[:10]}"})),
+    ],
+    ids=["text-cut", "message-cut", "json-fallback", "json-message", "text-shortened",
+         "detail-shortened", "location-shortened"],
+)
+def test_no_part_of_the_key_in_long_escaped_or_shortened_echoes(key, make_emb):
+    with pytest.raises(APIError) as info:
+        make_emb(key).embed(["a"])
+    text = all_text_of(info.value)
+    assert "***" in str(info.value)
+    for form in (key, key.replace("\\", "\\\\").replace('"', '\\"')):
+        assert form[:8] not in text
+    assert len(info.value.message or "") <= 503

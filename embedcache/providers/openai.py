@@ -34,12 +34,16 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
 
+import httpcore
 import httpx
 import numpy as np
 import tenacity
@@ -73,6 +77,10 @@ _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _MAX_RETRY_AFTER = 60.0
 _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 20.0
+#: longest server message kept in an exception (cut after the key is removed)
+_MAX_MESSAGE = 500
+#: a run of at least this many characters that begins the key is removed too
+_MIN_KEY_FRAGMENT = 8
 
 
 class _Secret:
@@ -93,6 +101,34 @@ class _Secret:
 
     def __reduce__(self) -> Any:
         raise TypeError("the API key cannot be pickled")
+
+
+def _remove_key(text: str, key: str) -> str:
+    """``text`` with every occurrence of ``key``, and of any run of at least
+    ``_MIN_KEY_FRAGMENT`` characters that begins ``key`` (a key cut short by a server), replaced
+    by ``***``.
+
+    >>> _remove_key("got sk-abcdefgh12345 and sk-abcdefg… and sk-ab", "sk-abcdefgh12345")
+    'got *** and ***… and sk-ab'
+    """
+    head = key[: min(_MIN_KEY_FRAGMENT, len(key))]
+    if not head:
+        return text
+    parts, pos = [], 0
+    i = text.find(head)
+    while i != -1:
+        j = i + len(head)
+        while j < len(text) and j - i < len(key) and text[j] == key[j - i]:
+            j += 1
+        parts += [text[pos:i], "***"]
+        pos = j
+        i = text.find(head, j)
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _clip(text: str, limit: int = _MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class TokenBucket:
@@ -187,12 +223,13 @@ def _parse_retry_after(headers: httpx.Headers) -> float | None:
 
 
 def _server_message(response: httpx.Response) -> str:
-    """The server's own explanation, from OpenAI-, FastAPI- or plain-style bodies."""
+    """The server's own explanation, from OpenAI-, FastAPI- or plain-style bodies (whole:
+    the caller removes the key, then cuts it short)."""
     try:
         body = response.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         text = response.text.strip()
-        return text[:500] if text else response.reason_phrase
+        return text if text else response.reason_phrase
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict) and err.get("message"):
@@ -214,7 +251,7 @@ def _server_message(response: httpx.Response) -> str:
             return "; ".join(parts)
         if body.get("message"):
             return str(body["message"])
-    return json.dumps(body)[:500]
+    return json.dumps(body)
 
 
 def _status_error_class(status: int) -> type[APIStatusError]:
@@ -253,7 +290,12 @@ def _decode_vector(embedding: object, where: str) -> np.ndarray:
             )
         return np.frombuffer(raw, dtype="<f4")
     if isinstance(embedding, list):
-        arr = np.array(embedding)
+        try:
+            arr = np.array(embedding)
+        except (ValueError, TypeError, OverflowError):  # ragged nesting, e.g. [0.1, [0.2, 0.3]]
+            raise InvalidResponseError(
+                f"{where}: embedding must be a flat list of numbers, got a ragged nested list"
+            ) from None
         if arr.ndim != 1 or arr.dtype.kind not in "fiu":
             raise InvalidResponseError(
                 f"{where}: embedding must be a flat list of numbers, got array of dtype "
@@ -265,6 +307,90 @@ def _decode_vector(embedding: object, where: str) -> np.ndarray:
         f"{where}: embedding must be a base64 string or a list of numbers, "
         f"got {type(embedding).__name__}"
     )
+
+
+class _TrackedStream(httpcore.NetworkStream):
+    """A network stream that :meth:`_AbortableBackend.abort` can cut from another thread."""
+
+    def __init__(self, inner: httpcore.NetworkStream, backend: _AbortableBackend) -> None:
+        self._inner = inner
+        backend._track(self)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        # TLS takes over the socket: track the new stream, which owns it now
+        return _TrackedStream(self._inner.start_tls(ssl_context, server_hostname, timeout),
+                              self._backend)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    def abort(self) -> None:
+        sock = self._inner.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+            except OSError:
+                pass
+
+
+class _AbortableBackend(httpcore.NetworkBackend):
+    """httpcore's blocking backend, remembering its connections so that :meth:`abort` can
+    end requests under way in other threads at once (closing a socket does not wake a
+    thread blocked reading it; shutting it down does)."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+        self._streams: weakref.WeakSet[_TrackedStream] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    def _track(self, stream: _TrackedStream) -> None:
+        stream._backend = self
+        with self._lock:
+            self._streams.add(stream)
+            aborted = self._aborted
+        if aborted:
+            stream.abort()
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+        return _TrackedStream(self._inner.connect_tcp(*args, **kwargs), self)
+
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+        return _TrackedStream(self._inner.connect_unix_socket(*args, **kwargs), self)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            streams = list(self._streams)
+        for stream in streams:
+            stream.abort()
+
+
+def _abortable_transport(limits: httpx.Limits) -> tuple[httpx.HTTPTransport, _AbortableBackend | None]:
+    """httpx's default transport, on a backend whose connections :meth:`~_AbortableBackend.abort`
+    can cut (``None`` when this httpx/httpcore version does not let us plug it in)."""
+    transport = httpx.HTTPTransport(limits=limits)
+    pool = getattr(transport, "_pool", None)
+    if isinstance(pool, httpcore.ConnectionPool) and isinstance(
+        getattr(pool, "_network_backend", None), httpcore.NetworkBackend
+    ):
+        backend = _AbortableBackend()
+        pool._network_backend = backend
+        return transport, backend
+    return transport, None
 
 
 class OpenAIEmbeddings:
@@ -355,6 +481,8 @@ class OpenAIEmbeddings:
         self.usage = Usage()
         self._lock = threading.Lock()
         self._client: httpx.Client | None = None
+        self._backend: _AbortableBackend | None = None
+        self._stops: set[threading.Event] = set()  # one per sync call under way
         self._executor: ThreadPoolExecutor | None = None
         self._aclient: httpx.AsyncClient | None = None
         self._aclient_loop: asyncio.AbstractEventLoop | None = None
@@ -381,18 +509,42 @@ class OpenAIEmbeddings:
             max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
         )
 
-    def _get_client(self) -> httpx.Client:
+    def _get_client(self, stop: threading.Event, what: str) -> httpx.Client:
         headers = self._headers()
         with self._lock:
+            if stop.is_set():  # checked under the lock close() takes: no client after close
+                raise self._cancelled(what)
             if self._client is None:
+                transport, backend = self._transport, None
+                if transport is None:
+                    transport, backend = _abortable_transport(self._limits())
                 self._client = httpx.Client(
                     base_url=self.base_url,
                     headers=headers,
                     timeout=self.timeout,
                     limits=self._limits(),
-                    transport=self._transport,
+                    transport=transport,
                 )
+                self._backend = backend
             return self._client
+
+    @contextmanager
+    def _call(self) -> Iterator[threading.Event]:
+        """A stop event for one sync call: set by :meth:`close`, and when the call ends (so
+        work the call no longer waits for makes no further attempt)."""
+        stop = threading.Event()
+        with self._lock:
+            self._stops.add(stop)
+        try:
+            yield stop
+        finally:
+            stop.set()
+            with self._lock:
+                self._stops.discard(stop)
+
+    @staticmethod
+    def _cancelled(what: str) -> APIConnectionError:
+        return APIConnectionError(f"{what} was cancelled: the embedder was closed or the call ended")
 
     def _get_executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -418,14 +570,19 @@ class OpenAIEmbeddings:
         return self._aclient
 
     def _redact(self, text: str) -> str:
+        """``text`` without the key: as is, JSON-escaped, or its head cut short (>= 8 chars)."""
         if self._key is not None:
-            text = text.replace(self._key.reveal(), "***")
+            key = self._key.reveal()
+            for form in dict.fromkeys((key, json.dumps(key)[1:-1])):
+                text = _remove_key(text, form)
         return text
 
-    def _map_transport_error(self, exc: httpx.TransportError, what: str) -> APIError:
+    def _map_request_error(self, exc: httpx.RequestError, what: str) -> APIError:
         detail = f"{type(exc).__name__}: {self._redact(str(exc))}".rstrip(": ")
         if isinstance(exc, httpx.TimeoutException):
             return APITimeoutError(f"{what} timed out (timeout={self.timeout:g} s): {detail}")
+        if isinstance(exc, httpx.DecodingError):  # e.g. a corrupt gzip body: retried like a drop
+            return APIConnectionError(f"{what}: the reply could not be decoded: {detail}")
         return APIConnectionError(f"{what} failed to connect or lost the connection: {detail}")
 
     def _check_status(self, response: httpx.Response, what: str) -> None:
@@ -433,12 +590,12 @@ class OpenAIEmbeddings:
         if status < 300:
             return
         if status < 400:
-            location = self._redact(response.headers.get("location", "?"))
+            location = _clip(self._redact(response.headers.get("location", "?")))
             raise APIStatusError(
                 f"{what} -> {status} redirect to {location}; set base_url to the final URL",
                 status_code=status,
             )
-        message = self._redact(_server_message(response))
+        message = _clip(self._redact(_server_message(response)))
         err = _status_error_class(status)(
             f"{what} -> {status} {response.reason_phrase}: {message}", status_code=status
         )
@@ -472,10 +629,10 @@ class OpenAIEmbeddings:
             reraise=True,
         )
 
-    def _retrying(self) -> tenacity.Retrying:
+    def _retrying(self, stop: threading.Event) -> tenacity.Retrying:
         kwargs = self._retry_kwargs()
-        if self._sleep is not None:
-            kwargs["sleep"] = self._sleep
+        kwargs["stop"] = kwargs["stop"] | tenacity.stop_when_event_set(stop)
+        kwargs["sleep"] = self._sleep if self._sleep is not None else stop.wait
         return tenacity.Retrying(**kwargs)
 
     def _aretrying(self) -> tenacity.AsyncRetrying:
@@ -506,7 +663,7 @@ class OpenAIEmbeddings:
         what = "POST /embeddings"
         try:
             body = json.loads(response.content)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidResponseError(
                 f"{what} -> {response.status_code}: reply is not valid JSON ({exc})",
                 status_code=response.status_code,
@@ -560,7 +717,7 @@ class OpenAIEmbeddings:
     def _parse_models(self, response: httpx.Response) -> list[str]:
         try:
             body = json.loads(response.content)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InvalidResponseError("GET /models: reply is not valid JSON") from None
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list) or not all(
@@ -583,13 +740,15 @@ class OpenAIEmbeddings:
 
     # ------------------------------------------------------------------ sync
 
-    def _request(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
-        client = self._get_client()
+    def _request(
+        self, method: str, path: str, stop: threading.Event, content: bytes | None = None
+    ) -> httpx.Response:
         what = f"{method} {path}"
         if self._bucket is not None:
             delay = self._bucket.reserve()
-            if delay > 0:
-                time.sleep(delay)
+            if delay > 0 and stop.wait(delay):
+                raise self._cancelled(what)
+        client = self._get_client(stop, what)
         self.usage.add(requests=1)
         try:
             if content is None:
@@ -598,15 +757,21 @@ class OpenAIEmbeddings:
                 response = client.request(
                     method, path, content=content, headers={"Content-Type": "application/json"}
                 )
-        except httpx.TransportError as exc:
-            raise self._map_transport_error(exc, what) from None
+        except (httpx.RequestError, RuntimeError) as exc:  # RuntimeError: client closed meanwhile
+            if stop.is_set():
+                raise self._cancelled(what) from None
+            if not isinstance(exc, httpx.RequestError):
+                raise
+            raise self._map_request_error(exc, what) from None
         self._check_status(response, what)
         return response
 
-    def _embed_batch(self, batch: list[str]) -> np.ndarray:
+    def _embed_batch(self, batch: list[str], stop: threading.Event) -> np.ndarray:
         body = self._body(batch)
-        return self._retrying()(
-            lambda: self._parse_embeddings(self._request("POST", "/embeddings", body), len(batch))
+        return self._retrying(stop)(
+            lambda: self._parse_embeddings(
+                self._request("POST", "/embeddings", stop, body), len(batch)
+            )
         )
 
     def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
@@ -614,9 +779,19 @@ class OpenAIEmbeddings:
 
         ``on_batch(positions, vectors)`` is called in the calling thread as each batch
         arrives (in completion order), with validated vectors only.
+
+        When the call ends early (an error, ``KeyboardInterrupt``), batches still under way in
+        worker threads make no further attempt or retry; :meth:`close` also cuts the requests
+        they are waiting on.
         """
         items = validate_texts(texts)
         self._headers()  # no key: fail before any work
+        with self._call() as stop:
+            return self._embed(items, on_batch, stop)
+
+    def _embed(
+        self, items: list[str], on_batch: BatchCallback | None, halt: threading.Event
+    ) -> np.ndarray:
         plan = self._plan(items)
         out: np.ndarray | None = None
 
@@ -630,27 +805,33 @@ class OpenAIEmbeddings:
 
         if len(plan) == 1 or self.max_concurrency == 1:
             for start, stop in plan:
-                accept(start, stop, self._embed_batch(items[start:stop]))
+                accept(start, stop, self._embed_batch(items[start:stop], halt))
             assert out is not None
             return out
 
         executor = self._get_executor()
         pending: dict[Future, tuple[int, int]] = {}
         todo = iter(plan)
+
+        def submit(start: int, stop: int) -> None:
+            pending[executor.submit(self._embed_batch, items[start:stop], halt)] = (start, stop)
+
         try:
             # Keep at most max_concurrency batches submitted, so a failure stops the rest.
             for start, stop in todo:
-                pending[executor.submit(self._embed_batch, items[start:stop])] = (start, stop)
+                submit(start, stop)
                 if len(pending) >= self.max_concurrency:
                     break
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     start, stop = pending.pop(fut)
+                    if fut.cancelled():  # close() from another thread
+                        raise self._cancelled("POST /embeddings")
                     accept(start, stop, fut.result())
                     nxt = next(todo, None)
                     if nxt is not None:
-                        pending[executor.submit(self._embed_batch, items[nxt[0] : nxt[1]])] = nxt
+                        submit(*nxt)
         finally:
             for fut in pending:
                 fut.cancel()
@@ -659,15 +840,33 @@ class OpenAIEmbeddings:
 
     def list_models(self) -> list[str]:
         """Model ids the server offers (``GET /models``)."""
-        return self._retrying()(lambda: self._parse_models(self._request("GET", "/models")))
+        self._headers()
+        with self._call() as halt:
+            return self._retrying(halt)(
+                lambda: self._parse_models(self._request("GET", "/models", halt))
+            )
 
     def close(self) -> None:
-        """Close connections and worker threads (the async client: see :meth:`aclose`)."""
+        """Stop every sync call under way and close connections and worker threads (the async
+        client: see :meth:`aclose`).
+
+        Safe to call from another thread, or from a ``KeyboardInterrupt`` handler, while
+        :meth:`embed` runs: requests under way are cut at once (their connections are shut
+        down), nothing is attempted or retried after that, and the interrupted ``embed``
+        raises :class:`~embedcache.errors.APIConnectionError`. It does not wait for the
+        worker threads; they end as soon as their cut request returns. The object stays
+        usable: a later call opens new connections.
+        """
         with self._lock:
+            for halt in self._stops:
+                halt.set()
             client, self._client = self._client, None
+            backend, self._backend = self._backend, None
             executor, self._executor = self._executor, None
+        if backend is not None:
+            backend.abort()
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
         if client is not None:
             client.close()
 
@@ -699,8 +898,8 @@ class OpenAIEmbeddings:
                 response = await client.request(
                     method, path, content=content, headers={"Content-Type": "application/json"}
                 )
-        except httpx.TransportError as exc:
-            raise self._map_transport_error(exc, what) from None
+        except httpx.RequestError as exc:
+            raise self._map_request_error(exc, what) from None
         self._check_status(response, what)
         return response
 
