@@ -502,6 +502,13 @@ def test_store_search_uses_the_stores_server_and_dimensions(run, tmp_path):
         assert server.embedding_requests[-1].body["dimensions"] == 4
         hit = proc.stdout.splitlines()[1].split()
         assert hit[1] == ROWS[2]["id"] and float(hit[0]) > 0.99
+        # a store made by the command line remembers its server too
+        key = {"IONOS_API_TOKEN": "test-key"}
+        run("store", "add", "vs2", EXAMPLE, "--base-url", server.base_url, "--model", "test-embed-small",
+            "-q", extra_env=key, inproc=True)
+        proc = run("store", "search", "vs2", TEXTS[3], "-k", "1", "--max-retries", "0", "--timeout", "5",
+                   extra_env=key, inproc=True)
+        assert proc.stdout.splitlines()[1].split()[1] == ROWS[3]["id"]
 
 
 def test_store_refuses_an_embedder_of_another_namespace(run, tmp_path):
