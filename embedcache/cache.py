@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import sqlite3
 import struct
@@ -78,6 +79,9 @@ _LENGTH = struct.Struct(">Q")
 
 # SQLite builds before 3.32 allow 999 parameters per statement.
 _SQL_CHUNK = 900
+
+#: texts per call to an embedder whose ``embed`` takes no ``on_batch`` (and has no ``batch_size``)
+_MISS_CHUNK = 256
 
 
 # --------------------------------------------------------------------------- keys
@@ -651,6 +655,28 @@ def _show_progress(progress: bool | None) -> bool:
     return bool(progress)
 
 
+def _takes_on_batch(fn: object) -> bool:
+    """Whether ``fn`` accepts an ``on_batch=`` keyword (a parameter of that name or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # no signature to read: call it the minimal way
+        return False
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == "on_batch" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in params
+    )
+
+
+def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _arange(start: int, stop: int) -> np.ndarray:
+    return np.arange(start, stop, dtype=np.int64)
+
+
 class _Call:
     """One ``embed`` call: what was served from the cache, and what the embedder must supply."""
 
@@ -802,6 +828,11 @@ class _Call:
         rows = positions if self.inverse is None else self.inverse[positions]
         self.user_on_batch(positions, self.vectors[rows])  # type: ignore[index]
 
+    def written_vectors(self) -> np.ndarray:
+        """The misses' vectors, once every one came through :meth:`on_batch`."""
+        assert self.vectors is not None and self.written.all()
+        return self.vectors[self.missing]
+
     def finish(self, result: object) -> np.ndarray:
         """Check the embedder's full answer, cache what on_batch did not, return (n, d)."""
         slots = np.zeros(0, dtype=np.int64)
@@ -832,6 +863,10 @@ class CachedEmbedder:
 
     embedder: any Embedder (its ``cache_namespace``, ``model`` and ``dimensions`` are part of
         every key, and are exposed unchanged, so a CachedEmbedder is itself an Embedder).
+        Only ``cache_namespace`` and ``embed(texts)`` are required: ``model`` defaults to
+        ``""`` and ``dimensions`` to ``None``. An ``embed`` (or ``aembed``) that takes no
+        ``on_batch`` is called on chunks of ``batch_size`` misses (the embedder's attribute,
+        else 256), each chunk cached as it returns.
     cache: an :class:`EmbeddingCache`; default: one at the default directory.
 
     Misses are written to the cache as each batch of results arrives, so an error half-way
@@ -840,7 +875,7 @@ class CachedEmbedder:
     """
 
     def __init__(self, embedder: Embedder, cache: EmbeddingCache | None = None) -> None:
-        for attr in ("cache_namespace", "model", "dimensions", "embed"):
+        for attr in ("cache_namespace", "embed"):
             if not hasattr(embedder, attr):
                 raise InvalidInputTypeError(
                     f"embedder must follow the Embedder protocol; "
@@ -851,6 +886,13 @@ class CachedEmbedder:
                 f"cache must be an EmbeddingCache or None, got {type(cache).__name__}"
             )
         self.embedder = embedder
+        self._embed_takes_on_batch = _takes_on_batch(embedder.embed)
+        aembed = getattr(embedder, "aembed", None)
+        self._aembed = aembed if callable(aembed) else None
+        self._aembed_takes_on_batch = aembed is not None and _takes_on_batch(aembed)
+        chunk = getattr(embedder, "batch_size", None)
+        valid = isinstance(chunk, (int, np.integer)) and not isinstance(chunk, bool) and chunk >= 1
+        self._chunk = int(chunk) if valid else _MISS_CHUNK  # type: ignore[arg-type]
         self._owns_cache = cache is None
         self.cache = cache if cache is not None else EmbeddingCache()
         self._stats = EmbedStats()
@@ -862,11 +904,12 @@ class CachedEmbedder:
 
     @property
     def model(self) -> str:
-        return self.embedder.model
+        model = getattr(self.embedder, "model", None)
+        return "" if model is None else model
 
     @property
     def dimensions(self) -> int | None:
-        return self.embedder.dimensions
+        return getattr(self.embedder, "dimensions", None)
 
     @property
     def stats(self) -> EmbedStats:
@@ -900,9 +943,7 @@ class CachedEmbedder:
         call = _Call(self, texts, progress, on_batch)
         try:
             call.deliver(np.flatnonzero(call.have))
-            result = None
-            if len(call.missing):
-                result = self.embedder.embed(call.miss_texts, on_batch=call.on_batch)
+            result = self._embed_misses(call) if len(call.missing) else None
             return call.finish(result)
         finally:
             call.close()
@@ -925,16 +966,26 @@ class CachedEmbedder:
             call.deliver(np.flatnonzero(call.have))
             result = None
             if len(call.missing):
-                aembed = getattr(self.embedder, "aembed", None)
-                if aembed is not None:
+                aembed = self._aembed
+                if aembed is None:
+                    result = await asyncio.to_thread(self._embed_misses, call)
+                elif self._aembed_takes_on_batch:
                     result = await aembed(call.miss_texts, on_batch=call.on_batch)
                 else:
-                    result = await asyncio.to_thread(
-                        self.embedder.embed, call.miss_texts, on_batch=call.on_batch
-                    )
+                    for start, stop in _spans(len(call.miss_texts), self._chunk):
+                        call.on_batch(_arange(start, stop), await aembed(call.miss_texts[start:stop]))
+                    result = call.written_vectors()
             return await asyncio.to_thread(call.finish, result)
         finally:
             call.close()
+
+    def _embed_misses(self, call: _Call) -> object:
+        """Ask the embedder for ``call``'s misses; what it returns goes to ``call.finish``."""
+        if self._embed_takes_on_batch:
+            return self.embedder.embed(call.miss_texts, on_batch=call.on_batch)
+        for start, stop in _spans(len(call.miss_texts), self._chunk):
+            call.on_batch(_arange(start, stop), self.embedder.embed(call.miss_texts[start:stop]))
+        return call.written_vectors()
 
     def close(self) -> None:
         """Close the cache if this object opened it."""

@@ -16,8 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedcache import CachedEmbedder, EmbeddingCache, EmbedStats, HashingEmbeddings
-from embedcache.errors import InvalidInputError, InvalidInputTypeError, InvalidResponseError
+from embedcache.errors import (
+    APIConnectionError,
+    BadRequestError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    InvalidResponseError,
+    ServerError,
+)
 from embedcache.providers.base import Embedder, Usage
+from fakeserver import Fault, expected_vector
 
 
 def vector_of(text, dim):
@@ -445,3 +453,116 @@ def test_on_batch_reports_every_input_position_once(cache):
     assert seen.tolist() == [1] * len(texts)
     np.testing.assert_array_equal(got, out)
     np.testing.assert_array_equal(out, expected(texts))
+
+
+# ----------------------------------------------------------------------------- minimal embedders
+
+
+class MinimalEmbedder:
+    """Only what DESIGN.md requires: ``cache_namespace`` and ``embed(texts)``."""
+
+    cache_namespace = "minimal|test"
+
+    def __init__(self, *, fail_on_call=None):
+        self.calls = []
+        self.fail_on_call = fail_on_call
+
+    def embed(self, texts):
+        self.calls.append(list(texts))
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise ConnectionError("dropped")
+        return np.stack([vector_of(t, 8) for t in texts])
+
+
+class MinimalAsyncEmbedder(MinimalEmbedder):
+    async def aembed(self, texts):
+        await asyncio.sleep(0)
+        return self.embed(texts)
+
+
+def test_a_minimal_embedder_is_wrapped_and_cached(cache):
+    fake = MinimalEmbedder()
+    emb = CachedEmbedder(fake, cache=cache)
+    assert emb.model == "" and emb.dimensions is None
+    assert isinstance(emb, Embedder)
+    texts = ["a", "b", "a", "c"]
+    np.testing.assert_array_equal(emb.embed(texts, progress=False), expected(texts))
+    assert fake.calls == [["a", "b", "c"]]
+    np.testing.assert_array_equal(emb.embed(texts, progress=False), expected(texts))
+    assert len(fake.calls) == 1 and len(cache) == 3
+
+
+@pytest.mark.parametrize("mode", ["sync", "async-embed", "async-aembed"])
+def test_a_minimal_embedder_gets_chunks_each_cached_as_it_returns(cache, mode):
+    fake = (MinimalAsyncEmbedder if mode == "async-aembed" else MinimalEmbedder)(fail_on_call=3)
+    fake.batch_size = 2
+    emb = CachedEmbedder(fake, cache=cache)
+    texts = [f"t{i}" for i in range(7)]
+
+    def run():
+        if mode == "sync":
+            return emb.embed(texts, progress=False)
+        return asyncio.run(emb.aembed(texts, progress=False))
+
+    with pytest.raises(ConnectionError):
+        run()
+    assert fake.calls == [texts[0:2], texts[2:4], texts[4:6]]
+    assert len(cache) == 4  # the two chunks that came back
+    fake.fail_on_call = None
+    np.testing.assert_array_equal(run(), expected(texts))
+    assert fake.calls[3:] == [texts[4:6], texts[6:7]]
+
+
+def test_a_minimal_embedder_returning_bad_rows_caches_nothing_of_that_chunk(cache):
+    class Short(MinimalEmbedder):
+        def embed(self, texts):
+            return super().embed(texts)[:-1]
+
+    with pytest.raises(InvalidResponseError, match="expected 2 vectors, got 1"):
+        CachedEmbedder(Short(), cache=cache).embed(["a", "b"], progress=False)
+    assert len(cache) == 0
+
+
+# ----------------------------------------------------------------------------- a real server's faults
+
+
+SERVER_FAULTS = [
+    pytest.param(lambda: Fault.nan(), InvalidResponseError, id="nan"),
+    pytest.param(lambda: Fault.wrong_dim(), InvalidResponseError, id="wrong-dim"),
+    pytest.param(lambda: Fault.all_wrong_dim(), InvalidResponseError, id="all-wrong-dim"),
+    pytest.param(lambda: Fault.one_too_few(), InvalidResponseError, id="one-too-few"),
+    pytest.param(lambda: Fault.duplicate_index(), InvalidResponseError, id="duplicate-index"),
+    pytest.param(lambda: Fault.malformed_json(), InvalidResponseError, id="malformed-json"),
+    pytest.param(lambda: Fault.error(400, message="too long"), BadRequestError, id="400"),
+    pytest.param(lambda: Fault.error(500), ServerError, id="500-after-retries"),
+    pytest.param(lambda: Fault.drop(), APIConnectionError, id="dropped"),
+]
+
+
+@pytest.mark.parametrize("fault, error", SERVER_FAULTS)
+def test_server_faults_leave_nothing_cached_for_those_texts(fake_server, cache, fault, error):
+    from embedcache.providers.openai import OpenAIEmbeddings
+
+    texts = [f"server text {i}" for i in range(4)]
+    # batch 1 is answered (in reverse order, still valid); batch 2 and its retry get the fault
+    fake_server.push(Fault.reorder(), fault(), fault())
+    provider = OpenAIEmbeddings("test-embed-small", base_url=fake_server.base_url, api_key="test-key",
+                                dimensions=8 if fault().kind == "all_wrong_dim" else None,
+                                batch_size=2, max_concurrency=1, max_retries=1,
+                                requests_per_second=None, sleep=lambda s: None)
+    emb = CachedEmbedder(provider, cache=cache)
+    with pytest.raises(error):
+        emb.embed(texts, progress=False)
+    keys = [EmbeddingCache.make_key(emb.cache_namespace, emb.model, emb.dimensions, t) for t in texts]
+    got = cache.get_many(keys)
+    assert got[2] is None and got[3] is None
+    for t, v in zip(texts[:2], got[:2]):
+        np.testing.assert_array_equal(v, expected_vector(t, 8))
+    assert len(cache) == 2
+    fake_server.faults.clear()  # the retry's fault, when the first one was not retried
+    # once the server behaves, only the texts of the failed batch are asked for
+    before = len(fake_server.embedding_requests)
+    np.testing.assert_array_equal(emb.embed(texts, progress=False),
+                                  np.stack([expected_vector(t, 8) for t in texts]))
+    assert [r.body["input"] for r in fake_server.embedding_requests[before:]] == [texts[2:]]
+    provider.close()
