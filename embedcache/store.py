@@ -234,11 +234,32 @@ def _metadata_json(metadata: object, n: int) -> list[str | None]:
             continue
         if not isinstance(m, dict):
             raise InvalidInputTypeError(f"metadata[{i}] must be a dict or None, got {type(m).__name__}")
+        bad = _non_str_keys(m)
+        if bad:
+            raise InvalidInputError(
+                f"metadata[{i}] keys must be str (JSON would turn them into text), got key {bad[0]!r} "
+                f"of type {type(bad[0]).__name__}"
+            )
         try:
             out.append(json.dumps(m, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
         except (TypeError, ValueError) as exc:
             raise InvalidInputTypeError(f"metadata[{i}] is not JSON-serializable: {exc}") from None
     return out
+
+
+def _non_str_keys(obj: object) -> list[object]:
+    """Non-str dict keys anywhere in ``obj`` (dicts and lists), at most one: ``[]`` when all are str."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                return [k]
+            if isinstance(v, (dict, list, tuple)) and (bad := _non_str_keys(v)):
+                return bad
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            if isinstance(v, (dict, list, tuple)) and (bad := _non_str_keys(v)):
+                return bad
+    return []
 
 
 def _as_matrix(x: object, what: str) -> np.ndarray:
@@ -300,7 +321,7 @@ def _converted(chunks: Iterable[np.ndarray], dt: np.dtype) -> Iterator[np.ndarra
                 extra = " (float16 holds values up to 65504)" if dt.itemsize == 2 else ""
                 raise InvalidInputError(f"vectors must be finite, row {bad} is not{extra}")
             yield y
-    done += c.shape[0]
+        done += c.shape[0]
 
 
 class _RowStream:
@@ -802,13 +823,22 @@ class VectorStore:
             chunks = embedded()
             first = next(chunks)
             d = first.shape[1]
+
+            def same_width(ys: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+                for y in ys:
+                    if y.shape[1] != d:
+                        raise DimensionMismatchError(
+                            f"{self.path} holds vectors of dimension {w.view.dim or d}, got dimension {y.shape[1]} "
+                            "from a later call to the embedder"
+                        )
+                    yield y
             updates.update(self._settings_updates(w.view, d, None, None))
             self._set_settings(updates)
             self._record_embedder(embedder)
 
             def all_chunks() -> Iterator[np.ndarray]:
                 yield first
-                yield from chunks
+                yield from same_width(chunks)
 
             self._ingest(w, ids, md, d, _converted(all_chunks(), _DTYPES[w.view.settings['dtype']]), upsert)
         return ids
@@ -852,6 +882,7 @@ class VectorStore:
             out = []
             for seg, r0, rows in plan:
                 nbytes, crc = self._write_segment(w, seg, source.take(rows), stop)
+                self._check_length(seg, rows, d, dt, nbytes)
                 out.append((seg, f"{SEGMENT_DIR}/{seg:06d}.vec", r0, rows, nbytes, crc))
             return out
 
@@ -891,6 +922,14 @@ class VectorStore:
         conn.executemany("INSERT INTO segments(seg, file, first_row, rows, nbytes, crc32) VALUES (?, ?, ?, ?, ?, ?)", segments)
         self._set_settings({"next_segment": next_seg + len(plan)})
         w.obsolete += [s.path for s in merged]
+
+    @staticmethod
+    def _check_length(seg: int, rows: int, d: int, dt: np.dtype, nbytes: int) -> None:
+        if nbytes != rows * d * dt.itemsize:
+            raise StoreError(
+                f"segment {seg:06d}.vec got {nbytes} bytes, expected {rows * d * dt.itemsize} "
+                f"for {rows} rows of dimension {d}; nothing was committed"
+            )
 
     def _duplicate_error(self, ids: list[str]) -> DuplicateIdError:
         found = self._rows_of(ids)
@@ -974,6 +1013,7 @@ class VectorStore:
             for i, a in enumerate(range(0, live, rows_per_seg)):
                 rows = min(rows_per_seg, live - a)
                 nbytes, crc = self._write_segment(w, next_seg + i, source.take(rows), stop)
+                self._check_length(next_seg + i, rows, d, dt, nbytes)
                 segments.append((next_seg + i, f"{SEGMENT_DIR}/{next_seg + i:06d}.vec", a, rows, nbytes, crc))
             _fsync_dir(self._seg_dir)
             conn.execute("CREATE TABLE rows_new(row INTEGER PRIMARY KEY, id TEXT NOT NULL, deleted INTEGER NOT NULL DEFAULT 0, metadata TEXT)")

@@ -793,3 +793,280 @@ class _FixedEmbedder:
 
     def embed(self, texts, *, on_batch=None):
         return np.ones((len(texts), 8), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- durability, failure paths
+
+
+class _Widths:
+    """An embedder whose n-th call returns vectors of width ``widths[n]`` (the last one repeats)."""
+
+    cache_namespace = "widths|1"
+    model = "widths"
+    dimensions = None
+
+    def __init__(self, *widths, nan_at=None):
+        self.widths = widths
+        self.calls = 0
+        self.nan_at = nan_at
+
+    def embed(self, texts, *, on_batch=None):
+        d = self.widths[min(self.calls, len(self.widths) - 1)]
+        self.calls += 1
+        y = np.ones((len(texts), d), np.float32)
+        if self.nan_at is not None and self.calls == self.nan_at[0]:
+            y[self.nan_at[1], 0] = np.nan
+        return y
+
+
+def test_add_texts_checks_the_width_of_every_chunk(path, monkeypatch):
+    monkeypatch.setattr(store_mod, "_EMBED_CHUNK", 3)
+    with VectorStore(path, dim=4) as s:
+        with pytest.raises(DimensionMismatchError, match="dimension 4, got dimension 8"):
+            s.add_texts([f"t{i}" for i in range(8)], _Widths(4, 8))
+        assert len(s) == 0
+    with VectorStore(path) as s:  # still readable
+        s.add_texts(["a", "b"], _Widths(4))
+        assert len(s) == 2 and s.verify()["live"] == 2
+
+
+def test_segment_length_is_checked_before_it_is_registered(path, monkeypatch):
+    with VectorStore(path) as s:
+        s.add(["a"], vecs(1))
+        real = s._write_segment
+
+        def short(w, seg, chunks, stop):
+            nbytes, crc = real(w, seg, chunks, stop)
+            return nbytes - 4, crc
+
+        monkeypatch.setattr(s, "_write_segment", short)
+        with pytest.raises(StoreError, match="bytes"):
+            s.add(["b"], vecs(1))
+    with VectorStore(path) as s:
+        assert s.ids() == ["a"] and s.verify()["segments"] == 1
+
+
+def test_non_finite_row_number_counts_earlier_chunks(path, monkeypatch):
+    monkeypatch.setattr(store_mod, "_EMBED_CHUNK", 3)
+    with VectorStore(path) as s:
+        with pytest.raises(InvalidInputError, match="row 4 is not"):
+            s.add_texts([f"t{i}" for i in range(8)], _Widths(4, nan_at=(2, 1)))
+    monkeypatch.setattr(store_mod, "_CHUNK_BYTES", 3 * 16 * 8)  # three float64 rows per slice
+    x = vecs(10).astype(np.float64)
+    x[7, 3] = np.inf
+    with VectorStore(path) as s:
+        with pytest.raises(InvalidInputError, match="row 7 is not"):
+            s.add(ids_of(10), x)
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty"])
+def test_lost_database_is_not_replaced_by_an_empty_store(path, damage):
+    segs = _make(path)
+    db = path / "store.sqlite"
+    if damage == "missing":
+        db.unlink()
+    else:
+        db.write_bytes(b"")
+    with pytest.raises(StoreCorruptedError, match="store.sqlite"):
+        VectorStore(path)
+    assert all(p.exists() for p in segs)
+
+
+def test_database_without_segments_but_with_a_log_is_refused(path):
+    path.mkdir()
+    (path / "store.sqlite-wal").write_bytes(b"\1" * 32)
+    with pytest.raises(StoreCorruptedError, match="store.sqlite"):
+        VectorStore(path)
+
+
+class _InterruptAfterCommit:
+    """Connection wrapper raising KeyboardInterrupt right after a write transaction commits."""
+
+    def __init__(self, conn):
+        self._c = conn
+        self._writing = False
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def execute(self, sql, *args):
+        out = self._c.execute(sql, *args)
+        if sql == "BEGIN IMMEDIATE":
+            self._writing = True
+        elif sql == "COMMIT" and self._writing:
+            self._writing = False
+            raise KeyboardInterrupt
+        return out
+
+
+def test_interrupt_after_commit_keeps_the_committed_segments(path):
+    with VectorStore(path, _max_segment_bytes=SMALL) as s:
+        s.add(ids_of(3), vecs(3))
+        real = s._wconn
+        s._wconn = _InterruptAfterCommit(real)
+        with pytest.raises(KeyboardInterrupt):
+            s.add(ids_of(12, "n"), vecs(12, seed=1))
+        s._wconn = real
+    with VectorStore(path) as s:
+        assert len(s) == 15 and s.verify()["live"] == 15
+        np.testing.assert_array_equal(s.get(["n11"]), vecs(12, seed=1)[11:])
+
+
+def test_compact_does_not_wait_for_readers(path):
+    with VectorStore(path, _max_segment_bytes=SMALL) as s:
+        s.add(ids_of(20), vecs(20))
+        s.delete(["r3"])
+        reader = sqlite3.connect(path / "store.sqlite")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM rows").fetchone()  # holds a read snapshot
+        statements = []
+        s._wconn.set_trace_callback(statements.append)
+        s._conn.set_trace_callback(statements.append)
+        s.compact()
+        reader.rollback()
+        reader.close()
+        assert any("wal_checkpoint(PASSIVE)" in x for x in statements)
+        assert not any("TRUNCATE" in x for x in statements)
+        assert len(s) == 19 and s.verify()["rows"] == 19
+
+
+def test_search_memory_is_bounded_by_the_output(path):
+    import tracemalloc
+
+    n_seg = 40
+    with VectorStore(path, _max_segment_bytes=SMALL) as s:
+        s.add(ids_of(7 * n_seg), vecs(7 * n_seg))
+        assert s.info()["segments"] >= n_seg - 1
+        q = vecs(4000, seed=3)
+        s.search(q[:2], k=7)  # compile and cache
+        tracemalloc.start()
+        try:
+            scores, got = s.search(q, k=7)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        out = scores.nbytes + got.nbytes
+        assert peak < 4 * out, f"peak {peak / 2**20:.1f} MiB for {out / 2**20:.1f} MiB of results"
+        ref_s, ref_i = reference_search(s.ids(), s.vectors(), q, 7)
+        np.testing.assert_allclose(scores, ref_s, rtol=1e-5, atol=1e-6)
+
+
+def test_readers_are_not_blocked_by_a_write_in_another_thread(path):
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    class Slow:
+        cache_namespace = "slow|1"
+        model = "slow"
+        dimensions = 16
+
+        def embed(self, texts, *, on_batch=None):
+            inside.set()
+            release.wait(30)
+            return vecs(len(texts))
+
+    with VectorStore(path) as s:
+        s.add(["a"], vecs(1), metadata=[{"x": 1}])
+        writer = threading.Thread(target=s.add_texts, args=(["t"], Slow()))
+        writer.start()
+        try:
+            assert inside.wait(10)
+            got = []
+            reader = threading.Thread(
+                target=lambda: got.append((len(s), s.ids(), s.search(vecs(1), k=1)[1].tolist())), daemon=True
+            )
+            reader.start()
+            reader.join(10)
+            assert got == [(1, ["a"], [["a"]])], "a reader waited for the writer"
+        finally:
+            release.set()
+            writer.join(30)
+        assert len(s) == 2
+
+
+def test_pairs_across_two_stores_from_two_threads_do_not_deadlock(tmp_path):
+    import threading
+    from contextlib import contextmanager
+
+    a = VectorStore(tmp_path / "a")
+    b = VectorStore(tmp_path / "b")
+    a.add(ids_of(5), vecs(5))
+    b.add(ids_of(5), vecs(5, seed=1))
+    barrier = threading.Barrier(2)
+    depth = threading.local()
+
+    def wrap(store):
+        real = store._reading
+
+        @contextmanager
+        def reading():
+            if getattr(depth, "n", 0):  # about to take the second store's lock: let the other thread in
+                try:
+                    barrier.wait(1)
+                except threading.BrokenBarrierError:
+                    pass
+            depth.n = getattr(depth, "n", 0) + 1
+            try:
+                with real() as v:
+                    yield v
+            finally:
+                depth.n -= 1
+
+        store._reading = reading
+
+    wrap(a)
+    wrap(b)
+    results = []
+    threads = [
+        threading.Thread(target=lambda x=x, y=y: results.append(len(x.similar_pairs(-1.0, other=y)[0])), daemon=True)
+        for x, y in ((a, b), (b, a))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert results == [25, 25], "similar_pairs(other=) deadlocked"
+    a.close()
+    b.close()
+
+
+def test_fsync_order_file_rename_directory_commit(path, monkeypatch):
+    import os as _os
+
+    events = []
+    real_fsync, real_replace, real_dir = _os.fsync, _os.replace, store_mod._fsync_dir
+    monkeypatch.setattr(store_mod, "_fsync_dir", lambda p: (events.append(("dir", p)), real_dir(p)))
+    parent = path.parent / "new"
+    with VectorStore(parent / "store") as s:
+        assert ("dir", parent.parent) in events and ("dir", parent) in events and ("dir", parent / "store") in events
+        events.clear()
+        monkeypatch.setattr(_os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+        monkeypatch.setattr(_os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
+        s._wconn.set_trace_callback(lambda sql: events.append("commit") if sql == "COMMIT" else None)
+        s.add(ids_of(3), vecs(3))
+        s._wconn.set_trace_callback(None)
+    assert events == ["fsync", "replace", ("dir", parent / "store" / "segments"), "commit"]
+
+
+def test_damaged_next_segment_never_overwrites_a_committed_file(path):
+    _make(path)
+    db = sqlite3.connect(path / "store.sqlite")
+    db.execute("UPDATE settings SET value = 1 WHERE key = 'next_segment'")
+    db.commit()
+    db.close()
+    with VectorStore(path, _max_segment_bytes=SMALL) as s:
+        with pytest.raises(StoreCorruptedError, match="next_segment"):
+            s.verify()
+        s.add(["new"], vecs(1, seed=5))
+        assert s.verify()["live"] == 21
+        np.testing.assert_array_equal(s.get(["r0", "r19", "new"]), np.vstack([vecs(20)[[0, 19]], vecs(1, seed=5)]))
+
+
+def test_metadata_keys_must_be_strings(path):
+    with VectorStore(path) as s:
+        with pytest.raises(InvalidInputError, match=r"metadata\[1\].*key.*1"):
+            s.add(ids_of(2), vecs(2), metadata=[{"a": 1}, {1: "x"}])
+        with pytest.raises(InvalidInputError, match=r"metadata\[0\].*key"):
+            s.add(ids_of(1), vecs(1), metadata=[{"a": {2: "x"}}])
+        assert len(s) == 0
