@@ -405,8 +405,8 @@ class VectorStore:
         self._view: _View | None = None
         self._arrays: dict[int, np.ndarray] = {}
         self._conn: sqlite3.Connection | None = None
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._seg_dir.mkdir(exist_ok=True)
+        made = self._make_dirs()
+        self._refuse_lost_database()
         self._flock = filelock.FileLock(self.path / LOCK_NAME, thread_local=False)
         try:
             self._conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
@@ -422,6 +422,8 @@ class VectorStore:
         try:
             if not exists:
                 self._create(dim, dtype or "float32", metric or "cosine", namespace, model)
+            if made or not exists:
+                _fsync_dir(self.path)  # the new directory entries (segments/, store.sqlite)
             with self._reading() as view:  # checks the format and every segment's length
                 pass
             self._adopt_settings(view, dim=dim, dtype=dtype, metric=metric, namespace=namespace, model=model)
@@ -430,6 +432,40 @@ class VectorStore:
             raise
 
     # ------------------------------------------------------------------ opening, views
+
+    def _make_dirs(self) -> bool:
+        """Create the store directory and ``segments/`` as needed, each new entry made durable."""
+        missing: list[Path] = []
+        p = self._seg_dir
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        self._seg_dir.mkdir(parents=True, exist_ok=True)
+        for d in reversed(missing):
+            _fsync_dir(d.parent)
+        return bool(missing)
+
+    def _refuse_lost_database(self) -> None:
+        """Raise when ``store.sqlite`` is missing or empty but the store held data: creating a
+        new database there would make the next write remove every segment as an orphan."""
+        try:
+            size = self._db_path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size:
+            return
+        wal = self._db_path.with_name(DB_NAME + "-wal")
+        segs = sorted(e.name for e in os.scandir(self._seg_dir) if _SEGMENT_NAME.match(e.name))
+        has_wal = wal.exists() and wal.stat().st_size > 0
+        if segs or has_wal:
+            state = "missing" if size is None else "empty (0 bytes)"
+            held = f"{len(segs)} segment file(s) in {self._seg_dir}, e.g. {segs[0]}" if segs else f"a write-ahead log {wal}"
+            raise StoreCorruptedError(
+                f"{self._db_path} is {state} but the store holds {held}; refusing to create a new store "
+                "over them (restore the database from a backup, or remove the directory to start afresh)"
+            )
 
     def _create(self, dim: int | None, dtype: str, metric: str, namespace: str | None, model: str | None) -> None:
         with self._locked():
@@ -875,7 +911,7 @@ class VectorStore:
 
         source = _RowStream(_chain(old_rows(), chunks))
         stop = threading.Event()
-        next_seg = int(view.settings["next_segment"])
+        next_seg = _next_segment(view)
         plan = [(next_seg + i, first_row + a, min(rows_per_seg, m - a)) for i, a in enumerate(range(0, m, rows_per_seg))]
 
         def write_all() -> list[tuple[int, str, int, int, int, int]]:
@@ -1007,7 +1043,7 @@ class VectorStore:
                             yield np.ascontiguousarray(block)
 
             source = _RowStream(live_rows())
-            next_seg = int(view.settings["next_segment"])
+            next_seg = _next_segment(view)
             stop = threading.Event()
             segments = []
             for i, a in enumerate(range(0, live, rows_per_seg)):
@@ -1350,6 +1386,13 @@ class VectorStore:
                 ).fetchone()
                 if bad:
                     raise StoreCorruptedError(f"{self._db_path}: metadata of row {bad[0]} is not valid JSON")
+                top = max((s.seg for s in v.segments), default=0)
+                nxt = v.settings["next_segment"]
+                if not isinstance(nxt, int) or nxt <= top:
+                    raise StoreCorruptedError(
+                        f"{self._db_path}: setting next_segment is {nxt!r}, expected an int above the "
+                        f"highest committed segment {top}"
+                    )
             except sqlite3.DatabaseError as exc:
                 raise StoreCorruptedError(f"{self._db_path}: cannot read the store database ({exc})") from None
             total = 0
@@ -1419,6 +1462,12 @@ class VectorStore:
 
 class _SegmentMissing(Exception):
     """Internal: a committed segment file is gone (a newer commit removed it, or damage)."""
+
+
+def _next_segment(view: _View) -> int:
+    """The number of the next segment file: above every committed one even if the setting is damaged."""
+    n = view.settings["next_segment"]
+    return max(n if isinstance(n, int) else 0, max((s.seg for s in view.segments), default=0) + 1)
 
 
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:
