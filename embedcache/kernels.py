@@ -10,7 +10,8 @@ on the block size.
 
 Scores
     ``metric="dot"``: the dot product of the float32 rows, accumulated in float32 in one
-    fixed (vectorized) order.
+    fixed (vectorized) order; in float64 (then rounded) when ``|a| |b| > 2**120``, where
+    float32 partial sums could overflow to infinity or NaN.
     ``metric="cosine"``: ``dot(a, b) * (1/|a| * 1/|b|)`` scaled in float64 (float64
     accumulation too for rows tiny or huge enough to underflow or overflow float32),
     clipped to [-1, 1] and rounded to float32. A zero vector has similarity 0 with everything,
@@ -79,6 +80,7 @@ _TOPK_QUERY_BLOCK = 1024
 _TOPK_MAX_BLOCK = 65536
 _PAIRS_BLOCK = 2048
 _PAIRS_COLUMNS = 4 * _PAIRS_BLOCK  # tiles of 2048 x 8192 scores (64 MiB)
+_PAIRS_WIDTH = 16  # matches per row and tile collected in the first scan
 
 
 # ----------------------------------------------------------------------------------------
@@ -193,10 +195,12 @@ def _inv_norm(sumsq):
 @njit(inline="always", fastmath=FASTMATH)
 def _pair_score(a, b, inv_a, inv_b, cosine):
     """The published score of rows a and b: float32, cosine clipped to [-1, 1]."""
-    dot = _dot32(a, b)
-    if not cosine:
-        return dot
     p = inv_a * inv_b
+    if not cosine:
+        if p < 2.0**-120:  # |a| |b| > 2**120: float32 partial sums could overflow
+            return np.float32(_dot64(a, b))
+        return _dot32(a, b)
+    dot = _dot32(a, b)
     if p == 0.0:
         return np.float32(0.0)
     d = np.float64(dot)
@@ -488,14 +492,31 @@ def _pairs_tile(
     """Pairs of one BLAS tile whose exact score is >= thr.
 
     Row r writes its matches (column, score) into out_j[r, :] / out_s[r, :] up to their
-    width and counts every match in counts[r]; a row that overflows is redone by the
-    caller with wider buffers. With ``diagonal`` only columns c > r are considered.
+    width and counts every match in counts[r]; the caller rescans the rows that
+    overflow with :func:`_pairs_rows`. With ``diagonal`` only columns c > r are considered.
     """
     for r in prange(s.shape[0]):
         counts[r] = _pairs_row(
             s[r], xb[r], yb, inv_x[r], inv_y, filt_x[r], filt_y,
             _pair_cut(thr, margin_x[r], rel), thr, r + 1 if diagonal else 0, cosine,
             out_j[r], out_s[r],
+        )
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _pairs_rows(
+    s, xb, yb, inv_x, inv_y, filt_x, filt_y, margin_x, rel, thr, diagonal, cosine,
+    rows, offsets, out_j, out_s,
+):
+    """Rescan rows ``rows`` of a tile (as :func:`_pairs_tile`): the matches of row rows[t]
+    fill out_j / out_s[offsets[t]:offsets[t + 1]], sized by its count from the first scan."""
+    for t in prange(rows.shape[0]):
+        r = rows[t]
+        lo, hi = offsets[t], offsets[t + 1]
+        _pairs_row(
+            s[r], xb[r], yb, inv_x[r], inv_y, filt_x[r], filt_y,
+            _pair_cut(thr, margin_x[r], rel), thr, r + 1 if diagonal else 0, cosine,
+            out_j[lo:hi], out_s[lo:hi],
         )
 
 
@@ -531,12 +552,21 @@ def _blas_margin(d: int) -> float:
     return 1.1 * (2 * d + 8) * _UNIT
 
 
-def _filter_scale(inv: np.ndarray, norm: np.ndarray) -> np.ndarray:
-    """float32 1/|row| for scaling BLAS scores in the filter; NaN (always rescored) for
-    rows so small that their float32 products underflow."""
-    with np.errstate(over="ignore"):
-        filt = inv.astype(np.float32)
-    filt[(norm > 0) & (norm < 2.0**-60)] = np.nan
+def _filter_scale(inv: np.ndarray, norm: np.ndarray, other: float, cosine: bool) -> np.ndarray:
+    """float32 factors for BLAS scores in the filter: 1/|row| for cosine, 1 for dot.
+
+    NaN (always rescored) for rows whose BLAS score cannot be trusted: cosine rows so
+    small that their float32 products underflow, and rows so large that a float32 sum
+    may overflow to infinity against a row of norm ``other`` (the largest on the other
+    side of the product).
+    """
+    if cosine:
+        with np.errstate(over="ignore"):
+            filt = inv.astype(np.float32)
+        filt[(norm > 0) & (norm < 2.0**-60)] = np.nan
+    else:
+        filt = np.ones(norm.shape[0], np.float32)
+    filt[norm * other > 2.0**120] = np.nan
     return filt
 
 
@@ -726,10 +756,9 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None,
         if block.dtype != np.float32 or not block.flags.c_contiguous:
             block = np.ascontiguousarray(block, dtype=np.float32)
         inv_c, norm_c = _stats(block, "corpus", c0)
-        if cosine:
-            filt_c = _filter_scale(inv_c, norm_c)
-        else:
-            filt_c = np.ones(block.shape[0], np.float32)
+        # cosine queries go to BLAS normalized
+        filt_c = _filter_scale(inv_c, norm_c, 1.0 if cosine else norm_q.max(), cosine)
+        if not cosine:
             margin_q = margin * norm_q * norm_c.max() + 1e-37
         for r0 in range(0, nq, qblock):
             qb = qf[r0 : r0 + qblock]
@@ -774,20 +803,23 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     cblock = block if _block_size is not None else _PAIRS_COLUMNS
     inv_x, norm_x = _block_stats(x32, "x", block)
     inv_y, norm_y = (inv_x, norm_x) if same else _block_stats(y32, "y", block)
-    if cosine:
-        filt_x, filt_y = _filter_scale(inv_x, norm_x), _filter_scale(inv_y, norm_y)
-    else:
-        filt_x, filt_y = np.ones(len(x32), np.float32), np.ones(len(y32), np.float32)
+    filt_x = _filter_scale(inv_x, norm_x, norm_y.max(initial=0.0), cosine)
+    filt_y = _filter_scale(inv_y, norm_y, norm_x.max(initial=0.0), cosine)
     margin = _blas_margin(x32.shape[1])
     thr = np.float32(threshold)
     n, m = x32.shape[0], y32.shape[0]
     tile = np.empty(min(block, n) * min(cblock, m) if n and m else 0, np.float32)
-    width = 16
+    # matches per row and tile kept in the first scan; rows with more are rescanned into
+    # buffers of their exact size, so memory follows the output, not the busiest row
+    width = _PAIRS_WIDTH
+    buf_j = np.empty((min(block, n), width), np.int64)
+    buf_s = np.empty((min(block, n), width), np.float32)
     parts_i, parts_j, parts_s = [], [], []
     for r0 in range(0, n, block):
         xb = _rows32(x32, r0, block)
         nr = xb.shape[0]
         counts = np.empty(nr, np.int64)
+        out_j, out_s = buf_j[:nr], buf_s[:nr]
         for c0 in range(r0 if same else 0, m, cblock):
             yb = _rows32(y32, c0, cblock)
             nc = yb.shape[0]
@@ -797,21 +829,28 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
                 margin_x = np.full(nr, margin)
             else:
                 margin_x = margin * norm_x[r0 : r0 + nr] * norm_y[c0 : c0 + nc].max() + 1e-37
-            while True:
-                out_j = np.empty((nr, width), np.int64)
-                out_s = np.empty((nr, width), np.float32)
-                _pairs_tile(
-                    s, xb, yb, inv_x[r0:], inv_y[c0:], filt_x[r0:], filt_y[c0:], margin_x,
-                    4 * _UNIT, thr, same and c0 == r0, cosine, counts, out_j, out_s,
-                )
-                if counts.max() <= width:
-                    break
-                width = int(counts.max())
-            rows, cols = np.nonzero(np.arange(width)[None, :] < counts[:, None])
+            args = (
+                s, xb, yb, inv_x[r0:], inv_y[c0:], filt_x[r0:], filt_y[c0:], margin_x,
+                4 * _UNIT, thr, same and c0 == r0, cosine,
+            )
+            _pairs_tile(*args, counts, out_j, out_s)
+            over = np.flatnonzero(counts > width)
+            kept = counts.copy()
+            kept[over] = 0
+            rows, cols = np.nonzero(np.arange(width)[None, :] < kept[:, None])
             if len(rows):
                 parts_i.append(rows + r0)
                 parts_j.append(out_j[rows, cols] + c0)
                 parts_s.append(out_s[rows, cols])
+            if len(over):
+                offsets = np.zeros(len(over) + 1, np.int64)
+                np.cumsum(counts[over], out=offsets[1:])
+                flat_j = np.empty(offsets[-1], np.int64)
+                flat_s = np.empty(offsets[-1], np.float32)
+                _pairs_rows(*args, over, offsets, flat_j, flat_s)
+                parts_i.append(np.repeat(over, counts[over]) + r0)
+                parts_j.append(flat_j + c0)
+                parts_s.append(flat_s)
     if not parts_i:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     i = np.concatenate(parts_i).astype(np.int64, copy=False)

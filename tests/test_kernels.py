@@ -45,11 +45,23 @@ def float_matrix(n, d, seed):
     return x
 
 
+def thread_counts():
+    """(1, 2): the thread counts whose results must agree. Fails, rather than comparing
+    one count with itself, when numba was started with fewer than two threads."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail(
+            "comparing thread counts needs NUMBA_NUM_THREADS >= 2, got "
+            f"{numba.config.NUMBA_NUM_THREADS} (set NUMBA_NUM_THREADS=2 before running)"
+        )
+    return (1, 2)
+
+
 @pytest.fixture
 def two_threads():
     """Run with numba.set_num_threads(1) and (2) and restore the previous count."""
+    counts = thread_counts()
     before = numba.get_num_threads()
-    yield [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
+    yield counts
     numba.set_num_threads(before)
 
 
@@ -122,8 +134,9 @@ def test_cosine_of_tiny_and_huge_rows():
     np.testing.assert_allclose(cosine_similarity(x), expected, atol=1e-6)
     for n_queries in (1, 20):  # streamed and BLAS-filtered paths
         s, i = top_k(np.repeat(x[:1], n_queries, axis=0), x, 5)
-        np.testing.assert_allclose(s[0], [1, 1, 1, 1, -1], atol=1e-6)
-        assert i[0].tolist() == [0, 1, 2, 3, 4] or np.allclose(s[0, :4], 1, atol=1e-6)
+        # cosines of 1 tie exactly (the clip), so they come in index order, for every query
+        np.testing.assert_array_equal(s, np.tile(np.float32([1, 1, 1, 1, -1]), (n_queries, 1)))
+        np.testing.assert_array_equal(i, np.tile(np.arange(5), (n_queries, 1)))
     i, j, _ = similar_pairs(x, 0.999)
     assert list(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(4) for b in range(a + 1, 4)]
 
@@ -273,6 +286,92 @@ def test_top_k_memmap_corpus(tmp_path, dtype):
         np.testing.assert_array_equal(s, es)
 
 
+@pytest.mark.parametrize("bad_value", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("n_queries", [1, 20])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_top_k_float16_corpus_with_inf_or_nan(bad_value, n_queries, block):
+    corpus = float_matrix(100, 16, 3).astype(np.float16)
+    corpus[57, 9] = bad_value
+    corpus[80, 0] = bad_value
+    with pytest.raises(InvalidInputError, match="corpus must be finite.*row 57"):
+        top_k(float_matrix(n_queries, 16, 4), corpus, 3, _block_size=block)
+
+
+@pytest.mark.parametrize("n_queries", [1, 3, 20])
+def test_top_k_float16_extreme_values_equal_float32_copy(n_queries):
+    # subnormal, signed zero, largest finite and smallest normal float16 values: the
+    # one-query stream decodes float16 itself, and must decode them exactly
+    rng = np.random.default_rng(5)
+    specials = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF,
+                         0x3C00, 0xBC00, 0x0200, 0x83FF], np.uint16)
+    bits = rng.choice(specials, size=(300, 37)).astype(np.uint16)
+    bits[:100] = rng.integers(0, 0x7C00, size=(100, 37), dtype=np.uint16)
+    bits[100:150] |= np.uint16(0x8000) * rng.integers(0, 2, (50, 37)).astype(np.uint16)
+    corpus = bits.view(np.float16)
+    corpus[150] = corpus[5]
+    assert np.isfinite(corpus).all()
+    queries = np.concatenate([corpus[[5, 120, 250]].astype(np.float32),
+                              float_matrix(17, 37, 6)])[:n_queries]
+    for metric in ("cosine", "dot"):
+        for block in BLOCKS:
+            s, i = top_k(queries, corpus, 9, metric=metric, _block_size=block)
+            es, ei = top_k(queries, corpus.astype(np.float32), 9, metric=metric,
+                           _block_size=block)
+            np.testing.assert_array_equal(i, ei)
+            np.testing.assert_array_equal(s, es)
+
+
+@pytest.mark.parametrize("n_queries", [1, 20])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_top_k_mask_with_k_beyond_n(n_queries, metric):
+    x = int_matrix(6, 3, 1)
+    queries = np.concatenate([x, int_matrix(14, 3, 2)])[:n_queries]
+    mask = np.array([False, True, False, True, True, False])
+    own = (cosine_similarity if metric == "cosine" else dot_similarity)(queries, x)
+    for exclude_self in (False, True):
+        s, i = top_k(queries, x, 10, metric=metric, mask=mask, exclude_self=exclude_self)
+        assert s.shape == i.shape == (n_queries, 6)
+        es, ei = naive.top_k(queries, x, 10, mask=mask, exclude_self=exclude_self, scores=own)
+        np.testing.assert_array_equal(i, ei)
+        np.testing.assert_array_equal(s, es.astype(np.float32))
+        assert (i[:, 3:] == -1).all() and np.isneginf(s[:, 3:]).all()
+
+
+def test_dot_scores_do_not_overflow_to_nan():
+    # float32 lanes of +3e38 and -3e38 overflow to +inf and -inf and sum to NaN; the exact
+    # dot product is 0, and the row is still ranked and paired
+    x = np.ones((3, 64), np.float32)
+    x[0, 0::2] = 3e38
+    x[0, 1::2] = -3e38
+    q = np.ones((1, 64), np.float32)
+    np.testing.assert_array_equal(dot_similarity(q, x), [[0, 64, 64]])
+    for n_queries in (1, 20):  # streamed and BLAS-filtered paths
+        s, i = top_k(np.repeat(q, n_queries, axis=0), x, 3, metric="dot")
+        np.testing.assert_array_equal(i, np.tile([1, 2, 0], (n_queries, 1)))
+        np.testing.assert_array_equal(s, np.tile(np.float32([64, 64, 0]), (n_queries, 1)))
+    pairs, s = as_lists(similar_pairs(q, -1.0, y=x, metric="dot"))
+    assert pairs == [(0, 0), (0, 1), (0, 2)]
+    np.testing.assert_array_equal(s, [0, 64, 64])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_huge_rows_that_overflow_blas_are_still_found(metric):
+    # BLAS sums -3e38 - 2e38 to -inf in float32, which must not hide the row: its exact
+    # score (cosine -0.98, dot -2e38) beats row 0's (cosine -1, dot -3e38)
+    corpus = np.array([[-3e38, 0.0, 0.0], [-3e38, -2e38, 3e38]], np.float32)
+    if metric == "cosine":
+        corpus[0] = [-1.0, -1.0, -1.0]
+    q = np.ones((20, 3), np.float32)
+    full = (cosine_similarity if metric == "cosine" else dot_similarity)(q[:1], corpus)
+    assert full[0, 1] > full[0, 0] and np.isfinite(full).all()
+    for n_queries in (1, 20):
+        s, i = top_k(q[:n_queries], corpus, 1, metric=metric)
+        assert (i == 1).all() and (s == full[0, 1]).all()
+    pairs, s = as_lists(similar_pairs(q[:2], float(full[0, 1]), y=corpus, metric=metric))
+    assert pairs == [(0, 1), (1, 1)]
+    np.testing.assert_array_equal(s, [full[0, 1]] * 2)
+
+
 def test_top_k_results_independent_of_thread_count(two_threads):
     corpus = float_matrix(513, 12, 8)
     corpus[100:140] = corpus[0]  # many exact ties
@@ -352,6 +451,54 @@ def test_similar_pairs_duplicates_found_once():
     i, j, s = similar_pairs(x, 0.999, _block_size=17)
     assert list(zip(i.tolist(), j.tolist())) == [(0, 49), (10, 20), (10, 30), (20, 30)]
     np.testing.assert_allclose(s, 1.0, atol=1e-6)
+
+
+def test_similar_pairs_float16_with_nan():
+    x = float_matrix(60, 6, 5).astype(np.float16)
+    x[33, 2] = np.nan
+    for block in BLOCKS:
+        with pytest.raises(InvalidInputError, match="x must be finite.*row 33"):
+            similar_pairs(x, 0.5, _block_size=block)
+
+
+def test_similar_pairs_threshold_is_compared_in_float32():
+    # the threshold is rounded to float32 first: a float64 threshold just above a float32
+    # score still admits that score
+    x = float_matrix(30, 5, 2)
+    full = cosine_similarity(x)
+    target = full[3, 17]
+    threshold = float(np.nextafter(np.float64(target), np.inf))
+    assert threshold > float(target) and np.float32(threshold) == target
+    i, j, s = similar_pairs(x, threshold)
+    assert (3, 17) in set(zip(i.tolist(), j.tolist()))
+    assert (s >= target).all()
+
+
+def test_similar_pairs_buffers_do_not_grow_after_a_busy_row(monkeypatch):
+    # rows 0 and 100 pair with every other row; the others pair with nothing. Each tile
+    # is computed once, and tiles after the busy rows' get the usual small buffers.
+    from embedcache import kernels
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.ones((200, 1)), rng.integers(-1, 2, (200, 2))], axis=1)
+    x[0] = x[100] = [100.0, 0.0, 0.0]
+    x = x.astype(np.float32)
+    widths = []
+    real = kernels._pairs_tile
+
+    def spy(s, *args):
+        widths.append(args[-1].shape[1])  # out_s: (rows, width)
+        return real(s, *args)
+
+    monkeypatch.setattr(kernels, "_pairs_tile", spy)
+    pairs, s = as_lists(similar_pairs(x, 50.0, metric="dot", _block_size=17))
+    expected = naive.similar_pairs(x, 50.0, metric="dot")
+    assert len(expected) == 199 + 198
+    assert pairs == [(a, b) for a, b, _ in expected]
+    np.testing.assert_array_equal(s, [v for _, _, v in expected])
+    n_blocks = -(-200 // 17)
+    assert len(widths) == n_blocks * (n_blocks + 1) // 2  # every tile once
+    assert len(set(widths)) == 1 and widths[0] < 17
 
 
 # ----------------------------------------------------------------------------------------
@@ -474,7 +621,7 @@ def test_results_unchanged_by_thread_count(x, k):
     before = numba.get_num_threads()
     try:
         runs = []
-        for threads in {1, min(2, numba.config.NUMBA_NUM_THREADS)}:
+        for threads in thread_counts():
             numba.set_num_threads(threads)
             runs.append((top_k(x, x, k, exclude_self=True), similar_pairs(x, 0.3)))
     finally:
