@@ -778,7 +778,10 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     x: (n, d) float array (float32, float16 or float64; a ``numpy.memmap`` is read tile by
     tile). y: optional (m, d) array; without it pairs within x with i < j are returned,
     with it every (i, j) with i a row of x and j a row of y.
-    threshold: a float; for cosine it must lie in [-1, 1].
+    threshold: a float; for cosine it must lie in [-1, 1]. Scores are float32 and are
+    compared with the threshold rounded to the nearest float32, so a pair whose score
+    equals ``numpy.float32(threshold)`` is returned even when the float64 threshold is a
+    little higher.
     Returns ``(i, j, scores)``: int64, int64, float32 arrays of equal length. The scores
     are those of :func:`cosine_similarity` / :func:`dot_similarity` bit for bit. Memory
     is proportional to the output plus one tile of scores; only the upper triangle is
@@ -806,7 +809,7 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     filt_x = _filter_scale(inv_x, norm_x, norm_y.max(initial=0.0), cosine)
     filt_y = _filter_scale(inv_y, norm_y, norm_x.max(initial=0.0), cosine)
     margin = _blas_margin(x32.shape[1])
-    thr = np.float32(threshold)
+    thr = np.float32(threshold)  # the comparison is in float32, as documented
     n, m = x32.shape[0], y32.shape[0]
     tile = np.empty(min(block, n) * min(cblock, m) if n and m else 0, np.float32)
     # matches per row and tile kept in the first scan; rows with more are rescanned into
