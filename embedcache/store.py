@@ -401,18 +401,21 @@ class VectorStore:
         self._seg_dir = self.path / SEGMENT_DIR
         self._lock_timeout = -1.0 if lock_timeout is None else float(lock_timeout)
         self._max_segment_bytes = int(_max_segment_bytes)
+        # readers share one connection (``_mutex``), writers another (``_wmutex``), so that a
+        # write (waiting for the lock, embedding, writing segments) never holds up readers
         self._mutex = threading.RLock()
+        self._wmutex = threading.RLock()
+        self._tls = threading.local()  # .conn: the connection of the operation under way in this thread
         self._view: _View | None = None
         self._arrays: dict[int, np.ndarray] = {}
         self._conn: sqlite3.Connection | None = None
+        self._wconn: sqlite3.Connection | None = None
         made = self._make_dirs()
         self._refuse_lost_database()
         self._flock = filelock.FileLock(self.path / LOCK_NAME, thread_local=False)
         try:
-            self._conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA busy_timeout = 60000")
-            self._conn.execute("PRAGMA synchronous = FULL")
-            self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: keeps the id index in memory
+            self._conn = _connect(self._db_path)
+            self._wconn = _connect(self._db_path)
             exists = self._conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings'"
             ).fetchone()
@@ -468,8 +471,8 @@ class VectorStore:
             )
 
     def _create(self, dim: int | None, dtype: str, metric: str, namespace: str | None, model: str | None) -> None:
-        with self._locked():
-            conn = self._conn
+        with self._wmutex, self._locked():
+            conn = self._wconn
             assert conn is not None
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("BEGIN IMMEDIATE")
@@ -544,22 +547,23 @@ class VectorStore:
                 )
 
     def _set_settings(self, updates: dict[str, Any]) -> None:
-        assert self._conn is not None
-        self._conn.executemany("UPDATE settings SET value = ? WHERE key = ?", [(v, k) for k, v in updates.items()])
+        self._check_open().executemany("UPDATE settings SET value = ? WHERE key = ?", [(v, k) for k, v in updates.items()])
 
     def _check_open(self) -> sqlite3.Connection:
-        if self._conn is None:
+        """The connection of the read or write under way in this thread (else the read one)."""
+        conn = getattr(self._tls, "conn", None) or self._conn
+        if conn is None:
             raise StoreError(f"the store at {self.path} is closed")
-        return self._conn
+        return conn
 
-    def _read_view(self) -> _View:
-        """The committed state as of the current transaction, reloaded only when it changed."""
-        conn = self._check_open()
+    def _read_view(self, conn: sqlite3.Connection, *, cache: bool) -> _View:
+        """The committed state as of ``conn``'s transaction; with ``cache`` (readers, under
+        ``_mutex``) reloaded only when it changed and kept for the next read."""
         try:
             row = conn.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone()
             if row is None:
                 raise StoreCorruptedError(f"{self._db_path}: settings lack 'generation'")
-            if self._view is not None and self._view.generation == row[0]:
+            if cache and self._view is not None and self._view.generation == row[0]:
                 return self._view
             settings = dict(conn.execute("SELECT key, value FROM settings").fetchall())
             version = settings.get("format_version")
@@ -606,11 +610,13 @@ class VectorStore:
                     f"of dimension {view.dim} ({settings['dtype']})"
                 )
         view.next_row = expected_row
-        self._open_segments(view)
-        self._view = view
+        arrays = self._open_segments(view)
+        if cache:
+            self._arrays = arrays
+            self._view = view
         return view
 
-    def _open_segments(self, view: _View) -> None:
+    def _open_segments(self, view: _View) -> dict[int, np.ndarray]:
         arrays: dict[int, np.ndarray] = {}
         for s in view.segments:
             a = self._arrays.get(s.seg)
@@ -627,37 +633,39 @@ class VectorStore:
                 a = np.memmap(s.path, dtype=_DTYPES[view.settings["dtype"]], mode="r", shape=(s.rows, view.dim))
             arrays[s.seg] = a
             s.array = a
-        self._arrays = arrays
+        return arrays
 
     @contextmanager
     def _reading(self) -> Iterator[_View]:
         """One read transaction: a consistent committed state for the whole operation."""
         with self._mutex:
-            conn = self._check_open()
-            for attempt in range(100):
-                conn.execute("BEGIN")
-                try:
-                    view = self._read_view()
-                except _SegmentMissing as exc:
-                    conn.execute("COMMIT")
-                    # a writer removed it after committing a newer state: read that one
-                    if attempt < 99 and self._generation() != exc.args[1]:
-                        continue
-                    raise StoreCorruptedError(f"{exc.args[0]}: committed segment file is missing") from None
-                except BaseException:
-                    conn.execute("COMMIT")
-                    raise
-                try:
-                    yield view
-                finally:
-                    if conn.in_transaction:
+            conn = self._conn
+            if conn is None:
+                raise StoreError(f"the store at {self.path} is closed")
+            prev = getattr(self._tls, "conn", None)
+            self._tls.conn = conn
+            try:
+                for attempt in range(100):
+                    conn.execute("BEGIN")
+                    try:
+                        view = self._read_view(conn, cache=True)
+                    except _SegmentMissing as exc:
                         conn.execute("COMMIT")
-                return
-
-    def _generation(self) -> int | None:
-        assert self._conn is not None
-        row = self._conn.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone()
-        return None if row is None else row[0]
+                        # a writer removed it after committing a newer state: read that one
+                        if attempt < 99 and _generation(conn) != exc.args[1]:
+                            continue
+                        raise StoreCorruptedError(f"{exc.args[0]}: committed segment file is missing") from None
+                    except BaseException:
+                        conn.execute("COMMIT")
+                        raise
+                    try:
+                        yield view
+                    finally:
+                        if conn.in_transaction:
+                            conn.execute("COMMIT")
+                    return
+            finally:
+                self._tls.conn = prev
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -675,38 +683,48 @@ class VectorStore:
 
     @contextmanager
     def _writing(self) -> Iterator[_Write]:
-        """Lock, open a write transaction on the latest state, commit (or undo) at the end."""
-        with self._mutex:
-            conn = self._check_open()
+        """Lock, open a write transaction on the latest state, commit (or undo) at the end.
+
+        Runs on the write connection: readers in other threads go on meanwhile. On failure
+        nothing is unlinked by name: the files that the committed state does not list (read
+        afresh after the rollback) are removed, so a failure after COMMIT keeps what it committed.
+        """
+        with self._wmutex:
+            conn = self._wconn
+            if conn is None:
+                raise StoreError(f"the store at {self.path} is closed")
             with self._locked():
                 conn.execute("BEGIN IMMEDIATE")
-                w: _Write | None = None
+                prev = getattr(self._tls, "conn", None)
+                self._tls.conn = conn
                 try:
-                    self._view = None  # always start from what is committed now
                     try:
-                        view = self._read_view()
+                        view = self._read_view(conn, cache=False)
                     except _SegmentMissing as exc:
                         raise StoreCorruptedError(f"{exc.args[0]}: committed segment file is missing") from None
                     w = _Write(view)
-                    self._remove_orphans(view)
+                    self._remove_orphans({s.path.name for s in view.segments})
                     yield w
                     conn.execute(
                         "UPDATE settings SET value = ? WHERE key = 'generation'", (view.generation + 1,)
                     )
                     conn.execute("COMMIT")
                 except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    for p in w.created if w else ():
-                        p.unlink(missing_ok=True)
-                    self._view = None
+                    try:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        committed = {Path(f).name for (f,) in conn.execute("SELECT file FROM segments")}
+                        self._remove_orphans(committed)
+                    except Exception:  # the next writer removes what is left
+                        pass
                     raise
+                finally:
+                    self._tls.conn = prev
                 for p in w.obsolete:
                     p.unlink(missing_ok=True)
-                self._view = None
 
-    def _remove_orphans(self, view: _View) -> None:
-        committed = {s.path.name for s in view.segments}
+    def _remove_orphans(self, committed: set[str]) -> None:
+        """Remove segment files (and temporary ones) that are not in ``committed``; holds the lock."""
         for entry in os.scandir(self._seg_dir):
             if _SEGMENT_NAME.match(entry.name) and entry.name not in committed:
                 os.unlink(entry.path)
@@ -1064,10 +1082,12 @@ class VectorStore:
             conn.executemany("INSERT INTO segments(seg, file, first_row, rows, nbytes, crc32) VALUES (?, ?, ?, ?, ?, ?)", segments)
             self._set_settings({"next_segment": next_seg + len(segments)})
             w.obsolete += [s.path for s in view.segments]
-        try:
-            self._check_open().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.OperationalError:  # readers keep the log busy: it is reused later anyway
-            pass
+        with self._wmutex:  # PASSIVE: copies what it can now, never waits for readers
+            if self._wconn is not None:
+                try:
+                    self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.OperationalError:
+                    pass
 
     # ------------------------------------------------------------------ reading
 
@@ -1238,8 +1258,8 @@ class VectorStore:
             if kk == 0:
                 return scores, np.full((nq, 0), None, dtype=object)
             wrows = self._where_rows(where) if where else None
-            parts_s: list[np.ndarray] = []
-            parts_r: list[np.ndarray] = []
+            # a running (nq, kk) result merged with each segment's: memory bounded by the output
+            got_s = got_r = None
             for s in v.segments:
                 if wrows is not None:
                     lo, hi = np.searchsorted(wrows, [s.first_row, s.first_row + s.rows])
@@ -1252,21 +1272,19 @@ class VectorStore:
                     if mask is not None and not mask.any():
                         continue
                 ss, ii = kernels.top_k(qf, s.array, min(kk, s.rows), metric=v.settings["metric"], mask=mask)
-                parts_s.append(ss)
-                parts_r.append(np.where(ii >= 0, ii + s.first_row, -1))
-            if len(parts_s) == 1:
-                got_s, got_r = parts_s[0], parts_r[0]
-            elif parts_s:
-                cat_s = np.concatenate(parts_s, axis=1)
-                cat_r = np.concatenate(parts_r, axis=1)
-                order = np.lexsort((cat_r, -cat_s), axis=1)[:, :kk]
+                rr = np.where(ii >= 0, ii + s.first_row, -1)
+                if got_s is None:
+                    got_s, got_r = ss, rr
+                    continue
+                # earlier segments hold earlier rows: a stable sort keeps ties in row order
+                cat_s = np.concatenate((got_s, ss), axis=1)
+                order = np.argsort(-cat_s, axis=1, kind="stable")[:, :kk]
                 got_s = np.take_along_axis(cat_s, order, axis=1)
-                got_r = np.take_along_axis(cat_r, order, axis=1)
-            else:
-                got_s = got_r = np.empty((nq, 0))
-            w = min(kk, got_s.shape[1])
-            scores[:, :w] = got_s[:, :w]
-            rows[:, :w] = got_r[:, :w]
+                got_r = np.take_along_axis(np.concatenate((got_r, rr), axis=1), order, axis=1)
+            if got_s is not None:
+                w = min(kk, got_s.shape[1])
+                scores[:, :w] = got_s[:, :w]
+                rows[:, :w] = got_r[:, :w]
             return scores, self._ids_of_rows(rows)
 
     def similar_pairs(
@@ -1289,29 +1307,32 @@ class VectorStore:
                 raise InvalidInputError(f"threshold must be in [-1, 1] for cosine, got {threshold}")
         if other is not None and not isinstance(other, VectorStore):
             raise InvalidInputTypeError(f"other must be a VectorStore or None, got {type(other).__name__}")
-        with self._reading() as v:
+        if other is None or other is self:
+            with self._reading() as v:
+                li, lj, sc = self._pairs(v, v, v.settings["metric"], float(threshold), same=other is None)
+                return self._ids_of_rows(li), self._ids_of_rows(lj), sc
+        # both stores' locks, always in one order: a.similar_pairs(other=b) and
+        # b.similar_pairs(other=a) on two threads would otherwise wait for each other
+        first, second = (self, other) if id(self) < id(other) else (other, self)
+        with first._reading() as fv, second._reading() as sv:
+            v, ov = (fv, sv) if first is self else (sv, fv)
             metric = v.settings["metric"]
-            if other is None or other is self:
-                li, lj, sc = self._pairs(v, v, metric, float(threshold), same=other is None)
-                left, right = self._ids_of_rows(li), self._ids_of_rows(lj)
-            else:
-                with other._reading() as ov:
-                    if ov.settings["metric"] != metric:
-                        raise ConfigurationError(
-                            f"both stores must use one metric: {metric!r} here, {ov.settings['metric']!r} in other"
-                        )
-                    if v.dim is not None and ov.dim is not None and v.dim != ov.dim:
-                        raise DimensionMismatchError(
-                            f"other must have dimension {v.dim} (this store's), got {ov.dim}"
-                        )
-                    ns, ons = v.settings["namespace"], ov.settings["namespace"]
-                    if ns is not None and ons is not None and ns != ons:
-                        raise NamespaceMismatchError(
-                            f"other must hold vectors of namespace {ns!r} (this store's), got {ons!r}"
-                        )
-                    li, lj, sc = self._pairs(v, ov, metric, float(threshold), same=False)
-                    right = other._ids_of_rows(lj)
-                left = self._ids_of_rows(li)
+            if ov.settings["metric"] != metric:
+                raise ConfigurationError(
+                    f"both stores must use one metric: {metric!r} here, {ov.settings['metric']!r} in other"
+                )
+            if v.dim is not None and ov.dim is not None and v.dim != ov.dim:
+                raise DimensionMismatchError(
+                    f"other must have dimension {v.dim} (this store's), got {ov.dim}"
+                )
+            ns, ons = v.settings["namespace"], ov.settings["namespace"]
+            if ns is not None and ons is not None and ns != ons:
+                raise NamespaceMismatchError(
+                    f"other must hold vectors of namespace {ns!r} (this store's), got {ons!r}"
+                )
+            li, lj, sc = self._pairs(v, ov, metric, float(threshold), same=False)
+            right = other._ids_of_rows(lj)
+            left = self._ids_of_rows(li)
         return left, right, sc
 
     @staticmethod
@@ -1442,22 +1463,43 @@ class VectorStore:
     # ------------------------------------------------------------------ closing
 
     def _close_conn(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for name in ("_conn", "_wconn"):
+            conn = getattr(self, name)
+            if conn is not None:
+                conn.close()
+                setattr(self, name, None)
 
     def close(self) -> None:
-        """Close the database and unmap the segments (idempotent)."""
-        with self._mutex:
-            self._close_conn()
+        """Close the database and unmap the segments (idempotent; waits for a write under way)."""
+        with self._mutex:  # one lock at a time: a writer may read through this store
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
             self._view = None
             self._arrays = {}
+        with self._wmutex:
+            if self._wconn is not None:
+                self._wconn.close()
+                self._wconn = None
 
     def __enter__(self) -> VectorStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: keeps the id index in memory
+    return conn
+
+
+def _generation(conn: sqlite3.Connection) -> int | None:
+    row = conn.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone()
+    return None if row is None else row[0]
 
 
 class _SegmentMissing(Exception):
