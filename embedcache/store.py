@@ -172,10 +172,12 @@ class _View:
 
 @dataclass
 class _Write:
-    """Files made by one write (removed on failure) and files it obsoletes (removed after commit)."""
+    """One write: the state it starts from and the files it obsoletes (removed after commit).
+
+    Files it makes need no list: after a failure, every segment file that the committed state
+    does not name is removed."""
 
     view: _View
-    created: list[Path] = field(default_factory=list)
     obsolete: list[Path] = field(default_factory=list)
 
 
@@ -996,7 +998,6 @@ class VectorStore:
         """Write, fsync and rename one segment file; return its length and crc32."""
         final = self._seg_dir / f"{seg:06d}.vec"
         tmp = self._seg_dir / f"{seg:06d}.vec.tmp"
-        w.created.append(tmp)
         crc = 0
         nbytes = 0
         with open(tmp, "wb", buffering=0) as f:
@@ -1010,7 +1011,6 @@ class VectorStore:
                 crc = zlib.crc32(buf, crc)
                 nbytes += buf.nbytes
             os.fsync(f.fileno())
-        w.created.append(final)
         os.replace(tmp, final)
         return nbytes, crc
 
