@@ -48,7 +48,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
-from numba.extending import overload  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 from embedcache.errors import (  # noqa: E402
     DimensionMismatchError,
@@ -382,39 +383,88 @@ def _stream_chunk_f32(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_
     return bad
 
 
+def _native_half() -> bool:
+    """Whether numba compiles for a CPU with float16 conversion instructions (x86 F16C);
+    elsewhere LLVM would call a runtime function that numba's JIT does not link."""
+    from numba.core.registry import cpu_target
+
+    features = getattr(cpu_target.target_context.codegen(), "_tm_features", "") or ""
+    return "+f16c" in features.split(",")
+
+
+@intrinsic
+def _f16_to_f32_native(typingctx, h):
+    """The float32 value of the float16 bit pattern ``h`` (uint16): one instruction,
+    vectorized (needs F16C)."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _u32_as_f32(typingctx, u):
+    """The float32 whose bit pattern is ``u`` (uint32)."""
+    if u != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _f16_to_f32_bits(h):
+    """The float32 value of the float16 bit pattern ``h`` by integer operations: sign and
+    magnitude move to their float32 places and a multiplication by 2**112 rebiases the
+    exponent (exact, subnormals included); an all-ones exponent (inf/NaN) gets the
+    float32 one."""
+    v = np.uint32(h)
+    mag = v & np.uint32(0x7FFF)
+    u = ((v & np.uint32(0x8000)) << np.uint32(16)) | (mag << np.uint32(13))
+    if mag >= np.uint32(0x7C00):
+        u |= np.uint32(0x70000000)
+    return _u32_as_f32(np.uint32(u)) * np.float32(2.0**112)
+
+
+_f16_to_f32 = _f16_to_f32_native if _native_half() else _f16_to_f32_bits
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _decode_f16(h, out):
+    """float16 bit patterns (uint16) -> float32 values, exactly (one vectorized loop)."""
+    for k in range(h.shape[0]):
+        out[k] = _f16_to_f32(h[k])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _decode_f16_bits(h, out):
+    """As _decode_f16 without conversion instructions (tests compare the two)."""
+    for k in range(h.shape[0]):
+        out[k] = _f16_to_f32_bits(h[k])
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _stream_chunk_f16(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
-    d = part.shape[1]
+    """As _stream_chunk_f32 for float16 rows (uint16 bit patterns), each decoded to
+    float32 first, exactly, so both give the same scores bit for bit."""
     bad = -1
-    two112 = np.float32(2.0**112)
-    bits = np.empty(d, np.uint32)
-    raw = bits.view(np.float32)
-    row = np.empty(d, np.float32)
+    row = np.empty(part.shape[1], np.float32)
     for jj in range(part.shape[0]):
-        if _half_to_float(part[jj], bits):
+        _decode_f16(part[jj], row)
+        ss = _sumsq(row)  # float16 values cannot overflow it: non-finite means inf/NaN
+        if not np.isfinite(ss):
             if bad < 0:
                 bad = lo + jj
             continue
-        for k in range(d):
-            row[k] = raw[k] * two112  # rebias the exponent; exact, subnormals included
         if use_mask and not mask[lo + jj]:
             continue
-        ss = _sumsq(row)
         _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
     return bad
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _half_to_float(h, bits):
-    """float16 bit patterns -> float32 bit patterns (into ``bits``); True if inf/NaN seen."""
-    special = np.uint32(0)
-    for k in range(h.shape[0]):
-        v = np.uint32(h[k])
-        # bit 15 of (exponent + 1) is set only for an all-ones exponent (inf/NaN); an
-        # integer OR-reduction keeps the loop vectorized
-        special |= ((v & np.uint32(0x7C00)) + np.uint32(0x0400)) & np.uint32(0x8000)
-        bits[k] = ((v & np.uint32(0x8000)) << np.uint32(16)) | ((v & np.uint32(0x7FFF)) << np.uint32(13))
-    return special != 0
 
 
 def _stream_chunk(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):

@@ -297,6 +297,22 @@ def test_top_k_float16_corpus_with_inf_or_nan(bad_value, n_queries, block):
         top_k(float_matrix(n_queries, 16, 4), corpus, 3, _block_size=block)
 
 
+def test_float16_decoders_are_exact_for_every_bit_pattern():
+    from embedcache import kernels
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    expected = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    decoders = [kernels._decode_f16_bits]
+    if kernels._native_half():
+        decoders.append(kernels._decode_f16)
+    for decode in decoders:
+        out = np.empty(len(bits), np.float32)
+        decode(bits, out)
+        np.testing.assert_array_equal(out[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+        assert np.isnan(out[nan]).all()
+
+
 @pytest.mark.parametrize("n_queries", [1, 3, 20])
 def test_top_k_float16_extreme_values_equal_float32_copy(n_queries):
     # subnormal, signed zero, largest finite and smallest normal float16 values: the
