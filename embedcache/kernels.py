@@ -47,8 +47,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
 from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 from embedcache.errors import (  # noqa: E402
