@@ -448,22 +448,33 @@ def _decode_f16_bits(h, out):
         out[k] = _f16_to_f32_bits(h[k])
 
 
+# float16 rows decoded per group: a few rows' float32 values (a few KiB) stay in L1
+_F16_GROUP = 8
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _stream_chunk_f16(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
-    """As _stream_chunk_f32 for float16 rows (uint16 bit patterns), each decoded to
-    float32 first, exactly, so both give the same scores bit for bit."""
+    """As _stream_chunk_f32 for float16 rows (uint16 bit patterns), decoded to float32
+    first, exactly (a group of rows per call), so both give the same scores bit for bit."""
     bad = -1
-    row = np.empty(part.shape[1], np.float32)
-    for jj in range(part.shape[0]):
-        _decode_f16(part[jj], row)
-        ss = _sumsq(row)  # float16 values cannot overflow it: non-finite means inf/NaN
-        if not np.isfinite(ss):
-            if bad < 0:
-                bad = lo + jj
-            continue
-        if use_mask and not mask[lo + jj]:
-            continue
-        _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
+    n, d = part.shape
+    g = _F16_GROUP
+    buf = np.empty((g, d), np.float32)
+    flat = buf.reshape(g * d)
+    for j0 in range(0, n, g):
+        m = min(g, n - j0)
+        _decode_f16(part[j0 : j0 + m].reshape(m * d), flat[: m * d])
+        for r in range(m):
+            row = buf[r]
+            jj = j0 + r
+            ss = _sumsq(row)  # float16 values cannot overflow it: non-finite means inf/NaN
+            if not np.isfinite(ss):
+                if bad < 0:
+                    bad = lo + jj
+                continue
+            if use_mask and not mask[lo + jj]:
+                continue
+            _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
     return bad
 
 

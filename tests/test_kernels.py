@@ -337,6 +337,24 @@ def test_top_k_float16_extreme_values_equal_float32_copy(n_queries):
             np.testing.assert_array_equal(s, es)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("block", [1, 3, 8, 13, 100, None])
+def test_top_k_float16_one_query_mask_and_self_equal_float32_copy(metric, block):
+    # the one-query stream decodes float16 rows a group at a time: chunks whose length is
+    # not a multiple of the group, masked rows and the excluded row give the float32 answer
+    corpus = float_matrix(203, 40, 8).astype(np.float16)
+    corpus[150:170] = corpus[2]
+    mask = np.ones(203, np.bool_)
+    mask[[0, 7, 8, 9, 151, 202]] = False
+    for r in (0, 2, 9):
+        q = corpus[r : r + 1].astype(np.float32)
+        for kw in ({}, {"mask": mask}, {"exclude_self": True}, {"mask": mask, "exclude_self": True}):
+            s, i = top_k(q, corpus, 11, metric=metric, _block_size=block, **kw)
+            es, ei = top_k(q, corpus.astype(np.float32), 11, metric=metric, **kw)
+            np.testing.assert_array_equal(i, ei)
+            np.testing.assert_array_equal(s, es)
+
+
 @pytest.mark.parametrize("n_queries", [1, 20])
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_top_k_mask_with_k_beyond_n(n_queries, metric):
