@@ -190,24 +190,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _check_ids(ids: object, what: str = "ids") -> list[str]:
-    if isinstance(ids, (str, bytes)):
-        raise InvalidInputTypeError(
-            f"{what} must be a sequence of strings, got a single {type(ids).__name__}; wrap it in a list"
-        )
-    if ids is None:
-        raise InvalidInputTypeError(f"{what} must be a sequence of strings, got None")
-    try:
-        items = list(ids)  # type: ignore[call-overload]
-    except TypeError:
-        raise InvalidInputTypeError(
-            f"{what} must be a sequence of strings, got {type(ids).__name__}"
-        ) from None
-    if not all(issubclass(t, str) for t in set(map(type, items))):  # C-speed screen, then the culprit
-        i, x = next((i, x) for i, x in enumerate(items) if not isinstance(x, str))
-        raise InvalidInputTypeError(f"{what}[{i}] must be a str, got {type(x).__name__}: {x!r:.60}")
-    if "" in items:
-        raise InvalidInputError(f"{what}[{items.index('')}] is an empty string; ids must be non-empty")
-    return items
+    return validate_texts(ids, allow_empty_list=True, what=what)
 
 
 def _check_unique(ids: list[str]) -> None:

@@ -65,33 +65,36 @@ class Usage:
             return self.requests, self.tokens
 
 
-def validate_texts(texts: object, *, allow_empty_list: bool = False) -> list[str]:
+def validate_texts(
+    texts: object, *, allow_empty_list: bool = False, what: str = "texts"
+) -> list[str]:
     """Return ``texts`` as a list of str, or raise naming the first offending position.
 
     Accepts any sequence or iterable of ``str`` (a single ``str`` is refused: it would be
     embedded character by character). Empty strings and non-strings are errors, as is an
-    empty list unless ``allow_empty_list``.
+    empty list unless ``allow_empty_list``. ``what`` names the argument in messages (the
+    vector store checks its ids with it too).
     """
     if isinstance(texts, (str, bytes)):
         raise InvalidInputTypeError(
-            f"texts must be a sequence of strings, got a single {type(texts).__name__}; "
+            f"{what} must be a sequence of strings, got a single {type(texts).__name__}; "
             "wrap it in a list"
         )
     if texts is None:
-        raise InvalidInputTypeError("texts must be a sequence of strings, got None")
+        raise InvalidInputTypeError(f"{what} must be a sequence of strings, got None")
     try:
         items = list(texts)  # type: ignore[call-overload]
     except TypeError:
         raise InvalidInputTypeError(
-            f"texts must be a sequence of strings, got {type(texts).__name__}"
+            f"{what} must be a sequence of strings, got {type(texts).__name__}"
         ) from None
     if not items and not allow_empty_list:
-        raise InvalidInputError("texts must contain at least one string, got an empty sequence")
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise InvalidInputTypeError(
-                f"texts[{i}] must be a str, got {type(t).__name__}: {t!r:.60}"
-            )
-        if not t:
-            raise InvalidInputError(f"texts[{i}] is an empty string; every text must be non-empty")
+        raise InvalidInputError(f"{what} must contain at least one string, got an empty sequence")
+    if not all(issubclass(t, str) for t in set(map(type, items))):  # C-speed screen, then the culprit
+        i, t = next((i, t) for i, t in enumerate(items) if not isinstance(t, str))
+        raise InvalidInputTypeError(f"{what}[{i}] must be a str, got {type(t).__name__}: {t!r:.60}")
+    if "" in items:
+        raise InvalidInputError(
+            f"{what}[{items.index('')}] is an empty string; every item of {what} must be non-empty"
+        )
     return items
