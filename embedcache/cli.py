@@ -540,10 +540,10 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
             _write_report(report, data, ids, res, ref, opener=outputs.open)
     label = (lambda k: ids[k]) if ids else (lambda k: f"#{k}")
     if ref is None:
+        score = dict(zip(res.removed.tolist(), res.scores.tolist()))
         for group in res.groups[:show]:
             rep = int(group[np.isin(group, res.kept)][0])
             click.echo(f"group of {len(group)} (kept {label(rep)}):")
-            score = dict(zip(res.removed.tolist(), res.scores.tolist()))
             for k in group.tolist():
                 mark = "*     " if k == rep else f"{score[k]:.3f} "
                 click.echo(f"  {mark} {label(k)}: {_clip(data.texts[k])}")
@@ -594,8 +594,7 @@ def pairs(input_path, field, fmt, threshold, output, id_field, embedder_opts, ca
     check_output(output)
     data = read_input(input_path, fmt=fmt, field=field)
     emb = _cached(embedder_opts, cache_dir, quiet)
-    table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet)) \
-        if data.texts else PairTable(np.empty(0), np.empty(0), np.empty(0))
+    table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet))
     ids = data.ids(id_field)
     table = PairTable(table.i, table.j, table.score, texts_i=data.texts, texts_j=data.texts,
                       ids_i=ids, ids_j=ids, sort=False)
@@ -605,7 +604,6 @@ def pairs(input_path, field, fmt, threshold, output, id_field, embedder_opts, ca
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
             table.to_csv(f, delimiter="\t" if output.endswith(".tsv") else ",")
-    _say(quiet, f"wrote {len(table)} pairs at or above {threshold} to {output}")
     click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows; wrote {output}")
 
 
@@ -765,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = cli.main(args=list(argv) if argv is not None else None, prog_name="embedcache",
                           standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("embedcache: interrupted", err=True)
         return 130
     except _NoArgsIsHelp as exc:  # a group without its command: show its help
@@ -778,9 +776,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         click.echo(f"embedcache: error: {_one_line(exc.format_message())}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("embedcache: interrupted", err=True)
-        return 130
     except EmbedCacheError as exc:
         click.echo(f"embedcache: error: {_one_line(str(exc))}", err=True)
         return 1
