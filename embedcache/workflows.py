@@ -577,6 +577,14 @@ def _groups_from_labels(labels: np.ndarray) -> list[np.ndarray]:
     return groups
 
 
+def _group_index(groups: list[np.ndarray], n: int) -> np.ndarray:
+    """For each of ``n`` items, the position of its group in ``groups``, or -1."""
+    group_of = np.full(n, -1, dtype=np.int64)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    return group_of
+
+
 def _pick(keep: Any, group: np.ndarray, items: Any, texts: list[str] | None) -> int:
     if keep == "first":
         return int(group[0])
@@ -659,10 +667,9 @@ def deduplicate(
     if mode == "connected":
         labels = _connected_labels(n, pi, pj)
         groups = _groups_from_labels(labels)
-        group_of = np.full(n, -1, dtype=np.int64)
+        group_of = _group_index(groups, n)
         removed_l, dup_l = [], []
-        for g, members in enumerate(groups):
-            group_of[members] = g
+        for members in groups:
             rep = _pick(keep, members, items, p.texts)
             others = members[members != rep]
             removed_l.append(others)
@@ -737,10 +744,7 @@ def _greedy(p: _Prepared, ui: np.ndarray, uj: np.ndarray, us: np.ndarray, order:
     labels[removed] = owner[removed]
     labels[np.unique(owner[removed])] = np.unique(owner[removed])
     groups = _groups_from_labels(labels)
-    group_of = np.full(n, -1, dtype=np.int64)
-    for g, members in enumerate(groups):
-        group_of[members] = g
-    return group_of, groups, [removed], [owner[removed]]
+    return _group_index(groups, n), groups, [removed], [owner[removed]]
 
 
 def _deduplicate_against(p: _Prepared, ref: _Prepared, threshold: float,
