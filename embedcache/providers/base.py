@@ -22,7 +22,7 @@ import numpy as np
 
 from embedcache.errors import InvalidInputError, InvalidInputTypeError
 
-__all__ = ["BatchCallback", "Embedder", "Usage", "validate_texts"]
+__all__ = ["BatchCallback", "Embedder", "Usage", "check_int", "validate_texts"]
 
 BatchCallback = Callable[[np.ndarray, np.ndarray], None]
 
@@ -63,6 +63,15 @@ class Usage:
     def snapshot(self) -> tuple[int, int]:
         with self._lock:
             return self.requests, self.tokens
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int, refusing bools, non-integers and values below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise InvalidInputError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def validate_texts(

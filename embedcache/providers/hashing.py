@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from embedcache.errors import InvalidInputError, InvalidInputTypeError
-from embedcache.providers.base import BatchCallback, Usage, validate_texts
+from embedcache.providers.base import BatchCallback, Usage, check_int, validate_texts
 
 __all__ = ["HashingEmbeddings"]
 
@@ -155,11 +155,8 @@ class HashingEmbeddings:
         lowercase: bool = True,
         batch_size: int = 4096,
     ) -> None:
-        for name, value in (("dim", dim), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise InvalidInputTypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise InvalidInputError(f"{name} must be >= 1, got {value}")
+        dim = check_int("dim", dim, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
         try:
             lo, hi = (int(v) for v in ngram_range)
         except (TypeError, ValueError):

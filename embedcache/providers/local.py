@@ -19,7 +19,7 @@ from embedcache.errors import (
     InvalidResponseError,
     MissingDependencyError,
 )
-from embedcache.providers.base import BatchCallback, Usage, validate_texts
+from embedcache.providers.base import BatchCallback, Usage, check_int, validate_texts
 
 __all__ = ["LocalEmbeddings"]
 
@@ -58,10 +58,7 @@ class LocalEmbeddings:
         name = os.fspath(model_name_or_path)
         if not name.strip():
             raise InvalidInputError("model_name_or_path must be non-empty, got ''")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-            raise InvalidInputTypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
-        if batch_size < 1:
-            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_int("batch_size", batch_size, 1)
         path = Path(name).expanduser()
         self._source = str(path.resolve()) if path.is_dir() else name
         self.model = name

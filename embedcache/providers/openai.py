@@ -64,7 +64,7 @@ from embedcache.errors import (
     RateLimitError,
     ServerError,
 )
-from embedcache.providers.base import BatchCallback, Usage, validate_texts
+from embedcache.providers.base import BatchCallback, Usage, check_int, validate_texts
 
 __all__ = ["DEFAULT_BASE_URL", "OpenAIEmbeddings", "TokenBucket"]
 
@@ -179,14 +179,6 @@ def _resolve_key(api_key: str | None) -> _Secret | None:
             "api_key must be a non-empty string of printable ASCII characters without spaces"
         )
     return _Secret(api_key)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputTypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise InvalidInputError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_positive(name: str, value: object) -> float:
@@ -449,7 +441,7 @@ class OpenAIEmbeddings:
         if url.userinfo:
             raise ConfigurationError("base_url must not contain credentials; pass api_key instead")
         if dimensions is not None:
-            dimensions = _check_int("dimensions", dimensions, 1)
+            dimensions = check_int("dimensions", dimensions, 1)
         if encoding_format not in ("base64", "float"):
             raise ConfigurationError(
                 f"encoding_format must be 'base64' or 'float', got {encoding_format!r}"
@@ -457,13 +449,13 @@ class OpenAIEmbeddings:
         self.model = model
         self.base_url = str(url)
         self.dimensions: int | None = dimensions
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.max_batch_chars = _check_int("max_batch_chars", max_batch_chars, 1)
-        self.max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
-        self.max_retries = _check_int("max_retries", max_retries, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.max_batch_chars = check_int("max_batch_chars", max_batch_chars, 1)
+        self.max_concurrency = check_int("max_concurrency", max_concurrency, 1)
+        self.max_retries = check_int("max_retries", max_retries, 0)
         self.timeout = _check_positive("timeout", timeout)
         self.encoding_format = encoding_format
-        burst = _check_int("burst", burst, 1)
+        burst = check_int("burst", burst, 1)
         if requests_per_second is None or requests_per_second == math.inf:
             self._bucket: TokenBucket | None = None
         else:
