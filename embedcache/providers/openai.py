@@ -502,19 +502,19 @@ class OpenAIEmbeddings:
         )
 
     def _get_client(self, stop: threading.Event, what: str) -> httpx.Client:
-        headers = self._headers()
         with self._lock:
             if stop.is_set():  # checked under the lock close() takes: no client after close
                 raise self._cancelled(what)
             if self._client is None:
+                limits = self._limits()
                 transport, backend = self._transport, None
                 if transport is None:
-                    transport, backend = _abortable_transport(self._limits())
+                    transport, backend = _abortable_transport(limits)
                 self._client = httpx.Client(
                     base_url=self.base_url,
-                    headers=headers,
+                    headers=self._headers(),
                     timeout=self.timeout,
-                    limits=self._limits(),
+                    limits=limits,
                     transport=transport,
                 )
                 self._backend = backend
@@ -547,13 +547,12 @@ class OpenAIEmbeddings:
             return self._executor
 
     def _get_aclient(self) -> httpx.AsyncClient:
-        headers = self._headers()
         loop = asyncio.get_running_loop()
         if self._aclient is None or self._aclient_loop is not loop:
             # An AsyncClient is bound to the loop it first ran in; a new loop needs a new one.
             self._aclient = httpx.AsyncClient(
                 base_url=self.base_url,
-                headers=headers,
+                headers=self._headers(),
                 timeout=self.timeout,
                 limits=self._limits(),
                 transport=self._async_transport,
