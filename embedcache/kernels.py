@@ -358,28 +358,31 @@ def _select_row(
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _stream_row(row, j, queries, inv_q, inv_r, cosine, exclude_self, hs, hi):
+def _stream_row(row, j, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
+    """Fold corpus row ``j`` into every query's heap; False (and nothing folded) when the
+    row holds inf or NaN."""
+    ss = _sumsq(row)  # float16 values cannot overflow it: non-finite means inf/NaN
+    if not np.isfinite(ss):
+        return False
+    if use_mask and not mask[j]:
+        return True
+    inv_r = _inv_norm(ss)
     for q in range(queries.shape[0]):
         if exclude_self and j == q:
             continue
         e = _pair_score(queries[q], row, inv_q[q], inv_r, cosine)
         if _better(e, j, hs[q, 0], hi[q, 0]):
             _heap_replace_root(hs[q], hi[q], e, j)
+    return True
 
 
 @njit(fastmath=FASTMATH, cache=True)
 def _stream_chunk_f32(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
     bad = -1
     for jj in range(part.shape[0]):
-        row = part[jj]
-        ss = _sumsq(row)
-        if not np.isfinite(ss):
+        if not _stream_row(part[jj], lo + jj, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
             if bad < 0:
                 bad = lo + jj
-            continue
-        if use_mask and not mask[lo + jj]:
-            continue
-        _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
     return bad
 
 
@@ -465,16 +468,10 @@ def _stream_chunk_f16(part, lo, queries, inv_q, cosine, mask, use_mask, exclude_
         m = min(g, n - j0)
         _decode_f16(part[j0 : j0 + m].reshape(m * d), flat[: m * d])
         for r in range(m):
-            row = buf[r]
-            jj = j0 + r
-            ss = _sumsq(row)  # float16 values cannot overflow it: non-finite means inf/NaN
-            if not np.isfinite(ss):
+            j = lo + j0 + r
+            if not _stream_row(buf[r], j, queries, inv_q, cosine, mask, use_mask, exclude_self, hs, hi):
                 if bad < 0:
-                    bad = lo + jj
-                continue
-            if use_mask and not mask[lo + jj]:
-                continue
-            _stream_row(row, lo + jj, queries, inv_q, _inv_norm(ss), cosine, exclude_self, hs, hi)
+                    bad = j
     return bad
 
 
