@@ -20,6 +20,7 @@ this package::
     │   │   ├── PermissionDeniedError            403
     │   │   ├── NotFoundError                    404 (unknown model or path)
     │   │   ├── RateLimitError                   429 (after retries)
+    │   │   │   └── QuotaExceededError           429 insufficient_quota: out of credit, not retried
     │   │   └── ServerError                      5xx (after retries)
     │   └── InvalidResponseError                 a 2xx reply that breaks the contract
     ├── CacheError                               the embedding cache cannot be used
@@ -53,6 +54,7 @@ __all__ = [
     "NamespaceMismatchError",
     "NotFoundError",
     "PermissionDeniedError",
+    "QuotaExceededError",
     "RateLimitError",
     "ServerError",
     "StoreCorruptedError",
@@ -128,6 +130,13 @@ class NotFoundError(APIStatusError):
 
 class RateLimitError(APIStatusError):
     """429: still rate limited after every retry."""
+
+
+class QuotaExceededError(RateLimitError):
+    """429 ``insufficient_quota``: the account has no credit left (billing, not a rate limit).
+
+    Raised at once: waiting does not help.
+    """
 
 
 class ServerError(APIStatusError):

@@ -62,6 +62,14 @@ class Fault:
         return cls("status", status=status, style=style, message=message, headers=headers)
 
     @classmethod
+    def insufficient_quota(cls, *, retry_after: str | None = None) -> Fault:
+        """429 with OpenAI's ``insufficient_quota`` body: out of credit, not rate limited."""
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        return cls("insufficient_quota", status=429, headers=headers,
+                   message="You exceeded your current quota, please check your plan and billing "
+                           "details. For more information on this error, read the docs.")
+
+    @classmethod
     def slow(cls, delay: float) -> Fault:
         """Answer correctly, but only after ``delay`` seconds."""
         return cls("slow", delay=delay)
@@ -249,6 +257,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Faults that replace the reply; True when the request is answered (or dropped)."""
         if fault.kind == "status":
             self._send_error(fault.status, fault.message, fault.style, fault.headers)
+            return True
+        if fault.kind == "insufficient_quota":
+            body = {"error": {"message": fault.message, "type": "insufficient_quota", "param": None,
+                              "code": "insufficient_quota"}}
+            self._send(fault.status, json.dumps(body).encode(), fault.headers)
             return True
         if fault.kind == "drop":
             self.close_connection = True

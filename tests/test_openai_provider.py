@@ -23,6 +23,7 @@ from embedcache.errors import (
     InvalidResponseError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaExceededError,
     RateLimitError,
     ServerError,
 )
@@ -628,3 +629,26 @@ def test_close_cuts_requests_under_way(fake_server, max_concurrency):
     # still usable afterwards
     np.testing.assert_array_equal(emb.embed(["c"]), expected(["c"]))
     emb.close()
+
+
+# ---------------------------------------------------------------- out of quota
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_insufficient_quota_fails_at_once_and_says_so(fake_server, mode):
+    fault = Fault.insufficient_quota(retry_after="3")
+    fake_server.push(*[fault] * 3)
+    # real sleeps: a retry would wait the 3 s the server asks for
+    with make(fake_server, sleep=None, max_retries=2) as emb:
+        started = time.monotonic()
+        with pytest.raises(QuotaExceededError) as info:
+            if mode == "sync":
+                emb.embed(["a"])
+            else:
+                asyncio.run(emb.aembed(["a"]))
+        elapsed = time.monotonic() - started
+    assert len(fake_server.embedding_requests) == 1
+    assert elapsed < 2.0
+    assert isinstance(info.value, RateLimitError) and info.value.status_code == 429
+    assert "quota" in str(info.value).split(fault.message)[0]
+    assert info.value.message == fault.message

@@ -187,3 +187,39 @@ def test_no_part_of_the_key_in_long_escaped_or_shortened_echoes(key, make_emb):
     for form in (key, key.replace("\\", "\\\\").replace('"', '\\"')):
         assert form[:8] not in text
     assert len(info.value.message or "") <= 503
+
+
+@pytest.mark.parametrize("key", ["k", "none", "EMPTY", "sk-no-key-required"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.error(413, style="text", message="inputs must have less than 512 tokens. Given: 600"),
+        Fault.error(500, message="backend error: none of the workers is ready"),
+        Fault.error(400, style="fastapi", message="input is EMPTY; sk-no-key-required is fine"),
+    ],
+    ids=["tei-413", "backend-500", "fastapi-400"],
+)
+def test_a_short_or_placeholder_key_leaves_server_messages_whole(fake_server, key, fault):
+    fake_server.api_key = None  # a local server: any key will do
+    fake_server.push(fault)
+    emb = OpenAIEmbeddings("test-embed-small", base_url=fake_server.base_url, api_key=key,
+                           requests_per_second=None, max_retries=0)
+    with pytest.raises(APIStatusError) as info:
+        emb.embed(["a"])
+    emb.close()
+    assert info.value.message == fault.message
+    assert str(info.value).endswith(f": {fault.message}")
+
+
+def test_only_the_key_is_removed_not_words_that_share_its_first_characters(fake_server):
+    key = "sk-proj-7f3a9c1e5b2d4f6a8c0e"
+    fake_server.api_key = None
+    message = (f"sk-proj-keys of other projects are refused; got {key}, "
+               f"shown as {key[:12]}… and {key[:10]}*** and embedded{key}")
+    fake_server.push(Fault.error(403, message=message))
+    with pytest.raises(PermissionDeniedError) as info:
+        make(fake_server, api_key=key).embed(["a"])
+    assert info.value.message == (
+        "sk-proj-keys of other projects are refused; got ***, shown as ***… and ****** and embedded***"
+    )
+    assert key[:9] not in all_text_of(info.value)

@@ -20,7 +20,13 @@ What it does for you:
 * reads base64 (little-endian float32) and plain float-list replies alike.
 
 The API key never appears in ``repr``, exception text or log records: it is kept in a
-wrapper that hides it, and removed from any server message that echoes it.
+wrapper that hides it, and removed from any server message that echoes it. A key shorter than
+8 characters, or a placeholder that local servers document (``"EMPTY"``, ``"none"``,
+``"sk-no-key-required"``...), is no secret and is left in messages, so that a dummy key such as
+``"k"`` does not mangle every word that contains it.
+
+A 429 whose body says ``insufficient_quota`` (OpenAI: no credit left) is a billing limit, not a
+rate limit: it raises :class:`~embedcache.errors.QuotaExceededError` at once, without retries.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from embedcache.errors import (
     InvalidResponseError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaExceededError,
     RateLimitError,
     ServerError,
 )
@@ -79,8 +86,14 @@ _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 20.0
 #: longest server message kept in an exception (cut after the key is removed)
 _MAX_MESSAGE = 500
-#: a run of at least this many characters that begins the key is removed too
-_MIN_KEY_FRAGMENT = 8
+#: a key shorter than this is no secret (local servers take any word); a run at least this long
+#: that begins the key (a key cut short by a server) is removed like the key itself
+_MIN_SECRET = 8
+#: keys that local servers' docs tell users to pass; they are no secret either (any case)
+_PLACEHOLDER_KEYS = frozenset(
+    {"dummy", "empty", "lm-studio", "no-key", "none", "not-needed", "null", "ollama",
+     "sk-no-key-required", "token-abc123"}
+)
 
 
 class _Secret:
@@ -103,23 +116,38 @@ class _Secret:
         raise TypeError("the API key cannot be pickled")
 
 
+def _is_secret(key: str) -> bool:
+    return len(key) >= _MIN_SECRET and key.lower() not in _PLACEHOLDER_KEYS
+
+
+def _inside_token(text: str, i: int) -> bool:
+    """Whether position ``i`` of ``text`` lies between two characters of a key-like token
+    (letters, digits, ``_`` and ``-``, as in ``sk-proj-...``)."""
+    return 0 < i < len(text) and all(c.isalnum() or c in "_-" for c in text[i - 1 : i + 1])
+
+
 def _remove_key(text: str, key: str) -> str:
-    """``text`` with every occurrence of ``key``, and of any run of at least
-    ``_MIN_KEY_FRAGMENT`` characters that begins ``key`` (a key cut short by a server), replaced
-    by ``***``.
+    """``text`` with ``key`` replaced by ``***`` wherever it occurs, and so is any run of at least
+    ``_MIN_SECRET`` characters that begins ``key`` (a key cut short by a server) where it
+    stands as a token of its own (see :func:`_inside_token`), so that another key or a word that
+    merely starts like this one is kept.
 
     >>> _remove_key("got sk-abcdefgh12345 and sk-abcdefg… and sk-ab", "sk-abcdefgh12345")
     'got *** and ***… and sk-ab'
+    >>> _remove_key("sk-abcdefgXYZ is not it; xsk-abcdefgh1", "sk-abcdefgh12345")
+    'sk-abcdefgXYZ is not it; xsk-abcdefgh1'
     """
-    head = key[: min(_MIN_KEY_FRAGMENT, len(key))]
-    if not head:
-        return text
+    text = text.replace(key, "***")
+    head = key[:_MIN_SECRET]
     parts, pos = [], 0
     i = text.find(head)
     while i != -1:
         j = i + len(head)
         while j < len(text) and j - i < len(key) and text[j] == key[j - i]:
             j += 1
+        if _inside_token(text, i) or _inside_token(text, j):
+            i = text.find(head, i + 1)
+            continue
         parts += [text[pos:i], "***"]
         pos = j
         i = text.find(head, j)
@@ -246,6 +274,15 @@ def _server_message(response: httpx.Response) -> str:
     return json.dumps(body)
 
 
+def _is_out_of_quota(response: httpx.Response) -> bool:
+    """Whether an error reply is OpenAI's ``insufficient_quota`` (no credit left)."""
+    try:
+        err = response.json().get("error")
+    except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+        return False
+    return isinstance(err, dict) and "insufficient_quota" in (err.get("code"), err.get("type"))
+
+
 def _status_error_class(status: int) -> type[APIStatusError]:
     if status in (400, 422):
         return BadRequestError
@@ -265,6 +302,8 @@ def _status_error_class(status: int) -> type[APIStatusError]:
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, APIConnectionError):  # includes timeouts
         return True
+    if isinstance(exc, QuotaExceededError):  # waiting brings no credit
+        return False
     if isinstance(exc, APIStatusError):
         return exc.status_code in _RETRYABLE_STATUS or (exc.status_code or 0) >= 500
     return False
@@ -561,9 +600,10 @@ class OpenAIEmbeddings:
         return self._aclient
 
     def _redact(self, text: str) -> str:
-        """``text`` without the key: as is, JSON-escaped, or its head cut short (>= 8 chars)."""
-        if self._key is not None:
-            key = self._key.reveal()
+        """``text`` without the key: as is, JSON-escaped, or its head cut short (>= 8 chars).
+        A key that is no secret (:func:`_is_secret`) is left, not to mangle words."""
+        key = self._key.reveal() if self._key is not None else ""
+        if _is_secret(key):
             for form in dict.fromkeys((key, json.dumps(key)[1:-1])):
                 text = _remove_key(text, form)
         return text
@@ -587,9 +627,13 @@ class OpenAIEmbeddings:
                 status_code=status,
             )
         message = _clip(self._redact(_server_message(response)))
-        err = _status_error_class(status)(
-            f"{what} -> {status} {response.reason_phrase}: {message}", status_code=status
-        )
+        cls, why = _status_error_class(status), ""
+        if status == 429 and _is_out_of_quota(response):
+            cls, why = QuotaExceededError, (
+                "out of quota: a billing limit, not a rate limit, so it is not retried; "
+                "add credit or raise the limit: "
+            )
+        err = cls(f"{what} -> {status} {response.reason_phrase}: {why}{message}", status_code=status)
         err.message = message
         err.retry_after = _parse_retry_after(response.headers)  # type: ignore[attr-defined]
         raise err
