@@ -9,11 +9,14 @@ into place only when all of a command's outputs are complete.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import csv
+import datetime
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -49,26 +52,83 @@ _EXTENSIONS = {
 
 @dataclass
 class Dataset:
-    """Rows of an input file and the text of each row (rows are kept intact for output)."""
+    """Rows of an input file and the text of each row, kept as read so that output rows are
+    the input rows: JSON objects for JSON Lines and plain text, the cells of each line
+    (alongside the header) for CSV and TSV, the Arrow table for Parquet."""
 
     path: str
     fmt: str
     field: str
-    rows: list[dict[str, Any]]
     texts: list[str]
-    fieldnames: list[str]
-    table: Any = None  # the pyarrow Table for Parquet input
+    fieldnames: list[str]  # the header as read: may hold blank or repeated names (CSV, TSV, Parquet)
+    records: list[dict[str, Any]] | None = None  # JSON Lines, plain text
+    cells: list[list[str]] | None = None  # CSV, TSV
+    table: Any = None  # Parquet
+
+    @functools.cached_property
+    def rows(self) -> list[dict[str, Any]]:
+        """Each row as a dict of field to value; a CSV/TSV cell missing from a short row is left
+        out. Refused when the header does not name each column once, since the dicts would lose
+        a column."""
+        if self.records is not None:
+            return self.records
+        problem = _unnamed_columns(self.fieldnames)
+        if problem is None and self.cells is not None:
+            width = len(self.fieldnames)
+            k = next((k for k, row in enumerate(self.cells) if len(row) > width), None)
+            if k is not None:
+                problem = f"row {k + 1} has {len(self.cells[k])} cells, the header names {width}"
+        if problem is not None:
+            raise InvalidInputError(
+                f"{self.path}: {problem}; such rows can only be written back as CSV or TSV "
+                "(give every column its own name)"
+            )
+        if self.table is not None:
+            return self.table.to_pylist()
+        return [dict(zip(self.fieldnames, row)) for row in self.cells or []]
+
+    def column(self, name: str, option: str) -> list[Any]:
+        """The values of the field ``name`` (None where a row lacks it); ``option`` is the
+        command-line option that named it, for the error message."""
+        if self.records is not None:
+            if name not in self.fieldnames:
+                raise InvalidInputError(
+                    f"{self.path}: no field {name!r} (fields: {', '.join(self.fieldnames) or 'none'}); "
+                    f"choose one with {option}"
+                )
+            return [row.get(name) for row in self.records]
+        c = _column_index(self.path, self.fieldnames, name, option)
+        if self.table is not None:
+            return self.table.column(c).to_pylist()
+        return [row[c] if c < len(row) else None for row in self.cells or []]
 
     def ids(self, id_field: str | None) -> list[str] | None:
         """Values of ``id_field`` as strings (``"id"`` when present and none was named)."""
         name = id_field or ("id" if "id" in self.fieldnames else None)
         if name is None:
             return None
-        if name not in self.fieldnames:
-            raise InvalidInputError(
-                f"{self.path}: no field {name!r} for ids (fields: {', '.join(self.fieldnames)})"
-            )
-        return [str(row.get(name)) for row in self.rows]
+        return [str(value) for value in self.column(name, "--id-field")]
+
+
+def _unnamed_columns(names: Sequence[str]) -> str | None:
+    """What keeps ``names`` from naming each column once, or None."""
+    for c, name in enumerate(names):
+        if not name.strip():
+            return f"column {c + 1} has no name in the header"
+        if name in names[:c]:
+            return f"columns {names.index(name) + 1} and {c + 1} are both named {name!r}"
+    return None
+
+
+def _column_index(path: str, names: list[str], name: str, option: str) -> int:
+    count = names.count(name)
+    if count != 1:
+        what = f"no column {name!r}" if count == 0 else f"{count} columns are named {name!r}"
+        raise InvalidInputError(
+            f"{path}: {what} (columns: {', '.join(names) or 'none'}); "
+            f"{option} must name exactly one"
+        )
+    return names.index(name)
 
 
 def _infer_format(path: str, fmt: str | None) -> str:
@@ -78,6 +138,8 @@ def _infer_format(path: str, fmt: str | None) -> str:
 
 
 def _text_of(value: Any, where: str, field: str) -> str:
+    if value is None:
+        raise InvalidInputError(f"{where}: no value for field {field!r}")
     if not isinstance(value, str):
         raise InvalidInputError(
             f"{where}: field {field!r} must be a string, got {type(value).__name__}"
@@ -87,40 +149,63 @@ def _text_of(value: Any, where: str, field: str) -> str:
     return value
 
 
+#: how each text format splits lines: plain text at any line break, CSV as the csv module
+#: needs, TSV and JSON Lines at "\n" only (a "\r" before it is dropped)
+_NEWLINE = {"text": None, "csv": "", "tsv": "\n", "jsonl": "\n"}
+
+
 def read_input(path: str, *, fmt: str | None = None, field: str | None = None) -> Dataset:
     """Read INPUT into a :class:`Dataset`; ``field`` defaults to ``"text"``.
 
     Text formats are UTF-8, with or without a byte order mark (as spreadsheet programs write).
+    TSV is tab-separated lines without quoting; CSV is quoted as RFC 4180 says, strictly.
     """
     fmt = _infer_format(path, fmt)
     field = field or "text"
     if fmt == "parquet":
         return _read_parquet(path, field)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline=_NEWLINE[fmt]) as f:
             if fmt == "text":
-                rows = [{"text": line.rstrip("\r\n")} for line in f if line.strip()]
                 if field != "text":
                     raise InvalidInputError(
                         f"{path}: plain text input has one field, 'text'; got --field {field!r}"
                     )
-                return Dataset(path, fmt, "text", rows, [r["text"] for r in rows], ["text"])
+                texts = [line.rstrip("\n") for line in f if line.strip()]
+                return Dataset(path, fmt, "text", texts, ["text"], records=[{"text": t} for t in texts])
             if fmt == "jsonl":
                 return _read_jsonl(path, f, field)
-            return _read_csv(path, f, field, "\t" if fmt == "tsv" else ",")
+            return _read_delimited(path, f, field, fmt)
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def _lines(f: Any) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a file opened with ``newline="\\n"``, without their line break."""
+    for lineno, line in enumerate(f, 1):
+        yield lineno, line[:-1].removesuffix("\r") if line.endswith("\n") else line
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise InvalidInputError(f"key {key!r} appears twice in one object")
+    return obj
+
+
 def _read_jsonl(path: str, f: Any, field: str) -> Dataset:
     rows, texts, names = [], [], {}
-    for lineno, line in enumerate(f, 1):
+    for lineno, line in _lines(f):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_object_without_repeats)
         except json.JSONDecodeError as exc:
             raise InvalidInputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{path}:{lineno}: {exc}") from None
         if not isinstance(row, dict):
             raise InvalidInputError(
                 f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"
@@ -133,22 +218,28 @@ def _read_jsonl(path: str, f: Any, field: str) -> Dataset:
         names.update(dict.fromkeys(row))
         texts.append(_text_of(row[field], f"{path}:{lineno}", field))
         rows.append(row)
-    return Dataset(path, "jsonl", field, rows, texts, list(names))
+    return Dataset(path, "jsonl", field, texts, list(names), records=rows)
 
 
-def _read_csv(path: str, f: Any, field: str, delimiter: str) -> Dataset:
-    reader = csv.DictReader(f, delimiter=delimiter)
-    fieldnames = list(reader.fieldnames or [])
-    if field not in fieldnames:
-        raise InvalidInputError(
-            f"{path}: no column {field!r} (columns: {', '.join(fieldnames) or 'none'}); "
-            "choose one with --column"
-        )
-    rows, texts = [], []
-    for row in reader:
-        texts.append(_text_of(row[field], f"{path}: line {reader.line_num}", field))
-        rows.append(row)
-    return Dataset(path, "tsv" if delimiter == "\t" else "csv", field, rows, texts, fieldnames)
+def _read_delimited(path: str, f: Any, field: str, fmt: str) -> Dataset:
+    """CSV (quoted, strictly: a quote left open is an error, not the rest of the file in one
+    cell) or TSV (each line split at tabs; quotes are ordinary characters)."""
+    if fmt == "csv":
+        reader = csv.reader(f, strict=True)
+        lines = ((reader.line_num, row) for row in reader if row)
+    else:
+        lines = ((lineno, line.split("\t")) for lineno, line in _lines(f) if line)
+    try:
+        _, header = next(lines, (0, []))
+        c = _column_index(path, header, field, "--column")
+        cells, texts = [], []
+        for lineno, row in lines:
+            value = row[c] if c < len(row) else None
+            texts.append(_text_of(value, f"{path}:{lineno}", field))
+            cells.append(row)
+    except csv.Error as exc:
+        raise InvalidInputError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+    return Dataset(path, fmt, field, texts, header, cells=cells)
 
 
 def _import_pyarrow():
@@ -168,14 +259,10 @@ def _read_parquet(path: str, field: str) -> Dataset:
         table = pa.parquet.read_table(path)
     except pa.ArrowException as exc:
         raise InvalidInputError(f"{path}: not a readable Parquet file ({exc})") from None
-    if field not in table.column_names:
-        raise InvalidInputError(
-            f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); "
-            "choose one with --column"
-        )
-    rows = table.to_pylist()
-    texts = [_text_of(r[field], f"{path}: row {k + 1}", field) for k, r in enumerate(rows)]
-    return Dataset(path, "parquet", field, rows, texts, list(table.column_names), table=table)
+    names = list(table.column_names)
+    values = table.column(_column_index(path, names, field, "--column")).to_pylist()
+    texts = [_text_of(v, f"{path}: row {k + 1}", field) for k, v in enumerate(values)]
+    return Dataset(path, "parquet", field, texts, names, table=table)
 
 
 def check_output(path: str) -> None:
@@ -188,6 +275,49 @@ def check_output(path: str) -> None:
         raise IsADirectoryError(f"output is a directory: {path}")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"output directory is not writable: {directory}")
+
+
+def _same_file_key(path: str) -> Any:
+    """Equal for two names of one file: symlinks, hard links, ``./`` and ``..`` included."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.normcase(os.path.realpath(path))
+    return (st.st_dev, st.st_ino)
+
+
+def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """Before any work: each output can be written, is none of the inputs and no other
+    output, and pyarrow is there for a Parquet output. Keys name the paths in messages
+    (``"INPUT"``, ``"-o"``...); a None path is left out."""
+    named: dict[Any, str] = {}
+    for what, path in inputs.items():
+        if path:
+            named.setdefault(_same_file_key(path), f"{what} {path}")
+    for option, path in outputs.items():
+        if not path:
+            continue
+        check_output(path)
+        key = _same_file_key(path)
+        if key in named:
+            raise InvalidInputError(
+                f"{option} {path} is the same file as {named[key]}; an output must not replace "
+                "an input or another output"
+            )
+        named[key] = f"{option} {path}"
+        if _EXTENSIONS.get(Path(path).suffix.lower()) == "parquet":
+            _import_pyarrow()
+
+
+def _table_format(path: str, option: str) -> str:
+    """The format of a table output (pairs, report): from the extension, CSV by default."""
+    fmt = _EXTENSIONS.get(Path(path).suffix.lower(), "csv")
+    if fmt == "text":
+        raise InvalidInputError(
+            f"{option} {path}: plain text holds one text per line, not a table; "
+            "name a .csv, .tsv, .jsonl or .parquet file"
+        )
+    return fmt
 
 
 def _umask() -> int:
@@ -258,21 +388,106 @@ def atomic_output(path: str, mode: str = "w") -> Iterator[Any]:
         yield f
 
 
-def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | None = None,
-               opener: Any = atomic_output) -> None:
-    """Write the rows at ``indices``, unchanged, in the format of ``path``'s extension
-    (else the input's format). ``opener(path, mode)`` opens the file (e.g. ``Outputs.open``)."""
-    fmt = _EXTENSIONS.get(Path(path).suffix.lower(), fmt or data.fmt)
-    idx = [int(k) for k in indices]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LINE_BREAK = re.compile("\r\n|\r|\n")
+
+
+def _as_text(value: Any) -> str:
+    """A Parquet value JSON has no type for, as text: bytes in base64, dates and times in
+    ISO 8601, anything else (decimals, durations) as ``str`` gives it."""
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)
+
+
+def _json(value: Any) -> str:
+    """JSON text of ``value``, UTF-8 as written; a lone surrogate (JSON input may hold one)
+    is kept as its ``\\uXXXX`` escape."""
+    text = json.dumps(value, ensure_ascii=False, default=_as_text)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _cell(value: Any) -> str:
+    """A value as a CSV/TSV cell: a string as it is, null as an empty cell, numbers, booleans,
+    lists and objects as JSON, other values as :func:`_as_text` writes them."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float, list, tuple, dict)):
+        return _json(value)
+    return _as_text(value)
+
+
+Labelled = Iterator[tuple[str, Any]]  # (where, row): where names the row in error messages
+
+
+def _write_cells(f: Any, path: str, fmt: str, header: list[str], rows: Labelled) -> None:
+    """CSV (quoted where needed) or TSV (tab-separated lines, nothing quoted: a cell holding a
+    tab or line break is refused, as is a lone surrogate, which UTF-8 cannot encode)."""
+
+    def checked(where: str, cells: list[str]) -> list[str]:
+        for c, cell in enumerate(cells):
+            bad = _SURROGATE.search(cell) or (fmt == "tsv" and re.search("[\t\r\n]", cell))
+            if bad:
+                column = repr(header[c]) if c < len(header) else f"{c + 1}"
+                surrogate = bool(_SURROGATE.match(bad.group()))
+                what = "a lone surrogate" if surrogate else "a tab or line break"
+                instead = ".jsonl" if surrogate else ".csv or .jsonl"
+                raise InvalidInputError(
+                    f"{path}: {where}, column {column}: {what} ({bad.group()!r}) cannot be written "
+                    f"to {fmt.upper()}; write {instead} instead"
+                )
+        return cells
+
+    if fmt == "csv":
+        writer = csv.writer(f)
+        writer.writerow(checked("header", header))
+        for where, cells in rows:
+            writer.writerow(checked(where, cells))
+    else:
+        f.write("\t".join(checked("header", header)) + "\n")
+        for where, cells in rows:
+            f.write("\t".join(checked(where, cells)) + "\n")
+
+
+def _arrow_column(pa: Any, path: str, name: str, values: list[Any], labels: list[str], type_: Any) -> Any:
+    try:
+        return pa.array(values, type_)
+    except (OverflowError, UnicodeEncodeError) as exc:
+        big = isinstance(exc, OverflowError)
+        k = next((k for k, v in enumerate(values) if _holds(v, big)), None)
+        where = f"{labels[k]}, " if k is not None else ""
+        what = "an integer outside 64 bits" if big else "a lone surrogate, which UTF-8 cannot encode"
+        raise InvalidInputError(
+            f"{path}: {where}field {name!r} holds {what}; Parquet cannot store it: write .jsonl instead"
+        ) from None
+
+
+def _holds(value: Any, big: bool) -> bool:
+    """Whether ``value`` is or contains an integer outside 64 bits (``big``) or a lone surrogate."""
+    if isinstance(value, dict):
+        return any(_holds(v, big) or (not big and _holds(k, big)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds(v, big) for v in value)
+    if big:
+        return isinstance(value, int) and not -(2**63) <= value < 2**64
+    return isinstance(value, str) and bool(_SURROGATE.search(value))
+
+
+def _write_records(path: str, fmt: str, fieldnames: list[str], rows: list[tuple[str, dict[str, Any]]],
+                   opener: Any, *, strings: bool = False) -> None:
+    """Write dict rows as ``fmt`` (jsonl, csv, tsv or parquet); ``strings``: every Parquet
+    column is a string column (rows read from CSV/TSV)."""
     if fmt == "parquet":
         pa = _import_pyarrow()
+        labels, records = [w for w, _ in rows], [r for _, r in rows]
+        type_ = pa.string() if strings or not records else None
         try:
-            if data.table is not None:
-                table = data.table.take(idx)
-            elif idx:
-                table = pa.Table.from_pylist([data.rows[k] for k in idx])
-            else:
-                table = pa.table({name: pa.array([], pa.string()) for name in data.fieldnames})
+            table = pa.table({name: _arrow_column(pa, path, name, [r.get(name) for r in records],
+                                                  labels, type_) for name in fieldnames})
             with opener(path, "wb") as f:
                 pa.parquet.write_table(table, f)
         except pa.ArrowException as exc:
@@ -282,18 +497,42 @@ def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | N
             ) from None
         return
     with opener(path) as f:
-        if fmt == "text":
-            for k in idx:
-                f.write(data.texts[k].replace("\n", " ") + "\n")
-        elif fmt == "jsonl":
-            for k in idx:
-                f.write(json.dumps(data.rows[k], ensure_ascii=False, default=str) + "\n")
+        if fmt == "jsonl":
+            for _, row in rows:
+                f.write(_json(row) + "\n")
         else:
-            writer = csv.DictWriter(f, fieldnames=data.fieldnames, delimiter="\t" if fmt == "tsv" else ",",
-                                    extrasaction="ignore")
-            writer.writeheader()
-            for k in idx:
-                writer.writerow(data.rows[k])
+            cells = ((where, [_cell(row.get(name)) for name in fieldnames]) for where, row in rows)
+            _write_cells(f, path, fmt, fieldnames, cells)
+
+
+def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | None = None,
+               opener: Any = atomic_output) -> None:
+    """Write the rows at ``indices`` in the format of ``path``'s extension (else the input's):
+    the same format as the input gives the same rows back; across formats values are
+    converted as README.md says. ``opener(path, mode)`` opens the file (e.g. ``Outputs.open``)."""
+    fmt = _EXTENSIONS.get(Path(path).suffix.lower(), fmt or data.fmt)
+    idx = [int(k) for k in indices]
+    where = [f"row {k + 1}" for k in idx]
+    if fmt == "text":  # one line per row: a line break inside a text becomes a space
+        with opener(path) as f:
+            for w, k in zip(where, idx):
+                text = _LINE_BREAK.sub(" ", data.texts[k])
+                if _SURROGATE.search(text):
+                    raise InvalidInputError(
+                        f"{path}: {w} holds a lone surrogate, which UTF-8 cannot encode; write .jsonl instead"
+                    )
+                f.write(text + "\n")
+    elif fmt in ("csv", "tsv") and data.cells is not None:
+        with opener(path) as f:
+            _write_cells(f, path, fmt, data.fieldnames, zip(where, (data.cells[k] for k in idx)))
+    elif fmt == "parquet" and data.table is not None:
+        pa = _import_pyarrow()
+        with opener(path, "wb") as f:
+            pa.parquet.write_table(data.table.take(idx), f)
+    else:
+        rows = data.rows
+        _write_records(path, fmt, data.fieldnames, list(zip(where, (rows[k] for k in idx))), opener,
+                       strings=data.cells is not None)
 
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +725,9 @@ def models(embedder_opts, cache_dir, quiet):
 @common_options
 def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
     """Embed each row of INPUT; write the vectors, in input order, as a .npy file."""
-    check_output(output)
+    if Path(output).suffix.lower() in _EXTENSIONS:
+        raise InvalidInputError(f"-o {output}: embed writes vectors in .npy format; name a .npy file")
+    check_outputs({"INPUT": input_path}, {"-o": output})
     data = read_input(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to embed")
@@ -504,7 +745,8 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Kept rows, unchanged (format from the extension, else the input's).")
 @click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
-              help="CSV report: one line per removed row with what it duplicates and the score.")
+              help="Report, one row per removed row with what it duplicates and the score "
+                   "(.csv, .tsv, .jsonl or .parquet; CSV otherwise).")
 @click.option("--threshold", "-t", type=float, default=0.9, show_default=True, callback=_threshold,
               help="Cosine similarity at or above which two rows are duplicates.")
 @click.option("--keep", type=click.Choice(["first", "longest"]), default="first", show_default=True,
@@ -523,9 +765,8 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
     """Remove near-duplicate rows of INPUT; write the rows kept, and print the groups found."""
     from embedcache.workflows import deduplicate
 
-    for path in (output, report):
-        if path:
-            check_output(path)
+    check_outputs({"INPUT": input_path, "--against": against_path}, {"-o": output, "--duplicates": report})
+    report_fmt = _table_format(report, "--duplicates") if report else None
     data = read_input(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to deduplicate")
@@ -537,7 +778,7 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
     with staged_outputs() as outputs:  # both complete, or neither replaced
         write_rows(output, data, res.kept, opener=outputs.open)
         if report:
-            _write_report(report, data, ids, res, ref, opener=outputs.open)
+            _write_report(report, report_fmt, data, ids, res, ref, opener=outputs.open)
     label = (lambda k: ids[k]) if ids else (lambda k: f"#{k}")
     if ref is None:
         score = dict(zip(res.removed.tolist(), res.scores.tolist()))
@@ -561,21 +802,18 @@ def _clip(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _write_report(path: str, data: Dataset, ids: list[str] | None, res: Any, ref: Dataset | None,
-                  opener: Any = atomic_output) -> None:
+def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res: Any,
+                  ref: Dataset | None, opener: Any = atomic_output) -> None:
     rows = []
     for k, r, s in zip(res.removed.tolist(), res.duplicate_of.tolist(), res.scores.tolist()):
-        row = {"index": k, "duplicate_of": r, "score": f"{s:.6f}"}
+        row = {"index": k, "duplicate_of": r, "score": round(s, 6)}
         if ids is not None:
             row["id"] = ids[k]
         row["text"] = data.texts[k]
         row["duplicate_text"] = (ref or data).texts[r]
-        rows.append(row)
+        rows.append((f"removed row {k + 1}", row))
     fields = ["index", "duplicate_of", "score"] + (["id"] if ids is not None else []) + ["text", "duplicate_text"]
-    with opener(path) as f:
-        writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t" if path.endswith(".tsv") else ",")
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_records(path, fmt, fields, rows, opener)
 
 
 @cli.command()
@@ -583,7 +821,8 @@ def _write_report(path: str, data: Dataset, ids: list[str] | None, res: Any, ref
 @click.option("--threshold", "-t", type=float, required=True, callback=_threshold,
               help="Cosine similarity at or above which a pair is listed.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Pairs as CSV (or .tsv / .jsonl): i, j, score, ids and texts, highest score first.")
+              help="Pairs as CSV (or .tsv, .jsonl, .parquet): i, j, score, ids and texts, "
+                   "highest score first.")
 @click.option("--id-field", default=None, help="Field with row ids (default: id, if present).")
 @provider_options
 @common_options
@@ -591,19 +830,16 @@ def pairs(input_path, field, fmt, threshold, output, id_field, embedder_opts, ca
     """List every pair of rows of INPUT at or above the threshold."""
     from embedcache.workflows import PairTable, near_duplicates
 
-    check_output(output)
+    check_outputs({"INPUT": input_path}, {"-o": output})
+    out_fmt = _table_format(output, "-o")
     data = read_input(input_path, fmt=fmt, field=field)
     emb = _cached(embedder_opts, cache_dir, quiet)
     table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet))
     ids = data.ids(id_field)
     table = PairTable(table.i, table.j, table.score, texts_i=data.texts, texts_j=data.texts,
                       ids_i=ids, ids_j=ids, sort=False)
-    with atomic_output(output) as f:
-        if output.endswith(".jsonl"):
-            for row in table:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            table.to_csv(f, delimiter="\t" if output.endswith(".tsv") else ",")
+    rows = [(f"pair {n + 1}", row) for n, row in enumerate(table)]
+    _write_records(output, out_fmt, table.columns, rows, atomic_output)
     click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows; wrote {output}")
 
 

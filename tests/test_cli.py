@@ -445,20 +445,21 @@ def test_interrupt_while_writing_leaves_old_outputs(run, tmp_path, monkeypatch):
     (tmp_path / "k.csv").write_text("previous result\n")
     (tmp_path / "r.csv").write_text("previous report\n")
     write_formats(tmp_path)
-    writerows = csv.DictWriter.writerows
-    calls = []
+    import embedcache.cli as cli_mod
 
-    def interrupted(self, rows):  # in the middle of the report, after the kept rows were written
-        rows = list(rows)
-        calls.append(len(rows))
-        writerows(self, rows[:1])
-        raise KeyboardInterrupt
+    cell, calls = cli_mod._cell, []
 
-    monkeypatch.setattr(csv.DictWriter, "writerows", interrupted)
+    def interrupted(value):  # the report's cells (the kept CSV rows are written as read)
+        calls.append(value)
+        if len(calls) > 8:  # in the second row of the report, after the kept rows were written
+            raise KeyboardInterrupt
+        return cell(value)
+
+    monkeypatch.setattr(cli_mod, "_cell", interrupted)
     proc = run("dedup", "in.csv", "--column", "body", "-o", "k.csv", "--duplicates", "r.csv",
                ok=False, inproc=True)
     assert proc.returncode == 130 and proc.stderr.strip().endswith("embedcache: interrupted")
-    assert calls and calls[0] > 1  # the interrupt came in the middle of writing the report
+    assert len(calls) == 9  # the interrupt came in the middle of writing the report
     assert (tmp_path / "k.csv").read_text() == "previous result\n"
     assert (tmp_path / "r.csv").read_text() == "previous report\n"
     assert not list(tmp_path.glob(".*.part"))
