@@ -61,7 +61,9 @@ __all__ = [
     "FASTMATH",
     "cosine_similarity",
     "dot_similarity",
+    "meets_threshold",
     "normalize",
+    "pair_scores",
     "similar_pairs",
     "top_k",
 ]
@@ -205,7 +207,9 @@ def _pair_score(a, b, inv_a, inv_b, cosine):
     if p == 0.0:
         return np.float32(0.0)
     d = np.float64(dot)
-    if not (p <= 2.0**60 and p >= 2.0**-100):  # tiny or huge rows: no float32 under/overflow
+    # tiny or huge rows: no float32 under/overflow. The bounds are those of _sumsq, so a
+    # row and its copy are summed as the row's norm was and score exactly 1
+    if not (p <= 2.0**60 and p >= 2.0**-60):
         d = _dot64(a, b)
     v = d * p
     return np.float32(min(max(v, -1.0), 1.0))
@@ -310,6 +314,13 @@ def _dense(a, b, inv_a, inv_b, cosine, symmetric, out):
         for j in prange(n):
             for i in range(j):
                 out[j, i] = out[i, j]
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _listed_pairs(a, b, inv_a, inv_b, i, j, cosine, out):
+    """out[k] = score(a[i[k]], b[j[k]])."""
+    for k in prange(i.shape[0]):
+        out[k] = _pair_score(a[i[k]], b[j[k]], inv_a[i[k]], inv_b[j[k]], cosine)
 
 
 @njit(inline="always")
@@ -830,6 +841,62 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None,
     return out_s, out_i
 
 
+def _check_index(name: str, idx: object, n: int, rows_of: str) -> np.ndarray:
+    idx = np.asarray(idx)
+    if idx.size == 0:
+        return np.empty(0, np.int64)
+    if idx.dtype.kind not in "iu":
+        raise InvalidInputTypeError(f"{name} must hold integers, got {idx.dtype}")
+    if idx.ndim != 1:
+        raise InvalidInputError(f"{name} must be a 1-D array, got shape {idx.shape}")
+    bad = (idx < 0) | (idx >= n)
+    if bad.any():
+        raise InvalidInputError(f"{name} must index the {n} rows of {rows_of}, got {idx[bad][0]}")
+    return idx.astype(np.int64, copy=False)
+
+
+def pair_scores(x, i, j, *, y=None, metric="cosine"):
+    """The score of each listed pair of rows: ``score(x[i[k]], y[j[k]])`` for every k.
+
+    x: (n, d) float array; y: (m, d) float array, or None for pairs within x. i, j: integer
+    arrays of one length. Returns float32 scores of that length, each the one
+    :func:`cosine_similarity` / :func:`dot_similarity`, :func:`top_k` and
+    :func:`similar_pairs` give the same pair, bit for bit. Only the rows named are read.
+
+    >>> x = np.array([[1, 0], [1, 1], [3, 0]], dtype=np.float32)
+    >>> pair_scores(x, [0, 0], [1, 2]).round(3)
+    array([0.707, 1.   ], dtype=float32)
+    """
+    metric = _check_metric(metric)
+    x = _as_matrix("x", x)
+    other = x if y is None else _as_matrix("y", y)
+    _check_same_dim("x", x, "y", other)
+    i = _check_index("i", i, x.shape[0], "x")
+    j = _check_index("j", j, other.shape[0], "x" if y is None else "y")
+    if len(i) != len(j):
+        raise InvalidInputError(f"i and j must have the same length, got {len(i)} and {len(j)}")
+    out = np.empty(len(i), np.float32)
+    if not len(i):
+        return out
+    rows_a, ia = np.unique(i, return_inverse=True)
+    rows_b, jb = np.unique(j, return_inverse=True)
+    a = _as_float32("x", x[rows_a])
+    b = _as_float32("x" if y is None else "y", other[rows_b])
+    inv_a, inv_b = _stats(a, "x")[0], _stats(b, "y")[0]
+    _listed_pairs(a, b, inv_a, inv_b, ia.reshape(-1), jb.reshape(-1), metric == "cosine", out)
+    return out
+
+
+def meets_threshold(scores, threshold) -> np.ndarray:
+    """Which ``scores`` are at or above ``threshold``, by the rule of :func:`similar_pairs`:
+    the float32 score against the threshold rounded to the nearest float32.
+
+    >>> meets_threshold(np.float32([0.8, 0.7999999]), 0.8)
+    array([ True, False])
+    """
+    return np.asarray(scores, np.float32) >= np.float32(threshold)
+
+
 def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     """Every pair of rows with score >= threshold, exactly once, sorted by (i, j).
 
@@ -867,7 +934,7 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine", _block_size=None):
     filt_x = _filter_scale(inv_x, norm_x, norm_y.max(initial=0.0), cosine)
     filt_y = _filter_scale(inv_y, norm_y, norm_x.max(initial=0.0), cosine)
     margin = _blas_margin(x32.shape[1])
-    thr = np.float32(threshold)  # the comparison is in float32, as documented
+    thr = np.float32(threshold)  # the comparison is in float32, as documented (meets_threshold)
     n, m = x32.shape[0], y32.shape[0]
     tile = np.empty(min(block, n) * min(cblock, m) if n and m else 0, np.float32)
     # matches per row and tile kept in the first scan; rows with more are rescanned into

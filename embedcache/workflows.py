@@ -13,14 +13,21 @@ Two ways to turn near-duplicate pairs into groups (``deduplicate(..., mode=...)`
     exact all-pairs search followed by union-find gives; one representative per group is
     kept. Chains can join items that are not similar to each other (a ~ b ~ c with a and c
     below the threshold); the score reported for a removed item is its similarity to the
-    representative, which may then be below the threshold (``explain(i)`` shows the chain's
-    strongest direct link).
+    representative, which may then be below the threshold (``explain(i)`` lists the items
+    it is directly similar to).
 ``mode="greedy"``
     The first-seen rule of semhash: items are visited in ``keep`` order (input order, or
     longest text first) and an item is removed when it is at or above the threshold with an
-    item already kept. Every removed item is directly similar to the item it is a duplicate
-    of, and no two kept items are near-duplicates of each other, but the result depends on
-    the visiting order, and it can keep more items than ``"connected"``.
+    item already kept, as a duplicate of the most similar of them (ties: the lower index).
+    Every removed item is directly similar to the item it is a duplicate of, and no two kept
+    items are near-duplicates of each other, but the result depends on the visiting order, it
+    can keep more items than ``"connected"``, and a kept item may be a near-duplicate of an
+    item removed as a duplicate of another one.
+
+Every score is the kernels' (:func:`embedcache.similar_pairs`): float32 cosine of the vectors
+as given, clipped to [-1, 1], a vector with its copy exactly 1; a pair is at or above the
+threshold when :func:`embedcache.kernels.meets_threshold` says so. Texts, arrays, stores and
+``VectorStore.similar_pairs`` therefore agree on every pair and score.
 
 >>> import numpy as np, embedcache as ec
 >>> x = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.1, 0.99], [1, 1]], dtype=np.float32)
@@ -38,7 +45,8 @@ import hashlib
 import io
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, KeysView, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +210,7 @@ class DedupResult:
     reference_ids: list[str] | None = None
     _pairs: tuple[np.ndarray, np.ndarray, np.ndarray] = field(default=None)  # type: ignore[assignment]
     _group_of: np.ndarray = field(default=None)  # type: ignore[assignment]
+    _links: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def n(self) -> int:
@@ -236,8 +245,8 @@ class DedupResult:
         i = int(i)
         if not 0 <= i < self.n:
             raise InvalidInputError(f"i must be in [0, {self.n}), got {i}")
-        pos = np.searchsorted(self.removed, i)
-        is_removed = pos < len(self.removed) and self.removed[pos] == i
+        pos = self._removed_at(i)
+        is_removed = pos is not None
         if self.reference:
             if not is_removed:
                 return f"{self._name(i)} was kept: no reference item scores >= {self.threshold}."
@@ -246,29 +255,48 @@ class DedupResult:
                 f"{self._name(i)} was removed: it matches {self._name(r, ref=True)} "
                 f"with cosine similarity {s:.4f} >= threshold {self.threshold}."
             )
-        g = int(self._group_of[i])
-        if g < 0:
-            return f"{self._name(i)} was kept: no other item scores >= {self.threshold} with it."
-        group = self.groups[g]
-        lines = []
+        t = self.threshold
+        linked, scores = self._links(i)  # type: ignore[misc]
         if is_removed:
             r, s = int(self.duplicate_of[pos]), float(self.scores[pos])
-            lines.append(
-                f"{self._name(i)} was removed as a duplicate of {self._name(r)} "
-                f"(cosine similarity {s:.4f}, threshold {self.threshold})."
-            )
+            if self.mode == "greedy":
+                line = (f"{self._name(i)} was removed as a duplicate of {self._name(r)} (cosine "
+                        f"similarity {s:.4f} >= threshold {t}), the most similar of the items kept "
+                        "before it in keep order.")
+            else:
+                line = (f"{self._name(i)} was removed as a duplicate of {self._name(r)}, the "
+                        f"representative of its group (cosine similarity {s:.4f}; the group is "
+                        f"joined by pairs >= threshold {t}).")
+        elif not len(linked):
+            line = f"{self._name(i)} was kept: no other item scores >= {t} with it."
+        elif self.mode == "greedy":
+            line = (f"{self._name(i)} was kept: no kept item scores >= {t} with it (an item is "
+                    "removed when it scores >= the threshold with an item kept before it in keep "
+                    "order).")
         else:
-            lines.append(f"{self._name(i)} was kept as the representative of its group.")
-        lines.append(f"Group of {len(group)} items ({self.mode}): {group[:20].tolist()}"
-                     + (" ..." if len(group) > 20 else ""))
-        pi, pj, ps = self._pairs
-        direct = np.concatenate([pj[pi == i], pi[pj == i]])
-        dscore = np.concatenate([ps[pi == i], ps[pj == i]])
-        if len(direct):
-            order = np.lexsort((direct, -dscore.astype(np.float64)))[:5]
-            near = ", ".join(f"{int(direct[k])} ({float(dscore[k]):.4f})" for k in order)
-            lines.append(f"Its strongest direct links: {near}.")
+            line = f"{self._name(i)} was kept as the representative of its group."
+        lines = [line]
+        g = int(self._group_of[i])
+        if g >= 0:
+            group = self.groups[g]
+            lines.append(f"Group of {len(group)} items ({self.mode}): {group[:20].tolist()}"
+                         + (" ..." if len(group) > 20 else ""))
+        if len(linked):
+            order = np.lexsort((linked, -scores.astype(np.float64)))
+            shown = ", ".join(f"{int(linked[k])} ({float(scores[k]):.4f}, {self._fate(int(linked[k]))})"
+                              for k in order[:5])
+            lines.append(f"Items scoring >= {t} with it ({len(linked)}): {shown}"
+                         + (", ..." if len(linked) > 5 else "") + ".")
         return "\n".join(lines)
+
+    def _removed_at(self, i: int) -> int | None:
+        """Position of item ``i`` in ``removed``, or None when it was kept."""
+        pos = int(np.searchsorted(self.removed, i))
+        return pos if pos < len(self.removed) and self.removed[pos] == i else None
+
+    def _fate(self, j: int) -> str:
+        pos = self._removed_at(j)
+        return "kept" if pos is None else f"removed as a duplicate of {int(self.duplicate_of[pos])}"
 
     def least_similar_pairs(self, n: int = 10) -> PairTable:
         """The ``n`` weakest pairs at or above the threshold that formed the groups.
@@ -347,7 +375,7 @@ def _check_threshold(threshold: object) -> float:
 class _Prepared:
     """Items reduced to their distinct vectors."""
 
-    x: np.ndarray  # (u, d) float32, L2-normalized, one row per distinct item
+    x: np.ndarray  # (u, d) float32, one row per distinct item (as given, not normalized)
     inverse: np.ndarray  # (n,) item -> row of x
     first: np.ndarray  # (u,) first item of each row
     texts: list[str] | None
@@ -371,12 +399,32 @@ def _collapse(keys: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     return inverse, np.asarray(first, dtype=np.int64)
 
 
+_ACCEPTED = "texts (a list of str), an array of shape (n, d) or a VectorStore"
+
+
+def _describe(items: Any, name: str) -> str:
+    """What came, for an error message: its type, and its size and first item or its shape."""
+    if isinstance(items, (list, tuple)):
+        if not items:
+            return f"an empty {type(items).__name__}"
+        return f"a {type(items).__name__} of {len(items)} items, {name}[0] being {type(items[0]).__name__}"
+    shape = getattr(items, "shape", None)
+    if shape is not None:
+        return f"{type(items).__name__} of shape {shape} and dtype {getattr(items, 'dtype', '?')}"
+    return type(items).__name__
+
+
 def _as_matrix(x: Any, name: str) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise InvalidInputError(f"{name} must be a 2D array of shape (n, d), got shape {arr.shape}")
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError):  # ragged nested lists
+        arr = np.empty(0, dtype=object)
     if arr.dtype.kind not in "fiu":
-        raise InvalidInputTypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+        if isinstance(x, np.ndarray):
+            raise InvalidInputTypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+        raise InvalidInputTypeError(f"{name} must be {_ACCEPTED}; got {_describe(x, name)}")
+    if arr.ndim != 2:
+        raise InvalidInputError(f"{name} must be a 2D array of shape (n, d), got {_describe(x, name)}")
     if arr.shape[1] == 0:
         raise InvalidInputError(f"{name} must have at least one column, got shape {arr.shape}")
     if arr.dtype not in (np.float32, np.float16):
@@ -386,14 +434,36 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+def _ordered(items: Any, name: str) -> Any:
+    """``items`` as given when it is a store, an array, a list or a tuple; another ordered
+    iterable (a generator, ``dict.keys()``) read into a list. Results index the items, so
+    unordered collections are refused."""
+    if isinstance(items, (VectorStore, list, tuple, str, bytes)) or hasattr(items, "dtype"):
+        return items
+    if isinstance(items, Mapping):
+        raise InvalidInputTypeError(
+            f"{name} must be {_ACCEPTED}; got a {type(items).__name__}: pass list({name}.values()) "
+            f"for its values or list({name}) for its keys"
+        )
+    if isinstance(items, AbstractSet) and not isinstance(items, KeysView):
+        raise InvalidInputTypeError(
+            f"{name} must be ordered, since results index the items; got a {type(items).__name__}, "
+            f"which has no stable order: pass a list, e.g. sorted({name})"
+        )
+    try:
+        return list(items)
+    except TypeError:
+        raise InvalidInputTypeError(f"{name} must be {_ACCEPTED}; got {_describe(items, name)}") from None
+
+
 def _is_texts(items: Any) -> bool:
     if isinstance(items, (str, bytes)):
         return True  # refused by validate_texts with a clear message
     kind = getattr(getattr(items, "dtype", None), "kind", None)
     if isinstance(kind, str):  # numpy arrays, pandas Series
         return kind in "USO"
-    if isinstance(items, (list, tuple)):
-        return len(items) == 0 or isinstance(items[0], str)
+    if isinstance(items, (list, tuple)):  # texts when any item is one: the others are named
+        return len(items) == 0 or any(isinstance(t, str) for t in items)
     return False
 
 
@@ -460,7 +530,7 @@ def _namespace(items: Any, emb: _Embedding) -> str | None:
 
 
 def _prepare(items: Any, *, emb: _Embedding, progress: bool | None, name: str = "items") -> _Prepared:
-    """Texts, an (n, d) array or a VectorStore -> distinct normalized vectors."""
+    """Texts, an (n, d) array or a VectorStore -> their distinct vectors."""
     if isinstance(items, VectorStore):
         ids, x, meta = items.snapshot()  # one read: ids, vectors and texts of one state
         x = _as_matrix(x, name)
@@ -468,15 +538,14 @@ def _prepare(items: Any, *, emb: _Embedding, progress: bool | None, name: str = 
         texts_ok = bool(texts) and all(isinstance(t, str) for t in texts)
         return _from_matrix(x, texts=texts if texts_ok else None, ids=ids)
     if _is_texts(items):
-        texts = validate_texts(items if isinstance(items, (list, tuple, str, bytes)) else list(items),
-                               allow_empty_list=True)
+        texts = validate_texts(items, allow_empty_list=True, what=name)
         inverse, first = _collapse(texts)
-        if len(first):
-            x = emb.embed([texts[k] for k in first], progress)
-            x = kernels.normalize(_as_matrix(x, "embeddings"))
-        else:
-            x = np.zeros((0, 1), dtype=np.float32)
-        return _Prepared(x, inverse, first, texts, None)
+        if not len(first):
+            return _Prepared(np.zeros((0, 1), dtype=np.float32), inverse, first, texts, None)
+        x = _as_matrix(emb.embed([texts[k] for k in first], progress), "embeddings")
+        # then as an array: distinct texts with equal vectors are exact copies too
+        rows = _from_matrix(x, texts=None, ids=None)
+        return _Prepared(rows.x, rows.inverse[inverse], first[rows.first], texts, None)
     return _from_matrix(_as_matrix(items, name), texts=None, ids=None)
 
 
@@ -486,56 +555,100 @@ def _from_matrix(x: np.ndarray, *, texts: list[str] | None, ids: list[str] | Non
             if row.any() else k for k, row in enumerate(x)]
     inverse, first = _collapse(keys)
     xu = x[first] if len(first) < len(x) else x
-    xu = kernels.normalize(np.ascontiguousarray(xu, dtype=np.float32)) if len(xu) else xu.astype(np.float32)
-    return _Prepared(xu, inverse, first, texts, ids)
+    return _Prepared(np.ascontiguousarray(xu, dtype=np.float32), inverse, first, texts, ids)
+
+
+@dataclass
+class _Pairs:
+    """Every pair of items at or above the threshold, held over distinct rows.
+
+    ``(ui, uj, us)``: pairs of distinct rows (ui < uj) and their scores. The items of one
+    row (exact copies) pair with each other at ``copy_score[row]``, their row's score with
+    itself; NaN for a row without copies (or whose self score is below the threshold).
+    Every score is the kernels' (:func:`embedcache.kernels.similar_pairs`), compared by
+    their rule.
+    """
+
+    inverse: np.ndarray
+    first: np.ndarray
+    ui: np.ndarray
+    uj: np.ndarray
+    us: np.ndarray
+    copy_score: np.ndarray
+
+    def links(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The items that pair with item ``i`` and their scores, in index order."""
+        r = self.inverse[i]
+        row_score = np.full(len(self.copy_score), np.nan, dtype=np.float32)
+        row_score[self.uj[self.ui == r]] = self.us[self.ui == r]
+        row_score[self.ui[self.uj == r]] = self.us[self.uj == r]
+        row_score[r] = self.copy_score[r]
+        items = np.flatnonzero(~np.isnan(row_score[self.inverse]))
+        items = items[items != i]
+        return items, row_score[self.inverse[items]]
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Enough pairs to connect what the pairs connect, i < j: distinct-row pairs between
+        first occurrences, and each copy with the first occurrence of its row."""
+        a, b = self.first[self.ui], self.first[self.uj]
+        k = np.arange(len(self.inverse), dtype=np.int64)
+        firsts = self.first[self.inverse]
+        dup = (firsts != k) & ~np.isnan(self.copy_score[self.inverse])
+        return (np.concatenate([np.minimum(a, b), firsts[dup]]),
+                np.concatenate([np.maximum(a, b), k[dup]]),
+                np.concatenate([self.us, self.copy_score[self.inverse[dup]]]))
+
+    def expand(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All pairs of items (i < j), without a Python loop over them."""
+        if len(self.first) == len(self.inverse):  # no exact copies: distinct rows are the items
+            i, j, s = self.first[self.ui], self.first[self.uj], self.us
+        else:
+            # items of each distinct row, contiguous: members[start[r] : start[r] + count[r]]
+            members = np.argsort(self.inverse, kind="stable")
+            count = np.bincount(self.inverse, minlength=len(self.first))
+            start = np.concatenate([[0], np.cumsum(count)[:-1]])
+            # every distinct-row pair expands to all pairs of their items
+            i, j = _cross(members, start, count, self.ui, self.uj)
+            s = np.repeat(self.us, count[self.ui] * count[self.uj])
+            rows = np.flatnonzero(~np.isnan(self.copy_score))
+            ci, cj = _cross(members, start, count, rows, rows)
+            below = ci < cj  # each unordered pair of copies once
+            ci, cj = ci[below], cj[below]
+            i, j = np.concatenate([i, ci]), np.concatenate([j, cj])
+            s = np.concatenate([s, self.copy_score[self.inverse[ci]]])
+        return np.minimum(i, j), np.maximum(i, j), s
+
+
+def _find_pairs(p: _Prepared, threshold: float, progress: bool | None, chunk: int) -> _Pairs:
+    ui, uj, us = _pairs_within(p.x, threshold, progress, chunk)
+    rows = np.flatnonzero(np.bincount(p.inverse, minlength=len(p.x)) > 1)
+    own = kernels.pair_scores(p.x, rows, rows)  # what copies of a row score with each other
+    copy_score = np.full(len(p.x), np.nan, dtype=np.float32)
+    linked = kernels.meets_threshold(own, threshold)
+    copy_score[rows[linked]] = own[linked]
+    return _Pairs(p.inverse, p.first, ui, uj, us, copy_score)
 
 
 def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None, chunk: int):
-    """All (i, j, s) with i < j and s >= threshold over rows of normalized ``x``."""
+    """All (i, j, s) with i < j and cosine s >= threshold over the rows of ``x``."""
     n = len(x)
     if n < 2:
         e = np.empty(0, dtype=np.int64)
         return e, e.copy(), np.empty(0, dtype=np.float32)
     if n <= chunk:
-        return kernels.similar_pairs(x, threshold, metric="dot")
+        return kernels.similar_pairs(x, threshold)
     parts_i, parts_j, parts_s = [], [], []
     with _progress_bar(progress, n, "pairs") as bar:
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            i, j, s = kernels.similar_pairs(x[a:b], threshold, metric="dot")
+            i, j, s = kernels.similar_pairs(x[a:b], threshold)
             parts_i.append(i + a), parts_j.append(j + a), parts_s.append(s)
             if b < n:
-                i, j, s = kernels.similar_pairs(x[a:b], threshold, y=x[b:], metric="dot")
+                i, j, s = kernels.similar_pairs(x[a:b], threshold, y=x[b:])
                 parts_i.append(i + a), parts_j.append(j + b), parts_s.append(s)
             bar.update(b - a)
     return (np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_j).astype(np.int64),
             np.concatenate(parts_s).astype(np.float32))
-
-
-def _item_edges(p: _Prepared, ui: np.ndarray, uj: np.ndarray, s: np.ndarray):
-    """Pairs over the original items: distinct-row pairs ``(ui, uj, s)`` between first
-    occurrences, plus each exact duplicate linked to its first occurrence (1.0). i < j."""
-    a, b = p.first[ui], p.first[uj]
-    i, j = np.minimum(a, b), np.maximum(a, b)
-    k = np.arange(p.n, dtype=np.int64)
-    firsts = p.first[p.inverse]
-    dup = firsts != k
-    i = np.concatenate([i, firsts[dup]])
-    j = np.concatenate([j, k[dup]])
-    s = np.concatenate([s.astype(np.float32), np.ones(int(dup.sum()), dtype=np.float32)])
-    return i, j, s
-
-
-def _row_cosines(p: _Prepared, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of items a[k] and b[k] (same length)."""
-    out = np.empty(len(a), dtype=np.float32)
-    for s in range(0, len(a), 65536):
-        xa = p.x[p.inverse[a[s:s + 65536]]].astype(np.float64)
-        xb = p.x[p.inverse[b[s:s + 65536]]].astype(np.float64)
-        out[s:s + 65536] = np.clip(np.einsum("ij,ij->i", xa, xb), -1.0, 1.0)
-    same = p.inverse[a] == p.inverse[b]
-    out[same & (np.abs(out) > 0)] = 1.0  # exact duplicates are exactly 1 (zero vectors stay 0)
-    return out
 
 
 def _priority(keep: Any, n: int, texts: list[str] | None) -> np.ndarray:
@@ -623,12 +736,13 @@ def deduplicate(
 ) -> DedupResult:
     """Find near-duplicates by cosine similarity and choose which items to keep.
 
-    items: a list of texts (embedded with ``embedder``: by default the built-in
-    :class:`~embedcache.HashingEmbeddings`, used directly and cached nowhere; a bare embedder
-    is wrapped in a :class:`~embedcache.CachedEmbedder` on the default cache directory, closed
-    again at the end), an array of shape (n, d), or a :class:`~embedcache.VectorStore`. Exact
-    duplicates (equal texts, or equal rows) are collapsed before anything is embedded or
-    compared.
+    items: texts, a list or another ordered iterable of str (embedded with ``embedder``: by
+    default the built-in :class:`~embedcache.HashingEmbeddings`, used directly and cached
+    nowhere; a bare embedder is wrapped in a :class:`~embedcache.CachedEmbedder` on the
+    default cache directory, closed again at the end), an array of shape (n, d), or a
+    :class:`~embedcache.VectorStore`. A ``set`` is refused: results index the items, and a
+    set has no stable order. Exact duplicates (equal texts, or equal vectors) are collapsed
+    before anything is embedded or compared.
     threshold: cosine similarity in [-1, 1]; pairs at or above it are duplicates.
     against: a reference set (texts, array or store). Then only items at or above the
     threshold with some reference item are removed (e.g. test rows leaking from train);
@@ -646,6 +760,9 @@ def deduplicate(
         raise InvalidInputError(f"mode must be 'connected' or 'greedy', got {mode!r}")
     if not isinstance(_chunk_rows, int) or _chunk_rows < 1:
         raise InvalidInputError(f"_chunk_rows must be >= 1, got {_chunk_rows}")
+    items = _ordered(items, "items")
+    if against is not None:
+        against = _ordered(against, "against")
     with _Embedding(embedder) as emb:
         if against is None:  # check what can be checked before anything is embedded
             _check_keep(keep, None, mode)
@@ -662,8 +779,8 @@ def deduplicate(
             return _deduplicate_against(p, ref, threshold, progress, _chunk_rows)
     _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
-    ui, uj, us = _pairs_within(p.x, threshold, progress, _chunk_rows)
-    pi, pj, ps = _item_edges(p, ui, uj, us)
+    pairs = _find_pairs(p, threshold, progress, _chunk_rows)
+    pi, pj, ps = pairs.edges()
     if mode == "connected":
         labels = _connected_labels(n, pi, pj)
         groups = _groups_from_labels(labels)
@@ -675,7 +792,7 @@ def deduplicate(
             removed_l.append(others)
             dup_l.append(np.full(len(others), rep, dtype=np.int64))
     else:
-        group_of, groups, removed_l, dup_l = _greedy(p, ui, uj, us, _priority(keep, n, p.texts))
+        group_of, groups, removed_l, dup_l = _greedy(pairs, _priority(keep, n, p.texts))
     removed = np.concatenate(removed_l) if removed_l else np.empty(0, dtype=np.int64)
     dup = np.concatenate(dup_l) if dup_l else np.empty(0, dtype=np.int64)
     order = np.argsort(removed, kind="stable")
@@ -686,7 +803,7 @@ def deduplicate(
         kept=np.flatnonzero(mask).astype(np.int64),
         removed=removed,
         duplicate_of=dup,
-        scores=_row_cosines(p, removed, dup),
+        scores=kernels.pair_scores(p.x, p.inverse[removed], p.inverse[dup]),
         groups=groups,
         threshold=threshold,
         mode=mode,
@@ -694,6 +811,7 @@ def deduplicate(
         ids=p.ids,
         _pairs=(pi, pj, ps),
         _group_of=group_of,
+        _links=pairs.links,
     )
 
 
@@ -706,37 +824,33 @@ def _connected_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _greedy(p: _Prepared, ui: np.ndarray, uj: np.ndarray, us: np.ndarray, order: np.ndarray):
-    """semhash's first-seen rule, visiting items in ``order``.
+def _greedy(pairs: _Pairs, order: np.ndarray):
+    """semhash's first-seen rule, visiting items in ``order``: an item is removed as a
+    duplicate of the most similar item already kept that it pairs with (ties: the lower index).
 
-    Works on distinct rows: an exact copy has the neighbours of the row it copies, and at
-    most one item per row is ever kept (its copies score 1.0 with it).
+    Works on distinct rows: an exact copy has the pairs of the row it copies, and at most one
+    item per row is ever kept (its copies pair with it).
     """
     from scipy.sparse import csr_matrix
 
-    u, n = len(p.x), p.n
+    u, n = len(pairs.first), len(pairs.inverse)
+    ui, uj, us = pairs.ui, pairs.uj, pairs.us
     adj = csr_matrix((np.concatenate([us, us]), (np.concatenate([ui, uj]), np.concatenate([uj, ui]))),
                      shape=(u, u))
     adj.sum_duplicates()
     indptr, indices, data = adj.indptr, adj.indices, adj.data
     kept_of_row = np.full(u, -1, dtype=np.int64)
     owner = np.full(n, -1, dtype=np.int64)
-    owner_score = np.zeros(n, dtype=np.float32)
-    copies = np.bincount(p.inverse, minlength=u) > 1
-    rows = p.inverse[order]
+    copies = ~np.isnan(pairs.copy_score)
+    rows = pairs.inverse[order]
     active = (indptr[rows + 1] > indptr[rows]) | copies[rows]
     for v, r in zip(order[active].tolist(), rows[active].tolist()):
-        best, best_s = kept_of_row[r], 1.0
-        nb = indices[indptr[r]:indptr[r + 1]]
-        cand = kept_of_row[nb]
-        hit = cand >= 0
+        cand = np.append(kept_of_row[indices[indptr[r]:indptr[r + 1]]], kept_of_row[r])
+        sc = np.append(data[indptr[r]:indptr[r + 1]], pairs.copy_score[r])
+        hit = (cand >= 0) & ~np.isnan(sc)
         if hit.any():
-            cand, sc = cand[hit], data[indptr[r]:indptr[r + 1]][hit]
-            k = np.lexsort((cand, -sc.astype(np.float64)))[0]
-            if best < 0 or sc[k] > best_s or (sc[k] == best_s and cand[k] < best):
-                best, best_s = int(cand[k]), float(sc[k])
-        if best >= 0:
-            owner[v], owner_score[v] = best, best_s
+            cand, sc = cand[hit], sc[hit]
+            owner[v] = cand[np.lexsort((cand, -sc.astype(np.float64)))[0]]
         else:
             kept_of_row[r] = v
     removed = np.flatnonzero(owner >= 0)
@@ -759,14 +873,13 @@ def _deduplicate_against(p: _Prepared, ref: _Prepared, threshold: float,
     if len(p.x) and len(ref.x):
         with _progress_bar(progress if len(p.x) > chunk else False, len(p.x), "against") as bar:
             for a in range(0, len(p.x), chunk):
-                s, r = kernels.top_k(p.x[a:a + chunk], ref.x, 1, metric="dot")
+                s, r = kernels.top_k(p.x[a:a + chunk], ref.x, 1)
                 best_s[a:a + chunk], best_r[a:a + chunk] = s[:, 0], r[:, 0]
                 bar.update(min(chunk, len(p.x) - a))
-    hit_u = best_s >= threshold
-    item_hit = hit_u[p.inverse]
+    item_hit = kernels.meets_threshold(best_s, threshold)[p.inverse]
     removed = np.flatnonzero(item_hit).astype(np.int64)
     dup = ref.first[best_r[p.inverse[removed]]]
-    scores = np.clip(best_s[p.inverse[removed]], -1.0, 1.0).astype(np.float32)
+    scores = best_s[p.inverse[removed]]
     return DedupResult(
         kept=np.flatnonzero(~item_hit).astype(np.int64),
         removed=removed,
@@ -799,28 +912,11 @@ def near_duplicates(
     Exact duplicates are embedded once and reported as pairs with score 1.0.
     """
     threshold = _check_threshold(threshold)
+    items = _ordered(items, "items")
     with _Embedding(embedder) as emb:
         p = _prepare(items, emb=emb, progress=progress)
-    ui, uj, us = _pairs_within(p.x, threshold, progress, _chunk_rows)
-    if len(p.first) == p.n:  # no exact duplicates: distinct rows are the items
-        i, j, s = p.first[ui], p.first[uj], us
-    else:
-        # items of each distinct row, contiguous: members[start[r] : start[r] + count[r]]
-        members = np.argsort(p.inverse, kind="stable")
-        count = np.bincount(p.inverse, minlength=len(p.x))
-        start = np.concatenate([[0], np.cumsum(count)[:-1]])
-        # every distinct-row pair expands to all pairs of their items
-        i, j = _cross(members, start, count, ui, uj)
-        s = np.repeat(us.astype(np.float32), count[ui] * count[uj])
-        # exact copies of one row score 1.0 with each other (threshold <= 1 always)
-        rows = np.flatnonzero(count > 1)
-        ci, cj = _cross(members, start, count, rows, rows)
-        below = ci < cj  # each unordered pair of distinct items once
-        ci, cj = ci[below], cj[below]
-        i, j = np.concatenate([i, ci]), np.concatenate([j, cj])
-        s = np.concatenate([s, np.ones(len(ci), dtype=np.float32)])
-    lo, hi = np.minimum(i, j), np.maximum(i, j)
-    return PairTable(lo, hi, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
+    i, j, s = _find_pairs(p, threshold, progress, _chunk_rows).expand()
+    return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
 
 
 def _cross(members: np.ndarray, start: np.ndarray, count: np.ndarray, ra: np.ndarray, rb: np.ndarray):

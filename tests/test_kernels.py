@@ -19,7 +19,7 @@ from embedcache import (
     similar_pairs,
     top_k,
 )
-from embedcache.kernels import FASTMATH
+from embedcache.kernels import FASTMATH, meets_threshold, pair_scores
 from strategies import matrices, matrix_pairs, small_ints
 
 SIZES = [1, 2, 7, 513]
@@ -139,6 +139,22 @@ def test_cosine_of_tiny_and_huge_rows():
         np.testing.assert_array_equal(i, np.tile(np.arange(5), (n_queries, 1)))
     i, j, _ = similar_pairs(x, 0.999)
     assert list(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(4) for b in range(a + 1, 4)]
+
+
+@pytest.mark.parametrize("log2_norm", [-45, -29, 0, 20, 31, 40, 49, 55])
+def test_a_row_scores_exactly_one_with_itself_at_any_scale(log2_norm):
+    # copies of a row are near-duplicates at threshold 1.0 whatever its norm: the norm and
+    # the dot product of a row with itself are summed in the same precision
+    rng = np.random.default_rng(log2_norm + 100)
+    x = rng.standard_normal((40, 384))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True) * 2.0**log2_norm).astype(np.float32)
+    twice = np.concatenate([x, x])
+    s = cosine_similarity(twice)
+    np.testing.assert_array_equal(np.diag(s), 1.0)
+    np.testing.assert_array_equal(np.diag(s, 40), 1.0)
+    i, j, _ = similar_pairs(twice, 1.0, _block_size=17)
+    assert {(k, k + 40) for k in range(40)} <= set(zip(i.tolist(), j.tolist()))
+    np.testing.assert_array_equal(pair_scores(x, np.arange(40), np.arange(40)), 1.0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -507,6 +523,49 @@ def test_similar_pairs_threshold_is_compared_in_float32():
     i, j, s = similar_pairs(x, threshold)
     assert (3, 17) in set(zip(i.tolist(), j.tolist()))
     assert (s >= target).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(matrix_pairs(max_rows=10, min_rows=1), st.sampled_from(["cosine", "dot"]), st.booleans(),
+       st.randoms(use_true_random=False))
+def test_pair_scores_are_the_matrix_entries(ab, metric, cross, rnd):
+    x, y = ab
+    other = y if cross else None
+    full = (cosine_similarity if metric == "cosine" else dot_similarity)(x, other)
+    i = np.array([rnd.randrange(full.shape[0]) for _ in range(25)], dtype=np.int64)
+    j = np.array([rnd.randrange(full.shape[1]) for _ in range(25)], dtype=np.int64)
+    got = pair_scores(x, i, j, y=other, metric=metric)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, full[i, j])
+    # float16 rows are scored as their (exact) float32 values, as everywhere
+    x16 = x.astype(np.float16)
+    full16 = (cosine_similarity if metric == "cosine" else dot_similarity)(x16.astype(np.float32), other)
+    np.testing.assert_array_equal(pair_scores(x16, i, j, y=other, metric=metric), full16[i, j])
+
+
+def test_pair_scores_validation():
+    x = float_matrix(5, 3, 0)
+    with pytest.raises(InvalidInputError, match=r"i and j must have the same length, got 2 and 1"):
+        pair_scores(x, [0, 1], [0])
+    with pytest.raises(InvalidInputError, match=r"j must index the 5 rows of x, got 5"):
+        pair_scores(x, [0], [5])
+    with pytest.raises(InvalidInputError, match=r"i must index the 5 rows of x, got -1"):
+        pair_scores(x, [-1], [0])
+    with pytest.raises(InvalidInputTypeError, match="i must hold integers, got float64"):
+        pair_scores(x, [0.5], [0])
+    assert pair_scores(x, [], []).shape == (0,)
+
+
+def test_meets_threshold_is_the_similar_pairs_rule():
+    x = float_matrix(30, 5, 2)
+    full = cosine_similarity(x)
+    target = full[3, 17]
+    above = float(np.nextafter(np.float64(target), np.inf))
+    # a float64 threshold just above a float32 score still admits it, as in similar_pairs
+    assert meets_threshold(np.float32([target]), above).tolist() == [True]
+    i, j, s = similar_pairs(x, above)
+    upper = np.triu(np.ones_like(full, dtype=bool), 1)
+    np.testing.assert_array_equal(np.nonzero(meets_threshold(full, above) & upper), (i, j))
 
 
 def test_similar_pairs_buffers_do_not_grow_after_a_busy_row(monkeypatch):

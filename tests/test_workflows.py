@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 import warnings
 
@@ -337,7 +338,7 @@ def test_bad_keep_is_refused_before_embedding(embedder):
 
 def test_invalid_texts_name_the_position(embedder):
     _, emb = embedder
-    with pytest.raises(ec.InvalidInputError, match=r"texts\[1\]"):
+    with pytest.raises(ec.InvalidInputError, match=r"items\[1\] is an empty string"):
         ec.deduplicate(["fine", ""], embedder=emb, progress=False)
 
 
@@ -574,3 +575,307 @@ def test_near_duplicates_with_many_exact_copies_equal_brute_force():
     i, j = np.nonzero(np.triu(s >= 0.95 - 1e-6, 1))
     assert sorted(zip(table.i.tolist(), table.j.tolist())) == sorted(zip(i.tolist(), j.tolist()))
     np.testing.assert_allclose(table.score, s[table.i, table.j], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# one score and one rule for a pair, whatever the path
+# ---------------------------------------------------------------------------------------
+
+
+class ArrayEmbedder:
+    """Embeds text ``"v<k>"`` as row k of a given matrix (so distinct texts can share a vector)."""
+
+    def __init__(self, x):
+        self.x = x
+        digest = __import__("hashlib").sha256(x.tobytes() + str(x.dtype).encode()).hexdigest()
+        self.cache_namespace = f"array|{digest}"
+        self.model = "array"
+        self.dimensions = x.shape[1]
+        self.usage = Usage()
+
+    def embed(self, texts, *, on_batch=None):
+        out = self.x[[int(t[1:]) for t in texts]]
+        if on_batch is not None:
+            on_batch(np.arange(len(texts)), out)
+        return out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("array-cache")
+
+
+def embedded_as_texts(x, cache_dir):
+    """Texts that ArrayEmbedder turns into x, and the embedder."""
+    emb = ec.CachedEmbedder(ArrayEmbedder(x), cache=ec.EmbeddingCache(cache_dir))
+    return [f"v{k}" for k in range(len(x))], emb
+
+
+@st.composite
+def scored_sets(draw, max_rows=12):
+    """Vectors with exact copies, scaled copies (cosine ~1, not exactly), perturbed copies,
+    zero rows, rows of very different norms, float32 or float16; and a threshold that is
+    often a score that occurs (or one float32 step beside it)."""
+    d = draw(st.integers(1, 6))
+    n = draw(st.integers(2, max_rows))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.normal(size=(n, d)) * (10.0 ** rng.integers(-3, 4, size=(n, 1)))
+    for k in range(1, n):
+        roll, src = rng.random(), rng.integers(0, k)
+        if roll < 0.25:
+            x[k] = x[src]
+        elif roll < 0.4:
+            x[k] = x[src] * rng.choice([3.0, 0.1, 7.5])
+        elif roll < 0.55:
+            x[k] = x[src] + rng.normal(scale=0.05 * np.abs(x[src]).max(), size=d)
+        elif roll < 0.6:
+            x[k] = 0.0
+    x = x.astype(draw(st.sampled_from([np.float32, np.float16])))
+    s = ec.cosine_similarity(x)
+    scores = np.unique(s[np.triu_indices(n, 1)])
+    kind = draw(st.sampled_from(["score", "below", "above", "round", "one"]))
+    if kind == "round":
+        return x, draw(st.sampled_from([-0.5, 0.0, 0.5, 0.8, 0.9, 0.99]))
+    if kind == "one":
+        return x, 1.0
+    t = scores[draw(st.integers(0, len(scores) - 1))]
+    if kind != "score":
+        t = np.nextafter(t, np.float32(-np.inf if kind == "below" else np.inf), dtype=np.float32)
+    return x, float(np.clip(t, -1.0, 1.0))
+
+
+def pair_dict(i, j, s):
+    return {(int(a), int(b)): float(c) for a, b, c in zip(i, j, s)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=scored_sets(), chunk=st.sampled_from([3, 8192]))
+def test_every_path_publishes_the_same_pairs_and_scores(tmp_path_factory, cache_dir, case, chunk):
+    x, t = case
+    n = len(x)
+    full = ec.cosine_similarity(x)
+    assert full.max() <= 1.0 and full.min() >= -1.0
+    pairs = pair_dict(*ec.similar_pairs(x, t))
+    assert all(full[p] == s for p, s in pairs.items())
+
+    def table_pairs(table):
+        assert np.all(np.diff(table.score) <= 0)
+        return pair_dict(table.i, table.j, table.score)
+
+    texts, emb = embedded_as_texts(x, cache_dir)
+    assert table_pairs(ec.near_duplicates(x, threshold=t, progress=False, _chunk_rows=chunk)) == pairs
+    assert table_pairs(ec.near_duplicates(texts, threshold=t, embedder=emb, progress=False)) == pairs
+    with ec.VectorStore(tmp_path_factory.mktemp("vs")) as store:
+        store.add([f"r{k}" for k in range(n)], x)
+        left, right, s = store.similar_pairs(t)
+        assert pair_dict([int(a[1:]) for a in left], [int(b[1:]) for b in right], s) == pairs
+        assert table_pairs(ec.near_duplicates(store, threshold=t, progress=False)) == pairs
+
+    adjacency = np.zeros((n, n), dtype=bool)
+    for a, b in pairs:
+        adjacency[a, b] = adjacency[b, a] = True
+    for mode in ("connected", "greedy"):
+        res = ec.deduplicate(x, threshold=t, mode=mode, progress=False, _chunk_rows=chunk)
+        as_texts = ec.deduplicate(texts, threshold=t, mode=mode, embedder=emb, progress=False)
+        for a, b in ((res.kept, as_texts.kept), (res.removed, as_texts.removed),
+                     (res.duplicate_of, as_texts.duplicate_of), (res.scores, as_texts.scores)):
+            np.testing.assert_array_equal(a, b)
+        assert [g.tolist() for g in res.groups] == [g.tolist() for g in as_texts.groups]
+        np.testing.assert_array_equal(res.scores, full[res.removed, res.duplicate_of])
+        if mode == "connected":
+            assert [g.tolist() for g in res.groups] == components(n, adjacency)
+        else:
+            kept, owner = greedy(n, adjacency, full, range(n))
+            assert res.kept.tolist() == kept
+            assert dict(zip(res.removed.tolist(), res.duplicate_of.tolist())) == owner
+
+    m = n // 2
+    across = pair_dict(*ec.similar_pairs(x[:m], t, y=x[m:]))
+    ref = ec.deduplicate(x[:m], against=x[m:], threshold=t, progress=False, _chunk_rows=chunk)
+    assert ref.removed.tolist() == sorted({a for a, _ in across})
+    for a, r, s in zip(ref.removed, ref.duplicate_of, ref.scores):
+        best = max(v for (p, _), v in across.items() if p == a)
+        assert s == best == across[(a, r)]
+
+    graph = ec.knn_graph(x, 3, symmetric=False, progress=False)
+    rows = np.repeat(np.arange(n), np.diff(graph.indptr))
+    np.testing.assert_array_equal(graph.data, full[rows, graph.indices])
+
+
+def test_identical_vectors_of_different_texts_are_duplicates_at_threshold_one(cache_dir):
+    base = np.random.default_rng(7).normal(size=(20, 16)).astype(np.float32)
+    x = np.concatenate([base, base, -base[:1]])
+    texts, emb = embedded_as_texts(x, cache_dir)
+    for items in (x, texts):
+        res = ec.deduplicate(items, threshold=1.0, embedder=emb, progress=False)
+        assert res.kept.tolist() == [*range(20), 40]
+        assert res.duplicate_of.tolist() == list(range(20)) and (res.scores == 1.0).all()
+        table = ec.near_duplicates(items, threshold=1.0, embedder=emb, progress=False)
+        assert sorted(zip(table.i.tolist(), table.j.tolist())) == [(k, k + 20) for k in range(20)]
+
+
+def test_cosine_scores_never_exceed_one():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 7)).astype(np.float32)
+    x = np.concatenate([x, x * np.float32(3.0)])
+    table = ec.near_duplicates(x, threshold=0.99, progress=False)
+    assert len(table) >= 300 and table.score.max() <= 1.0
+    res = ec.deduplicate(x, threshold=0.99, progress=False)
+    assert res.scores.max() <= 1.0
+
+
+def test_near_duplicates_keeps_the_pairs_similar_pairs_finds():
+    # thresholds equal to scores that occur: the score similar_pairs publishes and the one
+    # near_duplicates compares must be the same number
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(40, 64)) * rng.uniform(0.01, 100, size=(40, 1))).astype(np.float32)
+    _, _, every = ec.similar_pairs(x, -1.0)
+    for t in every[rng.integers(0, len(every), 40)]:
+        expected = pair_dict(*ec.similar_pairs(x, float(t)))
+        table = ec.near_duplicates(x, threshold=float(t), progress=False)
+        assert pair_dict(table.i, table.j, table.score) == expected
+
+
+# ---------------------------------------------------------------------------------------
+# explain(i) tells the truth
+# ---------------------------------------------------------------------------------------
+
+LINK = re.compile(r"(\d+) \((-?\d\.\d{4}), (kept|removed as a duplicate of (\d+))\)")
+
+
+def check_explain(res, full, pairs, order):
+    """Check every statement of res.explain(i), for every i, against the exact pairs."""
+    t32 = np.float32(res.threshold)
+    kept = set(res.kept.tolist())
+    dup = dict(zip(res.removed.tolist(), res.duplicate_of.tolist()))
+    position = {v: k for k, v in enumerate(order)}
+    links = {i: {} for i in range(res.n)}
+    for (a, b), s in pairs.items():
+        links[a][b] = links[b][a] = s
+    for i in range(res.n):
+        text = res.explain(i)
+        head = text.splitlines()[0]
+        mine = sorted(links[i].items(), key=lambda js: (-js[1], js[0]))
+        if "no other item scores" in head:
+            assert i in kept and not links[i], text
+        if "no kept item scores" in head:
+            assert i in kept and not any(j in kept for j in links[i]), text
+        if "was kept" in head:
+            assert i in kept, text
+        if "representative of its group" in head and "was kept" in head:
+            assert res.mode == "connected" and i in kept and res._group_of[i] >= 0
+        m = re.search(r"removed as a duplicate of item (\d+).*?cosine similarity (-?\d\.\d{4})", head)
+        if m:
+            r = int(m.group(1))
+            assert dup[i] == r and m.group(2) == f"{full[i, r]:.4f}", text
+            if res.mode == "greedy":
+                # "... >= threshold, the most similar of the items kept before it"
+                assert ">= threshold" in head and full[i, r] >= t32 and r in kept
+                assert position[r] < position[i]
+                before = [k for k in links[i] if k in kept and position[k] < position[i]]
+                assert max(before, key=lambda k: (full[i, k], -k)) == r
+        else:
+            assert i in kept, text
+        group = re.search(r"Group of (\d+) items \((\w+)\): \[([\d, ]*)\]", text)
+        if group:
+            g = res.groups[res._group_of[i]]
+            assert int(group.group(1)) == len(g) and group.group(2) == res.mode
+            assert [int(v) for v in group.group(3).split(", ")] == g[:20].tolist()
+            assert i in g.tolist()
+        else:
+            assert res._group_of[i] < 0
+        listed = re.search(r"scoring >= \S+ with it \((\d+)\): (.*)$", text, re.M)
+        if not listed:
+            assert not links[i], text
+            continue
+        assert int(listed.group(1)) == len(mine)
+        shown = LINK.findall(listed.group(2))
+        assert len(shown) == min(5, len(mine))
+        for (j, s, fate, d), (ej, es) in zip(shown, mine):
+            assert int(j) == ej and s == f"{es:.4f}"
+            assert (fate == "kept") == (ej in kept)
+            if d:
+                assert dup[ej] == int(d)
+
+
+@settings(max_examples=50, deadline=None)
+@given(case=scored_sets(max_rows=14), mode=st.sampled_from(["connected", "greedy"]))
+def test_explain_is_true_for_every_item(case, mode):
+    x, t = case
+    full = ec.cosine_similarity(x)
+    pairs = pair_dict(*ec.similar_pairs(x, t))
+    res = ec.deduplicate(x, threshold=t, mode=mode, progress=False)
+    check_explain(res, full, pairs, list(range(len(x))))
+
+
+@settings(max_examples=20, deadline=None)
+@given(picks=st.lists(st.sampled_from(TEXTS + ["The cat sat.", "Stock markets fell", "lemon cake"]),
+                      min_size=1, max_size=12),
+       threshold=st.sampled_from([0.5, 0.7, 0.9]), mode=st.sampled_from(["connected", "greedy"]))
+def test_explain_is_true_with_keep_longest(tmp_path_factory, picks, threshold, mode):
+    emb = ec.CachedEmbedder(CountingEmbedder(), cache=ec.EmbeddingCache(tmp_path_factory.mktemp("c")))
+    x = emb.embed(picks, progress=False)
+    res = ec.deduplicate(picks, threshold=threshold, keep="longest", mode=mode, embedder=emb, progress=False)
+    order = sorted(range(len(picks)), key=lambda k: (-len(picks[k]), k))
+    check_explain(res, ec.cosine_similarity(x), pair_dict(*ec.similar_pairs(x, threshold)), order)
+
+
+def test_greedy_explain_of_a_kept_item_with_a_removed_neighbour():
+    # a ~ b ~ c, a and c below the threshold: b goes as a duplicate of a, c stays although
+    # it scores above the threshold with b
+    angles = np.radians([0.0, 20.0, 40.0])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    res = ec.deduplicate(x, threshold=float(np.cos(np.radians(25))), mode="greedy", progress=False)
+    assert res.kept.tolist() == [0, 2]
+    text = res.explain(2)
+    assert "no other item scores" not in text
+    assert "no kept item scores" in text and "1 (0.9397, removed as a duplicate of 0)" in text
+    check_explain(res, ec.cosine_similarity(x), pair_dict(*ec.similar_pairs(x, res.threshold)), [0, 1, 2])
+
+
+# ---------------------------------------------------------------------------------------
+# what items may be
+# ---------------------------------------------------------------------------------------
+
+
+def test_ordered_iterables_of_texts_are_accepted(embedder):
+    _, emb = embedder
+    expected = ec.deduplicate(TEXTS, threshold=0.8, embedder=emb, progress=False)
+    as_dict = dict.fromkeys(TEXTS)  # distinct texts, in first-seen order
+    for items, want in (((t for t in TEXTS), expected.kept.tolist()),
+                        (iter(TEXTS), expected.kept.tolist()),
+                        (as_dict.keys(), ec.deduplicate(list(as_dict), threshold=0.8, embedder=emb,
+                                                        progress=False).kept.tolist())):
+        assert ec.deduplicate(items, threshold=0.8, embedder=emb, progress=False).kept.tolist() == want
+    table = ec.near_duplicates((t for t in TEXTS), threshold=0.8, embedder=emb, progress=False)
+    assert len(table) == len(ec.near_duplicates(TEXTS, threshold=0.8, embedder=emb, progress=False))
+    res = ec.deduplicate(TEXTS[:2], against=(t for t in TEXTS[2:]), threshold=0.8, embedder=emb,
+                         progress=False)
+    assert res.removed.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: {"a", "b"}, ec.InvalidInputTypeError, r"items must be ordered.*got a set.*sorted\(items\)"),
+        (lambda: frozenset({"a"}), ec.InvalidInputTypeError, r"got a frozenset.*sorted\(items\)"),
+        (lambda: {"k": "a"}, ec.InvalidInputTypeError, r"got a dict.*list\(items.values\(\)\)"),
+        (lambda: [None, "a"], ec.InvalidInputTypeError, r"items\[0\] must be a str, got NoneType"),
+        (lambda: [float("nan"), "a b"], ec.InvalidInputTypeError, r"items\[0\] must be a str, got float"),
+        (lambda: ["a", 3], ec.InvalidInputTypeError, r"items\[1\] must be a str, got int"),
+        (lambda: (t for t in ["a", None]), ec.InvalidInputTypeError,
+         r"items\[1\] must be a str, got NoneType"),
+        (lambda: [None, None], ec.InvalidInputTypeError,
+         r"items must be texts .*, an array of shape \(n, d\) or a VectorStore; got a list of 2 items, "
+         r"items\[0\] being NoneType"),
+        (lambda: 42, ec.InvalidInputTypeError, r"items must be texts .* got int"),
+        (lambda: [[1.0, 2.0], [1.0]], ec.InvalidInputError, r"items must be .*got a list of 2 items"),
+    ],
+)
+def test_items_that_are_neither_texts_nor_vectors_are_named(make, error, match):
+    for call in (ec.deduplicate, ec.near_duplicates):
+        with pytest.raises(error, match=match):
+            call(make(), threshold=0.9, progress=False)
+    named = match.replace("items must", "against must").replace(r"items\[", r"against\[")
+    with pytest.raises(error, match=named.replace("(items", "(against")):
+        ec.deduplicate(["x"], against=make(), threshold=0.9, progress=False)
