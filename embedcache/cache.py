@@ -1150,7 +1150,8 @@ class CachedEmbedder:
     def __getstate__(self) -> dict[str, Any]:
         # Locks and the requests under way stay in this process; the copy starts from the
         # counters as they are now.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_stats_lock", "_inflight", "_inflight_lock")}
+        local = ("_stats_lock", "_inflight", "_inflight_lock")
+        state = {k: v for k, v in self.__dict__.items() if k not in local}
         state["_stats"] = self.stats
         return state
 
