@@ -60,7 +60,7 @@ from embedcache.errors import (
     InvalidInputTypeError,
     InvalidResponseError,
 )
-from embedcache.providers.base import BatchCallback, Embedder, validate_texts
+from embedcache.providers.base import BatchCallback, Embedder, Usage, metered, validate_texts
 
 __all__ = ["CachedEmbedder", "EmbedStats", "EmbeddingCache"]
 
@@ -598,11 +598,13 @@ class EmbeddingCache:
 class EmbedStats:
     """Cumulative counters of a :class:`CachedEmbedder`.
 
-    hits: distinct texts of each call served from the cache.
+    hits: distinct texts of each call served from the cache, or by the request another call
+        had under way for the same text.
     misses: distinct texts of each call sent to the embedder (a text repeated within one
         call counts once).
-    requests, tokens: what the wrapped embedder reported in its ``usage`` during those calls
-        (0 when it keeps no usage counters).
+    requests, tokens: what the wrapped embedder counted for the requests each call made, in
+        a :class:`~embedcache.providers.base.Usage` (0 when it keeps none), whatever other
+        threads do with the same embedder meanwhile.
     seconds: wall time spent in ``embed``.
     """
 
@@ -617,15 +619,6 @@ class EmbedStats:
         """hits / (hits + misses), 0.0 before any call."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
-
-
-def _usage_snapshot(embedder: object) -> tuple[int, int]:
-    usage = getattr(embedder, "usage", None)
-    snapshot = getattr(usage, "snapshot", None)
-    if snapshot is None:
-        return 0, 0
-    requests, tokens = snapshot()
-    return int(requests), int(tokens)
 
 
 def _check_vectors(vectors: object, rows: int, dim: int | None, what: str) -> np.ndarray:
@@ -677,8 +670,27 @@ def _arange(start: int, stop: int) -> np.ndarray:
     return np.arange(start, stop, dtype=np.int64)
 
 
+class _Pending:
+    """A text that one call is requesting. Calls that want it too wait for ``done``, then take
+    ``vector``: ``None`` when the request failed, and they ask for the text themselves."""
+
+    __slots__ = ("blocking", "done", "thread", "vector")
+
+    def __init__(self, thread: int, blocking: bool) -> None:
+        self.done = threading.Event()
+        self.thread = thread  # the thread that drives the requesting call
+        self.blocking = blocking  # whether that call blocks its thread (embed, not aembed)
+        self.vector: np.ndarray | None = None
+
+
 class _Call:
-    """One ``embed`` call: what was served from the cache, and what the embedder must supply."""
+    """One ``embed`` call: what was served from the cache, what it waits for from other calls,
+    and what the embedder must supply (``missing``, in rounds: a text another call failed to
+    get comes back to this one).
+
+    thread, blocking: the thread driving this call, and whether the call blocks it (``embed``)
+    or runs in its event loop (``aembed``).
+    """
 
     def __init__(
         self,
@@ -686,53 +698,53 @@ class _Call:
         texts: object,
         progress: bool | None,
         on_batch: BatchCallback | None,
+        usage: Usage,
+        *,
+        thread: int,
+        blocking: bool,
     ) -> None:
         self.owner = owner
         self.user_on_batch = on_batch
+        self.progress = progress
+        self.usage = usage
+        self.thread, self.blocking = thread, blocking
         self._order: np.ndarray | None = None
         self._bounds: np.ndarray | None = None
         self.started = time.perf_counter()
-        self.usage_before = _usage_snapshot(owner.embedder)
         self.texts = validate_texts(texts)
         prefix = _key_prefix(owner.cache_namespace, owner.model, owner.dimensions)
         digests = _digests(prefix, self.texts)
         # slots: distinct keys in order of first appearance; without repeats, slot == position
         self.inverse: np.ndarray | None = None  # input position -> slot, when there are repeats
         if len(dict.fromkeys(digests)) == len(digests):
-            self.keys, distinct_texts = digests, self.texts
+            self.keys, self.distinct_texts = digests, self.texts
         else:
             slot_of: dict[bytes, int] = {}
-            distinct_texts = []
+            self.distinct_texts = []
             self.inverse = np.empty(len(digests), dtype=np.int64)
             for i, (t, key) in enumerate(zip(self.texts, digests)):
                 slot = slot_of.setdefault(key, len(slot_of))
-                if slot == len(distinct_texts):
-                    distinct_texts.append(t)
+                if slot == len(self.distinct_texts):
+                    self.distinct_texts.append(t)
                 self.inverse[i] = slot
             self.keys = list(slot_of)
         self.dim = owner.dimensions
         self.vectors: np.ndarray | None = None
         self.have = np.zeros(len(self.keys), dtype=bool)
-        start = 0
-        for chunk, values in owner.cache._select(self.keys, self._size()):
-            if self.dim is None:  # the embedder's dimension is the first valid value's
-                self.dim = next((d for v in values if (d := _value_dim(v)) is not None), None)
-            if self.dim is not None:
-                self._take_hits(start, chunk, values)
-            start += len(values)
-        self.n_hits = int(self.have.sum())
-        self.missing = np.flatnonzero(~self.have)
-        self.miss_texts = [distinct_texts[s] for s in self.missing]
-        self.written = np.zeros(len(self.missing), dtype=bool)
+        self.n_hits = self.n_misses = 0
+        self.claims: dict[int, _Pending] = {}  # slot -> what this call must settle
+        self.waiting: list[tuple[int, _Pending]] = []
+        self.closed = False
         self.lock = threading.Lock()
         self.bar = None
-        if len(self.missing):
-            self.bar = tqdm(
-                total=len(self.missing),
-                unit="text",
-                desc="embedding",
-                disable=not _show_progress(progress),
-            )
+        self._round(np.zeros(0, dtype=np.int64))
+        self._lookup(None)
+
+    def _round(self, slots: np.ndarray) -> None:
+        """Make ``slots`` the misses the embedder is asked for next."""
+        self.missing = slots
+        self.miss_texts = [self.distinct_texts[s] for s in slots]
+        self.written = np.zeros(len(slots), dtype=bool)
 
     def _alloc(self, dim: int) -> None:
         self.vectors = np.empty((len(self.keys), dim), dtype=np.float32)
@@ -740,8 +752,22 @@ class _Call:
     def _size(self) -> int | None:
         return None if self.dim is None else _HEADER_SIZE + 4 * self.dim
 
-    def _take_hits(self, start: int, chunk: list[bytes], values: list[bytes | None]) -> None:
-        """Copy the valid values of ``chunk`` (slots ``start`` on) into their slots."""
+    def _lookup(self, slots: np.ndarray | None) -> None:
+        """Take the valid cached values of ``slots`` (``None``: every slot)."""
+        keys = self.keys if slots is None else [self.keys[s] for s in slots]
+        start = 0
+        for chunk, values in self.owner.cache._select(keys, self._size()):
+            stop = start + len(values)
+            if self.dim is None:  # the embedder's dimension is the first valid value's
+                self.dim = next((d for v in values if (d := _value_dim(v)) is not None), None)
+            if self.dim is not None:
+                self._take_hits(slice(start, stop) if slots is None else slots[start:stop], chunk, values)
+            start = stop
+
+    def _take_hits(
+        self, slots: slice | np.ndarray, chunk: list[bytes], values: list[bytes | None]
+    ) -> None:
+        """Copy the valid values of ``chunk`` (keys of ``slots``) into their slots."""
         if self.vectors is None:
             self._alloc(self.dim)  # type: ignore[arg-type]
         size = self._size()
@@ -770,12 +796,95 @@ class _Call:
             js = usable()
             everything = len(js) == len(values)
         if everything and ok.all():
-            self.vectors[start : start + len(values)] = vecs  # type: ignore[index]
-            self.have[start : start + len(values)] = True
-        else:
-            slots = start + np.asarray(js, dtype=np.int64)[ok]
-            self.vectors[slots] = vecs[ok]  # type: ignore[index]
+            self.vectors[slots] = vecs  # type: ignore[index]
             self.have[slots] = True
+            self.n_hits += len(values)
+        else:
+            picked = np.asarray(js, dtype=np.int64)[ok]
+            targets = picked + slots.start if isinstance(slots, slice) else slots[picked]
+            self.vectors[targets] = vecs[ok]  # type: ignore[index]
+            self.have[targets] = True
+            self.n_hits += len(targets)
+
+    def claim(self, slots: np.ndarray) -> None:
+        """Get ``slots`` (texts not had yet): wait for those another call is requesting, and
+        request the rest, unless the cache has them by now (they may have been written since
+        this call looked)."""
+        mine, fresh = [], []
+        registry = self.owner._inflight
+        with self.owner._inflight_lock:
+            if self.closed:
+                return
+            for s in slots.tolist():
+                pending = registry.get(self.keys[s])
+                if pending is None:
+                    self.claims[s] = registry[self.keys[s]] = _Pending(self.thread, self.blocking)
+                    fresh.append(s)
+                    mine.append(s)
+                elif pending.thread == self.thread and (pending.blocking or self.blocking):
+                    mine.append(s)  # its call waits on this thread for this one: never wait for it
+                else:
+                    self.waiting.append((s, pending))
+        if fresh:
+            found = np.asarray(fresh, dtype=np.int64)
+            self._lookup(found)
+            found = found[self.have[found]]
+            if found.size:
+                self._release(found, self.vectors[found])  # type: ignore[index]
+                self.deliver(found)
+                mine = [s for s in mine if not self.have[s]]
+        self._round(np.asarray(mine, dtype=np.int64))
+        self.n_misses += len(mine)
+        if mine and self.bar is None:
+            self.bar = tqdm(total=len(mine), unit="text", desc="embedding",
+                            disable=not _show_progress(self.progress))
+        elif mine:
+            self.bar.total += len(mine)  # type: ignore[union-attr]
+            self.bar.refresh()  # type: ignore[union-attr]
+
+    def _release(self, slots: np.ndarray | list[int], rows: np.ndarray | None) -> None:
+        """Settle this call's claims on ``slots``: the calls waiting for them get ``rows``
+        (copies of the vectors, in the order of ``slots``), or ``None`` to ask themselves."""
+        with self.owner._inflight_lock:
+            for i, s in enumerate(slots):
+                pending = self.claims.pop(int(s), None)
+                if pending is not None:
+                    pending.vector = None if rows is None else rows[i]
+                    del self.owner._inflight[self.keys[s]]
+                    pending.done.set()
+
+    def wait(self) -> None:
+        """Block until every text this call waits for is settled."""
+        for _, pending in self.waiting:
+            pending.done.wait()
+
+    async def await_waiting(self) -> None:
+        """:meth:`wait` for an event loop: polls, so that no thread is held while waiting."""
+        delay = 0.001
+        for _, pending in self.waiting:
+            while not pending.done.is_set():
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.02)
+
+    def take_waited(self) -> None:
+        """Take the texts the other calls got for this one; claim again those they did not."""
+        self.wait()
+        waited, self.waiting = self.waiting, []
+        got = [(s, p.vector) for s, p in waited if p.vector is not None]
+        if self.dim is None and got:
+            self.dim = got[0][1].shape[0]  # type: ignore[union-attr]
+        got = [(s, v) for s, v in got if v.shape[0] == self.dim]  # type: ignore[union-attr]
+        if got:
+            if self.vectors is None:
+                self._alloc(self.dim)  # type: ignore[arg-type]
+            slots = np.asarray([s for s, _ in got], dtype=np.int64)
+            self.vectors[slots] = np.stack([v for _, v in got])  # type: ignore[index]
+            self.have[slots] = True
+            self.n_hits += len(slots)
+            self.deliver(slots)
+        retry = [s for s, _ in waited if not self.have[s]]
+        if retry:
+            self.claim(np.asarray(retry, dtype=np.int64))
 
     def on_batch(self, positions: object, vectors: object) -> None:
         """Validate one batch from the embedder and write it to the cache at once."""
@@ -800,7 +909,7 @@ class _Call:
             self.dim = batch.shape[1]
             self._alloc(self.dim)
         fresh = ~self.written[pos]
-        pos, batch = pos[fresh], batch[fresh]
+        pos, batch = pos[fresh], batch[fresh]  # boolean indexing: batch is our own copy now
         slots = self.missing[pos]
         if not pos.size:
             return slots
@@ -809,6 +918,7 @@ class _Call:
         self.vectors[slots] = batch  # type: ignore[index]
         self.written[pos] = True
         self.have[slots] = True
+        self._release(slots, batch)  # after the write: whoever comes later finds it cached
         if self.bar is not None:
             self.bar.update(int(pos.size))
         return slots
@@ -833,26 +943,34 @@ class _Call:
         assert self.vectors is not None and self.written.all()
         return self.vectors[self.missing]
 
-    def finish(self, result: object) -> np.ndarray:
-        """Check the embedder's full answer, cache what on_batch did not, return (n, d)."""
-        slots = np.zeros(0, dtype=np.int64)
+    def finish(self, result: object) -> None:
+        """Check the embedder's full answer for this round and cache what on_batch did not."""
         with self.lock:
-            if len(self.missing):
-                full = _check_vectors(result, len(self.missing), self.dim, "embedder vectors")
-                slots = self._accept(np.arange(len(self.missing)), full)
+            full = _check_vectors(result, len(self.missing), self.dim, "embedder vectors")
+            slots = self._accept(np.arange(len(self.missing)), full)
+            self._round(np.zeros(0, dtype=np.int64))
         self.deliver(slots)
-        assert self.vectors is not None
+
+    def result(self) -> np.ndarray:
+        """The (n, d) answer, once every slot is had."""
+        assert self.vectors is not None and self.have.all()
         return self.vectors if self.inverse is None else self.vectors[self.inverse]
 
     def close(self) -> None:
+        """Settle what this call still holds (its waiters then ask themselves) and record its
+        counts."""
+        with self.owner._inflight_lock:
+            self.closed = True  # a claim() still under way in a worker thread takes nothing
+            held = list(self.claims)
+        self._release(held, None)
         if self.bar is not None:
             self.bar.close()
-        requests, tokens = _usage_snapshot(self.owner.embedder)
+        requests, tokens = self.usage.snapshot()
         self.owner._record(
             hits=self.n_hits,
-            misses=len(self.missing),
-            requests=requests - self.usage_before[0],
-            tokens=tokens - self.usage_before[1],
+            misses=self.n_misses,
+            requests=requests,
+            tokens=tokens,
             seconds=time.perf_counter() - self.started,
         )
 
@@ -872,6 +990,14 @@ class CachedEmbedder:
     Misses are written to the cache as each batch of results arrives, so an error half-way
     keeps what was already paid for. Vectors that are not a finite 2-D float array of the
     right shape raise :class:`~embedcache.errors.InvalidResponseError` and are never cached.
+
+    One object may serve many threads (and ``aembed`` tasks) at once: a text that one call
+    is requesting is not requested again by another; that call waits for the first one's
+    answer and counts it as a hit (if the first request fails, the waiting call asks for the
+    text itself). Each call counts in :attr:`stats` only the requests and tokens of its own
+    requests. A CachedEmbedder pickles (e.g. for ``ProcessPoolExecutor().map(emb.embed,
+    chunks)``) when its embedder does: the copy opens the same cache directory, and its
+    ``stats`` count on from a copy of this object's.
     """
 
     def __init__(self, embedder: Embedder, cache: EmbeddingCache | None = None) -> None:
@@ -896,7 +1022,13 @@ class CachedEmbedder:
         self._owns_cache = cache is None
         self.cache = cache if cache is not None else EmbeddingCache()
         self._stats = EmbedStats()
+        self._init_locks()
+
+    def _init_locks(self) -> None:
         self._stats_lock = threading.Lock()
+        # key -> the request for it under way in one call; other calls wanting it wait for it
+        self._inflight: dict[bytes, _Pending] = {}
+        self._inflight_lock = threading.Lock()
 
     @property
     def cache_namespace(self) -> str:
@@ -940,13 +1072,18 @@ class CachedEmbedder:
         on_batch: ``on_batch(positions, vectors)`` as in the Embedder protocol: once for the
             texts served from the cache, then as each batch of misses arrives.
         """
-        call = _Call(self, texts, progress, on_batch)
-        try:
-            call.deliver(np.flatnonzero(call.have))
-            result = self._embed_misses(call) if len(call.missing) else None
-            return call.finish(result)
-        finally:
-            call.close()
+        with metered() as usage:
+            call = _Call(self, texts, progress, on_batch, usage, thread=threading.get_ident(), blocking=True)
+            try:
+                call.deliver(np.flatnonzero(call.have))
+                call.claim(np.flatnonzero(~call.have))
+                while len(call.missing) or call.waiting:
+                    if len(call.missing):
+                        call.finish(self._embed_misses(call))
+                    call.take_waited()
+                return call.result()
+            finally:
+                call.close()
 
     async def aembed(
         self,
@@ -961,23 +1098,32 @@ class CachedEmbedder:
         worker thread; the cache lookup runs in a worker thread too. Batches that arrive on
         the event loop are written to the cache there (one short transaction each).
         """
-        call = await asyncio.to_thread(_Call, self, texts, progress, on_batch)
-        try:
-            call.deliver(np.flatnonzero(call.have))
-            result = None
-            if len(call.missing):
-                aembed = self._aembed
-                if aembed is None:
-                    result = await asyncio.to_thread(self._embed_misses, call)
-                elif self._aembed_takes_on_batch:
-                    result = await aembed(call.miss_texts, on_batch=call.on_batch)
-                else:
-                    for start, stop in _spans(len(call.miss_texts), self._chunk):
-                        call.on_batch(_arange(start, stop), await aembed(call.miss_texts[start:stop]))
-                    result = call.written_vectors()
-            return await asyncio.to_thread(call.finish, result)
-        finally:
-            call.close()
+        with metered() as usage:
+            call = await asyncio.to_thread(
+                _Call, self, texts, progress, on_batch, usage, thread=threading.get_ident(), blocking=False
+            )
+            try:
+                call.deliver(np.flatnonzero(call.have))
+                await asyncio.to_thread(call.claim, np.flatnonzero(~call.have))
+                while len(call.missing) or call.waiting:
+                    if len(call.missing):
+                        await asyncio.to_thread(call.finish, await self._aembed_misses(call))
+                    await call.await_waiting()
+                    await asyncio.to_thread(call.take_waited)
+                return call.result()
+            finally:
+                call.close()
+
+    async def _aembed_misses(self, call: _Call) -> object:
+        """:meth:`_embed_misses` for :meth:`aembed`."""
+        aembed = self._aembed
+        if aembed is None:
+            return await asyncio.to_thread(self._embed_misses, call)
+        if self._aembed_takes_on_batch:
+            return await aembed(call.miss_texts, on_batch=call.on_batch)
+        for start, stop in _spans(len(call.miss_texts), self._chunk):
+            call.on_batch(_arange(start, stop), await aembed(call.miss_texts[start:stop]))
+        return call.written_vectors()
 
     def _embed_misses(self, call: _Call) -> object:
         """Ask the embedder for ``call``'s misses; what it returns goes to ``call.finish``."""
@@ -1000,3 +1146,15 @@ class CachedEmbedder:
 
     def __repr__(self) -> str:
         return f"CachedEmbedder({self.embedder!r}, cache={self.cache!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Locks and the requests under way stay in this process; the copy starts from the
+        # counters as they are now.
+        local = ("_stats_lock", "_inflight", "_inflight_lock")
+        state = {k: v for k, v in self.__dict__.items() if k not in local}
+        state["_stats"] = self.stats
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_locks()

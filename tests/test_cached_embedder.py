@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import multiprocessing
 import os
+import pickle
 import sqlite3
 import threading
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -566,3 +569,192 @@ def test_server_faults_leave_nothing_cached_for_those_texts(fake_server, cache, 
                                   np.stack([expected_vector(t, 8) for t in texts]))
     assert [r.body["input"] for r in fake_server.embedding_requests[before:]] == [texts[2:]]
     provider.close()
+
+
+# ----------------------------------------------------------------------------- shared by threads
+
+
+def _run_threads(target, n):
+    """Run ``target(i)`` in ``n`` threads started together; re-raise the first error."""
+    barrier = threading.Barrier(n)
+    errors = []
+
+    def body(i):
+        try:
+            barrier.wait()
+            target(i)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread never finished"
+    if errors:
+        raise errors[0]
+
+
+def _server_embedder(fake_server, **kwargs):
+    from embedcache.providers.openai import OpenAIEmbeddings
+
+    settings = dict(batch_size=4, max_concurrency=4, requests_per_second=None, sleep=lambda s: None)
+    return OpenAIEmbeddings("test-embed-small", base_url=fake_server.base_url, api_key="test-key",
+                            **{**settings, **kwargs})
+
+
+def test_threads_count_exactly_the_requests_and_tokens_they_made(fake_server, cache):
+    provider = _server_embedder(fake_server)
+    emb = CachedEmbedder(provider, cache=cache)
+    texts = {i: [f"thread {i} text {j} of {'word ' * (j % 3)}" for j in range(20)] for i in range(16)}
+    # slow replies keep many requests of different calls under way at once
+    fake_server.push(*[Fault.slow(0.05) for _ in range(32)])
+    results = {}
+    _run_threads(lambda i: results.__setitem__(i, emb.embed(texts[i], progress=False)), 16)
+    for i, x in results.items():
+        np.testing.assert_array_equal(x, np.stack([expected_vector(t, 8) for t in texts[i]]))
+    received = fake_server.embedding_requests
+    assert len(received) == 16 * 5
+    assert emb.stats.requests == len(received)
+    assert emb.stats.tokens == sum(len(t.split()) for r in received for t in r.body["input"])
+    assert (emb.stats.hits, emb.stats.misses) == (0, 320)
+    provider.close()
+
+
+def test_threads_missing_the_same_texts_at_once_request_each_text_once(fake_server, cache):
+    provider = _server_embedder(fake_server)
+    emb = CachedEmbedder(provider, cache=cache)
+    texts = [f"shared text {j}" for j in range(40)]
+    windows = {i: texts[i * 3 : i * 3 + 16] for i in range(8)}  # overlapping windows
+    fake_server.push(*[Fault.slow(0.2) for _ in range(8)])  # the first requests are still under way
+    results = {}
+    _run_threads(lambda i: results.__setitem__(i, emb.embed(windows[i], progress=False)), 8)
+    for i, x in results.items():
+        np.testing.assert_array_equal(x, np.stack([expected_vector(t, 8) for t in windows[i]]))
+    sent = [t for r in fake_server.embedding_requests for t in r.body["input"]]
+    wanted = sorted(set().union(*map(set, windows.values())))
+    assert sorted(sent) == wanted  # every text once, no text twice
+    assert emb.stats.misses == len(wanted)
+    assert emb.stats.hits == sum(map(len, windows.values())) - len(wanted)
+    assert emb.stats.requests == len(fake_server.embedding_requests)
+    provider.close()
+
+
+class GatedEmbedder:
+    """The first call blocks until ``release`` is set, then fails or answers; later calls
+    answer at once."""
+
+    cache_namespace = "gated|test"
+    model = "gated"
+    dimensions = None
+
+    def __init__(self, *, first_fails):
+        self.first_fails = first_fails
+        self.calls = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.usage = Usage()
+
+    def embed(self, texts, *, on_batch=None):
+        self.calls.append(list(texts))
+        self.usage.add(requests=1)
+        if len(self.calls) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+            if self.first_fails:
+                raise ConnectionError("the first request failed")
+        return np.stack([vector_of(t, 8) for t in texts])
+
+
+@pytest.mark.parametrize("first_fails", [False, True])
+def test_a_call_waits_for_the_request_another_call_has_under_way(cache, first_fails):
+    fake = GatedEmbedder(first_fails=first_fails)
+    emb = CachedEmbedder(fake, cache=cache)
+    outcome = {}
+
+    def call(name, texts):
+        try:
+            outcome[name] = emb.embed(texts, progress=False)
+        except ConnectionError as exc:
+            outcome[name] = exc
+
+    first = threading.Thread(target=call, args=("first", ["x", "y"]))
+    first.start()
+    assert fake.entered.wait(10)
+    second = threading.Thread(target=call, args=("second", ["y", "z"]))
+    second.start()
+    deadline = time.monotonic() + 10
+    while len(fake.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    # the second call asked only for "z", and waits for "y", which the first call is requesting
+    assert fake.calls == [["x", "y"], ["z"]] and second.is_alive()
+    fake.release.set()
+    first.join(10), second.join(10)
+    assert not first.is_alive() and not second.is_alive(), "a waiting call never finished"
+    np.testing.assert_array_equal(outcome["second"], expected(["y", "z"]))
+    if first_fails:
+        assert isinstance(outcome["first"], ConnectionError)
+        assert fake.calls == [["x", "y"], ["z"], ["y"]]  # the waiter asked for "y" itself
+        assert (emb.stats.hits, emb.stats.misses, emb.stats.requests) == (0, 4, 3)
+    else:
+        np.testing.assert_array_equal(outcome["first"], expected(["x", "y"]))
+        assert fake.calls == [["x", "y"], ["z"]]
+        assert (emb.stats.hits, emb.stats.misses, emb.stats.requests) == (1, 3, 2)
+
+
+def test_concurrent_aembed_calls_request_a_text_once(cache):
+    fake = AsyncFakeEmbedder(batch_size=2)
+    emb = CachedEmbedder(fake, cache=cache)
+    texts = [f"a{i}" for i in range(6)]
+
+    async def main():
+        return await asyncio.gather(*(emb.aembed(texts, progress=False) for _ in range(4)))
+
+    for x in asyncio.run(main()):
+        np.testing.assert_array_equal(x, expected(texts))
+    assert sorted(fake.requested) == sorted(texts)
+    assert (emb.stats.hits, emb.stats.misses) == (18, 6)
+
+
+def test_embedding_the_same_texts_inside_on_batch_does_not_wait_for_itself(cache):
+    emb = CachedEmbedder(FakeEmbedder(batch_size=2), cache=cache)
+    texts = [f"n{i}" for i in range(6)]
+    inner = []
+
+    def on_batch(positions, vectors):
+        inner.append(emb.embed(texts, progress=False))
+
+    worker = threading.Thread(target=lambda: emb.embed(texts, on_batch=on_batch, progress=False))
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "a call waited for a request of its own caller"
+    for x in inner:
+        np.testing.assert_array_equal(x, expected(texts))
+
+
+# ----------------------------------------------------------------------------- other processes
+
+
+def test_pickled_cached_embedder_works_in_a_process_pool(tmp_path):
+    emb = CachedEmbedder(HashingEmbeddings(32), cache=EmbeddingCache(tmp_path / "cache"))
+    emb.embed(["warm"])  # locks and counters exist by now
+    chunks = [[f"chunk {i} text {j}" for j in range(5)] for i in range(4)]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = list(pool.map(emb.embed, chunks))
+    for chunk, x in zip(chunks, got):
+        np.testing.assert_array_equal(x, HashingEmbeddings(32).embed(chunk))
+    assert len(emb.cache) == 21  # the workers wrote to the same cache directory
+    before = emb.stats
+    emb.embed(chunks[0])
+    assert emb.stats.hits == before.hits + 5 and emb.stats.misses == before.misses
+
+
+def test_usage_pickles_with_its_counts():
+    usage = Usage()
+    usage.add(requests=2, tokens=7)
+    copy = pickle.loads(pickle.dumps(usage))
+    assert copy.snapshot() == (2, 7)
+    copy.add(requests=1)
+    assert copy.snapshot() == (3, 7) and usage.snapshot() == (2, 7)

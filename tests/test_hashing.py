@@ -1,7 +1,10 @@
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
+import unicodedata
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -25,10 +28,19 @@ def _fnv1a_fmix(data: bytes) -> int:
     return h
 
 
+def _probe(h: int, p: int) -> int:
+    mask = (1 << 64) - 1
+    z = (h + (p + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
 def naive_embed(text, dim, lo, hi, lowercase=True):
     """Obviously correct pure-Python version of the documented algorithm."""
+    text = unicodedata.normalize("NFKC", text)
     if lowercase:
-        text = text.lower()
+        text = unicodedata.normalize("NFKC", text.lower())
     text = " " + " ".join(text.split()) + " "
     grams = [text[s : s + n] for n in range(lo, hi + 1) for s in range(len(text) - n + 1)]
     if not grams:
@@ -39,8 +51,10 @@ def naive_embed(text, dim, lo, hi, lowercase=True):
     vec = np.zeros(dim, dtype=np.float64)
     for g, c in sorted(counts.items(), key=lambda kv: _fnv1a_fmix(kv[0].encode("utf-8", "surrogatepass"))):
         h = _fnv1a_fmix(g.encode("utf-8", "surrogatepass"))
-        sign = -1.0 if h & 1 else 1.0
-        vec[(h >> 1) % dim] += sign * (1.0 + math.log(c))
+        for p in range(4):
+            z = _probe(h, p)
+            sign = -1.0 if z & 1 else 1.0
+            vec[(z >> 1) % dim] += sign * (1.0 + math.log(c))
     norm = np.linalg.norm(vec)
     return (vec / norm if norm > 0 else vec).astype(np.float32)
 
@@ -168,3 +182,48 @@ def test_bad_settings(kwargs, exc):
 def test_bad_texts_name_the_position(texts, match):
     with pytest.raises(InvalidInputError, match=match):
         HashingEmbeddings().embed(texts)
+
+
+# ----------------------------------------------------------------------------- real text
+
+
+def test_canonically_equivalent_spellings_give_the_same_vector():
+    emb = HashingEmbeddings()
+    nfc, nfd = "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e", unicodedata.normalize("NFD", "café crème brûlée")
+    assert nfc != nfd
+    X = emb.embed([nfc, nfd, "\uff43\uff41\uff46\u00e9 cr\u00e8me br\u00fbl\u00e9e"])  # full-width "café"
+    np.testing.assert_array_equal(X[0], X[1])
+    np.testing.assert_array_equal(X[0], X[2])  # NFKC: compatibility forms hash as plain ones
+
+
+def test_distinct_single_characters_give_distinct_vectors():
+    from embedcache import deduplicate
+
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 20_000)]  # CJK unified ideographs
+    X = HashingEmbeddings().embed(chars)
+    assert len(np.unique(X, axis=0)) == len(chars)
+    kept = deduplicate(X, threshold=0.9).kept
+    assert len(kept) >= len(chars) - 10
+
+
+def test_different_emoji_are_far_apart():
+    emoji = [chr(c) for c in range(0x1F300, 0x1F300 + 200)]
+    X = HashingEmbeddings().embed(emoji)
+    S = X @ X.T
+    np.fill_diagonal(S, 0.0)
+    assert np.abs(S).max() <= 0.5
+
+
+def test_vectors_of_the_first_version_are_never_reused():
+    # version 1 hashed unnormalized text with one bucket per n-gram
+    assert HashingEmbeddings().cache_namespace != "hashing|v1|dim=512|ngram=3-5|lowercase=1"
+
+
+def test_works_in_a_process_pool():
+    emb = HashingEmbeddings(32, batch_size=2)
+    emb.embed(["warm"])
+    chunks = [[f"chunk {i} text {j}" for j in range(5)] for i in range(3)]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = list(pool.map(emb.embed, chunks))
+    for chunk, x in zip(chunks, got):
+        np.testing.assert_array_equal(x, emb.embed(chunk))

@@ -9,12 +9,22 @@ never serves one model's vectors for another.
 (possibly out of order, from the thread that received it), with ``positions`` an int64 array
 of indices into ``texts`` and ``vectors`` the matching rows. :class:`embedcache.CachedEmbedder`
 uses it to write what was paid for before the whole call finishes.
+
+Providers count what they spend in a :class:`Usage` (``usage.add(requests=1)`` per request
+sent, ``usage.add(tokens=n)`` per reply). Every ``add`` is also counted by the
+:func:`metered` blocks open in the calling context, so a caller learns what *its* call cost
+even while other threads use the same provider. A provider that works in a thread pool
+submits its work with ``contextvars.copy_context().run`` so that the pool's threads report
+to the caller's meters.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -22,7 +32,15 @@ import numpy as np
 
 from embedcache.errors import InvalidInputError, InvalidInputTypeError
 
-__all__ = ["BatchCallback", "Embedder", "Usage", "check_int", "validate_texts"]
+__all__ = [
+    "BatchCallback",
+    "Embedder",
+    "Usage",
+    "check_int",
+    "metered",
+    "normalize_text",
+    "validate_texts",
+]
 
 BatchCallback = Callable[[np.ndarray, np.ndarray], None]
 
@@ -47,7 +65,10 @@ class Embedder(Protocol):
 
 @dataclass
 class Usage:
-    """Cumulative request and token counters of one provider (thread-safe increments)."""
+    """Cumulative request and token counters of one provider (thread-safe increments).
+
+    Pickles as its counts (a copy in another process counts on from there).
+    """
 
     requests: int = 0
     tokens: int = 0
@@ -56,6 +77,13 @@ class Usage:
         self._lock = threading.Lock()
 
     def add(self, requests: int = 0, tokens: int = 0) -> None:
+        """Count ``requests`` and ``tokens`` here and in every :func:`metered` block open in
+        the calling context."""
+        self._count(requests, tokens)
+        for meter in _meters.get():
+            meter._count(requests, tokens)
+
+    def _count(self, requests: int, tokens: int) -> None:
         with self._lock:
             self.requests += requests
             self.tokens += tokens
@@ -63,6 +91,46 @@ class Usage:
     def snapshot(self) -> tuple[int, int]:
         with self._lock:
             return self.requests, self.tokens
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"requests": self.requests, "tokens": self.tokens}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["requests"], state["tokens"])  # type: ignore[misc]
+
+
+_meters: ContextVar[tuple[Usage, ...]] = ContextVar("embedcache_usage_meters", default=())
+
+
+@contextmanager
+def metered() -> Iterator[Usage]:
+    """A fresh :class:`Usage` counting every ``Usage.add`` made in this context until the block
+    ends: by this thread, by tasks it starts, by ``asyncio.to_thread`` and by pool work
+    submitted with a copy of the context. Other threads' work is not counted.
+
+    >>> provider = Usage()
+    >>> with metered() as mine:
+    ...     provider.add(requests=1, tokens=5)
+    >>> provider.add(requests=1)
+    >>> mine.snapshot(), provider.snapshot()
+    ((1, 5), (2, 5))
+    """
+    meter = Usage()
+    token = _meters.set((*_meters.get(), meter))
+    try:
+        yield meter
+    finally:
+        _meters.reset(token)
+
+
+def normalize_text(text: str) -> str:
+    """``text`` in Unicode normalization form NFC, so that canonically equivalent spellings of
+    the same visible text (``"caf\\u00e9"`` and ``"cafe\\u0301"``) compare equal.
+
+    >>> normalize_text("cafe\\u0301") == normalize_text("caf\\u00e9") == "caf\\u00e9"
+    True
+    """
+    return unicodedata.normalize("NFC", text)
 
 
 def check_int(name: str, value: object, minimum: int) -> int:

@@ -3,10 +3,17 @@
 No model, no network, no randomness: the same text gives the same vector in every process
 and on every machine, because n-grams are hashed with our own 64-bit FNV-1a over their UTF-8
 bytes (never Python's salted ``hash()``).
+
+Text is brought to Unicode normalization form NFKC first, so canonically equivalent
+spellings (``"caf\\u00e9"`` and ``"cafe\\u0301"``) and compatibility forms (full-width letters,
+ligatures) give the same vector. Each n-gram adds its weight to ``_PROBES`` buckets (with
+their own signs): a text of one or two characters has a single n-gram or a few, and with one
+bucket each there would be only ``2 * dim`` different vectors for all of them.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 import numba
@@ -18,12 +25,19 @@ from embedcache.providers.base import BatchCallback, Usage, check_int, validate_
 __all__ = ["HashingEmbeddings"]
 
 # Bumped whenever a change to this module changes the vectors it returns.
-_ALGORITHM_VERSION = 1
+# 2: NFKC normalization; each n-gram in _PROBES buckets
+_ALGORITHM_VERSION = 2
+#: buckets (each with its own sign) that every n-gram adds its weight to
+_PROBES = 4
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 _MIX1 = np.uint64(0xFF51AFD7ED558CCD)
 _MIX2 = np.uint64(0xC4CEB9FE1A85EC53)
+# splitmix64 constants: the probes of one n-gram hash
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_SPLIT1 = np.uint64(0xBF58476D1CE4E5B9)
+_SPLIT2 = np.uint64(0x94D049BB133111EB)
 
 
 @numba.njit(cache=True, inline="always")
@@ -60,14 +74,24 @@ def _hash_ngram(cps, start, n):
     return h
 
 
+@numba.njit(cache=True, inline="always")
+def _probe(h, p):
+    """The ``p``-th probe of n-gram hash ``h``: a splitmix64 step from ``h + (p + 1) * golden``;
+    bit 0 is the sign, the rest picks the bucket."""
+    z = h + np.uint64(p + 1) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _SPLIT1
+    z = (z ^ (z >> np.uint64(27))) * _SPLIT2
+    return z ^ (z >> np.uint64(31))
+
+
 @numba.njit(parallel=True, cache=True)
-def _embed_codepoints(cps, offsets, dim, lo, hi, out):
+def _embed_codepoints(cps, offsets, dim, lo, hi, probes, out):
     """Fill ``out[i]`` with the L2-normalized signed hashed n-gram vector of text ``i``.
 
     cps: uint32 code points of all texts, concatenated; offsets: int64 (n + 1,) bounds.
-    Each distinct n-gram of a text adds sign * (1 + log(count)) to its bucket; the sum
-    runs over the text's n-grams in sorted hash order, so the result does not depend on
-    the thread count.
+    Each distinct n-gram of a text adds sign * (1 + log(count)) to each of its ``probes``
+    buckets; the sum runs over the text's n-grams in sorted hash order, so the result does
+    not depend on the thread count.
     """
     n_texts = offsets.shape[0] - 1
     udim = np.uint64(dim)
@@ -99,11 +123,13 @@ def _embed_codepoints(cps, offsets, dim, lo, hi, out):
             while k + run < hashes.shape[0] and hashes[k + run] == h:
                 run += 1
             weight = 1.0 + np.log(run)
-            bucket = (h >> np.uint64(1)) % udim
-            if h & np.uint64(1):
-                acc[bucket] -= weight
-            else:
-                acc[bucket] += weight
+            for p in range(probes):
+                z = _probe(h, p)
+                bucket = (z >> np.uint64(1)) % udim
+                if z & np.uint64(1):
+                    acc[bucket] -= weight
+                else:
+                    acc[bucket] += weight
             k += run
         norm = 0.0
         for j in range(dim):
@@ -115,8 +141,9 @@ def _embed_codepoints(cps, offsets, dim, lo, hi, out):
 
 
 def _prepare(text: str, lowercase: bool) -> str:
-    if lowercase:
-        text = text.lower()
+    text = unicodedata.normalize("NFKC", text)
+    if lowercase:  # lowercasing can leave text that is not NFKC: normalize again
+        text = unicodedata.normalize("NFKC", text.lower())
     return " " + " ".join(text.split()) + " "
 
 
@@ -128,11 +155,13 @@ class HashingEmbeddings:
     "a car" and "an automobile" are far apart. Use a real model
     (:class:`OpenAIEmbeddings`, :class:`LocalEmbeddings`) for meaning.
 
-    Each text is (optionally) lowercased, its whitespace runs collapsed to one space and
-    padded with a space on both sides; every character n-gram with ``ngram_range[0] <= n
-    <= ngram_range[1]`` is hashed (64-bit FNV-1a over UTF-8 bytes) to a bucket and a sign;
-    a distinct n-gram seen ``c`` times adds ``±(1 + log c)`` to its bucket; rows are
-    L2-normalized. Deterministic across processes, machines and thread counts.
+    Each text is brought to Unicode form NFKC, (optionally) lowercased, its whitespace runs
+    collapsed to one space and padded with a space on both sides; every character n-gram
+    with ``ngram_range[0] <= n <= ngram_range[1]`` is hashed (64-bit FNV-1a over UTF-8
+    bytes) to 4 buckets, each with a sign; a distinct n-gram seen ``c`` times adds
+    ``±(1 + log c)`` to each of its buckets; rows are L2-normalized. A text shorter than
+    the shortest n-gram is one n-gram. Deterministic across processes, machines and thread
+    counts.
 
     dim: output dimension. Larger lowers hash collisions (more memory per vector).
     ngram_range: (min, max) n-gram lengths in characters.
@@ -198,7 +227,7 @@ class HashingEmbeddings:
             np.cumsum(lengths, out=offsets[1:])
             cps = np.frombuffer("".join(chunk).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
             block = out[start : start + len(chunk)]
-            _embed_codepoints(cps, offsets, self.dim, lo, hi, block)
+            _embed_codepoints(cps, offsets, self.dim, lo, hi, _PROBES, block)
             self.usage.add(requests=1)
             if on_batch is not None:
                 on_batch(np.arange(start, start + len(chunk), dtype=np.int64), block)

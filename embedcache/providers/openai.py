@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import email.utils
 import inspect
 import json
@@ -849,7 +850,9 @@ class OpenAIEmbeddings:
         todo = iter(plan)
 
         def submit(start: int, stop: int) -> None:
-            pending[executor.submit(self._embed_batch, items[start:stop], halt)] = (start, stop)
+            # a copy of the caller's context: the batch's usage counts toward the caller's meters
+            run = contextvars.copy_context().run
+            pending[executor.submit(run, self._embed_batch, items[start:stop], halt)] = (start, stop)
 
         try:
             # Keep at most max_concurrency batches submitted, so a failure stops the rest.
