@@ -61,7 +61,7 @@ from embedcache.errors import (
     MissingDependencyError,
     NamespaceMismatchError,
 )
-from embedcache.providers.base import validate_texts
+from embedcache.providers.base import normalize_text, validate_texts
 from embedcache.store import VectorStore
 
 __all__ = ["DedupResult", "PairTable", "deduplicate", "knn_graph", "near_duplicates"]
@@ -539,7 +539,8 @@ def _prepare(items: Any, *, emb: _Embedding, progress: bool | None, name: str = 
         return _from_matrix(x, texts=texts if texts_ok else None, ids=ids)
     if _is_texts(items):
         texts = validate_texts(items, allow_empty_list=True, what=name)
-        inverse, first = _collapse(texts)
+        # canonically equivalent spellings (NFC and NFD "café") are the same text
+        inverse, first = _collapse([normalize_text(t) for t in texts])
         if not len(first):
             return _Prepared(np.zeros((0, 1), dtype=np.float32), inverse, first, texts, None)
         x = _as_matrix(emb.embed([texts[k] for k in first], progress), "embeddings")

@@ -879,3 +879,23 @@ def test_items_that_are_neither_texts_nor_vectors_are_named(make, error, match):
     named = match.replace("items must", "against must").replace(r"items\[", r"against\[")
     with pytest.raises(error, match=named.replace("(items", "(against")):
         ec.deduplicate(["x"], against=make(), threshold=0.9, progress=False)
+
+
+class _BytesEmbedder:
+    """Vectors from the UTF-8 bytes of each text, so NFC and NFD spellings differ."""
+
+    cache_namespace = "test:bytes"
+
+    def embed(self, texts):
+        import hashlib as _h
+
+        rows = [np.frombuffer(_h.sha256(t.encode("utf-8")).digest(), dtype=np.uint8) for t in texts]
+        return np.asarray(rows, dtype=np.float32) - 127.5
+
+
+def test_canonically_equivalent_texts_are_exact_duplicates():
+    nfc, nfd = "caf\u00e9 au lait", "cafe\u0301 au lait"
+    emb = _BytesEmbedder()
+    assert ec.cosine_similarity(emb.embed([nfc, nfd]))[0, 1] < 0.9  # the embedder tells them apart
+    res = ec.deduplicate([nfc, "tea", nfd], threshold=0.99, embedder=emb, progress=False)
+    assert res.kept.tolist() == [0, 1] and res.duplicate_of.tolist() == [0]
