@@ -29,6 +29,7 @@ import numpy as np
 
 from embedcache.errors import (
     ConfigurationError,
+    DuplicateIdError,
     EmbedCacheError,
     InvalidInputError,
     MissingDependencyError,
@@ -627,9 +628,12 @@ def _cache(cache_dir: str | None):
 
 
 def _cached(embedder_opts: dict[str, Any], cache_dir: str | None, quiet: bool):
+    return _with_cache(make_embedder(**embedder_opts, quiet=quiet), cache_dir)
+
+
+def _with_cache(emb: Any, cache_dir: str | None):
     from embedcache.cache import CachedEmbedder
 
-    emb = make_embedder(**embedder_opts, quiet=quiet)
     cache = _cache(cache_dir)
     _opened.append(cache)
     return CachedEmbedder(emb, cache=cache)
@@ -650,24 +654,40 @@ def common_options(f):
     return wrapper
 
 
-def provider_options(f):
+_DEFAULT_PROVIDER = "openai when IONOS_API_TOKEN or OPENAI_API_KEY is set, else hashing"
+#: the options that say which embedder to use (the others only tune requests)
+_EMBEDDER_OPTIONS = ("provider", "model", "base_url")
+
+
+def provider_options(f, *, store: bool = False):
+    """The embedder options; with ``store``, their defaults are what made STORE's vectors."""
+    provider_default, url_default = _DEFAULT_PROVIDER, ""
+    model_default = f"openai default: {DEFAULT_OPENAI_MODEL}"
+    if store:
+        provider_default = f"the embedder that made STORE's vectors (a new store: {_DEFAULT_PROVIDER})"
+        model_default = f"default: the store's; for a new store, {model_default}"
+        url_default = " Default: the store's."
+
     @click.option("--provider", type=click.Choice(["openai", "hashing", "local"]), default=None,
                   help="Embedder: an OpenAI-compatible server (IONOS by default), the built-in "
-                       "hashing embedder, or a local sentence-transformers model. Default: openai "
-                       "when IONOS_API_TOKEN or OPENAI_API_KEY is set, else hashing.")
-    @click.option("--model", default=None, help=f"Model id (openai default: {DEFAULT_OPENAI_MODEL}).")
+                       "hashing embedder, or a local sentence-transformers model. "
+                       f"Default: {provider_default}.")
+    @click.option("--model", default=None, help=f"Model id ({model_default}).")
     @click.option("--base-url", default=None,
-                  help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1.")
+                  help=f"OpenAI-compatible base URL, e.g. http://localhost:8000/v1.{url_default}")
     @click.option("--max-retries", type=click.IntRange(min=0), default=None,
                   help="Retries of a failed request (openai provider).")
     @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Seconds to wait for a reply (openai provider).")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        opts = {key: kwargs.pop(key) for key in ("provider", "model", "base_url", "max_retries", "timeout")}
+        opts = {key: kwargs.pop(key) for key in (*_EMBEDDER_OPTIONS, "max_retries", "timeout")}
         return f(*args, embedder_opts=opts, **kwargs)
 
     return wrapper
+
+
+store_provider_options = functools.partial(provider_options, store=True)
 
 
 def input_options(f):
@@ -874,79 +894,168 @@ def _store_provider(vs: Any, embedder_opts: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _store_embedder(vs: Any, store_path: str, embedder_opts: dict[str, Any], cache_dir: str | None,
-                    quiet: bool):
-    """The cached embedder for STORE; refuses one whose vectors the store's cannot be compared
-    with, before anything is sent anywhere."""
-    emb = _cached(_store_provider(vs, embedder_opts), cache_dir, quiet)
+def _hashing_of(namespace: str):
+    """The hashing embedder whose vectors carry ``namespace``; None for another embedder (or
+    another version of the hashing algorithm)."""
+    from embedcache.providers import HashingEmbeddings
+
+    m = re.fullmatch(r"hashing\|v\d+\|dim=(\d+)\|ngram=(\d+)-(\d+)\|lowercase=([01])", namespace)
+    if m is None:
+        return None
+    emb = HashingEmbeddings(int(m[1]), ngram_range=(int(m[2]), int(m[3])), lowercase=m[4] == "1")
+    return emb if emb.cache_namespace == namespace else None
+
+
+def _rebuilt(vs: Any, embedder_opts: dict[str, Any]):
+    """The embedder that made STORE's vectors, made from what the store recorded (the options
+    that name an embedder left out); None when the command line cannot make one that gives the
+    same vectors (a custom embedder, say)."""
     ns = vs.namespace
-    if ns is not None and emb.cache_namespace != ns:
-        raise NamespaceMismatchError(
-            f"{store_path} holds vectors of {ns!r}, the options give {emb.cache_namespace!r}; "
-            "leave out --provider, --model and --base-url to use the store's embedder"
-        )
-    return emb
+    if ns is None:
+        return None
+    emb = _hashing_of(ns)
+    if emb is None and ns.split("|")[0] in ("local", "openai"):
+        opts = dict(embedder_opts, **dict.fromkeys(_EMBEDDER_OPTIONS))
+        emb = make_embedder(**_store_provider(vs, opts), quiet=True)
+    return emb if emb is not None and emb.cache_namespace == ns else None
+
+
+def _store_embedder(vs: Any, store_path: str, embedder_opts: dict[str, Any], cache_dir: str | None,
+                    quiet: bool, *, python: str):
+    """The cached embedder for STORE: the one the options name, else the one that made its
+    vectors. Refuses one whose vectors the store's cannot be compared with, before anything is
+    sent anywhere; ``python`` is the call to make from Python when the store's cannot be rebuilt."""
+    ns = vs.namespace
+    given = ", ".join(f"--{key.replace('_', '-')}" for key in _EMBEDDER_OPTIONS if embedder_opts[key] is not None)
+    cannot = (f"{store_path} holds vectors of {ns!r}, which the command line cannot rebuild from what "
+              f"the store recorded; use Python with the embedder that made them: {python}")
+    if ns is None or given:
+        emb = make_embedder(**_store_provider(vs, embedder_opts), quiet=quiet)
+        if ns is not None and emb.cache_namespace != ns:
+            gives = f"{given} {'give' if ',' in given else 'gives'} {emb.cache_namespace!r}"
+            if _rebuilt(vs, embedder_opts) is None:
+                raise NamespaceMismatchError(f"{cannot} ({gives})")
+            raise NamespaceMismatchError(
+                f"{store_path} holds vectors of {ns!r}, {gives}; leave out {given} to use the store's embedder"
+            )
+    else:
+        emb = _rebuilt(vs, embedder_opts)
+        if emb is None:
+            raise NamespaceMismatchError(cannot)
+        _say(quiet, f"used the store's embedder, {emb!r}")
+    return _with_cache(emb, cache_dir)
 
 
 @store.command("add")
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 @input_options
-@click.option("--id-field", default=None, help="Field with row ids (default: id if present, else the row number).")
+@click.option("--id-field", default=None,
+              help="Field with row ids (default: id if present, else a hash of the row's text, "
+                   "so adding the same rows again is refused instead of storing them twice).")
 @click.option("--upsert", is_flag=True, help="Replace rows whose id already exists.")
-@provider_options
+@store_provider_options
 @common_options
 def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opts, cache_dir, quiet):
-    """Embed the rows of INPUT and add them to STORE (created if missing)."""
+    """Embed the rows of INPUT and add them to STORE (created if missing).
+
+    Every field of a row is kept as its metadata; the store's text_key (see store info), the
+    --field of its first add, names the field that holds the embedded text. A row's id is its
+    --id-field (default: id, if present), else a hash of its text (-2, -3 ... after it for a text
+    repeated in INPUT): adding the same rows again is refused, or with --upsert replaces them.
+    """
+    from embedcache.store import text_ids
+
     data = read_input(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to add")
-    ids = data.ids(id_field) or [str(k) for k in range(len(data.rows))]
-    metadata = [{k: v for k, v in row.items() if _jsonable(v)} for row in data.rows]
-    for meta, text in zip(metadata, data.texts):
-        meta["text"] = text
+    ids = data.ids(id_field)
+    hashed = ids is None
+    if hashed:
+        ids = text_ids(data.texts)
+    metadata = [_jsonable(row) for row in data.rows]
     with _open_store(store_path, must_exist=False) as vs:
-        emb = _store_embedder(vs, store_path, embedder_opts, cache_dir, quiet)
+        key = data.field if len(vs) == 0 else vs.text_key
+        for k, (meta, text) in enumerate(zip(metadata, data.texts)):
+            if key in meta and meta[key] != text:
+                raise InvalidInputError(
+                    f"{input_path}: row {k + 1} has a field {key!r} of its own, where {store_path} keeps "
+                    f"the text embedded (--field {data.field!r}); rename that field, or add to a new store"
+                )
+        emb = _store_embedder(vs, store_path, embedder_opts, cache_dir, quiet,
+                              python="store.add_texts(texts, embedder)")
         before = len(vs)
-        vs.add_texts(data.texts, emb, ids=ids, metadata=metadata, upsert=upsert)
+        try:
+            vs.add_texts(data.texts, emb, ids=ids, metadata=metadata, upsert=upsert, text_key=key)
+        except DuplicateIdError:
+            raise DuplicateIdError(_duplicate_id_message(vs, store_path, data, ids, hashed)) from None
         click.echo(f"{store_path}: {len(vs)} rows ({len(vs) - before:+d})")
 
 
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+def _duplicate_id_message(vs: Any, store_path: str, data: Dataset, ids: list[str], hashed: bool) -> str:
+    """Which row of INPUT has an id twice or already in STORE, and the options that help."""
+    first: dict[str, int] = {}
+    for k, i in enumerate(ids):
+        if i in first:
+            return (f"{data.path}: rows {first[i] + 1} and {k + 1} have the same id {i!r}; "
+                    "ids must be unique: choose another field with --id-field")
+        first[i] = k
+    k = next(k for k, i in enumerate(ids) if i in vs)
+    if hashed:
+        return (f"{data.path}: the text of row {k + 1} is already in {store_path} (as id {ids[k]!r}, a hash "
+                "of the text); pass --upsert to replace the stored rows, or take ids from a field with --id-field")
+    return (f"{data.path}: id {ids[k]!r} (row {k + 1}) is already in {store_path}; pass --upsert to replace "
+            "the stored rows, or take ids from another field with --id-field")
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as JSON holds it: every field, values JSON has no type for (dates, bytes) as text."""
+    return json.loads(json.dumps(row, ensure_ascii=False, default=str))
 
 
 @store.command("info")
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 def store_info(store_path):
-    """Print what STORE holds."""
+    """Print what STORE holds, and the embedder that store add and store search use with it."""
     with _open_store(store_path) as vs:
         for key, value in vs.info().items():
             click.echo(f"{key}: {value}")
+        emb = _rebuilt(vs, dict.fromkeys(("max_retries", "timeout")))
+        if vs.namespace is None:
+            about = "none yet (store add records it)"
+        elif emb is None:
+            about = "none that the command line can rebuild; use the store from Python with its embedder"
+        else:
+            about = repr(emb)
+        click.echo(f"embedder: {about}")
 
 
 @store.command("search")
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 @click.argument("queries", nargs=-1, required=True)
 @click.option("-k", type=click.IntRange(min=1), default=5, show_default=True, help="Results per query.")
-@provider_options
+@store_provider_options
 @common_options
 def store_search(store_path, queries, k, embedder_opts, cache_dir, quiet):
     """Search STORE for the rows most similar to each QUERY text."""
     with _open_store(store_path) as vs:
-        emb = _store_embedder(vs, store_path, embedder_opts, cache_dir, quiet)
+        emb = _store_embedder(vs, store_path, embedder_opts, cache_dir, quiet,
+                              python="store.search(embedder.embed(queries))")
         q = emb.embed(list(queries), progress=False)
         scores, ids = vs.search(q, k=k)
+        key = vs.text_key
         for query, srow, irow in zip(queries, scores, ids):
-            click.echo(f"{_clip(query)}")
+            click.echo(_clip(_printable(query)))
             hits = [i for i in irow.tolist() if i is not None]
             metas = vs.metadata(hits) if hits else []
             for s, i, meta in zip(srow.tolist(), hits, metas):
-                text = meta.get("text", "") if isinstance(meta, dict) else ""
-                click.echo(f"  {s:.4f}  {i}  {_clip(str(text))}")
+                text = meta.get(key, "") if isinstance(meta, dict) else ""
+                click.echo(f"  {s:.4f}  {_printable(i)}  {_clip(_printable(str(text)))}")
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (from JSON escapes or undecodable arguments) written as
+    escapes: UTF-8 output cannot hold them."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @store.command("compact")

@@ -28,7 +28,9 @@ Tables of ``store.sqlite``:
     ``float16``), ``metric`` (``cosine`` or ``dot``), ``namespace`` and ``model`` (of the
     embedder that made the vectors, or NULL), ``generation`` (incremented by every commit) and
     ``next_segment`` (the number the next segment file will get; numbers are never reused).
-    Optional: ``base_url`` and ``dimensions`` of that embedder, recorded by ``add_texts``.
+    Optional: ``base_url`` and ``dimensions`` of that embedder, recorded by ``add_texts``, and
+    ``text_key``, the metadata key under which ``add_texts`` keeps each row's text (``"text"``
+    when absent).
 ``segments(seg INTEGER PRIMARY KEY, file TEXT, first_row INTEGER, rows INTEGER, nbytes INTEGER, crc32 INTEGER)``
     The committed segments. ``file`` is relative to the store directory; the file holds the
     vectors of rows ``first_row .. first_row + rows - 1`` in order, is exactly
@@ -54,6 +56,7 @@ no lock: each operation reads inside one SQLite read transaction, so it sees one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -72,6 +75,7 @@ import filelock
 import numpy as np
 
 from embedcache import kernels
+from embedcache.cache import _utf8
 from embedcache.errors import (
     ConfigurationError,
     DimensionMismatchError,
@@ -85,7 +89,7 @@ from embedcache.errors import (
 )
 from embedcache.providers.base import validate_texts
 
-__all__ = ["FORMAT_VERSION", "VectorStore"]
+__all__ = ["FORMAT_VERSION", "VectorStore", "text_ids"]
 
 FORMAT_VERSION = 1
 DB_NAME = "store.sqlite"
@@ -189,8 +193,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (it does unless it holds a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_ids(ids: object, what: str = "ids") -> list[str]:
-    return validate_texts(ids, allow_empty_list=True, what=what)
+    out = validate_texts(ids, allow_empty_list=True, what=what)
+    if not _is_utf8("".join(out)):  # SQLite would keep bytes that are not UTF-8, unreadable later
+        k = next(k for k, i in enumerate(out) if not _is_utf8(i))
+        raise InvalidInputError(f"{what}[{k}] must be Unicode text without lone surrogates, got {out[k]!r}")
+    return out
 
 
 def _check_unique(ids: list[str]) -> None:
@@ -200,6 +217,24 @@ def _check_unique(ids: list[str]) -> None:
             if x in seen:
                 raise DuplicateIdError(f"id {x!r} appears more than once in one call; ids must be unique")
             seen.add(x)
+
+
+def text_ids(texts: Sequence[str]) -> list[str]:
+    """The ids :meth:`VectorStore.add_texts` gives rows by default: the first 32 hex digits of
+    the SHA-256 of each text's UTF-8 bytes (lone surrogates encoded as the cache keys them), and
+    for a text repeated in ``texts`` ``-2``, ``-3`` ... after the hash of its later occurrences.
+    The same texts get the same ids in every call, so adding them again is caught.
+
+    >>> text_ids(["a", "b", "a"])[2] == text_ids(["a"])[0] + "-2"
+    True
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for t in texts:
+        h = hashlib.sha256(_utf8(t)).hexdigest()[:32]
+        n = seen[h] = seen.get(h, 0) + 1
+        out.append(h if n == 1 else f"{h}-{n}")
+    return out
 
 
 def _metadata_json(metadata: object, n: int) -> list[str | None]:
@@ -226,9 +261,26 @@ def _metadata_json(metadata: object, n: int) -> list[str | None]:
                 f"of type {type(bad[0]).__name__}"
             )
         try:
-            out.append(json.dumps(m, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
+            text = json.dumps(m, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise InvalidInputTypeError(f"metadata[{i}] is not JSON-serializable: {exc}") from None
+        if not text.isascii() and not _is_utf8(text):  # a lone surrogate: SQLite takes UTF-8, an escape keeps it
+            text = json.dumps(m, allow_nan=False, separators=(",", ":"))
+        out.append(text)
+    return out
+
+
+def _with_texts(metadata: Sequence[dict[str, Any] | None], texts: list[str], key: str) -> list[dict[str, Any]]:
+    """Each metadata dict with its text added under ``key``; one that holds another value there
+    is refused (its value would be lost)."""
+    out = []
+    for i, (m, t) in enumerate(zip(metadata, texts)):
+        if m and key in m and m[key] != t:
+            raise InvalidInputError(
+                f"metadata[{i}] holds another value than texts[{i}] under {key!r}, where add_texts keeps "
+                "the text; rename that field (an empty store can take another text_key=)"
+            )
+        out.append({**(m or {}), key: t})
     return out
 
 
@@ -531,6 +583,22 @@ class VectorStore:
                     "INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)", (key, value)
                 )
 
+    @staticmethod
+    def _text_key(view: _View) -> str:
+        return view.settings.get("text_key") or "text"
+
+    def _text_key_for(self, view: _View, text_key: str | None) -> str:
+        """The key add_texts keeps texts under: ``text_key`` if given (refused when the store
+        has live rows kept under another), else the store's."""
+        key = self._text_key(view)
+        if text_key is None or text_key == key:
+            return key
+        if view.live:
+            raise ConfigurationError(
+                f"{self.path} keeps each row's text under the metadata key {key!r}, got text_key={text_key!r}"
+            )
+        return text_key
+
     def _set_settings(self, updates: dict[str, Any]) -> None:
         self._check_open().executemany("UPDATE settings SET value = ? WHERE key = ?", [(v, k) for k, v in updates.items()])
 
@@ -746,6 +814,13 @@ class VectorStore:
         with self._reading() as v:
             return v.settings["model"]
 
+    @property
+    def text_key(self) -> str:
+        """Metadata key under which :meth:`add_texts` keeps each row's text (``"text"`` unless
+        chosen otherwise)."""
+        with self._reading() as v:
+            return self._text_key(v)
+
     def __len__(self) -> int:
         with self._reading() as v:
             return v.live
@@ -815,29 +890,29 @@ class VectorStore:
         metadata: Sequence[dict[str, Any] | None] | None = None,
         *,
         upsert: bool = False,
+        text_key: str | None = None,
     ) -> list[str]:
         """Embed ``texts`` with ``embedder`` (any Embedder, usually a CachedEmbedder) and add them.
 
-        The text is kept in each row's metadata under ``"text"``. ``ids`` default to the first 32
-        hex digits of the SHA-256 of each text (so adding a text again is a
-        :class:`~embedcache.DuplicateIdError`, or a refresh with ``upsert=True``). The store
-        records the embedder's ``cache_namespace`` and ``model`` and refuses an embedder of
-        another namespace. Texts are embedded in chunks while the write lock is held, and all
-        rows commit together. Returns the ids.
+        Each text is kept in its row's metadata under :attr:`text_key` (``"text"`` unless the
+        first ``add_texts`` on an empty store chose another with ``text_key=``); a metadata dict
+        that holds another value under that key is refused, never overwritten. ``ids`` default
+        to :func:`text_ids` (a hash of each text), so adding a text again is a
+        :class:`~embedcache.DuplicateIdError` (raised before anything is embedded), or a
+        refresh with ``upsert=True``. The store records the embedder's ``cache_namespace`` and
+        ``model`` and refuses an embedder of another namespace. Texts are embedded in chunks
+        while the write lock is held, and all rows commit together. Returns the ids.
         """
-        import hashlib
-
         texts = validate_texts(texts)
-        if ids is None:
-            ids = [hashlib.sha256(t.encode("utf-8")).hexdigest()[:32] for t in texts]
-        ids = _check_ids(ids)
+        ids = _check_ids(text_ids(texts) if ids is None else ids)
         if len(ids) != len(texts):
             raise InvalidInputError(f"got {len(ids)} ids for {len(texts)} texts; expected one id per text")
         _check_unique(ids)
+        if text_key is not None and (not isinstance(text_key, str) or not text_key):
+            raise InvalidInputError(f"text_key must be a non-empty str or None, got {text_key!r}")
         if metadata is None:
             metadata = [None] * len(texts)
         _metadata_json(metadata, len(texts))  # validates the caller's part
-        md = _metadata_json([{**(m or {}), "text": t} for m, t in zip(metadata, texts)], len(texts))
         namespace = getattr(embedder, "cache_namespace", None)
         model = getattr(embedder, "model", None)
         if not isinstance(namespace, str) or not callable(getattr(embedder, "embed", None)):
@@ -845,9 +920,17 @@ class VectorStore:
                 f"embedder must provide embed() and a str cache_namespace, got {type(embedder).__name__}"
             )
         with self._reading() as v:
-            self._settings_updates(v, None, namespace, None)  # fail before embedding anything
-        with self._writing() as w:
+            self._settings_updates(v, None, namespace, None)  # fail before waiting for the lock
+        with self._writing() as w:  # and, under it, before embedding anything
             updates = self._settings_updates(w.view, None, namespace, model if isinstance(model, str) else None)
+            key = self._text_key_for(w.view, text_key)
+            md = _metadata_json(_with_texts(metadata, texts, key), len(texts))
+            if not upsert and self._rows_of(ids):
+                raise self._duplicate_error(ids)
+            if key != self._text_key(w.view):
+                self._check_open().execute(
+                    "INSERT OR REPLACE INTO settings(key, value) VALUES ('text_key', ?)", (key,)
+                )
 
             def embedded() -> Iterator[np.ndarray]:
                 for a in range(0, len(texts), _EMBED_CHUNK):
@@ -1421,8 +1504,8 @@ class VectorStore:
 
     def info(self) -> dict[str, Any]:
         """Settings and sizes: path, format_version, dim, dtype, metric, namespace, model,
-        base_url and dimensions (of the embedder that made the vectors, when known), rows
-        (live), deleted, segments, size_bytes (segments and database), generation."""
+        base_url and dimensions (of the embedder that made the vectors, when known), text_key,
+        rows (live), deleted, segments, size_bytes (segments and database), generation."""
         with self._reading() as v:
             s = v.settings
             db = sum(p.stat().st_size for p in self.path.glob(DB_NAME + "*") if p.is_file())
@@ -1436,6 +1519,7 @@ class VectorStore:
                 "model": s["model"],
                 "base_url": s.get("base_url"),
                 "dimensions": s.get("dimensions"),
+                "text_key": self._text_key(v),
                 "rows": v.live,
                 "deleted": len(v.deleted),
                 "segments": len(v.segments),

@@ -534,7 +534,8 @@ def _prepare(items: Any, *, emb: _Embedding, progress: bool | None, name: str = 
     if isinstance(items, VectorStore):
         ids, x, meta = items.snapshot()  # one read: ids, vectors and texts of one state
         x = _as_matrix(x, name)
-        texts = [m.get("text") if isinstance(m, dict) else None for m in meta]
+        key = items.text_key
+        texts = [m.get(key) if isinstance(m, dict) else None for m in meta]
         texts_ok = bool(texts) and all(isinstance(t, str) for t in texts)
         return _from_matrix(x, texts=texts if texts_ok else None, ids=ids)
     if _is_texts(items):

@@ -537,7 +537,10 @@ def test_add_texts_records_namespace_and_keeps_text(path, tmp_path):
     emb = ec.CachedEmbedder(ec.HashingEmbeddings(dim=32), cache=ec.EmbeddingCache(tmp_path / "cache"))
     texts = ["a red fox", "a red fox!", "stock markets fell"]
     with VectorStore(path) as s:
-        ids = s.add_texts(texts, emb, metadata=[{"src": "x"}, None, {"text": "overwritten"}])
+        with pytest.raises(InvalidInputError, match=r"metadata\[2\] holds another value .* under 'text'"):
+            s.add_texts(texts, emb, metadata=[{"src": "x"}, None, {"text": "not the text"}])
+        assert len(s) == 0
+        ids = s.add_texts(texts, emb, metadata=[{"src": "x"}, None, {"text": texts[2]}])
         assert ids == [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
         assert s.namespace == emb.cache_namespace and s.model == emb.model and s.dim == 32
         assert s.metadata(ids) == [{"src": "x", "text": texts[0]}, {"text": texts[1]}, {"text": texts[2]}]
@@ -552,7 +555,7 @@ def test_add_texts_records_namespace_and_keeps_text(path, tmp_path):
         with pytest.raises(NamespaceMismatchError, match="namespace"):
             s.add_texts(["x"], ec.HashingEmbeddings(dim=32, lowercase=False))
         with pytest.raises(DuplicateIdError):
-            s.add_texts(["same", "same"], emb)
+            s.add_texts(["same", "same"], emb, ids=["twice", "twice"])
         with pytest.raises(InvalidInputTypeError, match="embedder"):
             s.add_texts(["x"], object())
         assert len(s) == 4
@@ -1079,3 +1082,73 @@ def test_metadata_keys_must_be_strings(path):
         with pytest.raises(InvalidInputError, match=r"metadata\[0\].*key"):
             s.add(ids_of(1), vecs(1), metadata=[{"a": {2: "x"}}])
         assert len(s) == 0
+
+
+class _CountingEmbedder:
+    """Hashing vectors; counts the texts it was asked to embed."""
+
+    def __init__(self, dim=16):
+        self.inner = ec.HashingEmbeddings(dim=dim)
+        self.cache_namespace = self.inner.cache_namespace
+        self.model = self.inner.model
+        self.seen = 0
+
+    def embed(self, texts, *, on_batch=None):
+        self.seen += len(texts)
+        return self.inner.embed(texts)
+
+
+def test_default_ids_hash_the_text_and_number_its_repeats(path):
+    texts = ["one", "two", "one", "one"]
+    ids = store_mod.text_ids(texts)
+    first = hashlib.sha256(b"one").hexdigest()[:32]
+    assert ids == [first, hashlib.sha256(b"two").hexdigest()[:32], first + "-2", first + "-3"]
+    emb = _CountingEmbedder()
+    with VectorStore(path) as s:
+        assert s.add_texts(texts, emb) == ids
+        assert [m["text"] for m in s.metadata(ids)] == texts
+        emb.seen = 0
+        with pytest.raises(DuplicateIdError, match=repr(first)):
+            s.add_texts(["three", "one"], emb)  # the same text again: caught, before any embedding
+        assert emb.seen == 0 and len(s) == 4
+        s.add_texts(["one"], emb, upsert=True)
+        assert len(s) == 4 and s.ids()[-1] == first
+
+
+def test_lone_surrogates_in_texts_and_metadata_round_trip(path):
+    text = "truncated tweet \ud83d"
+    meta = {"note": "x \udc00 y", "nested": ["\ud800", {"k": "é"}]}
+    with VectorStore(path) as s:
+        ids = s.add_texts([text, "plain é"], _CountingEmbedder(), metadata=[meta, None])
+        # one rule with the cache: UTF-8 with lone surrogates passed through
+        assert ids[0] == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        s.add(["v"], vecs(1), metadata=[meta])
+    with VectorStore(path) as s:
+        assert s.metadata(ids) == [{**meta, "text": text}, {"text": "plain é"}]
+        assert s.snapshot()[2][2] == meta
+        assert s.verify()["live"] == 3
+        # an id is a key SQLite keeps as UTF-8: one with a lone surrogate is refused
+        with pytest.raises(InvalidInputError, match=r"ids\[1\] must be Unicode text without lone surrogates"):
+            s.add(["w", "w\ud83d"], vecs(2))
+        assert len(s) == 3 and s.ids() == [*ids, "v"]
+
+
+def test_text_key_keeps_every_metadata_field(path):
+    rows = [{"id": "a", "text": "a summary", "body": "the body of a"}, {"id": "b", "body": "the body of b"}]
+    bodies = [r["body"] for r in rows]
+    emb = _CountingEmbedder()
+    with VectorStore(path) as s:
+        assert s.text_key == "text"
+        s.add_texts(bodies, emb, ids=["a", "b"], metadata=rows, text_key="body")
+        assert s.metadata(["a", "b"]) == rows  # nothing overwritten, nothing added
+        with pytest.raises(ConfigurationError, match="'body'.*text_key='text'"):
+            s.add_texts(["c"], emb, ids=["c"], text_key="text")
+        s.add_texts(["the body of c"], emb, ids=["c"], metadata=[{"text": "own"}])
+        assert s.metadata(["c"]) == [{"text": "own", "body": "the body of c"}]
+        res = ec.deduplicate(s, threshold=0.99)
+        assert res.texts == [*bodies, "the body of c"]
+    with VectorStore(path) as s:
+        assert s.text_key == "body" and s.info()["text_key"] == "body"
+        s.delete(["a", "b", "c"])
+        s.add_texts(["fresh"], emb, ids=["d"], text_key="content")  # an empty store takes another key
+        assert s.text_key == "content" and s.metadata(["d"]) == [{"content": "fresh"}]
