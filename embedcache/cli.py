@@ -14,6 +14,7 @@ import contextlib
 import csv
 import datetime
 import functools
+import io
 import json
 import os
 import re
@@ -818,7 +819,8 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
 
 
 def _clip(text: str, width: int = 70) -> str:
-    text = " ".join(text.split())
+    """``text`` on one line of at most ``width`` characters, printable (see :func:`_printable`)."""
+    text = " ".join(_printable(text).split())
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -1044,12 +1046,12 @@ def store_search(store_path, queries, k, embedder_opts, cache_dir, quiet):
         scores, ids = vs.search(q, k=k)
         key = vs.text_key
         for query, srow, irow in zip(queries, scores, ids):
-            click.echo(_clip(_printable(query)))
+            click.echo(_clip(query))
             hits = [i for i in irow.tolist() if i is not None]
             metas = vs.metadata(hits) if hits else []
             for s, i, meta in zip(srow.tolist(), hits, metas):
                 text = meta.get(key, "") if isinstance(meta, dict) else ""
-                click.echo(f"  {s:.4f}  {_printable(i)}  {_clip(_printable(str(text)))}")
+                click.echo(f"  {s:.4f}  {_printable(i)}  {_clip(str(text))}")
 
 
 def _printable(text: str) -> str:
@@ -1105,6 +1107,9 @@ _NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors are one line on stderr and a non-zero exit."""
+    for stream in (sys.stdout, sys.stderr):  # texts, ids and messages may hold lone surrogates
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         result = cli.main(args=list(argv) if argv is not None else None, prog_name="embedcache",
                           standalone_mode=False)

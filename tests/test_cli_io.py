@@ -389,3 +389,12 @@ def test_integer_beyond_64_bits_to_parquet_is_one_line(run, tmp_path):
     assert_one_line_error(proc, "out.parquet", "row 2", "field 'n'", "64 bits")
     run("dedup", "in.jsonl", "-o", "out.jsonl", "-q", inproc=True)
     assert read_back(tmp_path / "out.jsonl", "jsonl") == rows
+
+
+def test_lone_surrogate_is_printed_as_an_escape(run, tmp_path):
+    # the groups printed to the terminal, not only the files, must survive such a text
+    rows = '{"id": "a", "text": "truncated tweet \\ud83d here"}\n{"id": "b", "text": "truncated tweet \\ud83d here!"}\n'
+    (tmp_path / "in.jsonl").write_text(rows)
+    proc = run("dedup", "in.jsonl", "-o", "out.jsonl", extra_env={"PYTHONIOENCODING": "utf-8"})
+    assert "truncated tweet \\ud83d here" in proc.stdout and "Traceback" not in proc.stderr
+    assert len(read_back(tmp_path / "out.jsonl", "jsonl")) == 1
