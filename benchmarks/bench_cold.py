@@ -1,6 +1,6 @@
 """Cold-path throughput: texts embedded per second through a loopback OpenAI-compatible server.
 
-Peers, measured in the same run against the same server (``tests/fakeserver.py``, in a
+Peers, measured in the same run against the same server (``embedcache.testing``, in a
 process of its own), with the same batches, the same concurrency and base64 on both sides,
 rate limiting off on both sides:
 
@@ -19,36 +19,25 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 from embedcache import OpenAIEmbeddings
+from embedcache.testing import expected_vector
 
-ROOT = Path(__file__).resolve().parent.parent
-FAKESERVER = ROOT / "tests" / "fakeserver.py"
 MODEL = "test-embed-small"
 API_KEY = "bench-key"
 
 
-def _load_fakeserver():
-    spec = importlib.util.spec_from_file_location("fakeserver", FAKESERVER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fakeserver", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def _start_server(dim: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(FAKESERVER), "--dim", str(dim), "--api-key", API_KEY],
+        [sys.executable, "-m", "embedcache.testing", "--dim", str(dim), "--api-key", API_KEY],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -121,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         peers = {"embedcache": ours.embed, "openai SDK": sdk}
 
         # warm-up: connections, imports, first-call costs; and both must agree exactly
-        want = np.stack([_load_fakeserver().expected_vector(t, args.dim) for t in texts[:300]])
+        want = np.stack([expected_vector(t, args.dim) for t in texts[:300]])
         for name, fn in peers.items():
             got = fn(texts[:300])
             if not np.array_equal(got, want):

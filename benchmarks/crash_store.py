@@ -6,21 +6,19 @@ every committed write; the worker is killed at a random moment, and the store mu
 test suite runs a few dozen cycles (tests/test_store_crash.py); this script runs as many as you
 ask for and prints one line per cycle.
 
-    python benchmarks/crash_store.py                 # 300 cycles
-    python benchmarks/crash_store.py --cycles 1000 --seed 7 --max-delay 0.5
+Run it from the repository root, as a module (it uses the test suite's worker):
+
+    python -m benchmarks.crash_store                 # 300 cycles
+    python -m benchmarks.crash_store --cycles 1000 --seed 7 --max-delay 0.5
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import store_crash_worker  # noqa: E402
+from tests.support import store_crash_worker
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from fakeserver import FakeEmbeddingServer
+from embedcache.testing import FakeEmbeddingServer
 
 
 @pytest.fixture

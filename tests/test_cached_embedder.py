@@ -28,7 +28,7 @@ from embedcache.errors import (
     ServerError,
 )
 from embedcache.providers.base import Embedder, Usage
-from fakeserver import Fault, expected_vector
+from embedcache.testing import Fault, expected_vector
 
 
 def vector_of(text, dim):

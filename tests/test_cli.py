@@ -18,7 +18,7 @@ import pytest
 
 import embedcache as ec
 from embedcache.cli import atomic_output, main, read_input
-from fakeserver import FakeEmbeddingServer
+from embedcache.testing import FakeEmbeddingServer
 
 EXAMPLE = Path(ec.__file__).parent / "examples" / "reviews.jsonl"
 ROWS = [json.loads(line) for line in EXAMPLE.read_text(encoding="utf-8").splitlines()]
@@ -344,7 +344,7 @@ def test_interrupted_run_leaves_no_output(tmp_path):
     import signal
     import time
 
-    from fakeserver import Fault
+    from embedcache.testing import Fault
 
     env = {k: v for k, v in os.environ.items() if k not in ("IONOS_API_TOKEN", "OPENAI_API_KEY")}
     env.update(EMBEDCACHE_DIR=str(tmp_path / "cache"), IONOS_API_TOKEN="test-key")

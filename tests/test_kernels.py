@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import naive
+from support import naive
 from embedcache import (
     DimensionMismatchError,
     InvalidInputError,
@@ -20,7 +20,7 @@ from embedcache import (
     top_k,
 )
 from embedcache.kernels import FASTMATH, meets_threshold, pair_scores
-from strategies import matrices, matrix_pairs, small_ints
+from support.strategies import matrices, matrix_pairs, small_ints
 
 SIZES = [1, 2, 7, 513]
 BLOCKS = [None, 5, 17]

@@ -28,7 +28,7 @@ from embedcache.errors import (
     ServerError,
 )
 from embedcache.providers.openai import DEFAULT_BASE_URL, OpenAIEmbeddings, TokenBucket
-from fakeserver import Fault, expected_vector
+from embedcache.testing import Fault, expected_vector
 
 MODEL = "test-embed-small"
 

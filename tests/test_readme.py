@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from embedcache.cli import main
-from fakeserver import FakeEmbeddingServer
+from embedcache.testing import FakeEmbeddingServer
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

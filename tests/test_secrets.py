@@ -25,7 +25,7 @@ from embedcache.errors import (
     ServerError,
 )
 from embedcache.providers.openai import OpenAIEmbeddings
-from fakeserver import Fault
+from embedcache.testing import Fault
 
 SECRET = "sk-SECRET-7f3a9c1e5b2d4f6a8c0e"
 

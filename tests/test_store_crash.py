@@ -6,7 +6,7 @@ import signal
 
 import numpy as np
 import pytest
-import store_crash_worker as cw
+from support import store_crash_worker as cw
 
 from embedcache.store import VectorStore
 

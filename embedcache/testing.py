@@ -1,4 +1,11 @@
-"""A real OpenAI-compatible embeddings server on loopback, with a switch for every fault.
+"""A real OpenAI-compatible embeddings server on loopback, with a switch for every fault,
+for tests of code that calls an embeddings API (this package's own, and yours).
+
+>>> from embedcache import OpenAIEmbeddings
+>>> with FakeEmbeddingServer(dim=8, api_key="k", models=("my-model",)) as server:
+...     emb = OpenAIEmbeddings(model="my-model", base_url=server.base_url, api_key="k")
+...     emb.embed(["hello"]).shape
+(1, 8)
 
 Vectors are deterministic: the unit vector derived from SHAKE-256 of the text (and the
 dimension), so a test can compute what any text must come back as (:func:`expected_vector`).
@@ -11,7 +18,7 @@ next one (first come, first served), requests find an empty queue served normall
 Run as a script to serve in a process of its own (used by the benchmarks); it prints the
 base URL on its first line of stdout::
 
-    python tests/fakeserver.py --dim 1024 --port 0
+    python -m embedcache.testing --dim 1024 --port 0
 """
 
 from __future__ import annotations

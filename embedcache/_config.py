@@ -1,0 +1,68 @@
+"""Tuning knobs: block, chunk and segment sizes.
+
+They are not part of any public signature. Code reads them at call time as
+``_config.NAME`` (never ``from embedcache._config import NAME``), so a test can shrink one for
+a single call to reach odd block boundaries::
+
+    with _config.override(PAIRS_BLOCK=5, PAIRS_COLUMNS=5):
+        ec.similar_pairs(x, 0.9)
+
+Results never depend on these values (the kernels are exact and deterministic whatever the
+block sizes); only speed and peak memory do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+# --- kernels: rows per block; the score tile of one block is (query rows) x (corpus rows) float32
+#: corpus rows per block in top_k
+TOPK_CORPUS_BLOCK = 4096
+#: query rows per block in top_k
+TOPK_QUERY_BLOCK = 1024
+#: largest corpus block top_k grows to when it streams few queries
+TOPK_MAX_BLOCK = 65536
+#: up to this many queries, top_k streams the corpus once through all threads
+STREAM_MAX_QUERIES = 16
+#: row side of a similar_pairs tile
+PAIRS_BLOCK = 2048
+#: column side of a similar_pairs tile (2048 x 8192 float32 scores: 64 MiB)
+PAIRS_COLUMNS = 4 * PAIRS_BLOCK
+
+# --- workflows
+#: rows of the query side per pair-search or top-k call; one progress step each
+CHUNK_ROWS = 8192
+
+# --- store
+#: segments never exceed this size, so a search touches at most one segment's pages at a time
+MAX_SEGMENT_BYTES = 256 * 1024 * 1024
+#: vectors are converted, checked and written in pieces of about this size (bounded memory)
+STORE_CHUNK_BYTES = 16 * 1024 * 1024
+#: VectorStore.add_texts embeds this many texts per call to the embedder
+STORE_EMBED_CHUNK = 4096
+
+# --- cache
+#: keys per SQL statement (SQLite builds before 3.32 allow 999 parameters per statement)
+CACHE_SQL_CHUNK = 900
+#: texts per call to an embedder whose ``embed`` takes no ``on_batch`` (and has no ``batch_size``)
+CACHE_MISS_CHUNK = 256
+
+
+@contextlib.contextmanager
+def override(**values: int) -> Iterator[None]:
+    """Set knobs for the duration of a ``with`` block (for tests); unknown names raise."""
+    module = sys.modules[__name__]
+    old = {}
+    for name, value in values.items():
+        if not name.isupper() or not hasattr(module, name):
+            raise AttributeError(f"no tuning knob named {name!r}")
+        old[name] = getattr(module, name)
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
