@@ -1,27 +1,21 @@
 """The ``embedcache`` command: embed, deduplicate, list near-duplicate pairs, manage stores
 and the cache, from plain text, JSON Lines, CSV/TSV or Parquet files.
 
-Argument parsing and printing only: the work is done by the library. Every user error is
-one line on stderr and a non-zero exit status. Output directories are checked before any
-work is done; outputs are written to temporary files in their target directories and renamed
-into place only when all of a command's outputs are complete.
+Argument parsing and printing only: the work is done by the library, and files are read and
+written by :mod:`embedcache.tables` (outputs checked before any work is done, and renamed into
+place only when all of a command's outputs are complete). Every user error is one line on
+stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import csv
-import datetime
 import functools
 import io
-import json
 import os
 import re
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,508 +27,25 @@ from embedcache.errors import (
     DuplicateIdError,
     EmbedCacheError,
     InvalidInputError,
-    MissingDependencyError,
     NamespaceMismatchError,
+)
+from embedcache.tables import (
+    FORMATS,
+    Dataset,
+    atomic_output,
+    check_outputs,
+    format_of,
+    jsonable,
+    read_table,
+    staged_outputs,
+    table_format,
+    write_records,
+    write_rows,
 )
 
 __all__ = ["cli", "main"]
 
 DEFAULT_OPENAI_MODEL = "BAAI/bge-m3"
-FORMATS = ("text", "jsonl", "csv", "tsv", "parquet")
-_EXTENSIONS = {
-    ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
-}
-
-
-# --------------------------------------------------------------------------------------
-# input and output
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dataset:
-    """Rows of an input file and the text of each row, kept as read so that output rows are
-    the input rows: JSON objects for JSON Lines and plain text, the cells of each line
-    (alongside the header) for CSV and TSV, the Arrow table for Parquet."""
-
-    path: str
-    fmt: str
-    field: str
-    texts: list[str]
-    fieldnames: list[str]  # the header as read: may hold blank or repeated names (CSV, TSV, Parquet)
-    records: list[dict[str, Any]] | None = None  # JSON Lines, plain text
-    cells: list[list[str]] | None = None  # CSV, TSV
-    table: Any = None  # Parquet
-
-    @functools.cached_property
-    def rows(self) -> list[dict[str, Any]]:
-        """Each row as a dict of field to value; a CSV/TSV cell missing from a short row is left
-        out. Refused when the header does not name each column once, since the dicts would lose
-        a column."""
-        if self.records is not None:
-            return self.records
-        problem = _unnamed_columns(self.fieldnames)
-        if problem is None and self.cells is not None:
-            width = len(self.fieldnames)
-            k = next((k for k, row in enumerate(self.cells) if len(row) > width), None)
-            if k is not None:
-                problem = f"row {k + 1} has {len(self.cells[k])} cells, the header names {width}"
-        if problem is not None:
-            raise InvalidInputError(
-                f"{self.path}: {problem}; such rows can only be written back as CSV or TSV "
-                "(give every column its own name)"
-            )
-        if self.table is not None:
-            return self.table.to_pylist()
-        return [dict(zip(self.fieldnames, row)) for row in self.cells or []]
-
-    def column(self, name: str, option: str) -> list[Any]:
-        """The values of the field ``name`` (None where a row lacks it); ``option`` is the
-        command-line option that named it, for the error message."""
-        if self.records is not None:
-            if name not in self.fieldnames:
-                raise InvalidInputError(
-                    f"{self.path}: no field {name!r} (fields: {', '.join(self.fieldnames) or 'none'}); "
-                    f"choose one with {option}"
-                )
-            return [row.get(name) for row in self.records]
-        c = _column_index(self.path, self.fieldnames, name, option)
-        if self.table is not None:
-            return self.table.column(c).to_pylist()
-        return [row[c] if c < len(row) else None for row in self.cells or []]
-
-    def ids(self, id_field: str | None) -> list[str] | None:
-        """Values of ``id_field`` as strings (``"id"`` when present and none was named)."""
-        name = id_field or ("id" if "id" in self.fieldnames else None)
-        if name is None:
-            return None
-        return [str(value) for value in self.column(name, "--id-field")]
-
-
-def _unnamed_columns(names: Sequence[str]) -> str | None:
-    """What keeps ``names`` from naming each column once, or None."""
-    for c, name in enumerate(names):
-        if not name.strip():
-            return f"column {c + 1} has no name in the header"
-        if name in names[:c]:
-            return f"columns {names.index(name) + 1} and {c + 1} are both named {name!r}"
-    return None
-
-
-def _column_index(path: str, names: list[str], name: str, option: str) -> int:
-    count = names.count(name)
-    if count != 1:
-        what = f"no column {name!r}" if count == 0 else f"{count} columns are named {name!r}"
-        raise InvalidInputError(
-            f"{path}: {what} (columns: {', '.join(names) or 'none'}); "
-            f"{option} must name exactly one"
-        )
-    return names.index(name)
-
-
-def _infer_format(path: str, fmt: str | None) -> str:
-    if fmt:
-        return fmt
-    return _EXTENSIONS.get(Path(path).suffix.lower(), "text")
-
-
-def _text_of(value: Any, where: str, field: str) -> str:
-    if value is None:
-        raise InvalidInputError(f"{where}: no value for field {field!r}")
-    if not isinstance(value, str):
-        raise InvalidInputError(
-            f"{where}: field {field!r} must be a string, got {type(value).__name__}"
-        )
-    if not value.strip():
-        raise InvalidInputError(f"{where}: field {field!r} is empty")
-    return value
-
-
-#: how each text format splits lines: plain text at any line break, CSV as the csv module
-#: needs, TSV and JSON Lines at "\n" only (a "\r" before it is dropped)
-_NEWLINE = {"text": None, "csv": "", "tsv": "\n", "jsonl": "\n"}
-
-
-def read_input(path: str, *, fmt: str | None = None, field: str | None = None) -> Dataset:
-    """Read INPUT into a :class:`Dataset`; ``field`` defaults to ``"text"``.
-
-    Text formats are UTF-8, with or without a byte order mark (as spreadsheet programs write).
-    TSV is tab-separated lines without quoting; CSV is quoted as RFC 4180 says, strictly.
-    """
-    fmt = _infer_format(path, fmt)
-    field = field or "text"
-    if fmt == "parquet":
-        return _read_parquet(path, field)
-    try:
-        with open(path, encoding="utf-8-sig", newline=_NEWLINE[fmt]) as f:
-            if fmt == "text":
-                if field != "text":
-                    raise InvalidInputError(
-                        f"{path}: plain text input has one field, 'text'; got --field {field!r}"
-                    )
-                texts = [line.rstrip("\n") for line in f if line.strip()]
-                return Dataset(path, fmt, "text", texts, ["text"], records=[{"text": t} for t in texts])
-            if fmt == "jsonl":
-                return _read_jsonl(path, f, field)
-            return _read_delimited(path, f, field, fmt)
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-
-
-def _lines(f: Any) -> Iterator[tuple[int, str]]:
-    """Numbered lines of a file opened with ``newline="\\n"``, without their line break."""
-    for lineno, line in enumerate(f, 1):
-        yield lineno, line[:-1].removesuffix("\r") if line.endswith("\n") else line
-
-
-def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) < len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise InvalidInputError(f"key {key!r} appears twice in one object")
-    return obj
-
-
-def _read_jsonl(path: str, f: Any, field: str) -> Dataset:
-    rows, texts, names = [], [], {}
-    for lineno, line in _lines(f):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line, object_pairs_hook=_object_without_repeats)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"{path}:{lineno}: {exc}") from None
-        if not isinstance(row, dict):
-            raise InvalidInputError(
-                f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"
-            )
-        if field not in row:
-            raise InvalidInputError(
-                f"{path}:{lineno}: no field {field!r} (fields: {', '.join(map(str, row)) or 'none'}); "
-                "choose one with --field"
-            )
-        names.update(dict.fromkeys(row))
-        texts.append(_text_of(row[field], f"{path}:{lineno}", field))
-        rows.append(row)
-    return Dataset(path, "jsonl", field, texts, list(names), records=rows)
-
-
-def _read_delimited(path: str, f: Any, field: str, fmt: str) -> Dataset:
-    """CSV (quoted, strictly: a quote left open is an error, not the rest of the file in one
-    cell) or TSV (each line split at tabs; quotes are ordinary characters)."""
-    if fmt == "csv":
-        reader = csv.reader(f, strict=True)
-        lines = ((reader.line_num, row) for row in reader if row)
-    else:
-        lines = ((lineno, line.split("\t")) for lineno, line in _lines(f) if line)
-    try:
-        _, header = next(lines, (0, []))
-        c = _column_index(path, header, field, "--column")
-        cells, texts = [], []
-        for lineno, row in lines:
-            value = row[c] if c < len(row) else None
-            texts.append(_text_of(value, f"{path}:{lineno}", field))
-            cells.append(row)
-    except csv.Error as exc:
-        raise InvalidInputError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
-    return Dataset(path, fmt, field, texts, header, cells=cells)
-
-
-def _import_pyarrow():
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError as exc:
-        raise MissingDependencyError(
-            'Parquet needs pyarrow; install it with: pip install "embedcache-sim[parquet]"'
-        ) from exc
-    return pyarrow
-
-
-def _read_parquet(path: str, field: str) -> Dataset:
-    pa = _import_pyarrow()
-    try:
-        table = pa.parquet.read_table(path)
-    except pa.ArrowException as exc:
-        raise InvalidInputError(f"{path}: not a readable Parquet file ({exc})") from None
-    names = list(table.column_names)
-    values = table.column(_column_index(path, names, field, "--column")).to_pylist()
-    texts = [_text_of(v, f"{path}: row {k + 1}", field) for k, v in enumerate(values)]
-    return Dataset(path, "parquet", field, texts, names, table=table)
-
-
-def check_output(path: str) -> None:
-    """Raise ``OSError`` now if ``path`` cannot be written later (before any work is done)."""
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {directory}")
-    if target.is_dir():
-        raise IsADirectoryError(f"output is a directory: {path}")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(f"output directory is not writable: {directory}")
-
-
-def _same_file_key(path: str) -> Any:
-    """Equal for two names of one file: symlinks, hard links, ``./`` and ``..`` included."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return os.path.normcase(os.path.realpath(path))
-    return (st.st_dev, st.st_ino)
-
-
-def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
-    """Before any work: each output can be written, is none of the inputs and no other
-    output, and pyarrow is there for a Parquet output. Keys name the paths in messages
-    (``"INPUT"``, ``"-o"``...); a None path is left out."""
-    named: dict[Any, str] = {}
-    for what, path in inputs.items():
-        if path:
-            named.setdefault(_same_file_key(path), f"{what} {path}")
-    for option, path in outputs.items():
-        if not path:
-            continue
-        check_output(path)
-        key = _same_file_key(path)
-        if key in named:
-            raise InvalidInputError(
-                f"{option} {path} is the same file as {named[key]}; an output must not replace "
-                "an input or another output"
-            )
-        named[key] = f"{option} {path}"
-        if _EXTENSIONS.get(Path(path).suffix.lower()) == "parquet":
-            _import_pyarrow()
-
-
-def _table_format(path: str, option: str) -> str:
-    """The format of a table output (pairs, report): from the extension, CSV by default."""
-    fmt = _EXTENSIONS.get(Path(path).suffix.lower(), "csv")
-    if fmt == "text":
-        raise InvalidInputError(
-            f"{option} {path}: plain text holds one text per line, not a table; "
-            "name a .csv, .tsv, .jsonl or .parquet file"
-        )
-    return fmt
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class Outputs:
-    """Temporary files next to their targets, renamed into place together by :meth:`commit`
-    (made by :func:`staged_outputs`)."""
-
-    def __init__(self) -> None:
-        self._written: list[tuple[str, Path]] = []
-        self._open: set[str] = set()
-
-    @contextlib.contextmanager
-    def open(self, path: str, mode: str = "w") -> Iterator[Any]:
-        """A temporary file for ``path``: complete and flushed to disk when the block ends."""
-        check_output(path)
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        self._open.add(tmp)
-        if "b" in mode:
-            f = os.fdopen(fd, mode)
-        else:
-            f = os.fdopen(fd, mode, encoding="utf-8", newline="")
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        self._written.append((tmp, target))
-
-    def commit(self) -> None:
-        """Give the files the mode a new file gets (mkstemp makes them 0600), then rename
-        each into place."""
-        mode = 0o666 & ~_umask()
-        for tmp, _ in self._written:
-            os.chmod(tmp, mode)
-        while self._written:
-            tmp, target = self._written.pop(0)
-            os.replace(tmp, target)
-            self._open.discard(tmp)
-
-    def discard(self) -> None:
-        for tmp in self._open:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        self._open.clear()
-        self._written.clear()
-
-
-@contextlib.contextmanager
-def staged_outputs() -> Iterator[Outputs]:
-    """Outputs written in the block are renamed into place only if the whole block succeeds."""
-    outputs = Outputs()
-    try:
-        yield outputs
-        outputs.commit()
-    finally:
-        outputs.discard()
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file next to ``path``; rename it to ``path`` only on success."""
-    with staged_outputs() as outputs, outputs.open(path, mode) as f:
-        yield f
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_LINE_BREAK = re.compile("\r\n|\r|\n")
-
-
-def _as_text(value: Any) -> str:
-    """A Parquet value JSON has no type for, as text: bytes in base64, dates and times in
-    ISO 8601, anything else (decimals, durations) as ``str`` gives it."""
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    return str(value)
-
-
-def _json(value: Any) -> str:
-    """JSON text of ``value``, UTF-8 as written; a lone surrogate (JSON input may hold one)
-    is kept as its ``\\uXXXX`` escape."""
-    text = json.dumps(value, ensure_ascii=False, default=_as_text)
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def _cell(value: Any) -> str:
-    """A value as a CSV/TSV cell: a string as it is, null as an empty cell, numbers, booleans,
-    lists and objects as JSON, other values as :func:`_as_text` writes them."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bool, int, float, list, tuple, dict)):
-        return _json(value)
-    return _as_text(value)
-
-
-Labelled = Iterator[tuple[str, Any]]  # (where, row): where names the row in error messages
-
-
-def _write_cells(f: Any, path: str, fmt: str, header: list[str], rows: Labelled) -> None:
-    """CSV (quoted where needed) or TSV (tab-separated lines, nothing quoted: a cell holding a
-    tab or line break is refused, as is a lone surrogate, which UTF-8 cannot encode)."""
-
-    def checked(where: str, cells: list[str]) -> list[str]:
-        for c, cell in enumerate(cells):
-            bad = _SURROGATE.search(cell) or (fmt == "tsv" and re.search("[\t\r\n]", cell))
-            if bad:
-                column = repr(header[c]) if c < len(header) else f"{c + 1}"
-                surrogate = bool(_SURROGATE.match(bad.group()))
-                what = "a lone surrogate" if surrogate else "a tab or line break"
-                instead = ".jsonl" if surrogate else ".csv or .jsonl"
-                raise InvalidInputError(
-                    f"{path}: {where}, column {column}: {what} ({bad.group()!r}) cannot be written "
-                    f"to {fmt.upper()}; write {instead} instead"
-                )
-        return cells
-
-    if fmt == "csv":
-        writer = csv.writer(f)
-        writer.writerow(checked("header", header))
-        for where, cells in rows:
-            writer.writerow(checked(where, cells))
-    else:
-        f.write("\t".join(checked("header", header)) + "\n")
-        for where, cells in rows:
-            f.write("\t".join(checked(where, cells)) + "\n")
-
-
-def _arrow_column(pa: Any, path: str, name: str, values: list[Any], labels: list[str], type_: Any) -> Any:
-    try:
-        return pa.array(values, type_)
-    except (OverflowError, UnicodeEncodeError) as exc:
-        big = isinstance(exc, OverflowError)
-        k = next((k for k, v in enumerate(values) if _holds(v, big)), None)
-        where = f"{labels[k]}, " if k is not None else ""
-        what = "an integer outside 64 bits" if big else "a lone surrogate, which UTF-8 cannot encode"
-        raise InvalidInputError(
-            f"{path}: {where}field {name!r} holds {what}; Parquet cannot store it: write .jsonl instead"
-        ) from None
-
-
-def _holds(value: Any, big: bool) -> bool:
-    """Whether ``value`` is or contains an integer outside 64 bits (``big``) or a lone surrogate."""
-    if isinstance(value, dict):
-        return any(_holds(v, big) or (not big and _holds(k, big)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(_holds(v, big) for v in value)
-    if big:
-        return isinstance(value, int) and not -(2**63) <= value < 2**64
-    return isinstance(value, str) and bool(_SURROGATE.search(value))
-
-
-def _write_records(path: str, fmt: str, fieldnames: list[str], rows: list[tuple[str, dict[str, Any]]],
-                   opener: Any, *, strings: bool = False) -> None:
-    """Write dict rows as ``fmt`` (jsonl, csv, tsv or parquet); ``strings``: every Parquet
-    column is a string column (rows read from CSV/TSV)."""
-    if fmt == "parquet":
-        pa = _import_pyarrow()
-        labels, records = [w for w, _ in rows], [r for _, r in rows]
-        type_ = pa.string() if strings or not records else None
-        try:
-            table = pa.table({name: _arrow_column(pa, path, name, [r.get(name) for r in records],
-                                                  labels, type_) for name in fieldnames})
-            with opener(path, "wb") as f:
-                pa.parquet.write_table(table, f)
-        except pa.ArrowException as exc:
-            raise InvalidInputError(
-                f"{path}: these rows cannot be written as Parquet ({_one_line(str(exc))}); "
-                "write .jsonl or .csv instead, or give each field one type"
-            ) from None
-        return
-    with opener(path) as f:
-        if fmt == "jsonl":
-            for _, row in rows:
-                f.write(_json(row) + "\n")
-        else:
-            cells = ((where, [_cell(row.get(name)) for name in fieldnames]) for where, row in rows)
-            _write_cells(f, path, fmt, fieldnames, cells)
-
-
-def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | None = None,
-               opener: Any = atomic_output) -> None:
-    """Write the rows at ``indices`` in the format of ``path``'s extension (else the input's):
-    the same format as the input gives the same rows back; across formats values are
-    converted as README.md says. ``opener(path, mode)`` opens the file (e.g. ``Outputs.open``)."""
-    fmt = _EXTENSIONS.get(Path(path).suffix.lower(), fmt or data.fmt)
-    idx = [int(k) for k in indices]
-    where = [f"row {k + 1}" for k in idx]
-    if fmt == "text":  # one line per row: a line break inside a text becomes a space
-        with opener(path) as f:
-            for w, k in zip(where, idx):
-                text = _LINE_BREAK.sub(" ", data.texts[k])
-                if _SURROGATE.search(text):
-                    raise InvalidInputError(
-                        f"{path}: {w} holds a lone surrogate, which UTF-8 cannot encode; write .jsonl instead"
-                    )
-                f.write(text + "\n")
-    elif fmt in ("csv", "tsv") and data.cells is not None:
-        with opener(path) as f:
-            _write_cells(f, path, fmt, data.fieldnames, zip(where, (data.cells[k] for k in idx)))
-    elif fmt == "parquet" and data.table is not None:
-        pa = _import_pyarrow()
-        with opener(path, "wb") as f:
-            pa.parquet.write_table(data.table.take(idx), f)
-    else:
-        rows = data.rows
-        _write_records(path, fmt, data.fieldnames, list(zip(where, (rows[k] for k in idx))), opener,
-                       strings=data.cells is not None)
 
 
 # --------------------------------------------------------------------------------------
@@ -746,10 +257,10 @@ def models(embedder_opts, cache_dir, quiet):
 @common_options
 def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
     """Embed each row of INPUT; write the vectors, in input order, as a .npy file."""
-    if Path(output).suffix.lower() in _EXTENSIONS:
+    if format_of(output) is not None:
         raise InvalidInputError(f"-o {output}: embed writes vectors in .npy format; name a .npy file")
     check_outputs({"INPUT": input_path}, {"-o": output})
-    data = read_input(input_path, fmt=fmt, field=field)
+    data = read_table(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to embed")
     emb = _cached(embedder_opts, cache_dir, quiet)
@@ -787,12 +298,12 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
     from embedcache.workflows import deduplicate
 
     check_outputs({"INPUT": input_path, "--against": against_path}, {"-o": output, "--duplicates": report})
-    report_fmt = _table_format(report, "--duplicates") if report else None
-    data = read_input(input_path, fmt=fmt, field=field)
+    report_fmt = table_format(report, "--duplicates") if report else None
+    data = read_table(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to deduplicate")
     emb = _cached(embedder_opts, cache_dir, quiet)
-    ref = read_input(against_path, fmt=fmt, field=field) if against_path else None
+    ref = read_table(against_path, fmt=fmt, field=field) if against_path else None
     res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
                       against=ref.texts if ref else None, progress=_progress(quiet))
     ids = data.ids(id_field)
@@ -835,7 +346,7 @@ def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res
         row["duplicate_text"] = (ref or data).texts[r]
         rows.append((f"removed row {k + 1}", row))
     fields = ["index", "duplicate_of", "score"] + (["id"] if ids is not None else []) + ["text", "duplicate_text"]
-    _write_records(path, fmt, fields, rows, opener)
+    write_records(path, fmt, fields, rows, opener)
 
 
 @cli.command()
@@ -853,15 +364,15 @@ def pairs(input_path, field, fmt, threshold, output, id_field, embedder_opts, ca
     from embedcache.workflows import PairTable, near_duplicates
 
     check_outputs({"INPUT": input_path}, {"-o": output})
-    out_fmt = _table_format(output, "-o")
-    data = read_input(input_path, fmt=fmt, field=field)
+    out_fmt = table_format(output, "-o")
+    data = read_table(input_path, fmt=fmt, field=field)
     emb = _cached(embedder_opts, cache_dir, quiet)
     table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet))
     ids = data.ids(id_field)
     table = PairTable(table.i, table.j, table.score, texts_i=data.texts, texts_j=data.texts,
                       ids_i=ids, ids_j=ids, sort=False)
     rows = [(f"pair {n + 1}", row) for n, row in enumerate(table)]
-    _write_records(output, out_fmt, table.columns, rows, atomic_output)
+    write_records(output, out_fmt, table.columns, rows, atomic_output)
     click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows; wrote {output}")
 
 
@@ -967,14 +478,14 @@ def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opt
     """
     from embedcache.store import text_ids
 
-    data = read_input(input_path, fmt=fmt, field=field)
+    data = read_table(input_path, fmt=fmt, field=field)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to add")
     ids = data.ids(id_field)
     hashed = ids is None
     if hashed:
         ids = text_ids(data.texts)
-    metadata = [_jsonable(row) for row in data.rows]
+    metadata = [jsonable(row) for row in data.rows]
     with _open_store(store_path, must_exist=False) as vs:
         key = data.field if len(vs) == 0 else vs.text_key
         for k, (meta, text) in enumerate(zip(metadata, data.texts)):
@@ -1007,11 +518,6 @@ def _duplicate_id_message(vs: Any, store_path: str, data: Dataset, ids: list[str
                 "of the text); pass --upsert to replace the stored rows, or take ids from a field with --id-field")
     return (f"{data.path}: id {ids[k]!r} (row {k + 1}) is already in {store_path}; pass --upsert to replace "
             "the stored rows, or take ids from another field with --id-field")
-
-
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    """The row as JSON holds it: every field, values JSON has no type for (dates, bytes) as text."""
-    return json.loads(json.dumps(row, ensure_ascii=False, default=str))
 
 
 @store.command("info")

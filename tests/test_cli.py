@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import embedcache as ec
-from embedcache.cli import atomic_output, main, read_input
+from embedcache.cli import main
+from embedcache.tables import atomic_output, read_table
 from embedcache.testing import FakeEmbeddingServer
 
 EXAMPLE = Path(ec.__file__).parent / "examples" / "reviews.jsonl"
@@ -317,13 +318,13 @@ def test_atomic_output_removes_the_temporary_file_on_failure(tmp_path, error):
     assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
 
 
-def test_read_input_rejects_empty_texts(tmp_path):
+def test_read_table_rejects_empty_texts(tmp_path):
     (tmp_path / "e.jsonl").write_text('{"text": "a"}\n{"text": "  "}\n')
     with pytest.raises(ec.InvalidInputError, match="e.jsonl:2: field 'text' is empty"):
-        read_input(str(tmp_path / "e.jsonl"))
+        read_table(str(tmp_path / "e.jsonl"))
     (tmp_path / "n.jsonl").write_text('{"text": 3}\n')
     with pytest.raises(ec.InvalidInputError, match="must be a string, got int"):
-        read_input(str(tmp_path / "n.jsonl"))
+        read_table(str(tmp_path / "n.jsonl"))
 
 
 def test_parquet_without_pyarrow_is_one_line(run, tmp_path, monkeypatch):
@@ -378,7 +379,7 @@ def test_csv_with_a_byte_order_mark(run, tmp_path):
         w = csv.DictWriter(f, fieldnames=["text", "id"])
         w.writeheader()
         w.writerows({"text": r["text"], "id": r["id"]} for r in ROWS)
-    data = read_input(str(tmp_path / "bom.csv"))
+    data = read_table(str(tmp_path / "bom.csv"))
     assert data.fieldnames == ["text", "id"] and data.texts == TEXTS
     run("dedup", "bom.csv", "-o", "out.csv", "-q", inproc=True)
     with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
@@ -422,7 +423,7 @@ def test_bad_report_path_fails_before_any_work(run, tmp_path):
 
 
 def test_staged_outputs_replace_all_or_nothing(tmp_path):
-    from embedcache.cli import staged_outputs
+    from embedcache.tables import staged_outputs
 
     (tmp_path / "a.txt").write_text("old a")
     with pytest.raises(OSError, match="disk full"):
@@ -445,9 +446,9 @@ def test_interrupt_while_writing_leaves_old_outputs(run, tmp_path, monkeypatch):
     (tmp_path / "k.csv").write_text("previous result\n")
     (tmp_path / "r.csv").write_text("previous report\n")
     write_formats(tmp_path)
-    import embedcache.cli as cli_mod
+    import embedcache.tables as tables_mod
 
-    cell, calls = cli_mod._cell, []
+    cell, calls = tables_mod._cell, []
 
     def interrupted(value):  # the report's cells (the kept CSV rows are written as read)
         calls.append(value)
@@ -455,7 +456,7 @@ def test_interrupt_while_writing_leaves_old_outputs(run, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return cell(value)
 
-    monkeypatch.setattr(cli_mod, "_cell", interrupted)
+    monkeypatch.setattr(tables_mod, "_cell", interrupted)
     proc = run("dedup", "in.csv", "--column", "body", "-o", "k.csv", "--duplicates", "r.csv",
                ok=False, inproc=True)
     assert proc.returncode == 130 and proc.stderr.strip().endswith("embedcache: interrupted")
