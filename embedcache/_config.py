@@ -26,6 +26,8 @@ TOPK_QUERY_BLOCK = 1024
 TOPK_MAX_BLOCK = 65536
 #: up to this many queries, top_k streams the corpus once through all threads
 STREAM_MAX_QUERIES = 16
+#: corpus rows per chunk when top_k streams the corpus (0: one chunk per numba thread)
+TOPK_STREAM_CHUNK = 0
 #: row side of a similar_pairs tile
 PAIRS_BLOCK = 2048
 #: column side of a similar_pairs tile (2048 x 8192 float32 scores: 64 MiB)

@@ -20,7 +20,7 @@ from collections.abc import Collection
 
 import numpy as np
 
-from embedcache.errors import InvalidInputError, InvalidInputTypeError
+from embedcache.errors import DimensionMismatchError, InvalidInputError, InvalidInputTypeError
 
 __all__ = [
     "METRICS",
@@ -32,6 +32,7 @@ __all__ = [
     "check_k",
     "check_metric",
     "check_number",
+    "check_same_columns",
     "check_threshold",
 ]
 
@@ -138,3 +139,18 @@ def as_float32(x: object, name: str) -> np.ndarray:
     x = as_matrix(x, name)
     check_finite(x, name)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_same_columns(x: np.ndarray, x_name: str, y: np.ndarray, y_name: str) -> None:
+    """Raise DimensionMismatchError unless the 2-D arrays ``x`` and ``y`` have as many columns.
+
+    >>> check_same_columns(np.ones((2, 3)), "queries", np.ones((4, 2)), "corpus")
+    Traceback (most recent call last):
+    ...
+    embedcache.errors.DimensionMismatchError: queries and corpus must have the same number of columns, got 3 and 2
+    """
+    if x.shape[1] != y.shape[1]:
+        raise DimensionMismatchError(
+            f"{x_name} and {y_name} must have the same number of columns, "
+            f"got {x.shape[1]} and {y.shape[1]}"
+        )

@@ -22,6 +22,7 @@ from typing import Any
 import click
 import numpy as np
 
+from embedcache._validation import check_threshold
 from embedcache.errors import (
     ConfigurationError,
     DuplicateIdError,
@@ -216,9 +217,12 @@ def input_options(f):
 
 
 def _threshold(ctx, param, value):
-    if value is not None and not -1.0 <= value <= 1.0:
-        raise click.BadParameter(f"must be a cosine similarity in [-1, 1], got {value}")
-    return value
+    if value is None:
+        return value
+    try:
+        return check_threshold(value)
+    except InvalidInputError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------

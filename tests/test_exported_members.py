@@ -1,3 +1,4 @@
+import importlib
 import pkgutil
 
 import embedcache
@@ -12,9 +13,45 @@ def test_all_is_sorted_and_exact():
     assert public - modules == set(embedcache.__all__)
 
 
-def test_every_exported_name_resolves():
-    for name in embedcache.__all__:
-        assert getattr(embedcache, name) is not None
+# Where each public name is documented and implemented: the subpackage named here (or a
+# private module inside it) defines it and lists it in its own ``__all__``.
+HOMES = {
+    "embedcache.errors": list(errors.__all__),
+    "embedcache.cache": ["CachedEmbedder", "EmbedStats", "EmbeddingCache"],
+    "embedcache.providers": ["Embedder", "HashingEmbeddings", "LocalEmbeddings", "OpenAIEmbeddings"],
+    "embedcache.kernels": ["cosine_similarity", "dot_similarity", "normalize", "similar_pairs", "top_k"],
+    "embedcache.store": ["VectorStore"],
+    "embedcache.workflows": ["DedupResult", "PairTable", "deduplicate", "knn_graph", "near_duplicates"],
+}
+
+EXPECTED = [
+    "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AuthenticationError",
+    "BadRequestError", "CacheError", "CachedEmbedder", "ConfigurationError", "DedupResult",
+    "DimensionMismatchError", "DuplicateIdError", "EmbedCacheError", "EmbedStats", "Embedder",
+    "EmbeddingCache", "HashingEmbeddings", "InvalidInputError", "InvalidInputTypeError",
+    "InvalidResponseError", "LocalEmbeddings", "MissingDependencyError", "NamespaceMismatchError",
+    "NotFoundError", "OpenAIEmbeddings", "PairTable", "PermissionDeniedError", "QuotaExceededError",
+    "RateLimitError", "ServerError", "StoreCorruptedError", "StoreError", "StoreLockedError",
+    "VectorStore", "cosine_similarity", "deduplicate", "dot_similarity", "knn_graph",
+    "near_duplicates", "normalize", "similar_pairs", "top_k",
+]
+
+
+def test_all_is_the_intended_list():
+    assert embedcache.__all__ == EXPECTED
+    assert sorted(name for names in HOMES.values() for name in names) == sorted(EXPECTED)
+
+
+def test_every_exported_name_comes_from_its_home_and_has_a_docstring():
+    for home, names in HOMES.items():
+        module = importlib.import_module(home)
+        for name in names:
+            obj = getattr(embedcache, name)
+            assert obj is getattr(module, name), (name, home)
+            assert name in module.__all__, (name, home)
+            assert obj.__module__ == home or obj.__module__.startswith(home + "."), (name, obj.__module__)
+            doc = obj.__doc__ or ""  # its own: a dataclass without one gets "Name(fields...)"
+            assert doc.strip() and not doc.startswith(f"{name}("), f"{name} has no docstring"
 
 
 def test_every_error_is_in_the_tree():

@@ -1,6 +1,8 @@
-"""Kernels against the plain-loop reference in tests/naive.py, plus hypothesis properties."""
+"""Kernels against the plain-loop reference in tests/support/naive.py, plus hypothesis properties."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numba
 import numpy as np
@@ -8,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import naive
 from embedcache import (
     DimensionMismatchError,
     InvalidInputError,
     InvalidInputTypeError,
+    _config,
     cosine_similarity,
     dot_similarity,
     normalize,
@@ -20,10 +22,33 @@ from embedcache import (
     top_k,
 )
 from embedcache.kernels import FASTMATH, meets_threshold, pair_scores
+from support import naive
 from support.strategies import matrices, matrix_pairs, small_ints
 
 SIZES = [1, 2, 7, 513]
 BLOCKS = [None, 5, 17]
+
+
+def blocks(size):
+    """Every block and tile of the kernels ``size`` rows (odd sizes reach the block
+    boundaries of small inputs); None keeps the defaults."""
+    if size is None:
+        return contextlib.nullcontext()
+    return _config.override(
+        TOPK_CORPUS_BLOCK=size, TOPK_QUERY_BLOCK=size, TOPK_MAX_BLOCK=size, TOPK_STREAM_CHUNK=size,
+        PAIRS_BLOCK=size, PAIRS_COLUMNS=size,
+    )
+
+
+def assert_pair_order(i, j, s):
+    """Pairs are listed highest score first, ties by i then j."""
+    listed = list(zip(i.tolist(), j.tolist(), s.tolist()))
+    assert listed == by_score(listed)
+
+
+def by_score(pairs):
+    """(i, j, score) triples in the order of similar_pairs: score descending, then i, then j."""
+    return sorted(pairs, key=lambda p: (-float(p[2]), p[0], p[1]))
 
 
 def int_matrix(n, d, seed, *, low=-3, high=4):
@@ -78,9 +103,10 @@ def test_kernels_use_only_the_fastmath_constant():
     import inspect
     import re
 
-    from embedcache import kernels
+    from embedcache.kernels import _core, pairs, similarity, topk
 
-    flags = re.findall(r"fastmath=([^,)]+)", inspect.getsource(kernels))
+    source = "".join(inspect.getsource(m) for m in (_core, pairs, similarity, topk))
+    flags = re.findall(r"fastmath=([^,)]+)", source)
     assert flags and set(flags) == {"FASTMATH"}
 
 
@@ -137,8 +163,9 @@ def test_cosine_of_tiny_and_huge_rows():
         # cosines of 1 tie exactly (the clip), so they come in index order, for every query
         np.testing.assert_array_equal(s, np.tile(np.float32([1, 1, 1, 1, -1]), (n_queries, 1)))
         np.testing.assert_array_equal(i, np.tile(np.arange(5), (n_queries, 1)))
-    i, j, _ = similar_pairs(x, 0.999)
-    assert list(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    i, j, s = similar_pairs(x, 0.999)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    assert_pair_order(i, j, s)
 
 
 @pytest.mark.parametrize("log2_norm", [-45, -29, 0, 20, 31, 40, 49, 55])
@@ -152,7 +179,8 @@ def test_a_row_scores_exactly_one_with_itself_at_any_scale(log2_norm):
     s = cosine_similarity(twice)
     np.testing.assert_array_equal(np.diag(s), 1.0)
     np.testing.assert_array_equal(np.diag(s, 40), 1.0)
-    i, j, _ = similar_pairs(twice, 1.0, _block_size=17)
+    with blocks(17):
+        i, j, _ = similar_pairs(twice, 1.0)
     assert {(k, k + 40) for k in range(40)} <= set(zip(i.tolist(), j.tolist()))
     np.testing.assert_array_equal(pair_scores(x, np.arange(40), np.arange(40)), 1.0)
 
@@ -172,7 +200,8 @@ def test_top_k_dot_is_exact_with_ties(n, block):
     for k, queries in [(k, queries) for k in sorted({1, 3, n, n + 4})] + [
         (4, int_matrix(30, 5, n + 8))  # enough queries for the BLAS path
     ]:
-        s, i = top_k(queries, corpus, k, metric="dot", _block_size=block)
+        with blocks(block):
+            s, i = top_k(queries, corpus, k, metric="dot")
         es, ei = naive.top_k(queries, corpus, k, metric="dot")
         assert s.shape == i.shape == (len(queries), min(k, n))
         assert s.dtype == np.float32 and i.dtype == np.int64
@@ -211,7 +240,8 @@ def test_top_k_cosine_matches_naive(n, block, n_queries):
     queries = np.concatenate([corpus[:1], float_matrix(n_queries - 1, 8, n + 3)])
     full = naive.similarity(queries, corpus, "cosine")
     for k in sorted({1, 5, n + 2}):
-        s, i = top_k(queries, corpus, k, _block_size=block)
+        with blocks(block):
+            s, i = top_k(queries, corpus, k)
         check_top_k(s, i, full, k, atol=2e-6)
         es, _ = naive.top_k(queries, corpus, k, scores=full)
         np.testing.assert_allclose(s, es, atol=2e-6)
@@ -228,8 +258,8 @@ def test_top_k_mask_and_exclude_self(block, metric):
     mask = np.zeros(40, bool)
     mask[[0, 3, 5, 17, 39]] = True
     for exclude_self, nq in [(False, 40), (True, 40), (False, 3), (True, 3)]:
-        s, i = top_k(x[:nq], x, 8, metric=metric, exclude_self=exclude_self, mask=mask,
-                     _block_size=block)
+        with blocks(block):
+            s, i = top_k(x[:nq], x, 8, metric=metric, exclude_self=exclude_self, mask=mask)
         eligible = np.repeat(mask[None, :], 40, axis=0)
         if exclude_self:
             np.fill_diagonal(eligible, False)
@@ -282,8 +312,9 @@ def test_top_k_other_corpus_dtypes_equal_float32_copy(dtype):
     corpus = float_matrix(513, 16, 4).astype(dtype)
     queries = float_matrix(5, 16, 5)
     for block in BLOCKS:
-        s, i = top_k(queries, corpus, 7, _block_size=block)
-        es, ei = top_k(queries, corpus.astype(np.float32), 7, _block_size=block)
+        with blocks(block):
+            s, i = top_k(queries, corpus, 7)
+            es, ei = top_k(queries, corpus.astype(np.float32), 7)
         np.testing.assert_array_equal(i, ei)
         np.testing.assert_array_equal(s, es)
 
@@ -297,7 +328,8 @@ def test_top_k_memmap_corpus(tmp_path, dtype):
     ro = np.memmap(tmp_path / "corpus.bin", dtype=dtype, mode="r", shape=data.shape)
     queries = float_matrix(4, 8, 7)
     for block in BLOCKS:
-        s, i = top_k(queries, ro, 5, _block_size=block)
+        with blocks(block):
+            s, i = top_k(queries, ro, 5)
         es, ei = top_k(queries, data.astype(np.float32), 5)
         np.testing.assert_array_equal(i, ei)
         np.testing.assert_array_equal(s, es)
@@ -311,18 +343,19 @@ def test_top_k_float16_corpus_with_inf_or_nan(bad_value, n_queries, block):
     corpus[57, 9] = bad_value
     corpus[80, 0] = bad_value
     with pytest.raises(InvalidInputError, match="corpus must be finite.*row 57"):
-        top_k(float_matrix(n_queries, 16, 4), corpus, 3, _block_size=block)
+        with blocks(block):
+            top_k(float_matrix(n_queries, 16, 4), corpus, 3)
 
 
 def test_float16_decoders_are_exact_for_every_bit_pattern():
-    from embedcache import kernels
+    from embedcache.kernels import _core
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     expected = bits.view(np.float16).astype(np.float32)
     nan = np.isnan(expected)
-    decoders = [kernels._decode_f16_bits]
-    if kernels._native_half():
-        decoders.append(kernels._decode_f16)
+    decoders = [_core._decode_f16_bits]
+    if _core._native_half():
+        decoders.append(_core._decode_f16)
     for decode in decoders:
         out = np.empty(len(bits), np.float32)
         decode(bits, out)
@@ -347,9 +380,9 @@ def test_top_k_float16_extreme_values_equal_float32_copy(n_queries):
                               float_matrix(17, 37, 6)])[:n_queries]
     for metric in ("cosine", "dot"):
         for block in BLOCKS:
-            s, i = top_k(queries, corpus, 9, metric=metric, _block_size=block)
-            es, ei = top_k(queries, corpus.astype(np.float32), 9, metric=metric,
-                           _block_size=block)
+            with blocks(block):
+                s, i = top_k(queries, corpus, 9, metric=metric)
+                es, ei = top_k(queries, corpus.astype(np.float32), 9, metric=metric)
             np.testing.assert_array_equal(i, ei)
             np.testing.assert_array_equal(s, es)
 
@@ -366,7 +399,8 @@ def test_top_k_float16_one_query_mask_and_self_equal_float32_copy(metric, block)
     for r in (0, 2, 9):
         q = corpus[r : r + 1].astype(np.float32)
         for kw in ({}, {"mask": mask}, {"exclude_self": True}, {"mask": mask, "exclude_self": True}):
-            s, i = top_k(q, corpus, 11, metric=metric, _block_size=block, **kw)
+            with blocks(block):
+                s, i = top_k(q, corpus, 11, metric=metric, **kw)
             es, ei = top_k(q, corpus.astype(np.float32), 11, metric=metric, **kw)
             np.testing.assert_array_equal(i, ei)
             np.testing.assert_array_equal(s, es)
@@ -401,8 +435,8 @@ def test_dot_scores_do_not_overflow_to_nan():
         np.testing.assert_array_equal(i, np.tile([1, 2, 0], (n_queries, 1)))
         np.testing.assert_array_equal(s, np.tile(np.float32([64, 64, 0]), (n_queries, 1)))
     pairs, s = as_lists(similar_pairs(q, -1.0, y=x, metric="dot"))
-    assert pairs == [(0, 0), (0, 1), (0, 2)]
-    np.testing.assert_array_equal(s, [0, 64, 64])
+    assert pairs == [(0, 1), (0, 2), (0, 0)]  # highest score first
+    np.testing.assert_array_equal(s, [64, 64, 0])
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
@@ -458,8 +492,9 @@ def test_similar_pairs_dot_exact(n, block):
     x = int_matrix(n, 3, n, low=-1, high=2)
     y = int_matrix(max(1, n // 3), 3, n + 1, low=-1, high=2)
     for other in (None, y):
-        pairs, s = as_lists(similar_pairs(x, 2.0, y=other, metric="dot", _block_size=block))
-        expected = naive.similar_pairs(x, 2.0, y=other, metric="dot")
+        with blocks(block):
+            pairs, s = as_lists(similar_pairs(x, 2.0, y=other, metric="dot"))
+        expected = by_score(naive.similar_pairs(x, 2.0, y=other, metric="dot"))
         assert pairs == [(a, b) for a, b, _ in expected]
         np.testing.assert_array_equal(s, [v for _, _, v in expected])
 
@@ -469,10 +504,11 @@ def test_similar_pairs_cosine_equals_thresholded_matrix(n, block):
     x = float_matrix(n, 4, n)
     y = float_matrix(max(1, n // 3), 4, n + 1)
     for other in (None, y):
-        got = similar_pairs(x, 0.7, y=other, _block_size=block)
+        with blocks(block):
+            got = similar_pairs(x, 0.7, y=other)
         pairs, s = as_lists(got)
         full = cosine_similarity(x, other)
-        expected = naive.similar_pairs(x, 0.7, y=other, scores=full)
+        expected = by_score(naive.similar_pairs(x, 0.7, y=other, scores=full))
         assert pairs == [(a, b) for a, b, _ in expected]
         np.testing.assert_array_equal(s, [v for _, _, v in expected])
         # and the scores are right, not only consistent
@@ -488,18 +524,22 @@ def test_similar_pairs_other_dtypes_and_memmap(tmp_path, dtype):
     expected = similar_pairs(x.astype(np.float32), 0.6)
     for data in (x, mm):
         for block in BLOCKS:
-            for got, want in zip(similar_pairs(data, 0.6, _block_size=block), expected):
-                np.testing.assert_array_equal(got, want)
+            with blocks(block):
+                got = similar_pairs(data, 0.6)
+            for g, want in zip(got, expected):
+                np.testing.assert_array_equal(g, want)
     bad = x.copy()
     bad[42, 3] = np.inf
     with pytest.raises(InvalidInputError, match="x must be finite.*row 42"):
-        similar_pairs(bad, 0.6, _block_size=17)
+        with blocks(17):
+            similar_pairs(bad, 0.6)
 
 
 def test_similar_pairs_duplicates_found_once():
     x = float_matrix(50, 8, 3)
     x[10] = x[20] = x[30]
-    i, j, s = similar_pairs(x, 0.999, _block_size=17)
+    with blocks(17):
+        i, j, s = similar_pairs(x, 0.999)
     assert list(zip(i.tolist(), j.tolist())) == [(0, 49), (10, 20), (10, 30), (20, 30)]
     np.testing.assert_allclose(s, 1.0, atol=1e-6)
 
@@ -509,7 +549,30 @@ def test_similar_pairs_float16_with_nan():
     x[33, 2] = np.nan
     for block in BLOCKS:
         with pytest.raises(InvalidInputError, match="x must be finite.*row 33"):
-            similar_pairs(x, 0.5, _block_size=block)
+            with blocks(block):
+                similar_pairs(x, 0.5)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_similar_pairs_order_is_score_then_i_then_j(block):
+    # u, v, u, v, w: copies score exactly 1, and a copy scores bit for bit what its row
+    # scores, so ties are exact: cos(v, w) = 0.8 twice, cos(u, v) = 0.6 four times
+    u, v, w = [1, 0], [0.6, 0.8], [0, 1]
+    x = np.float32([u, v, u, v, w])
+    with blocks(block):
+        i, j, s = similar_pairs(x, 0.5)
+    assert list(zip(i.tolist(), j.tolist())) == [
+        (0, 2), (1, 3), (1, 4), (3, 4), (0, 1), (0, 3), (1, 2), (2, 3)
+    ]
+    # larger inputs, in tiles: within one set and across two, as the matrix ranks them
+    x = np.concatenate([float_matrix(60, 3, 1), float_matrix(60, 3, 1)[::-1]])
+    y = float_matrix(45, 3, 2)
+    for other in (None, y):
+        with blocks(block):
+            got = similar_pairs(x, 0.9, y=other)
+        full = cosine_similarity(x, other)
+        expected = by_score(naive.similar_pairs(x, 0.9, y=other, scores=full))
+        assert as_lists(got)[0] == [(a, b) for a, b, _ in expected]
 
 
 def test_similar_pairs_threshold_is_compared_in_float32():
@@ -565,28 +628,31 @@ def test_meets_threshold_is_the_similar_pairs_rule():
     assert meets_threshold(np.float32([target]), above).tolist() == [True]
     i, j, s = similar_pairs(x, above)
     upper = np.triu(np.ones_like(full, dtype=bool), 1)
-    np.testing.assert_array_equal(np.nonzero(meets_threshold(full, above) & upper), (i, j))
+    by_index = np.lexsort((j, i))
+    np.testing.assert_array_equal(np.nonzero(meets_threshold(full, above) & upper),
+                                  (i[by_index], j[by_index]))
 
 
 def test_similar_pairs_buffers_do_not_grow_after_a_busy_row(monkeypatch):
     # rows 0 and 100 pair with every other row; the others pair with nothing. Each tile
     # is computed once, and tiles after the busy rows' get the usual small buffers.
-    from embedcache import kernels
+    from embedcache.kernels import pairs as pairs_module
 
     rng = np.random.default_rng(0)
     x = np.concatenate([np.ones((200, 1)), rng.integers(-1, 2, (200, 2))], axis=1)
     x[0] = x[100] = [100.0, 0.0, 0.0]
     x = x.astype(np.float32)
     widths = []
-    real = kernels._pairs_tile
+    real = pairs_module._pairs_tile
 
     def spy(s, *args):
         widths.append(args[-1].shape[1])  # out_s: (rows, width)
         return real(s, *args)
 
-    monkeypatch.setattr(kernels, "_pairs_tile", spy)
-    pairs, s = as_lists(similar_pairs(x, 50.0, metric="dot", _block_size=17))
-    expected = naive.similar_pairs(x, 50.0, metric="dot")
+    monkeypatch.setattr(pairs_module, "_pairs_tile", spy)
+    with blocks(17):
+        pairs, s = as_lists(similar_pairs(x, 50.0, metric="dot"))
+    expected = by_score(naive.similar_pairs(x, 50.0, metric="dot"))
     assert len(expected) == 199 + 198
     assert pairs == [(a, b) for a, b, _ in expected]
     np.testing.assert_array_equal(s, [v for _, _, v in expected])
@@ -604,8 +670,11 @@ def test_validation_messages():
     x = float_matrix(4, 3, 0)
     with pytest.raises(InvalidInputError, match=r"2-D array .* got shape \(3,\)"):
         top_k(x[0], x, 2)
-    with pytest.raises(InvalidInputTypeError, match="dtype float32, float16 or float64, got int64"):
-        cosine_similarity(np.ones((2, 2), np.int64))
+    with pytest.raises(InvalidInputTypeError, match="real numbers .* got dtype <U1"):
+        cosine_similarity(np.array([["a", "b"]]))
+    # integer arrays are taken as their float32 values, as everywhere in embedcache
+    ints = np.array([[1, 2], [3, -4]])
+    np.testing.assert_array_equal(cosine_similarity(ints), cosine_similarity(ints.astype(np.float32)))
     bad = x.copy()
     bad[2, 1] = np.nan
     with pytest.raises(InvalidInputError, match="corpus must be finite.*row 2"):
@@ -621,12 +690,12 @@ def test_validation_messages():
         cosine_similarity(x, x[:, :2])
     with pytest.raises(InvalidInputError, match="k must be >= 1, got 0"):
         top_k(x, x, 0)
-    with pytest.raises(InvalidInputTypeError, match="k must be an integer"):
+    with pytest.raises(InvalidInputTypeError, match="k must be an int, got float"):
         top_k(x, x, 2.5)
     with pytest.raises(InvalidInputError, match=r"threshold must be in \[-1, 1\].*1.5"):
         similar_pairs(x, 1.5)
     similar_pairs(x, 1.5, metric="dot")  # any threshold is fine for dot
-    with pytest.raises(InvalidInputError, match="metric must be 'cosine' or 'dot', got 'l2'"):
+    with pytest.raises(InvalidInputError, match="metric must be one of 'cosine', 'dot', got 'l2'"):
         top_k(x, x, 2, metric="l2")
     with pytest.raises(InvalidInputTypeError, match="mask must be a bool array"):
         top_k(x, x, 2, mask=np.ones(4))
@@ -668,7 +737,8 @@ def test_cosine_properties(ab):
 )
 def test_top_k_properties(ab, k, metric, block):
     queries, corpus = ab
-    s, i = top_k(queries, corpus, k, metric=metric, _block_size=block)
+    with blocks(block):
+        s, i = top_k(queries, corpus, k, metric=metric)
     assert (np.diff(s, axis=1) <= 0).all()  # best first
     if metric == "cosine":
         assert ((s >= -1) & (s <= 1)).all()
@@ -680,11 +750,13 @@ def test_top_k_properties(ab, k, metric, block):
     np.testing.assert_array_equal(s, ms.astype(np.float32))
     np.testing.assert_array_equal(i, mi)
     # the same answer for any block size, and when the queries go through BLAS
-    s2, i2 = top_k(queries, corpus, k, metric=metric, _block_size=2)
+    with blocks(2):
+        s2, i2 = top_k(queries, corpus, k, metric=metric)
     np.testing.assert_array_equal(s, s2)
     np.testing.assert_array_equal(i, i2)
     many = np.concatenate([queries] * (17 // len(queries) + 1))
-    s3, i3 = top_k(many, corpus, k, metric=metric, _block_size=block)
+    with blocks(block):
+        s3, i3 = top_k(many, corpus, k, metric=metric)
     np.testing.assert_array_equal(s3[: len(queries)], s)
     np.testing.assert_array_equal(i3[: len(queries)], i)
 
@@ -699,11 +771,14 @@ def test_top_k_properties(ab, k, metric, block):
 def test_similar_pairs_equals_thresholded_matrix(ab, threshold, block, cross):
     x, y = ab
     other = y if cross else None
-    i, j, s = similar_pairs(x, threshold, y=other, _block_size=block)
+    with blocks(block):
+        i, j, s = similar_pairs(x, threshold, y=other)
     full = cosine_similarity(x, other)
     if not cross:
         full = np.triu(full, 1) + np.tril(np.full_like(full, -np.inf))
     ei, ej = np.nonzero(full >= np.float32(threshold))
+    order = np.lexsort((ej, ei, -full[ei, ej]))  # score descending, then i, then j
+    ei, ej = ei[order], ej[order]
     np.testing.assert_array_equal(i, ei)
     np.testing.assert_array_equal(j, ej)
     np.testing.assert_array_equal(s, full[ei, ej])
@@ -723,3 +798,55 @@ def test_results_unchanged_by_thread_count(x, k):
     for (a, b), (c, d) in zip(runs, runs[1:]):
         for u, v in zip(a + b, c + d):
             np.testing.assert_array_equal(u, v)
+
+
+# ----------------------------------------------------------------------------------------
+# compiled code cached on disk
+# ----------------------------------------------------------------------------------------
+
+_EVERY_KERNEL = """
+import json
+import numpy as np
+import embedcache as ec
+from embedcache.kernels import _core
+
+x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+ec.normalize(x)
+ec.cosine_similarity(x)
+ec.dot_similarity(x, x[:3])
+ec.kernels.pair_scores(x, [0, 1], [2, 3])
+for corpus in (x, x.astype(np.float16)):
+    for metric in ("cosine", "dot"):
+        ec.top_k(x[:2], corpus, 3, metric=metric, mask=np.ones(40, bool), exclude_self=True)
+        ec.top_k(x, corpus, 3, metric=metric)
+        ec.similar_pairs(corpus, 0.5, y=x[:7], metric=metric)
+        ec.similar_pairs(corpus, 0.5, metric=metric)
+cached = [f for f in vars(_core).values() if getattr(f, "stats", None) and f.stats.cache_path]
+print(json.dumps({
+    "cached": len(cached),
+    "hits": sum(sum(f.stats.cache_hits.values()) for f in cached),
+    "misses": sorted(f.__name__ for f in cached if sum(f.stats.cache_misses.values())),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_every_kernel_from_the_disk_cache():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import embedcache
+
+    root = str(Path(embedcache.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    runs = []
+    for _ in range(2):  # the first run compiles what is not cached yet; the second compiles nothing
+        proc = subprocess.run([sys.executable, "-c", _EVERY_KERNEL], env=env, capture_output=True,
+                              text=True, timeout=240, check=True)
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    second = runs[1]
+    assert second["cached"] >= 10
+    assert second["misses"] == [] and second["hits"] > 0

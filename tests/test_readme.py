@@ -45,7 +45,7 @@ def test_python_samples_run(tmp_path, monkeypatch, capsys):
         assert len(server.embedding_requests) == 1 and len(openai.embedding_requests) == 1
     out = capsys.readouterr().out
     assert "(2, 8)" in out and "(2, 16)" in out
-    assert "threshold must be in [-1, 1], got 1.5" in out
+    assert "threshold must be in [-1, 1] for cosine, got 1.5" in out
     assert (tmp_path / "pairs.csv").is_file()
 
 

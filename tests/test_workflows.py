@@ -13,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import embedcache as ec
+from embedcache import _config
 from embedcache.providers.base import Usage
 
 # ---------------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ thresholds = st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99])
 def test_connected_groups_equal_brute_force(x, threshold, chunk):
     s = cosine_matrix(x)
     assume(separated(s, threshold))
-    res = ec.deduplicate(x, threshold=threshold, progress=False, _chunk_rows=chunk)
+    with _config.override(CHUNK_ROWS=chunk):
+        res = ec.deduplicate(x, threshold=threshold, progress=False)
     expected = components(len(x), s >= threshold)
     assert [g.tolist() for g in res.groups] == expected
     reps = {g[0] for g in expected}
@@ -166,7 +168,7 @@ def test_keep_callable_and_validation():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(threshold=1.5), r"threshold must be in \[-1, 1\], got 1.5"),
+        (dict(threshold=1.5), r"threshold must be in \[-1, 1\] for cosine, got 1.5"),
         (dict(threshold="0.9"), "threshold must be a number"),
         (dict(threshold=0.9, mode="fuzzy"), "mode must be"),
     ],
@@ -177,7 +179,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_bad_arrays():
-    with pytest.raises(ec.InvalidInputError, match="2D array"):
+    with pytest.raises(ec.InvalidInputError, match="2-D array"):
         ec.deduplicate(np.ones(3, dtype=np.float32), progress=False)
     with pytest.raises(ec.InvalidInputError, match="NaN"):
         ec.deduplicate(np.array([[1.0, np.nan]]), progress=False)
@@ -195,7 +197,8 @@ def test_empty_and_single():
 def test_against_removes_items_near_the_reference(x, ref, threshold):
     s = cosine_matrix(x, ref)
     assume(separated(s, threshold))
-    res = ec.deduplicate(x, against=ref, threshold=threshold, progress=False, _chunk_rows=3)
+    with _config.override(CHUNK_ROWS=3):
+        res = ec.deduplicate(x, against=ref, threshold=threshold, progress=False)
     best = s.max(axis=1)
     assert res.removed.tolist() == np.flatnonzero(best >= threshold).tolist()
     assert res.kept.tolist() == np.flatnonzero(best < threshold).tolist()
@@ -203,10 +206,12 @@ def test_against_removes_items_near_the_reference(x, ref, threshold):
         assert sc == pytest.approx(best[i], abs=1e-5)
         assert s[i, r] == pytest.approx(best[i], abs=1e-5)
     assert res.groups == [] and res.reference
+    assert res.mode == "connected"  # the grouping rule asked for; the reference run says so itself
 
 
 def test_against_dimension_mismatch():
-    with pytest.raises(ec.DimensionMismatchError, match="dimension 3 .* has 2"):
+    match = "items and against must have the same number of columns, got 3 and 2"
+    with pytest.raises(ec.DimensionMismatchError, match=match):
         ec.deduplicate(np.eye(3, dtype=np.float32), against=np.eye(2, dtype=np.float32), progress=False)
 
 
@@ -344,9 +349,11 @@ def test_invalid_texts_name_the_position(embedder):
 
 def test_progress_bar_only_when_asked(capsys):
     x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
-    ec.deduplicate(x, threshold=0.9, progress=False, _chunk_rows=5)
+    with _config.override(CHUNK_ROWS=5):
+        ec.deduplicate(x, threshold=0.9, progress=False)
     assert capsys.readouterr().err == ""
-    ec.deduplicate(x, threshold=0.9, progress=True, _chunk_rows=5)
+    with _config.override(CHUNK_ROWS=5):
+        ec.deduplicate(x, threshold=0.9, progress=True)
     assert "pairs" in capsys.readouterr().err
 
 
@@ -360,7 +367,8 @@ def test_progress_bar_only_when_asked(capsys):
 def test_near_duplicates_equal_brute_force(x, threshold, chunk):
     s = cosine_matrix(x)
     assume(separated(s, threshold))
-    table = ec.near_duplicates(x, threshold=threshold, progress=False, _chunk_rows=chunk)
+    with _config.override(CHUNK_ROWS=chunk):
+        table = ec.near_duplicates(x, threshold=threshold, progress=False)
     i, j = np.nonzero(np.triu(s >= threshold, 1))
     expected = sorted(zip(i.tolist(), j.tolist()), key=lambda p: (-s[p], p))
     got = list(zip(table.i.tolist(), table.j.tolist()))
@@ -420,16 +428,19 @@ def naive_knn(x, k):
 def test_knn_graph_equals_brute_force(seed, n, k, chunk):
     x = np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
     expected, s = naive_knn(x, k)
-    g = ec.knn_graph(x, k, symmetric=False, progress=False, _chunk_rows=chunk)
+    with _config.override(CHUNK_ROWS=chunk):
+        g = ec.knn_graph(x, k, symmetric=False, progress=False)
     assert g.shape == (n, n) and g.diagonal().sum() == 0
     assert np.all(np.diff(g.indptr) == min(k, n - 1))
     dense = g.toarray()
     np.testing.assert_array_equal(dense != 0, expected != 0)
     np.testing.assert_allclose(dense, expected, atol=1e-5)
-    sym = ec.knn_graph(x, k, progress=False, _chunk_rows=chunk)
+    with _config.override(CHUNK_ROWS=chunk):
+        sym = ec.knn_graph(x, k, progress=False)
     np.testing.assert_array_equal(sym.toarray() != 0, (expected != 0) | (expected.T != 0))
     assert (abs(sym - sym.T) > 1e-6).nnz == 0
-    dist = ec.knn_graph(x, k, mode="distance", progress=False, _chunk_rows=chunk)
+    with _config.override(CHUNK_ROWS=chunk):
+        dist = ec.knn_graph(x, k, weights="distance", progress=False)
     np.testing.assert_array_equal(dist.indptr, sym.indptr)
     for i in range(n):
         row = dist.data[dist.indptr[i]:dist.indptr[i + 1]]
@@ -440,7 +451,7 @@ def test_knn_graph_equals_brute_force(seed, n, k, chunk):
 
 def test_knn_graph_keeps_zero_distances_explicit():
     x = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)
-    g = ec.knn_graph(x, 1, mode="distance", progress=False)
+    g = ec.knn_graph(x, 1, weights="distance", progress=False)
     assert g[0, 1] == 0 and g.nnz >= 2 and 1 in g[0].indices
 
 
@@ -451,7 +462,7 @@ def test_knn_graph_feeds_scikit_learn_precomputed():
     rng = np.random.default_rng(3)
     centers = rng.normal(size=(3, 8))
     x = np.concatenate([c + rng.normal(scale=0.05, size=(15, 8)) for c in centers]).astype(np.float32)
-    g = ec.knn_graph(x, 10, mode="distance", progress=False)
+    g = ec.knn_graph(x, 10, weights="distance", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", EfficiencyWarning)
         labels = DBSCAN(eps=0.05, min_samples=3, metric="precomputed").fit_predict(g)
@@ -462,8 +473,8 @@ def test_knn_graph_feeds_scikit_learn_precomputed():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(k=0), "k must be"), (dict(k=2, mode="weights"), "mode must be"),
-     (dict(k=2, metric="l2"), "metric must be"), (dict(k=2, metric="dot", mode="distance"), "needs metric")],
+    [(dict(k=0), "k must be"), (dict(k=2, weights="score"), "weights must be"),
+     (dict(k=2, metric="l2"), "metric must be"), (dict(k=2, metric="dot", weights="distance"), "needs metric")],
 )
 def test_knn_graph_bad_arguments(kwargs, match):
     with pytest.raises(ec.InvalidInputError, match=match):
@@ -663,7 +674,9 @@ def test_every_path_publishes_the_same_pairs_and_scores(tmp_path_factory, cache_
         return pair_dict(table.i, table.j, table.score)
 
     texts, emb = embedded_as_texts(x, cache_dir)
-    assert table_pairs(ec.near_duplicates(x, threshold=t, progress=False, _chunk_rows=chunk)) == pairs
+    with _config.override(CHUNK_ROWS=chunk):
+        table = ec.near_duplicates(x, threshold=t, progress=False)
+    assert table_pairs(table) == pairs
     assert table_pairs(ec.near_duplicates(texts, threshold=t, embedder=emb, progress=False)) == pairs
     with ec.VectorStore(tmp_path_factory.mktemp("vs")) as store:
         store.add([f"r{k}" for k in range(n)], x)
@@ -675,7 +688,8 @@ def test_every_path_publishes_the_same_pairs_and_scores(tmp_path_factory, cache_
     for a, b in pairs:
         adjacency[a, b] = adjacency[b, a] = True
     for mode in ("connected", "greedy"):
-        res = ec.deduplicate(x, threshold=t, mode=mode, progress=False, _chunk_rows=chunk)
+        with _config.override(CHUNK_ROWS=chunk):
+            res = ec.deduplicate(x, threshold=t, mode=mode, progress=False)
         as_texts = ec.deduplicate(texts, threshold=t, mode=mode, embedder=emb, progress=False)
         for a, b in ((res.kept, as_texts.kept), (res.removed, as_texts.removed),
                      (res.duplicate_of, as_texts.duplicate_of), (res.scores, as_texts.scores)):
@@ -691,7 +705,8 @@ def test_every_path_publishes_the_same_pairs_and_scores(tmp_path_factory, cache_
 
     m = n // 2
     across = pair_dict(*ec.similar_pairs(x[:m], t, y=x[m:]))
-    ref = ec.deduplicate(x[:m], against=x[m:], threshold=t, progress=False, _chunk_rows=chunk)
+    with _config.override(CHUNK_ROWS=chunk):
+        ref = ec.deduplicate(x[:m], against=x[m:], threshold=t, progress=False)
     assert ref.removed.tolist() == sorted({a for a, _ in across})
     for a, r, s in zip(ref.removed, ref.duplicate_of, ref.scores):
         best = max(v for (p, _), v in across.items() if p == a)

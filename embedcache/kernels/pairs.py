@@ -1,0 +1,116 @@
+"""Threshold pairs: every pair of rows scored at or above a threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embedcache import _config
+from embedcache._validation import as_matrix, check_metric, check_same_columns, check_threshold
+from embedcache.kernels._core import (
+    _UNIT,
+    _blas_margin,
+    _block_stats,
+    _filter_scale,
+    _gemm_nt,
+    _pairs_rows,
+    _pairs_tile,
+    _rows32,
+)
+
+__all__ = ["meets_threshold", "similar_pairs"]
+
+_PAIRS_WIDTH = 16  # matches per row and tile collected in the first scan
+
+
+def meets_threshold(scores, threshold) -> np.ndarray:
+    """Which ``scores`` are at or above ``threshold``, by the rule of :func:`similar_pairs`:
+    the float32 score against the threshold rounded to the nearest float32.
+
+    >>> meets_threshold(np.float32([0.8, 0.7999999]), 0.8)
+    array([ True, False])
+    """
+    return np.asarray(scores, np.float32) >= np.float32(threshold)
+
+
+def similar_pairs(x, threshold, *, y=None, metric="cosine"):
+    """Every pair of rows with score >= threshold, exactly once, highest score first.
+
+    x: (n, d) float array (float32, float16 or float64; a ``numpy.memmap`` is read tile by
+    tile). y: optional (m, d) array; without it pairs within x with i < j are returned,
+    with it every (i, j) with i a row of x and j a row of y.
+    threshold: a float; for cosine it must lie in [-1, 1]. Scores are float32 and are
+    compared with the threshold rounded to the nearest float32, so a pair whose score
+    equals ``numpy.float32(threshold)`` is returned even when the float64 threshold is a
+    little higher.
+    Returns ``(i, j, scores)``: int64, int64, float32 arrays of equal length, sorted by
+    score descending, ties by i then j (the pair order of every embedcache function that
+    lists pairs). The scores are those of :func:`cosine_similarity` /
+    :func:`dot_similarity` bit for bit. Memory is proportional to the output plus one tile
+    of scores; only the upper triangle is computed when y is None.
+    """
+    metric = check_metric(metric)
+    threshold = check_threshold(threshold, metric)
+    x32 = as_matrix(x, "x")
+    same = y is None
+    y32 = x32 if same else as_matrix(y, "y")
+    check_same_columns(x32, "x", y32, "y")
+    cosine = metric == "cosine"
+    block = _config.PAIRS_BLOCK
+    cblock = max(_config.PAIRS_COLUMNS, block)  # tiles of the upper triangle start on its diagonal
+    inv_x, norm_x = _block_stats(x32, "x", block)
+    inv_y, norm_y = (inv_x, norm_x) if same else _block_stats(y32, "y", block)
+    filt_x = _filter_scale(inv_x, norm_x, norm_y.max(initial=0.0), cosine)
+    filt_y = _filter_scale(inv_y, norm_y, norm_x.max(initial=0.0), cosine)
+    margin = _blas_margin(x32.shape[1])
+    thr = np.float32(threshold)  # the comparison is in float32, as documented (meets_threshold)
+    n, m = x32.shape[0], y32.shape[0]
+    tile = np.empty(min(block, n) * min(cblock, m) if n and m else 0, np.float32)
+    # matches per row and tile kept in the first scan; rows with more are rescanned into
+    # buffers of their exact size, so memory follows the output, not the busiest row
+    width = _PAIRS_WIDTH
+    buf_j = np.empty((min(block, n), width), np.int64)
+    buf_s = np.empty((min(block, n), width), np.float32)
+    parts_i, parts_j, parts_s = [], [], []
+    for r0 in range(0, n, block):
+        xb = _rows32(x32, r0, block)
+        nr = xb.shape[0]
+        counts = np.empty(nr, np.int64)
+        out_j, out_s = buf_j[:nr], buf_s[:nr]
+        for c0 in range(r0 if same else 0, m, cblock):
+            yb = _rows32(y32, c0, cblock)
+            nc = yb.shape[0]
+            s = tile[: nr * nc].reshape(nr, nc)
+            _gemm_nt(xb, yb, s)
+            if cosine:
+                margin_x = np.full(nr, margin)
+            else:
+                margin_x = margin * norm_x[r0 : r0 + nr] * norm_y[c0 : c0 + nc].max() + 1e-37
+            args = (
+                s, xb, yb, inv_x[r0:], inv_y[c0:], filt_x[r0:], filt_y[c0:], margin_x,
+                4 * _UNIT, thr, same and c0 == r0, cosine,
+            )
+            _pairs_tile(*args, counts, out_j, out_s)
+            over = np.flatnonzero(counts > width)
+            kept = counts.copy()
+            kept[over] = 0
+            rows, cols = np.nonzero(np.arange(width)[None, :] < kept[:, None])
+            if len(rows):
+                parts_i.append(rows + r0)
+                parts_j.append(out_j[rows, cols] + c0)
+                parts_s.append(out_s[rows, cols])
+            if len(over):
+                offsets = np.zeros(len(over) + 1, np.int64)
+                np.cumsum(counts[over], out=offsets[1:])
+                flat_j = np.empty(offsets[-1], np.int64)
+                flat_s = np.empty(offsets[-1], np.float32)
+                _pairs_rows(*args, over, offsets, flat_j, flat_s)
+                parts_i.append(np.repeat(over, counts[over]) + r0)
+                parts_j.append(flat_j + c0)
+                parts_s.append(flat_s)
+    if not parts_i:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    i = np.concatenate(parts_i).astype(np.int64, copy=False)
+    j = np.concatenate(parts_j)
+    sc = np.concatenate(parts_s)
+    order = np.lexsort((j, i, -sc))
+    return i[order], j[order], sc[order]

@@ -1,0 +1,289 @@
+"""Deduplication: :func:`deduplicate` and its two grouping rules.
+
+Two ways to turn near-duplicate pairs into groups (``deduplicate(..., mode=...)``):
+
+``mode="connected"`` (default)
+    A group is a connected component of the graph whose edges are the pairs scored at or
+    above ``threshold``. The result does not depend on input order, and it is what an
+    exact all-pairs search followed by union-find gives; one representative per group is
+    kept. Chains can join items that are not similar to each other (a ~ b ~ c with a and c
+    below the threshold); the score reported for a removed item is its similarity to the
+    representative, which may then be below the threshold (``explain(i)`` lists the items
+    it is directly similar to).
+``mode="greedy"``
+    The first-seen rule of semhash: items are visited in ``keep`` order (input order, or
+    longest text first) and an item is removed when it is at or above the threshold with an
+    item already kept, as a duplicate of the most similar of them (ties: the lower index).
+    Every removed item is directly similar to the item it is a duplicate of, and no two kept
+    items are near-duplicates of each other, but the result depends on the visiting order, it
+    can keep more items than ``"connected"``, and a kept item may be a near-duplicate of an
+    item removed as a duplicate of another one.
+
+With ``against=`` there are no groups: an item is removed when it is at or above the
+threshold with some item of the reference set (``DedupResult.reference`` is true).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from embedcache import _config, kernels
+from embedcache._validation import check_choice, check_same_columns, check_threshold
+from embedcache.errors import InvalidInputError, InvalidInputTypeError, NamespaceMismatchError
+from embedcache.workflows._prepare import (
+    _Embedding,
+    _namespace,
+    _ordered,
+    _prepare,
+    _Prepared,
+    _progress_bar,
+)
+from embedcache.workflows.pairs import _find_pairs, _Pairs
+from embedcache.workflows.results import DedupResult
+
+__all__ = ["deduplicate"]
+
+#: how deduplicate groups pairs (see the module docstring)
+_MODES = ("connected", "greedy")
+
+
+def deduplicate(
+    items: Any,
+    *,
+    threshold: float = 0.9,
+    embedder: Any = None,
+    against: Any = None,
+    keep: str | Callable[[np.ndarray, Any], int] = "first",
+    mode: str = "connected",
+    progress: bool | None = None,
+) -> DedupResult:
+    """Find near-duplicates by cosine similarity and choose which items to keep.
+
+    items: texts, a list or another ordered iterable of str (embedded with ``embedder``: by
+    default the built-in :class:`~embedcache.HashingEmbeddings`, used directly and cached
+    nowhere; a bare embedder is wrapped in a :class:`~embedcache.CachedEmbedder` on the
+    default cache directory, closed again at the end), an array of shape (n, d), or a
+    :class:`~embedcache.VectorStore`. A ``set`` is refused: results index the items, and a
+    set has no stable order. Exact duplicates (equal texts, or equal vectors) are collapsed
+    before anything is embedded or compared.
+    threshold: cosine similarity in [-1, 1]; pairs at or above it are duplicates.
+    against: a reference set (texts, array or store). Then only items at or above the
+    threshold with some reference item are removed (e.g. test rows leaking from train);
+    the items are not deduplicated among themselves, call again without ``against``. When
+    both sides name the embedder of their vectors (texts: ``embedder``; a store: its
+    ``namespace``) and they differ, :class:`~embedcache.NamespaceMismatchError` is raised
+    before anything is embedded.
+    keep: which member of a group stays: ``"first"`` (lowest index), ``"longest"`` (longest
+    text, the first of equals), or ``keep(group_indices, items) -> index``.
+    mode: how pairs become groups, ``"connected"`` or ``"greedy"``; see the module
+    docstring. With ``against`` there are no groups and it is only recorded.
+    progress: ``None`` shows progress bars when stderr is a terminal, ``False`` never.
+    """
+    threshold = check_threshold(threshold)
+    mode = check_choice("mode", mode, _MODES)
+    items = _ordered(items, "items")
+    if against is not None:
+        against = _ordered(against, "against")
+    with _Embedding(embedder) as emb:
+        if against is None:  # check what can be checked before anything is embedded
+            _check_keep(keep, None, mode)
+        else:
+            ns, ref_ns = _namespace(items, emb), _namespace(against, emb)
+            if ns is not None and ref_ns is not None and ns != ref_ns:
+                raise NamespaceMismatchError(
+                    f"items and the reference set must come from one embedder: items are of "
+                    f"namespace {ns!r}, the reference set of {ref_ns!r}"
+                )
+        p = _prepare(items, emb=emb, progress=progress)
+        if against is not None:
+            ref = _prepare(against, emb=emb, progress=progress, name="against")
+            return _deduplicate_against(p, ref, threshold, mode, progress)
+    _check_keep(keep, p.texts, mode, texts_known=True)
+    n = p.n
+    pairs = _find_pairs(p, threshold, progress)
+    pi, pj, ps = pairs.edges()
+    if mode == "connected":
+        labels = _connected_labels(n, pi, pj)
+        groups = _groups_from_labels(labels)
+        group_of = _group_index(groups, n)
+        removed_l, dup_l = [], []
+        for members in groups:
+            rep = _pick(keep, members, items, p.texts)
+            others = members[members != rep]
+            removed_l.append(others)
+            dup_l.append(np.full(len(others), rep, dtype=np.int64))
+    else:
+        group_of, groups, removed_l, dup_l = _greedy(pairs, _priority(keep, n, p.texts))
+    removed = np.concatenate(removed_l) if removed_l else np.empty(0, dtype=np.int64)
+    dup = np.concatenate(dup_l) if dup_l else np.empty(0, dtype=np.int64)
+    order = np.argsort(removed, kind="stable")
+    removed, dup = removed[order].astype(np.int64), dup[order].astype(np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[removed] = False
+    return DedupResult(
+        kept=np.flatnonzero(mask).astype(np.int64),
+        removed=removed,
+        duplicate_of=dup,
+        scores=kernels.pair_scores(p.x, p.inverse[removed], p.inverse[dup]),
+        groups=groups,
+        threshold=threshold,
+        mode=mode,
+        texts=p.texts,
+        ids=p.ids,
+        _pairs=(pi, pj, ps),
+        _group_of=group_of,
+        _links=pairs.links,
+    )
+
+
+def _connected_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(i), dtype=bool), (i, j)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def _greedy(pairs: _Pairs, order: np.ndarray):
+    """semhash's first-seen rule, visiting items in ``order``: an item is removed as a
+    duplicate of the most similar item already kept that it pairs with (ties: the lower index).
+
+    Works on distinct rows: an exact copy has the pairs of the row it copies, and at most one
+    item per row is ever kept (its copies pair with it).
+    """
+    from scipy.sparse import csr_matrix
+
+    u, n = len(pairs.first), len(pairs.inverse)
+    ui, uj, us = pairs.ui, pairs.uj, pairs.us
+    adj = csr_matrix((np.concatenate([us, us]), (np.concatenate([ui, uj]), np.concatenate([uj, ui]))),
+                     shape=(u, u))
+    adj.sum_duplicates()
+    indptr, indices, data = adj.indptr, adj.indices, adj.data
+    kept_of_row = np.full(u, -1, dtype=np.int64)
+    owner = np.full(n, -1, dtype=np.int64)
+    copies = ~np.isnan(pairs.copy_score)
+    rows = pairs.inverse[order]
+    active = (indptr[rows + 1] > indptr[rows]) | copies[rows]
+    for v, r in zip(order[active].tolist(), rows[active].tolist()):
+        cand = np.append(kept_of_row[indices[indptr[r]:indptr[r + 1]]], kept_of_row[r])
+        sc = np.append(data[indptr[r]:indptr[r + 1]], pairs.copy_score[r])
+        hit = (cand >= 0) & ~np.isnan(sc)
+        if hit.any():
+            cand, sc = cand[hit], sc[hit]
+            owner[v] = cand[np.lexsort((cand, -sc.astype(np.float64)))[0]]
+        else:
+            kept_of_row[r] = v
+    removed = np.flatnonzero(owner >= 0)
+    labels = np.full(n, -1, dtype=np.int64)
+    labels[removed] = owner[removed]
+    labels[np.unique(owner[removed])] = np.unique(owner[removed])
+    groups = _groups_from_labels(labels)
+    return _group_index(groups, n), groups, [removed], [owner[removed]]
+
+
+def _deduplicate_against(p: _Prepared, ref: _Prepared, threshold: float, mode: str,
+                         progress: bool | None) -> DedupResult:
+    chunk = _config.CHUNK_ROWS
+    n = p.n
+    if n and ref.n:
+        check_same_columns(p.x, "items", ref.x, "against")
+    best_s = np.full(len(p.x), -np.inf, dtype=np.float32)
+    best_r = np.full(len(p.x), -1, dtype=np.int64)
+    if len(p.x) and len(ref.x):
+        with _progress_bar(progress if len(p.x) > chunk else False, len(p.x), "against") as bar:
+            for a in range(0, len(p.x), chunk):
+                s, r = kernels.top_k(p.x[a:a + chunk], ref.x, 1)
+                best_s[a:a + chunk], best_r[a:a + chunk] = s[:, 0], r[:, 0]
+                bar.update(min(chunk, len(p.x) - a))
+    item_hit = kernels.meets_threshold(best_s, threshold)[p.inverse]
+    removed = np.flatnonzero(item_hit).astype(np.int64)
+    dup = ref.first[best_r[p.inverse[removed]]]
+    scores = best_s[p.inverse[removed]]
+    return DedupResult(
+        kept=np.flatnonzero(~item_hit).astype(np.int64),
+        removed=removed,
+        duplicate_of=dup,
+        scores=scores,
+        groups=[],
+        threshold=threshold,
+        mode=mode,
+        reference=True,
+        texts=p.texts,
+        ids=p.ids,
+        reference_texts=ref.texts,
+        reference_ids=ref.ids,
+        _pairs=(removed, dup, scores),
+        _group_of=np.full(n, -1, dtype=np.int64),
+    )
+
+
+def _priority(keep: Any, n: int, texts: list[str] | None) -> np.ndarray:
+    if keep == "first":
+        return np.arange(n, dtype=np.int64)
+    if keep == "longest":
+        lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)  # type: ignore[union-attr]
+        return np.argsort(-lengths, kind="stable").astype(np.int64)
+    raise AssertionError(f"unchecked keep {keep!r}")  # _check_keep refuses the rest
+
+
+def _check_keep(keep: Any, texts: list[str] | None, mode: str, *, texts_known: bool = False) -> None:
+    if callable(keep):
+        if mode == "greedy":
+            raise InvalidInputError(
+                "mode='greedy' takes keep='first' or keep='longest', got a callable; "
+                "use mode='connected' for a custom choice"
+            )
+        return
+    if keep not in ("first", "longest"):
+        raise InvalidInputError(f"keep must be 'first', 'longest' or a callable, got {keep!r}")
+    if keep == "longest" and texts is None and texts_known:
+        raise InvalidInputError(
+            "keep='longest' needs texts (a list of str, or a store whose metadata has 'text'); "
+            "got vectors only"
+        )
+
+
+def _groups_from_labels(labels: np.ndarray) -> list[np.ndarray]:
+    """Index arrays of the labels that occur more than once, ordered by first member."""
+    if not len(labels):
+        return []
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    ends = np.r_[starts[1:], len(labels)]
+    groups = [order[a:b] for a, b in zip(starts, ends) if b - a > 1 and sorted_labels[a] >= 0]
+    groups.sort(key=lambda g: int(g[0]))
+    return groups
+
+
+def _group_index(groups: list[np.ndarray], n: int) -> np.ndarray:
+    """For each of ``n`` items, the position of its group in ``groups``, or -1."""
+    group_of = np.full(n, -1, dtype=np.int64)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    return group_of
+
+
+def _pick(keep: Any, group: np.ndarray, items: Any, texts: list[str] | None) -> int:
+    if keep == "first":
+        return int(group[0])
+    if keep == "longest":
+        lengths = [len(texts[k]) for k in group]  # type: ignore[index]
+        return int(group[int(np.argmax(lengths))])
+    choice = keep(group.copy(), items)
+    try:
+        choice = int(choice)
+    except (TypeError, ValueError):
+        raise InvalidInputTypeError(
+            f"keep callable must return an item index, got {type(choice).__name__}"
+        ) from None
+    if choice not in set(group.tolist()):
+        raise InvalidInputError(
+            f"keep callable must return one of the group's indices {group.tolist()[:10]}, got {choice}"
+        )
+    return choice
+

@@ -1,0 +1,100 @@
+"""The exact k-nearest-neighbour graph: :func:`knn_graph`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from embedcache import _config, kernels
+from embedcache._validation import check_choice, check_k, check_metric
+from embedcache.errors import InvalidInputError
+from embedcache.store import VectorStore
+from embedcache.workflows._prepare import _progress_bar, _vectors
+
+__all__ = ["knn_graph"]
+
+#: what the graph's entries hold
+_WEIGHTS = ("similarity", "distance")
+
+
+def knn_graph(
+    x: Any,
+    k: int,
+    *,
+    metric: str = "cosine",
+    weights: str = "similarity",
+    symmetric: bool = True,
+    progress: bool | None = None,
+):
+    """The exact k-nearest-neighbour graph as a ``scipy.sparse.csr_matrix`` of shape (n, n).
+
+    x: array of shape (n, d) or a VectorStore. Row i holds the k most similar other rows
+    (no self loops). weights="similarity" stores the score; weights="distance" stores
+    ``1 - cosine`` (clipped at 0, kept as explicit entries even when 0) with each row
+    ordered by increasing distance, the form scikit-learn's ``metric="precomputed"``
+    (DBSCAN, HDBSCAN, ``NearestNeighbors``, spectral embedding) expects. symmetric=True
+    adds j -> i for every i -> j (the graph then has k or more entries per row).
+
+    >>> import numpy as np
+    >>> x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    >>> G = knn_graph(x, 1, progress=False)
+    >>> G.shape, G.nnz, G[0].indices.tolist()
+    ((4, 4), 4, [1])
+    """
+    k = check_k(k)
+    metric = check_metric(metric)
+    weights = check_choice("weights", weights, _WEIGHTS)
+    if weights == "distance" and metric != "cosine":
+        raise InvalidInputError("weights='distance' needs metric='cosine' (distance = 1 - cosine)")
+    from scipy.sparse import csr_matrix
+
+    arr = _vectors(x.vectors() if isinstance(x, VectorStore) else x, "x")  # one read
+    n = len(arr)
+    chunk = _config.CHUNK_ROWS
+    rows_l, cols_l, vals_l = [], [], []
+    if n > 1:
+        with _progress_bar(progress if n > chunk else False, n, "knn") as bar:
+            for a in range(0, n, chunk):
+                q = arr[a:a + chunk]
+                s, idx = _top_k_offset(q, arr, k, metric, a)
+                valid = idx >= 0
+                rows_l.append(np.nonzero(valid)[0] + a)
+                cols_l.append(idx[valid])
+                vals_l.append(s[valid])
+                bar.update(len(q))
+    rows = np.concatenate(rows_l).astype(np.int64) if rows_l else np.empty(0, dtype=np.int64)
+    cols = np.concatenate(cols_l).astype(np.int64) if cols_l else np.empty(0, dtype=np.int64)
+    vals = np.concatenate(vals_l).astype(np.float32) if vals_l else np.empty(0, dtype=np.float32)
+    if symmetric and len(rows):
+        rows, cols, vals = (np.concatenate([rows, cols]), np.concatenate([cols, rows]),
+                            np.concatenate([vals, vals]))
+        order = np.lexsort((-vals.astype(np.float64), cols, rows))
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        first = np.r_[True, (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])]
+        rows, cols, vals = rows[first], cols[first], vals[first]  # the higher score of i->j, j->i
+    if weights == "distance":
+        vals = np.maximum(1.0 - vals, 0.0).astype(np.float32)
+        order = np.lexsort((cols, vals, rows))
+    else:
+        order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    graph = csr_matrix((vals, cols, indptr), shape=(n, n))
+    graph.has_sorted_indices = weights == "similarity"
+    return graph
+
+
+def _top_k_offset(q: np.ndarray, corpus: np.ndarray, k: int, metric: str, offset: int):
+    """top_k of a block of rows of ``corpus`` against all of it, never matching a row to itself."""
+    if offset == 0 and len(q) == len(corpus):
+        return kernels.top_k(q, corpus, k, metric=metric, exclude_self=True)
+    s, idx = kernels.top_k(q, corpus, k + 1, metric=metric)
+    own = idx == (np.arange(len(q))[:, None] + offset)
+    # drop the row itself where it appears (or the last slot if it did not)
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), s.shape[1] - 1)
+    keep = np.ones_like(own)
+    keep[np.arange(len(q)), drop] = False
+    kk = min(k, s.shape[1] - 1)
+    return s[keep].reshape(len(q), -1)[:, :kk], idx[keep].reshape(len(q), -1)[:, :kk]

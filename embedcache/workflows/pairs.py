@@ -1,0 +1,148 @@
+"""Near-duplicate pairs: :func:`near_duplicates`, and the pair search every workflow shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedcache import _config, kernels
+from embedcache._validation import check_threshold
+from embedcache.workflows._prepare import _Embedding, _ordered, _prepare, _Prepared, _progress_bar
+from embedcache.workflows.results import PairTable
+
+__all__ = ["near_duplicates"]
+
+
+def near_duplicates(
+    items: Any,
+    *,
+    threshold: float,
+    embedder: Any = None,
+    progress: bool | None = None,
+) -> PairTable:
+    """Every pair ``i < j`` of items with cosine similarity >= ``threshold``, highest score
+    first, ties by ``i`` then ``j``.
+
+    items: texts (embedded as in :func:`deduplicate`), an (n, d) array, or a VectorStore.
+    Exact duplicates are embedded once and reported as pairs with score 1.0.
+    """
+    threshold = check_threshold(threshold)
+    items = _ordered(items, "items")
+    with _Embedding(embedder) as emb:
+        p = _prepare(items, emb=emb, progress=progress)
+    i, j, s = _find_pairs(p, threshold, progress).expand()
+    return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
+
+
+def _cross(members: np.ndarray, start: np.ndarray, count: np.ndarray, ra: np.ndarray, rb: np.ndarray):
+    """All pairs (items of row ra[k]) x (items of row rb[k]) for every k, without a Python loop."""
+    ca, cb = count[ra], count[rb]
+    sizes = ca * cb
+    total = int(sizes.sum())
+    if not total:
+        e = np.empty(0, dtype=np.int64)
+        return e, e.copy()
+    which = np.repeat(np.arange(len(ra)), sizes)
+    t = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    wb = cb[which]
+    ia = members[start[ra][which] + t // wb]
+    ib = members[start[rb][which] + t % wb]
+    return ia.astype(np.int64), ib.astype(np.int64)
+
+
+@dataclass
+class _Pairs:
+    """Every pair of items at or above the threshold, held over distinct rows.
+
+    ``(ui, uj, us)``: pairs of distinct rows (ui < uj) and their scores. The items of one
+    row (exact copies) pair with each other at ``copy_score[row]``, their row's score with
+    itself; NaN for a row without copies (or whose self score is below the threshold).
+    Every score is the kernels' (:func:`embedcache.kernels.similar_pairs`), compared by
+    their rule.
+    """
+
+    inverse: np.ndarray
+    first: np.ndarray
+    ui: np.ndarray
+    uj: np.ndarray
+    us: np.ndarray
+    copy_score: np.ndarray
+
+    def links(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The items that pair with item ``i`` and their scores, in index order."""
+        r = self.inverse[i]
+        row_score = np.full(len(self.copy_score), np.nan, dtype=np.float32)
+        row_score[self.uj[self.ui == r]] = self.us[self.ui == r]
+        row_score[self.ui[self.uj == r]] = self.us[self.uj == r]
+        row_score[r] = self.copy_score[r]
+        items = np.flatnonzero(~np.isnan(row_score[self.inverse]))
+        items = items[items != i]
+        return items, row_score[self.inverse[items]]
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Enough pairs to connect what the pairs connect, i < j: distinct-row pairs between
+        first occurrences, and each copy with the first occurrence of its row."""
+        a, b = self.first[self.ui], self.first[self.uj]
+        k = np.arange(len(self.inverse), dtype=np.int64)
+        firsts = self.first[self.inverse]
+        dup = (firsts != k) & ~np.isnan(self.copy_score[self.inverse])
+        return (np.concatenate([np.minimum(a, b), firsts[dup]]),
+                np.concatenate([np.maximum(a, b), k[dup]]),
+                np.concatenate([self.us, self.copy_score[self.inverse[dup]]]))
+
+    def expand(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All pairs of items (i < j), without a Python loop over them."""
+        if len(self.first) == len(self.inverse):  # no exact copies: distinct rows are the items
+            i, j, s = self.first[self.ui], self.first[self.uj], self.us
+        else:
+            # items of each distinct row, contiguous: members[start[r] : start[r] + count[r]]
+            members = np.argsort(self.inverse, kind="stable")
+            count = np.bincount(self.inverse, minlength=len(self.first))
+            start = np.concatenate([[0], np.cumsum(count)[:-1]])
+            # every distinct-row pair expands to all pairs of their items
+            i, j = _cross(members, start, count, self.ui, self.uj)
+            s = np.repeat(self.us, count[self.ui] * count[self.uj])
+            rows = np.flatnonzero(~np.isnan(self.copy_score))
+            ci, cj = _cross(members, start, count, rows, rows)
+            below = ci < cj  # each unordered pair of copies once
+            ci, cj = ci[below], cj[below]
+            i, j = np.concatenate([i, ci]), np.concatenate([j, cj])
+            s = np.concatenate([s, self.copy_score[self.inverse[ci]]])
+        return np.minimum(i, j), np.maximum(i, j), s
+
+
+def _find_pairs(p: _Prepared, threshold: float, progress: bool | None) -> _Pairs:
+    ui, uj, us = _pairs_within(p.x, threshold, progress)
+    rows = np.flatnonzero(np.bincount(p.inverse, minlength=len(p.x)) > 1)
+    own = kernels.pair_scores(p.x, rows, rows)  # what copies of a row score with each other
+    copy_score = np.full(len(p.x), np.nan, dtype=np.float32)
+    linked = kernels.meets_threshold(own, threshold)
+    copy_score[rows[linked]] = own[linked]
+    return _Pairs(p.inverse, p.first, ui, uj, us, copy_score)
+
+
+def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None):
+    """All (i, j, s) with i < j and cosine s >= threshold over the rows of ``x``, in
+    blocks of ``_config.CHUNK_ROWS`` rows (one progress step each)."""
+    n = len(x)
+    chunk = _config.CHUNK_ROWS
+    if n < 2:
+        e = np.empty(0, dtype=np.int64)
+        return e, e.copy(), np.empty(0, dtype=np.float32)
+    if n <= chunk:
+        return kernels.similar_pairs(x, threshold)
+    parts_i, parts_j, parts_s = [], [], []
+    with _progress_bar(progress, n, "pairs") as bar:
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            i, j, s = kernels.similar_pairs(x[a:b], threshold)
+            parts_i.append(i + a), parts_j.append(j + a), parts_s.append(s)
+            if b < n:
+                i, j, s = kernels.similar_pairs(x[a:b], threshold, y=x[b:])
+                parts_i.append(i + a), parts_j.append(j + b), parts_s.append(s)
+            bar.update(b - a)
+    return (np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_j).astype(np.int64),
+            np.concatenate(parts_s).astype(np.float32))
+
