@@ -9,8 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from embedcache._validation import as_matrix, check_choice, check_finite, check_int, check_k, check_metric
-from embedcache._validation import check_number, check_threshold
+from embedcache._validation import (
+    as_matrix,
+    check_choice,
+    check_finite,
+    check_int,
+    check_k,
+    check_metric,
+    check_number,
+    check_threshold,
+)
 from embedcache.errors import (
     ConfigurationError,
     DimensionMismatchError,
