@@ -37,6 +37,7 @@ from embedcache.errors import (
     StoreCorruptedError,
     StoreError,
     StoreLockedError,
+    StoreWriteError,
 )
 from embedcache.kernels import (
     cosine_similarity,
@@ -96,6 +97,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreError",
     "StoreLockedError",
+    "StoreWriteError",
     "VectorStore",
     "cosine_similarity",
     "deduplicate",

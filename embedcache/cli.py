@@ -405,8 +405,8 @@ def _store_provider(vs: Any, embedder_opts: dict[str, Any]) -> dict[str, Any]:
         opts["model"] = info["model"]
     if kind == "openai":
         if opts["base_url"] is None:
-            opts["base_url"] = info.get("base_url")
-        dims = info.get("dimensions")
+            opts["base_url"] = info.get("embedder_base_url")
+        dims = info.get("embedder_dimensions")
         opts["dimensions"] = dims if isinstance(dims, int) else None
     return opts
 

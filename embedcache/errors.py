@@ -27,6 +27,8 @@ this package::
     └── StoreError                               the vector store cannot be used
         ├── StoreCorruptedError                  damaged or unknown files (names the file)
         ├── StoreLockedError                     another process holds the write lock
+        ├── StoreWriteError (OSError)            the machine refused a write: disk full, file
+        │                                        size limit, read-only directory (names the file)
         ├── DuplicateIdError (ValueError)        adding an id that exists, without upsert
         └── NamespaceMismatchError (ValueError)  vectors from another embedder or dimension
 
@@ -60,6 +62,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreError",
     "StoreLockedError",
+    "StoreWriteError",
 ]
 
 
@@ -164,6 +167,15 @@ class StoreCorruptedError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another writer holds the store's lock."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """The machine refused a store write: a full disk, a file-size limit, a read-only directory.
+
+    The message names the file; the ``OSError`` (or SQLite's error) is chained as
+    ``__cause__`` and ``errno`` is its errno when it had one. Nothing of the failed write was
+    committed: the store is at its last commit and stays readable.
+    """
 
 
 class DuplicateIdError(StoreError, ValueError):

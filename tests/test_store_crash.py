@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ def test_sigkill_at_random_moments_keeps_exactly_the_acked_writes(tmp_path):
 
 def _seeded_store(path):
     state = {}
-    with VectorStore(path, metric="dot", _max_segment_bytes=cw.SEGMENT_BYTES) as s:
+    with cw.small_segments(), VectorStore(path, metric="dot") as s:
         for op in [("add", [f"a{i}" for i in range(100)]), ("delete", ["a3", "a70"]), ("add", ["b0", "b1"])]:
             cw.run_one(s, state, op)
             state = cw.apply(state, op)
@@ -54,7 +56,9 @@ def test_sigkill_at_each_step_of_the_protocol(tmp_path, op, stage):
         s.add(["z"], np.zeros((1, cw.DIM), np.float32))
     with VectorStore(path) as s:
         s.verify()
-        committed = {seg.path.name for seg in s._view.segments}
+        db = sqlite3.connect(tmp_path / "store" / "store.sqlite")
+        committed = {Path(f).name for (f,) in db.execute("SELECT file FROM segments")}
+        db.close()
         assert {p.name for p in (tmp_path / "store" / "segments").iterdir()} == committed
         assert s.ids()[-1] == "z" and len(s) == len(expected) + 1
 
@@ -66,7 +70,7 @@ def test_readers_see_only_committed_states(tmp_path):
     import time
 
     path = str(tmp_path / "store")
-    VectorStore(path, metric="dot", _max_segment_bytes=cw.SEGMENT_BYTES).close()
+    VectorStore(path, metric="dot").close()
     ack = tmp_path / "acks"
     seed = 5
     proc = cw._context().Process(target=cw.worker, args=(path, seed, 0, str(ack)), daemon=True)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import embedcache as ec
+from embedcache import _config
 from embedcache.errors import DuplicateIdError
 from embedcache.store import VectorStore
 
@@ -41,12 +42,15 @@ class StoreMachine(RuleBasedStateMachine):
     @initialize(metric=st.sampled_from(["dot", "cosine"]), dtype=st.sampled_from(["float32", "float16"]))
     def open(self, metric, dtype):
         self.metric, self.dtype = metric, dtype
-        self.kw = dict(_max_segment_bytes=5 * DIM * np.dtype(dtype).itemsize)
-        self.store = VectorStore(self.dir, metric=metric, dtype=dtype, **self.kw)
+        # segments of 5 rows, for the machine's whole run
+        self.small_segments = _config.override(MAX_SEGMENT_BYTES=5 * DIM * np.dtype(dtype).itemsize)
+        self.small_segments.__enter__()
+        self.store = VectorStore(self.dir, metric=metric, dtype=dtype)
 
     def teardown(self):
         if self.store is not None:
             self.store.close()
+            self.small_segments.__exit__(None, None, None)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def fresh_ids(self, n):
@@ -95,7 +99,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self):
         self.store.close()
-        self.store = VectorStore(self.dir, **self.kw)
+        self.store = VectorStore(self.dir)
 
     def live(self):
         ids = list(self.model)
@@ -158,7 +162,7 @@ TestStoreMachine = StoreMachine.TestCase
 def test_verify_after_random_operations(tmp_path):
     """The machine's stores pass verify(): checked here on one long deterministic run."""
     rng = np.random.default_rng(0)
-    with VectorStore(tmp_path / "s", metric="dot", _max_segment_bytes=5 * DIM * 4) as s:
+    with _config.override(MAX_SEGMENT_BYTES=5 * DIM * 4), VectorStore(tmp_path / "s", metric="dot") as s:
         live = []
         for step in range(40):
             r = rng.random()

@@ -75,10 +75,19 @@ def run_ops(store, state: State, seed: int, cycle: int, ack_path: str) -> None:
         os.write(fd, b"%d\n" % k)
 
 
+def small_segments():
+    """Segments of 64 rows while the context lasts."""
+    from embedcache import _config
+
+    return _config.override(MAX_SEGMENT_BYTES=SEGMENT_BYTES)
+
+
 def worker(path: str, seed: int, cycle: int, ack_path: str) -> None:
+    from embedcache import _config
     from embedcache.store import VectorStore
 
-    store = VectorStore(path, metric="dot", _max_segment_bytes=SEGMENT_BYTES)
+    _config.MAX_SEGMENT_BYTES = SEGMENT_BYTES  # this process only writes to this store
+    store = VectorStore(path, metric="dot")
     ids = store.ids()
     state = {i: m["v"] for i, m in zip(ids, store.metadata(ids))}
     run_ops(store, state, seed, cycle, ack_path)
@@ -184,14 +193,17 @@ def die_during(path: str, stage: str, op: tuple) -> None:
     """Apply ``op`` and SIGKILL this process at ``stage`` of the write protocol."""
     import pathlib
 
-    from embedcache import store as store_mod
+    from embedcache import _config
+    from embedcache.store import VectorStore
+    from embedcache.store import _write as store_write
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    store = store_mod.VectorStore(path, metric="dot", _max_segment_bytes=SEGMENT_BYTES)
+    _config.MAX_SEGMENT_BYTES = SEGMENT_BYTES  # this process only writes to this store
+    store = VectorStore(path, metric="dot")
     if stage == "segment written":  # data written, not yet fsynced
-        store_mod.os.fsync = die
+        os.fsync = die
     elif stage == "segment renamed":
         real_replace = os.replace
 
@@ -199,15 +211,15 @@ def die_during(path: str, stage: str, op: tuple) -> None:
             real_replace(a, b)
             die()
 
-        store_mod.os.replace = replace_then_die
+        os.replace = replace_then_die
     elif stage == "directory synced":  # every segment in place, transaction not committed
-        real_sync = store_mod._fsync_dir
+        real_sync = store_write.fsync_dir
 
         def sync_then_die(p):
             real_sync(p)
             die()
 
-        store_mod._fsync_dir = sync_then_die
+        store_write.fsync_dir = sync_then_die
     elif stage == "committed":  # committed, obsolete files not yet removed
         pathlib.Path.unlink = die
     ids = store.ids()
