@@ -138,3 +138,19 @@ def as_float32(x: object, name: str) -> np.ndarray:
     x = as_matrix(x, name)
     check_finite(x, name)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_positive(name: str, value: object) -> float:
+    """A number > 0 (bools refused) as a float; infinity is allowed and means no limit.
+
+    >>> check_positive("timeout", 0)
+    Traceback (most recent call last):
+    ...
+    embedcache.errors.InvalidInputError: timeout must be > 0, got 0
+    """
+    if isinstance(value, (float, np.floating)) and value == math.inf:
+        return math.inf
+    x = check_number(name, value)
+    if not x > 0:
+        raise InvalidInputError(f"{name} must be > 0, got {value}")
+    return x
