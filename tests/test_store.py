@@ -534,7 +534,7 @@ def test_similar_pairs_checks_the_other_store(tmp_path):
 
 
 def test_add_texts_records_namespace_and_keeps_text(path, tmp_path):
-    emb = ec.CachedEmbedder(ec.HashingEmbeddings(dim=32), cache=ec.EmbeddingCache(tmp_path / "cache"))
+    emb = ec.CachedEmbedder(ec.HashingEmbeddings(dimensions=32), cache=ec.EmbeddingCache(tmp_path / "cache"))
     texts = ["a red fox", "a red fox!", "stock markets fell"]
     with VectorStore(path) as s:
         with pytest.raises(InvalidInputError, match=r"metadata\[2\] holds another value .* under 'text'"):
@@ -544,7 +544,7 @@ def test_add_texts_records_namespace_and_keeps_text(path, tmp_path):
         assert ids == [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
         assert s.namespace == emb.cache_namespace and s.model == emb.model and s.dim == 32
         assert s.metadata(ids) == [{"src": "x", "text": texts[0]}, {"text": texts[1]}, {"text": texts[2]}]
-        np.testing.assert_allclose(s.get(ids), ec.HashingEmbeddings(dim=32).embed(texts))
+        np.testing.assert_allclose(s.get(ids), ec.HashingEmbeddings(dimensions=32).embed(texts))
         with pytest.raises(DuplicateIdError):
             s.add_texts(texts[:1], emb)
         s.add_texts(texts[:1], emb, upsert=True)
@@ -553,7 +553,7 @@ def test_add_texts_records_namespace_and_keeps_text(path, tmp_path):
         _, found = s.search(emb.embed(["a red fox"]), k=1)
         assert found[0, 0] == ids[0]
         with pytest.raises(NamespaceMismatchError, match="namespace"):
-            s.add_texts(["x"], ec.HashingEmbeddings(dim=32, lowercase=False))
+            s.add_texts(["x"], ec.HashingEmbeddings(dimensions=32, lowercase=False))
         with pytest.raises(DuplicateIdError):
             s.add_texts(["same", "same"], emb, ids=["twice", "twice"])
         with pytest.raises(InvalidInputTypeError, match="embedder"):
@@ -1088,7 +1088,7 @@ class _CountingEmbedder:
     """Hashing vectors; counts the texts it was asked to embed."""
 
     def __init__(self, dim=16):
-        self.inner = ec.HashingEmbeddings(dim=dim)
+        self.inner = ec.HashingEmbeddings(dimensions=dim)
         self.cache_namespace = self.inner.cache_namespace
         self.model = self.inner.model
         self.seen = 0
