@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     texts = synthetic_texts(n)
-    x = ec.HashingEmbeddings(dim=384).embed(texts)
+    x = ec.HashingEmbeddings(dimensions=384).embed(texts)
     print(f"{n} texts -> {x.shape} float32 hashing vectors in {time.perf_counter() - t0:.1f} s; "
           f"threshold {args.threshold}; {os.cpu_count()} cores")
 

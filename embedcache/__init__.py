@@ -2,7 +2,7 @@
 
 >>> import tempfile, embedcache as ec
 >>> cache = ec.EmbeddingCache(tempfile.mkdtemp())
->>> emb = ec.CachedEmbedder(ec.HashingEmbeddings(dim=256), cache=cache)
+>>> emb = ec.CachedEmbedder(ec.HashingEmbeddings(dimensions=256), cache=cache)
 >>> X = emb.embed(["a red fox", "a red fox!", "stock markets fell"])
 >>> X.shape, X.dtype.name
 ((3, 256), 'float32')

@@ -154,3 +154,19 @@ def check_same_columns(x: np.ndarray, x_name: str, y: np.ndarray, y_name: str) -
             f"{x_name} and {y_name} must have the same number of columns, "
             f"got {x.shape[1]} and {y.shape[1]}"
         )
+
+
+def check_positive(name: str, value: object) -> float:
+    """A number > 0 (bools refused) as a float; infinity is allowed and means no limit.
+
+    >>> check_positive("timeout", 0)
+    Traceback (most recent call last):
+    ...
+    embedcache.errors.InvalidInputError: timeout must be > 0, got 0
+    """
+    if isinstance(value, (float, np.floating)) and value == math.inf:
+        return math.inf
+    x = check_number(name, value)
+    if not x > 0:
+        raise InvalidInputError(f"{name} must be > 0, got {value}")
+    return x

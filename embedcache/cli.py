@@ -98,8 +98,10 @@ def make_embedder(provider: str | None, model: str | None, base_url: str | None,
 def _make_embedder(provider: str | None, model: str | None, base_url: str | None, *, quiet: bool,
                    max_retries: int | None, timeout: float | None, dimensions: int | None):
     from embedcache import providers
+    from embedcache.providers.openai import DEFAULT_BASE_URL, key_sources
 
-    has_key = bool(os.environ.get("IONOS_API_TOKEN") or os.environ.get("OPENAI_API_KEY"))
+    # a key the default endpoint (IONOS) takes; another endpoint is chosen with --base-url
+    has_key = any(os.environ.get(name, "").strip() for name in key_sources(DEFAULT_BASE_URL))
     if provider is None:
         provider = "openai" if (has_key or base_url) else "hashing"
         chosen_by = "default"
@@ -130,7 +132,8 @@ def _make_embedder(provider: str | None, model: str | None, base_url: str | None
         kwargs["dimensions"] = dimensions
     emb = providers.OpenAIEmbeddings(model or DEFAULT_OPENAI_MODEL, **kwargs)
     where = base_url or "the IONOS AI Model Hub"
-    _say(quiet, f"used {model or DEFAULT_OPENAI_MODEL} at {where}")
+    key = f" with the key from {emb.key_source}" if emb.key_source else ""  # its source, never the key
+    _say(quiet, f"used {model or DEFAULT_OPENAI_MODEL} at {where}{key}")
     return emb
 
 
@@ -184,10 +187,14 @@ def provider_options(f, *, store: bool = False):
     @click.option("--provider", type=click.Choice(["openai", "hashing", "local"]), default=None,
                   help="Embedder: an OpenAI-compatible server (IONOS by default), the built-in "
                        "hashing embedder, or a local sentence-transformers model. "
-                       f"Default: {provider_default}.")
+                       f"Default: {provider_default}. The IONOS AI Model Hub takes its key from "
+                       "IONOS_API_TOKEN, else OPENAI_API_KEY; any other server from OPENAI_API_KEY "
+                       "only (IONOS_API_TOKEN is never sent elsewhere).")
     @click.option("--model", default=None, help=f"Model id ({model_default}).")
     @click.option("--base-url", default=None,
-                  help=f"OpenAI-compatible base URL, e.g. http://localhost:8000/v1.{url_default}")
+                  help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1. A server other "
+                       "than the IONOS AI Model Hub takes its key from OPENAI_API_KEY and is not "
+                       f"rate limited.{url_default}")
     @click.option("--max-retries", type=click.IntRange(min=0), default=None,
                   help="Retries of a failed request (openai provider).")
     @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -201,8 +201,8 @@ def test_wrapped_embedder_attributes_pass_through(cache):
 
 def test_with_the_builtin_hashing_embedder(cache):
     texts = ["a red fox", "a red fox!", "stock markets fell"]
-    direct = HashingEmbeddings(dim=64).embed(texts)
-    emb = CachedEmbedder(HashingEmbeddings(dim=64), cache=cache)
+    direct = HashingEmbeddings(dimensions=64).embed(texts)
+    emb = CachedEmbedder(HashingEmbeddings(dimensions=64), cache=cache)
     np.testing.assert_array_equal(emb.embed(texts), direct)
     np.testing.assert_array_equal(emb.embed(texts), direct)
     assert emb.stats.hits == 3 and emb.stats.misses == 3

@@ -232,14 +232,28 @@ def test_cache_commands(run, tmp_path):
 
 def test_openai_provider_against_a_loopback_server(run, tmp_path):
     with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
-        key = {"IONOS_API_TOKEN": "test-key"}
+        key = {"OPENAI_API_KEY": "test-key"}
         proc = run("models", "--base-url", server.base_url, extra_env=key, inproc=True)
         assert proc.stdout.split() == ["test-embed-small", "test-embed-large"]
         proc = run("embed", EXAMPLE, "-o", "v.npy", "--base-url", server.base_url,
                    "--model", "test-embed-small", extra_env=key)
         assert server.base_url in proc.stderr  # key set: the remote provider is the default
+        assert "with the key from OPENAI_API_KEY" in proc.stderr  # where the key came from, not the key
         assert np.load(tmp_path / "v.npy").shape == (len(ROWS), 8)
         assert "test-key" not in proc.stderr + proc.stdout
+
+
+def test_the_ionos_token_is_never_sent_to_another_server(run, tmp_path):
+    token, key = "ionos-token-0123456789", "sk-openai-0123456789"
+    with FakeEmbeddingServer(dim=8, api_key=None) as server:
+        args = ("embed", EXAMPLE, "-o", "v.npy", "--base-url", server.base_url, "--model", "test-embed-small")
+        proc = run(*args, extra_env={"IONOS_API_TOKEN": token}, ok=False, inproc=True)
+        assert_one_line_error(proc, "OPENAI_API_KEY", "IONOS_API_TOKEN is sent only to")
+        assert server.requests == [] and not (tmp_path / "v.npy").exists()
+        proc = run(*args, extra_env={"IONOS_API_TOKEN": token, "OPENAI_API_KEY": key}, inproc=True)
+        assert "with the key from OPENAI_API_KEY" in proc.stderr
+        assert {r.authorization for r in server.requests} == {f"Bearer {key}"}
+        assert token not in proc.stderr + proc.stdout and key not in proc.stderr + proc.stdout
 
 
 def test_hashing_models(run):
@@ -290,7 +304,7 @@ def test_unreachable_server_is_one_line_and_leaves_old_output_alone(run, tmp_pat
     (tmp_path / "k.jsonl").write_text("previous result\n")
     url = f"http://127.0.0.1:{closed_port()}/v1"
     proc = run("dedup", EXAMPLE, "-o", "k.jsonl", "--base-url", url, "--max-retries", "0",
-               extra_env={"IONOS_API_TOKEN": "secret-key"}, ok=False)
+               extra_env={"OPENAI_API_KEY": "secret-key"}, ok=False)
     assert_one_line_error(proc)
     assert "secret-key" not in proc.stderr
     assert (tmp_path / "k.jsonl").read_text() == "previous result\n"
@@ -300,7 +314,7 @@ def test_unreachable_server_is_one_line_and_leaves_old_output_alone(run, tmp_pat
 def test_wrong_key_is_one_line(run):
     with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
         proc = run("embed", EXAMPLE, "-o", "v.npy", "--base-url", server.base_url,
-                   extra_env={"IONOS_API_TOKEN": "wrong-key"}, ok=False, inproc=True)
+                   extra_env={"OPENAI_API_KEY": "wrong-key"}, ok=False, inproc=True)
     assert_one_line_error(proc, "401")
     assert "wrong-key" not in proc.stderr
 
@@ -348,7 +362,7 @@ def test_interrupted_run_leaves_no_output(tmp_path):
     from embedcache.testing import Fault
 
     env = {k: v for k, v in os.environ.items() if k not in ("IONOS_API_TOKEN", "OPENAI_API_KEY")}
-    env.update(EMBEDCACHE_DIR=str(tmp_path / "cache"), IONOS_API_TOKEN="test-key")
+    env.update(EMBEDCACHE_DIR=str(tmp_path / "cache"), OPENAI_API_KEY="test-key")
     (tmp_path / "k.jsonl").write_text("previous result\n")
     with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
         server.push(Fault.slow(3.0))
@@ -499,13 +513,13 @@ def test_store_search_uses_the_stores_server_and_dimensions(run, tmp_path):
         emb.close()
         before = len(server.embedding_requests)
         proc = run("store", "search", "vs", TEXTS[2], "-k", "1", "--max-retries", "0", "--timeout", "5",
-                   extra_env={"IONOS_API_TOKEN": "test-key"}, inproc=True)
+                   extra_env={"OPENAI_API_KEY": "test-key"}, inproc=True)
         assert len(server.embedding_requests) == before + 1
         assert server.embedding_requests[-1].body["dimensions"] == 4
         hit = proc.stdout.splitlines()[1].split()
         assert hit[1] == ROWS[2]["id"] and float(hit[0]) > 0.99
         # a store made by the command line remembers its server too
-        key = {"IONOS_API_TOKEN": "test-key"}
+        key = {"OPENAI_API_KEY": "test-key"}
         run("store", "add", "vs2", EXAMPLE, "--base-url", server.base_url, "--model", "test-embed-small",
             "-q", extra_env=key, inproc=True)
         proc = run("store", "search", "vs2", TEXTS[3], "-k", "1", "--max-retries", "0", "--timeout", "5",
@@ -518,7 +532,7 @@ def test_store_refuses_an_embedder_of_another_namespace(run, tmp_path):
     with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
         for command in (["search", "vs", "battery"], ["add", "vs", EXAMPLE, "--upsert"]):
             proc = run("store", *command, "--provider", "openai", "--base-url", server.base_url,
-                       "--model", "test-embed-small", extra_env={"IONOS_API_TOKEN": "test-key"},
+                       "--model", "test-embed-small", extra_env={"OPENAI_API_KEY": "test-key"},
                        ok=False, inproc=True)
             assert_one_line_error(proc, "hashing", "test-embed-small")
         assert server.embedding_requests == []  # refused before a request was made

@@ -91,7 +91,7 @@ def test_a_lone_surrogate_is_stored_and_read_back_unchanged(run, tmp_path):
 
 
 def test_a_python_store_of_any_hashing_dimension_is_used_as_it_is(run, tmp_path):
-    emb = ec.HashingEmbeddings(dim=256, ngram_range=(2, 4))
+    emb = ec.HashingEmbeddings(dimensions=256, ngram_range=(2, 4))
     with ec.VectorStore(tmp_path / "vs") as vs:
         vs.add_texts(TEXTS, emb, ids=[r["id"] for r in ROWS])
     found = search_hits(run("store", "search", "vs", TEXTS[4], "-k", "1", "-q").stdout)
@@ -99,7 +99,7 @@ def test_a_python_store_of_any_hashing_dimension_is_used_as_it_is(run, tmp_path)
     (tmp_path / "new.txt").write_text("A brand new review of a garden hose.\n", encoding="utf-8")
     assert f"{len(ROWS) + 1} rows (+1)" in run("store", "add", "vs", "new.txt", "-q", inproc=True).stdout
     info = run("store", "info", "vs").stdout
-    assert "embedder: HashingEmbeddings(dim=256, ngram_range=(2, 4), lowercase=True)" in info
+    assert "embedder: HashingEmbeddings(dimensions=256, ngram_range=(2, 4), lowercase=True)" in info
     # options that name another embedder are the only ones the message names
     proc = run("store", "search", "vs", "hose", "--provider", "hashing", ok=False, inproc=True)
     assert_one_line_error(proc, "dim=256", "dim=512", "leave out --provider to use the store's embedder")
@@ -113,7 +113,7 @@ class CustomEmbedder:
     model = "my-model"
 
     def embed(self, texts, *, on_batch=None):
-        return ec.HashingEmbeddings(dim=32).embed(texts)
+        return ec.HashingEmbeddings(dimensions=32).embed(texts)
 
 
 def test_a_store_of_a_custom_embedder_says_what_the_command_line_cannot_rebuild(run, tmp_path):

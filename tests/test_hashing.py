@@ -161,9 +161,9 @@ def test_on_batch_reports_every_position_once_with_matching_rows():
 @pytest.mark.parametrize(
     "kwargs, exc",
     [
-        ({"dim": 0}, InvalidInputError),
-        ({"dim": 2.5}, InvalidInputTypeError),
-        ({"dim": True}, InvalidInputTypeError),
+        ({"dimensions": 0}, InvalidInputError),
+        ({"dimensions": 2.5}, InvalidInputTypeError),
+        ({"dimensions": True}, InvalidInputTypeError),
         ({"ngram_range": (0, 3)}, InvalidInputError),
         ({"ngram_range": (4, 3)}, InvalidInputError),
         ({"ngram_range": "ab"}, InvalidInputTypeError),
@@ -227,3 +227,12 @@ def test_works_in_a_process_pool():
         got = list(pool.map(emb.embed, chunks))
     for chunk, x in zip(chunks, got):
         np.testing.assert_array_equal(x, emb.embed(chunk))
+
+
+def test_dimensions_name_the_output_size_and_the_namespace_is_unchanged():
+    emb = HashingEmbeddings(dimensions=64)
+    assert emb.dimensions == 64 and emb.embed(["kitten"]).shape == (1, 64)
+    assert repr(emb) == "HashingEmbeddings(dimensions=64, ngram_range=(3, 5), lowercase=True)"
+    assert not hasattr(emb, "dim")
+    # vectors cached or stored before the rename are still found: the namespace keeps its form
+    assert HashingEmbeddings().cache_namespace == "hashing|v2|dim=512|ngram=3-5|lowercase=1"

@@ -333,35 +333,6 @@ def _reply(vectors, *, b64=True, usage=None):
     return body
 
 
-@pytest.mark.parametrize(
-    "body, text",
-    [
-        ({"data": [{"index": 0, "embedding": "!!not base64!!"}]}, "not valid base64"),
-        ({"data": [{"index": 0, "embedding": base64.b64encode(b"abcdef").decode()}]}, "multiple of 4"),
-        ({"data": [{"index": 0, "embedding": ["0.1", "0.2"]}]}, "flat list of numbers"),
-        ({"data": [{"index": 0, "embedding": [[0.1], [0.2]]}]}, "flat list of numbers"),
-        ({"data": [{"index": 0, "embedding": [True, False]}]}, "flat list of numbers"),
-        ({"data": [{"index": 0, "embedding": [0.1, None]}]}, "flat list of numbers"),
-        ({"data": [{"index": 0, "embedding": [0.1, [0.2, 0.3]]}]}, "flat list of numbers"),
-        ({"data": [{"index": 0, "embedding": [[0.1, 0.2], [0.3]]}]}, "flat list of numbers"),
-        ({"data": [{"index": 0, "embedding": {"x": 1}}]}, "base64 string or a list"),
-        ({"data": [{"embedding": [0.1, 0.2]}]}, "index must be an int"),
-        ({"data": [{"index": True, "embedding": [0.1, 0.2]}]}, "index must be an int"),
-        ({"data": [{"index": 1, "embedding": [0.1, 0.2]}]}, "index must be an int"),
-        ({"data": [{"index": 0, "embedding": [1e300, 0.2]}]}, "infinite"),
-        ({"data": [{"index": 0, "embedding": []}]}, "empty"),
-        ({"data": "nope"}, "no 'data' list"),
-        ([1, 2], "no 'data' list"),
-        ({"data": [7]}, "must be an object"),
-    ],
-)
-def test_contract_breaking_replies(body, text):
-    emb = OpenAIEmbeddings(MODEL, api_key="k", requests_per_second=None,
-                           transport=httpx.MockTransport(lambda r: httpx.Response(200, json=body)))
-    with pytest.raises(InvalidResponseError, match=text):
-        emb.embed(["x"])
-
-
 def test_redirect_is_an_error_that_names_the_target():
     redirect = httpx.Response(308, headers={"Location": "https://elsewhere.example/v1/embeddings"})
     emb = OpenAIEmbeddings(MODEL, api_key="k", requests_per_second=None,
@@ -407,20 +378,6 @@ def test_missing_key_is_a_configuration_error_before_any_request(fake_server, mo
     assert fake_server.requests == []
 
 
-def test_key_comes_from_argument_then_ionos_then_openai_env(fake_server, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "from-openai")
-    monkeypatch.setenv("IONOS_API_TOKEN", "from-ionos")
-    fake_server.api_key = None
-    for api_key, want in [("from-arg", "from-arg"), (None, "from-ionos")]:
-        with make(fake_server, api_key=api_key) as emb:
-            emb.embed(["a"])
-        assert fake_server.requests[-1].authorization == f"Bearer {want}"
-    monkeypatch.setenv("IONOS_API_TOKEN", "")
-    with make(fake_server, api_key=None) as emb:
-        emb.embed(["a"])
-    assert fake_server.requests[-1].authorization == "Bearer from-openai"
-
-
 @pytest.mark.parametrize(
     "kwargs, exc",
     [
@@ -462,6 +419,109 @@ def test_repr_and_namespace():
                             base_url=DEFAULT_BASE_URL + "/")
     assert same.cache_namespace == emb.cache_namespace
     assert emb.model == "m" and emb.dimensions is None
+
+
+# ---------------------------------------------------------------- credentials and limits scoped to their host
+
+IONOS_TOKEN = "ionos-token-0123456789"
+OPENAI_KEY = "sk-openai-0123456789"
+
+
+def _recording_transport(seen):
+    """A MockTransport answering every embeddings request, recording its Authorization."""
+
+    def handler(request):
+        seen.append(request.headers.get("authorization"))
+        texts = json.loads(request.content)["input"]
+        return httpx.Response(200, json=_reply([expected_vector(t, 4) for t in texts]))
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize(
+    "ionos_env, openai_env, api_key, want, source",
+    [
+        (IONOS_TOKEN, OPENAI_KEY, "from-arg-123", "from-arg-123", "api_key"),
+        (IONOS_TOKEN, OPENAI_KEY, None, IONOS_TOKEN, "IONOS_API_TOKEN"),
+        ("", OPENAI_KEY, None, OPENAI_KEY, "OPENAI_API_KEY"),
+    ],
+)
+def test_the_ionos_host_takes_its_token_then_openai_api_key(monkeypatch, ionos_env, openai_env, api_key,
+                                                            want, source):
+    monkeypatch.setenv("IONOS_API_TOKEN", ionos_env)
+    monkeypatch.setenv("OPENAI_API_KEY", openai_env)
+    seen = []
+    emb = OpenAIEmbeddings(MODEL, api_key=api_key, transport=_recording_transport(seen))
+    assert emb.base_url == DEFAULT_BASE_URL and emb.key_source == source
+    emb.embed(["a"])
+    assert seen == [f"Bearer {want}"]
+
+
+@pytest.mark.parametrize("mode", ["embed", "aembed", "list_models"])
+def test_a_loopback_server_never_receives_the_ionos_token(fake_server, monkeypatch, mode):
+    monkeypatch.setenv("IONOS_API_TOKEN", IONOS_TOKEN)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    fake_server.api_key = None
+    calls = {"embed": lambda e: e.embed(["a"]), "aembed": lambda e: asyncio.run(e.aembed(["a"])),
+             "list_models": lambda e: e.list_models()}
+    with make(fake_server, api_key=None) as emb:
+        assert emb.key_source is None
+        with pytest.raises(ConfigurationError, match="OPENAI_API_KEY") as info:
+            calls[mode](emb)
+        assert "IONOS_API_TOKEN is sent only to openai.inference.de-txl.ionos.com" in str(info.value)
+    assert fake_server.requests == []
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    with make(fake_server, api_key=None) as emb:
+        assert emb.key_source == "OPENAI_API_KEY"
+        calls[mode](emb)
+    assert [r.authorization for r in fake_server.requests] == [f"Bearer {OPENAI_KEY}"]
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://api.openai.com/v1",
+        "http://openai.inference.de-txl.ionos.com/v1",  # the IONOS host, but in clear text
+        "https://openai.inference.de-txl.ionos.com.example.net/v1",
+        "https://evil.example/openai.inference.de-txl.ionos.com/v1",
+    ],
+)
+def test_other_hosts_take_openai_api_key_only_and_are_not_throttled(monkeypatch, base_url):
+    monkeypatch.setenv("IONOS_API_TOKEN", IONOS_TOKEN)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    seen = []
+    emb = OpenAIEmbeddings(MODEL, base_url=base_url, transport=_recording_transport(seen))
+    assert emb.key_source is None and emb.requests_per_second is None
+    with pytest.raises(ConfigurationError):
+        emb.embed(["a"])
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    emb = OpenAIEmbeddings(MODEL, base_url=base_url, transport=_recording_transport(seen))
+    emb.embed(["a"])
+    assert seen == [f"Bearer {OPENAI_KEY}"]
+
+
+def test_the_ionos_limit_is_the_default_for_the_ionos_host_only():
+    ionos = OpenAIEmbeddings(MODEL, api_key="k")
+    assert (ionos.requests_per_second, ionos.burst) == (5.0, 10)
+    local = OpenAIEmbeddings(MODEL, api_key="k", base_url="http://127.0.0.1:8000/v1")
+    assert local.requests_per_second is None
+    # a limit the user sets applies to any host; None (or infinity) lifts the IONOS one
+    assert OpenAIEmbeddings(MODEL, api_key="k", base_url="http://127.0.0.1:8000/v1",
+                            requests_per_second=20).requests_per_second == 20.0
+    assert OpenAIEmbeddings(MODEL, api_key="k", requests_per_second=None).requests_per_second is None
+    assert OpenAIEmbeddings(MODEL, api_key="k", requests_per_second=float("inf")).requests_per_second is None
+    with pytest.raises(InvalidInputTypeError, match="requests_per_second must be a number, got str"):
+        OpenAIEmbeddings(MODEL, api_key="k", requests_per_second="fast")
+
+
+def test_forty_requests_to_a_loopback_server_are_not_throttled(fake_server):
+    # the IONOS limit (5/s, burst 10) would spread them over at least 6 s
+    texts = [f"text {i}" for i in range(40)]
+    with OpenAIEmbeddings(MODEL, base_url=fake_server.base_url, api_key="test-key", batch_size=1) as emb:
+        np.testing.assert_array_equal(emb.embed(texts), expected(texts))
+    arrived = [r.arrived for r in fake_server.embedding_requests]
+    assert len(arrived) == 40
+    assert max(arrived) - min(arrived) < 3.0
 
 
 # ---------------------------------------------------------------- rate limit

@@ -120,7 +120,7 @@ def test_connection_refused_and_bad_key_settings(caplog):
 
 
 def test_no_key_in_repr_or_pickle(server, monkeypatch):
-    monkeypatch.setenv("IONOS_API_TOKEN", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # what a loopback server takes
     for emb in (make(server), make(server, api_key=None)):
         emb.embed(["warm up the client"])
         for text in (repr(emb), str(emb), repr(vars(emb)), emb.cache_namespace):

@@ -224,7 +224,7 @@ class CountingEmbedder:
     """Wraps the hashing embedder and records every text it is asked to embed."""
 
     def __init__(self):
-        self.inner = ec.HashingEmbeddings(dim=128)
+        self.inner = ec.HashingEmbeddings(dimensions=128)
         self.cache_namespace = "counting|" + self.inner.cache_namespace
         self.model = "counting"
         self.dimensions = 128

@@ -36,7 +36,6 @@ __all__ = [
     "BatchCallback",
     "Embedder",
     "Usage",
-    "check_int",
     "metered",
     "normalize_text",
     "validate_texts",
@@ -131,15 +130,6 @@ def normalize_text(text: str) -> str:
     True
     """
     return unicodedata.normalize("NFC", text)
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    """``value`` as an int, refusing bools, non-integers and values below ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputTypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise InvalidInputError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def validate_texts(

@@ -8,7 +8,7 @@ Text is brought to Unicode normalization form NFKC first, so canonically equival
 spellings (``"caf\\u00e9"`` and ``"cafe\\u0301"``) and compatibility forms (full-width letters,
 ligatures) give the same vector. Each n-gram adds its weight to ``_PROBES`` buckets (with
 their own signs): a text of one or two characters has a single n-gram or a few, and with one
-bucket each there would be only ``2 * dim`` different vectors for all of them.
+bucket each there would be only ``2 * dimensions`` different vectors for all of them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numba
 import numpy as np
 
 from embedcache.errors import InvalidInputError, InvalidInputTypeError
-from embedcache.providers.base import BatchCallback, Usage, check_int, validate_texts
+from embedcache._validation import check_int
+from embedcache.providers.base import BatchCallback, Usage, validate_texts
 
 __all__ = ["HashingEmbeddings"]
 
@@ -163,12 +164,12 @@ class HashingEmbeddings:
     the shortest n-gram is one n-gram. Deterministic across processes, machines and thread
     counts.
 
-    dim: output dimension. Larger lowers hash collisions (more memory per vector).
+    dimensions: output dimension. Larger lowers hash collisions (more memory per vector).
     ngram_range: (min, max) n-gram lengths in characters.
     lowercase: fold case before hashing.
     batch_size: texts per ``on_batch`` call.
 
-    >>> emb = HashingEmbeddings(dim=64)
+    >>> emb = HashingEmbeddings(dimensions=64)
     >>> X = emb.embed(["kitten", "kitten!", "quantum chromodynamics"])
     >>> X.shape, X.dtype.name
     ((3, 64), 'float32')
@@ -178,13 +179,13 @@ class HashingEmbeddings:
 
     def __init__(
         self,
-        dim: int = 512,
+        dimensions: int = 512,
         *,
         ngram_range: tuple[int, int] = (3, 5),
         lowercase: bool = True,
         batch_size: int = 4096,
     ) -> None:
-        dim = check_int("dim", dim, 1)
+        dimensions = check_int("dimensions", dimensions, 1)
         batch_size = check_int("batch_size", batch_size, 1)
         try:
             lo, hi = (int(v) for v in ngram_range)
@@ -194,31 +195,30 @@ class HashingEmbeddings:
             ) from None
         if not 1 <= lo <= hi:
             raise InvalidInputError(f"ngram_range must satisfy 1 <= min <= max, got {ngram_range!r}")
-        self.dim = int(dim)
+        self.dimensions: int = dimensions
         self.ngram_range = (lo, hi)
         self.lowercase = bool(lowercase)
         self.batch_size = int(batch_size)
-        self.dimensions: int | None = self.dim
         self.model = f"hashing-char-{lo}-{hi}"
         self.cache_namespace = (
-            f"hashing|v{_ALGORITHM_VERSION}|dim={self.dim}|ngram={lo}-{hi}"
+            f"hashing|v{_ALGORITHM_VERSION}|dim={self.dimensions}|ngram={lo}-{hi}"
             f"|lowercase={int(self.lowercase)}"
         )
         self.usage = Usage()
 
     def __repr__(self) -> str:
         return (
-            f"HashingEmbeddings(dim={self.dim}, ngram_range={self.ngram_range}, "
+            f"HashingEmbeddings(dimensions={self.dimensions}, ngram_range={self.ngram_range}, "
             f"lowercase={self.lowercase})"
         )
 
     def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
-        """Embed ``texts``: array of shape (n, dim), float32, unit rows, in input order.
+        """Embed ``texts``: array of shape (n, dimensions), float32, unit rows, in input order.
 
         ``on_batch(positions, vectors)`` is called after each ``batch_size`` texts.
         """
         items = validate_texts(texts)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
+        out = np.empty((len(items), self.dimensions), dtype=np.float32)
         lo, hi = self.ngram_range
         for start in range(0, len(items), self.batch_size):
             chunk = [_prepare(t, self.lowercase) for t in items[start : start + self.batch_size]]
@@ -227,7 +227,7 @@ class HashingEmbeddings:
             np.cumsum(lengths, out=offsets[1:])
             cps = np.frombuffer("".join(chunk).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
             block = out[start : start + len(chunk)]
-            _embed_codepoints(cps, offsets, self.dim, lo, hi, _PROBES, block)
+            _embed_codepoints(cps, offsets, self.dimensions, lo, hi, _PROBES, block)
             self.usage.add(requests=1)
             if on_batch is not None:
                 on_batch(np.arange(start, start + len(chunk), dtype=np.int64), block)

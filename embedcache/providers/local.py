@@ -19,7 +19,8 @@ from embedcache.errors import (
     InvalidResponseError,
     MissingDependencyError,
 )
-from embedcache.providers.base import BatchCallback, Usage, check_int, validate_texts
+from embedcache._validation import check_int
+from embedcache.providers.base import BatchCallback, Usage, validate_texts
 
 __all__ = ["LocalEmbeddings"]
 

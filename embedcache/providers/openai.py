@@ -19,11 +19,23 @@ What it does for you:
   is never handed to ``on_batch`` (so never cached);
 * reads base64 (little-endian float32) and plain float-list replies alike.
 
-The API key never appears in ``repr``, exception text or log records: it is kept in a
-wrapper that hides it, and removed from any server message that echoes it. A key shorter than
-8 characters, or a placeholder that local servers document (``"EMPTY"``, ``"none"``,
+The API key comes from ``api_key``, else from the environment, scoped to its host:
+``IONOS_API_TOKEN`` is sent only to the IONOS AI Model Hub (``https://`` + :data:`IONOS_HOST`),
+which also takes ``OPENAI_API_KEY`` when no IONOS token is set; any other host takes
+``OPENAI_API_KEY`` only (as the OpenAI SDK does). ``key_source`` says which one was used. The
+key never appears in ``repr``, exception text or log records: it is kept in a wrapper that
+hides it, and removed from any server message that echoes it. A key shorter than 8 characters,
+or a placeholder that local servers document (``"EMPTY"``, ``"none"``,
 ``"sk-no-key-required"``...), is no secret and is left in messages, so that a dummy key such as
 ``"k"`` does not mangle every word that contains it.
+
+The IONOS limit (5 requests per second, burst 10) is the default rate limit for the IONOS host
+only; other hosts are not throttled unless ``requests_per_second`` is set.
+
+The HTTP plumbing (transport, retries, error mapping, key redaction, rate limit) lives in
+:mod:`embedcache.providers._http`, the reading of replies in :mod:`embedcache.providers._reply`.
+The sync and async paths share request building, reply handling and result storing; only the
+sending differs (threads and a transport that :meth:`OpenAIEmbeddings.close` can cut, or tasks).
 
 A 429 whose body says ``insufficient_quota`` (OpenAI: no credit left) is a billing limit, not a
 rate limit: it raises :class:`~embedcache.errors.QuotaExceededError` at once, without retries.
@@ -32,174 +44,77 @@ rate limit: it raises :class:`~embedcache.errors.QuotaExceededError` at once, wi
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextvars
-import email.utils
-import inspect
 import json
-import logging
 import math
 import os
-import socket
 import threading
-import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
-import httpcore
 import httpx
 import numpy as np
-import tenacity
 
+from embedcache._validation import check_int, check_positive
 from embedcache.errors import (
-    APIConnectionError,
-    APIError,
-    APIStatusError,
-    APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
     ConfigurationError,
     InvalidInputError,
     InvalidInputTypeError,
     InvalidResponseError,
-    NotFoundError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    RateLimitError,
-    ServerError,
 )
-from embedcache.providers.base import BatchCallback, Usage, check_int, validate_texts
-
-__all__ = ["DEFAULT_BASE_URL", "OpenAIEmbeddings", "TokenBucket"]
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_BASE_URL = "https://openai.inference.de-txl.ionos.com/v1"
-_KEY_ENV_VARS = ("IONOS_API_TOKEN", "OPENAI_API_KEY")
-_RETRYABLE_STATUS = frozenset({408, 409, 429})
-#: a server asking us to wait longer than this is waited for this long, then retried
-_MAX_RETRY_AFTER = 60.0
-_BACKOFF_INITIAL = 0.5
-_BACKOFF_MAX = 20.0
-#: longest server message kept in an exception (cut after the key is removed)
-_MAX_MESSAGE = 500
-#: a key shorter than this is no secret (local servers take any word); a run at least this long
-#: that begins the key (a key cut short by a server) is removed like the key itself
-_MIN_SECRET = 8
-#: keys that local servers' docs tell users to pass; they are no secret either (any case)
-_PLACEHOLDER_KEYS = frozenset(
-    {"dummy", "empty", "lm-studio", "no-key", "none", "not-needed", "null", "ollama",
-     "sk-no-key-required", "token-abc123"}
+from embedcache.providers._http import (
+    AbortableTransport,
+    RetryPolicy,
+    Secret,
+    TokenBucket,
+    cancelled,
+    request_error,
+    status_error,
 )
+from embedcache.providers._reply import parse_embeddings, parse_models
+from embedcache.providers.base import BatchCallback, Usage, validate_texts
+
+__all__ = ["DEFAULT_BASE_URL", "IONOS_HOST", "OpenAIEmbeddings", "TokenBucket"]
+
+#: the IONOS AI Model Hub, the only host ``IONOS_API_TOKEN`` is sent to (over https)
+IONOS_HOST = "openai.inference.de-txl.ionos.com"
+DEFAULT_BASE_URL = f"https://{IONOS_HOST}/v1"
+#: the IONOS contract: 5 requests per second, bursts of 10 (the default for the IONOS host only)
+IONOS_REQUESTS_PER_SECOND = 5.0
 
 
-class _Secret:
-    """Holds the API key; every textual form of it is masked."""
+def is_ionos(url: httpx.URL | str) -> bool:
+    """Whether ``url`` is the IONOS AI Model Hub (https, its host exactly).
 
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("the API key cannot be pickled")
-
-
-def _is_secret(key: str) -> bool:
-    return len(key) >= _MIN_SECRET and key.lower() not in _PLACEHOLDER_KEYS
-
-
-def _inside_token(text: str, i: int) -> bool:
-    """Whether position ``i`` of ``text`` lies between two characters of a key-like token
-    (letters, digits, ``_`` and ``-``, as in ``sk-proj-...``)."""
-    return 0 < i < len(text) and all(c.isalnum() or c in "_-" for c in text[i - 1 : i + 1])
-
-
-def _remove_key(text: str, key: str) -> str:
-    """``text`` with ``key`` replaced by ``***`` wherever it occurs, and so is any run of at least
-    ``_MIN_SECRET`` characters that begins ``key`` (a key cut short by a server) where it
-    stands as a token of its own (see :func:`_inside_token`), so that another key or a word that
-    merely starts like this one is kept.
-
-    >>> _remove_key("got sk-abcdefgh12345 and sk-abcdefg… and sk-ab", "sk-abcdefgh12345")
-    'got *** and ***… and sk-ab'
-    >>> _remove_key("sk-abcdefgXYZ is not it; xsk-abcdefgh1", "sk-abcdefgh12345")
-    'sk-abcdefgXYZ is not it; xsk-abcdefgh1'
+    >>> is_ionos(DEFAULT_BASE_URL), is_ionos("http://127.0.0.1:8000/v1")
+    (True, False)
     """
-    text = text.replace(key, "***")
-    head = key[:_MIN_SECRET]
-    parts, pos = [], 0
-    i = text.find(head)
-    while i != -1:
-        j = i + len(head)
-        while j < len(text) and j - i < len(key) and text[j] == key[j - i]:
-            j += 1
-        if _inside_token(text, i) or _inside_token(text, j):
-            i = text.find(head, i + 1)
-            continue
-        parts += [text[pos:i], "***"]
-        pos = j
-        i = text.find(head, j)
-    parts.append(text[pos:])
-    return "".join(parts)
+    url = httpx.URL(url)
+    return url.scheme == "https" and url.host == IONOS_HOST
 
 
-def _clip(text: str, limit: int = _MAX_MESSAGE) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+def key_sources(url: httpx.URL | str) -> tuple[str, ...]:
+    """The environment variables a key for ``url`` is read from, in order.
 
-
-class TokenBucket:
-    """Thread-safe token bucket: ``rate`` tokens per second, at most ``burst`` saved up.
-
-    :meth:`reserve` takes one token and returns how long the caller must wait before using
-    it (0.0 when one was available). Reservations queue up: the tenth caller in a burst
-    of ten beyond the limit waits ten intervals. ``clock`` is injectable for tests.
-
-    >>> clock = iter([0.0, 0.0, 0.0, 0.0]).__next__
-    >>> bucket = TokenBucket(rate=2.0, burst=2, clock=clock)
-    >>> [bucket.reserve() for _ in range(4)]
-    [0.0, 0.0, 0.5, 1.0]
+    >>> key_sources(DEFAULT_BASE_URL), key_sources("https://api.openai.com/v1")
+    (('IONOS_API_TOKEN', 'OPENAI_API_KEY'), ('OPENAI_API_KEY',))
     """
-
-    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic):
-        self.rate = float(rate)
-        self.burst = int(burst)
-        self._clock = clock
-        self._tokens = float(burst)
-        self._last: float | None = None
-        self._lock = threading.Lock()
-
-    def reserve(self) -> float:
-        with self._lock:
-            now = self._clock()
-            if self._last is not None:
-                self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            self._tokens -= 1.0
-            return 0.0 if self._tokens >= 0.0 else -self._tokens / self.rate
+    return ("IONOS_API_TOKEN", "OPENAI_API_KEY") if is_ionos(url) else ("OPENAI_API_KEY",)
 
 
-def _resolve_key(api_key: str | None) -> _Secret | None:
+def _resolve_key(api_key: object, sources: tuple[str, ...]) -> tuple[Secret | None, str | None]:
+    """The key and where it came from: ``"api_key"`` (the argument) or an environment variable."""
+    source = "api_key"
     if api_key is None:
-        for name in _KEY_ENV_VARS:
+        for name in sources:
             value = os.environ.get(name, "").strip()
             if value:
-                api_key = value
+                api_key, source = value, name
                 break
         else:
-            return None
+            return None, None
     if not isinstance(api_key, str):
         raise ConfigurationError(f"api_key must be a str, got {type(api_key).__name__}")
     if not api_key or not all(33 <= ord(c) <= 126 for c in api_key):
@@ -207,222 +122,49 @@ def _resolve_key(api_key: str | None) -> _Secret | None:
         raise ConfigurationError(
             "api_key must be a non-empty string of printable ASCII characters without spaces"
         )
-    return _Secret(api_key)
+    return Secret(api_key), source
 
 
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInputTypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value > 0:
-        raise InvalidInputError(f"{name} must be > 0, got {value}")
-    return float(value)
+class _Request(NamedTuple):
+    """One request as both clients send it."""
+
+    method: str
+    path: str
+    content: bytes | None = None
+
+    @property
+    def what(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def send_args(self) -> dict[str, Any]:
+        if self.content is None:
+            return {"method": self.method, "url": self.path}
+        return {"method": self.method, "url": self.path, "content": self.content,
+                "headers": {"Content-Type": "application/json"}}
 
 
-def _parse_retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the server asks us to wait, from ``retry-after-ms`` or ``Retry-After``."""
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            value = float(ms) / 1000.0
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and value >= 0:
-            return value
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        value = when.timestamp() - time.time()
-        return max(0.0, value)
-    return value if math.isfinite(value) and value >= 0 else None
+_MODELS = _Request("GET", "/models")
 
 
-def _server_message(response: httpx.Response) -> str:
-    """The server's own explanation, from OpenAI-, FastAPI- or plain-style bodies (whole:
-    the caller removes the key, then cuts it short)."""
-    try:
-        body = response.json()
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        text = response.text.strip()
-        return text if text else response.reason_phrase
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str) and err:
-            return err
-        detail = body.get("detail")
-        if isinstance(detail, str) and detail:
-            return detail
-        if isinstance(detail, list) and detail:  # FastAPI validation errors
-            parts = []
-            for item in detail:
-                if isinstance(item, dict):
-                    loc = ".".join(str(p) for p in item.get("loc", []) or [])
-                    msg = str(item.get("msg", item))
-                    parts.append(f"{loc}: {msg}" if loc else msg)
-                else:
-                    parts.append(str(item))
-            return "; ".join(parts)
-        if body.get("message"):
-            return str(body["message"])
-    return json.dumps(body)
+class _Results:
+    """The (n, d) output of one embed call, filled batch by batch in whatever order batches
+    arrive; each batch goes to ``on_batch`` as it is stored."""
 
+    def __init__(self, n: int, on_batch: BatchCallback | None) -> None:
+        self._n = n
+        self._on_batch = on_batch
+        self._out: np.ndarray | None = None
 
-def _is_out_of_quota(response: httpx.Response) -> bool:
-    """Whether an error reply is OpenAI's ``insufficient_quota`` (no credit left)."""
-    try:
-        err = response.json().get("error")
-    except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
-        return False
-    return isinstance(err, dict) and "insufficient_quota" in (err.get("code"), err.get("type"))
+    def store(self, start: int, stop: int, vectors: np.ndarray) -> None:
+        if self._out is None:
+            self._out = np.empty((self._n, vectors.shape[1]), dtype=np.float32)
+        self._out[start:stop] = vectors
+        if self._on_batch is not None:
+            self._on_batch(np.arange(start, stop, dtype=np.int64), vectors)
 
-
-def _status_error_class(status: int) -> type[APIStatusError]:
-    if status in (400, 422):
-        return BadRequestError
-    if status == 401:
-        return AuthenticationError
-    if status == 403:
-        return PermissionDeniedError
-    if status == 404:
-        return NotFoundError
-    if status == 429:
-        return RateLimitError
-    if status >= 500:
-        return ServerError
-    return APIStatusError
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, APIConnectionError):  # includes timeouts
-        return True
-    if isinstance(exc, QuotaExceededError):  # waiting brings no credit
-        return False
-    if isinstance(exc, APIStatusError):
-        return exc.status_code in _RETRYABLE_STATUS or (exc.status_code or 0) >= 500
-    return False
-
-
-def _decode_vector(embedding: object, where: str) -> np.ndarray:
-    if isinstance(embedding, str):
-        try:
-            raw = base64.b64decode(embedding, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidResponseError(f"{where}: embedding is not valid base64") from None
-        if len(raw) % 4:
-            raise InvalidResponseError(
-                f"{where}: base64 embedding has {len(raw)} bytes, expected a multiple of 4 (float32)"
-            )
-        return np.frombuffer(raw, dtype="<f4")
-    if isinstance(embedding, list):
-        try:
-            arr = np.array(embedding)
-        except (ValueError, TypeError, OverflowError):  # ragged nesting, e.g. [0.1, [0.2, 0.3]]
-            raise InvalidResponseError(
-                f"{where}: embedding must be a flat list of numbers, got a ragged nested list"
-            ) from None
-        if arr.ndim != 1 or arr.dtype.kind not in "fiu":
-            raise InvalidResponseError(
-                f"{where}: embedding must be a flat list of numbers, got array of dtype "
-                f"{arr.dtype} and shape {arr.shape}"
-            )
-        with np.errstate(over="ignore"):
-            return arr.astype(np.float32)
-    raise InvalidResponseError(
-        f"{where}: embedding must be a base64 string or a list of numbers, "
-        f"got {type(embedding).__name__}"
-    )
-
-
-class _TrackedStream(httpcore.NetworkStream):
-    """A network stream that :meth:`_AbortableBackend.abort` can cut from another thread."""
-
-    def __init__(self, inner: httpcore.NetworkStream, backend: _AbortableBackend) -> None:
-        self._inner = inner
-        backend._track(self)
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, timeout)
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
-        # TLS takes over the socket: track the new stream, which owns it now
-        return _TrackedStream(self._inner.start_tls(ssl_context, server_hostname, timeout),
-                              self._backend)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-    def abort(self) -> None:
-        sock = self._inner.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
-            except OSError:
-                pass
-
-
-class _AbortableBackend(httpcore.NetworkBackend):
-    """httpcore's blocking backend, remembering its connections so that :meth:`abort` can
-    end requests under way in other threads at once (closing a socket does not wake a
-    thread blocked reading it; shutting it down does)."""
-
-    def __init__(self) -> None:
-        self._inner = httpcore.SyncBackend()
-        self._streams: weakref.WeakSet[_TrackedStream] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._aborted = False
-
-    def _track(self, stream: _TrackedStream) -> None:
-        stream._backend = self
-        with self._lock:
-            self._streams.add(stream)
-            aborted = self._aborted
-        if aborted:
-            stream.abort()
-
-    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        return _TrackedStream(self._inner.connect_tcp(*args, **kwargs), self)
-
-    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        return _TrackedStream(self._inner.connect_unix_socket(*args, **kwargs), self)
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-    def abort(self) -> None:
-        with self._lock:
-            self._aborted = True
-            streams = list(self._streams)
-        for stream in streams:
-            stream.abort()
-
-
-def _abortable_transport(limits: httpx.Limits) -> tuple[httpx.HTTPTransport, _AbortableBackend | None]:
-    """httpx's default transport, on a backend whose connections :meth:`~_AbortableBackend.abort`
-    can cut (``None`` when this httpx/httpcore version does not let us plug it in)."""
-    transport = httpx.HTTPTransport(limits=limits)
-    pool = getattr(transport, "_pool", None)
-    if isinstance(pool, httpcore.ConnectionPool) and isinstance(
-        getattr(pool, "_network_backend", None), httpcore.NetworkBackend
-    ):
-        backend = _AbortableBackend()
-        pool._network_backend = backend
-        return transport, backend
-    return transport, None
+    def array(self) -> np.ndarray:
+        assert self._out is not None
+        return self._out
 
 
 class OpenAIEmbeddings:
@@ -430,12 +172,14 @@ class OpenAIEmbeddings:
 
     model: model id as the server knows it (``.list_models()`` lists them).
     base_url: endpoint root, ending before ``/embeddings``. Defaults to the IONOS AI Model Hub.
-    api_key: defaults to ``$IONOS_API_TOKEN``, else ``$OPENAI_API_KEY``; without one, any
-        request raises :class:`~embedcache.errors.ConfigurationError`.
+    api_key: defaults to ``$IONOS_API_TOKEN`` (IONOS host only), else ``$OPENAI_API_KEY``;
+        without one, any request raises :class:`~embedcache.errors.ConfigurationError`.
+        ``key_source`` tells which was used (``"api_key"``, the variable's name, or ``None``).
     dimensions: ask the model for shorter vectors (models that support it); ``None`` = native.
     batch_size, max_batch_chars: largest batch by count and by total characters.
     max_concurrency: requests in flight at once (and HTTP connections kept).
-    requests_per_second, burst: client-side rate limit (``None`` = unlimited); per instance.
+    requests_per_second, burst: client-side rate limit, per instance. ``"auto"``: the IONOS
+        limit (5/s, burst 10) for the IONOS host, none for other hosts; ``None`` = unlimited.
     max_retries: retries after the first attempt for retryable failures.
     timeout: seconds for connect, read, write and pool waits of one request.
     encoding_format: ``"base64"`` (compact) or ``"float"``; either reply is accepted.
@@ -448,6 +192,8 @@ class OpenAIEmbeddings:
     OpenAIEmbeddings(model='BAAI/bge-m3', base_url='https://openai.inference.de-txl.ionos.com/v1')
     >>> emb.cache_namespace
     'openai|openai.inference.de-txl.ionos.com/v1|BAAI/bge-m3|native'
+    >>> emb.requests_per_second, OpenAIEmbeddings("m", base_url="http://127.0.0.1:8000/v1").requests_per_second
+    (5.0, None)
     """
 
     def __init__(
@@ -460,7 +206,7 @@ class OpenAIEmbeddings:
         batch_size: int = 128,
         max_batch_chars: int = 200_000,
         max_concurrency: int = 8,
-        requests_per_second: float | None = 5.0,
+        requests_per_second: float | Literal["auto"] | None = "auto",
         burst: int = 10,
         max_retries: int = 6,
         timeout: float = 60.0,
@@ -493,19 +239,19 @@ class OpenAIEmbeddings:
         self.max_batch_chars = check_int("max_batch_chars", max_batch_chars, 1)
         self.max_concurrency = check_int("max_concurrency", max_concurrency, 1)
         self.max_retries = check_int("max_retries", max_retries, 0)
-        self.timeout = _check_positive("timeout", timeout)
+        self.timeout = check_positive("timeout", timeout)
         self.encoding_format = encoding_format
-        burst = check_int("burst", burst, 1)
-        if requests_per_second is None or requests_per_second == math.inf:
-            self._bucket: TokenBucket | None = None
-        else:
-            self._bucket = TokenBucket(_check_positive("requests_per_second", requests_per_second), burst)
+        self.burst = check_int("burst", burst, 1)
+        if isinstance(requests_per_second, str) and requests_per_second == "auto":
+            requests_per_second = IONOS_REQUESTS_PER_SECOND if is_ionos(url) else None
+        rate = None if requests_per_second is None else check_positive("requests_per_second", requests_per_second)
+        self._bucket = None if rate is None or rate == math.inf else TokenBucket(rate, self.burst)
         self.requests_per_second = None if self._bucket is None else self._bucket.rate
-        self.burst = burst
-        self._key = _resolve_key(api_key)
+        self._key_sources = key_sources(url)
+        self._key, self.key_source = _resolve_key(api_key, self._key_sources)
         self._transport = transport
         self._async_transport = async_transport
-        self._sleep = sleep
+        self._retry = RetryPolicy(self.max_retries, sleep)
         hostpath = f"{url.host}{':' + str(url.port) if url.port else ''}{url.path}".rstrip("/")
         self.cache_namespace = (
             f"openai|{hostpath}|{model}|{dimensions if dimensions is not None else 'native'}"
@@ -513,7 +259,7 @@ class OpenAIEmbeddings:
         self.usage = Usage()
         self._lock = threading.Lock()
         self._client: httpx.Client | None = None
-        self._backend: _AbortableBackend | None = None
+        self._abortable: AbortableTransport | None = None
         self._stops: set[threading.Event] = set()  # one per sync call under way
         self._executor: ThreadPoolExecutor | None = None
         self._aclient: httpx.AsyncClient | None = None
@@ -523,12 +269,18 @@ class OpenAIEmbeddings:
     def __repr__(self) -> str:
         return f"OpenAIEmbeddings(model={self.model!r}, base_url={self.base_url!r})"
 
-    # ------------------------------------------------------------------ plumbing
+    # ------------------------------------------------------------------ shared by sync and async
 
     def _headers(self) -> dict[str, str]:
         if self._key is None:
+            if len(self._key_sources) > 1:
+                raise ConfigurationError(
+                    "no API key: pass api_key=... or set IONOS_API_TOKEN or OPENAI_API_KEY"
+                )
             raise ConfigurationError(
-                "no API key: pass api_key=... or set IONOS_API_TOKEN or OPENAI_API_KEY"
+                f"no API key for {httpx.URL(self.base_url).host}: pass api_key=... or set "
+                f"OPENAI_API_KEY (IONOS_API_TOKEN is sent only to {IONOS_HOST}; a server that "
+                'takes any key: api_key="none")'
             )
         return {
             "Authorization": f"Bearer {self._key.reveal()}",
@@ -536,28 +288,73 @@ class OpenAIEmbeddings:
             "User-Agent": "embedcache",
         }
 
-    def _limits(self) -> httpx.Limits:
-        return httpx.Limits(
+    def _client_settings(self) -> dict[str, Any]:
+        limits = httpx.Limits(
             max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
         )
+        return dict(base_url=self.base_url, headers=self._headers(), timeout=self.timeout, limits=limits)
+
+    def _plan(self, texts: list[str]) -> list[tuple[int, int]]:
+        """Consecutive ``(start, stop)`` slices within the count and character limits."""
+        batches = []
+        start, chars = 0, 0
+        for i, t in enumerate(texts):
+            if i > start and (i - start >= self.batch_size or chars + len(t) > self.max_batch_chars):
+                batches.append((start, i))
+                start, chars = i, 0
+            chars += len(t)
+        batches.append((start, len(texts)))
+        return batches
+
+    def _embeddings_request(self, batch: list[str]) -> _Request:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "input": batch,
+            "encoding_format": self.encoding_format,
+        }
+        if self.dimensions is not None:
+            payload["dimensions"] = self.dimensions
+        return _Request("POST", "/embeddings", json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+
+    def _delay(self) -> float:
+        """Seconds to wait before the next request may go (the rate limit)."""
+        return self._bucket.reserve() if self._bucket is not None else 0.0
+
+    def _checked(self, response: httpx.Response, what: str) -> httpx.Response:
+        err = status_error(response, what, self._key)
+        if err is not None:
+            raise err
+        return response
+
+    def _embeddings_from(self, response: httpx.Response, n: int) -> np.ndarray:
+        """The vectors of one checked /embeddings reply for a batch of ``n`` texts."""
+        reply = parse_embeddings(
+            response.content, n, dimensions=self.dimensions, status_code=response.status_code
+        )
+        dim = reply.vectors.shape[1]
+        with self._lock:
+            if self._seen_dim is None:
+                self._seen_dim = dim
+            elif dim != self._seen_dim:
+                raise InvalidResponseError(
+                    f"POST /embeddings: model {self.model!r} returned {self._seen_dim}-d embeddings "
+                    f"before, {dim}-d now"
+                )
+        self.usage.add(tokens=reply.tokens)
+        return reply.vectors
+
+    # ------------------------------------------------------------------ sync
 
     def _get_client(self, stop: threading.Event, what: str) -> httpx.Client:
         with self._lock:
             if stop.is_set():  # checked under the lock close() takes: no client after close
-                raise self._cancelled(what)
+                raise cancelled(what)
             if self._client is None:
-                limits = self._limits()
-                transport, backend = self._transport, None
+                settings = self._client_settings()
+                transport = self._transport
                 if transport is None:
-                    transport, backend = _abortable_transport(limits)
-                self._client = httpx.Client(
-                    base_url=self.base_url,
-                    headers=self._headers(),
-                    timeout=self.timeout,
-                    limits=limits,
-                    transport=transport,
-                )
-                self._backend = backend
+                    transport = self._abortable = AbortableTransport(settings["limits"])
+                self._client = httpx.Client(**settings, transport=transport)
             return self._client
 
     @contextmanager
@@ -574,10 +371,6 @@ class OpenAIEmbeddings:
             with self._lock:
                 self._stops.discard(stop)
 
-    @staticmethod
-    def _cancelled(what: str) -> APIConnectionError:
-        return APIConnectionError(f"{what} was cancelled: the embedder was closed or the call ended")
-
     def _get_executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:
@@ -586,228 +379,26 @@ class OpenAIEmbeddings:
                 )
             return self._executor
 
-    def _get_aclient(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._aclient is None or self._aclient_loop is not loop:
-            # An AsyncClient is bound to the loop it first ran in; a new loop needs a new one.
-            self._aclient = httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=self._headers(),
-                timeout=self.timeout,
-                limits=self._limits(),
-                transport=self._async_transport,
-            )
-            self._aclient_loop = loop
-        return self._aclient
-
-    def _redact(self, text: str) -> str:
-        """``text`` without the key: as is, JSON-escaped, or its head cut short (>= 8 chars).
-        A key that is no secret (:func:`_is_secret`) is left, not to mangle words."""
-        key = self._key.reveal() if self._key is not None else ""
-        if _is_secret(key):
-            for form in dict.fromkeys((key, json.dumps(key)[1:-1])):
-                text = _remove_key(text, form)
-        return text
-
-    def _map_request_error(self, exc: httpx.RequestError, what: str) -> APIError:
-        detail = f"{type(exc).__name__}: {self._redact(str(exc))}".rstrip(": ")
-        if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(f"{what} timed out (timeout={self.timeout:g} s): {detail}")
-        if isinstance(exc, httpx.DecodingError):  # e.g. a corrupt gzip body: retried like a drop
-            return APIConnectionError(f"{what}: the reply could not be decoded: {detail}")
-        return APIConnectionError(f"{what} failed to connect or lost the connection: {detail}")
-
-    def _check_status(self, response: httpx.Response, what: str) -> None:
-        status = response.status_code
-        if status < 300:
-            return
-        if status < 400:
-            location = _clip(self._redact(response.headers.get("location", "?")))
-            raise APIStatusError(
-                f"{what} -> {status} redirect to {location}; set base_url to the final URL",
-                status_code=status,
-            )
-        message = _clip(self._redact(_server_message(response)))
-        cls, why = _status_error_class(status), ""
-        if status == 429 and _is_out_of_quota(response):
-            cls, why = QuotaExceededError, (
-                "out of quota: a billing limit, not a rate limit, so it is not retried; "
-                "add credit or raise the limit: "
-            )
-        err = cls(f"{what} -> {status} {response.reason_phrase}: {why}{message}", status_code=status)
-        err.message = message
-        err.retry_after = _parse_retry_after(response.headers)  # type: ignore[attr-defined]
-        raise err
-
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            return min(float(retry_after), _MAX_RETRY_AFTER)
-        return self._backoff(state)
-
-    _backoff = tenacity.wait_random_exponential(multiplier=_BACKOFF_INITIAL, max=_BACKOFF_MAX)
-
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        wait_s = state.next_action.sleep if state.next_action is not None else 0.0
-        logger.info(
-            "retrying in %.2f s (attempt %d of %d): %s",
-            wait_s, state.attempt_number + 1, self.max_retries + 1, exc,
-        )
-
-    def _retry_kwargs(self) -> dict[str, Any]:
-        return dict(
-            stop=tenacity.stop_after_attempt(self.max_retries + 1),
-            wait=self._wait,
-            retry=tenacity.retry_if_exception(_is_retryable),
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
-
-    def _retrying(self, stop: threading.Event) -> tenacity.Retrying:
-        kwargs = self._retry_kwargs()
-        kwargs["stop"] = kwargs["stop"] | tenacity.stop_when_event_set(stop)
-        kwargs["sleep"] = self._sleep if self._sleep is not None else stop.wait
-        return tenacity.Retrying(**kwargs)
-
-    def _aretrying(self) -> tenacity.AsyncRetrying:
-        kwargs = self._retry_kwargs()
-        if self._sleep is not None:
-            user_sleep = self._sleep
-
-            async def _sleep(seconds: float) -> None:
-                result = user_sleep(seconds)
-                if inspect.isawaitable(result):
-                    await result
-
-            kwargs["sleep"] = _sleep
-        return tenacity.AsyncRetrying(**kwargs)
-
-    def _body(self, batch: list[str]) -> bytes:
-        payload: dict[str, Any] = {
-            "model": self.model,
-            "input": batch,
-            "encoding_format": self.encoding_format,
-        }
-        if self.dimensions is not None:
-            payload["dimensions"] = self.dimensions
-        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
-
-    def _parse_embeddings(self, response: httpx.Response, n: int) -> np.ndarray:
-        """Validate one /embeddings reply for a batch of ``n`` texts; (n, d) float32."""
-        what = "POST /embeddings"
-        try:
-            body = json.loads(response.content)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise InvalidResponseError(
-                f"{what} -> {response.status_code}: reply is not valid JSON ({exc})",
-                status_code=response.status_code,
-            ) from None
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            raise InvalidResponseError(f"{what}: reply has no 'data' list")
-        if len(data) != n:
-            raise InvalidResponseError(f"{what}: expected {n} embeddings, got {len(data)}")
-        rows: list[np.ndarray | None] = [None] * n
-        for k, item in enumerate(data):
-            if not isinstance(item, dict):
-                raise InvalidResponseError(f"{what}: data[{k}] must be an object, got {type(item).__name__}")
-            idx = item.get("index")
-            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < n:
-                raise InvalidResponseError(f"{what}: data[{k}].index must be an int in [0, {n}), got {idx!r}")
-            if rows[idx] is not None:
-                raise InvalidResponseError(f"{what}: index {idx} appears twice; indexes must be a permutation")
-            rows[idx] = _decode_vector(item.get("embedding"), f"{what}: data[{k}]")
-        dims = {r.shape[0] for r in rows}  # type: ignore[union-attr]
-        if len(dims) != 1:
-            raise InvalidResponseError(f"{what}: embeddings of unequal dimensions {sorted(dims)}")
-        (dim,) = dims
-        if dim == 0:
-            raise InvalidResponseError(f"{what}: embeddings are empty")
-        if self.dimensions is not None and dim != self.dimensions:
-            raise InvalidResponseError(
-                f"{what}: requested dimensions={self.dimensions}, got {dim}-d embeddings"
-            )
-        out = np.stack(rows).astype(np.float32, copy=False)  # type: ignore[arg-type]
-        if not np.isfinite(out).all():
-            bad = int(np.nonzero(~np.isfinite(out).all(axis=1))[0][0])
-            raise InvalidResponseError(f"{what}: embedding {bad} has NaN or infinite values")
-        with self._lock:
-            if self._seen_dim is None:
-                self._seen_dim = dim
-            elif dim != self._seen_dim:
-                raise InvalidResponseError(
-                    f"{what}: model {self.model!r} returned {self._seen_dim}-d embeddings before, "
-                    f"{dim}-d now"
-                )
-        usage = body.get("usage")
-        tokens = 0
-        if isinstance(usage, dict):
-            t = usage.get("total_tokens", usage.get("prompt_tokens"))
-            if isinstance(t, int) and not isinstance(t, bool) and t >= 0:
-                tokens = t
-        self.usage.add(tokens=tokens)
-        return out
-
-    def _parse_models(self, response: httpx.Response) -> list[str]:
-        try:
-            body = json.loads(response.content)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise InvalidResponseError("GET /models: reply is not valid JSON") from None
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("id"), str) for m in data
-        ):
-            raise InvalidResponseError("GET /models: expected {'data': [{'id': str}, ...]}")
-        return [m["id"] for m in data]
-
-    def _plan(self, texts: list[str]) -> list[tuple[int, int]]:
-        """Consecutive ``(start, stop)`` slices within the count and character limits."""
-        batches = []
-        start, chars = 0, 0
-        for i, t in enumerate(texts):
-            if i > start and (i - start >= self.batch_size or chars + len(t) > self.max_batch_chars):
-                batches.append((start, i))
-                start, chars = i, 0
-            chars += len(t)
-        batches.append((start, len(texts)))
-        return batches
-
-    # ------------------------------------------------------------------ sync
-
-    def _request(
-        self, method: str, path: str, stop: threading.Event, content: bytes | None = None
-    ) -> httpx.Response:
-        what = f"{method} {path}"
-        if self._bucket is not None:
-            delay = self._bucket.reserve()
-            if delay > 0 and stop.wait(delay):
-                raise self._cancelled(what)
-        client = self._get_client(stop, what)
+    def _send(self, request: _Request, stop: threading.Event) -> httpx.Response:
+        delay = self._delay()
+        if delay > 0 and stop.wait(delay):
+            raise cancelled(request.what)
+        client = self._get_client(stop, request.what)
         self.usage.add(requests=1)
         try:
-            if content is None:
-                response = client.request(method, path)
-            else:
-                response = client.request(
-                    method, path, content=content, headers={"Content-Type": "application/json"}
-                )
+            response = client.request(**request.send_args())
         except (httpx.RequestError, RuntimeError) as exc:  # RuntimeError: client closed meanwhile
             if stop.is_set():
-                raise self._cancelled(what) from None
+                raise cancelled(request.what) from None
             if not isinstance(exc, httpx.RequestError):
                 raise
-            raise self._map_request_error(exc, what) from None
-        self._check_status(response, what)
-        return response
+            raise request_error(exc, request.what, self.timeout, self._key) from None
+        return self._checked(response, request.what)
 
     def _embed_batch(self, batch: list[str], stop: threading.Event) -> np.ndarray:
-        body = self._body(batch)
-        return self._retrying(stop)(
-            lambda: self._parse_embeddings(
-                self._request("POST", "/embeddings", stop, body), len(batch)
-            )
+        request = self._embeddings_request(batch)
+        return self._retry.retrying(stop)(
+            lambda: self._embeddings_from(self._send(request, stop), len(batch))
         )
 
     def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
@@ -823,27 +414,14 @@ class OpenAIEmbeddings:
         items = validate_texts(texts)
         self._headers()  # no key: fail before any work
         with self._call() as stop:
-            return self._embed(items, on_batch, stop)
+            return self._embed(items, _Results(len(items), on_batch), stop)
 
-    def _embed(
-        self, items: list[str], on_batch: BatchCallback | None, halt: threading.Event
-    ) -> np.ndarray:
+    def _embed(self, items: list[str], results: _Results, halt: threading.Event) -> np.ndarray:
         plan = self._plan(items)
-        out: np.ndarray | None = None
-
-        def accept(start: int, stop: int, vectors: np.ndarray) -> None:
-            nonlocal out
-            if out is None:
-                out = np.empty((len(items), vectors.shape[1]), dtype=np.float32)
-            out[start:stop] = vectors
-            if on_batch is not None:
-                on_batch(np.arange(start, stop, dtype=np.int64), vectors)
-
         if len(plan) == 1 or self.max_concurrency == 1:
             for start, stop in plan:
-                accept(start, stop, self._embed_batch(items[start:stop], halt))
-            assert out is not None
-            return out
+                results.store(start, stop, self._embed_batch(items[start:stop], halt))
+            return results.array()
 
         executor = self._get_executor()
         pending: dict[Future, tuple[int, int]] = {}
@@ -865,24 +443,21 @@ class OpenAIEmbeddings:
                 for fut in done:
                     start, stop = pending.pop(fut)
                     if fut.cancelled():  # close() from another thread
-                        raise self._cancelled("POST /embeddings")
-                    accept(start, stop, fut.result())
+                        raise cancelled("POST /embeddings")
+                    results.store(start, stop, fut.result())
                     nxt = next(todo, None)
                     if nxt is not None:
                         submit(*nxt)
         finally:
             for fut in pending:
                 fut.cancel()
-        assert out is not None
-        return out
+        return results.array()
 
     def list_models(self) -> list[str]:
         """Model ids the server offers (``GET /models``)."""
         self._headers()
         with self._call() as halt:
-            return self._retrying(halt)(
-                lambda: self._parse_models(self._request("GET", "/models", halt))
-            )
+            return self._retry.retrying(halt)(lambda: parse_models(self._send(_MODELS, halt).content))
 
     def close(self) -> None:
         """Stop every sync call under way and close connections and worker threads (the async
@@ -899,10 +474,10 @@ class OpenAIEmbeddings:
             for halt in self._stops:
                 halt.set()
             client, self._client = self._client, None
-            backend, self._backend = self._backend, None
+            abortable, self._abortable = self._abortable, None
             executor, self._executor = self._executor, None
-        if backend is not None:
-            backend.abort()
+        if abortable is not None:
+            abortable.abort()
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         if client is not None:
@@ -921,35 +496,35 @@ class OpenAIEmbeddings:
 
     # ------------------------------------------------------------------ async
 
-    async def _arequest(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
+    def _get_aclient(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._aclient is None or self._aclient_loop is not loop:
+            # An AsyncClient is bound to the loop it first ran in; a new loop needs a new one.
+            self._aclient = httpx.AsyncClient(**self._client_settings(), transport=self._async_transport)
+            self._aclient_loop = loop
+        return self._aclient
+
+    async def _asend(self, request: _Request) -> httpx.Response:
         client = self._get_aclient()
-        what = f"{method} {path}"
-        if self._bucket is not None:
-            delay = self._bucket.reserve()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        delay = self._delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
         self.usage.add(requests=1)
         try:
-            if content is None:
-                response = await client.request(method, path)
-            else:
-                response = await client.request(
-                    method, path, content=content, headers={"Content-Type": "application/json"}
-                )
+            response = await client.request(**request.send_args())
         except httpx.RequestError as exc:
-            raise self._map_request_error(exc, what) from None
-        self._check_status(response, what)
-        return response
+            raise request_error(exc, request.what, self.timeout, self._key) from None
+        return self._checked(response, request.what)
 
     async def _aembed_batch(self, batch: list[str], gate: asyncio.Semaphore) -> np.ndarray:
-        body = self._body(batch)
+        request = self._embeddings_request(batch)
 
         async def attempt() -> np.ndarray:
             async with gate:
-                response = await self._arequest("POST", "/embeddings", body)
-            return self._parse_embeddings(response, len(batch))
+                response = await self._asend(request)
+            return self._embeddings_from(response, len(batch))
 
-        return await self._aretrying()(attempt)
+        return await self._retry.aretrying()(attempt)
 
     async def aembed(
         self, texts: Sequence[str], *, on_batch: BatchCallback | None = None
@@ -957,36 +532,29 @@ class OpenAIEmbeddings:
         """Async form of :meth:`embed`, for callers inside an event loop."""
         items = validate_texts(texts)
         self._headers()
-        plan = self._plan(items)
+        results = _Results(len(items), on_batch)
         gate = asyncio.Semaphore(self.max_concurrency)
 
         async def run(start: int, stop: int) -> tuple[int, int, np.ndarray]:
             return start, stop, await self._aembed_batch(items[start:stop], gate)
 
-        tasks = [asyncio.ensure_future(run(start, stop)) for start, stop in plan]
-        out: np.ndarray | None = None
+        tasks = [asyncio.ensure_future(run(start, stop)) for start, stop in self._plan(items)]
         try:
             for next_done in asyncio.as_completed(tasks):
-                start, stop, vectors = await next_done
-                if out is None:
-                    out = np.empty((len(items), vectors.shape[1]), dtype=np.float32)
-                out[start:stop] = vectors
-                if on_batch is not None:
-                    on_batch(np.arange(start, stop, dtype=np.int64), vectors)
+                results.store(*await next_done)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        assert out is not None
-        return out
+        return results.array()
 
     async def alist_models(self) -> list[str]:
         """Async form of :meth:`list_models`."""
 
         async def attempt() -> list[str]:
-            return self._parse_models(await self._arequest("GET", "/models"))
+            return parse_models((await self._asend(_MODELS)).content)
 
-        return await self._aretrying()(attempt)
+        return await self._retry.aretrying()(attempt)
 
     async def aclose(self) -> None:
         """Close the async client (and the sync one)."""
@@ -1000,4 +568,3 @@ class OpenAIEmbeddings:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
