@@ -31,7 +31,7 @@ EXPECTED = [
     "EmbeddingCache", "HashingEmbeddings", "InvalidInputError", "InvalidInputTypeError",
     "InvalidResponseError", "LocalEmbeddings", "MissingDependencyError", "NamespaceMismatchError",
     "NotFoundError", "OpenAIEmbeddings", "PairTable", "PermissionDeniedError", "QuotaExceededError",
-    "RateLimitError", "ServerError", "StoreCorruptedError", "StoreError", "StoreLockedError",
+    "RateLimitError", "ServerError", "StoreCorruptedError", "StoreError", "StoreLockedError", "StoreWriteError",
     "VectorStore", "cosine_similarity", "deduplicate", "dot_similarity", "knn_graph",
     "near_duplicates", "normalize", "similar_pairs", "top_k",
 ]
