@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from embedcache import EmbeddingCache
-from embedcache.cache import FORMAT_VERSION, BytesOnlyDisk
+from embedcache import _config
+from embedcache.cache import _diskcache
+from embedcache.cache._codec import FORMAT_VERSION
+from embedcache.cache._diskcache import BytesOnlyDisk, Table
 from embedcache.errors import (
     CacheError,
-    DimensionMismatchError,
     InvalidInputError,
     InvalidInputTypeError,
 )
@@ -213,9 +215,9 @@ def test_set_many_accepts_vectors_of_several_lengths(cache):
         (np.array([[1e39, 0.0]]), InvalidInputError, "NaN or infinity"),  # overflows float32
         (np.array([[1, 2]]), InvalidInputTypeError, "floating point"),
         (np.ones((2, 2)), InvalidInputError, "expected 1 vectors"),
-        (np.ones(2), DimensionMismatchError, "2-D array"),
-        (np.ones((1, 0)), DimensionMismatchError, "components"),
-        ([np.ones((2, 2))], DimensionMismatchError, "must be 1-D"),
+        (np.ones(2), InvalidInputError, "2-D array"),
+        (np.ones((1, 0)), InvalidInputError, "at least one column"),
+        ([np.ones((2, 2))], InvalidInputError, "must be a 1-D array"),
         (42, InvalidInputTypeError, "sequence of 1-D arrays"),
     ],
 )
@@ -316,10 +318,10 @@ def test_planted_pickled_rows_are_refused_and_never_executed(cache, tmp_path):
 
     assert cache.get_many([inline, in_file, key("raw")]) == [None, None, None]
     # diskcache's own API on this cache goes through the bytes-only Disk: refused as a miss
-    assert cache._dc.get(stored_key(inline)) is None
-    assert cache._dc.get(stored_key(in_file)) is None
+    assert cache._table._dc.get(stored_key(inline)) is None
+    assert cache._table._dc.get(stored_key(in_file)) is None
     with pytest.raises(CacheError, match="refusing"):
-        list(cache._dc.iterkeys())
+        list(cache._table._dc.iterkeys())
     assert not marker.exists()
 
 
@@ -507,13 +509,13 @@ def test_rows_returned_out_of_order_are_placed_by_their_own_key(cache, monkeypat
     keys = [key(str(i)) for i in range(50)]
     vectors = np.arange(100, dtype=np.float32).reshape(50, 2)
     cache.set_many(keys[::2], vectors[::2])  # every other one is a miss
-    select = EmbeddingCache._select
+    select = Table.select
 
     def shuffled(self, *args, **kwargs):  # as if SQLite had not kept the VALUES order
-        for chunk, values in select(self, *args, **kwargs):
-            yield chunk, values[::-1]
+        for start, values in select(self, *args, **kwargs):
+            yield start, values[::-1]
 
-    monkeypatch.setattr(EmbeddingCache, "_select", shuffled)
+    monkeypatch.setattr(Table, "select", shuffled)
     got = cache.get_many(keys)
     assert all(g is None for g in got[1::2])
     np.testing.assert_array_equal(np.stack(got[::2]), vectors[::2])
@@ -528,3 +530,144 @@ def test_a_value_moved_under_another_key_is_a_miss(cache):
     got_a, got_b = cache.get_many([a, b])
     np.testing.assert_array_equal(got_a, [1, 1])
     assert got_b is None
+
+
+# ----------------------------------------------------------------------------- the diskcache adapter
+
+
+def test_diskcache_is_a_tested_version_with_the_internals_the_adapter_uses(tmp_path):
+    """Fails loudly when diskcache changes what the adapter relies on: then check the adapter's
+    SQL against the new version and move the pin in pyproject.toml."""
+    from packaging.specifiers import SpecifierSet
+
+    pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'"diskcache{_diskcache.TESTED}"' in pyproject
+    assert diskcache.__version__ in SpecifierSet(_diskcache.TESTED)
+    with diskcache.Cache(str(tmp_path)) as plain:  # a cache as diskcache itself makes it
+        con = plain._con  # the thread-local, fork-aware connection
+        assert isinstance(con, sqlite3.Connection)
+        columns = tuple((r[1], r[2]) for r in con.execute("PRAGMA table_info(Cache)"))
+        assert columns == _diskcache.COLUMNS
+        assert isinstance(plain._disk, diskcache.Disk) and callable(plain._disk.remove)
+        plain.set(b"k", b"raw bytes")
+        row = con.execute("SELECT raw, mode, filename, value FROM Cache").fetchone()
+        assert row == (1, diskcache.core.MODE_RAW, None, b"raw bytes")
+        # the triggers that keep diskcache's count and size up to date under our own SQL
+        con.execute("DELETE FROM Cache")
+        assert len(plain) == 0
+
+
+def test_a_cache_table_of_another_layout_is_refused_at_open(tmp_path):
+    con = sqlite3.connect(tmp_path / "cache.db")  # as a later diskcache might: one more column
+    columns = ", ".join(f"{name} {kind}" for name, kind in _diskcache.COLUMNS[1:])
+    con.execute(f"CREATE TABLE Cache (rowid INTEGER PRIMARY KEY, {columns}, checksum BLOB)")
+    con.commit()
+    con.close()
+    with pytest.raises(CacheError, match=r"cannot open the embedding cache at .*expected diskcache's Cache table"):
+        EmbeddingCache(tmp_path)
+
+
+def test_sql_chunk_size_comes_from_config(cache):
+    keys = [key(str(i)) for i in range(23)]
+    vectors = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
+    with _config.override(CACHE_SQL_CHUNK=5):
+        cache.set_many(keys, vectors)
+        chunks = [len(values) for _, values in cache._table.select([bytes.fromhex(k) for k in keys])]
+        np.testing.assert_array_equal(np.stack(cache.get_many(keys)), vectors)
+    assert chunks == [5, 5, 5, 5, 3]
+
+
+# ----------------------------------------------------------------------------- faults of the machine
+
+
+def test_a_write_blocked_by_another_writer_raises_cache_error_and_reads_go_on(tmp_path):
+    with EmbeddingCache(tmp_path, timeout=0.2) as c:
+        c.set_many([key("old")], np.ones((1, 4), np.float32))
+        blocker = db(c)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(CacheError, match=r"stayed locked by another writer for more than 0.2 s") as info:
+                c.set_many([key("new")], np.ones((1, 4), np.float32))
+            assert str(tmp_path) in str(info.value)
+            np.testing.assert_array_equal(c.get_many([key("old")])[0], np.ones(4))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        c.set_many([key("new")], np.ones((1, 4), np.float32))  # no transaction was left open
+        assert len(c) == 2
+
+
+_FSIZE_WORKER = r"""
+import json, os, resource, signal, sys
+import numpy as np
+from embedcache import EmbeddingCache
+from embedcache.errors import CacheError
+
+directory = sys.argv[1]
+key = lambda t: EmbeddingCache.make_key("ns", "m", None, t)
+old = [key(f"old {i}") for i in range(50)]
+new = [key(f"new {i}") for i in range(2000)]
+rng = np.random.default_rng(0)
+old_vectors = rng.standard_normal((50, 256), dtype=np.float32)
+out = {}
+cache = EmbeddingCache(directory)
+cache.set_many(old, old_vectors)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+largest = max(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+resource.setrlimit(resource.RLIMIT_FSIZE, (largest + 64 * 1024, hard))
+try:
+    cache.set_many(new, rng.standard_normal((2000, 256), dtype=np.float32))  # 2 MB > the limit
+except CacheError as exc:
+    out["error"], out["cause"] = str(exc), type(exc.__cause__).__name__
+out["old_served"] = all(np.array_equal(g, v) for g, v in zip(cache.get_many(old), old_vectors))
+out["new_absent"] = cache.get_many(new[:5] + new[-5:]) == [None] * 10
+out["entries"] = len(cache)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+cache.set_many(new[:10], np.ones((10, 256), np.float32))
+out["entries_after"] = len(cache)
+print(json.dumps(out))
+"""
+
+
+def _run_worker(script, *args):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    import json
+
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_write_past_the_file_size_limit_raises_cache_error_and_keeps_the_last_commit(tmp_path):
+    directory = tmp_path / "cache"
+    out = _run_worker(_FSIZE_WORKER, directory)
+    assert out["error"].startswith(f"cannot write the embedding cache at {str(directory)!r}")
+    assert "file-size limit" in out["error"] and out["cause"] == "OperationalError"
+    assert out["old_served"] and out["new_absent"]
+    assert out["entries"] == 50  # nothing of the failed call was kept
+    assert out["entries_after"] == 60  # and the cache takes writes again once there is room
+    with EmbeddingCache(directory) as c:  # another process reads the last commit
+        assert len(c) == 60
+        with db(c) as con:
+            assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only files")
+def test_a_read_only_cache_raises_cache_error_naming_the_directory(tmp_path):
+    directory = tmp_path / "cache"
+    with EmbeddingCache(directory) as c:
+        c.set_many([key("a")], np.ones((1, 2), np.float32))
+    for f in directory.iterdir():
+        f.chmod(0o444)
+    directory.chmod(0o555)
+    try:
+        with pytest.raises(CacheError, match=f"embedding cache at {str(directory)!r}"):
+            with EmbeddingCache(directory) as c:
+                c.set_many([key("b")], np.ones((1, 2), np.float32))
+    finally:
+        directory.chmod(0o755)

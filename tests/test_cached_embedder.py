@@ -18,9 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from embedcache import _config
 from embedcache import CachedEmbedder, EmbeddingCache, EmbedStats, HashingEmbeddings
 from embedcache.errors import (
     APIConnectionError,
+    CacheError,
     BadRequestError,
     InvalidInputError,
     InvalidInputTypeError,
@@ -28,6 +30,7 @@ from embedcache.errors import (
     ServerError,
 )
 from embedcache.providers.base import Embedder, Usage
+from embedcache.cache._diskcache import Table
 from embedcache.testing import Fault, expected_vector
 
 
@@ -337,13 +340,13 @@ def test_a_damaged_entry_is_requested_again_and_repaired(cache):
 def test_rows_returned_out_of_order_are_placed_by_their_own_key(cache, monkeypatch):
     texts = [f"t{i}" for i in range(30)]
     CachedEmbedder(FakeEmbedder(), cache=cache).embed(texts[::2])
-    select = EmbeddingCache._select
+    select = Table.select
 
     def shuffled(self, *args, **kwargs):  # as if SQLite had not kept the VALUES order
-        for chunk, values in select(self, *args, **kwargs):
-            yield chunk, values[::-1]
+        for start, values in select(self, *args, **kwargs):
+            yield start, values[::-1]
 
-    monkeypatch.setattr(EmbeddingCache, "_select", shuffled)
+    monkeypatch.setattr(Table, "select", shuffled)
     fake = FakeEmbedder()
     out = CachedEmbedder(fake, cache=cache).embed(texts)
     assert fake.requested == texts[1::2]
@@ -493,6 +496,15 @@ def test_a_minimal_embedder_is_wrapped_and_cached(cache):
     assert fake.calls == [["a", "b", "c"]]
     np.testing.assert_array_equal(emb.embed(texts, progress=False), expected(texts))
     assert len(fake.calls) == 1 and len(cache) == 3
+
+
+def test_without_a_batch_size_misses_go_in_chunks_of_the_configured_size(cache):
+    fake = MinimalEmbedder()
+    emb = CachedEmbedder(fake, cache=cache)
+    texts = [f"t{i}" for i in range(7)]
+    with _config.override(CACHE_MISS_CHUNK=3):
+        np.testing.assert_array_equal(emb.embed(texts, progress=False), expected(texts))
+    assert fake.calls == [texts[0:3], texts[3:6], texts[6:7]]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async-embed", "async-aembed"])
@@ -758,3 +770,106 @@ def test_usage_pickles_with_its_counts():
     assert copy.snapshot() == (2, 7)
     copy.add(requests=1)
     assert copy.snapshot() == (3, 7) and usage.snapshot() == (2, 7)
+
+
+# ----------------------------------------------------------------------------- a cache that cannot be written
+
+
+def test_a_cache_that_cannot_be_written_loses_no_paid_for_vector(tmp_path):
+    directory = tmp_path / "cache"
+    texts = [f"text {i}" for i in range(10)]
+    with EmbeddingCache(directory, timeout=0.2) as cache:
+        CachedEmbedder(FakeEmbedder(), cache=cache).embed(texts[:2])  # committed before
+        blocker = sqlite3.connect(os.path.join(cache.directory, "cache.db"), isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the timeout
+        fake = FakeEmbedder()
+        emb = CachedEmbedder(fake, cache=cache)
+        got = []
+        try:
+            with pytest.warns(RuntimeWarning) as caught:
+                out = emb.embed(texts, on_batch=lambda pos, vec: got.extend(pos.tolist()))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        np.testing.assert_array_equal(out, expected(texts))
+        assert sorted(got) == list(range(10))
+        assert fake.requested == texts[2:]  # each paid for once, the cached two served
+        (warning,) = caught  # said once, however many batches followed
+        message = str(warning.message)
+        assert f"embedding cache at {str(directory)!r}" in message and "stayed locked" in message
+        assert "returned but not cached" in message
+        assert emb.stats.hits == 2 and emb.stats.misses == 8
+        # the next call, with the cache writable again, asks for them and caches them
+        again = FakeEmbedder()
+        CachedEmbedder(again, cache=cache).embed(texts)
+        assert again.requested == texts[2:]
+        assert len(cache) == 10
+
+
+def test_set_many_called_directly_still_raises(tmp_path):
+    with EmbeddingCache(tmp_path, timeout=0.1) as cache:
+        cache.set_many([EmbeddingCache.make_key("n", "m", None, "a")], np.ones((1, 2), np.float32))
+        blocker = sqlite3.connect(os.path.join(cache.directory, "cache.db"), isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(CacheError, match="stayed locked"):
+                cache.set_many([EmbeddingCache.make_key("n", "m", None, "b")], np.ones((1, 2), np.float32))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+
+_FSIZE_EMBED_WORKER = r"""
+import hashlib, json, os, resource, signal, sys, warnings
+import numpy as np
+from embedcache import _config
+from embedcache import CachedEmbedder, EmbeddingCache
+
+class Embedder:
+    cache_namespace, model, dimensions, batch_size = "worker|256", "m", None, 500
+    requested = 0
+    def embed(self, texts):
+        Embedder.requested += len(texts)
+        seed = lambda t: int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
+        return np.stack([np.random.default_rng(seed(t)).standard_normal(256, np.float32) for t in texts])
+
+directory = sys.argv[1]
+emb = CachedEmbedder(Embedder(), cache=EmbeddingCache(directory))
+old = [f"old {i}" for i in range(50)]
+emb.embed(old)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+largest = max(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+resource.setrlimit(resource.RLIMIT_FSIZE, (largest + 64 * 1024, hard))
+texts = old + [f"new {i}" for i in range(3000)]
+Embedder.requested = 0
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = emb.embed(texts)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+requested = Embedder.requested
+print(json.dumps({
+    "same": bool(np.array_equal(got, Embedder().embed(texts))),
+    "requested": requested,
+    "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+    "entries": len(emb.cache),
+}))
+"""
+
+
+def test_embed_past_the_file_size_limit_returns_every_vector_with_a_warning(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    directory = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-c", _FSIZE_EMBED_WORKER, str(directory)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["same"] and out["requested"] == 3000  # the 50 cached were hits
+    (message,) = out["warnings"]
+    assert message.startswith(f"cannot write the embedding cache at {str(directory)!r}")
+    assert "file-size limit" in message and "returned but not cached" in message
+    with EmbeddingCache(directory) as cache:  # the last commit, readable from another process
+        assert 50 <= len(cache) < 3050

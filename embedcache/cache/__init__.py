@@ -1,0 +1,24 @@
+"""A content-hash cache of embedding vectors, and an embedder that uses it.
+
+:class:`EmbeddingCache` keeps float32 vectors in a `diskcache`_ directory (one SQLite file,
+safe for several threads and processes at once). :class:`CachedEmbedder` wraps any
+:class:`~embedcache.providers.base.Embedder` so that a text is never embedded twice.
+
+The pieces, from the bottom up:
+
+- ``_codec``: how a text becomes a key (SHA-256 over length-prefixed fields) and a vector a
+  value (a checked header, then raw float32); the one decode and realignment path.
+- ``_diskcache``: the only module that touches diskcache; batch SQL on its table, a
+  :class:`~diskcache.Disk` that never pickles, faults mapped to ``CacheError``.
+- ``_cache``: :class:`EmbeddingCache`, whose ``lookup`` (found mask and vectors) and ``put``
+  every read and write goes through.
+- ``_embedder``: :class:`CachedEmbedder` and :class:`EmbedStats`.
+
+.. _diskcache: https://grantjenks.com/docs/diskcache/
+"""
+
+from embedcache.cache._cache import EmbeddingCache
+from embedcache.cache._codec import utf8 as _utf8  # the store hashes ids with the same encoding
+from embedcache.cache._embedder import CachedEmbedder, EmbedStats
+
+__all__ = ["CachedEmbedder", "EmbedStats", "EmbeddingCache"]

@@ -1,0 +1,298 @@
+"""The adapter to diskcache: the only module of embedcache that imports it.
+
+diskcache reads and writes one key per call; a batch of thousands of keys that way is several
+times slower than one SQL statement per 900 keys. So :class:`Table` runs its own SQL on
+diskcache's ``Cache`` table, through the cache's own thread-local, fork-aware connection
+(``Cache._con``) and its :class:`~diskcache.Disk` (``Cache._disk``). These internals, and the
+table's columns (:data:`COLUMNS`), are checked when a cache opens and by the test suite; the
+tested diskcache versions are pinned in ``pyproject.toml`` (:data:`TESTED`). Everything else
+(``len``, ``volume``, ``clear``, ``close``, eviction settings) is diskcache's public API.
+
+Nothing is ever unpickled
+    diskcache pickles every value that is not ``bytes``/``str``/number, and unpickles what
+    it reads back, so whoever can write to the cache directory could run code in the
+    reading process (CVE-2025-69872). :class:`BytesOnlyDisk` refuses to write anything but
+    bytes and refuses to read any row that is not raw bytes; the batch reader applies the
+    same rule in its SQL.
+
+Faults of the machine
+    A full disk, a file-size limit or a read-only file raise
+    :class:`~embedcache.errors.CacheError` naming the directory, with SQLite's error chained;
+    the failed transaction is rolled back, so what was committed before is still served.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import diskcache
+
+from embedcache import _config
+from embedcache.errors import CacheError, InvalidInputTypeError
+
+#: the diskcache versions this adapter is tested with (as pinned in pyproject.toml)
+TESTED = ">=5.6,<5.7"
+
+#: (name, declared type) of each column of diskcache's ``Cache`` table, in order
+COLUMNS = (
+    ("rowid", "INTEGER"),
+    ("key", "BLOB"),
+    ("raw", "INTEGER"),
+    ("store_time", "REAL"),
+    ("expire_time", "REAL"),
+    ("access_time", "REAL"),
+    ("access_count", "INTEGER"),
+    ("tag", "BLOB"),
+    ("size", "INTEGER"),
+    ("mode", "INTEGER"),
+    ("filename", "TEXT"),
+    ("value", "BLOB"),
+)
+
+_MODE_RAW = diskcache.core.MODE_RAW
+
+# SQLite's primary result codes (the low byte of an extended code)
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 13, 14
+_SQLITE_BUSY = 5
+
+
+class _RefusedValue(OSError):
+    """A row that is not raw bytes; diskcache treats an ``OSError`` from fetch as a miss."""
+
+
+class BytesOnlyDisk(diskcache.Disk):
+    """A :class:`diskcache.Disk` that stores ``bytes`` or ``str`` keys and ``bytes`` values,
+    inline, and never pickles or unpickles anything.
+
+    Writing any other value raises :class:`~embedcache.errors.InvalidInputTypeError`;
+    reading a row stored in another mode (a pickle, a file) is refused as a miss.
+    """
+
+    def put(self, key: object) -> tuple[bytes | str, bool]:
+        if type(key) is not bytes and type(key) is not str:
+            raise InvalidInputTypeError(f"cache keys must be bytes or str, got {type(key).__name__}")
+        return key, True
+
+    def get(self, key: object, raw: bool) -> bytes | str:
+        if raw and type(key) in (bytes, str):
+            return key  # type: ignore[return-value]
+        raise CacheError("refusing to read a cache key that is not plain bytes or str")
+
+    def store(self, value: object, read: bool, key: object = diskcache.core.UNKNOWN) -> tuple:
+        if read or type(value) is not bytes:
+            raise InvalidInputTypeError(
+                f"the embedding cache stores bytes only, got {type(value).__name__}"
+            )
+        return 0, _MODE_RAW, None, value
+
+    def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> bytes:
+        if mode != _MODE_RAW or filename is not None or type(value) is not bytes:
+            raise _RefusedValue(f"refusing a cache row stored in mode {mode}, not raw bytes")
+        return value
+
+    def remove(self, file_path: str) -> None:
+        # Values are never files here, so a row naming one was written by someone else:
+        # delete it (on eviction, replacement or clear) only if it lies inside the cache.
+        root = os.path.realpath(self._directory)
+        target = os.path.realpath(os.path.join(root, file_path))
+        if os.path.commonpath([root, target]) == root and target != root:
+            super().remove(file_path)
+
+
+def _code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of ``exc`` (Python >= 3.11), else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc`` with SQLite's error name, and a hint when the machine is at fault."""
+    name = getattr(exc, "sqlite_errorname", None)
+    text = f"{exc} ({name})" if name else str(exc)
+    if isinstance(exc, OSError) or _code(exc) in (_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN):
+        text += "; is the disk full, a file-size limit reached or the directory read-only?"
+    return text
+
+
+class Table:
+    """diskcache's ``Cache`` table of one directory, read and written in batches.
+
+    Values are stored inline, as raw bytes, with diskcache's accounting (entry count, size)
+    kept by its own triggers, so diskcache's ``len``, ``volume``, ``clear`` and eviction keep
+    working on the same directory.
+    """
+
+    def __init__(self, directory: str, *, size_limit: int, timeout: float) -> None:
+        self.directory = directory
+        self.size_limit = size_limit
+        self.timeout = timeout
+        try:
+            self._dc = diskcache.Cache(
+                directory,
+                timeout=timeout,
+                disk=BytesOnlyDisk,
+                size_limit=size_limit,
+                eviction_policy="least-recently-stored",
+                statistics=0,
+                tag_index=0,
+                sqlite_mmap_size=2**30,  # reads of a large cache go through memory, not read()
+            )
+            columns = tuple((row[1], row[2]) for row in self._dc._con.execute("PRAGMA table_info(Cache)"))
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot open the embedding cache at {directory!r}: {_describe(exc)}") from exc
+        if columns != COLUMNS:
+            self._dc.close()
+            raise CacheError(
+                f"cannot open the embedding cache at {directory!r}: expected diskcache's Cache "
+                f"table with columns {[c for c, _ in COLUMNS]}, got {[c for c, _ in columns]} "
+                f"(diskcache {diskcache.__version__}; embedcache is tested with diskcache{TESTED})"
+            )
+
+    # ------------------------------------------------------------------ reads
+
+    def select(self, keys: list[bytes], size: int | None = None) -> Iterator[tuple[int, list[bytes | None]]]:
+        """``(start, values)``: the stored value of each key of ``keys[start:start + len(values)]``.
+
+        One SELECT per chunk of keys, a ``VALUES`` list LEFT JOINed to the key index: one
+        row per key, ``None`` where absent, in the list's order in practice (not by contract:
+        every value carries its key, and the decoder checks it). Only the value column comes
+        back, and a read never writes. Only raw rows stored inline qualify: a pickled or
+        file-backed row is never read. ``size``: only values of exactly this many bytes.
+        """
+        now = time.time()
+        size_filter = "" if size is None else f" AND length(c.value) = {int(size)}"
+        step = _config.CACHE_SQL_CHUNK
+        try:
+            sql = self._dc._con.execute
+            for start in range(0, len(keys), step):
+                chunk = keys[start : start + step]
+                rows = sql(
+                    f"SELECT c.value FROM (VALUES {','.join(['(?)'] * len(chunk))}) AS q"
+                    " LEFT JOIN Cache AS c ON c.key = q.column1 AND c.raw = 1"
+                    f" AND c.mode = {_MODE_RAW} AND c.filename IS NULL"
+                    f" AND typeof(c.value) = 'blob'{size_filter}"
+                    " AND (c.expire_time IS NULL OR c.expire_time > ?)",
+                    (*chunk, now),
+                ).fetchall()
+                if len(rows) != len(chunk):
+                    raise CacheError(f"expected {len(chunk)} rows from the cache, got {len(rows)}")
+                yield start, [r[0] for r in rows]
+        except (sqlite3.Error, OSError) as exc:
+            raise CacheError(
+                f"cannot read the embedding cache at {self.directory!r}: {_describe(exc)}"
+            ) from exc
+
+    def __len__(self) -> int:
+        try:
+            return int(len(self._dc))
+        except sqlite3.Error as exc:
+            raise CacheError(
+                f"cannot read the embedding cache at {self.directory!r}: {_describe(exc)}"
+            ) from exc
+
+    def volume(self) -> int:
+        """Bytes on disk (diskcache's estimate)."""
+        try:
+            return int(self._dc.volume())
+        except sqlite3.Error as exc:
+            raise CacheError(
+                f"cannot read the embedding cache at {self.directory!r}: {_describe(exc)}"
+            ) from exc
+
+    # ------------------------------------------------------------------ writes
+
+    def replace(self, values: dict[bytes, bytes]) -> None:
+        """Insert or replace ``values`` in one transaction, then evict the oldest writes if the
+        cache is over its size limit. On any failure nothing of it is kept."""
+        if not values:
+            return
+        try:
+            con = self._dc._con
+            try:
+                con.execute("BEGIN IMMEDIATE")  # waits up to `timeout` for another writer
+            except sqlite3.OperationalError as exc:
+                if _code(exc) == _SQLITE_BUSY or "locked" in str(exc):
+                    raise CacheError(
+                        f"the embedding cache at {self.directory!r} stayed locked by another "
+                        f"writer for more than {self.timeout:g} s"
+                    ) from exc
+                raise
+            try:
+                files = self._write(con, values, time.time())
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+            for filename in files:  # files of replaced or evicted rows, removed after COMMIT
+                self._dc._disk.remove(filename)
+        except (sqlite3.Error, OSError) as exc:
+            raise CacheError(
+                f"cannot write the embedding cache at {self.directory!r}: {_describe(exc)}"
+            ) from exc
+
+    def _write(self, con: sqlite3.Connection, values: dict[bytes, bytes], now: float) -> list[str]:
+        """The statements of :meth:`replace`; returns the files rows named."""
+        keys = list(values)
+        existing: dict[bytes, tuple[int, str | None]] = {}
+        step = _config.CACHE_SQL_CHUNK
+        for start in range(0, len(keys), step):
+            chunk = keys[start : start + step]
+            rows = con.execute(
+                f"SELECT key, rowid, filename FROM Cache WHERE raw = 1 AND key IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            existing.update((k, (rowid, fn)) for k, rowid, fn in rows)
+        con.executemany(
+            "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?,"
+            " access_count = 0, tag = NULL, size = 0, mode = ?, filename = NULL,"
+            " value = ? WHERE rowid = ?",
+            [(now, now, _MODE_RAW, values[k], rowid) for k, (rowid, _) in existing.items()],
+        )
+        con.executemany(
+            "INSERT INTO Cache(key, raw, store_time, expire_time, access_time,"
+            " access_count, tag, size, mode, filename, value)"
+            " VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, ?, NULL, ?)",
+            [(k, now, now, _MODE_RAW, v) for k, v in values.items() if k not in existing],
+        )
+        files = [fn for _, fn in existing.values() if fn is not None]
+        return files + self._evict(con, now)
+
+    def _evict(self, con: sqlite3.Connection, now: float) -> list[str]:
+        """Least-recently-stored eviction, inside the writing transaction.
+
+        diskcache culls up to ``cull_limit`` rows per ``set`` while over the limit; a batch
+        removes about as many of the oldest rows as bring the cache back under the limit
+        (estimated from the mean row size: freed pages are returned at COMMIT), and never the
+        rows it has just written. Returns the files the removed rows named.
+        """
+        volume = self._dc.volume()
+        if volume < self.size_limit:
+            return []
+        count = max(len(self._dc), 1)
+        excess = int((volume - self.size_limit) * count / volume) + self._dc.cull_limit
+        rows = con.execute(
+            "SELECT rowid, filename FROM Cache WHERE store_time < ? ORDER BY store_time LIMIT ?",
+            (now, excess),
+        ).fetchall()
+        step = _config.CACHE_SQL_CHUNK
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            con.execute(f"DELETE FROM Cache WHERE rowid IN ({','.join('?' * len(chunk))})", [r[0] for r in chunk])
+        return [fn for _, fn in rows if fn is not None]
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many were removed."""
+        try:
+            return int(self._dc.clear(retry=True))
+        except (sqlite3.Error, OSError) as exc:
+            raise CacheError(
+                f"cannot clear the embedding cache at {self.directory!r}: {_describe(exc)}"
+            ) from exc
+
+    def close(self) -> None:
+        """Close this thread's database connection (it reopens on next use)."""
+        self._dc.close()
