@@ -18,7 +18,6 @@ The pieces, from the bottom up:
 """
 
 from embedcache.cache._cache import EmbeddingCache
-from embedcache.cache._codec import utf8 as _utf8  # the store hashes ids with the same encoding
 from embedcache.cache._embedder import CachedEmbedder, EmbedStats
 
 __all__ = ["CachedEmbedder", "EmbedStats", "EmbeddingCache"]
