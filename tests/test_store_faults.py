@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.modes import bound_by_modes
 from support.stores import ids_of, vecs
 
 from embedcache import _config
@@ -136,27 +137,6 @@ def test_a_file_size_limit_raises_store_write_error_and_keeps_the_last_commit(tm
     _assert_at_last_commit(path, ids, x)
 
 
-def _drop_dac_override() -> None:  # pragma: no cover - runs in the child, before exec
-    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that root's
-    child obeys file modes (PR_CAPBSET_DROP; the capabilities after exec are that set)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-def _bound_by_modes() -> dict:
-    """Popen arguments for a writer that a read-only mode stops: as it is, or for root (whom
-    modes do not stop) without the capability to override them."""
-    if os.geteuid() != 0:
-        return {}
-    if not sys.platform.startswith("linux"):
-        pytest.skip("running as root, and dropping root's override of file modes needs Linux")
-    return {"preexec_fn": _drop_dac_override}
-
-
 @pytest.mark.parametrize("case", ["readonly-segment", "readonly-compact"])
 def test_a_read_only_segment_directory_raises_store_write_error(tmp_path, case):
     path = tmp_path / "store"
@@ -164,7 +144,7 @@ def test_a_read_only_segment_directory_raises_store_write_error(tmp_path, case):
     (path / "segments").chmod(0o555)
     try:
         try:
-            got = _run_writer(path, case, **_bound_by_modes())
+            got = _run_writer(path, case, **bound_by_modes())
         except subprocess.SubprocessError as exc:
             pytest.skip(f"cannot start a writer bound by file modes here: {exc}")
     finally:
