@@ -155,7 +155,7 @@ class Upstream:
             host = httpx.URL(probe.base_url).host
             raise ConfigurationError(
                 f"no API key for the upstream {host}: set OPENAI_API_KEY (IONOS_API_TOKEN for "
-                f"the IONOS AI Model Hub), or pass api_key; a server that takes any key: api_key='none'"
+                f"the IONOS AI Model Hub) or pass api_key; for a server that takes any key, OPENAI_API_KEY=none"
             )
         self.base_url = probe.base_url
         self.requests_per_second = probe.requests_per_second
