@@ -76,14 +76,16 @@ def _fmt(t: float) -> str:
     return f"{t:.3f}".rstrip("0").rstrip(".") if abs(t - round(t, 2)) > 1e-9 else f"{t:.2f}"
 
 
-def _nice_max(v: float) -> float:
-    if v <= 0:
-        return 1.0
-    mag = 10 ** np.floor(np.log10(v))
-    for step in (1, 2, 2.5, 5, 10):
-        if v <= step * mag:
-            return float(step * mag)
-    return float(10 * mag)
+def _nice_scale(v: float) -> tuple[float, float]:
+    """(top, step) of an axis from 0 that holds ``v`` in four round steps (whole numbers:
+    the axis counts items)."""
+    raw = max(v, 1.0) / 4
+    mag = 10 ** np.floor(np.log10(raw))
+    for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        step = m * mag
+        if step >= raw and (step >= 1 and float(step).is_integer()):
+            return float(4 * step), float(step)
+    return float(4 * np.ceil(raw)), float(np.ceil(raw))
 
 
 def _y_axis(ymax: float, y_of, label: str) -> list[str]:
@@ -127,7 +129,7 @@ def histogram_svg(scores: np.ndarray, threshold: float, what: str) -> str:
     if edges[-1] < hi:
         edges = np.append(edges, hi)
     counts, _ = np.histogram(np.clip(scores, lo, hi), bins=edges)
-    ymax = _nice_max(float(counts.max()))
+    ymax = _nice_scale(float(counts.max()))[0]
     pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
     def x_of(v):
@@ -163,7 +165,7 @@ def curve_svg(curve: list[tuple[float, int]], threshold: float, what: str) -> st
     lo, hi = float(ts.min()), float(ts.max())
     if hi - lo < 0.02:
         lo, hi = lo - 0.01, hi + 0.01
-    ymax = _nice_max(float(cs.max()))
+    ymax = _nice_scale(float(cs.max()))[0]
     pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
     def x_of(v):
@@ -200,7 +202,7 @@ def glance_table(curve: list[tuple[float, int]], threshold: float, n: int, what:
                    for t, _ in rows)
     cells = "".join(f'<td class="{"current" if abs(t - threshold) < 1e-9 else ""}">{c:,}</td>' for t, c in rows)
     share = ""
-    if n:
+    if n and what != "pairs":
         share = "<tr><td>share of items</td>" + "".join(
             f'<td class="{"current" if abs(t - threshold) < 1e-9 else ""}">{c / n:.1%}</td>' for t, c in rows) + "</tr>"
     return (f'<table class="glance"><tr><th>threshold</th>{head}</tr>'
@@ -254,7 +256,8 @@ def _groups_html(summary: Summary, lookup: Lookup) -> str:
             rows.append(f"<tr>{mark}<td class=\"num\">{_e(lookup.name(item))}</td><td>{cell}</td></tr>")
         more = g.size - len(g.members)
         tail = f'<tr><td></td><td colspan="2" class="empty">and {more:,} more</td></tr>' if more > 0 else ""
-        out.append(f'<table class="group"><tr><th colspan="3">group of {g.size:,}</th></tr>{"".join(rows)}{tail}</table>')
+        out.append(f'<table class="group"><colgroup><col class="c-score"><col class="c-name"><col></colgroup>'
+                   f'<tr><th colspan="3">group of {g.size:,}</th></tr>{"".join(rows)}{tail}</table>')
     out.append("</section>")
     return "\n".join(out)
 
