@@ -93,7 +93,7 @@ def test_without_vectors_only_thresholds_at_or_above_the_runs():
         report.dedup_report(res, vectors=x[:10])
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(st.integers(-2, 2), min_size=3, max_size=3), min_size=1, max_size=14),
        st.sampled_from([0.5, 0.7, 0.9, 1.0]))
 def test_removal_curve_property(rows, threshold):
