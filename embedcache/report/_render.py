@@ -109,6 +109,22 @@ def _x_ticks(lo: float, hi: float, x_of, step: float) -> list[str]:
     return parts
 
 
+def _frame(lo: float, hi: float, top: float, what: str, label: str):
+    """(x_of, y_of, parts): the scales of a chart of [lo, hi] by [0, top], and its opening
+    SVG with the y axis."""
+    ymax = _nice_scale(top)[0]
+    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+
+    def x_of(v):
+        return _LEFT + (v - lo) / (hi - lo) * pw
+
+    def y_of(c):
+        return _TOP + ph - c / ymax * ph
+
+    parts = [f'<svg viewBox="0 0 {_W} {_H}" role="img" aria-label="{_e(label)}" xmlns="http://www.w3.org/2000/svg">']
+    return x_of, y_of, parts + _y_axis(ymax, y_of, what)
+
+
 def _threshold_line(x: float, t: float) -> str:
     return (f'<line class="threshold" x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP - 6}" y2="{_H - _BOTTOM}"/>'
             f'<text class="label" x="{x + 6:.1f}" y="{_TOP + 6}">threshold {_e(_fmt(t))}</text>')
@@ -129,18 +145,8 @@ def histogram_svg(scores: np.ndarray, threshold: float, what: str) -> str:
     if edges[-1] < hi:
         edges = np.append(edges, hi)
     counts, _ = np.histogram(np.clip(scores, lo, hi), bins=edges)
-    ymax = _nice_scale(float(counts.max()))[0]
-    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
-
-    def x_of(v):
-        return _LEFT + (v - lo) / (hi - lo) * pw
-
-    def y_of(c):
-        return _TOP + ph - c / ymax * ph
-
-    parts = [f'<svg viewBox="0 0 {_W} {_H}" role="img" aria-label="{_e(what)} histogram" '
-             'xmlns="http://www.w3.org/2000/svg">']
-    parts += _y_axis(ymax, y_of, what)
+    x_of, y_of, parts = _frame(lo, hi, float(counts.max()), what, f"{what} histogram")
+    ph = _H - _TOP - _BOTTOM
     for c, a, b in zip(counts.tolist(), edges[:-1], edges[1:]):
         if not c:
             continue
@@ -165,18 +171,7 @@ def curve_svg(curve: list[tuple[float, int]], threshold: float, what: str) -> st
     lo, hi = float(ts.min()), float(ts.max())
     if hi - lo < 0.02:
         lo, hi = lo - 0.01, hi + 0.01
-    ymax = _nice_scale(float(cs.max()))[0]
-    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
-
-    def x_of(v):
-        return _LEFT + (v - lo) / (hi - lo) * pw
-
-    def y_of(c):
-        return _TOP + ph - c / ymax * ph
-
-    parts = [f'<svg viewBox="0 0 {_W} {_H}" role="img" aria-label="{_e(what)} at each threshold" '
-             'xmlns="http://www.w3.org/2000/svg">']
-    parts += _y_axis(ymax, y_of, what)
+    x_of, y_of, parts = _frame(lo, hi, float(cs.max()), what, f"{what} at each threshold")
     points = " ".join(f"{x_of(t):.1f},{y_of(c):.1f}" for t, c in zip(ts, cs))
     parts.append(f'<polygon class="area" points="{x_of(ts[0]):.1f},{_H - _BOTTOM} {points} '
                  f'{x_of(ts[-1]):.1f},{_H - _BOTTOM}"/>')
