@@ -207,9 +207,10 @@ class EmbeddingCache:
         ``directory``; ``entries``; ``size_bytes`` (on disk); ``size_limit`` (``None``: no
         limit); ``evicted``: entries evicted over the cache's lifetime, by any process;
         ``free_bytes``: free space on its disk; ``namespaces``: one dict per (namespace,
-        model, dimensions) with entries, ``{"namespace", "model", "dimensions", "entries"}``
-        (``dimensions`` ``None`` when the embedder left it to the model), for the vectors
-        written by :class:`CachedEmbedder` or :meth:`put` with a ``source``.
+        model, dimensions) with entries, ``{"namespace", "model", "dimensions", "entries",
+        "vector_dimensions"}`` (``dimensions``: the embedder's setting, ``None`` when it left it
+        to the model; ``vector_dimensions``: the length of the vectors last written), for the
+        vectors written by :class:`CachedEmbedder` or :meth:`put` with a ``source``.
         """
         return {
             "directory": self._directory,
@@ -219,8 +220,9 @@ class EmbeddingCache:
             "evicted": self._table.evicted(),
             "free_bytes": _space.free_bytes(self._directory),
             "namespaces": [
-                {"namespace": ns, "model": model, "dimensions": dims or None, "entries": n}
-                for ns, model, dims, n in self._table.sources()
+                {"namespace": ns, "model": model, "dimensions": dims or None, "entries": n,
+                 "vector_dimensions": (size - _codec.HEADER_SIZE) // 4 if size else None}
+                for ns, model, dims, n, size in self._table.sources()
             ],
         }
 

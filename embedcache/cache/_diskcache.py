@@ -77,13 +77,14 @@ _NO_LIMIT = 2**62
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS Embedcache_sources ("
     " id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, model TEXT NOT NULL,"
-    " dimensions INTEGER NOT NULL, entries INTEGER NOT NULL DEFAULT 0,"
+    " dimensions INTEGER NOT NULL, entries INTEGER NOT NULL DEFAULT 0, value_bytes INTEGER,"
     " UNIQUE (namespace, model, dimensions))",
     "CREATE TABLE IF NOT EXISTS Embedcache_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO Embedcache_counters VALUES ('evicted', 0)",
     "CREATE TRIGGER IF NOT EXISTS Embedcache_sources_insert AFTER INSERT ON Cache"
     " FOR EACH ROW WHEN NEW.tag IS NOT NULL BEGIN"
-    " UPDATE Embedcache_sources SET entries = entries + 1 WHERE id = NEW.tag; END",
+    " UPDATE Embedcache_sources SET entries = entries + 1, value_bytes = length(NEW.value)"
+    " WHERE id = NEW.tag; END",
     "CREATE TRIGGER IF NOT EXISTS Embedcache_sources_delete AFTER DELETE ON Cache"
     " FOR EACH ROW WHEN OLD.tag IS NOT NULL BEGIN"
     " UPDATE Embedcache_sources SET entries = entries - 1 WHERE id = OLD.tag; END",
@@ -397,10 +398,11 @@ class Table:
         """Rows evicted over the cache's lifetime."""
         return int(self._read("SELECT value FROM Embedcache_counters WHERE name = 'evicted'")[0][0])
 
-    def sources(self) -> list[tuple[str, str, int, int]]:
-        """(namespace, model, dimensions or 0, entries) of each source that has entries."""
+    def sources(self) -> list[tuple[str, str, int, int, int]]:
+        """(namespace, model, dimensions or 0, entries, bytes of its last value written) of each
+        source that has entries."""
         return self._read(
-            "SELECT namespace, model, dimensions, entries FROM Embedcache_sources"
+            "SELECT namespace, model, dimensions, entries, value_bytes FROM Embedcache_sources"
             " WHERE entries > 0 ORDER BY namespace, model, dimensions"
         )
 
