@@ -59,7 +59,7 @@ class EmbeddingCache:
         writes of this object are evicted (``least-recently-stored``: reads never write);
         :meth:`put` returns how many, :class:`CachedEmbedder` counts and warns, and
         :meth:`info` keeps the lifetime count. A vector of ``d`` dimensions takes about
-        ``4 * d + 200`` bytes on disk.
+        ``4 * d + 330`` bytes on disk.
     timeout: seconds a write waits for another process's write to finish before
         :class:`~embedcache.errors.CacheError`.
 

@@ -5,7 +5,8 @@ What an entry costs
     A vector of ``d`` float32 components is a value of ``4 * d + 48`` bytes (the codec's
     header), plus the row's other columns, its share of the page it sits on and its entries
     in the key and store-time indexes: :data:`ENTRY_OVERHEAD` bytes, measured on caches of
-    384-d and 1024-d vectors written with 64 KiB pages (``benchmarks/bench_cache.py``).
+    384-d and 1024-d vectors written with 64 KiB pages (``benchmarks/bench_cache.py``): about
+    1,760 bytes per 384-d entry (1,536 of vector) and 4,530 per 1024-d entry (4,096 of vector).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["ENTRY_OVERHEAD", "check_free_space", "entry_bytes", "format_size", "
 
 #: measured bytes on disk per entry beyond the 4 * d bytes of its vector (header, key, row,
 #: page slack, indexes)
-ENTRY_OVERHEAD = 200
+ENTRY_OVERHEAD = 330
 
 _UNITS = {
     "": 1, "b": 1,
