@@ -50,6 +50,10 @@ STORE_EMBED_CHUNK = 4096
 CACHE_SQL_CHUNK = 900
 #: texts per call to an embedder whose ``embed`` takes no ``on_batch`` (and has no ``batch_size``)
 CACHE_MISS_CHUNK = 256
+#: a cache write that would leave less free space than this on the cache's disk is refused
+CACHE_MIN_FREE_BYTES = 256 * 1024 * 1024
+#: rows deleted per transaction when a namespace is pruned
+CACHE_DELETE_CHUNK = 10_000
 
 
 @contextlib.contextmanager

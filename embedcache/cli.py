@@ -16,6 +16,7 @@ import io
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,98 @@ def _make_embedder(provider: str | None, model: str | None, base_url: str | None
 def _cache(cache_dir: str | None):
     from embedcache.cache import EmbeddingCache
 
-    return EmbeddingCache(cache_dir)
+    return EmbeddingCache(cache_dir, size_limit=_cache_size[0])
+
+
+#: the --cache-size of the command running (None: no limit)
+_cache_size: list[int | None] = [None]
+
+
+def _parse_cache_size(ctx, param, value):
+    from embedcache.cache._space import parse_size
+
+    try:
+        return parse_size("--cache-size", value)
+    except InvalidInputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def cache_size_option(f):
+    """``--cache-size``; the cache's warnings become notes (one line each, after the output),
+    and vectors the command's writes evicted are counted in a note that says how to keep them."""
+
+    @click.option("--cache-size", callback=_parse_cache_size, default=None, metavar="SIZE",
+                  help="Size limit of the embedding cache, in bytes or as 500MB, 40GB, 2GiB; beyond "
+                       "it the oldest vectors are evicted (and paid for again when needed). "
+                       "Default: no limit.")
+    @functools.wraps(f)
+    def wrapper(*args, cache_size, **kwargs):
+        from embedcache.cache import CacheEvictionWarning
+
+        _cache_size[0] = cache_size
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return f(*args, **kwargs)
+        finally:
+            _cache_size[0] = None
+            for w in caught:
+                if not issubclass(w.category, CacheEvictionWarning):
+                    _notes.append(f"embedcache: warning: {_one_line(str(w.message))}")
+
+    return wrapper
+
+
+class _EvictionNote:
+    """Closed with what the command opened: a note of the vectors ``emb``'s writes evicted."""
+
+    def __init__(self, emb: Any) -> None:
+        self.emb = emb
+
+    def close(self) -> None:
+        evicted = self.emb.stats.evicted
+        if evicted:
+            cache = self.emb.cache
+            _notes.append(
+                f"embedcache: warning: {evicted} paid-for vectors were evicted from the cache at "
+                f"{cache.directory} to keep it under --cache-size {_format_size(cache.size_limit)}; "
+                "they will be paid for again when needed: pass a larger --cache-size, or leave it "
+                "out to keep everything"
+            )
+
+
+def _format_size(n: int | None) -> str:
+    from embedcache.cache._space import format_size
+
+    return format_size(n)
+
+
+def _check_space(emb: Any, texts: Sequence[str]) -> None:
+    """Before the job: warn on stderr when its vectors (distinct texts x (4 x dimensions +
+    the measured per-entry overhead)) would not fit under --cache-size or in the free disk."""
+    from embedcache.cache._space import entry_bytes
+
+    cache = emb.cache
+    rows = len(set(texts))
+    info = cache.info()
+    dims, assumed = emb.dimensions, ""
+    if dims is None:
+        seen = [ns["vector_dimensions"] for ns in info["namespaces"]
+                if ns["namespace"] == emb.cache_namespace and ns["vector_dimensions"]]
+        dims = seen[0] if seen else None
+    if dims is None:
+        dims, assumed = 1024, ", assuming 1024 dimensions"
+    need = rows * entry_bytes(dims)
+    about = f"the {rows} vectors of this job take about {_format_size(need)} in the cache{assumed}"
+    limit = cache.size_limit
+    if limit is not None and need > limit:
+        click.echo(f"embedcache: warning: {about}, more than --cache-size {_format_size(limit)}: vectors "
+                   f"it pays for will be evicted before it ends; pass --cache-size {_format_size(need).replace(' ', '')} "
+                   "or more, or leave it out", err=True)
+    if need > info["free_bytes"]:
+        click.echo(f"embedcache: warning: {about}, more than the {_format_size(info['free_bytes'])} free "
+                   f"on the disk of {cache.directory}; vectors beyond that will not be cached "
+                   "(choose another place with --cache-dir)", err=True)
 
 
 def _cached(embedder_opts: dict[str, Any], cache_dir: str | None, quiet: bool):
@@ -153,7 +245,9 @@ def _with_cache(emb: Any, cache_dir: str | None):
 
     cache = _cache(cache_dir)
     _opened.append(cache)
-    return CachedEmbedder(emb, cache=cache)
+    cached = CachedEmbedder(emb, cache=cache)
+    _opened.append(_EvictionNote(cached))
+    return cached
 
 
 def _progress(quiet: bool) -> bool | None:
@@ -266,6 +360,7 @@ def models(embedder_opts, cache_dir, quiet):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the (n, d) float32 vectors, in .npy format.")
 @provider_options
+@cache_size_option
 @common_options
 def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
     """Embed each row of INPUT; write the vectors, in input order, as a .npy file."""
@@ -276,6 +371,7 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to embed")
     emb = _cached(embedder_opts, cache_dir, quiet)
+    _check_space(emb, data.texts)
     x = emb.embed(data.texts, progress=_progress(quiet))
     with atomic_output(output, "wb") as f:
         np.save(f, np.ascontiguousarray(x, dtype=np.float32))
@@ -306,6 +402,7 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
 @click.option("--show", type=click.IntRange(min=0), default=10, show_default=True,
               help="Groups to print (0: none).")
 @provider_options
+@cache_size_option
 @common_options
 def dedup(input_path, field, fmt, output, report, html_report, threshold, keep, mode, against_path, id_field,
           show, embedder_opts, cache_dir, quiet):
@@ -320,6 +417,7 @@ def dedup(input_path, field, fmt, output, report, html_report, threshold, keep, 
         raise InvalidInputError(f"{input_path}: no rows to deduplicate")
     emb = _cached(embedder_opts, cache_dir, quiet)
     ref = read_table(against_path, fmt=fmt, field=field) if against_path else None
+    _check_space(emb, data.texts + (ref.texts if ref else []))
     res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
                       against=ref.texts if ref else None, progress=_progress(quiet))
     ids = data.ids(id_field)
@@ -395,6 +493,7 @@ def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res
               help="Also write a self-contained HTML report: the scores, how many pairs higher "
                    "thresholds keep, sample pairs side by side.")
 @provider_options
+@cache_size_option
 @common_options
 def pairs(input_path, field, fmt, threshold, output, id_field, html_report, embedder_opts, cache_dir, quiet):
     """List every pair of rows of INPUT at or above the threshold."""
@@ -404,6 +503,7 @@ def pairs(input_path, field, fmt, threshold, output, id_field, html_report, embe
     out_fmt = table_format(output, "-o")
     data = read_table(input_path, fmt=fmt, field=field)
     emb = _cached(embedder_opts, cache_dir, quiet)
+    _check_space(emb, data.texts)
     table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet))
     ids = data.ids(id_field)
     table = PairTable(table.i, table.j, table.score, texts_i=data.texts, texts_j=data.texts,
@@ -508,6 +608,7 @@ def _store_embedder(vs: Any, store_path: str, embedder_opts: dict[str, Any], cac
                    "so adding the same rows again is refused instead of storing them twice).")
 @click.option("--upsert", is_flag=True, help="Replace rows whose id already exists.")
 @store_provider_options
+@cache_size_option
 @common_options
 def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opts, cache_dir, quiet):
     """Embed the rows of INPUT and add them to STORE (created if missing).
@@ -537,6 +638,7 @@ def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opt
                 )
         emb = _store_embedder(vs, store_path, embedder_opts, cache_dir, quiet,
                               python="store.add_texts(texts, embedder)")
+        _check_space(emb, data.texts)
         before = len(vs)
         try:
             vs.add_texts(data.texts, emb, ids=ids, metadata=metadata, upsert=upsert, text_key=key)
@@ -583,6 +685,7 @@ def store_info(store_path):
 @click.argument("queries", nargs=-1, required=True)
 @click.option("-k", type=click.IntRange(min=1), default=5, show_default=True, help="Results per query.")
 @store_provider_options
+@cache_size_option
 @common_options
 def store_search(store_path, queries, k, embedder_opts, cache_dir, quiet):
     """Search STORE for the rows most similar to each QUERY text."""
@@ -622,12 +725,45 @@ def cache() -> None:
 
 
 @cache.command("info")
+@cache_size_option
 @common_options
 def cache_info(cache_dir, quiet):
-    """Print the cache directory, entries and size."""
+    """Print the cache directory, entries, size, limit, evictions so far, and the models
+    (namespaces) it holds vectors of."""
     with _cache(cache_dir) as c:
-        for key, value in c.info().items():
-            click.echo(f"{key}: {value}")
+        info = c.info()
+        click.echo(f"directory: {info['directory']}")
+        click.echo(f"entries: {info['entries']}")
+        click.echo(f"size: {_format_size(info['size_bytes'])} ({info['size_bytes']} bytes)")
+        click.echo(f"size_limit: {_format_size(info['size_limit'])} (set with --cache-size)")
+        click.echo(f"evicted: {info['evicted']} vectors so far")
+        click.echo(f"free: {_format_size(info['free_bytes'])} on its disk")
+        click.echo("namespaces:" if info["namespaces"] else "namespaces: none recorded")
+        labelled = 0
+        for ns in info["namespaces"]:
+            labelled += ns["entries"]
+            dims = ns["vector_dimensions"] or ns["dimensions"]
+            click.echo(f"  {ns['namespace']}  model={ns['model'] or '-'}  dimensions={dims}  "
+                       f"entries={ns['entries']}")
+        if info["entries"] > labelled:
+            click.echo(f"  (no namespace recorded)  entries={info['entries'] - labelled}")
+
+
+@cache.command("prune")
+@click.option("--namespace", "namespaces", multiple=True, required=True,
+              help="Remove the cached vectors of this namespace (as cache info lists them); repeatable.")
+@common_options
+def cache_prune(namespaces, cache_dir, quiet):
+    """Remove one model's (namespace's) cached vectors on purpose."""
+    with _cache(cache_dir) as c:
+        known = {ns["namespace"] for ns in c.info()["namespaces"]}
+        unknown = [ns for ns in namespaces if ns not in known]
+        if unknown:
+            holds = ", ".join(sorted(known)) or "none"
+            raise InvalidInputError(f"--namespace {unknown[0]!r}: the cache at {c.directory} holds no "
+                                    f"vectors of it; namespaces it holds: {holds}")
+        for ns in namespaces:
+            click.echo(f"removed {c.prune(ns)} cached vectors of {ns} from {c.directory}")
 
 
 @cache.command("clear")

@@ -10,6 +10,7 @@ The pieces, from the bottom up:
   value (a checked header, then raw float32); the one decode and realignment path.
 - ``_diskcache``: the only module that touches diskcache; batch SQL on its table, a
   :class:`~diskcache.Disk` that never pickles, faults mapped to ``CacheError``.
+- ``_space``: sizes for people (``"40GB"``), what an entry costs on disk, the free-space rule.
 - ``_cache``: :class:`EmbeddingCache`, whose ``lookup`` (found mask and vectors) and ``put``
   every read and write goes through.
 - ``_embedder``: :class:`CachedEmbedder` and :class:`EmbedStats`.
@@ -17,7 +18,7 @@ The pieces, from the bottom up:
 .. _diskcache: https://grantjenks.com/docs/diskcache/
 """
 
-from embedcache.cache._cache import EmbeddingCache
+from embedcache.cache._cache import CacheEvictionWarning, EmbeddingCache
 from embedcache.cache._embedder import CachedEmbedder, EmbedStats
 
-__all__ = ["CachedEmbedder", "EmbedStats", "EmbeddingCache"]
+__all__ = ["CacheEvictionWarning", "CachedEmbedder", "EmbedStats", "EmbeddingCache"]

@@ -9,12 +9,17 @@ from typing import Any
 
 import numpy as np
 
-from embedcache._validation import check_int, check_number
-from embedcache.cache import _codec
+from embedcache._validation import check_number
+from embedcache.cache import _codec, _space
 from embedcache.cache._diskcache import Table
 from embedcache.errors import InvalidInputError, InvalidInputTypeError
 
-__all__ = ["EmbeddingCache"]
+__all__ = ["CacheEvictionWarning", "EmbeddingCache"]
+
+
+class CacheEvictionWarning(RuntimeWarning):
+    """Writing vectors evicted others that were paid for, to keep the cache under its size
+    limit; they will be paid for again when they are needed."""
 
 
 def _default_directory() -> Path:
@@ -45,12 +50,16 @@ def _rows(vectors: object, n: int) -> list[np.ndarray]:
 
 
 class EmbeddingCache:
-    """A size-limited, process-safe cache of float32 vectors keyed by :meth:`make_key`.
+    """A process-safe cache of float32 vectors keyed by :meth:`make_key`.
 
     directory: where the cache lives (created if missing). Default: ``$EMBEDCACHE_DIR``, else
         ``$XDG_CACHE_HOME/embedcache``, else ``~/.cache/embedcache``.
-    size_limit: bytes on disk beyond which the oldest writes are evicted
-        (``least-recently-stored``: reads never write).
+    size_limit: ``None`` (the default): keep everything, never evict. Else bytes on disk (an
+        int, or a str such as ``"500MB"``, ``"40GB"``, ``"2GiB"``) beyond which the oldest
+        writes of this object are evicted (``least-recently-stored``: reads never write);
+        :meth:`put` returns how many, :class:`CachedEmbedder` counts and warns, and
+        :meth:`info` keeps the lifetime count. A vector of ``d`` dimensions takes about
+        ``4 * d + 330`` bytes on disk.
     timeout: seconds a write waits for another process's write to finish before
         :class:`~embedcache.errors.CacheError`.
 
@@ -58,7 +67,8 @@ class EmbeddingCache:
     transaction per call, many times faster than one ``get`` per key. A write the machine
     refuses (full disk, file-size limit, read-only file) raises
     :class:`~embedcache.errors.CacheError` naming the directory and keeps nothing of that
-    call; what was written before is still served.
+    call; what was written before is still served. So does a write that would leave less than
+    256 MB free on the cache's disk, before it starts (the message says how much is free).
 
     >>> import tempfile, numpy as np
     >>> with EmbeddingCache(tempfile.mkdtemp()) as cache:
@@ -72,10 +82,10 @@ class EmbeddingCache:
         self,
         directory: str | os.PathLike[str] | None = None,
         *,
-        size_limit: int = 4 * 2**30,
+        size_limit: int | str | None = None,
         timeout: float = 60.0,
     ) -> None:
-        size_limit = check_int("size_limit", size_limit, 1)
+        size_limit = _space.parse_size("size_limit", size_limit)
         timeout = check_number("timeout", timeout)
         if not timeout > 0:
             raise InvalidInputError(f"timeout must be > 0 seconds, got {timeout:g}")
@@ -132,10 +142,19 @@ class EmbeddingCache:
             found[start:stop] = _codec.decode(keys[start:stop], values, vectors[start:stop])
         return found, vectors
 
-    def put(self, keys: list[bytes], vectors: np.ndarray) -> None:
+    def put(
+        self, keys: list[bytes], vectors: np.ndarray, *, source: tuple[str, str, int | None] | None = None
+    ) -> int:
         """Store row i of ``vectors`` (finite float32 (n, d), checked by the caller) under raw
-        key ``keys[i]``, all in one transaction; a key given twice keeps its last row."""
-        self._table.replace(dict(zip(keys, _codec.encode(keys, vectors))))
+        key ``keys[i]``, all in one transaction; a key given twice keeps its last row.
+
+        source: the (namespace, model, dimensions) the keys were made from, counted per
+            namespace in :meth:`info` and removed by :meth:`prune`; ``None``: not recorded.
+
+        Returns how many older entries were evicted to stay under the size limit.
+        """
+        label = None if source is None else (source[0], source[1], source[2] or 0)
+        return self._table.replace(dict(zip(keys, _codec.encode(keys, vectors))), label)
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray | None]:
         """The vector stored under each key (float32, 1-D), or ``None`` for a miss.
@@ -178,17 +197,42 @@ class EmbeddingCache:
         return self._directory
 
     @property
-    def size_limit(self) -> int:
+    def size_limit(self) -> int | None:
+        """Bytes beyond which the oldest writes are evicted; ``None``: no limit."""
         return self._size_limit
 
     def info(self) -> dict[str, Any]:
-        """``directory``, ``entries``, ``size_bytes`` (on disk) and ``size_limit``."""
+        """What the cache holds, read from a few counters (as fast at 10M entries as at 10).
+
+        ``directory``; ``entries``; ``size_bytes`` (on disk); ``size_limit`` (``None``: no
+        limit); ``evicted``: entries evicted over the cache's lifetime, by any process;
+        ``free_bytes``: free space on its disk; ``namespaces``: one dict per (namespace,
+        model, dimensions) with entries, ``{"namespace", "model", "dimensions", "entries",
+        "vector_dimensions"}`` (``dimensions``: the embedder's setting, ``None`` when it left it
+        to the model; ``vector_dimensions``: the length of the vectors last written), for the
+        vectors written by :class:`CachedEmbedder` or :meth:`put` with a ``source``.
+        """
         return {
             "directory": self._directory,
             "entries": len(self._table),
             "size_bytes": self._table.volume(),
             "size_limit": self._size_limit,
+            "evicted": self._table.evicted(),
+            "free_bytes": _space.free_bytes(self._directory),
+            "namespaces": [
+                {"namespace": ns, "model": model, "dimensions": dims or None, "entries": n,
+                 "vector_dimensions": (size - _codec.HEADER_SIZE) // 4 if size else None}
+                for ns, model, dims, n, size in self._table.sources()
+            ],
         }
+
+    def prune(self, namespace: str) -> int:
+        """Remove every vector written under ``namespace`` (see :meth:`info`), whatever its
+        model and dimensions, a few thousand per transaction; returns how many were removed.
+        Vectors written without a ``source`` are not touched."""
+        if not isinstance(namespace, str):
+            raise InvalidInputTypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        return self._table.prune(namespace)
 
     def clear(self) -> int:
         """Remove every entry; returns how many were removed."""

@@ -15,6 +15,14 @@ Nothing is ever unpickled
     bytes and refuses to read any row that is not raw bytes; the batch reader applies the
     same rule in its SQL.
 
+Namespaces and evictions
+    Keys are hashes, so a row does not say whose vector it holds: each write labels its rows
+    in diskcache's ``tag`` column with the id of its (namespace, model, dimensions) in a
+    small side table, ``Embedcache_sources``, whose per-source entry counts SQLite triggers
+    keep as rows come and go (whoever deletes them: eviction, ``clear``, prune). The
+    lifetime count of evicted rows lives in ``Embedcache_counters``. Reading either is a
+    handful of rows, whatever the size of the cache.
+
 Faults of the machine
     A full disk, a file-size limit or a read-only file raise
     :class:`~embedcache.errors.CacheError` naming the directory, with SQLite's error chained;
@@ -27,10 +35,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import diskcache
 
 from embedcache import _config
+from embedcache.cache._space import check_free_space
 from embedcache.errors import CacheError, InvalidInputTypeError
 
 #: the diskcache versions this adapter is tested with (as pinned in pyproject.toml)
@@ -53,6 +63,36 @@ COLUMNS = (
 )
 
 _MODE_RAW = diskcache.core.MODE_RAW
+
+#: page size of a new cache database: a 384-d or 1024-d value wastes little of a 64 KiB page
+#: (about a third of a 4 KiB page holds no 384-d value), and a batch read in the order the
+#: vectors were written reads many of them per page
+PAGE_SIZE = 65536
+#: bytes of pages SQLite keeps in memory per connection (diskcache's default: 8192 pages)
+_PAGE_CACHE_KIB = 32 * 1024
+#: what diskcache is told when there is no limit (it never evicts on its own: Table does)
+_NO_LIMIT = 2**62
+
+#: the side tables and the triggers that keep their counts (see the module docstring)
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS Embedcache_sources ("
+    " id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, model TEXT NOT NULL,"
+    " dimensions INTEGER NOT NULL, entries INTEGER NOT NULL DEFAULT 0, value_bytes INTEGER,"
+    " UNIQUE (namespace, model, dimensions))",
+    "CREATE TABLE IF NOT EXISTS Embedcache_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO Embedcache_counters VALUES ('evicted', 0)",
+    "CREATE TRIGGER IF NOT EXISTS Embedcache_sources_insert AFTER INSERT ON Cache"
+    " FOR EACH ROW WHEN NEW.tag IS NOT NULL BEGIN"
+    " UPDATE Embedcache_sources SET entries = entries + 1, value_bytes = length(NEW.value)"
+    " WHERE id = NEW.tag; END",
+    "CREATE TRIGGER IF NOT EXISTS Embedcache_sources_delete AFTER DELETE ON Cache"
+    " FOR EACH ROW WHEN OLD.tag IS NOT NULL BEGIN"
+    " UPDATE Embedcache_sources SET entries = entries - 1 WHERE id = OLD.tag; END",
+    "CREATE TRIGGER IF NOT EXISTS Embedcache_sources_update AFTER UPDATE OF tag ON Cache"
+    " FOR EACH ROW WHEN OLD.tag IS NOT NEW.tag BEGIN"
+    " UPDATE Embedcache_sources SET entries = entries - 1 WHERE id = OLD.tag;"
+    " UPDATE Embedcache_sources SET entries = entries + 1 WHERE id = NEW.tag; END",
+)
 
 # SQLite's primary result codes (the low byte of an extended code)
 _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 13, 14
@@ -117,6 +157,22 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
+def _create(directory: str) -> None:
+    """Create the database of a new cache with :data:`PAGE_SIZE` pages (the page size of a
+    database is fixed once it holds anything; an existing cache keeps its own)."""
+    path = os.path.join(directory, "cache.db")
+    if os.path.exists(path):
+        return
+    os.makedirs(directory, exist_ok=True)
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        con.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        con.execute("PRAGMA auto_vacuum = FULL")  # diskcache's setting, fixed at creation too
+        con.execute("PRAGMA journal_mode = wal")  # writes the header: the page size is set
+    finally:
+        con.close()
+
+
 class Table:
     """diskcache's ``Cache`` table of one directory, read and written in batches.
 
@@ -125,22 +181,27 @@ class Table:
     working on the same directory.
     """
 
-    def __init__(self, directory: str, *, size_limit: int, timeout: float) -> None:
+    def __init__(self, directory: str, *, size_limit: int | None, timeout: float) -> None:
         self.directory = directory
-        self.size_limit = size_limit
+        self.size_limit = size_limit  # None: never evict
         self.timeout = timeout
+        self._sources: dict[tuple[str, str, int], int] = {}
         try:
+            _create(directory)
             self._dc = diskcache.Cache(
                 directory,
                 timeout=timeout,
                 disk=BytesOnlyDisk,
-                size_limit=size_limit,
+                size_limit=_NO_LIMIT if size_limit is None else size_limit,
                 eviction_policy="least-recently-stored",
                 statistics=0,
                 tag_index=0,
                 sqlite_mmap_size=2**30,  # reads of a large cache go through memory, not read()
+                sqlite_cache_size=-_PAGE_CACHE_KIB,
             )
             columns = tuple((row[1], row[2]) for row in self._dc._con.execute("PRAGMA table_info(Cache)"))
+            if columns == COLUMNS:
+                self._transaction(lambda con: [con.execute(q) for q in _SCHEMA])
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             raise CacheError(f"cannot open the embedding cache at {directory!r}: {_describe(exc)}") from exc
         if columns != COLUMNS:
@@ -204,11 +265,29 @@ class Table:
 
     # ------------------------------------------------------------------ writes
 
-    def replace(self, values: dict[bytes, bytes]) -> None:
+    def replace(self, values: dict[bytes, bytes], source: tuple[str, str, int] | None = None) -> int:
         """Insert or replace ``values`` in one transaction, then evict the oldest writes if the
-        cache is over its size limit. On any failure nothing of it is kept."""
+        cache is over its size limit; returns how many rows were evicted. On any failure
+        nothing of it is kept.
+
+        source: (namespace, model, dimensions or 0) the rows are labelled with (see the
+            module docstring); ``None``: unlabelled.
+
+        A write that would leave the disk with less than ``_config.CACHE_MIN_FREE_BYTES`` free
+        is refused before it starts.
+        """
         if not values:
-            return
+            return 0
+        check_free_space(self.directory, len(values), sum(map(len, values.values())))
+        tag = None if source is None else self._source_id(source)
+        files, evicted = self._transaction(lambda con: self._write(con, values, time.time(), tag))
+        for filename in files:  # files of replaced or evicted rows, removed after COMMIT
+            self._dc._disk.remove(filename)
+        return evicted
+
+    def _transaction(self, body: Any) -> Any:
+        """``body(con)`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error;
+        a machine fault or a lock held too long by another writer is a CacheError."""
         try:
             con = self._dc._con
             try:
@@ -221,21 +300,37 @@ class Table:
                     ) from exc
                 raise
             try:
-                files = self._write(con, values, time.time())
+                result = body(con)
                 con.execute("COMMIT")
             except BaseException:
                 if con.in_transaction:
                     con.execute("ROLLBACK")
                 raise
-            for filename in files:  # files of replaced or evicted rows, removed after COMMIT
-                self._dc._disk.remove(filename)
+            return result
         except (sqlite3.Error, OSError) as exc:
             raise CacheError(
                 f"cannot write the embedding cache at {self.directory!r}: {_describe(exc)}"
             ) from exc
 
-    def _write(self, con: sqlite3.Connection, values: dict[bytes, bytes], now: float) -> list[str]:
-        """The statements of :meth:`replace`; returns the files rows named."""
+    def _source_id(self, source: tuple[str, str, int]) -> int:
+        """The id of ``source`` in ``Embedcache_sources``, added if new."""
+        found = self._sources.get(source)
+        if found is None:
+            sql = "SELECT id FROM Embedcache_sources WHERE namespace = ? AND model = ? AND dimensions = ?"
+
+            def add(con: sqlite3.Connection) -> int:
+                con.execute("INSERT OR IGNORE INTO Embedcache_sources (namespace, model, dimensions)"
+                            " VALUES (?, ?, ?)", source)
+                return int(con.execute(sql, source).fetchone()[0])
+
+            found = self._sources[source] = self._transaction(add)
+        return found
+
+    def _write(
+        self, con: sqlite3.Connection, values: dict[bytes, bytes], now: float, tag: int | None
+    ) -> tuple[list[str], int]:
+        """The statements of :meth:`replace`; returns the files rows named, and how many rows
+        were evicted."""
         keys = list(values)
         existing: dict[bytes, tuple[int, str | None]] = {}
         step = _config.CACHE_SQL_CHUNK
@@ -248,30 +343,34 @@ class Table:
             existing.update((k, (rowid, fn)) for k, rowid, fn in rows)
         con.executemany(
             "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?,"
-            " access_count = 0, tag = NULL, size = 0, mode = ?, filename = NULL,"
+            " access_count = 0, tag = ?, size = 0, mode = ?, filename = NULL,"
             " value = ? WHERE rowid = ?",
-            [(now, now, _MODE_RAW, values[k], rowid) for k, (rowid, _) in existing.items()],
+            [(now, now, tag, _MODE_RAW, values[k], rowid) for k, (rowid, _) in existing.items()],
         )
         con.executemany(
             "INSERT INTO Cache(key, raw, store_time, expire_time, access_time,"
             " access_count, tag, size, mode, filename, value)"
-            " VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, ?, NULL, ?)",
-            [(k, now, now, _MODE_RAW, v) for k, v in values.items() if k not in existing],
+            " VALUES (?, 1, ?, NULL, ?, 0, ?, 0, ?, NULL, ?)",
+            [(k, now, now, tag, _MODE_RAW, v) for k, v in values.items() if k not in existing],
         )
         files = [fn for _, fn in existing.values() if fn is not None]
-        return files + self._evict(con, now)
+        evicted_files, evicted = self._evict(con, now)
+        return files + evicted_files, evicted
 
-    def _evict(self, con: sqlite3.Connection, now: float) -> list[str]:
+    def _evict(self, con: sqlite3.Connection, now: float) -> tuple[list[str], int]:
         """Least-recently-stored eviction, inside the writing transaction.
 
         diskcache culls up to ``cull_limit`` rows per ``set`` while over the limit; a batch
         removes about as many of the oldest rows as bring the cache back under the limit
         (estimated from the mean row size: freed pages are returned at COMMIT), and never the
-        rows it has just written. Returns the files the removed rows named.
+        rows it has just written. Returns the files the removed rows named, and how many rows
+        were removed (added to the lifetime count). Without a size limit nothing is evicted.
         """
+        if self.size_limit is None:
+            return [], 0
         volume = self._dc.volume()
         if volume < self.size_limit:
-            return []
+            return [], 0
         count = max(len(self._dc), 1)
         excess = int((volume - self.size_limit) * count / volume) + self._dc.cull_limit
         rows = con.execute(
@@ -282,7 +381,58 @@ class Table:
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
             con.execute(f"DELETE FROM Cache WHERE rowid IN ({','.join('?' * len(chunk))})", [r[0] for r in chunk])
-        return [fn for _, fn in rows if fn is not None]
+        con.execute("UPDATE Embedcache_counters SET value = value + ? WHERE name = 'evicted'", (len(rows),))
+        return [fn for _, fn in rows if fn is not None], len(rows)
+
+    # ------------------------------------------------------------------ what it holds
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        try:
+            return self._dc._con.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise CacheError(
+                f"cannot read the embedding cache at {self.directory!r}: {_describe(exc)}"
+            ) from exc
+
+    def evicted(self) -> int:
+        """Rows evicted over the cache's lifetime."""
+        return int(self._read("SELECT value FROM Embedcache_counters WHERE name = 'evicted'")[0][0])
+
+    def sources(self) -> list[tuple[str, str, int, int, int]]:
+        """(namespace, model, dimensions or 0, entries, bytes of its last value written) of each
+        source that has entries."""
+        return self._read(
+            "SELECT namespace, model, dimensions, entries, value_bytes FROM Embedcache_sources"
+            " WHERE entries > 0 ORDER BY namespace, model, dimensions"
+        )
+
+    def prune(self, namespace: str) -> int:
+        """Delete every row labelled with ``namespace`` (whatever its model and dimensions),
+        ``_config.CACHE_DELETE_CHUNK`` rows per transaction; returns how many were deleted."""
+        ids = [r[0] for r in self._read("SELECT id FROM Embedcache_sources WHERE namespace = ?", (namespace,))]
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+
+        def chunk(con: sqlite3.Connection, after: int) -> tuple[int, list[str], int]:
+            rows = con.execute(
+                f"SELECT rowid, filename FROM Cache WHERE rowid > ? AND tag IN ({marks}) ORDER BY rowid LIMIT ?",
+                (after, *ids, _config.CACHE_DELETE_CHUNK),
+            ).fetchall()
+            step = _config.CACHE_SQL_CHUNK
+            for start in range(0, len(rows), step):
+                part = [r[0] for r in rows[start : start + step]]
+                con.execute(f"DELETE FROM Cache WHERE rowid IN ({','.join('?' * len(part))})", part)
+            return len(rows), [fn for _, fn in rows if fn is not None], rows[-1][0] if rows else after
+
+        removed, after = 0, -1
+        while True:
+            n, files, after = self._transaction(lambda con: chunk(con, after))
+            for filename in files:
+                self._dc._disk.remove(filename)
+            removed += n
+            if n < _config.CACHE_DELETE_CHUNK:
+                return removed
 
     def clear(self) -> int:
         """Remove every entry; returns how many were removed."""

@@ -25,8 +25,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from embedcache import _config
-from embedcache.cache._cache import EmbeddingCache
+from embedcache.cache._cache import CacheEvictionWarning, EmbeddingCache
 from embedcache.cache._codec import float32_rows
+from embedcache.cache._space import format_size
 from embedcache.errors import CacheError, InvalidInputError, InvalidInputTypeError, InvalidResponseError
 from embedcache.providers.base import BatchCallback, Embedder, Usage, metered, validate_texts
 
@@ -45,6 +46,9 @@ class EmbedStats:
         a :class:`~embedcache.providers.base.Usage` (0 when it keeps none), whatever other
         threads do with the same embedder meanwhile.
     seconds: wall time spent in ``embed``.
+    evicted: cached vectors that writing this embedder's misses evicted to keep the cache under
+        its size limit (never, without one); each call that evicts warns with a
+        :class:`~embedcache.cache.CacheEvictionWarning`.
     """
 
     hits: int = 0
@@ -52,6 +56,7 @@ class EmbedStats:
     requests: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    evicted: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -171,6 +176,7 @@ class _Call:
         self.vectors: np.ndarray | None = None
         self.have = np.zeros(len(self.keys), dtype=bool)
         self.n_hits = self.n_misses = 0
+        self.n_evicted = 0  # older entries our writes evicted
         self.claims: dict[int, _Pending] = {}  # slot -> what this call must settle
         self.waiting: list[tuple[int, _Pending]] = []
         self.closed = False
@@ -328,7 +334,8 @@ class _Call:
         if self.write_error is not None:
             return
         try:
-            self.owner.cache.put(keys, batch)
+            owner = self.owner
+            self.n_evicted += owner.cache.put(keys, batch, source=(owner.cache_namespace, owner.model, owner.dimensions))
         except CacheError as exc:
             self.write_error = exc
             warnings.warn(
@@ -386,7 +393,18 @@ class _Call:
             requests=requests,
             tokens=tokens,
             seconds=time.perf_counter() - self.started,
+            evicted=self.n_evicted,
         )
+        if self.n_evicted:
+            cache = self.owner.cache
+            warnings.warn(
+                f"this call evicted {self.n_evicted} paid-for vectors from the embedding cache at "
+                f"{cache.directory!r} to keep it under its size limit of {format_size(cache.size_limit)}; "
+                "they will be paid for again when needed: raise size_limit, or pass size_limit=None "
+                "to keep everything",
+                CacheEvictionWarning,
+                stacklevel=3,
+            )
 
 
 class CachedEmbedder:
@@ -464,10 +482,12 @@ class CachedEmbedder:
         """A snapshot of the cumulative counters."""
         with self._stats_lock:
             s = self._stats
-            return EmbedStats(s.hits, s.misses, s.requests, s.tokens, s.seconds)
+            return EmbedStats(s.hits, s.misses, s.requests, s.tokens, s.seconds, s.evicted)
 
-    def _record(self, *, hits: int, misses: int, requests: int, tokens: int, seconds: float) -> None:
+    def _record(self, *, hits: int, misses: int, requests: int, tokens: int, seconds: float,
+                evicted: int = 0) -> None:
         with self._stats_lock:
+            self._stats.evicted += evicted
             self._stats.hits += hits
             self._stats.misses += misses
             self._stats.requests += requests
