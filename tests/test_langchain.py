@@ -43,7 +43,9 @@ def server():
 # ---------------------------------------------------------------------------------------
 
 
-class TestHashingUnit(EmbeddingsUnitTests):
+class Hashing:
+    """The adapter over the offline hashing embedder."""
+
     @property
     def embeddings_class(self):
         return EmbedcacheEmbeddings
@@ -52,6 +54,8 @@ class TestHashingUnit(EmbeddingsUnitTests):
     def embedding_model_params(self):
         return {"embedder": ec.HashingEmbeddings(dimensions=DIM)}
 
+
+class TestHashingUnit(Hashing, EmbeddingsUnitTests):
     @property
     def init_from_env_params(self):
         # an OpenAI-compatible server other than IONOS takes its key from OPENAI_API_KEY
@@ -61,14 +65,8 @@ class TestHashingUnit(EmbeddingsUnitTests):
 
 
 @pytest.mark.anyio
-class TestHashingIntegration(EmbeddingsIntegrationTests):
-    @property
-    def embeddings_class(self):
-        return EmbedcacheEmbeddings
-
-    @property
-    def embedding_model_params(self):
-        return {"embedder": ec.HashingEmbeddings(dimensions=DIM)}
+class TestHashingIntegration(Hashing, EmbeddingsIntegrationTests):
+    pass
 
 
 @pytest.mark.anyio
