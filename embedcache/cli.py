@@ -308,14 +308,39 @@ store_provider_options = functools.partial(provider_options, store=True)
 def input_options(f):
     @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
     @click.option("--field", "--column", "field", default=None,
-                  help="JSONL field / CSV column holding the text (default: text).")
+                  help="JSONL field / CSV column holding the text (default: text); with "
+                       "--no-header, the column's number (1 for the first).")
     @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-                  help="Input format (default: from the file extension; plain text otherwise).")
+                  help="Input format (default: from the file extension, also before .gz or .zst; "
+                       "plain text otherwise). A .csv file of tab-separated lines is read as TSV.")
+    @click.option("--no-header", is_flag=True,
+                  help="CSV/TSV input has no header row: choose the text by number (--column 6); "
+                       "rows may have any number of cells, and are written back without a header.")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         return f(*args, **kwargs)
 
     return wrapper
+
+
+skip_empty_option = click.option(
+    "--skip-empty", is_flag=True,
+    help="Rows whose text is empty, missing or null are kept in the output as they are and "
+         "counted, never compared (default: such a row is an error).")
+
+
+def _read(path: str, field: str | None, fmt: str | None, no_header: bool, quiet: bool,
+          skip_empty: bool = False) -> Dataset:
+    """read_table with the input options; says how the file was read where its name does not."""
+    data = read_table(path, fmt=fmt, field=field, header=not no_header, skip_empty=skip_empty)
+    for note in data.notes:
+        _say(quiet, note)
+    return data
+
+
+def _without_text(full: Dataset) -> str:
+    """The summary's words for the rows --skip-empty kept uncompared ("" when none)."""
+    return f"; {len(full.skipped)} without text kept, not compared" if full.skipped else ""
 
 
 def _threshold(ctx, param, value):
@@ -362,12 +387,12 @@ def models(embedder_opts, cache_dir, quiet):
 @provider_options
 @cache_size_option
 @common_options
-def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
+def embed(input_path, field, fmt, no_header, output, embedder_opts, cache_dir, quiet):
     """Embed each row of INPUT; write the vectors, in input order, as a .npy file."""
     if format_of(output) is not None:
         raise InvalidInputError(f"-o {output}: embed writes vectors in .npy format; name a .npy file")
     check_outputs({"INPUT": input_path}, {"-o": output})
-    data = read_table(input_path, fmt=fmt, field=field)
+    data = _read(input_path, field, fmt, no_header, quiet)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to embed")
     emb = _cached(embedder_opts, cache_dir, quiet)
@@ -401,33 +426,40 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
 @click.option("--id-field", default=None, help="Field with row ids for the report (default: id, if present).")
 @click.option("--show", type=click.IntRange(min=0), default=10, show_default=True,
               help="Groups to print (0: none).")
+@skip_empty_option
 @provider_options
 @cache_size_option
 @common_options
-def dedup(input_path, field, fmt, output, report, html_report, threshold, keep, mode, against_path, id_field,
-          show, embedder_opts, cache_dir, quiet):
+def dedup(input_path, field, fmt, no_header, output, report, html_report, threshold, keep, mode, against_path,
+          id_field, show, skip_empty, embedder_opts, cache_dir, quiet):
     """Remove near-duplicate rows of INPUT; write the rows kept, and print the groups found."""
     from embedcache.workflows import deduplicate
 
     check_outputs({"INPUT": input_path, "--against": against_path},
                   {"-o": output, "--duplicates": report, "--report": html_report})
     report_fmt = table_format(report, "--duplicates") if report else None
-    data = read_table(input_path, fmt=fmt, field=field)
+    full = _read(input_path, field, fmt, no_header, quiet, skip_empty)
+    data, rows = full.with_text()  # the rows compared; rows[k]: row k's position in INPUT
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to deduplicate")
     emb = _cached(embedder_opts, cache_dir, quiet)
-    ref = read_table(against_path, fmt=fmt, field=field) if against_path else None
+    ref_rows = None
+    ref = _read(against_path, field, fmt, no_header, quiet, skip_empty) if against_path else None
+    if ref is not None:
+        ref, ref_rows = ref.with_text()
     _check_space(emb, data.texts + (ref.texts if ref else []))
     res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
                       against=ref.texts if ref else None, progress=_progress(quiet))
     ids = data.ids(id_field)
+    kept = sorted([rows[k] for k in res.kept.tolist()] + full.skipped)
     with staged_outputs() as outputs:  # both complete, or neither replaced
-        write_rows(output, data, res.kept, opener=outputs.open)
+        write_rows(output, full, kept, opener=outputs.open)
         if report:
-            _write_report(report, report_fmt, data, ids, res, ref, opener=outputs.open)
+            _write_report(report, report_fmt, data, ids, res, ref, opener=outputs.open,
+                          positions=(rows, rows if ref_rows is None else ref_rows))
         if html_report:
             _write_html_report(html_report, res, emb, input_path, keep, outputs.open, ids=ids)
-    label = (lambda k: ids[k]) if ids else (lambda k: f"#{k}")
+    label = (lambda k: ids[k]) if ids else (lambda k: f"#{rows[k]}")
     if ref is None:
         score = dict(zip(res.removed.tolist(), res.scores.tolist()))
         for group in res.groups[:show]:
@@ -440,9 +472,9 @@ def dedup(input_path, field, fmt, output, report, html_report, threshold, keep, 
             click.echo(f"... and {len(res.groups) - show} more groups")
     else:
         for k, r, s in list(zip(res.removed, res.duplicate_of, res.scores))[:show]:
-            click.echo(f"{label(int(k))} ~ reference #{int(r)} ({float(s):.3f}): {_clip(data.texts[int(k)])}")
-    click.echo(f"kept {len(res.kept)} of {res.n} rows, removed {len(res.removed)} "
-               f"({res.duplicate_ratio:.1%}) at threshold {threshold}; wrote {output}")
+            click.echo(f"{label(int(k))} ~ reference #{ref_rows[int(r)]} ({float(s):.3f}): {_clip(data.texts[int(k)])}")
+    click.echo(f"kept {len(kept)} of {len(full.texts)} rows, removed {len(res.removed)} "
+               f"({res.duplicate_ratio:.1%}) at threshold {threshold}{_without_text(full)}; wrote {output}")
 
 
 def _clip(text: str, width: int = 70) -> str:
@@ -468,15 +500,19 @@ def _write_html_report(path: str, result: Any, emb: Any, input_path: str, keep: 
 
 
 def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res: Any,
-                  ref: Dataset | None, opener: Any = atomic_output) -> None:
+                  ref: Dataset | None, opener: Any = atomic_output,
+                  positions: tuple[list[int], list[int]] | None = None) -> None:
+    """``positions``: where the rows of ``data`` and ``ref`` are in their files (rows
+    without text left out of both)."""
+    at, ref_at = positions or (range(len(data.texts)), range(len((ref or data).texts)))
     rows = []
     for k, r, s in zip(res.removed.tolist(), res.duplicate_of.tolist(), res.scores.tolist()):
-        row = {"index": k, "duplicate_of": r, "score": round(s, 6)}
+        row = {"index": at[k], "duplicate_of": ref_at[r], "score": round(s, 6)}
         if ids is not None:
             row["id"] = ids[k]
         row["text"] = data.texts[k]
         row["duplicate_text"] = (ref or data).texts[r]
-        rows.append((f"removed row {k + 1}", row))
+        rows.append((f"removed row {at[k] + 1}", row))
     fields = ["index", "duplicate_of", "score"] + (["id"] if ids is not None else []) + ["text", "duplicate_text"]
     write_records(path, fmt, fields, rows, opener)
 
@@ -492,21 +528,25 @@ def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res
 @click.option("--report", "html_report", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML report: the scores, how many pairs higher "
                    "thresholds keep, sample pairs side by side.")
+@skip_empty_option
 @provider_options
 @cache_size_option
 @common_options
-def pairs(input_path, field, fmt, threshold, output, id_field, html_report, embedder_opts, cache_dir, quiet):
+def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_report, skip_empty, embedder_opts,
+          cache_dir, quiet):
     """List every pair of rows of INPUT at or above the threshold."""
     from embedcache.workflows import PairTable, near_duplicates
 
     check_outputs({"INPUT": input_path}, {"-o": output, "--report": html_report})
     out_fmt = table_format(output, "-o")
-    data = read_table(input_path, fmt=fmt, field=field)
+    full = _read(input_path, field, fmt, no_header, quiet, skip_empty)
+    data, at = full.with_text()  # the rows compared; at[k]: row k's position in INPUT
+    at = np.asarray(at, dtype=np.int64)
     emb = _cached(embedder_opts, cache_dir, quiet)
     _check_space(emb, data.texts)
     table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet))
-    ids = data.ids(id_field)
-    table = PairTable(table.i, table.j, table.score, texts_i=data.texts, texts_j=data.texts,
+    ids = full.ids(id_field)
+    table = PairTable(at[table.i], at[table.j], table.score, texts_i=full.texts, texts_j=full.texts,
                       ids_i=ids, ids_j=ids, sort=False)
     rows = [(f"pair {n + 1}", row) for n, row in enumerate(table)]
     with staged_outputs() as outputs:  # both complete, or neither replaced
@@ -514,7 +554,8 @@ def pairs(input_path, field, fmt, threshold, output, id_field, html_report, embe
         if html_report:
             _write_html_report(html_report, table, emb, input_path, None, outputs.open, n=len(data.texts),
                                threshold=threshold)
-    click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows; wrote {output}")
+    click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows"
+               f"{_without_text(full)}; wrote {output}")
 
 
 @cli.group()
@@ -610,7 +651,7 @@ def _store_embedder(vs: Any, store_path: str, embedder_opts: dict[str, Any], cac
 @store_provider_options
 @cache_size_option
 @common_options
-def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opts, cache_dir, quiet):
+def store_add(store_path, input_path, field, fmt, no_header, id_field, upsert, embedder_opts, cache_dir, quiet):
     """Embed the rows of INPUT and add them to STORE (created if missing).
 
     Every field of a row is kept as its metadata; the store's text_key (see store info), the
@@ -620,7 +661,7 @@ def store_add(store_path, input_path, field, fmt, id_field, upsert, embedder_opt
     """
     from embedcache.store import text_ids
 
-    data = read_table(input_path, fmt=fmt, field=field)
+    data = _read(input_path, field, fmt, no_header, quiet)
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to add")
     ids = data.ids(id_field)

@@ -21,6 +21,12 @@ place only when every output of a :func:`staged_outputs` block is complete.
 '{"id": "2", "body": "c"}\\n'
 >>> tmp.cleanup()
 
+Inputs and outputs may be compressed, as their names say: ``.gz`` (gzip) or ``.zst``
+(zstandard, the ``zstd`` extra) after the format's extension (``posts.jsonl.gz``). A CSV/TSV
+file without a header row is read with ``header=False``, its text column chosen by 1-based
+position (``field="6"``); rows whose text is empty, missing or null are errors, or with
+``skip_empty`` kept as rows that have no text (:attr:`Dataset.skipped`).
+
 Messages name the command-line options that choose a field (``--field``, ``--column``,
 ``--id-field``); every error is :class:`~embedcache.errors.InvalidInputError`, or ``OSError`` for
 an output that cannot be written.
@@ -31,12 +37,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import dataclasses
 import datetime
 import functools
+import gzip
+import io
+import itertools
 import json
 import os
 import re
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +61,7 @@ __all__ = [
     "Outputs",
     "atomic_output",
     "check_output",
+    "compression_of",
     "check_outputs",
     "format_of",
     "jsonable",
@@ -68,9 +80,53 @@ _EXTENSIONS = {
 }
 
 
+_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+
+def compression_of(path: str) -> str | None:
+    """``"gzip"`` or ``"zstd"`` when ``path``'s name ends in ``.gz`` or ``.zst``, else None."""
+    return _COMPRESSIONS.get(Path(path).suffix.lower())
+
+
 def format_of(path: str) -> str | None:
-    """The format ``path``'s extension names (``"jsonl"`` for ``.ndjson``...), or None."""
-    return _EXTENSIONS.get(Path(path).suffix.lower())
+    """The format ``path``'s extension names (``"jsonl"`` for ``.ndjson``, and for
+    ``.jsonl.gz``...), or None."""
+    name = Path(path)
+    if name.suffix.lower() in _COMPRESSIONS:
+        name = Path(name.stem)
+    return _EXTENSIONS.get(name.suffix.lower())
+
+
+def _zstandard() -> Any:
+    try:
+        import zstandard
+    except ImportError as exc:
+        raise MissingDependencyError(
+            '.zst files need zstandard; install it with: pip install "embedcache-sim[zstd]"'
+        ) from exc
+    return zstandard
+
+
+def _open_text(path: str, newline: str | None) -> Any:
+    """``path`` opened for reading as UTF-8 text (a byte order mark dropped), decompressed
+    as its name says."""
+    kind = compression_of(path)
+    if kind == "gzip":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    if kind == "zstd":
+        reader = _zstandard().ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
+        return io.TextIOWrapper(io.BufferedReader(reader), encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
+
+
+def _damaged_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged compressed file raises while it is read."""
+    errors: list[type[BaseException]] = [gzip.BadGzipFile, EOFError, zlib.error]
+    with contextlib.suppress(ImportError):
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    return tuple(errors)
 
 
 # --------------------------------------------------------------------------------------
@@ -82,7 +138,14 @@ def format_of(path: str) -> str | None:
 class Dataset:
     """Rows of an input file and the text of each row, kept as read so that output rows are
     the input rows: JSON objects for JSON Lines and plain text, the cells of each line
-    (alongside the header) for CSV and TSV, the Arrow table for Parquet."""
+    (alongside the header) for CSV and TSV, the Arrow table for Parquet.
+
+    A file read with ``skip_empty`` may hold rows without text: their positions are in
+    :attr:`skipped` (their entry in :attr:`texts` is ``""``); :meth:`with_text` gives the
+    rows that have text. A CSV/TSV file read without a header row names its columns
+    ``"1"``, ``"2"``... (as many as its longest row has cells) and is written back without
+    one (:attr:`header` False). :attr:`notes` say how the file was read where its name did
+    not say it (a ``.csv`` file of tab-separated lines)."""
 
     path: str
     fmt: str
@@ -92,6 +155,26 @@ class Dataset:
     records: list[dict[str, Any]] | None = None  # JSON Lines, plain text
     cells: list[list[str]] | None = None  # CSV, TSV
     table: Any = None  # Parquet
+    header: bool = True  # CSV/TSV: the first line names the columns
+    skipped: list[int] = dataclasses.field(default_factory=list)  # rows without text (skip_empty)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def with_text(self) -> tuple[Dataset, list[int]]:
+        """The rows that have text, as a Dataset of their own, and their positions in this
+        one (this Dataset itself, and every position, when no row was skipped)."""
+        if not self.skipped:
+            return self, list(range(len(self.texts)))
+        skip = set(self.skipped)
+        keep = [k for k in range(len(self.texts)) if k not in skip]
+        part = dataclasses.replace(
+            self,
+            texts=[self.texts[k] for k in keep],
+            records=None if self.records is None else [self.records[k] for k in keep],
+            cells=None if self.cells is None else [self.cells[k] for k in keep],
+            table=None if self.table is None else self.table.take(keep),
+            skipped=[],
+        )
+        return part, keep
 
     @functools.cached_property
     def rows(self) -> list[dict[str, Any]]:
@@ -163,16 +246,48 @@ def _infer_format(path: str, fmt: str | None) -> str:
     return fmt or format_of(path) or "text"
 
 
-def _text_of(value: Any, where: str, field: str) -> str:
-    if value is None:
-        raise InvalidInputError(f"{where}: no value for field {field!r}")
-    if not isinstance(value, str):
-        raise InvalidInputError(
-            f"{where}: field {field!r} must be a string, got {type(value).__name__}"
-        )
-    if not value.strip():
-        raise InvalidInputError(f"{where}: field {field!r} is empty")
+_SKIP_HINT = " (--skip-empty keeps such rows as they are, uncompared)"
+
+
+def _text_of(value: Any, where: str, field: str, skip_empty: bool = False, *, what: str = "") -> str | None:
+    """The text of one row, or None for a row without one when ``skip_empty``; ``what``
+    names the column in messages (default: ``field 'NAME'``)."""
+    what = what or f"field {field!r}"
+    if value is not None and not isinstance(value, str):
+        raise InvalidInputError(f"{where}: {what} must be a string, got {type(value).__name__}")
+    if value is None or not value.strip():
+        if skip_empty:
+            return None
+        problem = f"no value for {what}" if value is None else f"{what} is empty"
+        raise InvalidInputError(f"{where}: {problem}{_SKIP_HINT}")
     return value
+
+
+def _texts(values: Any, skipped: list[int]) -> list[str]:
+    """Texts as :func:`_text_of` gave them: None becomes ``""`` and its row is recorded."""
+    texts = []
+    for k, text in enumerate(values):
+        if text is None:
+            skipped.append(k)
+            text = ""
+        texts.append(text)
+    return texts
+
+
+def _none_has_text(path: str, data: Dataset, what: str) -> Dataset:
+    """``data``, unless every one of its rows was skipped: then the column was not the
+    right one, and that is an error rather than nothing compared."""
+    if data.texts and len(data.skipped) == len(data.texts):
+        raise InvalidInputError(f"{path}: no row has text in {what}; choose the text with --field/--column")
+    return data
+
+
+def _tab_separated(path: str) -> bool:
+    """Whether each of the first lines of ``path`` holds a tab: a ``.csv`` file of
+    tab-separated lines (as many data sets are published), not commas."""
+    with _open_text(path, "\n") as f:
+        lines = [line for line in itertools.islice(f, 20) if line.strip()]
+    return bool(lines) and all("\t" in line for line in lines)
 
 
 #: how each text format splits lines: plain text at any line break, CSV as the csv module
@@ -180,32 +295,55 @@ def _text_of(value: Any, where: str, field: str) -> str:
 _NEWLINE = {"text": None, "csv": "", "tsv": "\n", "jsonl": "\n"}
 
 
-def read_table(path: str, *, fmt: str | None = None, field: str | None = None) -> Dataset:
+def read_table(path: str, *, fmt: str | None = None, field: str | None = None, header: bool = True,
+               skip_empty: bool = False) -> Dataset:
     """Read ``path`` into a :class:`Dataset`; ``fmt`` (one of :data:`FORMATS`) defaults to the
     one the extension names, else plain text; ``field``, the field or column that holds the
     text, defaults to ``"text"``.
 
-    Text formats are UTF-8, with or without a byte order mark (as spreadsheet programs write).
-    TSV is tab-separated lines without quoting; CSV is quoted as RFC 4180 says, strictly.
+    Text formats are UTF-8, with or without a byte order mark (as spreadsheet programs write),
+    compressed or not (``.gz``, ``.zst`` after the extension). TSV is tab-separated lines
+    without quoting; CSV is quoted as RFC 4180 says, strictly. A ``.csv`` file each of whose
+    first lines holds a tab is read as TSV (``fmt="csv"`` reads it as CSV).
+
+    header: False for CSV/TSV without a header row; ``field`` is then the 1-based number of
+        the text column, and rows may have any number of cells.
+    skip_empty: rows whose text is empty, missing or null are kept as rows without text
+        (:attr:`Dataset.skipped`) instead of being an error.
     """
+    named = fmt
     fmt = _infer_format(path, fmt)
-    field = field or "text"
+    if not header and fmt not in ("csv", "tsv"):
+        raise InvalidInputError(f"{path}: --no-header applies to CSV and TSV input, not {fmt}")
     if fmt == "parquet":
-        return _read_parquet(path, field)
+        if compression_of(path):
+            raise InvalidInputError(
+                f"{path}: Parquet compresses its own columns; name the file .parquet, not .parquet{Path(path).suffix}"
+            )
+        return _read_parquet(path, field or "text", skip_empty)
+    notes = []
     try:
-        with open(path, encoding="utf-8-sig", newline=_NEWLINE[fmt]) as f:
+        if fmt == "csv" and named is None and _tab_separated(path):
+            fmt = "tsv"
+            notes.append(f"read {path} as tab-separated (its lines hold tabs); --format csv reads it as CSV")
+        with _open_text(path, _NEWLINE[fmt]) as f:
             if fmt == "text":
-                if field != "text":
+                if (field or "text") != "text":
                     raise InvalidInputError(
                         f"{path}: plain text input has one field, 'text'; got --field {field!r}"
                     )
                 texts = [line.rstrip("\n") for line in f if line.strip()]
                 return Dataset(path, fmt, "text", texts, ["text"], records=[{"text": t} for t in texts])
             if fmt == "jsonl":
-                return _read_jsonl(path, f, field)
-            return _read_delimited(path, f, field, fmt)
+                return _read_jsonl(path, f, field or "text", skip_empty)
+            data = _read_delimited(path, f, field, fmt, header, skip_empty)
+            data.notes = notes
+            return data
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except _damaged_errors() as exc:
+        kind = compression_of(path) or "compressed"
+        raise InvalidInputError(f"{path}: not a readable {kind} file ({exc or type(exc).__name__})") from None
 
 
 def _lines(f: Any) -> Iterator[tuple[int, str]]:
@@ -223,7 +361,7 @@ def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _read_jsonl(path: str, f: Any, field: str) -> Dataset:
+def _read_jsonl(path: str, f: Any, field: str, skip_empty: bool) -> Dataset:
     rows, texts, names = [], [], {}
     for lineno, line in _lines(f):
         if not line.strip():
@@ -238,18 +376,33 @@ def _read_jsonl(path: str, f: Any, field: str) -> Dataset:
             raise InvalidInputError(
                 f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"
             )
-        if field not in row:
+        if field not in row and not skip_empty:
             raise InvalidInputError(
                 f"{path}:{lineno}: no field {field!r} (fields: {', '.join(map(str, row)) or 'none'}); "
-                "choose one with --field"
+                f"choose one with --field{_SKIP_HINT}"
             )
         names.update(dict.fromkeys(row))
-        texts.append(_text_of(row[field], f"{path}:{lineno}", field))
+        texts.append(_text_of(row.get(field), f"{path}:{lineno}", field, skip_empty))
         rows.append(row)
-    return Dataset(path, "jsonl", field, texts, list(names), records=rows)
+    skipped: list[int] = []
+    data = Dataset(path, "jsonl", field, _texts(texts, skipped), list(names), records=rows, skipped=skipped)
+    return _none_has_text(path, data, f"field {field!r}")
 
 
-def _read_delimited(path: str, f: Any, field: str, fmt: str) -> Dataset:
+def _position(path: str, field: str | None) -> int:
+    """The 0-based index of the text column of a file without a header row."""
+    if field is None:
+        raise InvalidInputError(
+            f"{path}: without a header row, choose the text column by its number, e.g. --column 2"
+        )
+    if not field.isdigit() or int(field) < 1:
+        raise InvalidInputError(
+            f"{path}: without a header row, --column is a column number (1 for the first), got {field!r}"
+        )
+    return int(field) - 1
+
+
+def _read_delimited(path: str, f: Any, field: str | None, fmt: str, header: bool, skip_empty: bool) -> Dataset:
     """CSV (quoted, strictly: a quote left open is an error, not the rest of the file in one
     cell) or TSV (each line split at tabs; quotes are ordinary characters)."""
     if fmt == "csv":
@@ -257,17 +410,30 @@ def _read_delimited(path: str, f: Any, field: str, fmt: str) -> Dataset:
         lines = ((reader.line_num, row) for row in reader if row)
     else:
         lines = ((lineno, line.split("\t")) for lineno, line in _lines(f) if line)
+    if header:
+        field = field or "text"
+        what = f"field {field!r}"
+    else:
+        c = _position(path, field)
+        what = f"column {c + 1}"
     try:
-        _, header = next(lines, (0, []))
-        c = _column_index(path, header, field, "--column")
+        if header:
+            _, names = next(lines, (0, []))
+            c = _column_index(path, names, field, "--column")
         cells, texts = [], []
         for lineno, row in lines:
             value = row[c] if c < len(row) else None
-            texts.append(_text_of(value, f"{path}:{lineno}", field))
+            where = f"{path}:{lineno}" if header or c < len(row) else f"{path}:{lineno} ({len(row)} cells)"
+            texts.append(_text_of(value, where, str(field), skip_empty, what=what))
             cells.append(row)
     except csv.Error as exc:
         raise InvalidInputError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
-    return Dataset(path, fmt, field, texts, header, cells=cells)
+    if not header:
+        names = [str(k) for k in range(1, max(map(len, cells), default=0) + 1)]
+    skipped: list[int] = []
+    data = Dataset(path, fmt, str(field), _texts(texts, skipped), names, cells=cells, header=header,
+                   skipped=skipped)
+    return _none_has_text(path, data, what)
 
 
 def _import_pyarrow():
@@ -281,7 +447,7 @@ def _import_pyarrow():
     return pyarrow
 
 
-def _read_parquet(path: str, field: str) -> Dataset:
+def _read_parquet(path: str, field: str, skip_empty: bool) -> Dataset:
     pa = _import_pyarrow()
     try:
         table = pa.parquet.read_table(path)
@@ -289,8 +455,10 @@ def _read_parquet(path: str, field: str) -> Dataset:
         raise InvalidInputError(f"{path}: not a readable Parquet file ({exc})") from None
     names = list(table.column_names)
     values = table.column(_column_index(path, names, field, "--column")).to_pylist()
-    texts = [_text_of(v, f"{path}: row {k + 1}", field) for k, v in enumerate(values)]
-    return Dataset(path, "parquet", field, texts, names, table=table)
+    texts = [_text_of(v, f"{path}: row {k + 1}", field, skip_empty) for k, v in enumerate(values)]
+    skipped: list[int] = []
+    data = Dataset(path, "parquet", field, _texts(texts, skipped), names, table=table, skipped=skipped)
+    return _none_has_text(path, data, f"column {field!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -339,7 +507,11 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None])
             )
         named[key] = f"{option} {path}"
         if format_of(path) == "parquet":
+            if compression_of(path):
+                raise InvalidInputError(f"{option} {path}: Parquet compresses its own columns; name a .parquet file")
             _import_pyarrow()
+        if compression_of(path) == "zstd":
+            _zstandard()
 
 
 def table_format(path: str, option: str) -> str:
@@ -360,6 +532,20 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def _compressed(raw: Any, kind: str | None) -> Iterator[Any]:
+    """A binary stream that writes to ``raw``, compressed as ``kind`` says (gzip, zstd or
+    None); the compressed data is complete when the block ends (``raw`` stays open)."""
+    if kind is None:
+        yield raw
+    elif kind == "gzip":
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as z:  # mtime 0: same rows, same bytes
+            yield z
+    else:
+        with _zstandard().ZstdCompressor().stream_writer(raw, closefd=False) as z:
+            yield z
+
+
 class Outputs:
     """Temporary files next to their targets, renamed into place together by :meth:`commit`
     (made by :func:`staged_outputs`)."""
@@ -375,14 +561,15 @@ class Outputs:
         target = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         self._open.add(tmp)
-        if "b" in mode:
-            f = os.fdopen(fd, mode)
-        else:
-            f = os.fdopen(fd, mode, encoding="utf-8", newline="")
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as raw:
+            with _compressed(raw, compression_of(path)) as stream:
+                f = stream if "b" in mode else io.TextIOWrapper(stream, encoding="utf-8", newline="")
+                yield f
+                f.flush()
+                if f is not stream:
+                    f.detach()
+            raw.flush()
+            os.fsync(raw.fileno())
         self._written.append((tmp, target))
 
     def commit(self) -> None:
@@ -463,9 +650,11 @@ def _cell(value: Any) -> str:
 Labelled = Iterator[tuple[str, Any]]  # (where, row): where names the row in error messages
 
 
-def _write_cells(f: Any, path: str, fmt: str, header: list[str], rows: Labelled) -> None:
+def _write_cells(f: Any, path: str, fmt: str, header: list[str], rows: Labelled, *,
+                 header_row: bool = True) -> None:
     """CSV (quoted where needed) or TSV (tab-separated lines, nothing quoted: a cell holding a
-    tab or line break is refused, as is a lone surrogate, which UTF-8 cannot encode)."""
+    tab or line break is refused, as is a lone surrogate, which UTF-8 cannot encode);
+    ``header`` first unless not ``header_row``."""
 
     def checked(where: str, cells: list[str]) -> list[str]:
         for c, cell in enumerate(cells):
@@ -483,11 +672,13 @@ def _write_cells(f: Any, path: str, fmt: str, header: list[str], rows: Labelled)
 
     if fmt == "csv":
         writer = csv.writer(f)
-        writer.writerow(checked("header", header))
+        if header_row:
+            writer.writerow(checked("header", header))
         for where, cells in rows:
             writer.writerow(checked(where, cells))
     else:
-        f.write("\t".join(checked("header", header)) + "\n")
+        if header_row:
+            f.write("\t".join(checked("header", header)) + "\n")
         for where, cells in rows:
             f.write("\t".join(checked(where, cells)) + "\n")
 
@@ -565,7 +756,8 @@ def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | N
                 f.write(text + "\n")
     elif fmt in ("csv", "tsv") and data.cells is not None:
         with opener(path) as f:
-            _write_cells(f, path, fmt, data.fieldnames, zip(where, (data.cells[k] for k in idx)))
+            _write_cells(f, path, fmt, data.fieldnames, zip(where, (data.cells[k] for k in idx)),
+                         header_row=data.header)
     elif fmt == "parquet" and data.table is not None:
         pa = _import_pyarrow()
         with opener(path, "wb") as f:
