@@ -56,21 +56,23 @@ def pair_tiles(blocks: list[Block]) -> list[tuple]:
     return [(a, b if b is not a else None) for n, a in enumerate(blocks) for b in blocks[n:]]
 
 
+def _bar(progress: Callable | None, total: int):
+    """``progress(total)``: a progress bar (a context manager with ``update(n)``), or nothing."""
+    return progress(total) if progress is not None else contextlib.nullcontext(None)
+
+
 def pair_job(store: Any, threshold: float, engine: InProcess | Dask,
-             on_rows: Callable[[int], None] | None = None, view: Any = None):
+             progress: Callable | None = None, view: Any = None):
     """Every pair of live rows (job indices, i < j) with cosine >= threshold, and whether its
-    two rows are exact copies: ``(i, j, scores, copy)`` sorted by score descending, then i, j."""
+    two rows are exact copies: ``(i, j, scores, copy)`` sorted by score descending, then i, j.
+    ``progress(total)`` makes the bar that counts finished tasks."""
     if view is None:
         view, _ = store_state(store)
     blocks = _blocks(view)
     tiles = pair_tiles(blocks)
     parts: list[tuple] = []
-
-    def done(k: int) -> None:
-        if on_rows is not None and tiles[k][1] is None:  # one step per block, at its diagonal
-            on_rows(tiles[k][0].count)
-
-    with _changed_store(store, view.generation):
+    with _bar(progress, len(tiles)) as bar, _changed_store(store, view.generation):
+        done = (lambda k: bar.update(1)) if bar is not None else None
         for k, (i, j, s, copy) in engine.run(_tasks.pair_tile, [t + (threshold,) for t in tiles], on_done=done):
             a, b = tiles[k]
             parts.append((i + a.first, j + (b or a).first, s, copy))
@@ -83,7 +85,7 @@ def pair_job(store: Any, threshold: float, engine: InProcess | Dask,
 
 
 def knn_job(store: Any, k: int, metric: str, engine: InProcess | Dask,
-            on_rows: Callable[[int], None] | None = None, view: Any = None):
+            progress: Callable | None = None, view: Any = None):
     """For each live row (job order), its ``k`` best live rows, itself included when it
     scores high enough: ``(scores, indices)`` of shape (n, min(k, n)), -1 where none."""
     if view is None:
@@ -93,10 +95,10 @@ def knn_job(store: Any, k: int, metric: str, engine: InProcess | Dask,
     kk = min(k, n)
     scores = np.full((n, kk), -np.inf, np.float32)
     idx = np.full((n, kk), -1, np.int64)
-    with _changed_store(store, view.generation):
+    with _bar(progress, len(blocks)) as bar, _changed_store(store, view.generation):
         tasks = [(b, blocks, kk, metric) for b in blocks]
-        for t, (s, i) in engine.run(_tasks.knn_rows, tasks,
-                                    on_done=(lambda t: on_rows(blocks[t].count)) if on_rows else None):
+        done = (lambda t: bar.update(1)) if bar is not None else None
+        for t, (s, i) in engine.run(_tasks.knn_rows, tasks, on_done=done):
             b = blocks[t]
             scores[b.first : b.first + b.count, : s.shape[1]] = s
             idx[b.first : b.first + b.count, : i.shape[1]] = i

@@ -72,8 +72,8 @@ def cluster_pairs(p: _StoreItems, threshold: float, client: Any, progress: bool 
 
     engine = engine_for(client)
     n = p.n
-    with _progress_bar(progress, n, "pairs") as bar:
-        i, j, s, copy = pair_job(p.store, threshold, engine, on_rows=bar.update, view=p.view)
+    i, j, s, copy = pair_job(p.store, threshold, engine, view=p.view,
+                             progress=lambda total: _progress_bar(progress, total, "pairs", "tasks"))
     p.inverse, p.first = _copy_classes(n, i[copy], j[copy])
     inv = p.inverse
     copy_score = np.full(len(p.first), np.nan, np.float32)
@@ -121,8 +121,8 @@ def cluster_knn(store: Any, k: int, metric: str, client: Any, progress: bool | N
     if n < 2:
         e = np.empty(0, np.int64)
         return n, e, e.copy(), np.empty(0, np.float32)
-    with _progress_bar(progress, n, "knn") as bar:
-        s, idx = knn_job(store, k + 1, metric, engine, on_rows=bar.update, view=view)
+    s, idx = knn_job(store, k + 1, metric, engine, view=view,
+                     progress=lambda total: _progress_bar(progress, total, "knn", "tasks"))
     s, idx = _drop_self(s, idx, k, 0)
     valid = idx >= 0
     return n, np.nonzero(valid)[0].astype(np.int64), idx[valid].astype(np.int64), s[valid].astype(np.float32)
