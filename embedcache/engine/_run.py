@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from embedcache import _config
 from embedcache.errors import ClusterError, InvalidInputError, InvalidInputTypeError, MissingDependencyError
 
 __all__ = ["Dask", "InProcess", "connect", "engine_for"]
@@ -101,10 +102,12 @@ def _address(client: Any) -> str:
         return "(unknown address)"
 
 
-def connect(address: str, *, timeout: float = 10.0):
+def connect(address: str, *, timeout: float | None = None):
     """A ``distributed.Client`` of the scheduler at ``address`` (``tcp://HOST:PORT``), or
-    :class:`~embedcache.ClusterError` (one line) when none answers within ``timeout`` s."""
+    :class:`~embedcache.ClusterError` (one line) when none answers within ``timeout`` s
+    (default: ``_config.SCHEDULER_TIMEOUT``)."""
     distributed = _distributed()
+    timeout = float(_config.SCHEDULER_TIMEOUT if timeout is None else timeout)
     if not isinstance(address, str) or "://" not in address:
         raise InvalidInputError(f"scheduler must be an address like tcp://HOST:PORT, got {address!r}")
     try:
