@@ -73,7 +73,7 @@ class Dask:
             raise ClusterError(f"the Dask scheduler {_address(client)} cannot be reached: {exc}") from None
         number = {f.key: k for k, f in enumerate(futures)}
         try:
-            for f in distributed.as_completed(futures):
+            for f in distributed.as_completed(futures, loop=client.loop):
                 try:
                     result = f.result()
                 except distributed.KilledWorker as exc:
