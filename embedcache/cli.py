@@ -283,6 +283,17 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
                 f"({st.hits} from the cache, {st.misses} embedded)")
 
 
+def dedup_options(f):
+    """--threshold, --keep and --mode of the dedup commands."""
+    f = click.option("--mode", type=click.Choice(["connected", "greedy"]), default="connected", show_default=True,
+                     help="Groups as connected components, or semhash's greedy first-seen rule.")(f)
+    f = click.option("--keep", type=click.Choice(["first", "longest"]), default="first", show_default=True,
+                     help="Which row of a group to keep.")(f)
+    f = click.option("--threshold", "-t", type=float, default=0.9, show_default=True, callback=_threshold,
+                     help="Cosine similarity at or above which two rows are duplicates.")(f)
+    return f
+
+
 @cli.command()
 @input_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -290,12 +301,7 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
 @click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
               help="Report, one row per removed row with what it duplicates and the score "
                    "(.csv, .tsv, .jsonl or .parquet; CSV otherwise).")
-@click.option("--threshold", "-t", type=float, default=0.9, show_default=True, callback=_threshold,
-              help="Cosine similarity at or above which two rows are duplicates.")
-@click.option("--keep", type=click.Choice(["first", "longest"]), default="first", show_default=True,
-              help="Which row of a group to keep.")
-@click.option("--mode", type=click.Choice(["connected", "greedy"]), default="connected", show_default=True,
-              help="Groups as connected components, or semhash's greedy first-seen rule.")
+@dedup_options
 @click.option("--against", "against_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Reference file (same --field/--format): remove rows near any of its rows.")
 @click.option("--id-field", default=None, help="Field with row ids for the report (default: id, if present).")
@@ -630,12 +636,7 @@ def store_pairs(store_path, threshold, output, cache_dir, quiet, scheduler):
 
 @store.command("dedup")
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.option("--threshold", "-t", type=float, default=0.9, show_default=True, callback=_threshold,
-              help="Cosine similarity at or above which two rows are duplicates.")
-@click.option("--keep", type=click.Choice(["first", "longest"]), default="first", show_default=True,
-              help="Which row of a group to keep.")
-@click.option("--mode", type=click.Choice(["connected", "greedy"]), default="connected", show_default=True,
-              help="Groups as connected components, or semhash's greedy first-seen rule.")
+@dedup_options
 @click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
               help="Report, one row per removed row: its id, the id it duplicates, the score "
                    "(.csv, .tsv, .jsonl or .parquet; CSV otherwise).")
