@@ -59,8 +59,13 @@ def test_jobs_on_a_local_cluster_give_the_answers_of_one_machine(client, tmp_pat
         sa, ia = store.search(q, 10)
         sb, ib = store.search(q, 10, client=client)
         assert np.array_equal(sa.view(np.uint32), sb.view(np.uint32)) and np.array_equal(ia, ib)
-    # the tasks ran on the workers, and nothing of the job is left on the cluster
-    assert not client.run_on_scheduler(lambda dask_scheduler: [k for k in dask_scheduler.tasks if "embedcache" in str(k)])
+    # nothing of the jobs is left on the cluster (results are released as they are merged)
+    deadline = time.monotonic() + 10
+    while (left := client.run_on_scheduler(lambda dask_scheduler: [k for k in dask_scheduler.tasks
+                                                                    if "embedcache" in str(k)])) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
     store.close()
 
 

@@ -67,13 +67,27 @@ class Dask:
         prefix = f"embedcache-{fn.__name__.replace('_', '-')}-{uuid.uuid4().hex[:8]}"
         try:
             sent = {name: client.scatter(v, broadcast=True, hash=False) for name, v in (shared or {}).items()}
-            futures = [client.submit(fn, *args, **sent, key=f"{prefix}-{k}", pure=False)
-                       for k, args in enumerate(tasks)]
+            threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
         except OSError as exc:
             raise ClusterError(f"the Dask scheduler {_address(client)} cannot be reached: {exc}") from None
-        number = {f.key: k for k, f in enumerate(futures)}
+        # a window of tasks in flight: the client and scheduler hold a few per worker thread,
+        # not millions of futures for a large store
+        window = max(32, 4 * threads)
+        todo = iter(enumerate(tasks))
+        number: dict[Any, int] = {}
+        pending = distributed.as_completed([], loop=client.loop)
+
+        def submit_next() -> None:
+            for k, args in todo:
+                f = client.submit(fn, *args, **sent, key=f"{prefix}-{k}", pure=False)
+                number[f.key] = k
+                pending.add(f)
+                return
+
+        for _ in range(window):
+            submit_next()
         try:
-            for f in distributed.as_completed(futures, loop=client.loop):
+            for f in pending:
                 try:
                     result = f.result()
                 except distributed.KilledWorker as exc:
@@ -85,12 +99,15 @@ class Dask:
                     raise ClusterError(
                         f"the job's tasks were cancelled by the Dask cluster {_address(client)}: {exc}"
                     ) from None
+                k = number.pop(f.key)
                 f.release()
+                submit_next()
                 if on_done is not None:
-                    on_done(number[f.key])
-                yield number[f.key], result
+                    on_done(k)
+                yield k, result
         finally:
-            client.cancel([f for f in futures if not f.done()])
+            client.cancel([f for f in list(pending.futures) if not f.done()])  # after an error
+            pending.clear()
             for v in sent.values():
                 v.release()
 
