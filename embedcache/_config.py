@@ -37,6 +37,12 @@ PAIRS_COLUMNS = 4 * PAIRS_BLOCK
 #: rows of the query side per pair-search or top-k call; one progress step each
 CHUNK_ROWS = 8192
 
+# --- engine
+#: live rows per block of a job's tasks (a pair task reads two blocks: 2 x 48 MiB at d=384)
+ENGINE_BLOCK_ROWS = 32768
+#: seconds to wait for a Dask scheduler to answer when connecting to it
+SCHEDULER_TIMEOUT = 10
+
 # --- store
 #: segments never exceed this size, so a search touches at most one segment's pages at a time
 MAX_SEGMENT_BYTES = 256 * 1024 * 1024

@@ -405,6 +405,17 @@ def embed(input_path, field, fmt, no_header, output, embedder_opts, cache_dir, q
                 f"({st.hits} from the cache, {st.misses} embedded)")
 
 
+def dedup_options(f):
+    """--threshold, --keep and --mode of the dedup commands."""
+    f = click.option("--mode", type=click.Choice(["connected", "greedy"]), default="connected", show_default=True,
+                     help="Groups as connected components, or semhash's greedy first-seen rule.")(f)
+    f = click.option("--keep", type=click.Choice(["first", "longest"]), default="first", show_default=True,
+                     help="Which row of a group to keep.")(f)
+    f = click.option("--threshold", "-t", type=float, default=0.9, show_default=True, callback=_threshold,
+                     help="Cosine similarity at or above which two rows are duplicates.")(f)
+    return f
+
+
 @cli.command()
 @input_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -415,12 +426,7 @@ def embed(input_path, field, fmt, no_header, output, embedder_opts, cache_dir, q
 @click.option("--report", "html_report", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML report: scores, what nearby thresholds would "
                    "remove, pairs just above and below the threshold, the largest groups.")
-@click.option("--threshold", "-t", type=float, default=0.9, show_default=True, callback=_threshold,
-              help="Cosine similarity at or above which two rows are duplicates.")
-@click.option("--keep", type=click.Choice(["first", "longest"]), default="first", show_default=True,
-              help="Which row of a group to keep.")
-@click.option("--mode", type=click.Choice(["connected", "greedy"]), default="connected", show_default=True,
-              help="Groups as connected components, or semhash's greedy first-seen rule.")
+@dedup_options
 @click.option("--against", "against_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Reference file (same --field/--format): remove rows near any of its rows.")
 @click.option("--id-field", default=None, help="Field with row ids for the report (default: id, if present).")
@@ -556,6 +562,26 @@ def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_r
                                threshold=threshold)
     click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows"
                f"{_without_text(full)}; wrote {output}")
+
+
+def scheduler_option(f):
+    """``--scheduler tcp://HOST:PORT`` (or $EMBEDCACHE_SCHEDULER): run on a Dask cluster."""
+    return click.option(
+        "--scheduler", envvar="EMBEDCACHE_SCHEDULER", default=None, metavar="tcp://HOST:PORT",
+        help="Run the job's tasks on the Dask cluster of this scheduler (default: $EMBEDCACHE_SCHEDULER; "
+             "none: here). Its workers must see STORE at the same path (a shared filesystem).")(f)
+
+
+def _client(scheduler: str | None, quiet: bool):
+    """A client of the Dask scheduler ``scheduler`` (closed when the command ends), or None."""
+    if not scheduler:
+        return None
+    from embedcache.engine import connect
+
+    client = connect(scheduler)
+    _opened.append(client)
+    _say(quiet, f"ran on the Dask cluster at {scheduler} ({len(client.scheduler_info()['workers'])} workers)")
+    return client
 
 
 @cli.group()
@@ -728,13 +754,14 @@ def store_info(store_path):
 @store_provider_options
 @cache_size_option
 @common_options
-def store_search(store_path, queries, k, embedder_opts, cache_dir, quiet):
+@scheduler_option
+def store_search(store_path, queries, k, embedder_opts, cache_dir, quiet, scheduler):
     """Search STORE for the rows most similar to each QUERY text."""
     with _open_store(store_path) as vs:
         emb = _store_embedder(vs, store_path, embedder_opts, cache_dir, quiet,
                               python="store.search(embedder.embed(queries))")
         q = emb.embed(list(queries), progress=False)
-        scores, ids = vs.search(q, k=k)
+        scores, ids = vs.search(q, k=k, client=_client(scheduler, quiet))
         key = vs.text_key
         for query, srow, irow in zip(queries, scores, ids):
             click.echo(_clip(query))
@@ -758,6 +785,52 @@ def store_compact(store_path):
     with _open_store(store_path) as vs:
         vs.compact()
         click.echo(f"{store_path}: compacted, {len(vs)} rows")
+
+
+@store.command("pairs")
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@click.option("--threshold", "-t", type=float, required=True, callback=_threshold,
+              help="Cosine similarity at or above which a pair is listed.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Pairs as CSV (or .tsv, .jsonl, .parquet): i, j, score, ids and texts, highest score first.")
+@common_options
+@scheduler_option
+def store_pairs(store_path, threshold, output, cache_dir, quiet, scheduler):
+    """List every pair of live rows of STORE at or above the threshold."""
+    from embedcache.workflows import near_duplicates
+
+    check_outputs({}, {"-o": output})
+    out_fmt = table_format(output, "-o")
+    with _open_store(store_path) as vs:
+        table = near_duplicates(vs, threshold=threshold, progress=_progress(quiet), client=_client(scheduler, quiet))
+        rows = [(f"pair {n + 1}", row) for n, row in enumerate(table)]
+        write_records(output, out_fmt, table.columns, rows, atomic_output)
+        click.echo(f"{len(table)} pairs at or above {threshold} among {len(vs)} rows; wrote {output}")
+
+
+@store.command("dedup")
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@dedup_options
+@click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
+              help="Report, one row per removed row: its id, the id it duplicates, the score "
+                   "(.csv, .tsv, .jsonl or .parquet; CSV otherwise).")
+@common_options
+@scheduler_option
+def store_dedup(store_path, threshold, keep, mode, report, cache_dir, quiet, scheduler):
+    """Find the near-duplicate rows of STORE (the store is not changed); print the count."""
+    from embedcache.workflows import deduplicate
+
+    check_outputs({}, {"--duplicates": report})
+    report_fmt = table_format(report, "--duplicates") if report else None
+    with _open_store(store_path) as vs:
+        res = deduplicate(vs, threshold=threshold, keep=keep, mode=mode, progress=_progress(quiet),
+                          client=_client(scheduler, quiet))
+    if report:
+        rows = [(f"removed row {k + 1}", {"id": res.ids[k], "duplicate_of": res.ids[r], "score": round(s, 6)})
+                for k, r, s in zip(res.removed.tolist(), res.duplicate_of.tolist(), res.scores.tolist())]
+        write_records(report, report_fmt, ["id", "duplicate_of", "score"], rows, atomic_output)
+    click.echo(f"kept {len(res.kept)} of {res.n} rows, removed {len(res.removed)} ({res.duplicate_ratio:.1%}) "
+               f"in {len(res.groups)} groups at threshold {threshold}" + (f"; wrote {report}" if report else ""))
 
 
 @cli.group()

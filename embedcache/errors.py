@@ -24,6 +24,8 @@ this package::
     │   │   └── ServerError                      5xx (after retries)
     │   └── InvalidResponseError                 a 2xx reply that breaks the contract
     ├── CacheError                               the embedding cache cannot be used
+    ├── ClusterError                             a Dask cluster cannot run a job: scheduler out
+    │                                            of reach, a worker that cannot read the store
     └── StoreError                               the vector store cannot be used
         ├── StoreCorruptedError                  damaged or unknown files (names the file)
         ├── StoreLockedError                     another process holds the write lock
@@ -45,6 +47,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "CacheError",
+    "ClusterError",
     "ConfigurationError",
     "DimensionMismatchError",
     "DuplicateIdError",
@@ -155,6 +158,12 @@ class InvalidResponseError(APIError):
 
 class CacheError(EmbedCacheError):
     """The embedding cache cannot be opened or used."""
+
+
+class ClusterError(EmbedCacheError):
+    """A job could not run on the Dask cluster it was given: the scheduler cannot be reached,
+    a worker cannot read the store's files (the message names the worker and the path), or
+    a task kept killing its workers."""
 
 
 class StoreError(EmbedCacheError):

@@ -26,7 +26,7 @@ HOMES = {
 
 EXPECTED = [
     "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AuthenticationError",
-    "BadRequestError", "CacheError", "CachedEmbedder", "ConfigurationError", "DedupResult",
+    "BadRequestError", "CacheError", "CachedEmbedder", "ClusterError", "ConfigurationError", "DedupResult",
     "DimensionMismatchError", "DuplicateIdError", "EmbedCacheError", "EmbedStats", "Embedder",
     "EmbeddingCache", "HashingEmbeddings", "InvalidInputError", "InvalidInputTypeError",
     "InvalidResponseError", "LocalEmbeddings", "MissingDependencyError", "NamespaceMismatchError",

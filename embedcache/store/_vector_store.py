@@ -326,7 +326,7 @@ class VectorStore:
         return [i for i, _ in rows], x, [m for _, m in rows]
 
     def search(
-        self, queries: Any, k: int = 10, *, where: dict[str, Any] | None = None
+        self, queries: Any, k: int = 10, *, where: dict[str, Any] | None = None, client: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` live rows for each query, best first (ties: earlier row first).
 
@@ -335,7 +335,9 @@ class VectorStore:
         Returns ``scores`` float32 (q, kk) and ``ids`` object (q, kk), kk = min(k, live rows);
         slots with no eligible row (because of ``where``) hold score ``-inf`` and id ``None``.
         Segments are streamed one at a time through :func:`embedcache.top_k`, so a store larger
-        than memory works.
+        than memory works. ``client``: a ``distributed.Client``; blocks of rows become tasks on
+        its Dask cluster (the queries are sent to each worker once), worth it for large query
+        batches; the same result (see :mod:`embedcache.engine`).
         """
         k = check_k(k)
         q = np.asarray(queries) if not isinstance(queries, np.ndarray) else queries
@@ -351,7 +353,14 @@ class VectorStore:
                 return np.full((q.shape[0], 0), -np.inf, np.float32), np.full((q.shape[0], 0), None, dtype=object)
             conn = self._txn.current()
             eligible = _query.where_rows(conn, where) if where else None
-            scores, rows = _query.top_k(v, np.ascontiguousarray(q, dtype=np.float32), kk, eligible)
+            q32 = np.ascontiguousarray(q, dtype=np.float32)
+            if client is None:
+                scores, rows = _query.top_k(v, q32, kk, eligible)
+            else:
+                from embedcache.engine import engine_for
+                from embedcache.engine._jobs import search_job
+
+                scores, rows = search_job(self, v, q32, kk, eligible, engine_for(client))
             return scores, _query.ids_of_rows(conn, rows)
 
     def similar_pairs(

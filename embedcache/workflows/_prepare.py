@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from embedcache import kernels
 from embedcache._validation import as_matrix, check_finite
 from embedcache.cache import CachedEmbedder
 from embedcache.errors import InvalidInputTypeError
@@ -24,11 +25,11 @@ from embedcache.providers.base import normalize_text, validate_texts
 from embedcache.store import VectorStore
 
 
-def _progress_bar(progress: bool | None, total: int, desc: str):
+def _progress_bar(progress: bool | None, total: int, desc: str, unit: str = "rows"):
     from tqdm.auto import tqdm
 
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(total=total, desc=desc, unit="rows", disable=not show, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not show, file=sys.stderr, leave=False)
 
 
 
@@ -45,6 +46,10 @@ class _Prepared:
     @property
     def n(self) -> int:
         return len(self.inverse)
+
+    def scores(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """The kernels' score of each pair of items ``(i[k], j[k])``."""
+        return kernels.pair_scores(self.x, self.inverse[i], self.inverse[j])
 
 
 def _collapse(keys: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:

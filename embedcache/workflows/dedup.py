@@ -33,6 +33,7 @@ import numpy as np
 from embedcache import _config, kernels
 from embedcache._validation import check_choice, check_same_columns, check_threshold
 from embedcache.errors import InvalidInputError, InvalidInputTypeError, NamespaceMismatchError
+from embedcache.workflows._cluster import cluster_pairs, store_items
 from embedcache.workflows._prepare import (
     _Embedding,
     _namespace,
@@ -59,6 +60,7 @@ def deduplicate(
     keep: str | Callable[[np.ndarray, Any], int] = "first",
     mode: str = "connected",
     progress: bool | None = None,
+    client: Any = None,
 ) -> DedupResult:
     """Find near-duplicates by cosine similarity and choose which items to keep.
 
@@ -81,6 +83,9 @@ def deduplicate(
     mode: how pairs become groups, ``"connected"`` or ``"greedy"``; see the module
     docstring. With ``against`` there are no groups and it is only recorded.
     progress: ``None`` shows progress bars when stderr is a terminal, ``False`` never.
+    client: a ``distributed.Client`` (items a VectorStore): the pairs are found by tasks on
+    its Dask cluster, whose workers read the store's files (see :mod:`embedcache.engine`);
+    grouping runs here. The same result as without it.
     """
     threshold = check_threshold(threshold)
     mode = check_choice("mode", mode, _MODES)
@@ -97,13 +102,13 @@ def deduplicate(
                     f"items and the reference set must come from one embedder: items are of "
                     f"namespace {ns!r}, the reference set of {ref_ns!r}"
                 )
-        p = _prepare(items, emb=emb, progress=progress)
+        p = _prepare(items, emb=emb, progress=progress) if client is None else store_items(items, against=against)
         if against is not None:
             ref = _prepare(against, emb=emb, progress=progress, name="against")
             return _deduplicate_against(p, ref, threshold, mode, progress)
     _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
-    pairs = _find_pairs(p, threshold, progress)
+    pairs = _find_pairs(p, threshold, progress) if client is None else cluster_pairs(p, threshold, client, progress)
     pi, pj, ps = pairs.edges()
     if mode == "connected":
         labels = _connected_labels(n, pi, pj)
@@ -127,7 +132,7 @@ def deduplicate(
         kept=np.flatnonzero(mask).astype(np.int64),
         removed=removed,
         duplicate_of=dup,
-        scores=kernels.pair_scores(p.x, p.inverse[removed], p.inverse[dup]),
+        scores=p.scores(removed, dup),
         groups=groups,
         threshold=threshold,
         mode=mode,

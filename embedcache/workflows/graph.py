@@ -26,6 +26,7 @@ def knn_graph(
     weights: str = "similarity",
     symmetric: bool = True,
     progress: bool | None = None,
+    client: Any = None,
 ):
     """The exact k-nearest-neighbour graph as a ``scipy.sparse.csr_matrix`` of shape (n, n).
 
@@ -35,6 +36,9 @@ def knn_graph(
     ordered by increasing distance, the form scikit-learn's ``metric="precomputed"``
     (DBSCAN, HDBSCAN, ``NearestNeighbors``, spectral embedding) expects. symmetric=True
     adds j -> i for every i -> j (the graph then has k or more entries per row).
+    client: a ``distributed.Client`` (x a VectorStore): blocks of rows run as tasks on its
+    Dask cluster, whose workers read the store's files (see :mod:`embedcache.engine`); the
+    same graph as without it.
 
     >>> import numpy as np
     >>> x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
@@ -47,8 +51,11 @@ def knn_graph(
     weights = check_choice("weights", weights, _WEIGHTS)
     if weights == "distance" and metric != "cosine":
         raise InvalidInputError("weights='distance' needs metric='cosine' (distance = 1 - cosine)")
-    from scipy.sparse import csr_matrix
+    if client is not None:
+        from embedcache.workflows._cluster import cluster_knn
 
+        n, rows, cols, vals = cluster_knn(x, k, metric, client, progress)
+        return _graph(n, rows, cols, vals, symmetric=symmetric, weights=weights)
     arr = _vectors(x.vectors() if isinstance(x, VectorStore) else x, "x")  # one read
     n = len(arr)
     chunk = _config.CHUNK_ROWS
@@ -66,6 +73,13 @@ def knn_graph(
     rows = np.concatenate(rows_l).astype(np.int64) if rows_l else np.empty(0, dtype=np.int64)
     cols = np.concatenate(cols_l).astype(np.int64) if cols_l else np.empty(0, dtype=np.int64)
     vals = np.concatenate(vals_l).astype(np.float32) if vals_l else np.empty(0, dtype=np.float32)
+    return _graph(n, rows, cols, vals, symmetric=symmetric, weights=weights)
+
+
+def _graph(n: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, *, symmetric: bool, weights: str):
+    """The CSR graph of the neighbour lists ``rows -> cols`` (scores ``vals``)."""
+    from scipy.sparse import csr_matrix
+
     if symmetric and len(rows):
         rows, cols, vals = (np.concatenate([rows, cols]), np.concatenate([cols, rows]),
                             np.concatenate([vals, vals]))
@@ -91,10 +105,15 @@ def _top_k_offset(q: np.ndarray, corpus: np.ndarray, k: int, metric: str, offset
     if offset == 0 and len(q) == len(corpus):
         return kernels.top_k(q, corpus, k, metric=metric, exclude_self=True)
     s, idx = kernels.top_k(q, corpus, k + 1, metric=metric)
-    own = idx == (np.arange(len(q))[:, None] + offset)
+    return _drop_self(s, idx, k, offset)
+
+
+def _drop_self(s: np.ndarray, idx: np.ndarray, k: int, offset: int):
+    """The k best of the k + 1 best ``(s, idx)`` of rows ``offset ..`` that are not the row itself."""
+    own = idx == (np.arange(len(s))[:, None] + offset)
     # drop the row itself where it appears (or the last slot if it did not)
     drop = np.where(own.any(axis=1), own.argmax(axis=1), s.shape[1] - 1)
     keep = np.ones_like(own)
-    keep[np.arange(len(q)), drop] = False
+    keep[np.arange(len(s)), drop] = False
     kk = min(k, s.shape[1] - 1)
-    return s[keep].reshape(len(q), -1)[:, :kk], idx[keep].reshape(len(q), -1)[:, :kk]
+    return s[keep].reshape(len(s), -1)[:, :kk], idx[keep].reshape(len(s), -1)[:, :kk]

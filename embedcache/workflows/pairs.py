@@ -21,15 +21,25 @@ def near_duplicates(
     threshold: float,
     embedder: Any = None,
     progress: bool | None = None,
+    client: Any = None,
 ) -> PairTable:
     """Every pair ``i < j`` of items with cosine similarity >= ``threshold``, highest score
     first, ties by ``i`` then ``j``.
 
     items: texts (embedded as in :func:`deduplicate`), an (n, d) array, or a VectorStore.
     Exact duplicates are embedded once and reported as pairs with score 1.0.
+    client: a ``distributed.Client`` (items a VectorStore): tiles of the pair search run as
+    tasks on its Dask cluster, whose workers read the store's files (see
+    :mod:`embedcache.engine`); the same pairs and scores as without it, bit for bit.
     """
     threshold = check_threshold(threshold)
     items = _ordered(items, "items")
+    if client is not None:
+        from embedcache.workflows._cluster import cluster_pairs, store_items
+
+        p = store_items(items)
+        i, j, s = cluster_pairs(p, threshold, client, progress).expand()
+        return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
     with _Embedding(embedder) as emb:
         p = _prepare(items, emb=emb, progress=progress)
     i, j, s = _find_pairs(p, threshold, progress).expand()

@@ -1,0 +1,94 @@
+"""What one task computes, on a worker or in this process: blocks in, small arrays out.
+
+Each function takes :class:`~embedcache.engine._plan.Block` descriptions (never vectors),
+reads them read-only, calls the kernels and returns indices local to its blocks (the client
+adds the offsets). Scores come from the kernels unchanged, so they are the scores of one
+machine bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from embedcache import kernels
+from embedcache.engine._plan import Block, read
+
+__all__ = ["knn_rows", "merge_top", "pair_tile", "search_block"]
+
+#: pairs compared for byte equality at a time (bounds the memory of the copy check)
+_COPY_CHUNK = 65536
+
+
+def _threads() -> None:
+    """On a Dask worker, run the kernels on as many numba threads as the worker's
+    ``OMP_NUM_THREADS`` (Dask sets it to 1 in each worker process, one core per worker
+    thread), so that workers sharing a machine do not oversubscribe it."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return
+    import numba
+
+    want = os.environ.get("OMP_NUM_THREADS", "")
+    n = int(want) if want.isdigit() and int(want) > 0 else numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _copies(xa: np.ndarray, xb: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """For each pair, whether its rows are exact copies (equal bytes, not all zero)."""
+    out = np.empty(len(i), bool)
+    u = np.dtype(f"u{xa.dtype.itemsize}")
+    for a in range(0, len(i), _COPY_CHUNK):
+        ra, rb = xa[i[a : a + _COPY_CHUNK]], xb[j[a : a + _COPY_CHUNK]]
+        out[a : a + _COPY_CHUNK] = (ra.view(u) == rb.view(u)).all(axis=1) & ra.any(axis=1)
+    return out
+
+
+def pair_tile(a: Block, b: Block | None, threshold: float):
+    """Cosine pairs >= threshold within ``a`` (b None: i < j) or between ``a`` and ``b``.
+
+    Returns ``(i, j, scores, copy)``: indices local to ``a`` and ``b`` (``a`` again when b is
+    None), float32 scores, and whether the two rows are exact copies."""
+    _threads()
+    xa = read(a)
+    if b is None:
+        xb = xa
+        i, j, s = kernels.similar_pairs(xa, threshold)
+    else:
+        xb = read(b)
+        i, j, s = kernels.similar_pairs(xa, threshold, y=xb)
+    return i, j, s, _copies(xa, xb, i, j)
+
+
+def merge_top(s1, i1, s2, i2, k: int):
+    """The best ``k`` of two top lists per row, by score descending, then lower index; the
+    index -1 (an empty slot, score -inf) sorts last."""
+    s = np.concatenate((s1, s2), axis=1)
+    i = np.concatenate((i1, i2), axis=1)
+    key = np.where(i < 0, np.iinfo(np.int64).max, i)
+    order = np.lexsort((key, -s.astype(np.float64)), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
+
+
+def knn_rows(a: Block, corpus: list[Block], k: int, metric: str):
+    """The ``k`` best rows of the job for each row of ``a``, as ``(scores, indices)`` (job
+    indices, -1 where none), from ``corpus`` read one block at a time. The row itself is
+    among them when it scores high enough: ask for one more and drop it."""
+    _threads()
+    q = read(a)
+    top_s = np.full((a.count, 0), -np.inf, np.float32)
+    top_i = np.full((a.count, 0), -1, np.int64)
+    for c in corpus:
+        s, idx = kernels.top_k(q, read(c), min(k, c.count), metric=metric)
+        top_s, top_i = merge_top(top_s, top_i, s, np.where(idx >= 0, idx + c.first, -1), k)
+    return top_s, top_i
+
+
+def search_block(b: Block, k: int, metric: str, *, queries: np.ndarray):
+    """Top ``k`` rows of ``b`` for each query: ``(scores, indices local to b)``."""
+    _threads()
+    return kernels.top_k(queries, read(b), min(k, b.count), metric=metric)

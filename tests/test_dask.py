@@ -1,0 +1,193 @@
+"""The store's jobs on real Dask clusters: a ``LocalCluster`` of two worker processes, and a
+cluster started by its command lines (``dask scheduler``, two ``dask worker``) on loopback.
+
+Same answers as one machine bit for bit; a worker killed mid-job changes nothing; a worker
+that cannot see the store, or a scheduler that cannot be reached, is one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from test_cli import assert_one_line_error, run  # noqa: F401 (run: a fixture)
+from test_dask_engine import assert_same_dedup, assert_same_pairs, make_store, near_dup_vectors
+
+import embedcache as ec
+from embedcache import _config
+from embedcache.engine import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None,
+                      host="127.0.0.1") as cluster, Client(cluster) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_jobs_on_a_local_cluster_give_the_answers_of_one_machine(client, tmp_path, dtype):
+    x = near_dup_vectors(150)
+    store = make_store(tmp_path / "s", x, dtype=dtype, delete=(4, 77, 149))
+    q = np.random.default_rng(3).standard_normal((40, 16)).astype(np.float32)
+    with _config.override(ENGINE_BLOCK_ROWS=23):  # 7 blocks, 28 tiles over segments of 7 rows
+        assert_same_pairs(ec.near_duplicates(store, threshold=0.8, progress=False),
+                          ec.near_duplicates(store, threshold=0.8, progress=False, client=client))
+        for mode in ("connected", "greedy"):
+            assert_same_dedup(ec.deduplicate(store, threshold=0.8, mode=mode, progress=False),
+                              ec.deduplicate(store, threshold=0.8, mode=mode, progress=False, client=client))
+        ga = ec.knn_graph(store, 5, progress=False)
+        gb = ec.knn_graph(store, 5, progress=False, client=client)
+        assert np.array_equal(ga.indices, gb.indices) and np.array_equal(ga.data.view(np.uint32), gb.data.view(np.uint32))
+        sa, ia = store.search(q, 10)
+        sb, ib = store.search(q, 10, client=client)
+        assert np.array_equal(sa.view(np.uint32), sb.view(np.uint32)) and np.array_equal(ia, ib)
+    # nothing of the jobs is left on the cluster (results are released as they are merged)
+    deadline = time.monotonic() + 10
+    while (left := client.run_on_scheduler(lambda dask_scheduler: [k for k in dask_scheduler.tasks
+                                                                    if "embedcache" in str(k)])) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
+    store.close()
+
+
+def test_a_worker_killed_mid_job_changes_nothing(client, tmp_path):
+    x = near_dup_vectors(3000, d=32)
+    store = make_store(tmp_path / "s", x, delete=(10, 2000))
+    expected = ec.deduplicate(store, threshold=0.85, progress=False)
+    result: dict = {}
+
+    def job():
+        try:
+            with _config.override(ENGINE_BLOCK_ROWS=60):  # 50 blocks: 1275 tasks
+                result["res"] = ec.deduplicate(store, threshold=0.85, progress=False, client=client)
+        except BaseException as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    def busy_worker(dask_scheduler):
+        done = sum(1 for k in dask_scheduler.tasks if "embedcache" in str(k))
+        for addr, ws in dask_scheduler.workers.items():
+            if any("embedcache" in str(ts.key) for ts in ws.processing):
+                return addr, done
+        return None, done
+
+    pids_before = client.run(os.getpid)
+    t = threading.Thread(target=job)
+    t.start()
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None and t.is_alive() and time.monotonic() < deadline:
+        victim, _ = client.run_on_scheduler(busy_worker)
+        time.sleep(0.05)
+    assert victim is not None, "the job ended before a worker could be killed; make it longer"
+    os.kill(pids_before[victim], signal.SIGKILL)  # the worker process, in the middle of a task
+    assert t.is_alive()  # mid-job
+    t.join(300)
+    assert "error" not in result, result.get("error")
+    assert_same_dedup(expected, result["res"])
+    client.wait_for_workers(2, timeout=60)  # the nanny started a new worker
+    assert set(client.run(os.getpid).values()) != set(pids_before.values())
+    store.close()
+
+
+def test_an_unreachable_scheduler_is_one_clear_line(run, tmp_path):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(ec.ClusterError, match=f"cannot reach the Dask scheduler at {address} within 1 s") as err:
+        connect(address, timeout=1)
+    assert "\n" not in str(err.value) and time.monotonic() - t0 < 30
+    make_store(tmp_path / "vs", near_dup_vectors(20)).close()
+    with _config.override(SCHEDULER_TIMEOUT=1):
+        proc = run("store", "pairs", "vs", "-t", "0.9", "-o", "p.csv", "--scheduler", address, ok=False, inproc=True)
+        assert_one_line_error(proc, f"cannot reach the Dask scheduler at {address}")
+        proc = run("store", "dedup", "vs", ok=False, inproc=True, extra_env={"EMBEDCACHE_SCHEDULER": address})
+        assert_one_line_error(proc, f"cannot reach the Dask scheduler at {address}")
+    assert not (tmp_path / "p.csv").exists()
+    assert_one_line_error(run("store", "pairs", "vs", "-t", "0.9", "-o", "p.csv", "--scheduler", "localhost:1",
+                              ok=False, inproc=True), "tcp://HOST:PORT", "'localhost:1'")
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def _dask(*args: str) -> list[str]:
+    exe = Path(sys.executable).with_name("dask")
+    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "dask", *args]
+
+
+@pytest.fixture(scope="module")
+def cli_cluster(tmp_path_factory):
+    """``dask scheduler`` and two ``dask worker`` processes on loopback, started in a directory
+    of their own (so a path relative to the test's directory means nothing to them)."""
+    home = tmp_path_factory.mktemp("workers-home")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen(_dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"),
+                              cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                _dask("worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"),
+                cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with connect(address, timeout=60) as c:
+            c.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGINT)
+        for p in reversed(procs):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_dedup_a_store_through_a_cluster_started_by_its_command_lines(cli_cluster, run, tmp_path):
+    x = near_dup_vectors(400)
+    make_store(tmp_path / "vs", x, delete=(3, 200)).close()
+    here = run("store", "dedup", "vs", "-t", "0.85", "--duplicates", "here.csv", "-q")
+    there = run("store", "dedup", "vs", "-t", "0.85", "--duplicates", "there.csv", "--scheduler", cli_cluster)
+    assert here.stdout.replace("here.csv", "") == there.stdout.replace("there.csv", "")
+    assert (tmp_path / "here.csv").read_text() == (tmp_path / "there.csv").read_text()
+    assert len((tmp_path / "here.csv").read_text().splitlines()) > 100
+    assert f"ran on the Dask cluster at {cli_cluster} (2 workers)" in there.stderr
+    # the environment variable names the scheduler too; pairs are the same, bit for bit
+    run("store", "pairs", "vs", "-t", "0.85", "-o", "here.jsonl", "-q")
+    there = run("store", "pairs", "vs", "-t", "0.85", "-o", "there.jsonl", extra_env={"EMBEDCACHE_SCHEDULER": cli_cluster})
+    assert "ran on the Dask cluster" in there.stderr
+    assert (tmp_path / "here.jsonl").read_text() == (tmp_path / "there.jsonl").read_text()
+
+
+def test_a_worker_that_cannot_see_the_store_names_itself_and_the_path(cli_cluster, tmp_path, monkeypatch):
+    make_store(tmp_path / "vs", near_dup_vectors(30)).close()
+    monkeypatch.chdir(tmp_path)
+    # the same path names another directory on the workers (their working directory differs),
+    # as a store on a disk the workers do not mount would
+    path = "/proc/self/cwd/vs"
+    with ec.VectorStore(path) as store, connect(cli_cluster) as c:
+        with pytest.raises(ec.ClusterError) as err:
+            ec.near_duplicates(store, threshold=0.9, client=c, progress=False)
+        message = str(err.value)
+        assert message.startswith("worker tcp://127.0.0.1:") and "(host " in message
+        assert f"cannot read {path}/segments/" in message and "No such file or directory" in message
+        assert "shared filesystem" in message and "\n" not in message
+        assert len(store) == 30 and store.verify()["live"] == 30  # nothing changed
