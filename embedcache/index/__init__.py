@@ -64,6 +64,9 @@ def partitioned_pairs(x: np.ndarray, threshold: float, *, recall: float = 0.99, 
     recall = check_recall(recall)
     index, seed, probes = _setup(x, cells, seed, index, probes)
     rec = None
+    if probes is None and (len(x) < 2 or index.cells <= 1):
+        probes = max(1, index.cells)  # one cell: the search is exact
+        rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
         def evidence(sample, rng, nearest=False):
             return _recall.pair_evidence(x, index, sample, threshold, rng, nearest)
@@ -94,6 +97,9 @@ def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int 
     if kk == 0:
         return np.empty((len(x), 0), np.float32), np.empty((len(x), 0), np.int64), None
     rec = None
+    if probes is None and index.cells <= 1:
+        probes = max(1, index.cells)  # one cell: the search is exact
+        rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
         rec = _recall.calibrate(lambda s, r: _recall.knn_evidence(x, index, s, kk, r),
                                 len(x), index.cells, recall, seed)
