@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from embedcache import _config, kernels
-from embedcache._validation import check_choice, check_same_columns, check_threshold
+from embedcache._validation import check_choice, check_int, check_same_columns, check_threshold
 from embedcache.errors import InvalidInputError, InvalidInputTypeError, NamespaceMismatchError
+from embedcache.index import check_recall
 from embedcache.workflows._prepare import (
+    METHODS,
     _Embedding,
     _namespace,
     _ordered,
@@ -59,6 +61,9 @@ def deduplicate(
     keep: str | Callable[[np.ndarray, Any], int] = "first",
     mode: str = "connected",
     progress: bool | None = None,
+    method: str = "auto",
+    recall: float = 0.99,
+    seed: int = 0,
 ) -> DedupResult:
     """Find near-duplicates by cosine similarity and choose which items to keep.
 
@@ -81,8 +86,15 @@ def deduplicate(
     mode: how pairs become groups, ``"connected"`` or ``"greedy"``; see the module
     docstring. With ``against`` there are no groups and it is only recorded.
     progress: ``None`` shows progress bars when stderr is a terminal, ``False`` never.
+    method, recall, seed: how pairs are searched, as in :func:`near_duplicates`
+    (``"auto"``: exact up to ``_config.INDEX_AUTO_ROWS`` distinct rows, else a partition index
+    probed for ``recall`` of the true pairs; ``DedupResult.method`` and ``.recall`` say what
+    ran and the recall measured). With ``against`` the reference search is exact.
     """
     threshold = check_threshold(threshold)
+    recall = check_recall(recall)
+    check_choice("method", method, METHODS)
+    check_int("seed", seed, 0)
     mode = check_choice("mode", mode, _MODES)
     items = _ordered(items, "items")
     if against is not None:
@@ -103,7 +115,7 @@ def deduplicate(
             return _deduplicate_against(p, ref, threshold, mode, progress)
     _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
-    pairs = _find_pairs(p, threshold, progress)
+    pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
     pi, pj, ps = pairs.edges()
     if mode == "connected":
         labels = _connected_labels(n, pi, pj)
@@ -136,6 +148,8 @@ def deduplicate(
         _pairs=(pi, pj, ps),
         _group_of=group_of,
         _links=pairs.links,
+        method=pairs.method,
+        recall=pairs.recall,
     )
 
 
