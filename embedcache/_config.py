@@ -43,6 +43,24 @@ ENGINE_BLOCK_ROWS = 32768
 #: seconds to wait for a Dask scheduler to answer when connecting to it
 SCHEDULER_TIMEOUT = 10
 
+# --- partition index (embedcache.index)
+#: cells per square root of the row count when no ``cells=`` is given
+INDEX_CELLS_PER_SQRT = 1.0
+#: no cell is made for fewer rows than this (fewer rows: one cell, i.e. exact)
+INDEX_MIN_CELL = 64
+#: k-means trains on at most this many sampled rows per cell
+INDEX_SAMPLE_PER_CELL = 32
+#: rounds of spherical k-means
+INDEX_KMEANS_ITERS = 8
+#: cells larger than this many times the mean cell size are split again
+INDEX_MAX_CELL_FACTOR = 4
+#: query rows in each half of the recall sample (calibration, then measurement)
+INDEX_RECALL_SAMPLE = 1000
+#: true pairs looked at per sampled row (more are subsampled, and weighted back)
+INDEX_RECALL_PAIRS_PER_ROW = 64
+#: method="auto" is exact up to this many distinct rows, partitioned above
+INDEX_AUTO_ROWS = 50_000
+
 # --- store
 #: segments never exceed this size, so a search touches at most one segment's pages at a time
 MAX_SEGMENT_BYTES = 256 * 1024 * 1024

@@ -143,6 +143,13 @@ def test_client_takes_a_store_and_a_dask_client(tmp_path):
         ec.deduplicate(store, threshold=0.9, client="tcp://127.0.0.1:8786")
     with pytest.raises(ec.InvalidInputError, match="client= does not take against="):
         ec.deduplicate(store, threshold=0.9, against=store, client=InProcess())
+    for job in (lambda: ec.near_duplicates(store, threshold=0.9, client=InProcess(), method="partitioned"),
+                lambda: ec.deduplicate(store, threshold=0.9, client=InProcess(), method="partitioned"),
+                lambda: ec.knn_graph(store, 3, client=InProcess(), method="partitioned")):
+        with pytest.raises(ec.InvalidInputError, match="method='partitioned' does not run on a cluster yet"):
+            job()
+    graph, recall = ec.knn_graph(store, 3, client=InProcess(), return_recall=True)  # auto: exact there
+    assert recall is None and (graph != ec.knn_graph(store, 3)).nnz == 0
     store.close()
 
 

@@ -19,7 +19,7 @@ from embedcache.store import VectorStore
 from embedcache.workflows._prepare import _Prepared, _progress_bar
 from embedcache.workflows.pairs import _Pairs
 
-__all__ = ["cluster_knn", "cluster_pairs", "store_items"]
+__all__ = ["cluster_knn", "cluster_pairs", "exact_only", "store_items"]
 
 
 class _StoreItems(_Prepared):
@@ -42,10 +42,20 @@ class _StoreItems(_Prepared):
         return kernels.pair_scores(x, np.arange(m), np.arange(m, 2 * m))
 
 
-def store_items(items: Any, *, against: Any = None) -> _StoreItems:
-    """The items of a job with ``client=``: the live rows of a store, in the order of ``ids()``."""
+def exact_only(method: str) -> None:
+    """Refuse ``method="partitioned"``: the cluster runs the exact method (``"auto"`` means exact)."""
+    if method == "partitioned":
+        raise InvalidInputError(
+            "method='partitioned' does not run on a cluster yet; use method='exact' or 'auto' with client="
+        )
+
+
+def store_items(items: Any, *, against: Any = None, method: str = "exact") -> _StoreItems:
+    """The items of a job with ``client=``: the live rows of a store, in the order of ``ids()``.
+    The cluster runs the exact method (``"auto"`` means exact there)."""
     from embedcache.engine._jobs import store_state
 
+    exact_only(method)
     if not isinstance(items, VectorStore):
         raise InvalidInputTypeError(
             "client= runs jobs over a VectorStore, whose segment files the workers read; got "

@@ -25,11 +25,28 @@ from embedcache.providers.base import normalize_text, validate_texts
 from embedcache.store import VectorStore
 
 
-def _progress_bar(progress: bool | None, total: int, desc: str, unit: str = "rows"):
+def _progress_bar(progress: bool | None, total: float, desc: str, unit: str = "rows"):
     from tqdm.auto import tqdm
 
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(total=total, desc=desc, unit=unit, disable=not show, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not show, file=sys.stderr, leave=False,
+                unit_scale=unit != "rows")
+
+
+#: how a workflow searches: exactly, through a partition index, or chosen by size
+METHODS = ("auto", "exact", "partitioned")
+
+
+def _method(method: object, rows: int) -> str:
+    """``"exact"`` or ``"partitioned"``: what ``method`` means for ``rows`` distinct rows
+    (``"auto"``: exact up to ``_config.INDEX_AUTO_ROWS`` rows, where exact is fast)."""
+    from embedcache import _config
+    from embedcache._validation import check_choice
+
+    method = check_choice("method", method, METHODS)
+    if method == "auto":
+        return "partitioned" if rows > _config.INDEX_AUTO_ROWS else "exact"
+    return method
 
 
 

@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 
 from embedcache import _config, kernels
-from embedcache._validation import check_choice, check_same_columns, check_threshold
+from embedcache._validation import check_choice, check_int, check_same_columns, check_threshold
 from embedcache.errors import InvalidInputError, InvalidInputTypeError, NamespaceMismatchError
 from embedcache.workflows._cluster import cluster_pairs, store_items
+from embedcache.index import check_recall
 from embedcache.workflows._prepare import (
+    METHODS,
     _Embedding,
     _namespace,
     _ordered,
@@ -61,6 +63,9 @@ def deduplicate(
     mode: str = "connected",
     progress: bool | None = None,
     client: Any = None,
+    method: str = "auto",
+    recall: float = 0.99,
+    seed: int = 0,
 ) -> DedupResult:
     """Find near-duplicates by cosine similarity and choose which items to keep.
 
@@ -86,8 +91,15 @@ def deduplicate(
     client: a ``distributed.Client`` (items a VectorStore): the pairs are found by tasks on
     its Dask cluster, whose workers read the store's files (see :mod:`embedcache.engine`);
     grouping runs here. The same result as without it.
+    method, recall, seed: how pairs are searched, as in :func:`near_duplicates`
+    (``"auto"``: exact up to ``_config.INDEX_AUTO_ROWS`` distinct rows, else a partition index
+    probed for ``recall`` of the true pairs; ``DedupResult.method`` and ``.recall`` say what
+    ran and the recall measured). With ``against`` the reference search is exact.
     """
     threshold = check_threshold(threshold)
+    recall = check_recall(recall)
+    check_choice("method", method, METHODS)
+    check_int("seed", seed, 0)
     mode = check_choice("mode", mode, _MODES)
     items = _ordered(items, "items")
     if against is not None:
@@ -102,13 +114,16 @@ def deduplicate(
                     f"items and the reference set must come from one embedder: items are of "
                     f"namespace {ns!r}, the reference set of {ref_ns!r}"
                 )
-        p = _prepare(items, emb=emb, progress=progress) if client is None else store_items(items, against=against)
+        p = _prepare(items, emb=emb, progress=progress) if client is None else store_items(items, against=against, method=method)
         if against is not None:
             ref = _prepare(against, emb=emb, progress=progress, name="against")
             return _deduplicate_against(p, ref, threshold, mode, progress)
     _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
-    pairs = _find_pairs(p, threshold, progress) if client is None else cluster_pairs(p, threshold, client, progress)
+    if client is None:
+        pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
+    else:
+        pairs = cluster_pairs(p, threshold, client, progress)
     pi, pj, ps = pairs.edges()
     if mode == "connected":
         labels = _connected_labels(n, pi, pj)
@@ -141,7 +156,9 @@ def deduplicate(
         _pairs=(pi, pj, ps),
         _group_of=group_of,
         _links=pairs.links,
-        _vectors=(p.x, p.inverse),
+        _vectors=(p.x, p.inverse) if client is None else None,
+        method=pairs.method,
+        recall=pairs.recall,
     )
 
 

@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 
 from embedcache import _config, kernels
-from embedcache._validation import check_choice, check_k, check_metric
+from embedcache._validation import check_choice, check_int, check_k, check_metric
+from embedcache.index import check_recall, partitioned_knn
 from embedcache.errors import InvalidInputError
 from embedcache.store import VectorStore
-from embedcache.workflows._prepare import _progress_bar, _vectors
+from embedcache.workflows._prepare import METHODS, _method, _progress_bar, _vectors
 
 __all__ = ["knn_graph"]
 
@@ -27,6 +28,10 @@ def knn_graph(
     symmetric: bool = True,
     progress: bool | None = None,
     client: Any = None,
+    method: str = "auto",
+    recall: float = 0.99,
+    seed: int = 0,
+    return_recall: bool = False,
 ):
     """The exact k-nearest-neighbour graph as a ``scipy.sparse.csr_matrix`` of shape (n, n).
 
@@ -45,22 +50,45 @@ def knn_graph(
     >>> G = knn_graph(x, 1, progress=False)
     >>> G.shape, G.nnz, G[0].indices.tolist()
     ((4, 4), 4, [1])
+
+    method: ``"exact"``; ``"partitioned"`` searches each row's own cell and the cells of a
+    partition index nearest to it (:mod:`embedcache.index`), probing enough cells for
+    ``recall`` (the share of the true k nearest neighbours found, recall@k), calibrated and
+    then measured on sampled rows against the exact graph; ``"auto"`` (default) is exact up to
+    ``_config.INDEX_AUTO_ROWS`` rows. Every score is exact; a partitioned row may hold a
+    farther neighbour in place of one it missed. metric="dot" is always exact. The graph
+    stays a plain CSR matrix; ``return_recall=True`` returns ``(graph, recall)`` instead,
+    ``recall`` the :class:`embedcache.index.Recall` measured (None for an exact graph).
     """
     k = check_k(k)
+    recall = check_recall(recall)
+    check_int("seed", seed, 0)
+    check_choice("method", method, METHODS)
     metric = check_metric(metric)
     weights = check_choice("weights", weights, _WEIGHTS)
     if weights == "distance" and metric != "cosine":
         raise InvalidInputError("weights='distance' needs metric='cosine' (distance = 1 - cosine)")
     if client is not None:
-        from embedcache.workflows._cluster import cluster_knn
+        from embedcache.workflows._cluster import cluster_knn, exact_only
 
+        exact_only(method)
         n, rows, cols, vals = cluster_knn(x, k, metric, client, progress)
-        return _graph(n, rows, cols, vals, symmetric=symmetric, weights=weights)
+        graph = _graph(n, rows, cols, vals, symmetric=symmetric, weights=weights)
+        return (graph, None) if return_recall else graph
     arr = _vectors(x.vectors() if isinstance(x, VectorStore) else x, "x")  # one read
     n = len(arr)
     chunk = _config.CHUNK_ROWS
     rows_l, cols_l, vals_l = [], [], []
-    if n > 1:
+    method = _method(method, n) if metric == "cosine" else "exact"
+    rec = None
+    if method == "partitioned" and n > 1:
+        with _progress_bar(progress, 0, "knn", unit="comparisons") as bar:
+            s, idx, rec = partitioned_knn(arr, k, recall=recall, seed=seed, bar=bar)
+        valid = idx >= 0
+        rows_l.append(np.nonzero(valid)[0])
+        cols_l.append(idx[valid])
+        vals_l.append(s[valid])
+    elif n > 1:
         with _progress_bar(progress if n > chunk else False, n, "knn") as bar:
             for a in range(0, n, chunk):
                 q = arr[a:a + chunk]
@@ -73,7 +101,8 @@ def knn_graph(
     rows = np.concatenate(rows_l).astype(np.int64) if rows_l else np.empty(0, dtype=np.int64)
     cols = np.concatenate(cols_l).astype(np.int64) if cols_l else np.empty(0, dtype=np.int64)
     vals = np.concatenate(vals_l).astype(np.float32) if vals_l else np.empty(0, dtype=np.float32)
-    return _graph(n, rows, cols, vals, symmetric=symmetric, weights=weights)
+    graph = _graph(n, rows, cols, vals, symmetric=symmetric, weights=weights)
+    return (graph, rec) if return_recall else graph
 
 
 def _graph(n: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, *, symmetric: bool, weights: str):

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from embedcache import _config, kernels
-from embedcache._validation import check_threshold
-from embedcache.workflows._prepare import _Embedding, _ordered, _prepare, _Prepared, _progress_bar
+from embedcache._validation import check_choice, check_int, check_threshold
+from embedcache.index import Recall, check_recall, partitioned_pairs
+from embedcache.workflows._prepare import METHODS, _Embedding, _method, _ordered, _prepare, _Prepared, _progress_bar
 from embedcache.workflows.results import PairTable
 
 __all__ = ["near_duplicates"]
@@ -17,11 +18,14 @@ __all__ = ["near_duplicates"]
 
 def near_duplicates(
     items: Any,
+    threshold: float = 0.9,
     *,
-    threshold: float,
     embedder: Any = None,
     progress: bool | None = None,
     client: Any = None,
+    method: str = "auto",
+    recall: float = 0.99,
+    seed: int = 0,
 ) -> PairTable:
     """Every pair ``i < j`` of items with cosine similarity >= ``threshold``, highest score
     first, ties by ``i`` then ``j``.
@@ -31,19 +35,32 @@ def near_duplicates(
     client: a ``distributed.Client`` (items a VectorStore): tiles of the pair search run as
     tasks on its Dask cluster, whose workers read the store's files (see
     :mod:`embedcache.engine`); the same pairs and scores as without it, bit for bit.
+    method: ``"exact"`` compares every pair; ``"partitioned"`` compares each row only with
+    the cells of a partition index (:mod:`embedcache.index`) nearest to it, probing enough
+    cells for ``recall`` (the share of true pairs to find), calibrated and then measured on
+    sampled rows against the exact answer; ``"auto"`` (default) is exact up to
+    ``_config.INDEX_AUTO_ROWS`` distinct rows. A partitioned search may miss pairs, never
+    invents one, and every score is exact. The table says which method ran
+    (``PairTable.method``) and the recall measured (``PairTable.recall``, None for exact).
+    seed: the sample the index and the recall are drawn from.
     """
     threshold = check_threshold(threshold)
+    recall = check_recall(recall)
+    check_choice("method", method, METHODS)
+    check_int("seed", seed, 0)
     items = _ordered(items, "items")
     if client is not None:
         from embedcache.workflows._cluster import cluster_pairs, store_items
 
-        p = store_items(items)
+        p = store_items(items, method=method)
         i, j, s = cluster_pairs(p, threshold, client, progress).expand()
         return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
     with _Embedding(embedder) as emb:
         p = _prepare(items, emb=emb, progress=progress)
-    i, j, s = _find_pairs(p, threshold, progress).expand()
-    return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
+    pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
+    i, j, s = pairs.expand()
+    return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids,
+                     method=pairs.method, recall=pairs.recall)
 
 
 def _cross(members: np.ndarray, start: np.ndarray, count: np.ndarray, ra: np.ndarray, rb: np.ndarray):
@@ -79,6 +96,8 @@ class _Pairs:
     uj: np.ndarray
     us: np.ndarray
     copy_score: np.ndarray
+    method: str = "exact"
+    recall: Recall | None = None
 
     def links(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The items that pair with item ``i`` and their scores, in index order."""
@@ -123,14 +142,21 @@ class _Pairs:
         return np.minimum(i, j), np.maximum(i, j), s
 
 
-def _find_pairs(p: _Prepared, threshold: float, progress: bool | None) -> _Pairs:
-    ui, uj, us = _pairs_within(p.x, threshold, progress)
+def _find_pairs(p: _Prepared, threshold: float, progress: bool | None, *, method: str = "exact",
+                recall: float = 0.99, seed: int = 0) -> _Pairs:
+    method = _method(method, len(p.x))
+    rec = None
+    if method == "exact":
+        ui, uj, us = _pairs_within(p.x, threshold, progress)
+    else:
+        with _progress_bar(progress, 0, "pairs", unit="comparisons") as bar:
+            ui, uj, us, rec = partitioned_pairs(p.x, threshold, recall=recall, seed=seed, bar=bar)
     rows = np.flatnonzero(np.bincount(p.inverse, minlength=len(p.x)) > 1)
     own = kernels.pair_scores(p.x, rows, rows)  # what copies of a row score with each other
     copy_score = np.full(len(p.x), np.nan, dtype=np.float32)
     linked = kernels.meets_threshold(own, threshold)
     copy_score[rows[linked]] = own[linked]
-    return _Pairs(p.inverse, p.first, ui, uj, us, copy_score)
+    return _Pairs(p.inverse, p.first, ui, uj, us, copy_score, method, rec)
 
 
 def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None):
@@ -144,7 +170,8 @@ def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None):
     if n <= chunk:
         return kernels.similar_pairs(x, threshold)
     parts_i, parts_j, parts_s = [], [], []
-    with _progress_bar(progress, n, "pairs") as bar:
+    # progress in comparisons (the work), not rows: early chunks of the triangle cost more
+    with _progress_bar(progress, n * (n - 1) / 2, "pairs", unit="comparisons") as bar:
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             i, j, s = kernels.similar_pairs(x[a:b], threshold)
@@ -152,7 +179,7 @@ def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None):
             if b < n:
                 i, j, s = kernels.similar_pairs(x[a:b], threshold, y=x[b:])
                 parts_i.append(i + a), parts_j.append(j + b), parts_s.append(s)
-            bar.update(b - a)
+            bar.update((b - a) * (b - a - 1) / 2 + (b - a) * (n - b))
     return (np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_j).astype(np.int64),
             np.concatenate(parts_s).astype(np.float32))
 

@@ -52,6 +52,8 @@ class PairTable:
         ids_i: Sequence[str] | None = None,
         ids_j: Sequence[str] | None = None,
         sort: bool = True,
+        method: str = "exact",
+        recall: Any = None,
     ) -> None:
         i = np.asarray(i, dtype=np.int64).reshape(-1)
         j = np.asarray(j, dtype=np.int64).reshape(-1)
@@ -66,6 +68,10 @@ class PairTable:
         self.i, self.j, self.score = i, j, score
         self._texts_i, self._texts_j = texts_i, texts_j
         self._ids_i, self._ids_j = ids_i, ids_j
+        #: ``"exact"`` or ``"partitioned"``: how the pairs were found
+        self.method = method
+        #: the :class:`embedcache.index.Recall` of a partitioned search, None for an exact one
+        self.recall = recall
 
     @property
     def columns(self) -> list[str]:
@@ -101,7 +107,8 @@ class PairTable:
 
     def __repr__(self) -> str:
         head = [self._row(k) for k in range(min(len(self), 5))]
-        lines = [f"PairTable({len(self)} pairs, columns={self.columns})"]
+        how = "" if self.recall is None else f", method={self.method!r}, {self.recall}"
+        lines = [f"PairTable({len(self)} pairs, columns={self.columns}{how})"]
         for row in head:
             lines.append("  " + ", ".join(f"{c}={row[c]!r:.60}" for c in self.columns))
         if len(self) > len(head):
@@ -156,6 +163,9 @@ class DedupResult:
     one item, each sorted, in the order of their first item (empty for a reference run).
     mode: the grouping rule asked for, ``"connected"`` or ``"greedy"``. reference: true
     for a run with ``against=``, where items were compared with the reference set only.
+    method: ``"exact"`` or ``"partitioned"``, how the pairs were searched (what ``"auto"``
+    chose). recall: the :class:`embedcache.index.Recall` measured for a partitioned search
+    (estimate and 95% interval of the share of true pairs found), None for an exact one.
     """
 
     kept: np.ndarray
@@ -177,6 +187,8 @@ class DedupResult:
     _vectors: tuple[np.ndarray, np.ndarray] | None = None
     #: with ``against``: (best reference score, its reference item) of every item
     _nearest: tuple[np.ndarray, np.ndarray] | None = None
+    method: str = "exact"
+    recall: Any = None
 
     @property
     def n(self) -> int:
@@ -192,7 +204,8 @@ class DedupResult:
         return (
             f"DedupResult(n={self.n}, kept={len(self.kept)}, removed={len(self.removed)}, "
             f"groups={len(self.groups)}, threshold={self.threshold}, mode={self.mode!r}"
-            f"{', reference=True' if self.reference else ''})"
+            f"{', reference=True' if self.reference else ''}"
+            f"{'' if self.recall is None else f', method={self.method!r}, {self.recall}'})"
         )
 
     def _name(self, i: int, *, ref: bool = False) -> str:

@@ -1,0 +1,125 @@
+"""Cells: spherical k-means on a sample, assignment through the top-k kernel, big cells split.
+
+Every vector gets one cell (its *own* cell). Cells are trained by spherical k-means on a
+sample of unit rows; every row is then assigned with :func:`embedcache.top_k` against the
+centroids (a BLAS product, no Python loop over rows). A cell holding more than
+``_config.INDEX_MAX_CELL_FACTOR`` times the mean cell size is split again by k-means on its
+own members, recursively, so the work of a pair search (which grows with the sum of squared
+cell sizes) stays near-linear even when one cluster holds a large part of the data. Rows that
+k-means cannot tell apart (near-identical directions) stay one block: they are compared with
+each other anyway, and their pairs are the true output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embedcache import _config, kernels
+
+
+def default_cells(n: int) -> int:
+    """How many cells for ``n`` rows: about ``INDEX_CELLS_PER_SQRT * sqrt(n)``, at least 1."""
+    if n < 2 * _config.INDEX_MIN_CELL:
+        return 1
+    return int(max(1, min(n // _config.INDEX_MIN_CELL, round(_config.INDEX_CELLS_PER_SQRT * np.sqrt(n)))))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return kernels.normalize(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters: int) -> np.ndarray:
+    """``cells`` unit centroids (fewer when x has fewer distinct directions) of the rows of x.
+
+    Starts from distinct random rows; each round assigns every row to its nearest centroid
+    (top-1 through the kernels) and moves each centroid to the normalized sum of its rows. An
+    emptied cell restarts at the row farthest from its centroid.
+    """
+    u = _unit(x)
+    u = u[np.any(u != 0, axis=1)]  # zero rows have no direction
+    if not len(u):
+        return np.zeros((0, x.shape[1]), np.float32)
+    uniq = np.unique(u, axis=0)
+    cells = min(cells, len(uniq))
+    cent = uniq[rng.choice(len(uniq), cells, replace=False)]
+    for _ in range(iters):
+        s, a = kernels.top_k(u, cent, 1)
+        a, s = a[:, 0], s[:, 0]
+        sums = np.zeros((cells, u.shape[1]), np.float64)
+        np.add.at(sums, a, u)
+        counts = np.bincount(a, minlength=cells)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            far = np.argsort(s, kind="stable")[: len(empty)]
+            sums[empty] = u[far]
+        new = _unit(sums)
+        if np.array_equal(new, cent):
+            break
+        cent = new
+    return cent
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The nearest centroid of every row (cosine, ties to the lower cell), chunk by chunk."""
+    out = np.zeros(len(x), np.int64)
+    if not len(centroids):
+        return out
+    chunk = _config.CHUNK_ROWS * 8
+    for a in range(0, len(x), chunk):
+        out[a : a + chunk] = kernels.top_k(x[a : a + chunk], centroids, 1)[1][:, 0]
+    return out
+
+
+def build_cells(
+    x: np.ndarray, cells: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(centroids (c, d) float32 unit rows, own cell of each row (n,) int64)``.
+
+    Trained on a sample of at most ``INDEX_SAMPLE_PER_CELL * cells`` rows; cells larger than
+    ``INDEX_MAX_CELL_FACTOR`` times the mean (and than ``INDEX_MIN_CELL``) are split again.
+    """
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    c = default_cells(n) if cells is None else max(1, min(int(cells), n))
+    if n == 0:
+        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+    if c == 1:
+        cent = spherical_kmeans(x[rng.choice(n, min(n, 4096), replace=False)], 1, rng, 1)
+        if not len(cent):
+            cent = np.zeros((1, d), np.float32)
+        return cent, np.zeros(n, np.int64)
+    size = min(n, _config.INDEX_SAMPLE_PER_CELL * c)
+    sample = np.sort(rng.choice(n, size, replace=False))
+    cent = spherical_kmeans(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+    if not len(cent):  # only zero rows
+        return np.zeros((1, d), np.float32), np.zeros(n, np.int64)
+    own = assign(x, cent)
+    cap = max(_config.INDEX_MIN_CELL, int(_config.INDEX_MAX_CELL_FACTOR * n / len(cent)))
+    return _split_big(x, cent, own, cap, rng)
+
+
+def _split_big(
+    x: np.ndarray, cent: np.ndarray, own: np.ndarray, cap: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split every cell of more than ``cap`` rows by k-means on its members, recursively."""
+    cent = [row for row in cent]
+    todo = list(np.flatnonzero(np.bincount(own, minlength=len(cent)) > cap))
+    while todo:
+        cell = todo.pop()
+        members = np.flatnonzero(own == cell)
+        k = int(min(64, -(-2 * len(members) // cap)))
+        sub_sample = members if len(members) <= 64 * k else rng.choice(members, 64 * k, replace=False)
+        sub = spherical_kmeans(x[sub_sample], k, rng, _config.INDEX_KMEANS_ITERS)
+        if len(sub) < 2:
+            continue  # one direction: a block compared as a whole
+        local = assign(x[members], sub)
+        counts = np.bincount(local, minlength=len(sub))
+        if counts.max() == len(members):
+            continue  # k-means cannot separate these rows: keep them one block
+        # sub-cell 0 keeps the parent's number, the others are appended
+        ids = np.concatenate([[cell], len(cent) + np.arange(len(sub) - 1)]).astype(np.int64)
+        cent[cell] = sub[0]
+        cent.extend(sub[1:])
+        own[members] = ids[local]
+        todo.extend(int(ids[t]) for t in np.flatnonzero(counts > cap))
+    return np.ascontiguousarray(np.stack(cent), dtype=np.float32), own

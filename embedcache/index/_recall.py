@@ -1,0 +1,217 @@
+"""Recall: how many probes reach the recall asked for, and the recall measured, with a 95% interval.
+
+Two independent samples of query rows are drawn. On the first (calibration) the exact answer
+of every sampled row is computed with the exact kernels, and for each of its true pairs (or
+true neighbours) the number of probes that would find it; the smallest number of probes whose
+estimated recall reaches the target is chosen. On the second (measurement) the recall of that
+choice is measured the same way, so the reported figure is not biased by the choice.
+
+The interval: recall is a ratio over sampled rows (found / true, summed over rows), and the
+pairs of one row are not independent, so it is a Wilson score interval whose sample size is the
+number of true pairs divided by the design effect (the variance of the ratio estimate across
+rows over the binomial variance, at least 1). When every sampled pair was found (or none), the
+design effect cannot be estimated and the number of rows that had pairs is used: conservative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedcache import _config, kernels
+
+_Z = 1.959963984540054  # two-sided 95%
+
+
+@dataclass(frozen=True)
+class Recall:
+    """A recall measured on sampled queries against the exact answer.
+
+    estimate: the share of true pairs (or true neighbours) found, on the measurement sample
+    (NaN when the sample held none). low, high: its 95% confidence interval. probes: cells
+    probed per row. sample: query rows in the measurement sample.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    probes: int
+    sample: int
+
+    def __str__(self) -> str:
+        return (f"recall {self.estimate:.4f} (95% CI {self.low:.4f}-{self.high:.4f}; "
+                f"{self.probes} probes, {self.sample} sampled rows)")
+
+
+def wilson(found: float, total: float) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion ``found / total`` (``total`` may be fractional)."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = min(1.0, max(0.0, found / total))
+    z2 = _Z * _Z
+    centre = (p + z2 / (2 * total)) / (1 + z2 / total)
+    half = _Z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / (1 + z2 / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval(found: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
+    """(estimate, low, high) of ``sum(found) / sum(true)`` over sampled rows."""
+    found = np.asarray(found, np.float64)
+    true = np.asarray(true, np.float64)
+    rows = int((true > 0).sum())
+    total = float(true.sum())
+    if total <= 0:
+        return math.nan, 0.0, 1.0
+    r = float(found.sum()) / total
+    if 0.0 < r < 1.0 and rows > 1:
+        mean = total / rows
+        live = true > 0
+        resid = found[live] - r * true[live]
+        var_ratio = float((resid**2).sum()) / (rows * (rows - 1) * mean * mean)
+        deff = max(1.0, var_ratio / (r * (1 - r) / total))
+        n_eff = total / deff
+    else:
+        n_eff = float(rows)
+    low, high = wilson(r * n_eff, n_eff)
+    return r, min(low, r), max(high, r)
+
+
+@dataclass
+class Evidence:
+    """For sampled rows: how many true pairs each has, and at how many probes each sampled
+    true pair is found (``need[k]`` probes for pair k of row ``row[k]``, weighted ``weight[k]``)."""
+
+    true: np.ndarray  # (rows,) float64
+    row: np.ndarray  # (pairs,) int64 position in the sample
+    need: np.ndarray  # (pairs,) int64: found with >= need probes (0: always)
+    weight: np.ndarray  # (pairs,) float64
+
+    def found(self, probes: int) -> np.ndarray:
+        hit = self.need <= probes
+        return np.bincount(self.row[hit], weights=self.weight[hit], minlength=len(self.true))
+
+    def recall(self, probes: int) -> float:
+        total = self.true.sum()
+        return float(self.found(probes).sum() / total) if total > 0 else math.nan
+
+    def smallest(self, target: float, cells: int) -> int:
+        """The fewest probes whose estimated recall reaches ``target`` (``cells`` at most)."""
+        total = self.true.sum()
+        if total <= 0:
+            return cells
+        order = np.argsort(self.need, kind="stable")
+        need = self.need[order]
+        cum = np.cumsum(self.weight[order]) / total
+        reach = np.flatnonzero(cum >= target - 1e-12)
+        if not len(reach):
+            return cells
+        return int(min(cells, max(1, need[reach[0]])))
+
+
+def _rank(scores: np.ndarray, rows: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Position of ``cells[k]`` in the ordering of row ``rows[k]`` of ``scores`` (score
+    descending, ties to the lower cell): the probes needed to reach it is this + 1."""
+    out = np.empty(len(rows), np.int64)
+    step = max(1, (1 << 22) // max(1, scores.shape[1]))
+    idx = np.arange(scores.shape[1])
+    for a in range(0, len(rows), step):
+        r, c = rows[a : a + step], cells[a : a + step]
+        s = scores[r]
+        v = s[np.arange(len(r)), c][:, None]
+        out[a : a + step] = ((s > v) | ((s == v) & (idx[None, :] < c[:, None]))).sum(axis=1)
+    return out
+
+
+def _subsample(qi: np.ndarray, rows: int, cap: int, rng: np.random.Generator):
+    """Keep at most ``cap`` entries per sampled row; (kept positions, weight of each, true counts)."""
+    true = np.bincount(qi, minlength=rows).astype(np.float64)
+    order = rng.permutation(len(qi))
+    order = order[np.argsort(qi[order], kind="stable")]
+    start = np.concatenate([[0], np.cumsum(true.astype(np.int64))[:-1]])
+    rank = np.arange(len(order)) - start[qi[order]]
+    kept = order[rank < cap]
+    weight = true[qi[kept]] / np.minimum(true[qi[kept]], cap)
+    return kept, weight, true
+
+
+def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random.Generator,
+                  nearest: bool = False) -> Evidence:
+    """Evidence for :func:`embedcache.index._partition.pairs`: a true pair (i, j) is found
+    when i and j share a cell, or when either probes the other's cell.
+
+    ``nearest``: use each sampled row's nearest other row as its one "true pair" instead (a
+    stand-in when the threshold leaves too few pairs to calibrate on).
+    """
+    q = x[sample]
+    if nearest:
+        s, j = kernels.top_k(q, x, min(2, len(x)))
+        pick = np.where(j[:, 0] == sample, 1, 0) if j.shape[1] > 1 else np.zeros(len(q), np.int64)
+        qi = np.arange(len(q))
+        jj = j[qi, pick]
+        ok = (jj >= 0) & (jj != sample)
+        qi, jj = qi[ok], jj[ok]
+    else:
+        qi, jj, _ = kernels.similar_pairs(q, threshold, y=x)
+        ok = jj != sample[qi]
+        qi, jj = qi[ok], jj[ok]
+    kept, weight, true = _subsample(qi, len(sample), _config.INDEX_RECALL_PAIRS_PER_ROW, rng)
+    qi, jj = qi[kept], jj[kept]
+    i = sample[qi]
+    partners, pos = np.unique(jj, return_inverse=True)
+    s_q = kernels.cosine_similarity(q, index.centroids)
+    s_p = kernels.cosine_similarity(x[partners], index.centroids)
+    need = np.minimum(_rank(s_q, qi, index.own[jj]), _rank(s_p, pos.reshape(-1), index.own[i])) + 1
+    need[index.own[i] == index.own[jj]] = 0
+    return Evidence(true, qi.astype(np.int64), need, weight)
+
+
+def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
+    """Evidence for a k-nearest-neighbour search of the sampled rows (own cell always probed):
+    a true neighbour j of i is found when it shares i's cell or i probes j's cell."""
+    q = x[sample]
+    _, nb = kernels.top_k(q, x, min(k + 1, len(x)))
+    own_hit = nb == sample[:, None]
+    # drop the row itself, or the last neighbour where it was not listed
+    drop = np.where(own_hit.any(axis=1), own_hit.argmax(axis=1), nb.shape[1] - 1)
+    keep = np.ones(nb.shape, bool)
+    keep[np.arange(len(q)), drop] = False
+    nb = nb[keep].reshape(len(q), -1)[:, :k]
+    qi = np.repeat(np.arange(len(q)), nb.shape[1])
+    jj = nb.ravel()
+    ok = jj >= 0
+    qi, jj = qi[ok], jj[ok]
+    true = np.bincount(qi, minlength=len(q)).astype(np.float64)
+    s_q = kernels.cosine_similarity(q, index.centroids)
+    need = _rank(s_q, qi, index.own[jj]) + 1
+    need[index.own[sample[qi]] == index.own[jj]] = 0
+    return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)))
+
+
+def samples(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint sorted samples of rows (calibration, measurement), each of at most
+    ``INDEX_RECALL_SAMPLE`` rows (half the rows each when there are fewer)."""
+    size = min(_config.INDEX_RECALL_SAMPLE, n // 2)
+    perm = rng.permutation(n)
+    return np.sort(perm[:size]), np.sort(perm[size : 2 * size])
+
+
+def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
+              fallback=None) -> Recall:
+    """Choose the probes for ``target`` on one sample and measure them on another.
+
+    ``evidence_of(sample, rng) -> Evidence``; ``fallback`` (same form) is used to choose when
+    the calibration sample holds fewer than 20 true pairs.
+    """
+    rng = np.random.default_rng([seed, 7])
+    cal, mea = samples(n, rng)
+    ev = evidence_of(cal, rng)
+    if ev.true.sum() < 20 and fallback is not None:
+        ev = fallback(cal, rng)
+    probes = ev.smallest(target, cells)
+    if probes >= cells:
+        return Recall(1.0, 1.0, 1.0, cells, len(mea))  # every cell: exact
+    m = evidence_of(mea, rng)
+    est, low, high = interval(m.found(probes), m.true)
+    return Recall(est, low, high, probes, len(mea))
