@@ -38,6 +38,7 @@ from embedcache.errors import (
     StoreError,
     StoreLockedError,
     StoreWriteError,
+    TextTooLongError,
 )
 from embedcache.kernels import (
     cosine_similarity,
@@ -98,6 +99,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "TextTooLongError",
     "VectorStore",
     "cosine_similarity",
     "deduplicate",
