@@ -57,12 +57,12 @@ __all__ = [
     "EstimateCounter",
     "ExactCounter",
     "InputWindow",
-    "LongTexts",
     "TokenCounter",
     "check_long_texts",
     "chunk_spans",
     "known_window",
-    "plan_long_texts",
+    "cut",
+    "find_long",
     "pool",
     "resolve_window",
 ]
@@ -154,6 +154,10 @@ class TokenCounter(Protocol):
         """Tokens of text (as this counter counts) that fit in ``window``."""
         ...
 
+    def bound(self, text: str) -> int:
+        """A cheap upper bound of the tokens of ``text``."""
+        ...
+
 
 class ExactCounter:
     """Counts with a Hugging Face ``tokenizers`` tokenizer: the model's own tokens.
@@ -211,6 +215,11 @@ class ExactCounter:
 
     def budget(self, window: int) -> int:
         return window - self.specials
+
+    def bound(self, text: str) -> int:
+        # a token spans one UTF-8 byte at least (byte-level BPE), a word piece one character,
+        # a SentencePiece word at most one token more than its characters
+        return 2 * len(text.encode("utf-8", "surrogatepass"))
 
     def __repr__(self) -> str:
         return f"ExactCounter({self.name!r})"
@@ -281,6 +290,10 @@ class EstimateCounter:
 
     def budget(self, window: int) -> int:
         return max(1, math.floor((window - self.specials) / self.factor))
+
+    def bound(self, text: str) -> int:
+        # no unit costs more than the UTF-8 bytes it spans
+        return len(text.encode("utf-8", "surrogatepass"))
 
     def calibrate(self, estimated: int, reported: int, *, where: str = "the server") -> None:
         """Learn from ``reported`` tokens (a server's ``usage``) for inputs estimated at
@@ -494,52 +507,40 @@ def pool(vectors: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (mean / norm if norm > 0 else mean).astype(np.float32)
 
 
-@dataclass
-class LongTexts:
-    """What a policy makes of the texts over the window in one batch.
-
-    rows: positions of the texts over the window.
-    tokens: their token counts (as counted; special tokens left out).
-    pieces: for each of ``rows``, the texts to embed in its place (its chunks, or its
-        first chunk when truncating).
-    weights: for each of ``rows``, the token count of each piece.
-    """
-
-    rows: np.ndarray
-    tokens: np.ndarray
-    pieces: list[list[str]]
-    weights: list[np.ndarray]
-
-    @property
-    def n_pieces(self) -> int:
-        return sum(len(p) for p in self.pieces)
-
-
-def plan_long_texts(
+def find_long(
     texts: Sequence[str], window: InputWindow, policy: str, *, model: str = ""
-) -> LongTexts:
-    """Find the texts of ``texts`` over ``window`` and cut them as ``policy`` says; with
-    ``"error"``, raise :class:`~embedcache.errors.TextTooLongError` for the first."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, tokens)``: the positions of the texts of ``texts`` over ``window`` and their
+    token counts (special tokens left out). Only texts that may be over it are counted (see
+    :meth:`TokenCounter.bound`). With ``policy="error"``, the first one raises
+    :class:`~embedcache.errors.TextTooLongError`, naming its row."""
     budget = window.budget
-    counts = window.counter.counts(texts)
-    rows = np.flatnonzero(counts > budget)
-    pieces: list[list[str]] = []
-    weights: list[np.ndarray] = []
+    counter = window.counter
+    maybe = [i for i, t in enumerate(texts) if counter.bound(t) > budget]
+    if not maybe:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z
+    counts = counter.counts([texts[i] for i in maybe])
+    over = counts > budget
+    rows = np.asarray(maybe, dtype=np.int64)[over]
     if rows.size and policy == "error":
-        i = int(rows[0])
-        how = "" if window.counter.exact else " (estimated)"
+        i, n = int(rows[0]), int(counts[over][0])
+        how = "" if counter.exact else " (estimated)"
         raise TextTooLongError(
-            f"texts[{i}] has {int(counts[i])} tokens{how}, more than the {budget} that fit in "
-            f"the {window.tokens}-token input window of model {model!r} ({window.source}); "
+            f"texts[{i}] has {n} tokens{how}, more than the {budget} that fit in the "
+            f"{window.tokens}-token input window of model {model!r} ({window.source}); "
             f"{rows.size} text(s) are over it. Shorten them, or pass long_texts='chunk' "
             "(or --long-texts chunk) to embed them in chunks"
         )
-    for i in rows.tolist():
-        text = texts[i]
-        spans = chunk_spans(text, window.counter, budget, window.overlap)
-        if policy == "truncate":
-            spans = spans[:1]
-        chunk = [text[a:b] for a, b in spans]
-        pieces.append(chunk)
-        weights.append(np.maximum(window.counter.counts(chunk), 1))
-    return LongTexts(rows, counts[rows], pieces, weights)
+    return rows, counts[over]
+
+
+def cut(text: str, window: InputWindow, policy: str) -> tuple[list[str], np.ndarray]:
+    """The pieces to embed for a ``text`` over ``window`` (its chunks, or its first chunk
+    when ``policy`` is ``"truncate"``) and each one's token count (at least 1), the weights
+    of :func:`pool`."""
+    spans = chunk_spans(text, window.counter, window.budget, window.overlap)
+    if policy == "truncate":
+        spans = spans[:1]
+    pieces = [text[a:b] for a, b in spans]
+    return pieces, np.maximum(window.counter.counts(pieces), 1)
