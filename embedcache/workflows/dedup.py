@@ -59,6 +59,7 @@ def deduplicate(
     keep: str | Callable[[np.ndarray, Any], int] = "first",
     mode: str = "connected",
     progress: bool | None = None,
+    long_texts: str | None = None,
 ) -> DedupResult:
     """Find near-duplicates by cosine similarity and choose which items to keep.
 
@@ -81,13 +82,17 @@ def deduplicate(
     mode: how pairs become groups, ``"connected"`` or ``"greedy"``; see the module
     docstring. With ``against`` there are no groups and it is only recorded.
     progress: ``None`` shows progress bars when stderr is a terminal, ``False`` never.
+    long_texts: texts longer than the embedder's input window are embedded in chunks
+    (``"chunk"``, the default), cut to the window (``"truncate"``, what the server would do:
+    texts that share their first window come out equal) or refused (``"error"``); see
+    :class:`~embedcache.CachedEmbedder`. ``None``: a CachedEmbedder's own policy.
     """
     threshold = check_threshold(threshold)
     mode = check_choice("mode", mode, _MODES)
     items = _ordered(items, "items")
     if against is not None:
         against = _ordered(against, "against")
-    with _Embedding(embedder) as emb:
+    with _Embedding(embedder, long_texts) as emb:
         if against is None:  # check what can be checked before anything is embedded
             _check_keep(keep, None, mode)
         else:

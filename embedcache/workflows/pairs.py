@@ -21,16 +21,19 @@ def near_duplicates(
     threshold: float,
     embedder: Any = None,
     progress: bool | None = None,
+    long_texts: str | None = None,
 ) -> PairTable:
     """Every pair ``i < j`` of items with cosine similarity >= ``threshold``, highest score
     first, ties by ``i`` then ``j``.
 
     items: texts (embedded as in :func:`deduplicate`), an (n, d) array, or a VectorStore.
     Exact duplicates are embedded once and reported as pairs with score 1.0.
+    long_texts: the policy for texts over the embedder's input window, as in
+    :func:`deduplicate`.
     """
     threshold = check_threshold(threshold)
     items = _ordered(items, "items")
-    with _Embedding(embedder) as emb:
+    with _Embedding(embedder, long_texts) as emb:
         p = _prepare(items, emb=emb, progress=progress)
     i, j, s = _find_pairs(p, threshold, progress).expand()
     return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
