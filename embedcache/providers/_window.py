@@ -414,11 +414,11 @@ _SENTENCE_END = frozenset(".!?;。！？；…")
 _CJK_END = frozenset("。！？；")
 
 
-def _pick_end(text: str, starts: np.ndarray, ends: np.ndarray, a: int, b_max: int) -> int:
-    """Where a chunk from unit ``a`` ends (exclusive), at most ``b_max``: the last sentence
-    boundary in the second half, else the last whitespace there, else the last unit boundary
-    that splits no character."""
-    lo = a + max(1, (b_max - a) // 2)
+def _pick_end(text: str, starts: np.ndarray, ends: np.ndarray, a: int, b_max: int, min_end: int) -> int:
+    """Where a chunk from unit ``a`` ends (exclusive), in ``[min_end, b_max]``: the last
+    sentence boundary in the second half, else the last whitespace there, else the last unit
+    boundary that splits no character."""
+    lo = max(a + max(1, (b_max - a) // 2), min_end)
     fallback = None
     for b in range(b_max, lo - 1, -1):
         if not _cut_ok(starts, ends, b):
@@ -431,7 +431,7 @@ def _pick_end(text: str, starts: np.ndarray, ends: np.ndarray, a: int, b_max: in
             fallback = b
     if fallback is not None:
         return fallback
-    for b in range(b_max, a, -1):
+    for b in range(b_max, min_end - 1, -1):
         if _cut_ok(starts, ends, b):
             return b
     return b_max
@@ -467,23 +467,31 @@ def chunk_spans(text: str, counter: TokenCounter, budget: int, overlap: int = 0)
     cum = np.concatenate([[0], np.cumsum(costs)])
     if cum[-1] <= budget or n <= 1:
         return [(0, len(text))]
+    overlap = min(overlap, budget // 2)
     spans: list[tuple[int, int]] = []
-    a = 0
+    a = end = 0
     while True:
-        begin = 0 if a == 0 else int(starts[a])
+        min_end = max(a, end) + 1  # each chunk reaches past the one before
         limit = budget
         while True:
+            begin = 0 if a == 0 else int(starts[a])
             b_max = int(np.searchsorted(cum, cum[a] + limit, side="right")) - 1
-            b_max = min(max(b_max, a + 1), n)
-            b = n if b_max >= n else _pick_end(text, starts, ends, a, b_max)
+            b_max = min(max(b_max, min_end), n)
+            b = n if b_max >= n else _pick_end(text, starts, ends, a, b_max, min_end)
             while b < n and starts[b] <= begin:  # zero-width units: never an empty chunk
                 b += 1
             stop = len(text) if b >= n else int(starts[b])
             excess = int(counter.counts([text[begin:stop]])[0]) - budget
-            if excess <= 0 or b - a <= 1:
+            if excess <= 0:
                 break
-            limit = max(1, min(limit - excess, int(cum[b] - cum[a]) - 1))
+            if b > min_end:  # end earlier
+                limit = max(1, min(limit - excess, int(cum[b] - cum[a]) - 1))
+            elif a < end:  # the overlap leaves no room: give it up
+                a, limit = end, budget
+            else:  # one unit over the budget: nothing smaller to cut
+                break
         spans.append((begin, stop))
+        end = b
         if b >= n:
             return spans
         # the next chunk starts up to `overlap` tokens back, on a word start when one is there
