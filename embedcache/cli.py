@@ -96,6 +96,12 @@ def make_embedder(provider: str | None, model: str | None, base_url: str | None,
         if not hasattr(emb, "max_input_tokens"):
             raise ConfigurationError("--max-input-tokens does not apply to --provider hashing (no window)")
         emb.max_input_tokens = max_input_tokens
+    elif hasattr(emb, "base_url"):
+        from embedcache.providers._window import ASSUMED_WINDOW, known_window, take_assumption_notice
+
+        if known_window(emb.model) is None and take_assumption_notice(emb.model):
+            _say(quiet, f"the input window of {emb.model} is unknown; assumed {ASSUMED_WINDOW} tokens "
+                        "(--max-input-tokens sets it)")
     if callable(getattr(emb, "close", None)):
         _opened.append(emb)
     return emb

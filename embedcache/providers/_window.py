@@ -120,6 +120,17 @@ def known_window(model: str) -> int | None:
     return _BY_NAME.get(name, _BY_TAIL.get(name.rsplit("/", 1)[-1]))
 
 
+def take_assumption_notice(model: str) -> bool:
+    """For a caller that tells the user itself that the window of ``model`` is assumed (the
+    command line, in its notes): True when it had not been said yet, and it is not logged."""
+    key = f"window|{model}"
+    with _warned_lock:
+        if key in _warned:
+            return False
+        _warned.add(key)
+        return True
+
+
 def _warn_once(key: str, message: str) -> None:
     with _warned_lock:
         if key in _warned:
