@@ -39,6 +39,7 @@ from embedcache.errors import (
     StoreError,
     StoreLockedError,
     StoreWriteError,
+    TextTooLongError,
 )
 from embedcache.kernels import (
     cosine_similarity,
@@ -100,6 +101,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "TextTooLongError",
     "VectorStore",
     "cosine_similarity",
     "deduplicate",

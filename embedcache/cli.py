@@ -88,10 +88,22 @@ def _close_opened() -> None:
 
 def make_embedder(provider: str | None, model: str | None, base_url: str | None, *, quiet: bool,
                   max_retries: int | None = None, timeout: float | None = None,
-                  dimensions: int | None = None):
-    """The embedder the options ask for; says on stderr which one it is."""
+                  dimensions: int | None = None, max_input_tokens: int | None = None,
+                  long_texts: str | None = None):
+    """The embedder the options ask for; says on stderr which one it is. ``long_texts`` is
+    for the cache that wraps it (:func:`_with_cache`)."""
     emb = _make_embedder(provider, model, base_url, quiet=quiet, max_retries=max_retries,
                          timeout=timeout, dimensions=dimensions)
+    if max_input_tokens is not None:
+        if not hasattr(emb, "max_input_tokens"):
+            raise ConfigurationError("--max-input-tokens does not apply to --provider hashing (no window)")
+        emb.max_input_tokens = max_input_tokens
+    elif hasattr(emb, "base_url"):
+        from embedcache.providers._window import ASSUMED_WINDOW, known_window, take_assumption_notice
+
+        if known_window(emb.model) is None and take_assumption_notice(emb.model):
+            _say(quiet, f"the input window of {emb.model} is unknown; assumed {ASSUMED_WINDOW} tokens "
+                        "(--max-input-tokens sets it)")
     if callable(getattr(emb, "close", None)):
         _opened.append(emb)
     return emb
@@ -237,17 +249,29 @@ def _check_space(emb: Any, texts: Sequence[str]) -> None:
 
 
 def _cached(embedder_opts: dict[str, Any], cache_dir: str | None, quiet: bool):
-    return _with_cache(make_embedder(**embedder_opts, quiet=quiet), cache_dir)
+    return _with_cache(make_embedder(**embedder_opts, quiet=quiet), cache_dir,
+                       embedder_opts.get("long_texts"))
 
 
-def _with_cache(emb: Any, cache_dir: str | None):
+def _with_cache(emb: Any, cache_dir: str | None, long_texts: str | None = None):
     from embedcache.cache import CachedEmbedder
 
     cache = _cache(cache_dir)
     _opened.append(cache)
-    cached = CachedEmbedder(emb, cache=cache)
+    cached = CachedEmbedder(emb, cache=cache, long_texts=long_texts or "chunk")
     _opened.append(_EvictionNote(cached))
     return cached
+
+
+def _long_note(emb: Any, quiet: bool) -> None:
+    """Say how many texts were over the model's window and what they cost."""
+    st = emb.stats
+    if st.long_texts:
+        window = emb.input_window
+        how = ("cut to their first window" if emb.long_texts == "truncate"
+               else f"embedded as {st.chunks} chunks")
+        _say(quiet, f"{st.long_texts} texts were over the input window of {window.describe()}, "
+                    f"{how} ({st.chunk_requests} requests, {st.chunk_tokens} tokens)")
 
 
 def _progress(quiet: bool) -> bool | None:
@@ -294,9 +318,11 @@ def provider_options(f, *, store: bool = False):
                   help="Retries of a failed request (openai provider).")
     @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Seconds to wait for a reply (openai provider).")
+    @click.option("--long-texts", type=click.Choice(["chunk", "truncate", "error"]), default="chunk", show_default=True, help="Texts over the model's input window: embed in chunks pooled into one vector, cut to the window (as the server would: texts sharing their first window come out equal), or stop with an error naming the row.")
+    @click.option("--max-input-tokens", type=click.IntRange(min=4), default=None, help="The model's input window in tokens (default: known for common models, the local model's max_seq_length, else 512 assumed).")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        opts = {key: kwargs.pop(key) for key in (*_EMBEDDER_OPTIONS, "max_retries", "timeout")}
+        opts = {key: kwargs.pop(key) for key in (*_EMBEDDER_OPTIONS, "max_retries", "timeout", "long_texts", "max_input_tokens")}
         return f(*args, embedder_opts=opts, **kwargs)
 
     return wrapper
@@ -403,6 +429,7 @@ def embed(input_path, field, fmt, no_header, output, embedder_opts, cache_dir, q
     st = emb.stats
     _say(quiet, f"wrote {x.shape[0]} x {x.shape[1]} vectors to {output} "
                 f"({st.hits} from the cache, {st.misses} embedded)")
+    _long_note(emb, quiet)
 
 
 def dedup_options(f):
@@ -456,6 +483,7 @@ def dedup(input_path, field, fmt, no_header, output, report, html_report, thresh
     _check_space(emb, data.texts + (ref.texts if ref else []))
     res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
                       against=ref.texts if ref else None, progress=_progress(quiet))
+    _long_note(emb, quiet)
     ids = data.ids(id_field)
     kept = sorted([rows[k] for k in res.kept.tolist()] + full.skipped)
     with staged_outputs() as outputs:  # both complete, or neither replaced
@@ -551,6 +579,7 @@ def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_r
     emb = _cached(embedder_opts, cache_dir, quiet)
     _check_space(emb, data.texts)
     table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet))
+    _long_note(emb, quiet)
     ids = full.ids(id_field)
     table = PairTable(at[table.i], at[table.j], table.score, texts_i=full.texts, texts_j=full.texts,
                       ids_i=ids, ids_j=ids, sort=False)
@@ -664,7 +693,7 @@ def _store_embedder(vs: Any, store_path: str, embedder_opts: dict[str, Any], cac
         if emb is None:
             raise NamespaceMismatchError(cannot)
         _say(quiet, f"used the store's embedder, {emb!r}")
-    return _with_cache(emb, cache_dir)
+    return _with_cache(emb, cache_dir, embedder_opts.get("long_texts"))
 
 
 @store.command("add")
@@ -711,6 +740,7 @@ def store_add(store_path, input_path, field, fmt, no_header, id_field, upsert, e
             vs.add_texts(data.texts, emb, ids=ids, metadata=metadata, upsert=upsert, text_key=key)
         except DuplicateIdError:
             raise DuplicateIdError(_duplicate_id_message(vs, store_path, data, ids, hashed)) from None
+        _long_note(emb, quiet)
         click.echo(f"{store_path}: {len(vs)} rows ({len(vs) - before:+d})")
 
 

@@ -8,7 +8,8 @@ this package::
     EmbedCacheError
     ├── InvalidInputError (ValueError)           bad argument values: texts, arrays, k, thresholds
     │   ├── InvalidInputTypeError (TypeError)    wrong type or dtype
-    │   └── DimensionMismatchError               vectors of another dimension than expected
+    │   ├── DimensionMismatchError               vectors of another dimension than expected
+    │   └── TextTooLongError                     a text over the model's window (long_texts="error")
     ├── ConfigurationError (ValueError)          missing API key, unknown option, bad setting
     ├── MissingDependencyError (ImportError)     an optional extra is not installed
     ├── APIError                                 the embeddings service failed us
@@ -66,6 +67,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "TextTooLongError",
 ]
 
 
@@ -83,6 +85,11 @@ class InvalidInputTypeError(InvalidInputError, TypeError):
 
 class DimensionMismatchError(InvalidInputError):
     """Vectors have another dimension than the one expected."""
+
+
+class TextTooLongError(InvalidInputError):
+    """A text is longer than the model's input window and the policy is ``long_texts="error"``;
+    the message names the row."""
 
 
 class ConfigurationError(EmbedCacheError, ValueError):

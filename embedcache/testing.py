@@ -27,6 +27,7 @@ import argparse
 import base64
 import hashlib
 import json
+import re
 import socket
 import sys
 import threading
@@ -138,11 +139,24 @@ class FakeEmbeddingServer:
     dim: native dimension (a request's ``dimensions`` overrides it).
     api_key: required bearer token (``None`` accepts any). A wrong key gets a 401 whose
         message echoes the key back, like some real servers do.
+    truncate_tokens: read only the first this many tokens of each input, as a model with
+        that window does (the vector is that of the text up to its last token read, and
+        ``usage`` counts the tokens read). Tokens here are whitespace-separated words.
+    max_batch_inputs: refuse a request of more inputs with a 413, as
+        text-embeddings-inference does (``"batch size 128 > maximum allowed batch size 32"``).
+    max_batch_tokens: refuse a request of more tokens (words) with OpenAI's 400
+        ``max_tokens_per_request``. ``refused`` lists ``(status, inputs)`` of each refusal.
     """
 
     def __init__(self, dim: int = 8, *, api_key: str | None = "test-key",
-                 models: tuple[str, ...] = DEFAULT_MODELS, port: int = 0) -> None:
+                 models: tuple[str, ...] = DEFAULT_MODELS, port: int = 0,
+                 truncate_tokens: int | None = None, max_batch_inputs: int | None = None,
+                 max_batch_tokens: int | None = None) -> None:
         self.dim = dim
+        self.truncate_tokens = truncate_tokens
+        self.max_batch_inputs = max_batch_inputs
+        self.max_batch_tokens = max_batch_tokens
+        self.refused: list[tuple[int, int]] = []
         self.api_key = api_key
         self.models = list(models)
         self.faults: deque[Fault] = deque()
@@ -191,6 +205,18 @@ class FakeEmbeddingServer:
     def embedding_requests(self) -> list[Recorded]:
         with self._lock:
             return [r for r in self.requests if r.path.endswith("/embeddings")]
+
+
+_WORD = re.compile(r"\S+")
+
+
+def read_window(text: str, tokens: int | None) -> tuple[str, int]:
+    """What a model with a window of ``tokens`` words reads of ``text``, and how many tokens
+    that is (the whole text when ``tokens`` is ``None`` or the text is shorter)."""
+    words = list(_WORD.finditer(text))
+    if tokens is None or len(words) <= tokens:
+        return text, len(words)
+    return text[: words[tokens - 1].end()], tokens
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -306,6 +332,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(404, f"The model `{body.get('model')}` does not exist.")
             return
         texts = body["input"]
+        if self._refuse(texts):
+            return
+        read = [read_window(t, self.fake.truncate_tokens) for t in texts]
+        texts = [t for t, _ in read]
         dim = body.get("dimensions") or self.fake.dim
         kind = fault.kind if fault is not None else None
         vectors = [expected_vector(t, dim) for t in texts]
@@ -328,10 +358,32 @@ class _Handler(BaseHTTPRequestHandler):
             data.pop()
         elif kind == "duplicate_index" and len(data) > 1:
             data[1]["index"] = data[0]["index"]
-        tokens = sum(len(t.split()) for t in texts)
+        tokens = sum(n for _, n in read)
         reply = {"object": "list", "data": data, "model": body["model"],
                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         self._send(200, json.dumps(reply).encode())
+
+
+    def _refuse(self, texts: list) -> bool:
+        """Refuse a batch over the server's limits, as real servers do; True when refused."""
+        fake = self.fake
+        if fake.max_batch_inputs is not None and len(texts) > fake.max_batch_inputs:
+            with fake._lock:
+                fake.refused.append((413, len(texts)))
+            self._send(413, json.dumps({
+                "error": f"batch size {len(texts)} > maximum allowed batch size {fake.max_batch_inputs}",
+                "error_type": "Validation"}).encode())
+            return True
+        tokens = sum(len(_WORD.findall(t)) for t in texts if isinstance(t, str))
+        if fake.max_batch_tokens is not None and tokens > fake.max_batch_tokens:
+            with fake._lock:
+                fake.refused.append((400, len(texts)))
+            self._send(400, json.dumps({"error": {
+                "message": f"Requested {tokens:,} tokens, max {fake.max_batch_tokens:,} tokens per request",
+                "type": "max_tokens_per_request", "param": None,
+                "code": "max_tokens_per_request"}}).encode())
+            return True
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -658,6 +658,8 @@ def test_a_failed_call_leaves_no_retries_running(fake_server):
 
 @pytest.mark.parametrize("max_concurrency", [1, 2])
 def test_close_cuts_requests_under_way(fake_server, max_concurrency):
+    make(fake_server).embed(["warm"])  # a server that has answered gets every batch at once
+    warm = len(fake_server.embedding_requests)
     fake_server.push(*[Fault.slow(20.0)] * max_concurrency)
     emb = make(fake_server, batch_size=1, max_concurrency=max_concurrency, max_retries=5, timeout=30)
     outcome = {}
@@ -671,7 +673,7 @@ def test_close_cuts_requests_under_way(fake_server, max_concurrency):
     caller = threading.Thread(target=run)
     caller.start()
     deadline = time.monotonic() + 5
-    while len(fake_server.embedding_requests) < max_concurrency and time.monotonic() < deadline:
+    while len(fake_server.embedding_requests) < warm + max_concurrency and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
     started = time.monotonic()
@@ -685,7 +687,7 @@ def test_close_cuts_requests_under_way(fake_server, max_concurrency):
     while _http_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not _http_threads()
-    assert len(fake_server.embedding_requests) == max_concurrency  # nothing retried
+    assert len(fake_server.embedding_requests) == warm + max_concurrency  # nothing retried
     # still usable afterwards
     np.testing.assert_array_equal(emb.embed(["c"]), expected(["c"]))
     emb.close()

@@ -7,12 +7,21 @@ cache cannot be written (a full disk, a file-size limit, a read-only directory, 
 holds the lock too long), the call still returns every vector it paid for, with a
 :class:`RuntimeWarning` naming the directory and the cause, and stops writing for the rest
 of that call.
+
+A text longer than the embedder's ``input_window`` is handled as ``long_texts`` says
+(:mod:`embedcache.providers._window`): its chunks are embedded like any text (each one
+cached, so a header many texts share is paid for once) and pooled into one vector, cached
+under a namespace that names the policy and the window; or its first window is embedded; or
+the call is refused. Texts within the window take exactly the path, and the keys, they
+always did.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
+import os
 import sys
 import threading
 import time
@@ -29,10 +38,23 @@ from embedcache.cache._cache import CacheEvictionWarning, EmbeddingCache
 from embedcache.cache._codec import float32_rows
 from embedcache.cache._space import format_size
 from embedcache.errors import CacheError, InvalidInputError, InvalidInputTypeError, InvalidResponseError
+from embedcache.providers._window import DEFAULT_LONG_TEXTS, InputWindow, check_long_texts, cut, find_long, pool
 from embedcache.providers.base import BatchCallback, Embedder, Usage, metered, validate_texts
 
 __all__ = ["CachedEmbedder", "EmbedStats"]
 
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by this function's caller that points at
+    the first frame outside the embedcache package: the user's line, however deep the call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 @dataclass
 class EmbedStats:
@@ -49,6 +71,11 @@ class EmbedStats:
     evicted: cached vectors that writing this embedder's misses evicted to keep the cache under
         its size limit (never, without one); each call that evicts warns with a
         :class:`~embedcache.cache.CacheEvictionWarning`.
+    long_texts: distinct texts of each call over the embedder's input window.
+    chunks: pieces they were embedded as (chunks, or first windows when truncating), whether
+        from the cache or not.
+    chunk_requests, chunk_tokens: the requests and tokens spent on those pieces (included in
+        ``requests`` and ``tokens``): what long texts cost.
     """
 
     hits: int = 0
@@ -57,6 +84,10 @@ class EmbedStats:
     tokens: int = 0
     seconds: float = 0.0
     evicted: int = 0
+    long_texts: int = 0
+    chunks: int = 0
+    chunk_requests: int = 0
+    chunk_tokens: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -341,7 +372,7 @@ class _Call:
             warnings.warn(
                 f"{exc}; the vectors of this call are returned but not cached",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=_user_stacklevel(),
             )
 
     def deliver(self, slots: np.ndarray) -> None:
@@ -403,7 +434,7 @@ class _Call:
                 "they will be paid for again when needed: raise size_limit, or pass size_limit=None "
                 "to keep everything",
                 CacheEvictionWarning,
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
 
 
@@ -418,6 +449,11 @@ class CachedEmbedder:
         ``on_batch`` is called on chunks of ``batch_size`` misses (the embedder's attribute,
         else 256), each chunk cached as it returns.
     cache: an :class:`EmbeddingCache`; default: one at the default directory.
+    long_texts: what to do with a text over the embedder's ``input_window`` (an embedder
+        without one has no limit): ``"chunk"`` (default) embeds it in window-sized chunks
+        and pools them into one unit vector weighted by their token counts; ``"truncate"``
+        embeds its first window, as the server would; ``"error"`` raises
+        :class:`~embedcache.errors.TextTooLongError` naming the row.
 
     Misses are written to the cache as each batch of results arrives, so an error half-way
     keeps what was already paid for. A cache that cannot be written (full disk, file-size
@@ -434,7 +470,9 @@ class CachedEmbedder:
     ``stats`` count on from a copy of this object's.
     """
 
-    def __init__(self, embedder: Embedder, cache: EmbeddingCache | None = None) -> None:
+    def __init__(
+        self, embedder: Embedder, cache: EmbeddingCache | None = None, *, long_texts: str = DEFAULT_LONG_TEXTS
+    ) -> None:
         for attr in ("cache_namespace", "embed"):
             if not hasattr(embedder, attr):
                 raise InvalidInputTypeError(
@@ -446,6 +484,7 @@ class CachedEmbedder:
                 f"cache must be an EmbeddingCache or None, got {type(cache).__name__}"
             )
         self.embedder = embedder
+        self.long_texts = check_long_texts(long_texts)
         self._embed_takes_on_batch = _takes_on_batch(embedder.embed)
         aembed = getattr(embedder, "aembed", None)
         self._aembed = aembed if callable(aembed) else None
@@ -478,11 +517,15 @@ class CachedEmbedder:
         return getattr(self.embedder, "dimensions", None)
 
     @property
+    def input_window(self) -> InputWindow | None:
+        """The wrapped embedder's input window (``None``: it has no limit)."""
+        return getattr(self.embedder, "input_window", None)
+
+    @property
     def stats(self) -> EmbedStats:
         """A snapshot of the cumulative counters."""
         with self._stats_lock:
-            s = self._stats
-            return EmbedStats(s.hits, s.misses, s.requests, s.tokens, s.seconds, s.evicted)
+            return dataclasses.replace(self._stats)
 
     def _record(self, *, hits: int, misses: int, requests: int, tokens: int, seconds: float,
                 evicted: int = 0) -> None:
@@ -493,6 +536,19 @@ class CachedEmbedder:
             self._stats.requests += requests
             self._stats.tokens += tokens
             self._stats.seconds += seconds
+
+    def _record_long(self, **counts: int) -> None:
+        with self._stats_lock:
+            for name, value in counts.items():
+                setattr(self._stats, name, getattr(self._stats, name) + value)
+
+    def _find_long(self, texts: list[str]) -> tuple[InputWindow, np.ndarray] | None:
+        """The window and the rows of ``texts`` over it; ``None`` when none is."""
+        window = self.input_window
+        if window is None:
+            return None
+        rows, _ = find_long(texts, window, self.long_texts, model=self.model)
+        return (window, rows) if rows.size else None
 
     def embed(
         self,
@@ -506,8 +562,83 @@ class CachedEmbedder:
         progress: ``None`` shows a progress bar over the misses only when stderr is a
             terminal, ``True`` always, ``False`` never.
         on_batch: ``on_batch(positions, vectors)`` as in the Embedder protocol: once for the
-            texts served from the cache, then as each batch of misses arrives.
+            texts served from the cache, then as each batch of misses arrives (texts over the
+            input window: once, at the end).
         """
+        items = validate_texts(texts)
+        long = self._find_long(items)
+        if long is not None:
+            return self._embed_long(items, *long, progress, on_batch)
+        return self._embed_texts(items, progress, on_batch)
+
+    def _embed_long(self, items: list[str], window: InputWindow, rows: np.ndarray,
+                    progress: bool | None, on_batch: BatchCallback | None) -> np.ndarray:
+        """:meth:`embed` for texts some of which (``rows``) are over ``window``."""
+        started = time.perf_counter()
+        distinct = list(dict.fromkeys(items[i] for i in rows.tolist()))
+        if self.long_texts == "truncate":
+            first = {t: cut(t, window, "truncate")[0][0] for t in distinct}
+            with metered() as cost:
+                out = self._embed_texts([first.get(t, t) for t in items], progress, on_batch)
+            requests, tokens = cost.snapshot()
+            self._record_long(long_texts=len(distinct), chunks=len(distinct),
+                              chunk_requests=requests, chunk_tokens=tokens)
+            return out
+        is_long = np.zeros(len(items), dtype=bool)
+        is_long[rows] = True
+        short = np.flatnonzero(~is_long)
+        short_vectors = None
+        if short.size:
+            relay = None if on_batch is None else (lambda p, v: on_batch(short[p], v))
+            short_vectors = self._embed_texts([items[i] for i in short], progress, relay)
+        pooled, n_chunks, hits, requests, tokens = self._pooled(distinct, window, progress, short_vectors)
+        vectors = np.stack([pooled[t] for t in distinct])
+        out = np.empty((len(items), vectors.shape[1]), dtype=np.float32)
+        if short_vectors is not None:
+            out[short] = short_vectors
+        where = {t: k for k, t in enumerate(distinct)}
+        out[rows] = vectors[[where[items[i]] for i in rows.tolist()]]
+        if on_batch is not None:
+            on_batch(rows.astype(np.int64), out[rows])
+        self._record(hits=hits, misses=0, requests=0, tokens=0, seconds=time.perf_counter() - started)
+        self._record_long(long_texts=len(distinct), chunks=n_chunks, chunk_requests=requests,
+                          chunk_tokens=tokens)
+        return out
+
+    def _pooled(self, texts: list[str], window: InputWindow, progress: bool | None,
+                like: np.ndarray | None) -> tuple[dict[str, np.ndarray], int, int, int, int]:
+        """The pooled vectors of ``texts`` (all over ``window``): from the cache, else from
+        their chunks (embedded through the cache), then cached. Also returns the chunks
+        embedded, the pooled vectors found, and the requests and tokens the chunks cost."""
+        namespace = f"{self.cache_namespace}|{window.key('chunk')}"
+        keys = self.cache.raw_keys(namespace, self.model, self.dimensions, texts)
+        dim = like.shape[1] if like is not None else self.dimensions
+        found, cached = self.cache.lookup(keys, dim)
+        pooled = {t: cached[k] for k, t in enumerate(texts) if found[k]}  # type: ignore[index]
+        todo = [k for k in range(len(texts)) if not found[k]]
+        if not todo:
+            return pooled, 0, len(texts), 0, 0
+        pieces, weights = zip(*(cut(texts[k], window, "chunk") for k in todo))
+        flat = [p for ps in pieces for p in ps]
+        with metered() as cost:
+            chunk_vectors = self._embed_texts(flat, progress, None)
+        made = np.empty((len(todo), chunk_vectors.shape[1]), dtype=np.float32)
+        start = 0
+        for m, (ps, w) in enumerate(zip(pieces, weights)):
+            made[m] = pool(chunk_vectors[start : start + len(ps)], w)
+            start += len(ps)
+        try:
+            self.cache.put([keys[k] for k in todo], made)
+        except CacheError as exc:
+            warnings.warn(f"{exc}; the pooled vectors of this call are returned but not cached",
+                          RuntimeWarning, stacklevel=_user_stacklevel())
+        pooled.update((texts[k], made[m]) for m, k in enumerate(todo))
+        requests, tokens = cost.snapshot()
+        return pooled, len(flat), int(found.sum()), requests, tokens
+
+    def _embed_texts(self, texts: list[str], progress: bool | None,
+                     on_batch: BatchCallback | None) -> np.ndarray:
+        """:meth:`embed` for texts within the window (or an embedder without one)."""
         with metered() as usage:
             call = _Call(self, texts, progress, on_batch, usage, thread=threading.get_ident(), blocking=True)
             try:
@@ -532,11 +663,16 @@ class CachedEmbedder:
 
         Uses the wrapped embedder's ``aembed`` when it has one, else runs its ``embed`` in a
         worker thread; the cache lookup runs in a worker thread too. Batches that arrive on
-        the event loop are written to the cache there (one short transaction each).
+        the event loop are written to the cache there (one short transaction each). A call
+        with texts over the input window runs :meth:`embed` in a worker thread.
         """
+        items = await asyncio.to_thread(validate_texts, texts)
+        long = await asyncio.to_thread(self._find_long, items)
+        if long is not None:
+            return await asyncio.to_thread(self._embed_long, items, *long, progress, on_batch)
         with metered() as usage:
             call = await asyncio.to_thread(
-                _Call, self, texts, progress, on_batch, usage, thread=threading.get_ident(), blocking=False
+                _Call, self, items, progress, on_batch, usage, thread=threading.get_ident(), blocking=False
             )
             try:
                 call.deliver(np.flatnonzero(call.have))

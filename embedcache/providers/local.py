@@ -20,6 +20,7 @@ from embedcache.errors import (
     MissingDependencyError,
 )
 from embedcache._validation import check_int
+from embedcache.providers._window import ExactCounter, InputWindow, local_counter, resolve_window
 from embedcache.providers.base import BatchCallback, Usage, validate_texts
 
 __all__ = ["LocalEmbeddings"]
@@ -37,6 +38,11 @@ class LocalEmbeddings:
     device: torch device, ``"cpu"`` by default (``"cuda"``, ``"mps"``...).
     batch_size: texts per forward pass. Larger is faster on a GPU and uses more memory.
     normalize: return unit-length rows (cosine = dot product).
+    max_input_tokens: the window chunks of long texts are cut to; default: the model's own
+        ``max_seq_length`` (past which it drops the rest of a text).
+
+    ``input_window`` counts tokens with the model's own tokenizer, read from the model
+    directory's ``tokenizer.json`` without loading the model when it is there.
 
     The model is loaded on the first :meth:`embed`. ``cache_namespace`` holds the model
     id, or the absolute path of a local directory, and the ``normalize`` flag: if the files
@@ -50,6 +56,7 @@ class LocalEmbeddings:
         device: str = "cpu",
         batch_size: int = 32,
         normalize: bool = True,
+        max_input_tokens: int | None = None,
     ) -> None:
         if not isinstance(model_name_or_path, (str, os.PathLike)):
             raise InvalidInputTypeError(
@@ -70,6 +77,9 @@ class LocalEmbeddings:
         self.cache_namespace = f"local|{self._source}|normalize={int(self.normalize)}"
         self.usage = Usage()
         self._model: Any = None
+        self.max_input_tokens = None if max_input_tokens is None else check_int(
+            "max_input_tokens", max_input_tokens, 4)
+        self._window: InputWindow | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -86,6 +96,19 @@ class LocalEmbeddings:
                     ) from exc
                 self._model = SentenceTransformer(self._source, device=self.device)
             return self._model
+
+    @property
+    def input_window(self) -> InputWindow:
+        """The model's window (its ``max_seq_length``) and its own tokenizer to count with."""
+        if self._window is None:
+            counter, length = local_counter(self._source)
+            if counter is None or length is None:
+                model = self._load()
+                length = int(model.max_seq_length)
+                counter = ExactCounter(model.tokenizer.backend_tokenizer)
+            self._window = resolve_window(self.model, setting=self.max_input_tokens,
+                                          model_config=length, counter=counter)
+        return self._window
 
     @property
     def native_dimension(self) -> int:

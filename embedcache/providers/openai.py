@@ -37,6 +37,18 @@ The HTTP plumbing (transport, retries, error mapping, key redaction, rate limit)
 The sync and async paths share request building, reply handling and result storing; only the
 sending differs (threads and a transport that :meth:`OpenAIEmbeddings.close` can cut, or tasks).
 
+A batch the server refuses as too large (a 413, as text-embeddings-inference answers above
+32 inputs; a 400 ``max_tokens_per_request``, as OpenAI answers above 300,000 tokens) is split
+and its parts sent; the limit learned (the one the server states, else half the batch) is
+remembered for that server and said once in a log warning (:mod:`embedcache.providers._limits`).
+Until a server has answered one batch, a call sends its first batch alone, so that a limit
+costs one refusal, not one per batch in flight.
+
+``input_window`` is what the model reads (:mod:`embedcache.providers._window`):
+``max_input_tokens``, else the window of a known model, else an assumption said once; tokens
+are counted with ``tokenizer`` (a ``tokenizer.json``) when given, else estimated, and the
+estimate is calibrated against the ``usage`` the server reports.
+
 A 429 whose body says ``insufficient_quota`` (OpenAI: no credit left) is a billing limit, not a
 rate limit: it raises :class:`~embedcache.errors.QuotaExceededError` at once, without retries.
 """
@@ -59,6 +71,7 @@ import numpy as np
 
 from embedcache._validation import check_int, check_positive
 from embedcache.errors import (
+    APIStatusError,
     ConfigurationError,
     InvalidInputError,
     InvalidInputTypeError,
@@ -73,7 +86,9 @@ from embedcache.providers._http import (
     request_error,
     status_error,
 )
+from embedcache.providers._limits import limits_for, refusal
 from embedcache.providers._reply import parse_embeddings, parse_models
+from embedcache.providers._window import EstimateCounter, ExactCounter, InputWindow, resolve_window
 from embedcache.providers.base import BatchCallback, Usage, validate_texts
 
 __all__ = ["DEFAULT_BASE_URL", "IONOS_HOST", "OpenAIEmbeddings", "TokenBucket"]
@@ -186,6 +201,10 @@ class OpenAIEmbeddings:
     transport, async_transport: httpx transports (e.g. ``httpx.MockTransport``) for tests.
     sleep: called with the seconds to wait between retries instead of sleeping (for tests);
         may return an awaitable in :meth:`aembed`.
+    max_input_tokens: the model's input window in tokens; default: known for the models of
+        :data:`~embedcache.providers._window.KNOWN_WINDOWS`, else assumed (and said once).
+    tokenizer: path of the model's ``tokenizer.json`` (or a directory holding it), to count
+        tokens exactly; default: a conservative estimate.
 
     >>> emb = OpenAIEmbeddings("BAAI/bge-m3", api_key="sk-example")
     >>> emb
@@ -214,6 +233,8 @@ class OpenAIEmbeddings:
         transport: httpx.BaseTransport | None = None,
         async_transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], object] | None = None,
+        max_input_tokens: int | None = None,
+        tokenizer: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidInputError(f"model must be a non-empty string, got {model!r}")
@@ -265,6 +286,12 @@ class OpenAIEmbeddings:
         self._aclient: httpx.AsyncClient | None = None
         self._aclient_loop: asyncio.AbstractEventLoop | None = None
         self._seen_dim: int | None = dimensions
+        self.max_input_tokens = None if max_input_tokens is None else check_int(
+            "max_input_tokens", max_input_tokens, 4)
+        self._tokenizer = ExactCounter.from_file(tokenizer) if tokenizer is not None else None
+        self._window: InputWindow | None = None
+        self._estimate = EstimateCounter()  # plans batches under a learned token limit
+        self._limits = limits_for(f"{self.base_url}|{model}")
 
     def __repr__(self) -> str:
         return f"OpenAIEmbeddings(model={self.model!r}, base_url={self.base_url!r})"
@@ -294,17 +321,42 @@ class OpenAIEmbeddings:
         )
         return dict(base_url=self.base_url, headers=self._headers(), timeout=self.timeout, limits=limits)
 
+    @property
+    def input_window(self) -> InputWindow:
+        """The model's input window and how tokens are counted (resolved on first use)."""
+        if self._window is None:
+            counter = self._tokenizer if self._tokenizer is not None else self._estimate
+            self._window = resolve_window(self.model, setting=self.max_input_tokens, counter=counter)
+        return self._window
+
+    def _token_estimates(self, texts: Sequence[str]) -> np.ndarray:
+        counter = self._window.counter if self._window is not None else self._estimate
+        return counter.counts(texts) + counter.specials
+
     def _plan(self, texts: list[str]) -> list[tuple[int, int]]:
-        """Consecutive ``(start, stop)`` slices within the count and character limits."""
-        batches = []
-        start, chars = 0, 0
-        for i, t in enumerate(texts):
-            if i > start and (i - start >= self.batch_size or chars + len(t) > self.max_batch_chars):
-                batches.append((start, i))
-                start, chars = i, 0
-            chars += len(t)
-        batches.append((start, len(texts)))
-        return batches
+        """Consecutive ``(start, stop)`` slices within the count and character limits, and the
+        limits learned for this server."""
+        return self._limits.plan(texts, self.batch_size, self.max_batch_chars, self._token_estimates)
+
+    def _split_refused(self, exc: APIStatusError, batch: list[str]) -> list[list[str]] | None:
+        """The parts to send instead of ``batch``, which the server refused with ``exc``;
+        ``None`` when it is not a refusal of the batch's size, or the batch is one text."""
+        kind = refusal(exc.status_code, getattr(exc, "message", "") or str(exc))
+        if kind is None or len(batch) < 2:
+            return None
+        tokens = int(self._token_estimates(batch).sum()) if kind[0] == "tokens" else 0
+        self._limits.learn(kind[0], kind[1], len(batch), tokens, exc.status_code or 0)
+        plan = self._plan(batch)
+        if len(plan) == 1:  # the learned limits do not split it: halves
+            plan = [(0, len(batch) // 2), (len(batch) // 2, len(batch))]
+        return [batch[a:b] for a, b in plan]
+
+    def _calibrate(self, batch: list[str], reported: int) -> None:
+        """Grow the token estimate when the server counted more (once a window is in use)."""
+        window = self._window
+        if window is not None and reported > 0 and isinstance(window.counter, EstimateCounter):
+            estimated = int(self._token_estimates(batch).sum())
+            window.counter.calibrate(estimated, reported, where=self.base_url)
 
     def _embeddings_request(self, batch: list[str]) -> _Request:
         payload: dict[str, Any] = {
@@ -326,10 +378,10 @@ class OpenAIEmbeddings:
             raise err
         return response
 
-    def _embeddings_from(self, response: httpx.Response, n: int) -> np.ndarray:
-        """The vectors of one checked /embeddings reply for a batch of ``n`` texts."""
+    def _embeddings_from(self, response: httpx.Response, batch: list[str]) -> np.ndarray:
+        """The vectors of one checked /embeddings reply for ``batch``."""
         reply = parse_embeddings(
-            response.content, n, dimensions=self.dimensions, status_code=response.status_code
+            response.content, len(batch), dimensions=self.dimensions, status_code=response.status_code
         )
         dim = reply.vectors.shape[1]
         with self._lock:
@@ -341,6 +393,8 @@ class OpenAIEmbeddings:
                     f"before, {dim}-d now"
                 )
         self.usage.add(tokens=reply.tokens)
+        self._limits.answered = True
+        self._calibrate(batch, reply.tokens)
         return reply.vectors
 
     # ------------------------------------------------------------------ sync
@@ -397,9 +451,25 @@ class OpenAIEmbeddings:
 
     def _embed_batch(self, batch: list[str], stop: threading.Event) -> np.ndarray:
         request = self._embeddings_request(batch)
-        return self._retry.retrying(stop)(
-            lambda: self._embeddings_from(self._send(request, stop), len(batch))
-        )
+        try:
+            return self._retry.retrying(stop)(
+                lambda: self._embeddings_from(self._send(request, stop), batch)
+            )
+        except APIStatusError as exc:
+            parts = self._split_refused(exc, batch)
+            if parts is None:
+                raise
+        return np.concatenate([self._embed_batch(part, stop) for part in parts])
+
+    def _probe(self, items: list[str], results: _Results, plan: list[tuple[int, int]],
+               run: Callable[[list[str]], np.ndarray]) -> list[tuple[int, int]] | None:
+        """Until this server has answered a batch, send the first one alone and plan the rest
+        within what it taught (returned); ``None`` when there is nothing to probe."""
+        if len(plan) < 2 or self._limits.answered:
+            return None
+        start, stop = plan[0]
+        results.store(start, stop, run(items[start:stop]))
+        return [(a + stop, b + stop) for a, b in self._plan(items[stop:])]
 
     def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
         """Embed ``texts``: array of shape (n, d), float32, rows in input order.
@@ -418,6 +488,9 @@ class OpenAIEmbeddings:
 
     def _embed(self, items: list[str], results: _Results, halt: threading.Event) -> np.ndarray:
         plan = self._plan(items)
+        rest = self._probe(items, results, plan, lambda batch: self._embed_batch(batch, halt))
+        if rest is not None:
+            plan = rest
         if len(plan) == 1 or self.max_concurrency == 1:
             for start, stop in plan:
                 results.store(start, stop, self._embed_batch(items[start:stop], halt))
@@ -522,9 +595,15 @@ class OpenAIEmbeddings:
         async def attempt() -> np.ndarray:
             async with gate:
                 response = await self._asend(request)
-            return self._embeddings_from(response, len(batch))
+            return self._embeddings_from(response, batch)
 
-        return await self._retry.aretrying()(attempt)
+        try:
+            return await self._retry.aretrying()(attempt)
+        except APIStatusError as exc:
+            parts = self._split_refused(exc, batch)
+            if parts is None:
+                raise
+        return np.concatenate([await self._aembed_batch(part, gate) for part in parts])
 
     async def aembed(
         self, texts: Sequence[str], *, on_batch: BatchCallback | None = None
@@ -538,7 +617,12 @@ class OpenAIEmbeddings:
         async def run(start: int, stop: int) -> tuple[int, int, np.ndarray]:
             return start, stop, await self._aembed_batch(items[start:stop], gate)
 
-        tasks = [asyncio.ensure_future(run(start, stop)) for start, stop in self._plan(items)]
+        plan = self._plan(items)
+        if len(plan) > 1 and not self._limits.answered:  # the first batch alone: see _probe
+            start, stop = plan[0]
+            results.store(*await run(start, stop))
+            plan = [(a + stop, b + stop) for a, b in self._plan(items[stop:])]
+        tasks = [asyncio.ensure_future(run(start, stop)) for start, stop in plan]
         try:
             for next_done in asyncio.as_completed(tasks):
                 results.store(*await next_done)

@@ -21,6 +21,7 @@ from embedcache import kernels
 from embedcache._validation import as_matrix, check_finite
 from embedcache.cache import CachedEmbedder
 from embedcache.errors import InvalidInputTypeError
+from embedcache.providers._window import DEFAULT_LONG_TEXTS, check_long_texts
 from embedcache.providers.base import normalize_text, validate_texts
 from embedcache.store import VectorStore
 
@@ -152,15 +153,18 @@ class _Embedding:
 
     No embedder: the built-in hashing embedder, used directly (it is cheap and offline, so
     nothing is cached on disk). A bare embedder is wrapped in a :class:`CachedEmbedder` on the
-    default cache directory; a ``CachedEmbedder`` is used as it is.
+    default cache directory; a ``CachedEmbedder`` is used as it is. ``long_texts`` (``None``:
+    the CachedEmbedder's own, else the default) is the policy for texts over the embedder's
+    input window; a CachedEmbedder with another one is used through a copy with this one.
     """
 
-    def __init__(self, embedder: Any) -> None:
+    def __init__(self, embedder: Any, long_texts: str | None = None) -> None:
         if embedder is not None and not callable(getattr(embedder, "embed", None)):
             raise InvalidInputTypeError(
                 f"embedder must be an Embedder (with .embed(texts)), got {type(embedder).__name__}"
             )
         self._given = embedder
+        self._long_texts = None if long_texts is None else check_long_texts(long_texts)
         self._made: Any = None
 
     def _get(self) -> Any:
@@ -170,9 +174,12 @@ class _Embedding:
 
                 self._made = HashingEmbeddings()
             elif isinstance(self._given, CachedEmbedder):
-                self._made = self._given
+                given = self._given
+                policy = self._long_texts
+                self._made = given if policy in (None, given.long_texts) else CachedEmbedder(
+                    given.embedder, given.cache, long_texts=policy)
             else:
-                self._made = CachedEmbedder(self._given)
+                self._made = CachedEmbedder(self._given, long_texts=self._long_texts or DEFAULT_LONG_TEXTS)
         return self._made
 
     @property
@@ -190,7 +197,8 @@ class _Embedding:
 
     def close(self) -> None:
         made, self._made = self._made, None
-        if made is not None and made is not self._given and isinstance(made, CachedEmbedder):
+        if made is not None and isinstance(made, CachedEmbedder) and not (
+                made is self._given or isinstance(self._given, CachedEmbedder)):
             made.close()  # closes the cache it opened, never the caller's embedder
 
     def __enter__(self) -> _Embedding:

@@ -66,6 +66,7 @@ def deduplicate(
     method: str = "auto",
     recall: float = 0.99,
     seed: int = 0,
+    long_texts: str | None = None,
 ) -> DedupResult:
     """Find near-duplicates by cosine similarity and choose which items to keep.
 
@@ -95,6 +96,10 @@ def deduplicate(
     (``"auto"``: exact up to ``_config.INDEX_AUTO_ROWS`` distinct rows, else a partition index
     probed for ``recall`` of the true pairs; ``DedupResult.method`` and ``.recall`` say what
     ran and the recall measured). With ``against`` the reference search is exact.
+    long_texts: texts longer than the embedder's input window are embedded in chunks
+    (``"chunk"``, the default), cut to the window (``"truncate"``, what the server would do:
+    texts that share their first window come out equal) or refused (``"error"``); see
+    :class:`~embedcache.CachedEmbedder`. ``None``: a CachedEmbedder's own policy.
     """
     threshold = check_threshold(threshold)
     recall = check_recall(recall)
@@ -104,7 +109,7 @@ def deduplicate(
     items = _ordered(items, "items")
     if against is not None:
         against = _ordered(against, "against")
-    with _Embedding(embedder) as emb:
+    with _Embedding(embedder, long_texts) as emb:
         if against is None:  # check what can be checked before anything is embedded
             _check_keep(keep, None, mode)
         else:

@@ -26,6 +26,7 @@ def near_duplicates(
     method: str = "auto",
     recall: float = 0.99,
     seed: int = 0,
+    long_texts: str | None = None,
 ) -> PairTable:
     """Every pair ``i < j`` of items with cosine similarity >= ``threshold``, highest score
     first, ties by ``i`` then ``j``.
@@ -43,6 +44,8 @@ def near_duplicates(
     invents one, and every score is exact. The table says which method ran
     (``PairTable.method``) and the recall measured (``PairTable.recall``, None for exact).
     seed: the sample the index and the recall are drawn from.
+    long_texts: the policy for texts over the embedder's input window, as in
+    :func:`deduplicate`.
     """
     threshold = check_threshold(threshold)
     recall = check_recall(recall)
@@ -55,7 +58,7 @@ def near_duplicates(
         p = store_items(items, method=method)
         i, j, s = cluster_pairs(p, threshold, client, progress).expand()
         return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
-    with _Embedding(embedder) as emb:
+    with _Embedding(embedder, long_texts) as emb:
         p = _prepare(items, emb=emb, progress=progress)
     pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
     i, j, s = pairs.expand()
