@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Any
 import click
 import numpy as np
 
+from embedcache._cli_search import Inputs, input_store, method_options, search_kwargs, search_note
 from embedcache._validation import check_threshold
 from embedcache.errors import (
     ConfigurationError,
@@ -210,8 +212,11 @@ def provider_options(f, *, store: bool = False):
 store_provider_options = functools.partial(provider_options, store=True)
 
 
-def input_options(f):
-    @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+def input_options(f, *, store: bool = False):
+    """INPUT, --field and --format; with ``store``, INPUT may be a vector store directory."""
+
+    @click.argument("input_path", metavar="INPUT|STORE" if store else "INPUT",
+                    type=click.Path(exists=True, dir_okay=store))
     @click.option("--field", "--column", "field", default=None,
                   help="JSONL field / CSV column holding the text (default: text).")
     @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
@@ -221,6 +226,10 @@ def input_options(f):
         return f(*args, **kwargs)
 
     return wrapper
+
+
+input_or_store_options = functools.partial(input_options, store=True)
+
 
 
 def _threshold(ctx, param, value):
@@ -284,9 +293,10 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
 
 
 @cli.command()
-@input_options
+@input_or_store_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Kept rows, unchanged (format from the extension, else the input's).")
+              help="Kept rows, unchanged (format from the extension, else the input's); from a "
+                   "store, each row's id and metadata (JSON Lines unless the extension says otherwise).")
 @click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
               help="Report, one row per removed row with what it duplicates and the score "
                    "(.csv, .tsv, .jsonl or .parquet; CSV otherwise).")
@@ -296,27 +306,30 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
               help="Which row of a group to keep.")
 @click.option("--mode", type=click.Choice(["connected", "greedy"]), default="connected", show_default=True,
               help="Groups as connected components, or semhash's greedy first-seen rule.")
-@click.option("--against", "against_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Reference file (same --field/--format): remove rows near any of its rows.")
+@click.option("--against", "against_path", type=click.Path(exists=True), default=None,
+              help="Reference file (same --field/--format) or store: remove rows near any of its rows.")
 @click.option("--id-field", default=None, help="Field with row ids for the report (default: id, if present).")
 @click.option("--show", type=click.IntRange(min=0), default=10, show_default=True,
               help="Groups to print (0: none).")
+@method_options
 @provider_options
 @common_options
 def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against_path, id_field, show,
-          embedder_opts, cache_dir, quiet):
-    """Remove near-duplicate rows of INPUT; write the rows kept, and print the groups found."""
+          search, embedder_opts, cache_dir, quiet):
+    """Remove near-duplicate rows of INPUT (a file of rows, or a store's vectors as stored);
+    write the rows kept, and print the groups found."""
     from embedcache.workflows import deduplicate
 
     check_outputs({"INPUT": input_path, "--against": against_path}, {"-o": output, "--duplicates": report})
     report_fmt = table_format(report, "--duplicates") if report else None
-    data = read_table(input_path, fmt=fmt, field=field)
+    inputs = _inputs(input_path, against_path, fmt=fmt, field=field, text_output=format_of(output) == "text")
+    data, ref = inputs.data, inputs.ref
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to deduplicate")
-    emb = _cached(embedder_opts, cache_dir, quiet)
-    ref = read_table(against_path, fmt=fmt, field=field) if against_path else None
-    res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
-                      against=ref.texts if ref else None, progress=_progress(quiet))
+    emb = _inputs_embedder(inputs, embedder_opts, cache_dir, quiet)
+    res = deduplicate(inputs.items, threshold=threshold, embedder=emb, keep=keep, mode=mode,
+                      against=inputs.against, progress=_progress(quiet), **search_kwargs(deduplicate, search))
+    inputs.check_unchanged()
     ids = data.ids(id_field)
     with staged_outputs() as outputs:  # both complete, or neither replaced
         write_rows(output, data, res.kept, opener=outputs.open)
@@ -337,7 +350,8 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
         for k, r, s in list(zip(res.removed, res.duplicate_of, res.scores))[:show]:
             click.echo(f"{label(int(k))} ~ reference #{int(r)} ({float(s):.3f}): {_clip(data.texts[int(k)])}")
     click.echo(f"kept {len(res.kept)} of {res.n} rows, removed {len(res.removed)} "
-               f"({res.duplicate_ratio:.1%}) at threshold {threshold}; wrote {output}")
+               f"({res.duplicate_ratio:.1%}) at threshold {threshold}; wrote {output}"
+               f"{search_note(res, search)}")
 
 
 def _clip(text: str, width: int = 70) -> str:
@@ -361,30 +375,36 @@ def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res
 
 
 @cli.command()
-@input_options
+@input_or_store_options
 @click.option("--threshold", "-t", type=float, required=True, callback=_threshold,
               help="Cosine similarity at or above which a pair is listed.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Pairs as CSV (or .tsv, .jsonl, .parquet): i, j, score, ids and texts, "
                    "highest score first.")
 @click.option("--id-field", default=None, help="Field with row ids (default: id, if present).")
+@method_options
 @provider_options
 @common_options
-def pairs(input_path, field, fmt, threshold, output, id_field, embedder_opts, cache_dir, quiet):
-    """List every pair of rows of INPUT at or above the threshold."""
+def pairs(input_path, field, fmt, threshold, output, id_field, search, embedder_opts, cache_dir, quiet):
+    """List every pair of rows of INPUT (a file of rows, or a store's vectors as stored) at or
+    above the threshold."""
     from embedcache.workflows import PairTable, near_duplicates
 
     check_outputs({"INPUT": input_path}, {"-o": output})
     out_fmt = table_format(output, "-o")
-    data = read_table(input_path, fmt=fmt, field=field)
-    emb = _cached(embedder_opts, cache_dir, quiet)
-    table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet))
+    inputs = _inputs(input_path, None, fmt=fmt, field=field)
+    data = inputs.data
+    emb = _inputs_embedder(inputs, embedder_opts, cache_dir, quiet)
+    table = near_duplicates(inputs.items, threshold=threshold, embedder=emb, progress=_progress(quiet),
+                            **search_kwargs(near_duplicates, search))
+    inputs.check_unchanged()
+    note = search_note(table, search)
     ids = data.ids(id_field)
     table = PairTable(table.i, table.j, table.score, texts_i=data.texts, texts_j=data.texts,
                       ids_i=ids, ids_j=ids, sort=False)
     rows = [(f"pair {n + 1}", row) for n, row in enumerate(table)]
     write_records(output, out_fmt, table.columns, rows, atomic_output)
-    click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows; wrote {output}")
+    click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows; wrote {output}{note}")
 
 
 @cli.group()
@@ -608,6 +628,115 @@ def cache_clear(cache_dir, quiet):
         n = len(c)
         c.clear()
         click.echo(f"removed {n} cached vectors from {c.info()['directory']}")
+
+
+# --------------------------------------------------------------------------------------
+# stores as input; the kNN graph; the partition index
+# --------------------------------------------------------------------------------------
+
+
+def _inputs(input_path: str, against_path: str | None, *, fmt: str | None, field: str | None,
+            text_output: bool = False) -> Inputs:
+    """INPUT and --against, files or stores (closed by main() however the command ends)."""
+    inputs = Inputs(fmt=fmt, field=field)
+    _opened.append(inputs)
+    inputs.read(input_path, against_path, text_output=text_output)
+    return inputs
+
+
+def _inputs_embedder(inputs: Inputs, embedder_opts: dict[str, Any], cache_dir: str | None, quiet: bool):
+    """The cached embedder for the files among the inputs: with a store among them, the
+    store's (the options may name it, not another); None when every input is a store."""
+    if not inputs.files:
+        given = [f"--{key.replace('_', '-')}" for key in _EMBEDDER_OPTIONS if embedder_opts[key] is not None]
+        if given:
+            raise ConfigurationError(f"{given[0]} does not apply: the input is a vector store, "
+                                     "whose vectors are used as stored")
+        return None
+    if not inputs.stores:
+        return _cached(embedder_opts, cache_dir, quiet)
+    vs, path, _ = inputs.stores[0]
+    return _store_embedder(vs, path, embedder_opts, cache_dir, quiet,
+                           python="ec.deduplicate(texts, against=store, embedder=embedder)")
+
+
+@cli.command()
+@input_or_store_options
+@click.option("-k", type=click.IntRange(min=1), default=15, show_default=True, help="Neighbours per row.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The graph: an (n, n) scipy sparse CSR matrix, .npz (scipy.sparse.load_npz reads it).")
+@click.option("--weights", type=click.Choice(["distance", "similarity"]), default="distance", show_default=True,
+              help="Entries: 1 - cosine, each row by increasing distance, the form scikit-learn's "
+                   "metric='precomputed' takes (DBSCAN, HDBSCAN, NearestNeighbors); or the cosine "
+                   "similarity (spectral clustering, Leiden).")
+@click.option("--symmetric/--no-symmetric", default=True, show_default=True,
+              help="Add j -> i for every i -> j (rows then hold k or more entries).")
+@click.option("--ids", "ids_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the id of each row of the graph (columns row, id; CSV, or .tsv, "
+                   ".jsonl, .parquet): the rows of INPUT, or of STORE in the order of its ids.")
+@click.option("--id-field", default=None, help="Field with row ids for --ids (default: id, if present).")
+@method_options
+@provider_options
+@common_options
+def graph(input_path, field, fmt, k, output, weights, symmetric, ids_path, id_field, search,
+          embedder_opts, cache_dir, quiet):
+    """Write the k-nearest-neighbour graph of INPUT's rows (embedded) or of STORE's vectors
+    (as stored), for clustering: row i holds its k most similar other rows."""
+    from scipy.sparse import save_npz
+
+    from embedcache.workflows import knn_graph
+
+    if Path(output).suffix.lower() != ".npz":
+        raise InvalidInputError(f"-o {output}: graph writes a scipy sparse matrix in .npz format; name a .npz file")
+    check_outputs({"INPUT": input_path}, {"-o": output, "--ids": ids_path})
+    ids_fmt = table_format(ids_path, "--ids") if ids_path else None
+    inputs = _inputs(input_path, None, fmt=fmt, field=field)
+    data = inputs.data
+    ids = data.ids(id_field) if ids_path else None
+    if ids_path and ids is None:
+        raise InvalidInputError(f"{input_path}: no field 'id' for --ids; name the field of ids with --id-field")
+    emb = _inputs_embedder(inputs, embedder_opts, cache_dir, quiet)
+    x = inputs.items if emb is None else emb.embed(data.texts, progress=_progress(quiet))
+    kwargs = search_kwargs(knn_graph, search)
+    recall = None
+    if "return_recall" in inspect.signature(knn_graph).parameters:
+        g, recall = knn_graph(x, k, weights=weights, symmetric=symmetric, progress=_progress(quiet),
+                              return_recall=True, **kwargs)
+        method = "exact" if recall is None else "partitioned"
+    else:
+        g = knn_graph(x, k, weights=weights, symmetric=symmetric, progress=_progress(quiet), **kwargs)
+        method = None
+    inputs.check_unchanged()
+    with staged_outputs() as outputs:  # both complete, or neither replaced
+        with outputs.open(output, "wb") as f:
+            save_npz(f, g)
+        if ids_path:
+            rows = [(f"row {r + 1}", {"row": r, "id": i}) for r, i in enumerate(ids)]
+            write_records(ids_path, ids_fmt, ["row", "id"], rows, outputs.open)
+    click.echo(f"graph of {g.shape[0]} rows, k={k}, {g.nnz} entries ({weights}"
+               f"{', symmetric' if symmetric else ''}); wrote {output}"
+               f"{search_note(None, search, method=method, recall=recall)}")
+
+
+@store.command("index")
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, exists=True))
+@click.option("--cells", type=click.IntRange(min=1), default=None,
+              help="Cells of the partition (default: chosen from the number of rows).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the k-means sample and start.")
+def store_index(store_path, cells, seed):
+    """Build STORE's partition index, which store search and the workflows on STORE use; it
+    replaces the old one only when complete (a crash keeps the old one, or none)."""
+    vs = input_store(store_path, "STORE")
+    _opened.append(vs)
+    if not callable(getattr(vs, "create_index", None)):
+        raise ConfigurationError("store index needs an embedcache whose VectorStore has create_index(); "
+                                 "this one searches exactly only")
+    vs.create_index(cells=cells, seed=seed)
+    info = vs.index_info() if callable(getattr(vs, "index_info", None)) else None
+    about = ", ".join(f"{key} {value}" for key, value in (info or {}).items()
+                      if isinstance(value, (int, float, str)))
+    click.echo(f"{store_path}: indexed {len(vs)} rows" + (f" ({about})" if about else ""))
 
 
 # --------------------------------------------------------------------------------------
