@@ -24,14 +24,11 @@ from embedcache.providers.base import normalize_text, validate_texts
 from embedcache.store import VectorStore
 
 
-def _progress_bar(progress: bool | None, total: int, desc: str, unit: str = "rows"):
-    """A bar on stderr; ``total`` in units of work, so that its time estimate holds when
-    steps cost unequal amounts (pairs: row pairs compared, not rows)."""
+def _progress_bar(progress: bool | None, total: int, desc: str):
     from tqdm.auto import tqdm
 
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit != "rows", disable=not show,
-                file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit="rows", disable=not show, file=sys.stderr, leave=False)
 
 
 

@@ -125,8 +125,7 @@ def _find_pairs(p: _Prepared, threshold: float, progress: bool | None) -> _Pairs
 
 def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None):
     """All (i, j, s) with i < j and cosine s >= threshold over the rows of ``x``, in
-    blocks of ``_config.CHUNK_ROWS`` rows; the progress bar counts row pairs compared (a
-    block's share of the triangle), so its time estimate holds though later blocks cost less."""
+    blocks of ``_config.CHUNK_ROWS`` rows (one progress step each)."""
     n = len(x)
     chunk = _config.CHUNK_ROWS
     if n < 2:
@@ -135,7 +134,7 @@ def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None):
     if n <= chunk:
         return kernels.similar_pairs(x, threshold)
     parts_i, parts_j, parts_s = [], [], []
-    with _progress_bar(progress, n * (n - 1) // 2, "pairs", unit="pairs") as bar:
+    with _progress_bar(progress, n, "pairs") as bar:
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             i, j, s = kernels.similar_pairs(x[a:b], threshold)
@@ -143,12 +142,7 @@ def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None):
             if b < n:
                 i, j, s = kernels.similar_pairs(x[a:b], threshold, y=x[b:])
                 parts_i.append(i + a), parts_j.append(j + b), parts_s.append(s)
-            bar.update(_triangle_work(n, a, b))
+            bar.update(b - a)
     return (np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_j).astype(np.int64),
             np.concatenate(parts_s).astype(np.float32))
 
-
-def _triangle_work(n: int, a: int, b: int) -> int:
-    """Row pairs i < j with i in [a, b) of n rows: block [a, b)'s share of the triangle."""
-    m = b - a
-    return m * (m - 1) // 2 + m * (n - b)
