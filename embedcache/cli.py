@@ -10,6 +10,7 @@ stderr and a non-zero exit status.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import io
@@ -300,6 +301,9 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
 @click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
               help="Report, one row per removed row with what it duplicates and the score "
                    "(.csv, .tsv, .jsonl or .parquet; CSV otherwise).")
+@click.option("--report", "html_report", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML report: scores, what nearby thresholds would "
+                   "remove, pairs just above and below the threshold, the largest groups.")
 @click.option("--threshold", "-t", type=float, default=0.9, show_default=True, callback=_threshold,
               help="Cosine similarity at or above which two rows are duplicates.")
 @click.option("--keep", type=click.Choice(["first", "longest"]), default="first", show_default=True,
@@ -314,13 +318,14 @@ def embed(input_path, field, fmt, output, embedder_opts, cache_dir, quiet):
 @method_options
 @provider_options
 @common_options
-def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against_path, id_field, show,
-          search, embedder_opts, cache_dir, quiet):
+def dedup(input_path, field, fmt, output, report, html_report, threshold, keep, mode, against_path, id_field,
+          show, search, embedder_opts, cache_dir, quiet):
     """Remove near-duplicate rows of INPUT (a file of rows, or a store's vectors as stored);
     write the rows kept, and print the groups found."""
     from embedcache.workflows import deduplicate
 
-    check_outputs({"INPUT": input_path, "--against": against_path}, {"-o": output, "--duplicates": report})
+    check_outputs({"INPUT": input_path, "--against": against_path},
+                  {"-o": output, "--duplicates": report, "--report": html_report})
     report_fmt = table_format(report, "--duplicates") if report else None
     inputs = _inputs(input_path, against_path, fmt=fmt, field=field, text_output=format_of(output) == "text")
     data, ref = inputs.data, inputs.ref
@@ -335,6 +340,8 @@ def dedup(input_path, field, fmt, output, report, threshold, keep, mode, against
         write_rows(output, data, res.kept, opener=outputs.open)
         if report:
             _write_report(report, report_fmt, data, ids, res, ref, opener=outputs.open)
+        if html_report:
+            _write_html_report(html_report, res, emb, input_path, keep, outputs.open, ids=ids)
     label = (lambda k: ids[k]) if ids else (lambda k: f"#{k}")
     if ref is None:
         score = dict(zip(res.removed.tolist(), res.scores.tolist()))
@@ -360,6 +367,23 @@ def _clip(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _write_html_report(path: str, result: Any, emb: Any, input_path: str, keep: str | None, opener: Any,
+                       *, ids: list[str] | None = None, n: int | None = None, threshold: float | None = None) -> None:
+    """The HTML report of a dedup result, or of a pair table when ``n`` is given."""
+    from embedcache import report
+
+    settings = {"input": input_path, "embedder": emb.embedder, "namespace": emb.cache_namespace,
+                "model": emb.model, "keep": keep} if emb is not None else \
+        {"input": input_path, "embedder": "none: a vector store's vectors, as stored", "keep": keep}
+    if n is None:
+        if result.ids is None and ids is not None:
+            result = dataclasses.replace(result, ids=ids)
+        page = report.dedup_report(result, settings=settings)
+    else:
+        page = report.pairs_report(result, threshold=threshold, n=n, settings=settings)
+    report.write_html(page, path, opener=opener)
+
+
 def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res: Any,
                   ref: Dataset | None, opener: Any = atomic_output) -> None:
     rows = []
@@ -382,15 +406,19 @@ def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res
               help="Pairs as CSV (or .tsv, .jsonl, .parquet): i, j, score, ids and texts, "
                    "highest score first.")
 @click.option("--id-field", default=None, help="Field with row ids (default: id, if present).")
+@click.option("--report", "html_report", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML report: the scores, how many pairs higher "
+                   "thresholds keep, sample pairs side by side.")
 @method_options
 @provider_options
 @common_options
-def pairs(input_path, field, fmt, threshold, output, id_field, search, embedder_opts, cache_dir, quiet):
+def pairs(input_path, field, fmt, threshold, output, id_field, html_report, search, embedder_opts, cache_dir,
+          quiet):
     """List every pair of rows of INPUT (a file of rows, or a store's vectors as stored) at or
     above the threshold."""
     from embedcache.workflows import PairTable, near_duplicates
 
-    check_outputs({"INPUT": input_path}, {"-o": output})
+    check_outputs({"INPUT": input_path}, {"-o": output, "--report": html_report})
     out_fmt = table_format(output, "-o")
     inputs = _inputs(input_path, None, fmt=fmt, field=field)
     data = inputs.data
@@ -403,7 +431,11 @@ def pairs(input_path, field, fmt, threshold, output, id_field, search, embedder_
     table = PairTable(table.i, table.j, table.score, texts_i=data.texts, texts_j=data.texts,
                       ids_i=ids, ids_j=ids, sort=False)
     rows = [(f"pair {n + 1}", row) for n, row in enumerate(table)]
-    write_records(output, out_fmt, table.columns, rows, atomic_output)
+    with staged_outputs() as outputs:  # both complete, or neither replaced
+        write_records(output, out_fmt, table.columns, rows, outputs.open)
+        if html_report:
+            _write_html_report(html_report, table, emb, input_path, None, outputs.open, n=len(data.texts),
+                               threshold=threshold)
     click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows; wrote {output}{note}")
 
 
@@ -628,6 +660,36 @@ def cache_clear(cache_dir, quiet):
         n = len(c)
         c.clear()
         click.echo(f"removed {n} cached vectors from {c.info()['directory']}")
+
+
+@cli.command()
+@click.option("--upstream", required=True, metavar="URL",
+              help="OpenAI-compatible API root, e.g. https://openai.inference.de-txl.ionos.com/v1.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Cache directory (default: $EMBEDCACHE_DIR or ~/.cache/embedcache), shared with the library.")
+@click.option("--keys", "keys_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Client keys, one per line ('NAME KEY' names it, '#' comments); without it, loopback only.")
+@click.option("--allow-public", is_flag=True, help="Serve a non-loopback interface without --keys.")
+@click.option("--requests-per-second", "rps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Upstream requests per second, all clients together (default: the IONOS limit for IONOS, else none).")
+@click.option("--burst", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Upstream requests allowed at once above the rate.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Upstream requests in flight at once.")
+@click.option("--client-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Requests per second each client key may send (default: no limit).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve(upstream, host, port, cache_dir, keys_path, allow_public, rps, burst, max_concurrency,
+          client_rate, log_level):
+    """Serve the cache to any OpenAI-compatible client: a caching proxy in front of --upstream."""
+    from embedcache.server import serve as run
+
+    run(upstream, host=host, port=port, cache=cache_dir, keys=keys_path, allow_public=allow_public,
+        requests_per_second="auto" if rps is None else rps, burst=burst,
+        max_concurrency=max_concurrency, client_rate=client_rate, log_level=log_level)
 
 
 # --------------------------------------------------------------------------------------

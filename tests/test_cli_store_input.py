@@ -61,7 +61,8 @@ def jsonl(path):
 
 def test_dedup_of_a_store_writes_its_rows_with_ids_and_metadata(run, tmp_path):
     ids, meta = make_store(tmp_path / "vs")
-    proc = run("dedup", "vs", "-o", "kept.jsonl", "--duplicates", "dups.csv", "--threshold", "0.95")
+    proc = run("dedup", "vs", "-o", "kept.jsonl", "--duplicates", "dups.csv", "--threshold", "0.95",
+               "--report", "report.html")
     assert "embedder" not in proc.stderr  # nothing embedded, no embedder named
     with ec.VectorStore(tmp_path / "vs") as vs:
         res = ec.deduplicate(vs, threshold=0.95, progress=False)
@@ -74,6 +75,8 @@ def test_dedup_of_a_store_writes_its_rows_with_ids_and_metadata(run, tmp_path):
     assert [r["text"] for r in report] == [meta[k]["text"] for k in res.removed]
     assert f"kept {len(res.kept)} of {len(ids)} rows" in proc.stdout
     assert "(kept doc-000)" in proc.stdout  # groups are labelled by the store's ids
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert any(ids[k] in page for k in res.removed) and "a vector store&#x27;s vectors, as stored" in page
 
 
 @pytest.mark.parametrize("out", ["kept.csv", "kept.parquet", "kept.txt", "kept.out"])
@@ -145,7 +148,7 @@ def test_stores_of_two_embedders_are_refused(run, tmp_path):
 
 def test_pairs_of_a_store(run, tmp_path):
     ids, meta = make_store(tmp_path / "vs")
-    proc = run("pairs", "vs", "-t", "0.9", "-o", "pairs.jsonl")
+    proc = run("pairs", "vs", "-t", "0.9", "-o", "pairs.jsonl", "--report", "pairs.html")
     with ec.VectorStore(tmp_path / "vs") as vs:
         table = ec.near_duplicates(vs, threshold=0.9, progress=False)
     rows = jsonl(tmp_path / "pairs.jsonl")
@@ -154,6 +157,8 @@ def test_pairs_of_a_store(run, tmp_path):
     assert [(r["id_i"], r["id_j"]) for r in rows] == [(ids[i], ids[j]) for i, j in zip(table.i, table.j)]
     assert [r["text_i"] for r in rows] == [meta[i]["text"] for i in table.i]
     assert f"{len(table)} pairs at or above 0.9 among {len(ids)} rows" in proc.stdout
+    page = (tmp_path / "pairs.html").read_text(encoding="utf-8")
+    assert any(meta[i]["text"] in page for i in table.i)
 
 
 # ----------------------------------------------------------------------------- refused

@@ -136,6 +136,7 @@ def deduplicate(
         _pairs=(pi, pj, ps),
         _group_of=group_of,
         _links=pairs.links,
+        _vectors=(p.x, p.inverse),
     )
 
 
@@ -218,6 +219,7 @@ def _deduplicate_against(p: _Prepared, ref: _Prepared, threshold: float, mode: s
         reference_ids=ref.ids,
         _pairs=(removed, dup, scores),
         _group_of=np.full(n, -1, dtype=np.int64),
+        _nearest=(best_s[p.inverse], ref.first[best_r[p.inverse]] if ref.n else best_r[p.inverse]),
     )
 
 

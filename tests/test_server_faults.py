@@ -1,0 +1,283 @@
+"""The proxy when things go wrong: upstream faults, bad client keys, a SIGKILL under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="needs the server extra")  # installed by the dev extra
+
+from embedcache import EmbeddingCache, OpenAIEmbeddings  # noqa: E402
+from embedcache.cli import main  # noqa: E402
+from embedcache.testing import Fault, FakeEmbeddingServer, expected_vector  # noqa: E402
+from tests.support.proxy import CLIENT_KEY, UPSTREAM_KEY, free_port, running_proxy  # noqa: E402
+
+MODEL = "test-embed-small"
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with FakeEmbeddingServer(dim=DIM, api_key=UPSTREAM_KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream, tmp_path_factory):
+    with running_proxy(upstream.base_url, cache=str(tmp_path_factory.mktemp("c")), max_retries=1,
+                       max_concurrency=1) as p:
+        yield p
+
+
+def _post(proxy, texts, **headers):
+    return httpx.post(proxy.base_url + "/embeddings", json={"model": MODEL, "input": texts},
+                      headers=headers, timeout=30)
+
+
+# ---------------------------------------------------------------------------- upstream faults
+
+RECOVERED = [
+    [Fault.error(429, retry_after="0")],
+    [Fault.error(503, retry_after="0")],
+    [Fault.error(500, style="text", retry_after="0")],
+    [Fault.drop()],
+    [Fault.slow(0.2)],
+    [Fault.reorder()],
+    [Fault.floats()],
+]
+
+
+@pytest.mark.parametrize("faults", RECOVERED, ids=lambda f: f[0].kind + str(f[0].status))
+def test_faults_the_library_recovers_from(proxy, upstream, faults):
+    texts = [f"recover {faults[0].kind} {faults[0].status} {i}" for i in range(3)]
+    upstream.push(*faults)
+    r = _post(proxy, texts)
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, np.stack([expected_vector(t, DIM) for t in texts]))
+
+
+FAILED = [
+    (Fault.error(400, message="input too long"), 400, "input too long"),
+    (Fault.error(422, style="fastapi", message="bad item"), 400, "bad item"),
+    (Fault.error(404, message="no such model"), 404, "no such model"),
+    (Fault.error(401), 502, "refused the proxy's own key"),
+    (Fault.error(403), 502, "refused the proxy's own key"),
+    (Fault.insufficient_quota(), 429, "out of quota"),
+    (Fault.nan(), 502, "NaN"),
+    (Fault.wrong_dim(), 502, "unequal dimensions"),
+    (Fault.all_wrong_dim(), 502, "embeddings"),
+    (Fault.one_too_few(), 502, "expected 2 embeddings, got 1"),
+    (Fault.duplicate_index(), 502, "appears twice"),
+    (Fault.malformed_json(), 502, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("fault", "status", "fragment"), FAILED, ids=lambda x: getattr(x, "kind", str(x)))
+def test_faults_answered_openai_shaped_and_nothing_bad_cached(proxy, upstream, fault, status, fragment):
+    texts = [f"fail {fault.kind} {fault.status} {fault.style} a", f"fail {fault.kind} {fault.status} b"]
+    upstream.push(fault)
+    r = _post(proxy, texts)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and set(err) == {"message", "type", "param", "code"}
+    again = _post(proxy, texts)  # the fault is spent: the next request gets true vectors, as misses
+    assert again.status_code == 200 and again.headers["x-embedcache-misses"] == "2"
+    np.testing.assert_array_equal(np.array(again.json()["data"][1]["embedding"], dtype=np.float32),
+                                  expected_vector(texts[1], DIM))
+
+
+def _rate_limited(proxy) -> float:
+    for line in httpx.get(proxy.url + "/metrics").text.splitlines():
+        if line.startswith("embedcache_proxy_upstream_rate_limited_total "):
+            return float(line.split()[1])
+    raise AssertionError("no rate-limited counter")
+
+
+def test_still_rate_limited_after_retries_is_a_429_with_retry_after(proxy, upstream):
+    seen = _rate_limited(proxy)
+    upstream.push(Fault.error(429, retry_after="0"), Fault.error(429, retry_after="0"))
+    r = _post(proxy, ["rate limited twice"])
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "Retry-After" in r.headers
+    assert _rate_limited(proxy) == seen + 2
+
+
+def test_a_wrong_upstream_key_never_reaches_a_client(upstream, tmp_path):
+    wrong = "sk-wrong-upstream-key-98765"
+    with running_proxy(upstream.base_url, cache=str(tmp_path), api_key=wrong, max_retries=0) as p:
+        r = _post(p, ["key test"])  # the fake upstream echoes the key it got in its 401
+        assert r.status_code == 502
+        assert wrong not in r.text and "***" in r.text
+        assert wrong not in httpx.get(p.url + "/metrics").text
+
+
+def test_failed_batch_fails_every_request_waiting_on_it_then_recovers(upstream, tmp_path):
+    import asyncio
+
+    with running_proxy(upstream.base_url, cache=str(tmp_path), max_retries=0, max_concurrency=1) as p:
+        upstream.push(Fault.slow(0.3))
+        upstream.push(Fault.error(500))
+
+        async def main():
+            async with httpx.AsyncClient(base_url=p.base_url, timeout=30) as c:
+                first = asyncio.ensure_future(c.post("/embeddings", json={"model": MODEL, "input": ["w0"]}))
+                await asyncio.sleep(0.1)
+                rest = [c.post("/embeddings", json={"model": MODEL, "input": ["w1", "w2"]}) for _ in range(3)]
+                return await asyncio.gather(first, *rest)
+
+        replies = asyncio.run(main())
+        assert replies[0].status_code == 200
+        assert [r.status_code for r in replies[1:]] == [502, 502, 502]
+        assert _post(p, ["w1", "w2"]).status_code == 200
+
+
+# ---------------------------------------------------------------------------- client keys
+
+
+@pytest.fixture(scope="module")
+def keyed(upstream, tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    keys = d / "keys.txt"
+    keys.write_text(f"# team keys\nalice {CLIENT_KEY}\n\nbob-key-0123456789  # unnamed\n")
+    with running_proxy(upstream.base_url, cache=str(d), keys=str(keys), client_rate=1, client_burst=2) as p:
+        yield p
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer nope-nope-nope", f"Basic {CLIENT_KEY}", "Bearer", CLIENT_KEY])
+def test_bad_client_keys_get_openai_shaped_401s(keyed, auth):
+    headers = {} if auth is None else {"Authorization": auth}
+    for r in (_post(keyed, ["x"], **headers), httpx.get(keyed.base_url + "/models", headers=headers)):
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert "nope" not in r.text
+
+
+def test_openai_sdk_with_a_wrong_key_raises_authentication_error(keyed):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=keyed.base_url, api_key="wrong-key-123456", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.embeddings.create(model=MODEL, input=["x"])
+
+
+def test_per_key_rate_and_names_in_metrics(keyed):
+    codes = [_post(keyed, [f"rate {i}"], Authorization=f"Bearer {CLIENT_KEY}").status_code for i in range(4)]
+    assert codes[:2] == [200, 200] and 429 in codes[2:]
+    r = _post(keyed, ["bob"], Authorization="Bearer bob-key-0123456789")
+    assert r.status_code == 200  # its own bucket
+    text = httpx.get(keyed.url + "/metrics").text
+    assert 'client="alice"' in text and 'client="key-' in text and "bob-key-0123456789" not in text
+    assert CLIENT_KEY not in text
+
+
+def test_keys_file_errors_are_one_line(tmp_path):
+    from embedcache.errors import ConfigurationError
+    from embedcache.server._keys import ClientKeys
+
+    bad = tmp_path / "k.txt"
+    bad.write_text("a b c\n")
+    with pytest.raises(ConfigurationError, match="line 1: expected 'KEY' or 'NAME KEY'"):
+        ClientKeys.from_file(bad)
+    bad.write_text("# nothing\n")
+    with pytest.raises(ConfigurationError, match="holds no key"):
+        ClientKeys.from_file(bad)
+    bad.write_text("short\n")
+    with pytest.raises(ConfigurationError, match="at least 8"):
+        ClientKeys.from_file(bad)
+
+
+def test_cli_refuses_a_public_interface_without_keys(capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", UPSTREAM_KEY)
+    assert main(["serve", "--upstream", "http://127.0.0.1:9/v1", "--host", "0.0.0.0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing to serve on 0.0.0.0 without client keys" in err
+
+
+def test_cli_without_an_upstream_key(capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("IONOS_API_TOKEN", raising=False)
+    assert main(["serve", "--upstream", "http://127.0.0.1:9/v1"]) == 1
+    assert "no API key for the upstream 127.0.0.1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- SIGKILL
+
+
+def _start(upstream, cache_dir, port):
+    env = dict(os.environ, OPENAI_API_KEY=UPSTREAM_KEY, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedcache.cli", "serve", "--upstream", upstream.base_url,
+         "--port", str(port), "--cache-dir", cache_dir, "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode())
+    proc.kill()
+    raise RuntimeError("the proxy did not start")
+
+
+@pytest.mark.slow
+def test_sigkill_under_load_then_restart_serves_what_was_answered(upstream, tmp_path):
+    cache_dir, port = str(tmp_path / "cache"), free_port()
+    proc = _start(upstream, cache_dir, port)
+    answered: list[str] = []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client(n):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=10) as c:
+            for i in range(10_000):
+                if stop.is_set():
+                    return
+                texts = [f"kill {n} {i} {j}" for j in range(16)] + [f"kill shared {i % 7}"]
+                try:
+                    r = c.post("/embeddings", json={"model": MODEL, "input": texts})
+                except httpx.TransportError:
+                    return
+                if r.status_code == 200:
+                    with lock:
+                        answered.extend(texts)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    stop.set()
+    for t in threads:
+        t.join(timeout=20)
+    assert len(answered) > 100
+    proc2 = _start(upstream, cache_dir, port)
+    try:
+        distinct = list(dict.fromkeys(answered))
+        before = len(upstream.embedding_requests)
+        for start in range(0, len(distinct), 512):
+            texts = distinct[start:start + 512]
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": MODEL, "input": texts},
+                           timeout=30)
+            assert r.headers["x-embedcache-misses"] == "0"
+            got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+            np.testing.assert_array_equal(got, np.stack([expected_vector(t, DIM) for t in texts]))
+        assert len(upstream.embedding_requests) == before
+    finally:
+        proc2.kill()
+        proc2.wait(timeout=10)
+    # and the library reads every entry, none damaged
+    emb = OpenAIEmbeddings(MODEL, base_url=upstream.base_url, api_key=UPSTREAM_KEY)
+    with EmbeddingCache(cache_dir) as cache:
+        keys = [EmbeddingCache.make_key(emb.cache_namespace, emb.model, emb.dimensions, t) for t in distinct]
+        assert all(v is not None for v in cache.get_many(keys))
