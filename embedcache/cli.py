@@ -24,6 +24,7 @@ from typing import Any
 import click
 import numpy as np
 
+from embedcache._cli_search import Inputs, input_store, method_options, search_kwargs, search_note
 from embedcache._validation import check_threshold
 from embedcache.errors import (
     ConfigurationError,
@@ -331,8 +332,11 @@ def provider_options(f, *, store: bool = False):
 store_provider_options = functools.partial(provider_options, store=True)
 
 
-def input_options(f):
-    @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+def input_options(f, *, store: bool = False):
+    """INPUT, --field and --format; with ``store``, INPUT may be a vector store directory."""
+
+    @click.argument("input_path", metavar="INPUT|STORE" if store else "INPUT",
+                    type=click.Path(exists=True, dir_okay=store))
     @click.option("--field", "--column", "field", default=None,
                   help="JSONL field / CSV column holding the text (default: text); with "
                        "--no-header, the column's number (1 for the first).")
@@ -347,6 +351,9 @@ def input_options(f):
         return f(*args, **kwargs)
 
     return wrapper
+
+
+input_or_store_options = functools.partial(input_options, store=True)
 
 
 skip_empty_option = click.option(
@@ -443,10 +450,48 @@ def dedup_options(f):
     return f
 
 
+def scheduler_option(f):
+    """``--scheduler tcp://HOST:PORT`` (or $EMBEDCACHE_SCHEDULER): run on a Dask cluster."""
+    return click.option(
+        "--scheduler", envvar="EMBEDCACHE_SCHEDULER", default=None, metavar="tcp://HOST:PORT",
+        help="Run the job's tasks on the Dask cluster of this scheduler (default: $EMBEDCACHE_SCHEDULER; "
+             "none: here). Its workers must see STORE at the same path (a shared filesystem).")(f)
+
+
+def _client(scheduler: str | None, quiet: bool):
+    """A client of the Dask scheduler ``scheduler`` (closed when the command ends), or None."""
+    if not scheduler:
+        return None
+    from embedcache.engine import connect
+
+    client = connect(scheduler)
+    _opened.append(client)
+    _say(quiet, f"ran on the Dask cluster at {scheduler} ({len(client.scheduler_info()['workers'])} workers)")
+    return client
+
+
+def _store_client(scheduler: str | None, quiet: bool, input_path: str, against_path: str | None = None,
+                  search: dict[str, Any] | None = None):
+    """The client of --scheduler for a job over the store INPUT (None without --scheduler);
+    refuses, before anything is read, what a cluster does not run."""
+    if not scheduler:
+        return None
+    if not Path(input_path).is_dir():
+        raise ConfigurationError(f"--scheduler runs jobs over a vector store, whose files the workers read; "
+                                 f"INPUT {input_path} is a file (add its rows to a store first, or leave out --scheduler)")
+    if against_path:
+        raise ConfigurationError("--scheduler does not take --against yet; leave out one of them")
+    if (search or {}).get("method") == "partitioned":
+        raise ConfigurationError("--method partitioned does not run on a cluster yet; with --scheduler, "
+                                 "use --method exact or auto")
+    return _client(scheduler, quiet)
+
+
 @cli.command()
-@input_options
+@input_or_store_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Kept rows, unchanged (format from the extension, else the input's).")
+              help="Kept rows, unchanged (format from the extension, else the input's); from a "
+                   "store, each row's id and metadata (JSON Lines unless the extension says otherwise).")
 @click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
               help="Report, one row per removed row with what it duplicates and the score "
                    "(.csv, .tsv, .jsonl or .parquet; CSV otherwise).")
@@ -454,36 +499,41 @@ def dedup_options(f):
               help="Also write a self-contained HTML report: scores, what nearby thresholds would "
                    "remove, pairs just above and below the threshold, the largest groups.")
 @dedup_options
-@click.option("--against", "against_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Reference file (same --field/--format): remove rows near any of its rows.")
+@click.option("--against", "against_path", type=click.Path(exists=True), default=None,
+              help="Reference file (same --field/--format) or store: remove rows near any of its rows.")
 @click.option("--id-field", default=None, help="Field with row ids for the report (default: id, if present).")
 @click.option("--show", type=click.IntRange(min=0), default=10, show_default=True,
               help="Groups to print (0: none).")
 @skip_empty_option
+@method_options
 @provider_options
 @cache_size_option
 @common_options
+@scheduler_option
 def dedup(input_path, field, fmt, no_header, output, report, html_report, threshold, keep, mode, against_path,
-          id_field, show, skip_empty, embedder_opts, cache_dir, quiet):
-    """Remove near-duplicate rows of INPUT; write the rows kept, and print the groups found."""
+          id_field, show, skip_empty, search, embedder_opts, cache_dir, quiet, scheduler):
+    """Remove near-duplicate rows of INPUT (a file of rows, or a store's vectors as stored);
+    write the rows kept, and print the groups found."""
     from embedcache.workflows import deduplicate
 
     check_outputs({"INPUT": input_path, "--against": against_path},
                   {"-o": output, "--duplicates": report, "--report": html_report})
     report_fmt = table_format(report, "--duplicates") if report else None
-    full = _read(input_path, field, fmt, no_header, quiet, skip_empty)
-    data, rows = full.with_text()  # the rows compared; rows[k]: row k's position in INPUT
+    client = _store_client(scheduler, quiet, input_path, against_path, search)
+    inputs = _inputs(input_path, against_path, fmt=fmt, field=field, no_header=no_header, quiet=quiet,
+                     skip_empty=skip_empty, text_output=format_of(output) == "text")
+    full, data, rows, ref, ref_rows = inputs.full, inputs.data, inputs.rows, inputs.ref, inputs.ref_rows
     if not data.texts:
         raise InvalidInputError(f"{input_path}: no rows to deduplicate")
-    emb = _cached(embedder_opts, cache_dir, quiet)
-    ref_rows = None
-    ref = _read(against_path, field, fmt, no_header, quiet, skip_empty) if against_path else None
-    if ref is not None:
-        ref, ref_rows = ref.with_text()
-    _check_space(emb, data.texts + (ref.texts if ref else []))
-    res = deduplicate(data.texts, threshold=threshold, embedder=emb, keep=keep, mode=mode,
-                      against=ref.texts if ref else None, progress=_progress(quiet))
-    _long_note(emb, quiet)
+    emb = _inputs_embedder(inputs, embedder_opts, cache_dir, quiet)
+    if emb is not None:
+        _check_space(emb, inputs.texts())
+    res = deduplicate(inputs.items, threshold=threshold, embedder=emb, keep=keep, mode=mode,
+                      against=inputs.against, progress=_progress(quiet), client=client,
+                      **search_kwargs(search))
+    inputs.check_unchanged()
+    if emb is not None:
+        _long_note(emb, quiet)
     ids = data.ids(id_field)
     kept = sorted([rows[k] for k in res.kept.tolist()] + full.skipped)
     with staged_outputs() as outputs:  # both complete, or neither replaced
@@ -508,7 +558,8 @@ def dedup(input_path, field, fmt, no_header, output, report, html_report, thresh
         for k, r, s in list(zip(res.removed, res.duplicate_of, res.scores))[:show]:
             click.echo(f"{label(int(k))} ~ reference #{ref_rows[int(r)]} ({float(s):.3f}): {_clip(data.texts[int(k)])}")
     click.echo(f"kept {len(kept)} of {len(full.texts)} rows, removed {len(res.removed)} "
-               f"({res.duplicate_ratio:.1%}) at threshold {threshold}{_without_text(full)}; wrote {output}")
+               f"({res.duplicate_ratio:.1%}) at threshold {threshold}{_without_text(full)}; wrote {output}"
+               f"{search_note(res, search)}")
 
 
 def _clip(text: str, width: int = 70) -> str:
@@ -523,7 +574,8 @@ def _write_html_report(path: str, result: Any, emb: Any, input_path: str, keep: 
     from embedcache import report
 
     settings = {"input": input_path, "embedder": emb.embedder, "namespace": emb.cache_namespace,
-                "model": emb.model, "keep": keep}
+                "model": emb.model, "keep": keep} if emb is not None else \
+        {"input": input_path, "embedder": "none: a vector store's vectors, as stored", "keep": keep}
     if n is None:
         if result.ids is None and ids is not None:
             result = dataclasses.replace(result, ids=ids)
@@ -552,7 +604,7 @@ def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res
 
 
 @cli.command()
-@input_options
+@input_or_store_options
 @click.option("--threshold", "-t", type=float, required=True, callback=_threshold,
               help="Cosine similarity at or above which a pair is listed.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -563,23 +615,33 @@ def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res
               help="Also write a self-contained HTML report: the scores, how many pairs higher "
                    "thresholds keep, sample pairs side by side.")
 @skip_empty_option
+@method_options
 @provider_options
 @cache_size_option
 @common_options
-def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_report, skip_empty, embedder_opts,
-          cache_dir, quiet):
-    """List every pair of rows of INPUT at or above the threshold."""
+@scheduler_option
+def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_report, skip_empty, search,
+          embedder_opts, cache_dir, quiet, scheduler):
+    """List every pair of rows of INPUT (a file of rows, or a store's vectors as stored) at or
+    above the threshold."""
     from embedcache.workflows import PairTable, near_duplicates
 
     check_outputs({"INPUT": input_path}, {"-o": output, "--report": html_report})
     out_fmt = table_format(output, "-o")
-    full = _read(input_path, field, fmt, no_header, quiet, skip_empty)
-    data, at = full.with_text()  # the rows compared; at[k]: row k's position in INPUT
-    at = np.asarray(at, dtype=np.int64)
-    emb = _cached(embedder_opts, cache_dir, quiet)
-    _check_space(emb, data.texts)
-    table = near_duplicates(data.texts, threshold=threshold, embedder=emb, progress=_progress(quiet))
-    _long_note(emb, quiet)
+    client = _store_client(scheduler, quiet, input_path, None, search)
+    inputs = _inputs(input_path, None, fmt=fmt, field=field, no_header=no_header, quiet=quiet,
+                     skip_empty=skip_empty)
+    full, data = inputs.full, inputs.data
+    at = np.asarray(inputs.rows, dtype=np.int64)  # at[k]: row k's position in INPUT
+    emb = _inputs_embedder(inputs, embedder_opts, cache_dir, quiet)
+    if emb is not None:
+        _check_space(emb, inputs.texts())
+    table = near_duplicates(inputs.items, threshold=threshold, embedder=emb, progress=_progress(quiet),
+                            client=client, **search_kwargs(search))
+    inputs.check_unchanged()
+    if emb is not None:
+        _long_note(emb, quiet)
+    note = search_note(table, search)
     ids = full.ids(id_field)
     table = PairTable(at[table.i], at[table.j], table.score, texts_i=full.texts, texts_j=full.texts,
                       ids_i=ids, ids_j=ids, sort=False)
@@ -590,27 +652,7 @@ def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_r
             _write_html_report(html_report, table, emb, input_path, None, outputs.open, n=len(data.texts),
                                threshold=threshold)
     click.echo(f"{len(table)} pairs at or above {threshold} among {len(data.texts)} rows"
-               f"{_without_text(full)}; wrote {output}")
-
-
-def scheduler_option(f):
-    """``--scheduler tcp://HOST:PORT`` (or $EMBEDCACHE_SCHEDULER): run on a Dask cluster."""
-    return click.option(
-        "--scheduler", envvar="EMBEDCACHE_SCHEDULER", default=None, metavar="tcp://HOST:PORT",
-        help="Run the job's tasks on the Dask cluster of this scheduler (default: $EMBEDCACHE_SCHEDULER; "
-             "none: here). Its workers must see STORE at the same path (a shared filesystem).")(f)
-
-
-def _client(scheduler: str | None, quiet: bool):
-    """A client of the Dask scheduler ``scheduler`` (closed when the command ends), or None."""
-    if not scheduler:
-        return None
-    from embedcache.engine import connect
-
-    client = connect(scheduler)
-    _opened.append(client)
-    _say(quiet, f"ran on the Dask cluster at {scheduler} ({len(client.scheduler_info()['workers'])} workers)")
-    return client
+               f"{_without_text(full)}; wrote {output}{note}")
 
 
 @cli.group()
@@ -817,52 +859,6 @@ def store_compact(store_path):
         click.echo(f"{store_path}: compacted, {len(vs)} rows")
 
 
-@store.command("pairs")
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.option("--threshold", "-t", type=float, required=True, callback=_threshold,
-              help="Cosine similarity at or above which a pair is listed.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Pairs as CSV (or .tsv, .jsonl, .parquet): i, j, score, ids and texts, highest score first.")
-@common_options
-@scheduler_option
-def store_pairs(store_path, threshold, output, cache_dir, quiet, scheduler):
-    """List every pair of live rows of STORE at or above the threshold."""
-    from embedcache.workflows import near_duplicates
-
-    check_outputs({}, {"-o": output})
-    out_fmt = table_format(output, "-o")
-    with _open_store(store_path) as vs:
-        table = near_duplicates(vs, threshold=threshold, progress=_progress(quiet), client=_client(scheduler, quiet))
-        rows = [(f"pair {n + 1}", row) for n, row in enumerate(table)]
-        write_records(output, out_fmt, table.columns, rows, atomic_output)
-        click.echo(f"{len(table)} pairs at or above {threshold} among {len(vs)} rows; wrote {output}")
-
-
-@store.command("dedup")
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@dedup_options
-@click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
-              help="Report, one row per removed row: its id, the id it duplicates, the score "
-                   "(.csv, .tsv, .jsonl or .parquet; CSV otherwise).")
-@common_options
-@scheduler_option
-def store_dedup(store_path, threshold, keep, mode, report, cache_dir, quiet, scheduler):
-    """Find the near-duplicate rows of STORE (the store is not changed); print the count."""
-    from embedcache.workflows import deduplicate
-
-    check_outputs({}, {"--duplicates": report})
-    report_fmt = table_format(report, "--duplicates") if report else None
-    with _open_store(store_path) as vs:
-        res = deduplicate(vs, threshold=threshold, keep=keep, mode=mode, progress=_progress(quiet),
-                          client=_client(scheduler, quiet))
-    if report:
-        rows = [(f"removed row {k + 1}", {"id": res.ids[k], "duplicate_of": res.ids[r], "score": round(s, 6)})
-                for k, r, s in zip(res.removed.tolist(), res.duplicate_of.tolist(), res.scores.tolist())]
-        write_records(report, report_fmt, ["id", "duplicate_of", "score"], rows, atomic_output)
-    click.echo(f"kept {len(res.kept)} of {res.n} rows, removed {len(res.removed)} ({res.duplicate_ratio:.1%}) "
-               f"in {len(res.groups)} groups at threshold {threshold}" + (f"; wrote {report}" if report else ""))
-
-
 @cli.group()
 def cache() -> None:
     """Inspect or clear the embedding cache."""
@@ -948,6 +944,115 @@ def serve(upstream, host, port, cache_dir, keys_path, allow_public, rps, burst, 
     run(upstream, host=host, port=port, cache=cache_dir, keys=keys_path, allow_public=allow_public,
         requests_per_second="auto" if rps is None else rps, burst=burst,
         max_concurrency=max_concurrency, client_rate=client_rate, log_level=log_level)
+
+
+# --------------------------------------------------------------------------------------
+# stores as input; the kNN graph; the partition index
+# --------------------------------------------------------------------------------------
+
+
+def _inputs(input_path: str, against_path: str | None, *, fmt: str | None, field: str | None,
+            no_header: bool, quiet: bool, skip_empty: bool = False, text_output: bool = False) -> Inputs:
+    """INPUT and --against, files or stores (closed by main() however the command ends)."""
+    inputs = Inputs(lambda path: _read(path, field, fmt, no_header, quiet, skip_empty),
+                    fmt=fmt, field=field, no_header=no_header)
+    _opened.append(inputs)
+    inputs.read(input_path, against_path, text_output=text_output)
+    return inputs
+
+
+def _inputs_embedder(inputs: Inputs, embedder_opts: dict[str, Any], cache_dir: str | None, quiet: bool):
+    """The cached embedder for the files among the inputs: with a store among them, the
+    store's (the options may name it, not another); None when every input is a store."""
+    if not inputs.files:
+        given = [f"--{key.replace('_', '-')}" for key in _EMBEDDER_OPTIONS if embedder_opts[key] is not None]
+        if given:
+            raise ConfigurationError(f"{given[0]} does not apply: the input is a vector store, "
+                                     "whose vectors are used as stored")
+        return None
+    if not inputs.stores:
+        return _cached(embedder_opts, cache_dir, quiet)
+    vs, path, _ = inputs.stores[0]
+    return _store_embedder(vs, path, embedder_opts, cache_dir, quiet,
+                           python="ec.deduplicate(texts, against=store, embedder=embedder)")
+
+
+@cli.command()
+@input_or_store_options
+@click.option("-k", type=click.IntRange(min=1), default=15, show_default=True, help="Neighbours per row.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The graph: an (n, n) scipy sparse CSR matrix, .npz (scipy.sparse.load_npz reads it).")
+@click.option("--weights", type=click.Choice(["distance", "similarity"]), default="distance", show_default=True,
+              help="Entries: 1 - cosine, each row by increasing distance, the form scikit-learn's "
+                   "metric='precomputed' takes (DBSCAN, HDBSCAN, NearestNeighbors); or the cosine "
+                   "similarity (spectral clustering, Leiden).")
+@click.option("--symmetric/--no-symmetric", default=True, show_default=True,
+              help="Add j -> i for every i -> j (rows then hold k or more entries).")
+@click.option("--ids", "ids_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the id of each row of the graph (columns row, id; CSV, or .tsv, "
+                   ".jsonl, .parquet): the rows of INPUT, or of STORE in the order of its ids.")
+@click.option("--id-field", default=None, help="Field with row ids for --ids (default: id, if present).")
+@method_options
+@provider_options
+@cache_size_option
+@common_options
+def graph(input_path, field, fmt, no_header, k, output, weights, symmetric, ids_path, id_field, search,
+          embedder_opts, cache_dir, quiet):
+    """Write the k-nearest-neighbour graph of INPUT's rows (embedded) or of STORE's vectors
+    (as stored), for clustering: row i holds its k most similar other rows."""
+    from scipy.sparse import save_npz
+
+    from embedcache.workflows import knn_graph
+
+    if Path(output).suffix.lower() != ".npz":
+        raise InvalidInputError(f"-o {output}: graph writes a scipy sparse matrix in .npz format; name a .npz file")
+    check_outputs({"INPUT": input_path}, {"-o": output, "--ids": ids_path})
+    ids_fmt = table_format(ids_path, "--ids") if ids_path else None
+    inputs = _inputs(input_path, None, fmt=fmt, field=field, no_header=no_header, quiet=quiet)
+    data = inputs.data
+    ids = data.ids(id_field) if ids_path else None
+    if ids_path and ids is None:
+        raise InvalidInputError(f"{input_path}: no field 'id' for --ids; name the field of ids with --id-field")
+    emb = _inputs_embedder(inputs, embedder_opts, cache_dir, quiet)
+    if emb is not None:
+        _check_space(emb, data.texts)
+    x = inputs.items if emb is None else emb.embed(data.texts, progress=_progress(quiet))
+    g, recall = knn_graph(x, k, weights=weights, symmetric=symmetric, progress=_progress(quiet),
+                          return_recall=True, **search_kwargs(search))
+    method = "exact" if recall is None else "partitioned"
+    inputs.check_unchanged()
+    if emb is not None:
+        _long_note(emb, quiet)
+    with staged_outputs() as outputs:  # both complete, or neither replaced
+        with outputs.open(output, "wb") as f:
+            save_npz(f, g)
+        if ids_path:
+            rows = [(f"row {r + 1}", {"row": r, "id": i}) for r, i in enumerate(ids)]
+            write_records(ids_path, ids_fmt, ["row", "id"], rows, outputs.open)
+    click.echo(f"graph of {g.shape[0]} rows, k={k}, {g.nnz} entries ({weights}"
+               f"{', symmetric' if symmetric else ''}); wrote {output}"
+               f"{search_note(None, search, method=method, recall=recall)}")
+
+
+@store.command("index")
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, exists=True))
+@click.option("--cells", type=click.IntRange(min=1), default=None,
+              help="Cells of the partition (default: chosen from the number of rows).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the k-means sample and start.")
+def store_index(store_path, cells, seed):
+    """Build STORE's partition index, which store search and the workflows on STORE use; it
+    replaces the old one only when complete (a crash keeps the old one, or none)."""
+    vs = input_store(store_path, "STORE")
+    _opened.append(vs)
+    if not callable(getattr(vs, "create_index", None)):
+        raise ConfigurationError("store index needs an embedcache whose VectorStore has create_index(); "
+                                 "this one searches exactly only")
+    vs.create_index(cells=cells, seed=seed)
+    info = vs.index_info() if callable(getattr(vs, "index_info", None)) else None
+    about = ", ".join(f"{key} {value}" for key, value in (info or {}).items()
+                      if isinstance(value, (int, float, str)))
+    click.echo(f"{store_path}: indexed {len(vs)} rows" + (f" ({about})" if about else ""))
 
 
 # --------------------------------------------------------------------------------------
