@@ -16,7 +16,7 @@ import pytest
 
 import embedcache as ec
 from embedcache import _config
-from embedcache._cli_search import search_kwargs, search_note
+from embedcache.cli._search import search_kwargs, search_note
 from embedcache.errors import ConfigurationError
 from test_cli import EXAMPLE, ROWS, TEXTS, assert_one_line_error, run  # noqa: F401 (run: a fixture)
 

@@ -2,7 +2,7 @@
 input (its rows written back as ``{"id": id, **metadata}``), and the ``--method`` and
 ``--recall`` options with the line that says which method ran and the recall it measured.
 
-Argument handling and printing only, for :mod:`embedcache.cli`; the work is the library's.
+Argument handling and printing only; the work is the library's.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import click
 
 from embedcache.errors import ConfigurationError, InvalidInputError, StoreError
 from embedcache.tables import Dataset
+
 
 #: how the pairs or neighbours are found (the workflows' ``method=``)
 METHODS = ("exact", "partitioned", "auto")
