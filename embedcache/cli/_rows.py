@@ -91,6 +91,15 @@ def embed(input_path, field, fmt, no_header, output, embedder_opts, cache_dir, q
     _long_note(emb, quiet)
 
 
+def _job_options(f):
+    """The options dedup and pairs share after their own: --skip-empty, --method and --recall,
+    the embedder's, the cache's, --scheduler."""
+    for option in (scheduler_option, common_options, cache_size_option, provider_options, method_options,
+                   skip_empty_option):
+        f = option(f)
+    return f
+
+
 def _store_client(scheduler: str | None, quiet: bool, input_path: str, against_path: str | None = None,
                   search: dict[str, Any] | None = None):
     """The client of --scheduler for a job over the store INPUT (None without --scheduler);
@@ -125,12 +134,7 @@ def _store_client(scheduler: str | None, quiet: bool, input_path: str, against_p
 @click.option("--id-field", default=None, help="Field with row ids for the report (default: id, if present).")
 @click.option("--show", type=click.IntRange(min=0), default=10, show_default=True,
               help="Groups to print (0: none).")
-@skip_empty_option
-@method_options
-@provider_options
-@cache_size_option
-@common_options
-@scheduler_option
+@_job_options
 def dedup(input_path, field, fmt, no_header, output, report, html_report, threshold, keep, mode, against_path,
           id_field, show, skip_empty, search, embedder_opts, cache_dir, quiet, scheduler):
     """Remove near-duplicate rows of INPUT (a file of rows, or a store's vectors as stored);
@@ -229,12 +233,7 @@ def _write_report(path: str, fmt: str, data: Dataset, ids: list[str] | None, res
 @click.option("--report", "html_report", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML report: the scores, how many pairs higher "
                    "thresholds keep, sample pairs side by side.")
-@skip_empty_option
-@method_options
-@provider_options
-@cache_size_option
-@common_options
-@scheduler_option
+@_job_options
 def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_report, skip_empty, search,
           embedder_opts, cache_dir, quiet, scheduler):
     """List every pair of rows of INPUT (a file of rows, or a store's vectors as stored) at or
