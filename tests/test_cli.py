@@ -481,7 +481,7 @@ def test_interrupt_while_writing_leaves_old_outputs(run, tmp_path, monkeypatch):
 
 
 def test_interrupt_closes_the_embedder(run, monkeypatch):
-    import embedcache.cli as cli_mod
+    import embedcache.cli._options as cli_options
 
     class Interrupted:
         cache_namespace, model, dimensions = "test|interrupted", "m", None
@@ -493,7 +493,7 @@ def test_interrupt_closes_the_embedder(run, monkeypatch):
         def close(self):
             Interrupted.closed += 1
 
-    monkeypatch.setattr(cli_mod, "_make_embedder", lambda *a, **k: Interrupted())
+    monkeypatch.setattr(cli_options, "_make_embedder", lambda *a, **k: Interrupted())
     proc = run("embed", EXAMPLE, "-o", "v.npy", ok=False, inproc=True)
     assert proc.returncode == 130 and Interrupted.closed == 1
 

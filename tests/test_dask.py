@@ -116,13 +116,23 @@ def test_an_unreachable_scheduler_is_one_clear_line(run, tmp_path):
     assert "\n" not in str(err.value) and time.monotonic() - t0 < 30
     make_store(tmp_path / "vs", near_dup_vectors(20)).close()
     with _config.override(SCHEDULER_TIMEOUT=1):
-        proc = run("store", "pairs", "vs", "-t", "0.9", "-o", "p.csv", "--scheduler", address, ok=False, inproc=True)
+        proc = run("pairs", "vs", "-t", "0.9", "-o", "p.csv", "--scheduler", address, ok=False, inproc=True)
         assert_one_line_error(proc, f"cannot reach the Dask scheduler at {address}")
-        proc = run("store", "dedup", "vs", ok=False, inproc=True, extra_env={"EMBEDCACHE_SCHEDULER": address})
+        proc = run("dedup", "vs", "-o", "kept.jsonl", ok=False, inproc=True, extra_env={"EMBEDCACHE_SCHEDULER": address})
         assert_one_line_error(proc, f"cannot reach the Dask scheduler at {address}")
-    assert not (tmp_path / "p.csv").exists()
-    assert_one_line_error(run("store", "pairs", "vs", "-t", "0.9", "-o", "p.csv", "--scheduler", "localhost:1",
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "kept.jsonl").exists()
+    assert_one_line_error(run("pairs", "vs", "-t", "0.9", "-o", "p.csv", "--scheduler", "localhost:1",
                               ok=False, inproc=True), "tcp://HOST:PORT", "'localhost:1'")
+    # what a cluster does not run is refused before the scheduler is looked for
+    (tmp_path / "rows.txt").write_text("a\nb\n")
+    for args, fragments in [
+        (("dedup", "rows.txt", "-o", "kept.txt"), ("--scheduler runs jobs over a vector store", "rows.txt is a file")),
+        (("dedup", "vs", "-o", "kept.jsonl", "--against", "rows.txt"), ("--scheduler does not take --against",)),
+        (("pairs", "vs", "-t", "0.9", "-o", "p.csv", "--method", "partitioned"),
+         ("--method partitioned does not run on a cluster",)),
+    ]:
+        assert_one_line_error(run(*args, "--scheduler", address, ok=False, inproc=True), *fragments)
+    assert not {"p.csv", "kept.jsonl", "kept.txt"} & {p.name for p in tmp_path.iterdir()}
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -164,17 +174,20 @@ def cli_cluster(tmp_path_factory):
 def test_dedup_a_store_through_a_cluster_started_by_its_command_lines(cli_cluster, run, tmp_path):
     x = near_dup_vectors(400)
     make_store(tmp_path / "vs", x, delete=(3, 200)).close()
-    here = run("store", "dedup", "vs", "-t", "0.85", "--duplicates", "here.csv", "-q")
-    there = run("store", "dedup", "vs", "-t", "0.85", "--duplicates", "there.csv", "--scheduler", cli_cluster)
-    assert here.stdout.replace("here.csv", "") == there.stdout.replace("there.csv", "")
+    here = run("dedup", "vs", "-t", "0.85", "-o", "here.jsonl", "--duplicates", "here.csv", "-q")
+    there = run("dedup", "vs", "-t", "0.85", "-o", "there.jsonl", "--duplicates", "there.csv",
+                "--scheduler", cli_cluster)
+    assert here.stdout.replace("here.", "") == there.stdout.replace("there.", "")
+    assert "; method: exact (auto)" in there.stdout  # a cluster runs the exact method
     assert (tmp_path / "here.csv").read_text() == (tmp_path / "there.csv").read_text()
+    assert (tmp_path / "here.jsonl").read_text() == (tmp_path / "there.jsonl").read_text()
     assert len((tmp_path / "here.csv").read_text().splitlines()) > 100
     assert f"ran on the Dask cluster at {cli_cluster} (2 workers)" in there.stderr
     # the environment variable names the scheduler too; pairs are the same, bit for bit
-    run("store", "pairs", "vs", "-t", "0.85", "-o", "here.jsonl", "-q")
-    there = run("store", "pairs", "vs", "-t", "0.85", "-o", "there.jsonl", extra_env={"EMBEDCACHE_SCHEDULER": cli_cluster})
+    run("pairs", "vs", "-t", "0.85", "-o", "here-pairs.jsonl", "-q")
+    there = run("pairs", "vs", "-t", "0.85", "-o", "there-pairs.jsonl", extra_env={"EMBEDCACHE_SCHEDULER": cli_cluster})
     assert "ran on the Dask cluster" in there.stderr
-    assert (tmp_path / "here.jsonl").read_text() == (tmp_path / "there.jsonl").read_text()
+    assert (tmp_path / "here-pairs.jsonl").read_text() == (tmp_path / "there-pairs.jsonl").read_text()
 
 
 def test_a_worker_that_cannot_see_the_store_names_itself_and_the_path(cli_cluster, tmp_path, monkeypatch):
