@@ -37,7 +37,7 @@ API_KEY = "bench-key"
 
 def _start_server(dim: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "embedcache.testing", "--dim", str(dim), "--api-key", API_KEY],
+        [sys.executable, "-m", "embedcache.testing", "--dimensions", str(dim), "--api-key", API_KEY],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--encoding-format", default="base64", choices=["base64", "float"])
     args = parser.parse_args()
     env = dict(os.environ, OPENAI_API_KEY="test-key")
-    fake = _spawn(["-m", "embedcache.testing", "--dim", str(args.dim)], env)
+    fake = _spawn(["-m", "embedcache.testing", "--dimensions", str(args.dim)], env)
     upstream_url = fake.stdout.readline().decode().strip()
     up_port = int(upstream_url.rsplit(":", 1)[1].split("/")[0])
     cache_dir = tempfile.mkdtemp(prefix="bench-serve-")

@@ -2,7 +2,7 @@
 for tests of code that calls an embeddings API (this package's own, and yours).
 
 >>> from embedcache import OpenAIEmbeddings
->>> with FakeEmbeddingServer(dim=8, api_key="k", models=("my-model",)) as server:
+>>> with FakeEmbeddingServer(dimensions=8, api_key="k", models=("my-model",)) as server:
 ...     emb = OpenAIEmbeddings(model="my-model", base_url=server.base_url, api_key="k")
 ...     emb.embed(["hello"]).shape
 (1, 8)
@@ -18,7 +18,7 @@ next one (first come, first served), requests find an empty queue served normall
 Run as a script to serve in a process of its own (used by the benchmarks); it prints the
 base URL on its first line of stdout::
 
-    python -m embedcache.testing --dim 1024 --port 0
+    python -m embedcache.testing --dimensions 1024 --port 0
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import numpy as np
 DEFAULT_MODELS = ("test-embed-small", "test-embed-large")
 
 
-def expected_vector(text: str, dim: int) -> np.ndarray:
-    """The float32 unit vector the server returns for ``text`` at dimension ``dim``."""
-    raw = hashlib.shake_256(f"{dim}:{text}".encode("utf-8", "surrogatepass")).digest(4 * dim)
+def expected_vector(text: str, dimensions: int) -> np.ndarray:
+    """The float32 unit vector the server returns for ``text`` at ``dimensions``."""
+    raw = hashlib.shake_256(f"{dimensions}:{text}".encode("utf-8", "surrogatepass")).digest(4 * dimensions)
     v = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32 - 0.5
     return (v / np.linalg.norm(v)).astype(np.float32)
 
@@ -107,7 +107,7 @@ class Fault:
 
     @classmethod
     def all_wrong_dim(cls) -> Fault:
-        """Every vector has ``dim + 1`` elements."""
+        """Every vector has ``dimensions + 1`` elements."""
         return cls("all_wrong_dim")
 
     @classmethod
@@ -136,7 +136,7 @@ class Recorded:
 class FakeEmbeddingServer:
     """OpenAI-compatible ``/v1/embeddings`` and ``/v1/models`` on 127.0.0.1, in a thread.
 
-    dim: native dimension (a request's ``dimensions`` overrides it).
+    dimensions: native dimension (a request's ``dimensions`` overrides it).
     api_key: required bearer token (``None`` accepts any). A wrong key gets a 401 whose
         message echoes the key back, like some real servers do.
     truncate_tokens: read only the first this many tokens of each input, as a model with
@@ -148,11 +148,11 @@ class FakeEmbeddingServer:
         ``max_tokens_per_request``. ``refused`` lists ``(status, inputs)`` of each refusal.
     """
 
-    def __init__(self, dim: int = 8, *, api_key: str | None = "test-key",
+    def __init__(self, dimensions: int = 8, *, api_key: str | None = "test-key",
                  models: tuple[str, ...] = DEFAULT_MODELS, port: int = 0,
                  truncate_tokens: int | None = None, max_batch_inputs: int | None = None,
                  max_batch_tokens: int | None = None) -> None:
-        self.dim = dim
+        self.dimensions = dimensions
         self.truncate_tokens = truncate_tokens
         self.max_batch_inputs = max_batch_inputs
         self.max_batch_tokens = max_batch_tokens
@@ -336,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         read = [read_window(t, self.fake.truncate_tokens) for t in texts]
         texts = [t for t, _ in read]
-        dim = body.get("dimensions") or self.fake.dim
+        dim = body.get("dimensions") or self.fake.dimensions
         kind = fault.kind if fault is not None else None
         vectors = [expected_vector(t, dim) for t in texts]
         if kind == "nan":
@@ -388,11 +388,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--dimensions", type=int, default=1024)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--api-key", default="test-key")
     args = parser.parse_args(argv)
-    server = FakeEmbeddingServer(args.dim, api_key=args.api_key, port=args.port)
+    server = FakeEmbeddingServer(args.dimensions, api_key=args.api_key, port=args.port)
     print(server.base_url, flush=True)
     try:
         server.httpd.serve_forever(poll_interval=0.2)

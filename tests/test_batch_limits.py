@@ -73,7 +73,7 @@ def test_limits_plan_within_what_was_learned(caplog):
 
 
 def test_a_thousand_texts_against_tei_limits_complete_with_a_handful_of_refusals(caplog):
-    with FakeEmbeddingServer(dim=DIM, api_key="k", max_batch_inputs=32) as server:
+    with FakeEmbeddingServer(dimensions=DIM, api_key="k", max_batch_inputs=32) as server:
         emb = client(server)  # default settings: 128 per batch, 8 at once
         with caplog.at_level(logging.WARNING, logger="embedcache"):
             x = emb.embed(TEXTS)
@@ -89,12 +89,12 @@ def test_a_thousand_texts_against_tei_limits_complete_with_a_handful_of_refusals
 
 
 def test_a_token_budget_is_learned_too_sync_and_async():
-    with FakeEmbeddingServer(dim=DIM, api_key="k", max_batch_tokens=500) as server:
+    with FakeEmbeddingServer(dimensions=DIM, api_key="k", max_batch_tokens=500) as server:
         x = client(server).embed(TEXTS)
         np.testing.assert_array_equal(x, np.stack([expected_vector(t, DIM) for t in TEXTS]))
         assert 1 <= len(server.refused) <= 3
         assert_each_sent_once(answered(server, max_tokens=500), TEXTS)
-    with FakeEmbeddingServer(dim=DIM, api_key="k", max_batch_tokens=500, max_batch_inputs=32) as server:
+    with FakeEmbeddingServer(dimensions=DIM, api_key="k", max_batch_tokens=500, max_batch_inputs=32) as server:
         x = asyncio.run(client(server).aembed(TEXTS))
         np.testing.assert_array_equal(x, np.stack([expected_vector(t, DIM) for t in TEXTS]))
         assert 1 <= len(server.refused) <= 4
@@ -102,7 +102,7 @@ def test_a_token_budget_is_learned_too_sync_and_async():
 
 
 def test_through_the_cache_every_vector_is_kept(tmp_path):
-    with FakeEmbeddingServer(dim=DIM, api_key="k", max_batch_inputs=32) as server:
+    with FakeEmbeddingServer(dimensions=DIM, api_key="k", max_batch_inputs=32) as server:
         emb = ec.CachedEmbedder(client(server), ec.EmbeddingCache(tmp_path / "c"))
         x = emb.embed(TEXTS[:500])
         assert len(emb.cache) == 500 and emb.stats.misses == 500
@@ -110,7 +110,7 @@ def test_through_the_cache_every_vector_is_kept(tmp_path):
 
 
 def test_one_text_over_the_budget_is_an_error_not_a_loop():
-    with FakeEmbeddingServer(dim=DIM, api_key="k", max_batch_tokens=5) as server:
+    with FakeEmbeddingServer(dimensions=DIM, api_key="k", max_batch_tokens=5) as server:
         with pytest.raises(BadRequestError, match="max 5 tokens per request"):
             client(server, max_retries=0).embed(["one two three four five six seven"])
         assert len(server.embedding_requests) == 1

@@ -231,7 +231,7 @@ def test_cache_commands(run, tmp_path):
 
 
 def test_openai_provider_against_a_loopback_server(run, tmp_path):
-    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+    with FakeEmbeddingServer(dimensions=8, api_key="test-key") as server:
         key = {"OPENAI_API_KEY": "test-key"}
         proc = run("models", "--base-url", server.base_url, extra_env=key, inproc=True)
         assert proc.stdout.split() == ["test-embed-small", "test-embed-large"]
@@ -245,7 +245,7 @@ def test_openai_provider_against_a_loopback_server(run, tmp_path):
 
 def test_the_ionos_token_is_never_sent_to_another_server(run, tmp_path):
     token, key = "ionos-token-0123456789", "sk-openai-0123456789"
-    with FakeEmbeddingServer(dim=8, api_key=None) as server:
+    with FakeEmbeddingServer(dimensions=8, api_key=None) as server:
         args = ("embed", EXAMPLE, "-o", "v.npy", "--base-url", server.base_url, "--model", "test-embed-small")
         proc = run(*args, extra_env={"IONOS_API_TOKEN": token}, ok=False, inproc=True)
         assert_one_line_error(proc, "OPENAI_API_KEY", "IONOS_API_TOKEN is sent only to")
@@ -312,7 +312,7 @@ def test_unreachable_server_is_one_line_and_leaves_old_output_alone(run, tmp_pat
 
 
 def test_wrong_key_is_one_line(run):
-    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+    with FakeEmbeddingServer(dimensions=8, api_key="test-key") as server:
         proc = run("embed", EXAMPLE, "-o", "v.npy", "--base-url", server.base_url,
                    extra_env={"OPENAI_API_KEY": "wrong-key"}, ok=False, inproc=True)
     assert_one_line_error(proc, "401")
@@ -364,7 +364,7 @@ def test_interrupted_run_leaves_no_output(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("IONOS_API_TOKEN", "OPENAI_API_KEY")}
     env.update(EMBEDCACHE_DIR=str(tmp_path / "cache"), OPENAI_API_KEY="test-key")
     (tmp_path / "k.jsonl").write_text("previous result\n")
-    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+    with FakeEmbeddingServer(dimensions=8, api_key="test-key") as server:
         server.push(Fault.slow(3.0))
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedcache.cli", "dedup", str(EXAMPLE), "-o", "k.jsonl",
@@ -504,7 +504,7 @@ def test_interrupt_closes_the_embedder(run, monkeypatch):
 
 
 def test_store_search_uses_the_stores_server_and_dimensions(run, tmp_path):
-    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+    with FakeEmbeddingServer(dimensions=8, api_key="test-key") as server:
         emb = ec.OpenAIEmbeddings("test-embed-small", base_url=server.base_url, api_key="test-key",
                                   dimensions=4)
         with ec.VectorStore(tmp_path / "vs") as vs:
@@ -529,7 +529,7 @@ def test_store_search_uses_the_stores_server_and_dimensions(run, tmp_path):
 
 def test_store_refuses_an_embedder_of_another_namespace(run, tmp_path):
     run("store", "add", "vs", EXAMPLE, "-q", inproc=True)  # hashing vectors
-    with FakeEmbeddingServer(dim=8, api_key="test-key") as server:
+    with FakeEmbeddingServer(dimensions=8, api_key="test-key") as server:
         for command in (["search", "vs", "battery"], ["add", "vs", EXAMPLE, "--upsert"]):
             proc = run("store", *command, "--provider", "openai", "--base-url", server.base_url,
                        "--model", "test-embed-small", extra_env={"OPENAI_API_KEY": "test-key"},

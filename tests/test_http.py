@@ -59,7 +59,7 @@ def silent_server():
 
 
 def test_transport_round_trip_on_a_real_server():
-    with FakeEmbeddingServer(dim=4, api_key="test-key") as server:
+    with FakeEmbeddingServer(dimensions=4, api_key="test-key") as server:
         transport = AbortableTransport(httpx.Limits(max_connections=2))
         with httpx.Client(base_url=server.base_url, transport=transport,
                           headers={"Authorization": "Bearer test-key"}) as client:

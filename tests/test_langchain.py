@@ -34,7 +34,7 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def server():
-    with FakeEmbeddingServer(dim=DIM, api_key="test-key") as s:
+    with FakeEmbeddingServer(dimensions=DIM, api_key="test-key") as s:
         yield s
 
 

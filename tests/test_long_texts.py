@@ -46,7 +46,7 @@ B = HEADER + " The seller cancels the contract and refunds everything."
 
 @pytest.fixture
 def server():
-    with FakeEmbeddingServer(dim=DIM, api_key="k", truncate_tokens=WINDOW) as s:
+    with FakeEmbeddingServer(dimensions=DIM, api_key="k", truncate_tokens=WINDOW) as s:
         yield s
 
 

@@ -122,7 +122,7 @@ def test_dimensions_are_requested_and_checked(fake_server):
 def test_a_model_that_changes_dimension_between_calls_is_refused(fake_server):
     with make(fake_server) as emb:
         emb.embed(["a"])
-        fake_server.dim = 16
+        fake_server.dimensions = 16
         with pytest.raises(InvalidResponseError, match="8-d embeddings before, 16-d now"):
             emb.embed(["b"])
 

@@ -34,8 +34,8 @@ def test_python_samples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-readme-test")
     namespace: dict = {"__name__": "readme"}
     # the OpenAI and local-server samples talk to real OpenAI-compatible servers on loopback
-    with FakeEmbeddingServer(dim=8, api_key=None, models=("my-embedding-model",)) as server, \
-            FakeEmbeddingServer(dim=16, api_key="sk-readme-test", models=("text-embedding-3-small",)) as openai:
+    with FakeEmbeddingServer(dimensions=8, api_key=None, models=("my-embedding-model",)) as server, \
+            FakeEmbeddingServer(dimensions=16, api_key="sk-readme-test", models=("text-embedding-3-small",)) as openai:
         for k, code in enumerate(blocks("python")):
             code = code.replace(LOCAL_URL, server.base_url).replace(OPENAI_URL, openai.base_url)
             try:

@@ -25,7 +25,7 @@ AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
 @pytest.fixture(scope="module")
 def upstream():
-    with FakeEmbeddingServer(dim=DIM, api_key=UPSTREAM_KEY) as server:
+    with FakeEmbeddingServer(dimensions=DIM, api_key=UPSTREAM_KEY) as server:
         yield server
 
 

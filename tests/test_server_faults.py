@@ -26,7 +26,7 @@ DIM = 8
 
 @pytest.fixture(scope="module")
 def upstream():
-    with FakeEmbeddingServer(dim=DIM, api_key=UPSTREAM_KEY) as server:
+    with FakeEmbeddingServer(dimensions=DIM, api_key=UPSTREAM_KEY) as server:
         yield server
 
 
