@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import index_crash_worker as icw
+from support import store_crash_worker as cw
 from support.stores import SMALL, ids_of
 from support.strategies import matrices
 
@@ -167,18 +167,18 @@ def test_verify_names_a_damaged_index_file(tmp_path):
 
 def _seeded(path):
     x = clustered(600, d=8, clusters=12, seed=7)
-    with _config.override(INDEX_MIN_CELL=4), ec.VectorStore(path) as s:
-        s.add(ids_of(300), x[:300])
+    with ec.VectorStore(path, metric="dot") as s:  # the crash worker opens stores with metric="dot"
+        s.add(ids_of(300), x[:300], [{"v": 0}] * 300)
         s.create_index(seed=0)  # the old index the kill must leave intact
-        s.add(ids_of(300, "b"), x[300:])
+        s.add(ids_of(300, "b"), x[300:], [{"v": 0}] * 300)
         return s.index_info(), x
 
 
-@pytest.mark.parametrize("stage", icw.STAGES)
+@pytest.mark.parametrize("stage", cw.STAGES)
 def test_sigkill_during_the_build_leaves_the_old_index_or_the_new(tmp_path, stage):
     path = tmp_path / "s"
     old, x = _seeded(path)
-    assert icw.kill_at_stage(str(path), stage) == -signal.SIGKILL
+    assert cw.kill_at_stage(str(path), stage, ("index",)) == -signal.SIGKILL
     with ec.VectorStore(path) as s:
         s.verify()
         info = s.index_info()

@@ -44,7 +44,7 @@ from embedcache.errors import InvalidInputError, StoreCorruptedError
 from embedcache.index._cells import build_cells
 from embedcache.index._merge import NO_INDEX, merge_topk
 from embedcache.index._partition import PartitionIndex, probe_topk
-from embedcache.index._recall import Evidence, _rank, interval, samples
+from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
 from embedcache.store._transactions import Write
@@ -184,16 +184,7 @@ def _evidence(view: View, source: _Rows, index: PartitionIndex, live: np.ndarray
     if k < 1:
         return Evidence(np.zeros(len(q)), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     _, nb = _query.top_k(view, q, k + 1, None)
-    self_row = live[sample]
-    own_hit = nb == self_row[:, None]
-    drop = np.where(own_hit.any(axis=1), own_hit.argmax(axis=1), nb.shape[1] - 1)
-    keep = np.ones(nb.shape, bool)
-    keep[np.arange(len(q)), drop] = False
-    nb = nb[keep].reshape(len(q), -1)[:, :k]
-    qi = np.repeat(np.arange(len(q)), nb.shape[1])
-    jj = nb.ravel()
-    ok = jj >= 0
-    qi, jj = qi[ok], jj[ok]
+    qi, jj = other_neighbours(nb, live[sample], k)
     cell = index.own[np.searchsorted(live, jj)]
     need = _rank(kernels.cosine_similarity(q, index.centroids), qi, cell) + 1
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
