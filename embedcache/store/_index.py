@@ -26,6 +26,7 @@ drops the index (with a warning).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -63,10 +64,15 @@ def description(view: View) -> dict[str, Any] | None:
     if not text:
         return None
     try:
-        desc = json.loads(text)
+        return _parse(text)
     except ValueError:
         raise StoreCorruptedError(f"setting {SETTING!r} is not valid JSON") from None
-    return desc
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(text: str) -> dict[str, Any]:
+    """The parsed description (shared between calls: never modified)."""
+    return json.loads(text)
 
 
 def live_rows(view: View) -> np.ndarray:
@@ -310,8 +316,8 @@ def usable(root: Path, view: View, cache: dict[int, Loaded]) -> tuple[dict[str, 
         return None
     loaded = load(root, view, desc, cache)
     if loaded is None:
-        warnings.warn(f"the index files of {root} are missing; searching exactly (verify() says more)",
-                      UserWarning, stacklevel=4)
+        warnings.warn(f"the index files of {root} are gone (a newer commit replaced them, or they were "
+                      "removed: verify() says which); searching exactly", UserWarning, stacklevel=4)
         return None
     return desc, loaded
 

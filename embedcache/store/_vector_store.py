@@ -312,7 +312,8 @@ class VectorStore:
         transaction), it replaces the previous index; a crash leaves the old one or none.
         Rows added later are scanned exactly and deleted ones masked until the changes exceed
         a fifth of the indexed rows; then searches warn that the index is stale and scan
-        exactly until it is built again. :meth:`compact` drops it.
+        exactly until it is built again. :meth:`compact` drops it. The write lock is held while
+        it builds: other writers wait, readers go on (with the old index).
         """
         if cells is not None:
             cells = check_int("cells", cells, 1)
