@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import store_crash_worker as cw
-from support.stores import SMALL, ids_of
+from support.stores import ids_of
 from support.strategies import matrices
 
 import embedcache as ec
