@@ -60,6 +60,11 @@ INDEX_RECALL_SAMPLE = 1000
 INDEX_RECALL_PAIRS_PER_ROW = 64
 #: method="auto" is exact up to this many distinct rows, partitioned above
 INDEX_AUTO_ROWS = 50_000
+#: a store's index is stale (searches scan exactly) when rows added or deleted since it was
+#: built exceed this share of the rows it holds
+INDEX_STALE_FRACTION = 0.2
+#: neighbours per sampled query in the recall-vs-probes curve a store's index records
+INDEX_CURVE_K = 10
 
 # --- store
 #: segments never exceed this size, so a search touches at most one segment's pages at a time

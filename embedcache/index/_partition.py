@@ -147,13 +147,14 @@ def probe_topk(
     k: int,
     self_ids: np.ndarray | None = None,
     bar=None,
+    metric: str = "cosine",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` rows of the cells ``near[t]`` (-1: none) for each query row ``t``.
 
     ``cell_block(c)`` gives a cell's vectors, their row numbers and an optional mask of
     eligible rows. ``self_ids``: a row number per query never returned for it. Returns
     (scores float32, rows int64), shape (q, k), best first, ties by the lower row; empty slots
-    hold -inf and -1, as in :func:`embedcache.top_k`.
+    hold -inf and -1, as in :func:`embedcache.top_k`. ``metric``: the score, as in top_k.
     """
     nq = len(queries)
     heap_s = np.full((nq, k), -np.inf, np.float32)
@@ -169,7 +170,7 @@ def probe_topk(
         block, ids, mask = cell_block(c)
         if not len(block):
             continue
-        s, li = kernels.top_k(queries[q], block, min(k + extra, len(block)), mask=mask)
+        s, li = kernels.top_k(queries[q], block, min(k + extra, len(block)), metric=metric, mask=mask)
         gi = np.where(li >= 0, ids[np.maximum(li, 0)], -1)
         merge_topk(heap_s, heap_i, q, s, gi, selfs[q], use_self)
         if bar is not None:

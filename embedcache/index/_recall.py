@@ -172,21 +172,27 @@ def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator)
     a true neighbour j of i is found when it shares i's cell or i probes j's cell."""
     q = x[sample]
     _, nb = kernels.top_k(q, x, min(k + 1, len(x)))
-    own_hit = nb == sample[:, None]
-    # drop the row itself, or the last neighbour where it was not listed
-    drop = np.where(own_hit.any(axis=1), own_hit.argmax(axis=1), nb.shape[1] - 1)
-    keep = np.ones(nb.shape, bool)
-    keep[np.arange(len(q)), drop] = False
-    nb = nb[keep].reshape(len(q), -1)[:, :k]
-    qi = np.repeat(np.arange(len(q)), nb.shape[1])
-    jj = nb.ravel()
-    ok = jj >= 0
-    qi, jj = qi[ok], jj[ok]
+    qi, jj = other_neighbours(nb, sample, k)
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
     s_q = kernels.cosine_similarity(q, index.centroids)
     need = _rank(s_q, qi, index.own[jj]) + 1
     need[index.own[sample[qi]] == index.own[jj]] = 0
     return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)))
+
+
+def other_neighbours(nb: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """From the top-(k + 1) lists ``nb`` (q, k + 1) of queries that are rows ``self_ids``:
+    (query position, neighbour) of the first ``k`` neighbours other than the row itself (the
+    last one dropped where the row was not listed); empty slots (-1) left out."""
+    own_hit = nb == self_ids[:, None]
+    drop = np.where(own_hit.any(axis=1), own_hit.argmax(axis=1), nb.shape[1] - 1)
+    keep = np.ones(nb.shape, bool)
+    keep[np.arange(len(nb)), drop] = False
+    nb = nb[keep].reshape(len(nb), -1)[:, :k]
+    qi = np.repeat(np.arange(len(nb)), nb.shape[1])
+    jj = nb.ravel()
+    ok = jj >= 0
+    return qi[ok], jj[ok]
 
 
 def samples(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

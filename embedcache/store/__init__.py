@@ -21,6 +21,7 @@ The package, from the bottom up:
 ``_query``         rows by id and ids by row, ``where`` filters, the top-k merge across
                    segments, pairs
 ``_write``         checking what is added, the fsync protocol, ingest, delete, compact
+``_index``         the persisted partition index: build, files, search through it, verify
 ``_vector_store``  ``VectorStore``, the facade over them
 """
 

@@ -8,6 +8,9 @@ A store is a directory::
     segments/000001.vec   vector segments: raw little-endian float32 (or float16) values,
     segments/000002.vec   row-major, ``rows * dim`` values, no header
     write.lock            lock file held by the one writer (``filelock``)
+    index/000007.cent     the partition index, when one was built (see ``_index``):
+    index/000007.rows     centroids, cell offsets and row numbers, and the vectors
+    index/000007.vec      in cell order; listed by the ``index`` setting
 
 Tables of ``store.sqlite``:
 
@@ -19,7 +22,8 @@ Tables of ``store.sqlite``:
     segment file will get; numbers are never reused). Optional: ``base_url`` and
     ``dimensions`` of that embedder (what it was asked for, NULL for its default), recorded by
     ``add_texts``, and ``text_key``, the metadata key under which ``add_texts`` keeps each
-    row's text (``"text"`` when absent).
+    row's text (``"text"`` when absent), and ``index``, the JSON description of the committed
+    partition index (its files with lengths and crc32, the rows it covers; see ``_index``).
 ``segments(seg INTEGER PRIMARY KEY, file TEXT, first_row INTEGER, rows INTEGER, nbytes INTEGER, crc32 INTEGER)``
     The committed segments. ``file`` is relative to the store directory; the file holds the
     vectors of rows ``first_row .. first_row + rows - 1`` in order, is exactly

@@ -326,10 +326,13 @@ def make_dirs(seg_dir: Path) -> bool:
     return bool(missing)
 
 
-def write_segment(seg_dir: Path, seg: int, chunks: Iterable[np.ndarray], stop: threading.Event) -> tuple[int, int]:
-    """Write, fsync and rename one segment file; return its length and crc32."""
-    final = seg_dir / f"{seg:06d}.vec"
-    tmp = seg_dir / f"{seg:06d}.vec.tmp"
+def write_segment(
+    seg_dir: Path, seg: int, chunks: Iterable[np.ndarray], stop: threading.Event, suffix: str = ".vec"
+) -> tuple[int, int]:
+    """Write, fsync and rename one segment file (or index file, named by ``suffix``); return
+    its length and crc32."""
+    final = seg_dir / f"{seg:06d}{suffix}"
+    tmp = seg_dir / f"{seg:06d}{suffix}.tmp"
     crc = 0
     nbytes = 0
     try:

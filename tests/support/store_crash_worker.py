@@ -237,6 +237,8 @@ def run_one(store, state: State, op: tuple) -> None:
         store.add(
             op[1], np.stack([vector(i, v) for i, v in zip(op[1], versions)]), [{"v": v} for v in versions], upsert=True
         )
+    elif op[0] == "index":
+        store.create_index(seed=1)
     else:
         store.compact()
 

@@ -1,0 +1,390 @@
+"""The store's persisted partition index: building it, its files, searching through it.
+
+Files (in ``index/`` of the store directory, ``N`` a number taken from ``next_segment``)::
+
+    index/N.cent   the cell centroids: (cells, dim) float32 unit rows, row-major
+    index/N.rows   int64: ``offsets`` (cells + 1 values), then the row numbers in cell order
+    index/N.vec    the vectors of those rows in cell order, in the store's dtype
+
+The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` (rows held),
+``covered`` (the store's row count when it was built: rows numbered from there on are not in
+it), ``deleted_at_build`` (rows below ``covered`` deleted then), ``generation`` (the commit
+that made it), ``seed``, the recall-vs-probes curve measured at build time (``curve``:
+``[probes, recall]`` steps at ``k``), the probes and the measured recall (95% interval) for
+a few recall levels, and the ``files`` with their lengths and crc32. It is written like a
+segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
+setting is changed in the commit that makes the index visible. A kill at any point leaves
+the old index (or none); leftover files are removed by the next ``create_index`` or
+``compact``.
+
+A search through it probes the cells nearest each query and scores their rows with the exact
+kernels; rows deleted since the build are masked, rows added since are scanned exactly and
+merged. When those exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is
+stale: a warning says so and the search scans exactly. ``compact`` renumbers rows, so it
+drops the index (with a warning).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sqlite3
+import threading
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedcache import _config, kernels
+from embedcache.errors import InvalidInputError, StoreCorruptedError
+from embedcache.index._cells import build_cells
+from embedcache.index._merge import NO_INDEX, merge_topk
+from embedcache.index._partition import PartitionIndex, probe_topk
+from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
+from embedcache.store import _query
+from embedcache.store._format import View, next_segment
+from embedcache.store._transactions import Write
+
+INDEX_DIR = "index"
+SETTING = "index"
+INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec)(\.tmp)?$")
+#: recall levels whose probes (and measured recall) the description records
+LEVELS = (0.8, 0.9, 0.95, 0.99)
+_KINDS = ("cent", "rows", "vec")
+
+
+def description(view: View) -> dict[str, Any] | None:
+    """The committed index of ``view`` (its JSON description), or None."""
+    text = view.settings.get(SETTING)
+    if not text:
+        return None
+    try:
+        return _parse(text)
+    except ValueError:
+        raise StoreCorruptedError(f"setting {SETTING!r} is not valid JSON") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(text: str) -> dict[str, Any]:
+    """The parsed description (shared between calls: never modified)."""
+    return json.loads(text)
+
+
+def live_rows(view: View) -> np.ndarray:
+    """Sorted live row numbers of ``view`` (int64)."""
+    keep = np.ones(view.next_row, bool)
+    keep[view.deleted] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+class _Rows:
+    """The live rows of a view as an array-like (shape, len, slices and index arrays), read
+    from the memory-mapped segments on demand, so k-means and assignment never load them all."""
+
+    def __init__(self, view: View, rows: np.ndarray) -> None:
+        self.view = view
+        self.rows = rows
+        self.shape = (len(rows), view.dim or 0)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return _query.gather(self.view, self.rows[key])
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, seed: int) -> dict[str, Any]:
+    """Train, assign, write the files and register the index in ``w``'s transaction."""
+    from embedcache.store._write import fsync_dir, set_settings, write_segment
+
+    view = w.view
+    d = view.dim
+    live = live_rows(view)
+    if d is None or not len(live):
+        raise InvalidInputError(f"{root} holds no live rows; add rows before create_index()")
+    idx_dir = root / INDEX_DIR
+    old = description(view)
+    remove_orphans(idx_dir, old)
+    if not idx_dir.exists():
+        idx_dir.mkdir()
+        fsync_dir(root)
+    source = _Rows(view, live)
+    cent, own = build_cells(source, cells, seed)  # type: ignore[arg-type]
+    index = PartitionIndex.from_assignment(cent, own)
+    rows = live[index.order]
+    curve, levels = _measure(view, source, index, live, seed)
+
+    number = next_segment(view)
+    step = max(1, _config.STORE_CHUNK_BYTES // (d * view.dtype.itemsize))
+    chunks = {
+        "cent": iter([np.ascontiguousarray(index.centroids, "<f4")]),
+        "rows": iter([np.ascontiguousarray(index.offsets, "<i8"), np.ascontiguousarray(rows, "<i8")]),
+        "vec": (np.ascontiguousarray(_query.gather(view, rows[a : a + step]))
+                for a in range(0, len(rows), step)),
+    }
+    files = []
+    try:
+        for kind in _KINDS:
+            nbytes, crc = write_segment(idx_dir, number, chunks[kind], threading.Event(), "." + kind)
+            files.append({"file": f"{INDEX_DIR}/{number:06d}.{kind}", "nbytes": nbytes, "crc32": crc})
+        fsync_dir(idx_dir)
+    except BaseException:
+        remove_orphans(idx_dir, old)
+        raise
+    desc = {
+        "number": number,
+        "cells": index.cells,
+        "rows": len(rows),
+        "covered": view.next_row,
+        "deleted_at_build": len(view.deleted),
+        "generation": view.generation + 1,
+        "seed": seed,
+        "k": _config.INDEX_CURVE_K,
+        "curve": curve,
+        "levels": levels,
+        "files": files,
+    }
+    conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (SETTING, json.dumps(desc)))
+    set_settings(conn, {"next_segment": number + 1})
+    if old:
+        w.obsolete += [root / f["file"] for f in old["files"]]
+    return desc
+
+
+def _measure(view: View, source: _Rows, index: PartitionIndex, live: np.ndarray, seed: int):
+    """The recall-vs-probes curve at k (one sample of stored rows as queries, their exact
+    neighbours other than themselves), and per level the probes it calls for with the recall
+    measured on a second sample (estimate, 95% interval)."""
+    rng = np.random.default_rng([seed, 11])
+    cal, mea = samples(len(live), rng)
+    if not len(cal):
+        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}
+    cal_ev, mea_ev = (_evidence(view, source, index, live, s) for s in (cal, mea))
+    total = cal_ev.true.sum()
+    order = np.argsort(cal_ev.need, kind="stable")
+    need = np.maximum(1, cal_ev.need[order])
+    cum = np.cumsum(cal_ev.weight[order]) / max(total, 1.0)
+    last = np.flatnonzero(np.diff(need, append=need[-1] + 1))  # the last entry of each step
+    curve = [[int(need[t]), round(float(cum[t]), 6)] for t in last] if total > 0 else [[index.cells, 1.0]]
+    levels = {}
+    for lv in LEVELS:
+        p = cal_ev.smallest(lv, index.cells)
+        est, low, high = interval(mea_ev.found(p), mea_ev.true)
+        levels[str(lv)] = [p, round(est, 6), round(low, 6), round(high, 6)]
+    return curve, levels
+
+
+def _evidence(view: View, source: _Rows, index: PartitionIndex, live: np.ndarray, sample: np.ndarray) -> Evidence:
+    """For stored rows ``sample`` (positions in ``live``) searched as queries: their true
+    neighbours (itself left out) and the probes each needs (rank of its cell + 1)."""
+    k = min(_config.INDEX_CURVE_K, len(live) - 1)
+    q = np.ascontiguousarray(source[sample], dtype=np.float32)
+    if k < 1:
+        return Evidence(np.zeros(len(q)), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    _, nb = _query.top_k(view, q, k + 1, None)
+    qi, jj = other_neighbours(nb, live[sample], k)
+    cell = index.own[np.searchsorted(live, jj)]
+    need = _rank(kernels.cosine_similarity(q, index.centroids), qi, cell) + 1
+    true = np.bincount(qi, minlength=len(q)).astype(np.float64)
+    return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)))
+
+
+def remove_orphans(idx_dir: Path, desc: dict[str, Any] | None) -> None:
+    """Remove index files that ``desc`` (the committed index) does not list; holds the lock."""
+    if not idx_dir.is_dir():
+        return
+    keep = {Path(f["file"]).name for f in desc["files"]} if desc else set()
+    for entry in os.scandir(idx_dir):
+        if INDEX_NAME.match(entry.name) and entry.name not in keep:
+            os.unlink(entry.path)
+
+
+def drop(conn: sqlite3.Connection, w: Write, root: Path) -> bool:
+    """Unregister the index in ``w``'s transaction (its files removed after the commit)."""
+    desc = description(w.view)
+    if desc is None:
+        return False
+    conn.execute("DELETE FROM settings WHERE key = ?", (SETTING,))
+    w.obsolete += [root / f["file"] for f in desc["files"]]
+    return True
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Loaded:
+    """The memory-mapped files of one index."""
+
+    number: int
+    centroids: np.ndarray
+    offsets: np.ndarray
+    rows: np.ndarray
+    vectors: np.ndarray
+
+
+def load(root: Path, view: View, desc: dict[str, Any], cache: dict[int, Loaded]) -> Loaded | None:
+    """Map the files of ``desc`` (reusing ``cache``); None when a file is gone (a newer commit
+    replaced the index, or damage: :meth:`VectorStore.verify` says which)."""
+    number = desc["number"]
+    if number in cache:
+        return cache[number]
+    d, c, n = view.dim, desc["cells"], desc["rows"]
+    expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize}
+    maps = {}
+    for f in desc["files"]:
+        path = root / f["file"]
+        kind = path.suffix[1:]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        if size != f["nbytes"] or size != expect[kind]:
+            raise StoreCorruptedError(f"{path}: index file is {size} bytes, expected {expect[kind]}")
+        maps[kind] = path
+    cent = np.fromfile(maps["cent"], "<f4").reshape(c, d)
+    ro = np.memmap(maps["rows"], "<i8", mode="r")
+    vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
+    cache.clear()  # one index at a time
+    cache[number] = Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec)
+    return cache[number]
+
+
+def stale_rows(view: View, desc: dict[str, Any]) -> tuple[int, int]:
+    """(live rows added since the build, indexed rows deleted since)."""
+    covered = desc["covered"]
+    dead = np.searchsorted(view.deleted, covered)
+    added = (view.next_row - covered) - (len(view.deleted) - dead)
+    return int(added), int(dead - desc["deleted_at_build"])
+
+
+def probes_for(desc: dict[str, Any], recall: float) -> int:
+    """The fewest probes whose recall on the build-time curve reaches ``recall`` (every
+    cell for recall 1)."""
+    if recall >= 1.0:
+        return int(desc["cells"])
+    for p, r in desc["curve"]:
+        if r >= recall - 1e-12:
+            return int(p)
+    return int(desc["cells"])
+
+
+def info(view: View) -> dict[str, Any] | None:
+    """What :meth:`VectorStore.index_info` returns."""
+    desc = description(view)
+    if desc is None:
+        return None
+    added, deleted = stale_rows(view, desc)
+    return {
+        "cells": desc["cells"],
+        "rows": desc["rows"],
+        "covered_rows": desc["covered"],
+        "generation": desc["generation"],
+        "seed": desc["seed"],
+        "k": desc["k"],
+        "probes": {float(lv): v[0] for lv, v in desc["levels"].items()},
+        "recall": {float(lv): {"estimate": v[1], "low": v[2], "high": v[3]} for lv, v in desc["levels"].items()},
+        "added_rows": added,
+        "deleted_rows": deleted,
+        "stale": added + deleted > _config.INDEX_STALE_FRACTION * max(1, desc["rows"]),
+        "bytes": sum(f["nbytes"] for f in desc["files"]),
+    }
+
+
+def usable(root: Path, view: View, cache: dict[int, Loaded]) -> tuple[dict[str, Any], Loaded] | None:
+    """The committed index and its maps when a search should use it, else None (warning
+    when an index exists but is stale or its files are gone)."""
+    desc = description(view)
+    if desc is None:
+        return None
+    added, deleted = stale_rows(view, desc)
+    if added + deleted > _config.INDEX_STALE_FRACTION * max(1, desc["rows"]):
+        warnings.warn(
+            f"the index of {root} is stale: {added} rows added and {deleted} deleted since it was built "
+            f"over {desc['rows']} rows; searching exactly (run create_index() again)",
+            UserWarning,
+            stacklevel=4,
+        )
+        return None
+    loaded = load(root, view, desc, cache)
+    if loaded is None:
+        warnings.warn(f"the index files of {root} are gone (a newer commit replaced them, or they were "
+                      "removed: verify() says which); searching exactly", UserWarning, stacklevel=4)
+        return None
+    return desc, loaded
+
+
+def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray, k: int,
+           probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, row numbers) of float32 ``queries`` through the index: ``probes``
+    cells per query, rows deleted since the build masked, rows added since scanned exactly.
+    Ties go to the lower row, as in the exact scan."""
+    nq = len(queries)
+    cells = desc["cells"]
+    near = kernels.top_k(queries, loaded.centroids, min(probes, cells))[1]
+    off, rows, vec = loaded.offsets, loaded.rows, loaded.vectors
+    deleted = view.deleted[: np.searchsorted(view.deleted, desc["covered"])]
+    check_dead = len(deleted) > desc["deleted_at_build"]
+
+    def block(c: int):
+        ids = np.asarray(rows[off[c] : off[c + 1]])
+        mask = None
+        if check_dead:
+            pos = np.minimum(np.searchsorted(deleted, ids), len(deleted) - 1)
+            dead = deleted[pos] == ids
+            mask = ~dead if dead.any() else None
+        return vec[off[c] : off[c + 1]], ids, mask
+
+    scores, found = probe_topk(queries, near, block, cells, k, metric=view.metric)
+    if view.next_row > desc["covered"]:  # rows added since the build: an exact scan of them
+        added = np.arange(desc["covered"], view.next_row, dtype=np.int64)
+        added = added[~np.isin(added, view.deleted, assume_unique=True)]
+        if len(added):
+            s2, r2 = _query.top_k(view, queries, k, added)
+            found[found < 0] = NO_INDEX
+            merge_topk(scores, found, np.arange(nq, dtype=np.int64), s2, r2, np.zeros(nq, np.int64), False)
+            found[found == NO_INDEX] = -1
+    return scores, found
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def verify(root: Path, view: View) -> int:
+    """Check the files of the committed index (length, crc32, offsets, row numbers); return
+    their total bytes (0 without an index)."""
+    desc = description(view)
+    if desc is None:
+        return 0
+    total = 0
+    for f in desc["files"]:
+        path = root / f["file"]
+        crc, size = 0, 0
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_config.STORE_CHUNK_BYTES):
+                    crc = zlib.crc32(chunk, crc)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise StoreCorruptedError(f"{path}: index file is missing") from None
+        if size != f["nbytes"]:
+            raise StoreCorruptedError(f"{path}: index file is {size} bytes, the store records {f['nbytes']}")
+        if crc != f["crc32"]:
+            raise StoreCorruptedError(f"{path}: checksum {crc:#010x} differs from the recorded {f['crc32']:#010x}")
+        total += size
+    loaded = load(root, view, desc, {})
+    assert loaded is not None
+    off, rows = loaded.offsets, loaded.rows
+    if off[0] != 0 or off[-1] != desc["rows"] or np.any(np.diff(off) < 0):
+        raise StoreCorruptedError(f"{root / desc['files'][1]['file']}: cell offsets do not tile {desc['rows']} rows")
+    if len(rows) and (rows.min() < 0 or rows.max() >= desc["covered"]):
+        raise StoreCorruptedError(f"{root / desc['files'][1]['file']}: row numbers outside 0..{desc['covered'] - 1}")
+    return total

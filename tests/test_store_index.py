@@ -1,0 +1,214 @@
+"""The store's persisted partition index: exact when every cell is probed, the recall it
+promises, changes after the build, float16, damage, and kills during the build."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import store_crash_worker as cw
+from support.stores import ids_of
+from support.strategies import matrices
+
+import embedcache as ec
+from embedcache import _config
+from embedcache.errors import InvalidInputError, StoreCorruptedError
+from tests.test_index import clustered
+
+
+def _exact_and_full(store, q, k):
+    es, ei = store.search(q, k, exact=True)
+    fs, fi = store.search(q, k, recall=1.0)
+    return (es, ei), (fs, fi)
+
+
+def _assert_same(a, b):
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices(max_rows=40, min_rows=1, max_dim=5), cells=st.integers(1, 9), k=st.integers(1, 12),
+       dtype=st.sampled_from(["float32", "float16"]), metric=st.sampled_from(["cosine", "dot"]),
+       changes=st.integers(0, 3), seed=st.integers(0, 3))
+def test_every_cell_probed_equals_exact_bit_for_bit(x, cells, k, dtype, metric, changes, seed):
+    x = np.clip(x, -1000, 1000)
+    n = len(x)
+    with tempfile.TemporaryDirectory() as d, _config.override(
+        INDEX_MIN_CELL=1, MAX_SEGMENT_BYTES=7 * x.shape[1] * 4, INDEX_STALE_FRACTION=100
+    ):
+        store = ec.VectorStore(d, dtype=dtype, metric=metric)
+        store.add(ids_of(n), x)
+        store.create_index(cells=cells, seed=seed)
+        if changes:  # a few rows deleted and added after the build (the stale limit raised)
+            store.delete([f"r{i}" for i in range(0, n, 9)][:changes])
+            store.add(ids_of(changes, "new"), x[:changes][::-1] * 2)
+        q = np.concatenate([x[: min(n, 6)], np.zeros((1, x.shape[1]), np.float32)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # not stale: the index is used
+            exact, full = _exact_and_full(store, q, k)
+        _assert_same(exact, full)
+        store.close()
+
+
+def test_default_recall_on_a_clustered_set_reaches_the_target(tmp_path):
+    x = clustered(12_000, d=24, clusters=80, noise=0.6, seed=3)
+    q = clustered(12_400, d=24, clusters=80, noise=0.6, seed=3)[12_000:]  # other points, same centres
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        info = store.create_index(seed=0)
+        assert info["rows"] == len(x) and info["cells"] > 50 and not info["stale"]
+        probes = info["probes"][0.95]
+        assert 1 <= probes < info["cells"] // 2  # the index prunes
+        rec = info["recall"][0.95]
+        assert rec["low"] <= rec["estimate"] <= rec["high"] and rec["low"] > 0.9
+        _, exact = store.search(q, 10, exact=True)
+        _, got = store.search(q, 10)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)])
+        assert recall >= 0.95, recall
+        low_s, lower = store.search(q, 10, recall=0.8)
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(lower, exact)]) <= recall
+        # an approximate answer may miss a neighbour, never invent one or misreport its score
+        for t in range(0, len(q), 37):
+            np.testing.assert_array_equal(low_s[t], ec.cosine_similarity(q[t : t + 1], store.get(list(lower[t])))[0])
+
+
+def test_adds_and_deletes_after_the_build(tmp_path):
+    x = clustered(3000, d=16, clusters=30, seed=1)
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        gone = [f"r{i}" for i in range(0, 3000, 20)]
+        store.delete(gone)
+        store.add(["r5", "r6"], -x[5:7], upsert=True)  # the old rows are deleted, new ones at the end
+        fresh = clustered(100, d=16, clusters=30, seed=9) * 3
+        store.add(ids_of(100, "new"), fresh)
+        info = store.index_info()
+        assert info["added_rows"] == 102 and info["deleted_rows"] == len(gone) + 2 and not info["stale"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            s, ids = store.search(np.concatenate([x[:300], fresh]), 5)
+            _, found = store.search(-x[5:7], 1)
+        flat = set(ids.ravel().tolist())
+        assert not flat & set(gone)  # never a deleted id
+        assert ids[300:, 0].tolist() == [f"new{i}" for i in range(100)]  # a new row is findable
+        assert found[:, 0].tolist() == ["r5", "r6"]
+        exact, full = _exact_and_full(store, x[:300], 7)
+        _assert_same(exact, full)
+
+
+def test_a_stale_index_is_reported_and_not_used(tmp_path):
+    x = clustered(2000, d=16, clusters=20, seed=2)
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(1000), x[:1000])
+        store.create_index(seed=0)
+        store.add(ids_of(1000, "more"), x[1000:])
+        assert store.index_info()["stale"] and store.info()["index"]["added_rows"] == 1000
+        with pytest.warns(UserWarning, match="stale: 1000 rows added"):
+            s, ids = store.search(x[:50], 10)
+        es, ei = store.search(x[:50], 10, exact=True)
+        np.testing.assert_array_equal(s, es)
+        np.testing.assert_array_equal(ids, ei)
+        store.create_index(seed=0)  # rebuilt: used again, the old files removed
+        assert not store.index_info()["stale"] and store.index_info()["rows"] == 2000
+        assert len(list((tmp_path / "s" / "index").iterdir())) == 3
+
+
+def test_float16_store(tmp_path):
+    x = clustered(2500, d=16, clusters=25, seed=4, dtype=np.float16)
+    with ec.VectorStore(tmp_path / "s", dtype="float16") as store:
+        store.add(ids_of(len(x)), x)
+        info = store.create_index(seed=0)
+        assert info["bytes"] > len(x) * 16 * 2  # the vectors are kept as float16
+        exact, full = _exact_and_full(store, x[:200].astype(np.float32), 10)
+        _assert_same(exact, full)
+        _, got = store.search(x[:200], 10)
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact[1])]) >= 0.9
+
+
+def test_where_and_info_verify_compact(tmp_path):
+    x = clustered(1500, d=16, clusters=15, seed=5)
+    with ec.VectorStore(tmp_path / "s") as store:
+        assert store.index_info() is None and store.info()["index"] is None
+        with pytest.raises(InvalidInputError, match="no live rows"):
+            store.create_index()
+        store.add(ids_of(len(x)), x, metadata=[{"odd": i % 2} for i in range(len(x))])
+        store.create_index(cells=5000, seed=0)  # more cells than rows: as many as there can be
+        assert store.index_info()["cells"] <= len(x)
+        s, ids = store.search(x[:20], 5, where={"odd": 1})
+        assert all(int(i[1:]) % 2 == 1 for i in ids.ravel())
+        v = store.verify()
+        assert v["index_bytes"] == store.index_info()["bytes"]
+        store.delete(["r1"])
+        with pytest.warns(UserWarning, match="dropped its index"):
+            store.compact()
+        assert store.index_info() is None and "index_bytes" not in store.verify()
+        assert list((tmp_path / "s" / "index").iterdir()) == []
+        store.create_index(seed=0)
+
+
+def test_verify_names_a_damaged_index_file(tmp_path):
+    x = clustered(800, d=8, clusters=10, seed=6)
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index()
+        vec = next((tmp_path / "s" / "index").glob("*.vec"))
+        data = bytearray(vec.read_bytes())
+        data[100] ^= 0xFF
+        vec.write_bytes(bytes(data))
+        with pytest.raises(StoreCorruptedError, match=r"\.vec: checksum"):
+            store.verify()
+        vec.unlink()
+        with pytest.raises(StoreCorruptedError, match="index file is missing"):
+            store.verify()
+
+
+def _seeded(path):
+    x = clustered(600, d=8, clusters=12, seed=7)
+    with ec.VectorStore(path, metric="dot") as s:  # the crash worker opens stores with metric="dot"
+        s.add(ids_of(300), x[:300], [{"v": 0}] * 300)
+        s.create_index(seed=0)  # the old index the kill must leave intact
+        s.add(ids_of(300, "b"), x[300:], [{"v": 0}] * 300)
+        return s.index_info(), x
+
+
+@pytest.mark.parametrize("stage", cw.STAGES)
+def test_sigkill_during_the_build_leaves_the_old_index_or_the_new(tmp_path, stage):
+    path = tmp_path / "s"
+    old, x = _seeded(path)
+    assert cw.kill_at_stage(str(path), stage, ("index",)) == -signal.SIGKILL
+    with ec.VectorStore(path) as s:
+        s.verify()
+        info = s.index_info()
+        if stage == "committed":
+            assert info["rows"] == 600 and info["generation"] > old["generation"]
+        else:
+            assert info["rows"] == old["rows"] == 300 and info["generation"] == old["generation"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the old index is stale now: 300 rows added
+            exact, full = _exact_and_full(s, x[:40], 5)
+        _assert_same(exact, full)
+        s.create_index(seed=0)  # the next build removes what the dead one left
+        listed = {f.split("/")[-1] for f in [p.name for p in (path / "index").iterdir()]}
+        assert len(listed) == 3 and s.verify()["index_bytes"] > 0
+
+
+def test_another_handle_follows_a_rebuilt_index(tmp_path):
+    x = clustered(1200, d=8, clusters=10, seed=8)
+    with ec.VectorStore(tmp_path / "s") as a, ec.VectorStore(tmp_path / "s") as b:
+        a.add(ids_of(len(x)), x)
+        a.create_index(seed=0)
+        first = b.search(x[:30], 5)  # b maps the first index
+        a.add(ids_of(600, "more"), clustered(600, d=8, clusters=10, seed=9))
+        a.create_index(seed=1)  # the first index's files are removed
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            exact, full = _exact_and_full(b, x[:30], 5)
+        _assert_same(exact, full)
+        assert b.index_info()["rows"] == 1800 and b.index_info()["seed"] == 1
+        assert first[1].shape == (30, 5)
