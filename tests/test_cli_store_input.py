@@ -20,10 +20,6 @@ from embedcache.cli._search import search_kwargs, search_note
 from embedcache.errors import ConfigurationError
 from test_cli import EXAMPLE, ROWS, TEXTS, assert_one_line_error, run  # noqa: F401 (run: a fixture)
 
-#: a temporary bridge until VectorStore.create_index lands in the library: the test is written
-#: for its agreed behaviour, and must pass (strict) once it is there
-needs_index = pytest.mark.xfail(not hasattr(ec.VectorStore, "create_index"), reason="no VectorStore.create_index yet",
-                                strict=True)
 
 
 def clustered(n=240, d=24, seed=0):
@@ -238,7 +234,6 @@ def test_partitioned_dedup_and_pairs_report_the_recall_the_library_measured(run,
     assert all(truth[(int(r["i"]), int(r["j"]))] == pytest.approx(float(r["score"]), abs=1e-6) for r in rows)
 
 
-@needs_index
 def test_store_index_builds_the_index_the_workflows_use(run, tmp_path):
     ids, meta = make_store(tmp_path / "vs", clustered(n=600, seed=7))
     proc = run("store", "index", "vs", "--cells", "8", "--seed", "1")
