@@ -87,6 +87,7 @@ class Evidence:
     row: np.ndarray  # (pairs,) int64 position in the sample
     need: np.ndarray  # (pairs,) int64: found with >= need probes (0: always)
     weight: np.ndarray  # (pairs,) float64
+    partner: np.ndarray | None = None  # (pairs,) int64: the other row of each pair
 
     def found(self, probes: int) -> np.ndarray:
         hit = self.need <= probes
@@ -164,7 +165,7 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
     s_p = kernels.cosine_similarity(x[partners], index.centroids)
     need = np.minimum(_rank(s_q, qi, index.own[jj]), _rank(s_p, pos.reshape(-1), index.own[i])) + 1
     need[index.own[i] == index.own[jj]] = 0
-    return Evidence(true, qi.astype(np.int64), need, weight)
+    return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
 
 
 def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
@@ -186,7 +187,7 @@ def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator)
     s_q = kernels.cosine_similarity(q, index.centroids)
     need = _rank(s_q, qi, index.own[jj]) + 1
     need[index.own[sample[qi]] == index.own[jj]] = 0
-    return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)))
+    return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)), jj.astype(np.int64))
 
 
 def samples(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
