@@ -58,6 +58,9 @@ INDEX_MAX_CELL_FACTOR = 4
 INDEX_RECALL_SAMPLE = 1000
 #: true pairs looked at per sampled row (more are subsampled, and weighted back)
 INDEX_RECALL_PAIRS_PER_ROW = 64
+#: probes are chosen where the calibration sample's one-sided lower bound at this level
+#: reaches the recall asked for (0.5: the point estimate)
+INDEX_RECALL_CHOOSE_LEVEL = 0.84
 #: method="auto" is exact up to this many distinct rows, partitioned above
 INDEX_AUTO_ROWS = 50_000
 #: a store's index is stale (searches scan exactly) when rows added or deleted since it was

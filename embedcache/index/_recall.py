@@ -1,16 +1,29 @@
 """Recall: how many probes reach the recall asked for, and the recall measured, with a 95% interval.
 
+What is estimated: the share of all true pairs (or true neighbour slots) of the collection the
+search finds. Every row's true pairs are counted from that row, so this is
+``sum_i found_i / sum_i true_i`` over all rows, estimated on a uniform sample of rows by the
+same ratio over the sampled rows (a ratio estimator).
+
 Two independent samples of query rows are drawn. On the first (calibration) the exact answer
 of every sampled row is computed with the exact kernels, and for each of its true pairs (or
-true neighbours) the number of probes that would find it; the smallest number of probes whose
-estimated recall reaches the target is chosen. On the second (measurement) the recall of that
-choice is measured the same way, so the reported figure is not biased by the choice.
+true neighbours) the number of probes that would find it (rows with more than
+``INDEX_RECALL_PAIRS_PER_ROW`` pairs: a uniform subsample of them, weighted back). The
+smallest number of probes whose one-sided lower bound at ``INDEX_RECALL_CHOOSE_LEVEL``
+(default 0.84: the estimate less about one standard error) reaches the target is chosen: the
+point estimate alone reaches the target on a lucky sample and then misses it about half the
+time. On the second (measurement) sample the recall of that choice is measured the same way,
+so the reported figure is not biased by the choice.
 
-The interval: recall is a ratio over sampled rows (found / true, summed over rows), and the
-pairs of one row are not independent, so it is a Wilson score interval whose sample size is the
-number of true pairs divided by the design effect (the variance of the ratio estimate across
-rows over the binomial variance, at least 1). When every sampled pair was found (or none), the
-design effect cannot be estimated and the number of rows that had pairs is used: conservative.
+The interval: the pairs of one row are not independent, and in real collections a few rows
+(near-identical blocks, one giant cluster) carry most of the pairs, so a sample of rows holds
+few effective units. The variance of the ratio is the linearized (row residual) estimate;
+the design effect it implies against a binomial turns it into an effective number of pairs for
+a Wilson score interval, and the quantile is Student's t with the Welch-Satterthwaite
+effective degrees of freedom of that variance, ``(sum e_i^2)^2 / sum e_i^4`` over the
+residuals ``e_i``: when the misses come from a handful of rows the variance itself is
+uncertain and the interval widens. When every sampled pair was found (or none), the design
+effect cannot be estimated and the number of rows that had pairs is used: conservative.
 """
 
 from __future__ import annotations
@@ -45,19 +58,30 @@ class Recall:
                 f"{self.probes} probes, {self.sample} sampled rows)")
 
 
-def wilson(found: float, total: float) -> tuple[float, float]:
-    """Wilson score 95% interval of a proportion ``found / total`` (``total`` may be fractional)."""
+def wilson(found: float, total: float, z: float = _Z) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``found / total`` (``total`` may be fractional);
+    ``z``: the quantile (default: two-sided 95%)."""
     if total <= 0:
         return 0.0, 1.0
     p = min(1.0, max(0.0, found / total))
-    z2 = _Z * _Z
+    z2 = z * z
     centre = (p + z2 / (2 * total)) / (1 + z2 / total)
-    half = _Z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / (1 + z2 / total)
+    half = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / (1 + z2 / total)
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def interval(found: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
-    """(estimate, low, high) of ``sum(found) / sum(true)`` over sampled rows."""
+def _quantile(level: float, df: float | None) -> float:
+    """Upper ``level`` quantile of Student's t with ``df`` degrees of freedom (normal: None)."""
+    from scipy import special
+
+    if df is None:
+        return float(special.ndtri(level))
+    return float(special.stdtrit(max(1.0, df), level))
+
+
+def interval(found: np.ndarray, true: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(estimate, low, high) of ``sum(found) / sum(true)`` over sampled rows; ``level``: the
+    two-sided confidence (see the module's docstring for the method)."""
     found = np.asarray(found, np.float64)
     true = np.asarray(true, np.float64)
     rows = int((true > 0).sum())
@@ -65,16 +89,20 @@ def interval(found: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
     if total <= 0:
         return math.nan, 0.0, 1.0
     r = float(found.sum()) / total
+    q = 1.0 - (1.0 - level) / 2
     if 0.0 < r < 1.0 and rows > 1:
         mean = total / rows
         live = true > 0
-        resid = found[live] - r * true[live]
-        var_ratio = float((resid**2).sum()) / (rows * (rows - 1) * mean * mean)
+        resid2 = (found[live] - r * true[live]) ** 2
+        var_ratio = float(resid2.sum()) / (rows * (rows - 1) * mean * mean)
         deff = max(1.0, var_ratio / (r * (1 - r) / total))
         n_eff = total / deff
+        quad = float((resid2**2).sum())
+        z = _quantile(q, float(resid2.sum()) ** 2 / quad if quad > 0 else None)
     else:
         n_eff = float(rows)
-    low, high = wilson(r * n_eff, n_eff)
+        z = _quantile(q, None)
+    low, high = wilson(r * n_eff, n_eff, z)
     return r, min(low, r), max(high, r)
 
 
@@ -87,6 +115,7 @@ class Evidence:
     row: np.ndarray  # (pairs,) int64 position in the sample
     need: np.ndarray  # (pairs,) int64: found with >= need probes (0: always)
     weight: np.ndarray  # (pairs,) float64
+    partner: np.ndarray | None = None  # (pairs,) int64: the other row of each pair
 
     def found(self, probes: int) -> np.ndarray:
         hit = self.need <= probes
@@ -96,8 +125,9 @@ class Evidence:
         total = self.true.sum()
         return float(self.found(probes).sum() / total) if total > 0 else math.nan
 
-    def smallest(self, target: float, cells: int) -> int:
-        """The fewest probes whose estimated recall reaches ``target`` (``cells`` at most)."""
+    def smallest(self, target: float, cells: int, level: float = 0.5) -> int:
+        """The fewest probes (``cells`` at most) whose recall reaches ``target``: the point
+        estimate for ``level`` 0.5, else the one-sided lower bound at ``level``."""
         total = self.true.sum()
         if total <= 0:
             return cells
@@ -107,7 +137,17 @@ class Evidence:
         reach = np.flatnonzero(cum >= target - 1e-12)
         if not len(reach):
             return cells
-        return int(min(cells, max(1, need[reach[0]])))
+        first = int(min(cells, max(1, need[reach[0]])))
+        if level <= 0.5:
+            return first
+        # the lower bound grows with the probes (more found): step through the probe counts
+        # at which something more is found, from the point estimate's choice on
+        steps = np.unique(need[need > first])
+        for p in np.concatenate([[first], steps[steps < cells]]):
+            low = interval(self.found(int(p)), self.true, 2 * level - 1)[1]
+            if low >= target - 1e-12:
+                return int(p)
+        return cells
 
 
 def _rank(scores: np.ndarray, rows: np.ndarray, cells: np.ndarray) -> np.ndarray:
@@ -164,7 +204,7 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
     s_p = kernels.cosine_similarity(x[partners], index.centroids)
     need = np.minimum(_rank(s_q, qi, index.own[jj]), _rank(s_p, pos.reshape(-1), index.own[i])) + 1
     need[index.own[i] == index.own[jj]] = 0
-    return Evidence(true, qi.astype(np.int64), need, weight)
+    return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
 
 
 def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
@@ -177,7 +217,7 @@ def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator)
     s_q = kernels.cosine_similarity(q, index.centroids)
     need = _rank(s_q, qi, index.own[jj]) + 1
     need[index.own[sample[qi]] == index.own[jj]] = 0
-    return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)))
+    return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)), jj.astype(np.int64))
 
 
 def other_neighbours(nb: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +255,7 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     ev = evidence_of(cal, rng)
     if ev.true.sum() < 20 and fallback is not None:
         ev = fallback(cal, rng)
-    probes = ev.smallest(target, cells)
+    probes = ev.smallest(target, cells, _config.INDEX_RECALL_CHOOSE_LEVEL)
     if probes >= cells:
         return Recall(1.0, 1.0, 1.0, cells, len(mea))  # every cell: exact
     m = evidence_of(mea, rng)
