@@ -47,7 +47,8 @@ def test_every_cell_probed_equals_exact_bit_for_bit(x, cells, k, dtype, metric, 
         store.create_index(cells=cells, seed=seed)
         if changes:  # a few rows deleted and added after the build (the stale limit raised)
             store.delete([f"r{i}" for i in range(0, n, 9)][:changes])
-            store.add(ids_of(changes, "new"), x[:changes][::-1] * 2)
+            m = min(changes, n)
+            store.add(ids_of(m, "new"), x[:m][::-1] * 2)
         q = np.concatenate([x[: min(n, 6)], np.zeros((1, x.shape[1]), np.float32)])
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # not stale: the index is used
