@@ -292,16 +292,20 @@ def open_segments(view: View, cached: dict[int, np.ndarray]) -> dict[int, np.nda
     for s in view.segments:
         a = cached.get(s.seg)
         if a is None:
+            # open once and check and map that one file: a writer may unlink the name
+            # between a stat and a second open
             try:
-                size = s.path.stat().st_size
+                f = open(s.path, "rb")
             except FileNotFoundError:
                 raise SegmentMissing(s.path, view.generation) from None
-            if size != s.nbytes:
-                raise StoreCorruptedError(
-                    f"{s.path}: segment file is {size} bytes, the database records {s.nbytes} "
-                    f"({'truncated' if size < s.nbytes else 'longer than committed'})"
-                )
-            a = np.memmap(s.path, dtype=view.dtype, mode="r", shape=(s.rows, view.dim))
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                if size != s.nbytes:
+                    raise StoreCorruptedError(
+                        f"{s.path}: segment file is {size} bytes, the database records {s.nbytes} "
+                        f"({'truncated' if size < s.nbytes else 'longer than committed'})"
+                    )
+                a = np.memmap(f, dtype=view.dtype, mode="r", shape=(s.rows, view.dim))
         arrays[s.seg] = a
         s.array = a
     return arrays

@@ -26,6 +26,7 @@ drops the index (with a warning).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -240,19 +241,21 @@ def load(root: Path, view: View, desc: dict[str, Any], cache: dict[int, Loaded])
     d, c, n = view.dim, desc["cells"], desc["rows"]
     expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize}
     maps = {}
-    for f in desc["files"]:
-        path = root / f["file"]
-        kind = path.suffix[1:]
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return None
-        if size != f["nbytes"] or size != expect[kind]:
-            raise StoreCorruptedError(f"{path}: index file is {size} bytes, expected {expect[kind]}")
-        maps[kind] = path
-    cent = np.fromfile(maps["cent"], "<f4").reshape(c, d)
-    ro = np.memmap(maps["rows"], "<i8", mode="r")
-    vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
+    with contextlib.ExitStack() as files:
+        for f in desc["files"]:
+            path = root / f["file"]
+            kind = path.suffix[1:]
+            try:  # open once, then check and map that file: a writer may unlink the name
+                fh = files.enter_context(open(path, "rb"))
+            except FileNotFoundError:
+                return None
+            size = os.fstat(fh.fileno()).st_size
+            if size != f["nbytes"] or size != expect[kind]:
+                raise StoreCorruptedError(f"{path}: index file is {size} bytes, expected {expect[kind]}")
+            maps[kind] = fh
+        cent = np.fromfile(maps["cent"], "<f4").reshape(c, d)
+        ro = np.memmap(maps["rows"], "<i8", mode="r")
+        vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
     cache.clear()  # one index at a time
     cache[number] = Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec)
     return cache[number]
