@@ -25,6 +25,7 @@ from test_dask_engine import (
     assert_partitioned_like_one_machine,
     assert_same_dedup,
     assert_same_pairs,
+    built_index,
     clustered_vectors,
     make_store,
     near_dup_vectors,
@@ -83,6 +84,8 @@ def test_the_partitioned_method_on_a_local_cluster_gives_the_answers_of_one_mach
     with _config.override(ENGINE_BLOCK_ROWS=50, **SMALL_INDEX):  # cells split, probes calibrated
         # the workers run with the client's knobs: they only read what the tasks name
         table = assert_partitioned_like_one_machine(store, client, seed=3)
+        # a store's index: rows assigned to cells on the workers, the same files
+        assert built_index(store, seed=1) == built_index(store, seed=1, client=client)
     assert table.recall.probes >= 1 and 0 < table.recall.estimate <= 1
     store.close()
 

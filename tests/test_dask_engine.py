@@ -321,3 +321,27 @@ def test_copy_classes_are_the_first_seen_classes_of_equal_bytes(rows):
         want.append(seen.setdefault(key, len(seen)))
     assert inverse.tolist() == want
     assert first.tolist() == [want.index(c) for c in range(len(seen))]
+
+
+def built_index(store, **kw):
+    """``create_index(**kw)``, then what the index holds: its description (less the commit's
+    numbers) and the bytes of its files."""
+    import json
+
+    store.create_index(**kw)
+    with store._txn.reading() as view:
+        desc = json.loads(view.settings["index"])
+    files = [(store.path / f["file"]).read_bytes() for f in desc["files"]]
+    for key in ("number", "generation", "files"):
+        desc.pop(key)
+    return desc, files
+
+
+def test_create_index_on_the_engine_builds_the_index_of_one_machine(tmp_path):
+    store = make_store(tmp_path / "s", clustered_vectors(300), dtype="float16", delete=(3, 150))
+    with _config.override(ENGINE_BLOCK_ROWS=11, **SMALL_INDEX):
+        here, here_files = built_index(store, seed=2)
+        there, there_files = built_index(store, seed=2, client=InProcess())
+    assert here == there and here_files == there_files
+    assert here["cells"] > 8 and len(here["curve"]) > 1
+    store.close()
