@@ -345,3 +345,17 @@ def test_create_index_on_the_engine_builds_the_index_of_one_machine(tmp_path):
     assert here == there and here_files == there_files
     assert here["cells"] > 8 and len(here["curve"]) > 1
     store.close()
+
+
+@pytest.mark.parametrize("n, deleted, same", [(1, (), False), (2, (), False), (3, (0, 1, 2), False), (5, (1,), True)])
+def test_partitioned_on_the_engine_with_tiny_stores(tmp_path, n, deleted, same):
+    x = np.random.default_rng(n).standard_normal((n, 4)).astype(np.float32)
+    if same:
+        x[:] = x[0]  # one distinct row
+    store = make_store(tmp_path / "s", x, delete=deleted)
+    table = assert_partitioned_like_one_machine(store, InProcess(), threshold=0.5)
+    assert table.recall.estimate == 1.0  # one cell: the search is exact
+    assert_same_pairs(table, ec.near_duplicates(store, threshold=0.5, progress=False, method="exact"))
+    if same:
+        assert len(table) == 6  # four copies of one row: six pairs
+    store.close()

@@ -114,7 +114,9 @@ def _partitioned_pairs(p: _StoreItems, threshold: float, engine: Any, progress: 
 
     with _changed_store(p.store, p.view.generation):
         live = StoreSource(p.view, engine)
-        digests, nonzero, selfs = (np.concatenate(a) for a in zip(*live._per_block(_tasks.row_keys, (), {})))
+        keys = live._per_block(_tasks.row_keys, (), {})
+        digests, nonzero, selfs = ((np.concatenate(a) for a in zip(*keys)) if keys else
+                                   (np.zeros(0, "S16"), np.zeros(0, bool), np.zeros(0, np.float32)))
         inverse, first = classes(digests, nonzero)
         if _method(method, len(first)) == "exact":
             return None
