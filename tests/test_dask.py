@@ -223,6 +223,17 @@ def test_dedup_a_store_through_a_cluster_started_by_its_command_lines(cli_cluste
     assert "; method: partitioned, recall " in there.stdout
     assert here.stdout.replace("here-p.", "") == there.stdout.replace("there-p.", "")
     assert (tmp_path / "here-p.jsonl").read_text() == (tmp_path / "there-p.jsonl").read_text()
+    # graph takes --scheduler too
+    here = run("graph", "vs", "-k", "5", "-o", "here.npz", "--method", "partitioned", "--recall", "0.9", inproc=True)
+    there = run("graph", "vs", "-k", "5", "-o", "there.npz", "--method", "partitioned", "--recall", "0.9",
+                "--scheduler", cli_cluster, inproc=True)
+    assert "; method: partitioned, recall " in there.stdout
+    assert here.stdout.replace("here.", "") == there.stdout.replace("there.", "")
+    from scipy.sparse import load_npz
+
+    ga, gb = load_npz(tmp_path / "here.npz"), load_npz(tmp_path / "there.npz")
+    assert np.array_equal(ga.indptr, gb.indptr) and np.array_equal(ga.indices, gb.indices)
+    assert np.array_equal(ga.data.view(np.uint32), gb.data.view(np.uint32))
 
 
 def test_a_worker_that_cannot_see_the_store_names_itself_and_the_path(cli_cluster, tmp_path, monkeypatch):
