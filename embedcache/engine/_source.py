@@ -134,8 +134,14 @@ class StoreSource:
         need = np.unique(np.concatenate([a for ids, q in cells for a in (ids, q)]))
         return pick(self.view, self.rows[need]), need, cells
 
-    def cell_pairs(self, index: Any, qrows: np.ndarray, starts: np.ndarray, threshold: float, bar=None):
+    def _biggest_first(self, index: Any, qrows: np.ndarray, starts: np.ndarray):
+        """The groups of cells, the most work first: a big cell's task does not start last and
+        leave the other workers idle. The merge does not depend on the order."""
         groups = list(self._groups(index, qrows, starts))
+        return [groups[t] for t in np.argsort([-w for _, w in groups], kind="stable")]
+
+    def cell_pairs(self, index: Any, qrows: np.ndarray, starts: np.ndarray, threshold: float, bar=None):
+        groups = self._biggest_first(index, qrows, starts)
         tasks = [self._task(g) + (threshold,) for g, _ in groups]
         done = (lambda t: bar.update(groups[t][1])) if bar is not None else None
         for _, part in self.engine.run(_tasks.cell_pairs, tasks, on_done=done):
@@ -146,7 +152,7 @@ class StoreSource:
         heap_s = np.full((n, k), -np.inf, np.float32)
         heap_i = np.full((n, k), NO_INDEX, np.int64)
         qrows, starts = _by_cell(near, index.cells)
-        groups = list(self._groups(index, qrows, starts))
+        groups = self._biggest_first(index, qrows, starts)
         tasks = [self._task(g) + (k,) for g, _ in groups]
         work = [sum(len(ids) * len(q) for ids, q in g) for g, _ in groups]
         done = (lambda t: bar.update(work[t])) if bar is not None else None
