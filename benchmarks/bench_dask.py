@@ -13,8 +13,15 @@ From the cluster run (``distributed.get_task_stream``): tasks, time per task, by
 reads, and the engine's overhead per task = (wall x workers - time in tasks) / tasks. A batch
 of no-op tasks gives the scheduler's own round trip per task. All answers are checked equal.
 
+``--method partitioned`` runs the same contestants with ``method="partitioned"`` at
+``--recall`` on clustered data (``bench_index.generate``: anisotropic clusters of power-law
+sizes, a giant cluster, planted near-duplicates; uniform vectors do not test a partition
+method) and checks that pairs and recall are those of one process; the task statistics are
+then over every task of the job (the scans, the calibration, the groups of cells).
+
     python benchmarks/bench_dask.py                   # 100,000 x 384 (about 2 minutes)
     python benchmarks/bench_dask.py --rows 1000000    # the issue's size (hours on 2 cores)
+    python benchmarks/bench_dask.py --method partitioned --rows 200000 --threshold 0.9
 """
 
 from __future__ import annotations
@@ -36,10 +43,21 @@ def _noop(k: int) -> int:
     return k
 
 
-def make_store(path: str, n: int, d: int, seed: int = 0) -> ec.VectorStore:
+def make_store(path: str, n: int, d: int, seed: int = 0, clustered: bool = False) -> ec.VectorStore:
     rng = np.random.default_rng(seed)
     store = ec.VectorStore(path)
     step = 50_000
+    if clustered:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_index import generate
+
+        x = generate(n, d, seed).astype(np.float32)
+        for a in range(0, n, step):
+            store.add([f"r{a + k}" for k in range(len(x[a : a + step]))], x[a : a + step])
+        return store
     for a in range(0, n, step):
         x = rng.standard_normal((min(step, n - a), d)).astype(np.float32)
         x[: len(x) // 10] = x[len(x) // 10 : 2 * (len(x) // 10)] + 0.05 * x[: len(x) // 10]  # near-duplicates
@@ -53,39 +71,47 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--block", type=int, default=16_384, help="ENGINE_BLOCK_ROWS")
     ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--method", choices=["exact", "partitioned"], default="exact")
+    ap.add_argument("--recall", type=float, default=0.99, help="target recall of --method partitioned")
     args = ap.parse_args()
     from distributed import Client, LocalCluster, get_task_stream
 
-    out: dict = {"rows": args.rows, "dim": args.dim, "block_rows": args.block, "threshold": args.threshold}
+    part = args.method == "partitioned"
+    job = {"threshold": args.threshold, "progress": False, "method": args.method}
+    if part:
+        job["recall"] = args.recall
+    out: dict = {"rows": args.rows, "dim": args.dim, "block_rows": args.block, "threshold": args.threshold,
+                 "method": args.method}
     with tempfile.TemporaryDirectory() as tmp, _config.override(ENGINE_BLOCK_ROWS=args.block):
-        store = make_store(tmp, args.rows, args.dim)
+        store = make_store(tmp, args.rows, args.dim, clustered=part)
         view, _ = store_state(store)
-        tiles = pair_tiles(_blocks(view))
-        out["tasks"] = len(tiles)
-        out["bytes_per_task_mean"] = float(np.mean([a.nbytes + (b.nbytes if b else 0) for a, b in tiles]))
-        small = make_store(f"{tmp}/warm-up", 2000, args.dim, seed=1)
-        ec.near_duplicates(small, threshold=0.99, progress=False)  # compiles the kernels here
+        if not part:
+            tiles = pair_tiles(_blocks(view))
+            out["tasks"] = len(tiles)
+            out["bytes_per_task_mean"] = float(np.mean([a.nbytes + (b.nbytes if b else 0) for a, b in tiles]))
+        small = make_store(f"{tmp}/warm-up", 2000, args.dim, seed=1, clustered=part)
+        ec.near_duplicates(small, **{**job, "threshold": 0.99})  # compiles the kernels here
 
         t0 = time.perf_counter()
-        ref = ec.near_duplicates(store, threshold=args.threshold, progress=False)
+        ref = ec.near_duplicates(store, **job)
         out["one_process_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        eng = ec.near_duplicates(store, threshold=args.threshold, progress=False, client=InProcess())
+        eng = ec.near_duplicates(store, client=InProcess(), **job)
         out["in_process_engine_s"] = time.perf_counter() - t0
-        assert np.array_equal(ref.i, eng.i) and np.array_equal(ref.score, eng.score)
+        assert np.array_equal(ref.i, eng.i) and np.array_equal(ref.score, eng.score) and ref.recall == eng.recall
 
         with LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None,
                           host="127.0.0.1") as cluster, Client(cluster) as client:
             with _config.override(ENGINE_BLOCK_ROWS=500):
-                ec.near_duplicates(small, threshold=0.99, progress=False, client=client)  # workers warm up
+                ec.near_duplicates(small, client=client, **{**job, "threshold": 0.99})  # workers warm up
             t0 = time.perf_counter()
             client.gather(client.map(_noop, range(1000), pure=False))
             out["scheduler_roundtrip_per_noop_task_ms"] = time.perf_counter() - t0  # s for 1000 = ms each
             with get_task_stream(client) as ts:
                 t0 = time.perf_counter()
-                got = ec.near_duplicates(store, threshold=args.threshold, progress=False, client=client)
+                got = ec.near_duplicates(store, client=client, **job)
                 wall = time.perf_counter() - t0
-            assert np.array_equal(ref.i, got.i) and np.array_equal(ref.j, got.j)
+            assert np.array_equal(ref.i, got.i) and np.array_equal(ref.j, got.j) and ref.recall == got.recall
             assert np.array_equal(ref.score.view(np.uint32), got.score.view(np.uint32))
             compute = [sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
                        for t in ts.data if "embedcache" in str(t["key"])]
@@ -94,7 +120,11 @@ def main() -> None:
             out["task_s_median"] = float(np.median(compute))
             out["task_s_max"] = float(np.max(compute))
             out["engine_overhead_per_task_ms"] = 1000 * (wall * 2 - sum(compute)) / len(compute)
+            if part:
+                out["tasks"] = len(compute)
         out["pairs"] = len(ref)
+        if part:
+            out["recall"] = str(ref.recall)
         out["ratio_dask_over_one_process"] = out["dask_2x1_s"] / out["one_process_s"]
         out["ratio_in_process_engine_over_one_process"] = out["in_process_engine_s"] / out["one_process_s"]
         store.close()

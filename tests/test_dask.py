@@ -20,7 +20,16 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from test_cli import assert_one_line_error, run  # noqa: F401 (run: a fixture)
-from test_dask_engine import assert_same_dedup, assert_same_pairs, make_store, near_dup_vectors
+from test_dask_engine import (
+    SMALL_INDEX,
+    assert_partitioned_like_one_machine,
+    assert_same_dedup,
+    assert_same_pairs,
+    built_index,
+    clustered_vectors,
+    make_store,
+    near_dup_vectors,
+)
 
 import embedcache as ec
 from embedcache import _config
@@ -69,16 +78,34 @@ def test_jobs_on_a_local_cluster_give_the_answers_of_one_machine(client, tmp_pat
     store.close()
 
 
-def test_a_worker_killed_mid_job_changes_nothing(client, tmp_path):
-    x = near_dup_vectors(3000, d=32)
-    store = make_store(tmp_path / "s", x, delete=(10, 2000))
-    expected = ec.deduplicate(store, threshold=0.85, progress=False)
+def test_the_partitioned_method_on_a_local_cluster_gives_the_answers_of_one_machine(client, tmp_path):
+    x = clustered_vectors(400)
+    store = make_store(tmp_path / "s", x, dtype="float16", delete=(4, 77, 399))
+    with _config.override(ENGINE_BLOCK_ROWS=50, **SMALL_INDEX):  # cells split, probes calibrated
+        # the workers run with the client's knobs: they only read what the tasks name
+        table = assert_partitioned_like_one_machine(store, client, seed=3)
+        # a store's index: rows assigned to cells on the workers, the same files
+        assert built_index(store, seed=1) == built_index(store, seed=1, client=client)
+    assert table.recall.probes >= 1 and 0 < table.recall.estimate <= 1
+    store.close()
+
+
+@pytest.mark.parametrize("method", ["exact", "partitioned"])
+def test_a_worker_killed_mid_job_changes_nothing(client, tmp_path, method):
+    x = near_dup_vectors(3000, d=32) if method == "exact" else clustered_vectors(1200, d=32)
+    store = make_store(tmp_path / "s", x, delete=(10, 1100))
+    knobs = {"INDEX_MIN_CELL": 8, "INDEX_RECALL_SAMPLE": 200}
+    kw = {"threshold": 0.85, "progress": False, "method": method, "recall": 0.9}
+    with _config.override(**knobs):
+        expected = ec.deduplicate(store, **kw)
+    assert expected.method == method
     result: dict = {}
 
     def job():
         try:
-            with _config.override(ENGINE_BLOCK_ROWS=60):  # 50 blocks: 1275 tasks
-                result["res"] = ec.deduplicate(store, threshold=0.85, progress=False, client=client)
+            # exact: 50 blocks, 1275 tasks; partitioned: 40 tasks per scan, a task per group of cells
+            with _config.override(ENGINE_BLOCK_ROWS=60 if method == "exact" else 30, **knobs):
+                result["res"] = ec.deduplicate(store, client=client, **kw)
         except BaseException as exc:  # reported by the assertion below
             result["error"] = exc
 
@@ -103,6 +130,7 @@ def test_a_worker_killed_mid_job_changes_nothing(client, tmp_path):
     t.join(300)
     assert "error" not in result, result.get("error")
     assert_same_dedup(expected, result["res"])
+    assert result["res"].recall == expected.recall and result["res"].method == method
     client.wait_for_workers(2, timeout=60)  # the nanny started a new worker
     assert set(client.run(os.getpid).values()) != set(pids_before.values())
     store.close()
@@ -127,12 +155,11 @@ def test_an_unreachable_scheduler_is_one_clear_line(run, tmp_path):
     (tmp_path / "rows.txt").write_text("a\nb\n")
     for args, fragments in [
         (("dedup", "rows.txt", "-o", "kept.txt"), ("--scheduler runs jobs over a vector store", "rows.txt is a file")),
+        (("graph", "rows.txt", "-o", "g.npz"), ("--scheduler runs jobs over a vector store", "rows.txt is a file")),
         (("dedup", "vs", "-o", "kept.jsonl", "--against", "rows.txt"), ("--scheduler does not take --against",)),
-        (("pairs", "vs", "-t", "0.9", "-o", "p.csv", "--method", "partitioned"),
-         ("--method partitioned does not run on a cluster",)),
     ]:
         assert_one_line_error(run(*args, "--scheduler", address, ok=False, inproc=True), *fragments)
-    assert not {"p.csv", "kept.jsonl", "kept.txt"} & {p.name for p in tmp_path.iterdir()}
+    assert not {"p.csv", "kept.jsonl", "kept.txt", "g.npz"} & {p.name for p in tmp_path.iterdir()}
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -188,6 +215,25 @@ def test_dedup_a_store_through_a_cluster_started_by_its_command_lines(cli_cluste
     there = run("pairs", "vs", "-t", "0.85", "-o", "there-pairs.jsonl", extra_env={"EMBEDCACHE_SCHEDULER": cli_cluster})
     assert "ran on the Dask cluster" in there.stderr
     assert (tmp_path / "here-pairs.jsonl").read_text() == (tmp_path / "there-pairs.jsonl").read_text()
+    # the partitioned method too: the same pairs, and the same recall reported
+    here = run("dedup", "vs", "-t", "0.85", "-o", "here-p.jsonl", "--method", "partitioned", "--recall", "0.9",
+               inproc=True)
+    there = run("dedup", "vs", "-t", "0.85", "-o", "there-p.jsonl", "--method", "partitioned", "--recall", "0.9",
+                "--scheduler", cli_cluster, inproc=True)
+    assert "; method: partitioned, recall " in there.stdout
+    assert here.stdout.replace("here-p.", "") == there.stdout.replace("there-p.", "")
+    assert (tmp_path / "here-p.jsonl").read_text() == (tmp_path / "there-p.jsonl").read_text()
+    # graph takes --scheduler too
+    here = run("graph", "vs", "-k", "5", "-o", "here.npz", "--method", "partitioned", "--recall", "0.9", inproc=True)
+    there = run("graph", "vs", "-k", "5", "-o", "there.npz", "--method", "partitioned", "--recall", "0.9",
+                "--scheduler", cli_cluster, inproc=True)
+    assert "; method: partitioned, recall " in there.stdout
+    assert here.stdout.replace("here.", "") == there.stdout.replace("there.", "")
+    from scipy.sparse import load_npz
+
+    ga, gb = load_npz(tmp_path / "here.npz"), load_npz(tmp_path / "there.npz")
+    assert np.array_equal(ga.indptr, gb.indptr) and np.array_equal(ga.indices, gb.indices)
+    assert np.array_equal(ga.data.view(np.uint32), gb.data.view(np.uint32))
 
 
 def test_a_worker_that_cannot_see_the_store_names_itself_and_the_path(cli_cluster, tmp_path, monkeypatch):

@@ -100,8 +100,7 @@ def _job_options(f):
     return f
 
 
-def _store_client(scheduler: str | None, quiet: bool, input_path: str, against_path: str | None = None,
-                  search: dict[str, Any] | None = None):
+def _store_client(scheduler: str | None, quiet: bool, input_path: str, against_path: str | None = None):
     """The client of --scheduler for a job over the store INPUT (None without --scheduler);
     refuses, before anything is read, what a cluster does not run."""
     if not scheduler:
@@ -111,9 +110,6 @@ def _store_client(scheduler: str | None, quiet: bool, input_path: str, against_p
                                  f"INPUT {input_path} is a file (add its rows to a store first, or leave out --scheduler)")
     if against_path:
         raise ConfigurationError("--scheduler does not take --against yet; leave out one of them")
-    if (search or {}).get("method") == "partitioned":
-        raise ConfigurationError("--method partitioned does not run on a cluster yet; with --scheduler, "
-                                 "use --method exact or auto")
     return _client(scheduler, quiet)
 
 
@@ -144,7 +140,7 @@ def dedup(input_path, field, fmt, no_header, output, report, html_report, thresh
     check_outputs({"INPUT": input_path, "--against": against_path},
                   {"-o": output, "--duplicates": report, "--report": html_report})
     report_fmt = table_format(report, "--duplicates") if report else None
-    client = _store_client(scheduler, quiet, input_path, against_path, search)
+    client = _store_client(scheduler, quiet, input_path, against_path)
     inputs = _inputs(input_path, against_path, fmt=fmt, field=field, no_header=no_header, quiet=quiet,
                      skip_empty=skip_empty, text_output=format_of(output) == "text")
     full, data, rows, ref, ref_rows = inputs.full, inputs.data, inputs.rows, inputs.ref, inputs.ref_rows
@@ -242,7 +238,7 @@ def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_r
 
     check_outputs({"INPUT": input_path}, {"-o": output, "--report": html_report})
     out_fmt = table_format(output, "-o")
-    client = _store_client(scheduler, quiet, input_path, None, search)
+    client = _store_client(scheduler, quiet, input_path, None)
     inputs = _inputs(input_path, None, fmt=fmt, field=field, no_header=no_header, quiet=quiet,
                      skip_empty=skip_empty)
     full, data = inputs.full, inputs.data
@@ -314,8 +310,9 @@ def _inputs_embedder(inputs: Inputs, embedder_opts: dict[str, Any], cache_dir: s
 @provider_options
 @cache_size_option
 @common_options
+@scheduler_option
 def graph(input_path, field, fmt, no_header, k, output, weights, symmetric, ids_path, id_field, search,
-          embedder_opts, cache_dir, quiet):
+          embedder_opts, cache_dir, quiet, scheduler):
     """Write the k-nearest-neighbour graph of INPUT's rows (embedded) or of STORE's vectors
     (as stored), for clustering: row i holds its k most similar other rows."""
     from scipy.sparse import save_npz
@@ -326,6 +323,7 @@ def graph(input_path, field, fmt, no_header, k, output, weights, symmetric, ids_
         raise InvalidInputError(f"-o {output}: graph writes a scipy sparse matrix in .npz format; name a .npz file")
     check_outputs({"INPUT": input_path}, {"-o": output, "--ids": ids_path})
     ids_fmt = table_format(ids_path, "--ids") if ids_path else None
+    client = _store_client(scheduler, quiet, input_path)
     inputs = _inputs(input_path, None, fmt=fmt, field=field, no_header=no_header, quiet=quiet)
     data = inputs.data
     ids = data.ids(id_field) if ids_path else None
@@ -336,7 +334,7 @@ def graph(input_path, field, fmt, no_header, k, output, weights, symmetric, ids_
         _check_space(emb, data.texts)
     x = inputs.items if emb is None else emb.embed(data.texts, progress=_progress(quiet))
     g, recall = knn_graph(x, k, weights=weights, symmetric=symmetric, progress=_progress(quiet),
-                          return_recall=True, **search_kwargs(search))
+                          return_recall=True, client=client, **search_kwargs(search))
     method = "exact" if recall is None else "partitioned"
     inputs.check_unchanged()
     if emb is not None:

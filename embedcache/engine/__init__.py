@@ -10,11 +10,16 @@ A job is a list of small task descriptions, run by an engine, and merged on the 
             yields ``(task number, result)`` as tasks finish
 ``_jobs``   the store's jobs: the task lists (tiles of the upper triangle, blocks against the
             store) and the merge of their results on the client
+``_source`` the store's rows as a source of rows for the partition index
+            (:mod:`embedcache.index`): its scans (assignment to cells, nearest cells, the
+            recall calibration's exact side) and its search (a task per group of cells) as
+            tasks, computed by the index's own per-cell functions
 
 Workers need the store's directory at the same path as the client (a shared filesystem such
 as NFS; object storage is not supported). They only read, so a worker that dies cannot damage
 the store, and Dask reruns its tasks with the same result. Scores come from the kernels, so a
-job on a cluster gives the pairs and scores of one machine bit for bit.
+job on a cluster gives the pairs and scores of one machine bit for bit; the partitioned
+method, with the same seed, the same cells, probes, recall and pairs.
 """
 
 from embedcache.engine._plan import Block, Piece, plan, read

@@ -20,7 +20,7 @@ import numpy as np
 from embedcache.errors import ClusterError, StoreCorruptedError
 from embedcache.store._format import View
 
-__all__ = ["Block", "Piece", "plan", "read"]
+__all__ = ["Block", "Picks", "Piece", "pick", "plan", "read", "read_picks"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,23 @@ def where() -> str:
         return f"process {os.getpid()} (host {socket.gethostname()})"
 
 
+def _open(path: str, seg_rows: int, dim: int, dt: np.dtype) -> np.ndarray:
+    """The segment file at ``path`` mapped read-only, or a clear error naming this worker."""
+    expected = seg_rows * dim * dt.itemsize
+    try:
+        size = os.stat(path).st_size
+        if size != expected:
+            raise StoreCorruptedError(
+                f"{path}: segment file is {size} bytes on {where()}, the store records {expected}"
+            )
+        return np.memmap(path, dtype=dt, mode="r", shape=(seg_rows, dim))
+    except OSError as exc:
+        raise ClusterError(
+            f"{where()} cannot read {path}: {exc.strerror or exc}; every worker must see the "
+            "store at the same path (a shared filesystem such as NFS)"
+        ) from None
+
+
 def read(block: Block) -> np.ndarray:
     """The included rows of ``block`` as one C-contiguous (count, dim) array in the store's
     dtype, read from the segment files opened read-only by memory map."""
@@ -126,23 +143,51 @@ def read(block: Block) -> np.ndarray:
     out = np.empty((block.count, block.dim), dt)
     pos = 0
     for p in block.pieces:
-        expected = p.seg_rows * block.dim * dt.itemsize
-        try:
-            size = os.stat(p.path).st_size
-            if size != expected:
-                raise StoreCorruptedError(
-                    f"{p.path}: segment file is {size} bytes on {where()}, the store records {expected}"
-                )
-            m = np.memmap(p.path, dtype=dt, mode="r", shape=(p.seg_rows, block.dim))
-        except OSError as exc:
-            raise ClusterError(
-                f"{where()} cannot read {p.path}: {exc.strerror or exc}; every worker must see the "
-                "store at the same path (a shared filesystem such as NFS)"
-            ) from None
+        m = _open(p.path, p.seg_rows, block.dim, dt)
         part = m[p.start : p.stop]
         if len(p.drop):
             part = np.delete(part, p.drop, axis=0)
         out[pos : pos + len(part)] = part
         pos += len(part)
+        del m
+    return out
+
+
+@dataclass(frozen=True)
+class Picks:
+    """Rows of a store picked one by one (the rows of a few cells): for each segment file,
+    ``(path, rows it holds, sorted offsets of the rows to read)``, files in store order."""
+
+    files: tuple[tuple[str, int, np.ndarray], ...]
+    dtype: str
+    dim: int
+
+    @property
+    def count(self) -> int:
+        return sum(len(o) for _, _, o in self.files)
+
+
+def pick(view: View, rows: np.ndarray) -> Picks:
+    """The store rows ``rows`` (sorted, distinct) as :class:`Picks`."""
+    segs = view.segments
+    starts = np.array([s.first_row for s in segs], dtype=np.int64)
+    which = np.searchsorted(starts, rows, side="right") - 1
+    cut = np.flatnonzero(np.diff(which)) + 1
+    files = []
+    for part in np.split(np.arange(len(rows)), cut) if len(rows) else []:
+        s = segs[int(which[part[0]])]
+        files.append((os.path.abspath(s.path), s.rows, (rows[part] - s.first_row).astype(np.int64)))
+    return Picks(tuple(files), view.settings["dtype"], view.dim or 0)
+
+
+def read_picks(picks: Picks) -> np.ndarray:
+    """The rows of ``picks`` in order, as one C-contiguous (count, dim) array in the store's dtype."""
+    dt = np.dtype(picks.dtype).newbyteorder("<")
+    out = np.empty((picks.count, picks.dim), dt)
+    pos = 0
+    for path, seg_rows, offsets in picks.files:
+        m = _open(path, seg_rows, picks.dim, dt)
+        out[pos : pos + len(offsets)] = m[offsets]
+        pos += len(offsets)
         del m
     return out

@@ -13,9 +13,13 @@ import os
 import numpy as np
 
 from embedcache import kernels
-from embedcache.engine._plan import Block, read
+from embedcache.engine._plan import Block, Picks, read, read_picks
+from embedcache.index._cells import nearest
+from embedcache.index._copies import row_digests
+from embedcache.index._partition import pairs_of_cell, probe_topk
 
-__all__ = ["knn_rows", "merge_top", "pair_tile", "search_block"]
+__all__ = ["cell_pairs", "cell_topk", "knn_rows", "merge_top", "nearest_block", "nearest_picks", "pair_tile",
+           "pairs_block", "row_keys", "search_block"]
 
 #: pairs compared for byte equality at a time (bounds the memory of the copy check)
 _COPY_CHUNK = 65536
@@ -92,3 +96,79 @@ def search_block(b: Block, k: int, metric: str, *, queries: np.ndarray):
     """Top ``k`` rows of ``b`` for each query: ``(scores, indices local to b)``."""
     _threads()
     return kernels.top_k(queries, read(b), min(k, b.count), metric=metric)
+
+
+# ----------------------------------------------------------------------------- partitioned
+
+
+def row_keys(b: Block):
+    """For each row of ``b``: its digest and whether it is nonzero (the exact-copy classes of
+    :mod:`embedcache.index._copies`), and its score with itself (what its copies score)."""
+    _threads()
+    x = read(b)
+    digests, nonzero = row_digests(x)
+    r = np.arange(len(x))
+    return digests, nonzero, kernels.pair_scores(np.ascontiguousarray(x, np.float32), r, r)
+
+
+def nearest_block(b: Block, probes: int, *, centroids: np.ndarray):
+    """The ``probes`` nearest centroids of each row of ``b`` (as :func:`embedcache.index._cells.nearest`)."""
+    _threads()
+    return nearest(read(b), centroids, probes)
+
+
+def nearest_picks(p: Picks, probes: int, *, centroids: np.ndarray):
+    """The ``probes`` nearest centroids of each row of ``p``."""
+    _threads()
+    return nearest(read_picks(p), centroids, probes)
+
+
+def pairs_block(b: Block, threshold: float, *, queries: np.ndarray):
+    """Pairs (query, row of ``b``) with cosine >= threshold: ``(i, j local to b, scores)``."""
+    _threads()
+    return kernels.similar_pairs(queries, threshold, y=read(b))
+
+
+def _cell_rows(picks: Picks, need: np.ndarray, cells: list[tuple[np.ndarray, np.ndarray]]):
+    """The vectors of ``need`` (sorted row numbers of the job, read by ``picks``) and, for each
+    cell ``(ids, q)``, the positions of its rows and of the rows probing it among them."""
+    x = read_picks(picks)
+    return x, [(np.searchsorted(need, ids), np.searchsorted(need, q)) for ids, q in cells]
+
+
+def cell_pairs(picks: Picks, need: np.ndarray, cells: list[tuple[np.ndarray, np.ndarray]], threshold: float):
+    """The pairs of a group of cells, each ``(ids, q)``: its rows and the rows probing it (job
+    row numbers); computed by :func:`embedcache.index._partition.pairs_of_cell` as on one
+    machine. Returns ``(i, j, scores)`` in job row numbers (a pair may come twice)."""
+    _threads()
+    x, where = _cell_rows(picks, need, cells)
+    parts = [part for (ids, q), (pi, pq) in zip(cells, where)
+             for part in pairs_of_cell(x[pi], ids, x[pq], q, threshold)]
+    if not parts:
+        e = np.empty(0, np.int64)
+        return e, e.copy(), np.empty(0, np.float32)
+    return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def cell_topk(picks: Picks, need: np.ndarray, cells: list[tuple[np.ndarray, np.ndarray]], k: int):
+    """The best ``k`` other rows, from a group of cells ``(ids, q)``, of every row probing one
+    of them, as :func:`embedcache.index._partition.probe_topk` computes them: ``(rows, scores,
+    indices)``, -1 where none."""
+    _threads()
+    x, where = _cell_rows(picks, need, cells)
+    qset = np.unique(np.concatenate([q for _, q in cells])) if cells else np.empty(0, np.int64)
+    # each probing row, the cells of the group it probes (local numbers, -1: none)
+    slot = [np.searchsorted(qset, q) for _, q in cells]
+    width = np.bincount(np.concatenate(slot), minlength=len(qset)).max(initial=0)
+    near = np.full((len(qset), max(1, width)), -1, np.int64)
+    fill = np.zeros(len(qset), np.int64)
+    for c, s in enumerate(slot):
+        near[s, fill[s]] = c
+        fill[s] += 1
+
+    def block(c: int):
+        ids, _ = cells[c]
+        return x[where[c][0]], ids, None
+
+    s, i = probe_topk(x[np.searchsorted(need, qset)], near, block, len(cells), k, qset)
+    return qset, s, i

@@ -12,6 +12,8 @@ each other anyway, and their pairs are the true output.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from embedcache import _config, kernels
@@ -64,20 +66,34 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     out = np.zeros(len(x), np.int64)
     if not len(centroids):
         return out
+    return nearest(x, centroids, 1)[:, 0]
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
+    """(n, min(probes, cells)) int64: the nearest centroids of each row of ``x``, nearest first
+    (cosine, ties to the lower cell), chunk by chunk. A row's answer does not depend on the
+    rows it is computed with (the kernels' scores are per pair)."""
+    p = min(probes, len(centroids))
+    out = np.empty((len(x), p), np.int64)
     chunk = _config.CHUNK_ROWS * 8
     for a in range(0, len(x), chunk):
-        out[a : a + chunk] = kernels.top_k(x[a : a + chunk], centroids, 1)[1][:, 0]
+        out[a : a + chunk] = kernels.top_k(x[a : a + chunk], centroids, p)[1]
     return out
 
 
 def build_cells(
-    x: np.ndarray, cells: int | None, seed: int
+    x: Any, cells: int | None, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(centroids (c, d) float32 unit rows, own cell of each row (n,) int64)``.
 
-    Trained on a sample of at most ``INDEX_SAMPLE_PER_CELL * cells`` rows; cells larger than
-    ``INDEX_MAX_CELL_FACTOR`` times the mean (and than ``INDEX_MIN_CELL``) are split again.
+    x: an (n, d) array, or a source of rows (:mod:`._source`): samples are read with
+    ``x[rows]``, every row is assigned with ``x.assign``. Trained on a sample of at most
+    ``INDEX_SAMPLE_PER_CELL * cells`` rows; cells larger than ``INDEX_MAX_CELL_FACTOR`` times
+    the mean (and than ``INDEX_MIN_CELL``) are split again.
     """
+    from embedcache.index._source import source_of
+
+    x = source_of(x)
     n, d = x.shape
     rng = np.random.default_rng(seed)
     c = default_cells(n) if cells is None else max(1, min(int(cells), n))
@@ -93,13 +109,13 @@ def build_cells(
     cent = spherical_kmeans(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
     if not len(cent):  # only zero rows
         return np.zeros((1, d), np.float32), np.zeros(n, np.int64)
-    own = assign(x, cent)
+    own = x.assign(cent)
     cap = max(_config.INDEX_MIN_CELL, int(_config.INDEX_MAX_CELL_FACTOR * n / len(cent)))
     return _split_big(x, cent, own, cap, rng)
 
 
 def _split_big(
-    x: np.ndarray, cent: np.ndarray, own: np.ndarray, cap: int, rng: np.random.Generator
+    x: Any, cent: np.ndarray, own: np.ndarray, cap: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split every cell of more than ``cap`` rows by k-means on its members, recursively."""
     cent = [row for row in cent]
@@ -112,7 +128,7 @@ def _split_big(
         sub = spherical_kmeans(x[sub_sample], k, rng, _config.INDEX_KMEANS_ITERS)
         if len(sub) < 2:
             continue  # one direction: a block compared as a whole
-        local = assign(x[members], sub)
+        local = x.assign(sub, members)
         counts = np.bincount(local, minlength=len(sub))
         if counts.max() == len(members):
             continue  # k-means cannot separate these rows: keep them one block

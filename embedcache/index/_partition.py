@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from embedcache import _config, kernels
+from embedcache import kernels
 from embedcache._validation import check_int
-from embedcache.index._cells import build_cells
+from embedcache.index._cells import build_cells, nearest
 from embedcache.index._merge import NO_INDEX, merge_topk
+from embedcache.index._source import source_of
 
 #: what a cell gives a search: (its vectors, their row numbers, mask of eligible rows or None)
 CellBlock = Callable[[int], "tuple[np.ndarray, np.ndarray, np.ndarray | None]"]
@@ -71,12 +73,7 @@ class PartitionIndex:
     def nearest_cells(self, q: np.ndarray, probes: int) -> np.ndarray:
         """(m, min(probes, cells)) int64: the nearest cells of each row of ``q``, nearest first
         (cosine to the centroids, ties to the lower cell)."""
-        p = min(probes, self.cells)
-        out = np.empty((len(q), p), np.int64)
-        chunk = _config.CHUNK_ROWS * 8
-        for a in range(0, len(q), chunk):
-            out[a : a + chunk] = kernels.top_k(q[a : a + chunk], self.centroids, p)[1]
-        return out
+        return nearest(q, self.centroids, probes)
 
     def sorted_rows(self, x: np.ndarray) -> np.ndarray:
         """``x`` with its rows in cell order (one copy, the dtype of x)."""
@@ -95,37 +92,43 @@ def _by_cell(cells_of: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]
     return rows[by], starts
 
 
-def pairs(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, bar=None):
+def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None):
     """Pairs ``(i, j, s)``, i < j, score >= threshold, found by probing ``probes`` cells per row.
 
-    A pair is found when both rows share a cell, or one of them probes the other's cell.
-    Sorted by score descending, then i, then j (as :func:`embedcache.similar_pairs`).
-    ``bar``: optional progress bar updated with units of work (row-by-row comparisons).
+    x: an (n, d) array or a source of rows (:mod:`._source`). A pair is found when both rows
+    share a cell, or one of them probes the other's cell. Sorted by score descending, then i,
+    then j (as :func:`embedcache.similar_pairs`). ``bar``: optional progress bar updated with
+    units of work (row-by-row comparisons).
     """
-    n = len(x)
+    src = source_of(x)
+    n = len(src)
     if n < 2:
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
-    near = index.nearest_cells(x, probes)
+    near = src.nearest(index.centroids, probes)
     near = np.where(near == index.own[:, None], -1, near)  # own cell: the triangle below
     qrows, starts = _by_cell(near, index.cells)
-    xs = index.sorted_rows(x)
-    off = index.offsets
-    parts_i, parts_j, parts_s = [], [], []
-    for c in range(index.cells):
-        lo, hi = off[c], off[c + 1]
-        if hi == lo:
-            continue
-        block, ids = xs[lo:hi], index.order[lo:hi]
-        i, j, s = kernels.similar_pairs(block, threshold)
-        parts_i.append(ids[i]), parts_j.append(ids[j]), parts_s.append(s)
-        q = qrows[starts[c] : starts[c + 1]]
-        if len(q):
-            i, j, s = kernels.similar_pairs(x[q], threshold, y=block)
-            parts_i.append(q[i]), parts_j.append(ids[j]), parts_s.append(s)
-        if bar is not None:
-            bar.update((hi - lo) * ((hi - lo - 1) / 2 + len(q)))
-    i, j, s = np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)
+    return merge_pairs(src.cell_pairs(index, qrows, starts, threshold, bar), n)
+
+
+def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndarray, threshold: float):
+    """The pairs one cell gives: within its rows ``block`` (row numbers ``ids``), and between
+    the rows ``xq`` (row numbers ``q``) that probe it and its rows; ``(i, j, s)`` parts."""
+    i, j, s = kernels.similar_pairs(block, threshold)
+    yield ids[i], ids[j], s
+    if len(q):
+        i, j, s = kernels.similar_pairs(xq, threshold, y=block)
+        yield q[i], ids[j], s
+
+
+def merge_pairs(parts, n: int):
+    """The ``(i, j, s)`` parts of a search as one list: each pair once (i < j), sorted by score
+    descending, then i, then j. A pair found twice has the same score both times."""
+    parts = list(parts)
+    if not parts:
+        e = np.empty(0, np.int64)
+        return e, e.copy(), np.empty(0, np.float32)
+    i, j, s = (np.concatenate(p) for p in zip(*parts))
     a, b = np.minimum(i, j), np.maximum(i, j)
     _, first = np.unique(a * n + b, return_index=True)  # a pair found from both sides: once
     a, b, s = a[first], b[first], s[first]
@@ -136,7 +139,8 @@ def pairs(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, b
 def pair_work(index: PartitionIndex, n: int, probes: int) -> float:
     """About how many row-by-row comparisons :func:`pairs` makes (for progress bars)."""
     sizes = index.sizes.astype(np.float64)
-    return float((sizes * (sizes - 1) / 2).sum() + n * max(0, min(probes, index.cells) - 1) * sizes.mean())
+    mean = sizes.mean() if len(sizes) else 0.0
+    return float((sizes * (sizes - 1) / 2).sum() + n * max(0, min(probes, index.cells) - 1) * mean)
 
 
 def probe_topk(
@@ -185,13 +189,9 @@ def with_own(near: np.ndarray, own: np.ndarray) -> np.ndarray:
     return np.concatenate([near, np.where(has, -1, own)[:, None]], axis=1)
 
 
-def knn(x: np.ndarray, index: PartitionIndex, k: int, probes: int, bar=None):
-    """The ``k`` nearest other rows of every row (own cell plus ``probes`` nearest cells)."""
-    near = with_own(index.nearest_cells(x, probes), index.own)
-    xs = index.sorted_rows(x)
-    off = index.offsets
-
-    def block(c: int):
-        return xs[off[c] : off[c + 1]], index.order[off[c] : off[c + 1]], None
-
-    return probe_topk(x, near, block, index.cells, k, np.arange(len(x), dtype=np.int64), bar)
+def knn(x: Any, index: PartitionIndex, k: int, probes: int, bar=None):
+    """The ``k`` nearest other rows of every row (own cell plus ``probes`` nearest cells).
+    x: an (n, d) array or a source of rows (:mod:`._source`)."""
+    src = source_of(x)
+    near = with_own(src.nearest(index.centroids, probes), index.own)
+    return src.cell_topk(index, near, k, bar)

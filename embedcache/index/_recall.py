@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedcache import _config, kernels
+from embedcache.index._source import source_of
 
 _Z = 1.959963984540054  # two-sided 95%
 
@@ -179,21 +180,23 @@ def _subsample(qi: np.ndarray, rows: int, cap: int, rng: np.random.Generator):
 def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random.Generator,
                   nearest: bool = False) -> Evidence:
     """Evidence for :func:`embedcache.index._partition.pairs`: a true pair (i, j) is found
-    when i and j share a cell, or when either probes the other's cell.
+    when i and j share a cell, or when either probes the other's cell. ``x``: an array or a
+    source of rows (:mod:`._source`).
 
     ``nearest``: use each sampled row's nearest other row as its one "true pair" instead (a
     stand-in when the threshold leaves too few pairs to calibrate on).
     """
+    x = source_of(x)
     q = x[sample]
     if nearest:
-        s, j = kernels.top_k(q, x, min(2, len(x)))
+        s, j = x.top_k(q, min(2, len(x)))
         pick = np.where(j[:, 0] == sample, 1, 0) if j.shape[1] > 1 else np.zeros(len(q), np.int64)
         qi = np.arange(len(q))
         jj = j[qi, pick]
         ok = (jj >= 0) & (jj != sample)
         qi, jj = qi[ok], jj[ok]
     else:
-        qi, jj, _ = kernels.similar_pairs(q, threshold, y=x)
+        qi, jj, _ = x.pairs_with(q, threshold)
         ok = jj != sample[qi]
         qi, jj = qi[ok], jj[ok]
     kept, weight, true = _subsample(qi, len(sample), _config.INDEX_RECALL_PAIRS_PER_ROW, rng)
@@ -210,8 +213,9 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
 def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
     """Evidence for a k-nearest-neighbour search of the sampled rows (own cell always probed):
     a true neighbour j of i is found when it shares i's cell or i probes j's cell."""
+    x = source_of(x)
     q = x[sample]
-    _, nb = kernels.top_k(q, x, min(k + 1, len(x)))
+    _, nb = x.top_k(q, min(k + 1, len(x)))
     qi, jj = other_neighbours(nb, sample, k)
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
     s_q = kernels.cosine_similarity(q, index.centroids)

@@ -102,8 +102,13 @@ class _Rows:
 # ----------------------------------------------------------------------------- building
 
 
-def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, seed: int) -> dict[str, Any]:
-    """Train, assign, write the files and register the index in ``w``'s transaction."""
+def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, seed: int,
+          engine: Any = None) -> dict[str, Any]:
+    """Train, assign, write the files and register the index in ``w``'s transaction.
+
+    ``engine`` (:mod:`embedcache.engine`): the assignment of every row to its cell and the
+    exact side of the recall curve run as its tasks (the same cells and curve); k-means on
+    the sample and the writing of the files stay here."""
     from embedcache.store._write import fsync_dir, set_settings, write_segment
 
     view = w.view
@@ -117,7 +122,12 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
     if not idx_dir.exists():
         idx_dir.mkdir()
         fsync_dir(root)
-    source = _Rows(view, live)
+    if engine is None:
+        source: Any = _Rows(view, live)
+    else:
+        from embedcache.engine._source import StoreSource
+
+        source = StoreSource(view, engine)  # the live rows, in the order of ``live``
     cent, own = build_cells(source, cells, seed)  # type: ignore[arg-type]
     index = PartitionIndex.from_assignment(cent, own)
     rows = live[index.order]
@@ -160,7 +170,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
     return desc
 
 
-def _measure(view: View, source: _Rows, index: PartitionIndex, live: np.ndarray, seed: int):
+def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, seed: int):
     """The recall-vs-probes curve at k (one sample of stored rows as queries, their exact
     neighbours other than themselves), and per level the probes it calls for with the recall
     measured on a second sample (estimate, 95% interval)."""
@@ -183,14 +193,18 @@ def _measure(view: View, source: _Rows, index: PartitionIndex, live: np.ndarray,
     return curve, levels
 
 
-def _evidence(view: View, source: _Rows, index: PartitionIndex, live: np.ndarray, sample: np.ndarray) -> Evidence:
+def _evidence(view: View, source: Any, index: PartitionIndex, live: np.ndarray, sample: np.ndarray) -> Evidence:
     """For stored rows ``sample`` (positions in ``live``) searched as queries: their true
     neighbours (itself left out) and the probes each needs (rank of its cell + 1)."""
     k = min(_config.INDEX_CURVE_K, len(live) - 1)
     q = np.ascontiguousarray(source[sample], dtype=np.float32)
     if k < 1:
         return Evidence(np.zeros(len(q)), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    _, nb = _query.top_k(view, q, k + 1, None)
+    if isinstance(source, _Rows):
+        _, nb = _query.top_k(view, q, k + 1, None)
+    else:  # tasks of an engine: rows of the source are positions in ``live``
+        _, pos = source.top_k(q, k + 1)
+        nb = np.where(pos >= 0, live[np.maximum(pos, 0)], -1)
     qi, jj = other_neighbours(nb, live[sample], k)
     cell = index.own[np.searchsorted(live, jj)]
     need = _rank(kernels.cosine_similarity(q, index.centroids), qi, cell) + 1

@@ -297,7 +297,7 @@ class VectorStore:
             warnings.warn(f"compact renumbered the rows of {self.path} and dropped its index; "
                           "run create_index() again", UserWarning, stacklevel=2)
 
-    def create_index(self, *, cells: int | None = None, seed: int = 0) -> dict[str, Any]:
+    def create_index(self, *, cells: int | None = None, seed: int = 0, client: Any = None) -> dict[str, Any]:
         """Build the partition index over the live rows and commit it; returns :meth:`index_info`.
 
         Cells come from spherical k-means on a sample of rows (``cells``: how many, default
@@ -314,12 +314,22 @@ class VectorStore:
         a fifth of the indexed rows; then searches warn that the index is stale and scan
         exactly until it is built again. :meth:`compact` drops it. The write lock is held while
         it builds: other writers wait, readers go on (with the old index).
+
+        ``client``: a ``distributed.Client``; the assignment of every row to its cell (block by
+        block) and the exact searches of the recall curve run as tasks on its Dask cluster,
+        whose workers read the segment files (see :mod:`embedcache.engine`); k-means on the
+        sample and the writing of the index stay here. The same index as without it.
         """
         if cells is not None:
             cells = check_int("cells", cells, 1)
         seed = check_int("seed", seed, 0)
+        engine = None
+        if client is not None:
+            from embedcache.engine import engine_for
+
+            engine = engine_for(client)
         with self._txn.writing() as w:
-            _index.build(self._txn.current(), w, self.path, cells, seed)
+            _index.build(self._txn.current(), w, self.path, cells, seed, engine)
         info = self.index_info()
         assert info is not None
         return info

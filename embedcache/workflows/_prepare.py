@@ -8,7 +8,6 @@ vectors are collapsed too.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import KeysView, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -20,6 +19,7 @@ import numpy as np
 from embedcache import kernels
 from embedcache._validation import as_matrix, check_finite
 from embedcache.cache import CachedEmbedder
+from embedcache.index._copies import classes, row_digests
 from embedcache.errors import InvalidInputTypeError
 from embedcache.providers._window import DEFAULT_LONG_TEXTS, check_long_texts
 from embedcache.providers.base import normalize_text, validate_texts
@@ -241,9 +241,6 @@ def _prepare(items: Any, *, emb: _Embedding, progress: bool | None, name: str = 
 
 def _from_matrix(x: np.ndarray, *, texts: list[str] | None, ids: list[str] | None) -> _Prepared:
     # zero rows are similar to nothing, not even to each other: never collapse them
-    keys = [hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
-            if row.any() else k for k, row in enumerate(x)]
-    inverse, first = _collapse(keys)
+    inverse, first = classes(*row_digests(x))
     xu = x[first] if len(first) < len(x) else x
     return _Prepared(np.ascontiguousarray(xu, dtype=np.float32), inverse, first, texts, ids)
-

@@ -119,7 +119,7 @@ def deduplicate(
                     f"items and the reference set must come from one embedder: items are of "
                     f"namespace {ns!r}, the reference set of {ref_ns!r}"
                 )
-        p = _prepare(items, emb=emb, progress=progress) if client is None else store_items(items, against=against, method=method)
+        p = _prepare(items, emb=emb, progress=progress) if client is None else store_items(items, against=against)
         if against is not None:
             ref = _prepare(against, emb=emb, progress=progress, name="against")
             return _deduplicate_against(p, ref, threshold, mode, progress)
@@ -128,7 +128,7 @@ def deduplicate(
     if client is None:
         pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
     else:
-        pairs = cluster_pairs(p, threshold, client, progress)
+        pairs = cluster_pairs(p, threshold, client, progress, method=method, recall=recall, seed=seed)
     pi, pj, ps = pairs.edges()
     if mode == "connected":
         labels = _connected_labels(n, pi, pj)

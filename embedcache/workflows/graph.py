@@ -43,7 +43,7 @@ def knn_graph(
     adds j -> i for every i -> j (the graph then has k or more entries per row).
     client: a ``distributed.Client`` (x a VectorStore): blocks of rows run as tasks on its
     Dask cluster, whose workers read the store's files (see :mod:`embedcache.engine`); the
-    same graph as without it.
+    same graph (and, partitioned, the same recall) as without it.
 
     >>> import numpy as np
     >>> x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
@@ -69,12 +69,12 @@ def knn_graph(
     if weights == "distance" and metric != "cosine":
         raise InvalidInputError("weights='distance' needs metric='cosine' (distance = 1 - cosine)")
     if client is not None:
-        from embedcache.workflows._cluster import cluster_knn, exact_only
+        from embedcache.workflows._cluster import cluster_knn
 
-        exact_only(method)
-        n, rows, cols, vals = cluster_knn(x, k, metric, client, progress)
+        n, rows, cols, vals, rec = cluster_knn(x, k, metric, client, progress, method=method, recall=recall,
+                                               seed=seed)
         graph = _graph(n, rows, cols, vals, symmetric=symmetric, weights=weights)
-        return (graph, None) if return_recall else graph
+        return (graph, rec) if return_recall else graph
     arr = _vectors(x.vectors() if isinstance(x, VectorStore) else x, "x")  # one read
     n = len(arr)
     chunk = _config.CHUNK_ROWS

@@ -35,7 +35,8 @@ def near_duplicates(
     Exact duplicates are embedded once and reported as pairs with score 1.0.
     client: a ``distributed.Client`` (items a VectorStore): tiles of the pair search run as
     tasks on its Dask cluster, whose workers read the store's files (see
-    :mod:`embedcache.engine`); the same pairs and scores as without it, bit for bit.
+    :mod:`embedcache.engine`); the same pairs and scores as without it, bit for bit, with
+    either method (the partitioned one with the same seed: the same cells, probes and recall).
     method: ``"exact"`` compares every pair; ``"partitioned"`` compares each row only with
     the cells of a partition index (:mod:`embedcache.index`) nearest to it, probing enough
     cells for ``recall`` (the share of true pairs to find), calibrated and then measured on
@@ -55,12 +56,12 @@ def near_duplicates(
     if client is not None:
         from embedcache.workflows._cluster import cluster_pairs, store_items
 
-        p = store_items(items, method=method)
-        i, j, s = cluster_pairs(p, threshold, client, progress).expand()
-        return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids)
-    with _Embedding(embedder, long_texts) as emb:
-        p = _prepare(items, emb=emb, progress=progress)
-    pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
+        p = store_items(items)
+        pairs = cluster_pairs(p, threshold, client, progress, method=method, recall=recall, seed=seed)
+    else:
+        with _Embedding(embedder, long_texts) as emb:
+            p = _prepare(items, emb=emb, progress=progress)
+        pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
     i, j, s = pairs.expand()
     return PairTable(i, j, s, texts_i=p.texts, texts_j=p.texts, ids_i=p.ids, ids_j=p.ids,
                      method=pairs.method, recall=pairs.recall)

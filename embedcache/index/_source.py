@@ -1,0 +1,88 @@
+"""Where a partitioned search finds its rows: an array here, or a store's rows on a cluster.
+
+The algorithms of :mod:`embedcache.index` (k-means cells, probes, recall calibration, the cell
+by cell search) are written once, against the few operations of a *source*:
+
+``len(src)``, ``src.shape``, ``src[idx]``  the vectors of some rows (samples, small)
+``src.assign(centroids, rows)``           the nearest centroid of every row, or of ``rows``
+``src.nearest(centroids, p)``             the ``p`` nearest centroids of every row
+``src.pairs_with(q, threshold)``          ``similar_pairs(q, threshold, y=x)``
+``src.top_k(q, k)``                       ``top_k(q, x, k)``
+``src.cell_pairs(...)``, ``src.cell_topk(...)``  the search itself, cell by cell
+
+:class:`ArraySource` does each with the kernels on an array in this process. The store's
+engine (:mod:`embedcache.engine`) does each as tasks over the store's files, calling the same
+per-cell functions (:func:`._partition.pairs_of_cell`, :func:`._partition.probe_topk`) on the
+same rows with the same kernels, whose scores do not depend on how rows are batched: the same
+cells, the same probes and the same answer, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from embedcache import kernels
+
+
+class ArraySource:
+    """The rows of an (n, d) array (or array-like with slices and index arrays)."""
+
+    def __init__(self, x: Any) -> None:
+        self.x = x
+        self.shape = x.shape
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.x[key]
+
+    def assign(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        from embedcache.index._cells import assign
+
+        return assign(self.x if rows is None else self.x[rows], centroids)
+
+    def nearest(self, centroids: np.ndarray, probes: int) -> np.ndarray:
+        from embedcache.index._cells import nearest
+
+        return nearest(self.x, centroids, probes)
+
+    def pairs_with(self, q: np.ndarray, threshold: float):
+        return kernels.similar_pairs(q, threshold, y=self.x)
+
+    def top_k(self, q: np.ndarray, k: int):
+        return kernels.top_k(q, self.x, k)
+
+    def cell_pairs(self, index: Any, qrows: np.ndarray, starts: np.ndarray, threshold: float, bar=None):
+        """``(i, j, s)`` parts, cell by cell (see :func:`._partition.pairs`)."""
+        from embedcache.index._partition import pairs_of_cell
+
+        xs = index.sorted_rows(self.x)
+        off = index.offsets
+        for c in range(index.cells):
+            lo, hi = off[c], off[c + 1]
+            if hi == lo:
+                continue
+            q = qrows[starts[c] : starts[c + 1]]
+            yield from pairs_of_cell(xs[lo:hi], index.order[lo:hi], self.x[q], q, threshold)
+            if bar is not None:
+                bar.update((hi - lo) * ((hi - lo - 1) / 2 + len(q)))
+
+    def cell_topk(self, index: Any, near: np.ndarray, k: int, bar=None):
+        """The best ``k`` other rows of every row from the cells ``near`` (see :func:`._partition.knn`)."""
+        from embedcache.index._partition import probe_topk
+
+        xs = index.sorted_rows(self.x)
+        off = index.offsets
+
+        def block(c: int):
+            return xs[off[c] : off[c + 1]], index.order[off[c] : off[c + 1]], None
+
+        return probe_topk(self.x, near, block, index.cells, k, np.arange(len(self.x), dtype=np.int64), bar)
+
+
+def source_of(x: Any) -> Any:
+    """``x`` when it is a source already (has ``cell_pairs``), else an :class:`ArraySource`."""
+    return x if hasattr(x, "cell_pairs") else ArraySource(x)
