@@ -270,16 +270,16 @@ def _cached(upstream, cache_dir, texts) -> list[bool]:
     return [v is not None for v in got]
 
 
-#: a vector answered this long before a crash is committed, whatever the load (its write takes
-#: milliseconds; the margin is for a machine busy with other work)
-COMMITTED_WITHIN = 1.0
+#: a vector answered this long before a crash is committed (its write takes milliseconds; the
+#: margin is for a machine busy with other work, and a WAL checkpoint)
+COMMITTED_WITHIN = 1.5
 
 
 @pytest.mark.slow
 def test_sigkill_under_load_then_restart_serves_what_was_committed(upstream, tmp_path):
     cache_dir, port = str(tmp_path / "cache"), free_port()
     proc = _start(upstream, cache_dir, port)
-    stop, threads, answered = _load(port, 2.5)
+    stop, threads, answered = _load(port, 3.0)
     proc.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     proc.wait(timeout=10)
