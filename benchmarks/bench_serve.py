@@ -125,7 +125,7 @@ def main() -> None:
                         cap = None
                     else:
                         salt = uuid.uuid4().hex
-                        cap = max(20, clients * 6)
+                        cap = max(100, clients * 6)  # fresh items: each request a miss
                         reqs = [_request(port, [f"{salt} {r} {j}" for j in range(n)], fmt) for r in range(cap)]
                     lat, wall = asyncio.run(_load(port, reqs, clients, args.seconds, cap))
                     rows[target] = (len(lat) * n / wall, np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3)
