@@ -87,6 +87,13 @@ CACHE_MIN_FREE_BYTES = 256 * 1024 * 1024
 #: rows deleted per transaction when a namespace is pruned
 CACHE_DELETE_CHUNK = 10_000
 
+# --- proxy (embedcache serve); read when an app is created
+#: bytes of recently served vectors the proxy keeps in memory in front of the cache (0: none)
+SERVER_MEMORY_BYTES = 256 * 2**20
+#: vectors answered but not yet written to the cache beyond which upstream batches wait for
+#: the writer (so a disk slower than the upstream cannot grow memory without bound)
+SERVER_MAX_PENDING = 100_000
+
 
 @contextlib.contextmanager
 def override(**values: int) -> Iterator[None]:

@@ -222,6 +222,9 @@ def read_window(text: str, tokens: int | None) -> tuple[str, int]:
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 drops connections when dozens of clients connect at
+    # once (each drop costs the client a 1 s SYN retry)
+    request_queue_size = 128
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A client that timed out or a dropped connection is expected here, not news.

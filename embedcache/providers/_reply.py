@@ -44,12 +44,18 @@ def _json(content: bytes, what: str, status_code: int) -> Any:
         ) from None
 
 
+try:  # SIMD base64 (the server extra brings it): a 384-d vector in 0.3 us, not 5
+    from pybase64 import b64decode as _b64decode
+except ImportError:  # pragma: no cover - the stdlib's, as exact
+    _b64decode = base64.b64decode
+
+
 def decode_vector(embedding: object, where: str) -> np.ndarray:
     """One ``embedding`` field, a base64 string of little-endian float32 or a list of numbers,
     as a float32 vector; ``where`` starts the message of the error a bad one raises."""
     if isinstance(embedding, str):
         try:
-            raw = base64.b64decode(embedding, validate=True)
+            raw = _b64decode(embedding, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidResponseError(f"{where}: embedding is not valid base64") from None
         if len(raw) % 4:

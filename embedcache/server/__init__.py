@@ -21,6 +21,13 @@ one rate limit (the IONOS contract's 5 requests/s, burst 10, for the IONOS host)
 ``max_concurrency`` requests at once, with the library's retries. Each vector is placed at
 its client's ``index``.
 
+A client is answered as soon as the upstream answers; the vectors are written to the cache in
+the background, in batches, and served from memory until their write commits. The app's
+shutdown (uvicorn's, on SIGINT or SIGTERM) writes every vector answered; a crash loses those
+answered but not yet committed (normally the last few milliseconds' worth), which are fetched
+again when next asked for. Recently served vectors are kept in memory in front of the cache
+(``_config.SERVER_MEMORY_BYTES``, 256 MiB).
+
 The upstream key comes from ``api_key`` or from the environment exactly as for
 :class:`~embedcache.OpenAIEmbeddings` (``IONOS_API_TOKEN`` for the IONOS host only, else
 ``OPENAI_API_KEY``); it is sent only to the upstream and never appears in a reply, a log line

@@ -49,5 +49,8 @@ class Metrics:
         self.in_flight = Gauge(
             "embedcache_proxy_upstream_in_flight", "Upstream batches under way (waits included).",
             registry=r)
+        self.pending_writes = Gauge(
+            "embedcache_proxy_pending_writes",
+            "Vectors answered to clients and not yet committed to the cache.", registry=r)
         self.cache_errors = Counter(
             "embedcache_proxy_cache_errors", "Cache reads or writes that failed.", registry=r)

@@ -5,10 +5,13 @@ and a batcher.
   the ``cache_namespace``, ``model`` and ``dimensions`` of an
   :class:`~embedcache.OpenAIEmbeddings` for the requested model and dimensions, and the text.
   A vector embedded through the library is a hit here, and the other way round.
+* An item is looked up in memory first (recently served vectors, and answered vectors whose
+  cache write has not committed yet: see :mod:`._memory`), then in the cache on disk.
 * A missed item that some request is already fetching is not fetched again: the later
-  request waits for the first one's future (the in-flight map). The cache lookup and the
-  claim happen in one step of the event loop, and an item leaves the map only after its
-  vector is in the cache, so no item is ever fetched twice at once.
+  request waits for the first one's future (the in-flight map). The lookup and the claim
+  happen in one step of the event loop, and an item leaves the map in the same step as it
+  enters the writer's pending map, which it leaves only after its write commits, so no item
+  is ever fetched twice at once.
 * Misses wait in one queue per (model, dimensions). A batch goes as soon as one of
   ``max_concurrency`` upstream slots is free, with whatever is queued then (up to the
   embedder's ``batch_size`` and ``max_batch_chars``): an idle proxy adds no wait, a busy one
@@ -16,8 +19,9 @@ and a batcher.
 * Every HTTP attempt, retries included, passes one transport that applies the one rate
   limit of the upstream (the IONOS contract for the IONOS host) and records the upstream
   metrics. Retries, backoff and error mapping are the embedder's own.
-* Vectors are written to the cache before any request sees them: what a client was answered
-  survives a crash of the proxy.
+* Clients are answered as soon as the upstream answers; the vectors are written to the
+  cache in the background (:class:`~._memory.CacheWriter`), within a few milliseconds, and
+  all of them on shutdown. A crash of the proxy loses only the vectors not yet committed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 
+from embedcache import _config
 from embedcache.cache import EmbeddingCache
 from embedcache.errors import (
     APIConnectionError,
@@ -43,6 +48,7 @@ from embedcache.errors import (
 from embedcache.providers._http import Secret
 from embedcache.providers.base import metered
 from embedcache.providers.openai import OpenAIEmbeddings, TokenBucket
+from embedcache.server._memory import CacheWriter, RecentVectors
 from embedcache.server._metrics import Metrics
 
 __all__ = ["Outcome", "Upstream"]
@@ -88,11 +94,11 @@ class _Gate(httpx.AsyncBaseTransport):
 
 
 class _Item:
-    """One distinct missed text on its way upstream; ``future`` gets ``(vector, tokens)``."""
+    """One distinct missed text on its way upstream; ``future`` gets ``(vector bytes, tokens)``."""
 
     __slots__ = ("future", "key", "text")
 
-    def __init__(self, key: str, text: str, future: asyncio.Future) -> None:
+    def __init__(self, key: bytes, text: str, future: asyncio.Future) -> None:
         self.key, self.text, self.future = key, text, future
 
 
@@ -101,6 +107,8 @@ class _Group:
 
     def __init__(self, embedder: OpenAIEmbeddings) -> None:
         self.embedder = embedder
+        self.source = (embedder.cache_namespace, embedder.model, embedder.dimensions)
+        self.dim: int | None = embedder.dimensions  # length of the vectors seen last
         self.queue: deque[_Item] = deque()
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -170,7 +178,10 @@ class Upstream:
         self._gate = _Gate(bucket, metrics, max_concurrency + 1)
         self._models_embedder = self._embedder("models", None)
         self._groups: dict[tuple[str, int | None], _Group] = {}
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[bytes, asyncio.Future] = {}
+        self.recent = RecentVectors(_config.SERVER_MEMORY_BYTES)
+        self.writer = CacheWriter(cache, metrics)
+        self._max_pending = _config.SERVER_MAX_PENDING
         self._slots: asyncio.Semaphore | None = None
         self._tasks: set[asyncio.Task] = set()
         self._models: tuple[float, list[str]] | None = None
@@ -211,64 +222,83 @@ class Upstream:
     async def embed(self, model: str, dimensions: int | None, texts: list[str]) -> Outcome:
         """The vectors of ``texts`` (validated, non-empty strings) for ``model``."""
         group = self._group(model, dimensions)
-        emb = group.embedder
-        namespace, key_model, key_dims = emb.cache_namespace, emb.model, emb.dimensions
-        make_key = EmbeddingCache.make_key
-        keys = [make_key(namespace, key_model, key_dims, t) for t in texts]
+        keys = self.cache.raw_keys(*group.source, texts)
         text_of = dict(zip(keys, texts))  # distinct keys, in order of first appearance
-        distinct = list(text_of)
-        try:
-            found = self.cache.get_many(distinct)
-        except CacheError as exc:
-            logger.warning("cache read failed, treating %d items as misses: %s", len(distinct), exc)
-            self.metrics.cache_errors.inc()
-            found = [None] * len(distinct)
-        # From here to the first await, nothing else runs: the lookup and the claims are one step.
-        have: dict[str, np.ndarray] = {}
-        waits: list[tuple[str, asyncio.Future, bool]] = []
-        loop = asyncio.get_running_loop()
-        hits = shared = misses = 0
-        saved_chars = 0
-        for key, vector in zip(distinct, found):
-            if vector is not None:
-                have[key] = vector
-                hits += 1
-                saved_chars += len(text_of[key])
-                continue
-            future = self._inflight.get(key)
-            if future is not None:
-                shared += 1
-                saved_chars += len(text_of[key])
-                waits.append((key, future, False))
-                continue
-            future = self._inflight[key] = loop.create_future()
-            group.queue.append(_Item(key, text_of[key], future))
-            misses += 1
-            waits.append((key, future, True))
-        if misses:
-            self._queued += misses
-            self.metrics.queue_depth.set(self._queued)
-            group.wake.set()
+        # From here to the first await, nothing else runs: the lookups and the claims are one step.
+        have: dict[bytes, bytes] = {}
+        recent, pending = self.recent, self.writer.pending
+        todo: list[bytes] = []
+        for key in text_of:
+            row = recent.get(key)
+            if row is None:
+                row = pending.get(key)
+                if row is None:
+                    todo.append(key)
+                    continue
+            have[key] = row
+        if todo:
+            self._read(group, todo, have)
+        hits = len(have)
+        waits: list[tuple[bytes, asyncio.Future, bool]] = []
+        shared = misses = 0
+        if hits < len(text_of):
+            inflight = self._inflight
+            loop = asyncio.get_running_loop()
+            for key in todo:
+                if key in have:
+                    continue
+                future = inflight.get(key)
+                if future is not None:
+                    shared += 1
+                    waits.append((key, future, False))
+                    continue
+                future = inflight[key] = loop.create_future()
+                group.queue.append(_Item(key, text_of[key], future))
+                misses += 1
+                waits.append((key, future, True))
+            if misses:
+                self._queued += misses
+                self.metrics.queue_depth.set(self._queued)
+                group.wake.set()
         tokens = 0.0
         if waits:
             await asyncio.shield(asyncio.gather(*(f for _, f, _ in waits)))
             for key, future, mine in waits:
-                vector, share = future.result()
-                have[key] = vector
+                row, share = future.result()
+                have[key] = row
                 if mine:
                     tokens += share
-        repeats = len(keys) - len(distinct)
-        if repeats:
-            saved_chars += sum(map(len, texts)) - sum(map(len, text_of.values()))
+        # tokens not paid for: every item's but those of the misses this request sent
+        saved_chars = sum(map(len, texts))
+        if misses:
+            saved_chars -= sum(len(text_of[k]) for k, _, mine in waits if mine)
         rows = [have[k] for k in keys]
-        dims = {r.shape[0] for r in rows}
-        if len(dims) != 1:
+        size = len(rows[0])
+        if any(len(r) != size for r in rows):
             raise InvalidResponseError(
-                f"model {model!r} gave vectors of unequal dimensions {sorted(dims)} "
+                f"model {model!r} gave vectors of unequal dimensions {sorted({len(r) // 4 for r in rows})} "
                 "(cached and fresh ones differ)"
             )
-        return Outcome(np.stack(rows), hits, shared, misses, repeats, tokens,
-                       saved_chars * self.tokens_per_char())
+        vectors = np.frombuffer(b"".join(rows), dtype="<f4").reshape(len(rows), size // 4)
+        repeats = len(keys) - len(text_of)
+        return Outcome(vectors, hits, shared, misses, repeats, tokens, saved_chars * self.tokens_per_char())
+
+    def _read(self, group: _Group, todo: list[bytes], have: dict[bytes, bytes]) -> None:
+        """Look ``todo`` up in the cache on disk; what is found goes in ``have`` and in memory."""
+        try:
+            found, vectors = self.cache.lookup(todo, group.dim)
+        except CacheError as exc:
+            logger.warning("cache read failed, treating %d items as misses: %s", len(todo), exc)
+            self.metrics.cache_errors.inc()
+            return
+        if vectors is None:
+            return
+        group.dim = vectors.shape[1]
+        put = self.recent.put
+        for j in np.flatnonzero(found).tolist():
+            row = vectors[j].tobytes()
+            have[todo[j]] = row
+            put(todo[j], row)
 
     # ------------------------------------------------------------------ batcher
 
@@ -304,19 +334,27 @@ class Upstream:
         return batch
 
     async def _run(self, group: _Group, batch: list[_Item]) -> None:
-        """Fetch one batch, cache it, then hand each item's future its vector."""
+        """Fetch one batch, hand each item's future its vector, and queue the batch's write.
+
+        In one step of the event loop the vectors enter memory and the writer's pending map,
+        the futures get them, and the items leave the in-flight map (``finally``).
+        """
         assert self._slots is not None
         self.metrics.in_flight.inc()
         texts = [item.text for item in batch]
+        answered = False
         try:
             with metered() as usage:
                 vectors = await group.embedder.aembed(texts)
             tokens = float(usage.snapshot()[1])
-            try:
-                await asyncio.to_thread(self.cache.set_many, [item.key for item in batch], vectors)
-            except CacheError as exc:
-                logger.warning("cache write of %d vectors failed: %s", len(batch), exc)
-                self.metrics.cache_errors.inc()
+            vectors = np.ascontiguousarray(vectors, dtype="<f4")
+            group.dim = vectors.shape[1]
+            keys = [item.key for item in batch]
+            rows = [row.tobytes() for row in vectors]
+            self.writer.add(group.source, keys, vectors, rows)
+            put = self.recent.put
+            for key, row in zip(keys, rows):
+                put(key, row)
         except BaseException as exc:
             error: BaseException = exc
             if isinstance(exc, asyncio.CancelledError):
@@ -337,15 +375,20 @@ class Upstream:
             self.metrics.tokens_used.inc(tokens)
             self._tokens_seen += tokens
             self._chars_seen += total
-            for item, vector, n in zip(batch, vectors, chars):
+            for item, row, n in zip(batch, rows, chars):
                 if not item.future.done():
-                    item.future.set_result((vector, tokens * n / total))
+                    item.future.set_result((row, tokens * n / total))
+            answered = True
         finally:
             for item in batch:
                 if self._inflight.get(item.key) is item.future:
                     del self._inflight[item.key]
-            self._slots.release()
-            self.metrics.in_flight.dec()
+            try:
+                if answered and len(self.writer.pending) > self._max_pending:
+                    await self.writer.flush()  # a disk slower than the upstream: wait for it
+            finally:
+                self._slots.release()
+                self.metrics.in_flight.dec()
 
     def _forget(self, group: _Group) -> None:
         for pair, g in list(self._groups.items()):
@@ -367,7 +410,8 @@ class Upstream:
             return self._models[1]
 
     async def aclose(self) -> None:
-        """Stop the batcher (requests still waiting get an error) and close connections."""
+        """Stop the batcher (requests still waiting get an error), write every answered
+        vector still pending to the cache, and close connections."""
         tasks = [g.task for g in self._groups.values() if g.task is not None] + list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -379,3 +423,4 @@ class Upstream:
             await group.embedder.aclose()
         await self._models_embedder.aclose()
         await self._gate.close()
+        await self.writer.aclose()

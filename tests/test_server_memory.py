@@ -1,0 +1,140 @@
+"""What the proxy keeps in memory: vectors whose cache write is pending, and recent vectors."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections import OrderedDict
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("starlette", reason="needs the server extra")  # installed by the dev extra
+
+from embedcache import EmbeddingCache, OpenAIEmbeddings, _config  # noqa: E402
+from embedcache.server._memory import ENTRY_OVERHEAD, RecentVectors  # noqa: E402
+from embedcache.testing import FakeEmbeddingServer, expected_vector  # noqa: E402
+from tests.support.proxy import UPSTREAM_KEY, running_proxy  # noqa: E402
+
+MODEL = "test-embed-small"
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with FakeEmbeddingServer(dimensions=DIM, api_key=UPSTREAM_KEY) as server:
+        yield server
+
+
+def _post(proxy, texts):
+    r = httpx.post(proxy.base_url + "/embeddings", json={"model": MODEL, "input": texts}, timeout=30)
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, np.stack([expected_vector(t, DIM) for t in texts]))
+    return r
+
+
+def _on_disk(upstream, cache, texts):
+    """What the library reads from the cache for each text (None: absent)."""
+    emb = OpenAIEmbeddings(MODEL, base_url=upstream.base_url, api_key=UPSTREAM_KEY)
+    return cache.get_many([EmbeddingCache.make_key(emb.cache_namespace, emb.model, emb.dimensions, t)
+                           for t in texts])
+
+
+def _wait_written(proxy, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while proxy.upstream.writer.pending:
+        assert time.monotonic() < deadline, "the writer did not finish"
+        time.sleep(0.01)
+
+
+def test_answered_before_written_and_served_from_memory_until_then(upstream, tmp_path):
+    cache_dir = str(tmp_path)
+    # no recent-vector memory: only the pending map serves what is not on disk
+    with _config.override(SERVER_MEMORY_BYTES=0), running_proxy(upstream.base_url, cache=cache_dir) as p:
+        assert len(p.upstream.recent) == 0 and p.upstream.recent.max_bytes == 0
+        reader = EmbeddingCache(cache_dir)  # opened (its tables made) before the lock is taken
+        # Another process holds the cache's write lock: the proxy's write has to wait.
+        other = sqlite3.connect(os.path.join(cache_dir, "cache.db"), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            texts = ["pending one", "pending two", "pending one"]
+            r = _post(p, texts)  # answered while its write cannot commit
+            assert r.headers["x-embedcache-misses"] == "2"
+            assert len(p.upstream.writer.pending) == 2
+            assert _on_disk(upstream, reader, texts) == [None, None, None]
+            before = len(upstream.embedding_requests)
+            again = _post(p, ["pending two", "pending one", "fresh three"])
+            assert again.headers["x-embedcache-hits"] == "2" and again.headers["x-embedcache-misses"] == "1"
+            assert [r.body["input"] for r in upstream.embedding_requests[before:]] == [["fresh three"]]
+            metrics = httpx.get(p.url + "/metrics").text
+            assert "embedcache_proxy_pending_writes 3.0" in metrics
+        finally:
+            other.rollback()
+            other.close()
+        _wait_written(p)
+        on_disk = _on_disk(upstream, reader, ["pending one", "pending two", "fresh three"])
+        for t, v in zip(["pending one", "pending two", "fresh three"], on_disk):
+            np.testing.assert_array_equal(v, expected_vector(t, DIM))
+        assert len(p.upstream.recent) == 0
+        reader.close()
+
+
+def test_recent_vectors_are_bounded_and_equal_the_caches(upstream, tmp_path):
+    cache_dir = str(tmp_path)
+    budget = 10 * (4 * DIM + ENTRY_OVERHEAD)  # room for 10 vectors
+    texts = [f"recent {i}" for i in range(50)]
+    with _config.override(SERVER_MEMORY_BYTES=budget), running_proxy(upstream.base_url, cache=cache_dir) as p:
+        recent = p.upstream.recent
+        for start in range(0, 50, 7):
+            _post(p, texts[start:start + 7])
+            assert recent.nbytes <= budget and len(recent) <= 10
+        _wait_written(p)
+        before = len(upstream.embedding_requests)
+        r = _post(p, texts)  # 40 from the disk, 10 from memory: all hits, each vector its own
+        assert r.headers["x-embedcache-misses"] == "0" and len(upstream.embedding_requests) == before
+        assert len(recent) == 10 and recent.nbytes == budget
+        # what memory holds is what the cache holds
+        emb = OpenAIEmbeddings(MODEL, base_url=upstream.base_url, api_key=UPSTREAM_KEY)
+        keys = EmbeddingCache.raw_keys(emb.cache_namespace, emb.model, emb.dimensions, texts)
+        held = [(k, t) for k, t in zip(keys, texts) if k in recent]
+        # 40-49 were found in memory, then 0-39 read from the disk, each put in memory in turn
+        assert [t for _, t in held] == texts[30:40]
+        with EmbeddingCache(cache_dir) as cache:
+            on_disk = _on_disk(upstream, cache, [t for _, t in held])
+        for (k, _), v in zip(held, on_disk):
+            assert recent.get(k) == v.tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    budget=st.integers(0, 6 * (ENTRY_OVERHEAD + 12)),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 7), st.integers(0, 12)), max_size=60),
+)
+def test_recent_vectors_against_a_plain_lru(budget, ops):
+    """Every get and every eviction as in a plain LRU of (key, value) under the byte budget."""
+    recent = RecentVectors(budget)
+    model: OrderedDict[bytes, bytes] = OrderedDict()
+    for is_put, k, length in ops:
+        key = bytes([k])
+        if is_put:
+            value = bytes([k]) * length
+            if length + ENTRY_OVERHEAD > budget:  # never fits: not kept, and nothing evicted
+                recent.put(key, value)
+                continue
+            model.pop(key, None)
+            model[key] = value
+            while sum(len(v) + ENTRY_OVERHEAD for v in model.values()) > budget:
+                model.popitem(last=False)
+            recent.put(key, value)
+        else:
+            expected = model.get(key)
+            if expected is not None:
+                model.move_to_end(key)
+            assert recent.get(key) == expected
+        assert list(recent._map.items()) == list(model.items())
+        assert recent.nbytes == sum(len(v) + ENTRY_OVERHEAD for v in model.values()) <= budget
