@@ -30,39 +30,85 @@ import time
 
 import numpy as np
 
+#: rows per generated chunk: the data depend on n and seed only, not on memory
+GEN_CHUNK = 1 << 16
 
-def generate(n: int, d: int = 384, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    scale = (1.0 / np.arange(1, d + 1)) ** 0.5
 
-    def aniso(m):
-        return (rng.normal(size=(m, d)) * scale) @ basis
-
+def _layout(n: int, seed: int):
+    """(kind of every row in its final order, number of topical clusters, number of blocks)."""
+    rng = np.random.default_rng([seed, 0])
     n_dup = int(0.08 * n)
     n_giant = int(0.05 * n)
-    n_block = min(2000, n // 20)
+    blocks = [min(2000, n // 20)] + list(rng.integers(1000, 5001, n // 1_000_000))
+    n_block = int(sum(blocks))
     n_rest = n - n_dup - n_giant - n_block
     clusters = max(10, n_rest // 300)
     sizes = rng.zipf(1.5, clusters).astype(np.float64)
     sizes = np.minimum(sizes, 50 * np.median(sizes))
-    lab = rng.choice(clusters, n_rest, p=sizes / sizes.sum())
-    centres = aniso(clusters) * 1.2
-    spread = rng.uniform(0.6, 1.4, clusters)[lab, None]
-    rest = centres[lab] + spread * aniso(n_rest)
-    giant = aniso(1) * 1.5 + 0.5 * aniso(n_giant)
-    block = aniso(1) + 0.02 * aniso(n_block)  # near-identical rows: all pairs are true
-    x = np.vstack([rest, giant, block])
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    src = rng.integers(0, len(x), n_dup)
-    cos = np.repeat([0.99, 0.95, 0.92, 0.88], -(-n_dup // 4))[:n_dup]
-    eps = np.sqrt(1.0 / cos**2 - 1.0)
-    noise = rng.normal(size=(n_dup, d))
-    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    dups = x[src] + eps[:, None] * noise
-    out = np.vstack([x, dups])
-    out /= np.linalg.norm(out, axis=1, keepdims=True)  # unit rows: inner product is cosine for faiss
-    return out[rng.permutation(len(out))].astype(np.float32)
+    # kind of each row: >= 0 a topical cluster, -1 the giant cluster, -2 - b block b, -1000 a
+    # planted near-duplicate (filled in a second pass from a row of another kind)
+    kind = np.concatenate([
+        rng.choice(clusters, n_rest, p=sizes / sizes.sum()),
+        np.full(n_giant, -1),
+        np.repeat(-2 - np.arange(len(blocks)), blocks),
+        np.full(n_dup, -1000),
+    ]).astype(np.int64)
+    kind = kind[rng.permutation(n)]
+    return kind, clusters, len(blocks)
+
+
+def generate(n: int, d: int = 384, seed: int = 0, path: str | None = None) -> np.ndarray:
+    """``n`` unit rows (n, d) float32; in a file-backed memmap at ``path`` when given, written
+    chunk by chunk (memory stays bounded at 10M x 384 = 15 GB)."""
+    rng = np.random.default_rng([seed, 1])
+    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    scale = (1.0 / np.arange(1, d + 1)) ** 0.5
+    kind, clusters, nblocks = _layout(n, seed)
+    basis32, scale32 = basis.astype(np.float32), scale.astype(np.float32)
+
+    def aniso(r, m):
+        return (r.standard_normal((m, d), dtype=np.float32) * scale32) @ basis32
+
+    centres = aniso(rng, clusters) * 1.2
+    spread = rng.uniform(0.6, 1.4, clusters).astype(np.float32)
+    giant = aniso(rng, 1) * 1.5
+    block_c = aniso(rng, nblocks)
+    if path is None:
+        out = np.empty((n, d), np.float32)
+    else:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    for c, a in enumerate(range(0, n, GEN_CHUNK)):
+        r = np.random.default_rng([seed, 2, c])
+        k = kind[a : a + GEN_CHUNK]
+        noise = aniso(r, len(k))
+        rows = np.zeros_like(noise)
+        top = k >= 0
+        rows[top] = centres[k[top]] + spread[k[top], None] * noise[top]
+        g = k == -1
+        rows[g] = giant + 1.0 * noise[g]
+        b = (k <= -2) & (k > -1000)
+        rows[b] = block_c[-2 - k[b]] + 0.02 * noise[b]
+        rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+        out[a : a + len(k)] = rows
+    # planted near-duplicates: copies of random rows of the other kinds, with noise set for
+    # cosine about 0.99, 0.95, 0.92 and 0.88 (a quarter each)
+    dup = np.flatnonzero(kind == -1000)
+    base = np.flatnonzero(kind != -1000)
+    r = np.random.default_rng([seed, 3])
+    src = np.sort(base[r.integers(0, len(base), len(dup))])  # sorted: a memmap reads forward
+    cos = np.repeat([0.99, 0.95, 0.92, 0.88], -(-len(dup) // 4))[: len(dup)]
+    cos = cos[r.permutation(len(dup))]
+    for a in range(0, len(dup), GEN_CHUNK):
+        m = len(dup[a : a + GEN_CHUNK])
+        eps = np.sqrt(1.0 / cos[a : a + m] ** 2 - 1.0).astype(np.float32)
+        noise = r.normal(size=(m, d)).astype(np.float32)
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        rows = out[src[a : a + m]] + eps[:, None] * noise
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        out[dup[a : a + m]] = rows
+    if path is not None:
+        out.flush()
+    return out
 
 
 def true_pairs(x, sample, t):
