@@ -60,13 +60,75 @@ def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters:
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """The nearest centroid of every row (cosine, ties to the lower cell), chunk by chunk."""
+    """The cell of every row: its nearest centroid (cosine, ties to the lower cell).
+
+    Up to ``INDEX_TWO_LEVEL_CELLS`` centroids every row is compared with every centroid; above,
+    through two levels (:func:`assign_two_level`), which costs about ``2 sqrt(cells)`` instead of
+    ``cells`` products per row and may give a row its second-nearest cell. Scores stay exact
+    either way (a cell only decides which rows are compared); the recall calibration measures
+    the search against the cells as assigned.
+    """
+    if len(centroids) > _config.INDEX_TWO_LEVEL_CELLS:
+        return assign_two_level(x, centroids)
     out = np.zeros(len(x), np.int64)
     if not len(centroids):
         return out
     chunk = _config.CHUNK_ROWS * 8
     for a in range(0, len(x), chunk):
         out[a : a + chunk] = kernels.top_k(x[a : a + chunk], centroids, 1)[1][:, 0]
+    return out
+
+
+def coarse_groups(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(coarse centroids (g, d), group of every centroid (c,))``: about sqrt(c) groups, by
+    spherical k-means on the centroids themselves (same centroids, same groups)."""
+    g = max(1, int(round(np.sqrt(len(centroids)))))
+    coarse = spherical_kmeans(centroids, g, np.random.default_rng(0), _config.INDEX_KMEANS_ITERS)
+    if not len(coarse):
+        return np.zeros((1, centroids.shape[1]), np.float32), np.zeros(len(centroids), np.int64)
+    return coarse, kernels.top_k(centroids, coarse, 1)[1][:, 0]
+
+
+def assign_two_level(x: np.ndarray, centroids: np.ndarray, groups: int | None = None) -> np.ndarray:
+    """The cell of every row through two levels: the ``groups`` (default
+    ``INDEX_COARSE_PROBES``) nearest coarse centroids of :func:`coarse_groups`, then the
+    nearest centroid among the members of those groups (ties to the lower cell).
+
+    Equals :func:`assign` for every row whose nearest centroid lies in one of its nearest
+    groups (all rows when ``groups`` covers every group); chunk by chunk, so memory stays a
+    few chunks of rows whatever ``len(x)``.
+    """
+    out = np.zeros(len(x), np.int64)
+    if not len(centroids):
+        return out
+    coarse, member = coarse_groups(centroids)
+    m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
+    by_group = np.argsort(member, kind="stable")  # cells of group g, increasing
+    starts = np.zeros(len(coarse) + 1, np.int64)
+    np.cumsum(np.bincount(member, minlength=len(coarse)), out=starts[1:])
+    fine = [np.ascontiguousarray(centroids[by_group[starts[g] : starts[g + 1]]]) for g in range(len(coarse))]
+    chunk = _config.CHUNK_ROWS * 16
+    for a in range(0, len(x), chunk):
+        xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
+        near = kernels.top_k(xc, coarse, m)[1]
+        best_s = np.full(len(xc), -np.inf, np.float32)
+        best_c = np.full(len(xc), len(centroids), np.int64)
+        flat = near.ravel()
+        rows = np.repeat(np.arange(len(xc)), m)
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(len(coarse) + 1))
+        for g in range(len(coarse)):
+            r = rows[order[bounds[g] : bounds[g + 1]]]
+            if not len(r) or not len(fine[g]):
+                continue
+            s, li = kernels.top_k(xc[r], fine[g], 1)
+            s, cell = s[:, 0], by_group[starts[g] + li[:, 0]]
+            better = (s > best_s[r]) | ((s == best_s[r]) & (cell < best_c[r]))
+            best_s[r[better]], best_c[r[better]] = s[better], cell[better]
+        lost = np.flatnonzero(best_c == len(centroids))  # only empty groups looked into
+        if len(lost):
+            best_c[lost] = kernels.top_k(xc[lost], centroids, 1)[1][:, 0]
+        out[a : a + len(xc)] = best_c
     return out
 
 
