@@ -45,9 +45,12 @@ def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters:
     for _ in range(iters):
         s, a = kernels.top_k(u, cent, 1)
         a, s = a[:, 0], s[:, 0]
-        sums = np.zeros((cells, u.shape[1]), np.float64)
-        np.add.at(sums, a, u)
         counts = np.bincount(a, minlength=cells)
+        sums = np.zeros((cells, u.shape[1]), np.float64)
+        order = np.argsort(a, kind="stable")
+        live = np.flatnonzero(counts)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[live]
+        sums[live] = np.add.reduceat(u[order].astype(np.float64), starts, axis=0)
         empty = np.flatnonzero(counts == 0)
         if len(empty):
             far = np.argsort(s, kind="stable")[: len(empty)]

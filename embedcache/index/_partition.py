@@ -10,7 +10,7 @@ never invent one. Probing every cell gives the exact answer bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class PartitionIndex:
     own: np.ndarray
     order: np.ndarray
     offsets: np.ndarray
+    #: nearest cells of the indexed rows, computed once (see :meth:`row_cells`)
+    _near: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, x: np.ndarray, *, cells: int | None = None, seed: int = 0) -> PartitionIndex:
@@ -78,6 +80,18 @@ class PartitionIndex:
             out[a : a + chunk] = kernels.top_k(q[a : a + chunk], self.centroids, p)[1]
         return out
 
+    def row_cells(self, x: np.ndarray, probes: int) -> np.ndarray:
+        """:meth:`nearest_cells` of the indexed rows ``x`` themselves, computed once for at least
+        ``INDEX_ROW_CELLS`` probes and kept (int32) for the next search of the same index."""
+        p = min(probes, self.cells)
+        have = self._near.get("cells")
+        if have is None or have.shape[1] < p:
+            keep = min(self.cells, max(p, _config.INDEX_ROW_CELLS))
+            dtype = np.int32 if self.cells < 2**31 else np.int64
+            have = self.nearest_cells(x, keep).astype(dtype)
+            self._near["cells"] = have
+        return have[:, :p].astype(np.int64)
+
     def sorted_rows(self, x: np.ndarray) -> np.ndarray:
         """``x`` with its rows in cell order (one copy, the dtype of x)."""
         return np.ascontiguousarray(x[self.order])
@@ -106,10 +120,13 @@ def pairs(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, b
     if n < 2:
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
-    near = index.nearest_cells(x, probes)
+    near = index.row_cells(x, probes)
     near = np.where(near == index.own[:, None], -1, near)  # own cell: the triangle below
     qrows, starts = _by_cell(near, index.cells)
-    xs = index.sorted_rows(x)
+    del near
+    xs = index.sorted_rows(x)  # the one copy of x; queries are read from it too
+    pos = np.empty(n, np.int64)
+    pos[index.order] = np.arange(n)
     off = index.offsets
     parts_i, parts_j, parts_s = [], [], []
     for c in range(index.cells):
@@ -121,7 +138,7 @@ def pairs(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, b
         parts_i.append(ids[i]), parts_j.append(ids[j]), parts_s.append(s)
         q = qrows[starts[c] : starts[c + 1]]
         if len(q):
-            i, j, s = kernels.similar_pairs(x[q], threshold, y=block)
+            i, j, s = kernels.similar_pairs(xs[pos[q]], threshold, y=block)
             parts_i.append(q[i]), parts_j.append(ids[j]), parts_s.append(s)
         if bar is not None:
             bar.update((hi - lo) * ((hi - lo - 1) / 2 + len(q)))
@@ -148,6 +165,7 @@ def probe_topk(
     self_ids: np.ndarray | None = None,
     bar=None,
     metric: str = "cosine",
+    query_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` rows of the cells ``near[t]`` (-1: none) for each query row ``t``.
 
@@ -155,8 +173,9 @@ def probe_topk(
     eligible rows. ``self_ids``: a row number per query never returned for it. Returns
     (scores float32, rows int64), shape (q, k), best first, ties by the lower row; empty slots
     hold -inf and -1, as in :func:`embedcache.top_k`. ``metric``: the score, as in top_k.
+    ``query_rows``: query ``t`` is ``queries[query_rows[t]]`` (default: ``queries[t]``).
     """
-    nq = len(queries)
+    nq = len(queries) if query_rows is None else len(query_rows)
     heap_s = np.full((nq, k), -np.inf, np.float32)
     heap_i = np.full((nq, k), NO_INDEX, np.int64)
     qrows, starts = _by_cell(near, ncells)
@@ -170,7 +189,8 @@ def probe_topk(
         block, ids, mask = cell_block(c)
         if not len(block):
             continue
-        s, li = kernels.top_k(queries[q], block, min(k + extra, len(block)), metric=metric, mask=mask)
+        qv = queries[q] if query_rows is None else queries[query_rows[q]]
+        s, li = kernels.top_k(qv, block, min(k + extra, len(block)), metric=metric, mask=mask)
         gi = np.where(li >= 0, ids[np.maximum(li, 0)], -1)
         merge_topk(heap_s, heap_i, q, s, gi, selfs[q], use_self)
         if bar is not None:
@@ -187,11 +207,14 @@ def with_own(near: np.ndarray, own: np.ndarray) -> np.ndarray:
 
 def knn(x: np.ndarray, index: PartitionIndex, k: int, probes: int, bar=None):
     """The ``k`` nearest other rows of every row (own cell plus ``probes`` nearest cells)."""
-    near = with_own(index.nearest_cells(x, probes), index.own)
-    xs = index.sorted_rows(x)
+    near = with_own(index.row_cells(x, probes), index.own)
+    xs = index.sorted_rows(x)  # the one copy of x; queries are read from it too
     off = index.offsets
+    pos = np.empty(len(x), np.int64)
+    pos[index.order] = np.arange(len(x))
 
     def block(c: int):
         return xs[off[c] : off[c + 1]], index.order[off[c] : off[c + 1]], None
 
-    return probe_topk(x, near, block, index.cells, k, np.arange(len(x), dtype=np.int64), bar)
+    return probe_topk(xs, near, block, index.cells, k, np.arange(len(x), dtype=np.int64), bar,
+                      query_rows=pos)
