@@ -2,25 +2,39 @@
 
     python benchmarks/bench_index.py [--sizes 50000,100000] [--threshold 0.9] [--k 10]
                                      [--recall 0.99] [--exact-up-to 100000] [--queries 2000]
+                                     [--no-knn] [--no-faiss] [--data-dir DIR]
 
-Data (:func:`generate`, documented so that others can rebuild it): d=384, anisotropic (a
-random rotation of coordinates with variances decaying as 1/i), clusters with power-law
-(Zipf 1.5) sizes around centres drawn in the same anisotropic space, one giant cluster of
-5% of the rows, a block of min(2000, n/20) near-identical rows (as scraped corpora have),
-and 8% planted near-duplicates: copies of random rows
-with noise set for cosine about 0.99, 0.95, 0.92 and 0.88 (a quarter each). Uniform random
-vectors would not test a partition method.
+Data (:func:`generate`, documented so that others can rebuild it; the same for a given n and
+seed whatever the memory, written chunk by chunk into a memmap with ``--data-dir``): d=384,
+unit rows, anisotropic (a random rotation of coordinates with variances decaying as 1/i).
 
-For every size: exact pairs (``similar_pairs``) up to ``--exact-up-to`` rows; partitioned
-pairs at ``--recall`` (embedcache's own calibration); faiss ``IndexIVFFlat`` (inner product
-on normalized rows, nlist = sqrt(n), trained on a sample) with ``range_search``, nprobe raised
-one at a time until its recall reaches ours (both recalls printed side by side; faiss's time
-is also interpolated linearly in recall between the two nprobe values around ours); kNN (k)
-the same way with faiss ``search``. True recall of pairs is the same quantity the library
-estimates: the share of ALL true pairs found, computed from the exact pair set when exact
-ran (``n <= --exact-up-to``), else from every pair of ``--queries`` sampled rows (then itself
-a sample estimate with its own error). Times are wall seconds of the search (index build
-timed apart).
+- topical clusters (the rest of the rows): power-law (Zipf 1.5) sizes capped at 50x the
+  median, about 300 rows each on average, centres drawn in the anisotropic space (x 1.2),
+  members at spread 0.6-1.4 around them: pairs inside a cluster sit mostly at cosine 0.4-0.8,
+  a few above 0.9;
+- one giant topical cluster of 5% of the rows (spread 1.0 around a centre x 1.5): median
+  cosine about 0.73 and almost no pairs >= 0.9 (it stresses cell balance, not the output);
+- near-identical blocks (cosine about 0.9996, every pair is a true pair, as scraped corpora
+  repeat boilerplate): one of min(2000, n/20) rows plus one more of 1000-5000 rows per
+  million rows (1M: ~2-4M pairs, 10M: ~50M pairs);
+- 8% planted near-duplicates: copies of random rows of the kinds above with noise set for
+  cosine about 0.99, 0.95, 0.92 and 0.88 (a quarter each).
+
+Uniform random vectors would not test a partition method.
+
+For every size: exact pairs (``similar_pairs``) up to ``--exact-up-to`` rows, above it the
+exact time extrapolated from the sampled rows' exact search (q rows against n cost q / (n/2)
+of the triangle); partitioned pairs at ``--recall`` (embedcache's own calibration);
+partitioned kNN at recall 0.95; faiss ``IndexIVFFlat`` (inner product on unit rows, nlist =
+sqrt(n), trained on 40 rows per list) with ``range_search`` over all rows, at the nprobe
+that reaches our recall (predicted on the sampled pairs from faiss's own assignment, a pair
+being found when either row probes the other's list, then measured one nprobe at a time
+around it; faiss's time is interpolated linearly in recall between the two nprobe values
+around ours); kNN (k) with faiss ``search`` at the smallest nprobe whose recall@k on the
+sampled rows reaches ours. True recall of pairs is the quantity the library estimates: the
+share of ALL true pairs found, from the exact pair set when exact ran, else over every true
+pair of ``--queries`` sampled rows (either side of a found pair), itself a sample estimate.
+Times are wall seconds (index builds timed apart); peak RSS is the process's.
 """
 
 from __future__ import annotations

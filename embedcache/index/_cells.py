@@ -2,7 +2,10 @@
 
 Every vector gets one cell (its *own* cell). Cells are trained by spherical k-means on a
 sample of unit rows; every row is then assigned with :func:`embedcache.top_k` against the
-centroids (a BLAS product, no Python loop over rows). A cell holding more than
+centroids (a BLAS product, no Python loop over rows); with more than
+``_config.INDEX_TWO_LEVEL_CELLS`` centroids, through two levels (about sqrt(cells) coarse
+groups of centroids, then the centroids of a row's nearest groups), so assignment costs about
+``n * sqrt(cells)`` products instead of ``n * cells``. A cell holding more than
 ``_config.INDEX_MAX_CELL_FACTOR`` times the mean cell size is split again by k-means on its
 own members, recursively, so the work of a pair search (which grows with the sum of squared
 cell sizes) stays near-linear even when one cluster holds a large part of the data. Rows that
