@@ -70,7 +70,7 @@ def test_two_level_index_every_cell_probed_equals_exact():
 def test_evidence_predicts_the_search_on_two_level_cells():
     """Cells assigned through one coarse probe (so some rows are not in their nearest cell):
     the recall evidence still says, pair by pair, what the search finds."""
-    x = _giant_and_block(3000, seed=4)
+    x = _giant_and_block(2000, seed=4)
     n = len(x)
     with _config.override(INDEX_TWO_LEVEL_CELLS=8, INDEX_COARSE_PROBES=1, INDEX_MIN_CELL=8,
                           INDEX_RECALL_PAIRS_PER_ROW=10**9):
@@ -86,7 +86,7 @@ def test_evidence_predicts_the_search_on_two_level_cells():
 
 def test_calibrated_recall_holds_on_two_level_cells():
     reached = covered = 0
-    runs = 6
+    runs = 4
     with _config.override(INDEX_RECALL_SAMPLE=400, INDEX_MIN_CELL=16, INDEX_TWO_LEVEL_CELLS=8,
                           INDEX_COARSE_PROBES=2):
         for seed in range(runs):
