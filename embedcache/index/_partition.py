@@ -93,8 +93,15 @@ class PartitionIndex:
         return have[:, :p].astype(np.int64)
 
     def sorted_rows(self, x: np.ndarray) -> np.ndarray:
-        """``x`` with its rows in cell order (one copy, the dtype of x)."""
-        return np.ascontiguousarray(x[self.order])
+        """``x`` with its rows in cell order (one copy, the dtype of x). ``x`` is read in order,
+        chunk by chunk (a memmap is streamed from disk, not read row by row at random)."""
+        out = np.empty(x.shape, x.dtype)
+        pos = np.empty(len(x), np.int64)
+        pos[self.order] = np.arange(len(x))
+        chunk = _config.CHUNK_ROWS * 8
+        for a in range(0, len(x), chunk):
+            out[pos[a : a + chunk]] = x[a : a + chunk]
+        return out
 
 
 def _by_cell(cells_of: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
