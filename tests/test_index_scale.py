@@ -78,10 +78,27 @@ def test_evidence_predicts_the_search_on_two_level_cells():
         nearest = brute(x, index.centroids)
         assert (index.own != nearest).any()  # the case this test is about
         ev = _recall.pair_evidence(x, index, np.arange(n), 0.8, np.random.default_rng(0))
-        for probes in (1, 3):
+        assert index.two_level  # probing goes through the coarse groups too
+        near = index.probe_cells(x, index.cells - 1)
+        assert (near < 0).any()  # rows that never probe some cells short of all of them
+        kev = _recall.knn_evidence(x, index, np.arange(n), 5, np.random.default_rng(0))
+        for probes in (1, 3, 40):
             i, j, _ = _partition.pairs(x, index, 0.8, probes)
             a, b = np.minimum(ev.row, ev.partner), np.maximum(ev.row, ev.partner)
             np.testing.assert_array_equal(ev.need <= probes, np.isin(a * n + b, i * n + j))
+            _, rows = _partition.knn(x, index, 5, probes)
+            got = (rows[kev.row] == kev.partner[:, None]).any(axis=1)
+            np.testing.assert_array_equal(kev.need <= probes, got)
+
+
+def test_two_level_probing_through_every_group_is_the_exact_cell_order():
+    x = _giant_and_block(1000, seed=6)
+    with _config.override(INDEX_TWO_LEVEL_CELLS=8, INDEX_MIN_CELL=8):
+        index = PartitionIndex.build(x, cells=40, seed=0)
+        groups = len(index._groups()[0])
+        with _config.override(INDEX_COARSE_PROBES=groups):
+            np.testing.assert_array_equal(index.probe_cells(x, 7), index.nearest_cells(x, 7))
+        np.testing.assert_array_equal(index.probe_cells(x, index.cells), index.nearest_cells(x, index.cells))
 
 
 def test_calibrated_recall_holds_on_two_level_cells():

@@ -104,37 +104,57 @@ def assign_two_level(x: np.ndarray, centroids: np.ndarray, groups: int | None = 
     groups (all rows when ``groups`` covers every group); chunk by chunk, so memory stays a
     few chunks of rows whatever ``len(x)``.
     """
-    out = np.zeros(len(x), np.int64)
     if not len(centroids):
-        return out
+        return np.zeros(len(x), np.int64)
     coarse, member = coarse_groups(centroids)
+    out = nearest_two_level(x, centroids, coarse, member, groups, 1)[:, 0]
+    lost = np.flatnonzero(out < 0)  # only empty groups looked into
+    if len(lost):
+        out[lost] = kernels.top_k(np.ascontiguousarray(x[lost]), centroids, 1)[1][:, 0]
+    return out
+
+
+def candidates(q: np.ndarray, coarse: np.ndarray, member: np.ndarray, groups: int | None) -> np.ndarray:
+    """(len(q), cells) bool: the cells of the ``groups`` nearest coarse groups of each row."""
+    m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
+    near = kernels.top_k(np.ascontiguousarray(q, dtype=np.float32), coarse, m)[1]
+    hit = np.zeros((len(q), len(coarse)), bool)
+    hit[np.arange(len(q))[:, None], near] = True
+    return hit[:, member]
+
+
+def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, member: np.ndarray,
+                      groups: int | None, p: int) -> np.ndarray:
+    """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
+    ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
+    to the lower cell; -1 where a row has fewer candidates."""
+    from embedcache.index._merge import NO_INDEX, merge_topk
+
     m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
     by_group = np.argsort(member, kind="stable")  # cells of group g, increasing
     starts = np.zeros(len(coarse) + 1, np.int64)
     np.cumsum(np.bincount(member, minlength=len(coarse)), out=starts[1:])
     fine = [np.ascontiguousarray(centroids[by_group[starts[g] : starts[g + 1]]]) for g in range(len(coarse))]
+    out = np.empty((len(x), p), np.int64)
     chunk = _config.CHUNK_ROWS * 16
     for a in range(0, len(x), chunk):
         xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
         near = kernels.top_k(xc, coarse, m)[1]
-        best_s = np.full(len(xc), -np.inf, np.float32)
-        best_c = np.full(len(xc), len(centroids), np.int64)
+        heap_s = np.full((len(xc), p), -np.inf, np.float32)
+        heap_i = np.full((len(xc), p), NO_INDEX, np.int64)
         flat = near.ravel()
-        rows = np.repeat(np.arange(len(xc)), m)
+        rows = np.repeat(np.arange(len(xc), dtype=np.int64), m)
         order = np.argsort(flat, kind="stable")
         bounds = np.searchsorted(flat[order], np.arange(len(coarse) + 1))
+        none = np.zeros(len(xc), np.int64)
         for g in range(len(coarse)):
             r = rows[order[bounds[g] : bounds[g + 1]]]
             if not len(r) or not len(fine[g]):
                 continue
-            s, li = kernels.top_k(xc[r], fine[g], 1)
-            s, cell = s[:, 0], by_group[starts[g] + li[:, 0]]
-            better = (s > best_s[r]) | ((s == best_s[r]) & (cell < best_c[r]))
-            best_s[r[better]], best_c[r[better]] = s[better], cell[better]
-        lost = np.flatnonzero(best_c == len(centroids))  # only empty groups looked into
-        if len(lost):
-            best_c[lost] = kernels.top_k(xc[lost], centroids, 1)[1][:, 0]
-        out[a : a + len(xc)] = best_c
+            s, li = kernels.top_k(xc[r], fine[g], min(p, len(fine[g])))
+            merge_topk(heap_s, heap_i, r, s, by_group[starts[g] + li], none[: len(r)], False)
+        heap_i[heap_i == NO_INDEX] = -1
+        out[a : a + len(xc)] = heap_i
     return out
 
 

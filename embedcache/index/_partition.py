@@ -16,7 +16,7 @@ import numpy as np
 
 from embedcache import _config, kernels
 from embedcache._validation import check_int
-from embedcache.index._cells import build_cells
+from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest_two_level
 from embedcache.index._merge import NO_INDEX, merge_topk
 
 #: what a cell gives a search: (its vectors, their row numbers, mask of eligible rows or None)
@@ -80,15 +80,52 @@ class PartitionIndex:
             out[a : a + chunk] = kernels.top_k(q[a : a + chunk], self.centroids, p)[1]
         return out
 
+    @property
+    def two_level(self) -> bool:
+        """Whether searches find a row's nearest cells through coarse groups of cells
+        (more than ``INDEX_TWO_LEVEL_CELLS`` cells)."""
+        return self.cells > _config.INDEX_TWO_LEVEL_CELLS
+
+    def _groups(self) -> tuple[np.ndarray, np.ndarray]:
+        if "groups" not in self._near:
+            self._near["groups"] = coarse_groups(self.centroids)
+        return self._near["groups"]
+
+    def probe_cells(self, q: np.ndarray, probes: int) -> np.ndarray:
+        """(m, min(probes, cells)) int64: the cells a search probes for each row of ``q``,
+        in order. :meth:`nearest_cells` unless :attr:`two_level`; then the nearest among the
+        cells of the row's ``INDEX_COARSE_PROBES`` nearest coarse groups (-1 where fewer),
+        and every cell when ``probes`` covers them all (the exact answer)."""
+        p = min(probes, self.cells)
+        if not self.two_level or p >= self.cells:
+            return self.nearest_cells(q, p)
+        coarse, member = self._groups()
+        return nearest_two_level(q, self.centroids, coarse, member, None, p)
+
+    def probes_needed(self, q: np.ndarray, rows: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """For each k: the fewest probes with which row ``rows[k]`` of ``q`` probes cell
+        ``cells[k]`` (:meth:`probe_cells`' order); ``cells + 1`` when only probing every cell
+        reaches it."""
+        from embedcache.index._recall import _rank
+
+        s = kernels.cosine_similarity(q, self.centroids)
+        if not self.two_level:
+            return _rank(s, rows, cells) + 1
+        cand = candidates(q, *self._groups(), None)
+        s[~cand] = -np.inf
+        need = _rank(s, rows, cells) + 1
+        need[~cand[rows, cells]] = self.cells + 1
+        return need
+
     def row_cells(self, x: np.ndarray, probes: int) -> np.ndarray:
-        """:meth:`nearest_cells` of the indexed rows ``x`` themselves, computed once for at least
+        """:meth:`probe_cells` of the indexed rows ``x`` themselves, computed once for at least
         ``INDEX_ROW_CELLS`` probes and kept (int32) for the next search of the same index."""
         p = min(probes, self.cells)
         have = self._near.get("cells")
         if have is None or have.shape[1] < p:
             keep = min(self.cells, max(p, _config.INDEX_ROW_CELLS))
             dtype = np.int32 if self.cells < 2**31 else np.int64
-            have = self.nearest_cells(x, keep).astype(dtype)
+            have = self.probe_cells(x, keep).astype(dtype)
             self._near["cells"] = have
         return have[:, :p].astype(np.int64)
 
