@@ -18,6 +18,7 @@ from embedcache import _config, kernels
 from embedcache._validation import check_int
 from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest_two_level
 from embedcache.index._merge import NO_INDEX, merge_topk
+from embedcache.index._recall import _rank
 
 #: what a cell gives a search: (its vectors, their row numbers, mask of eligible rows or None)
 CellBlock = Callable[[int], "tuple[np.ndarray, np.ndarray, np.ndarray | None]"]
@@ -36,7 +37,7 @@ class PartitionIndex:
     own: np.ndarray
     order: np.ndarray
     offsets: np.ndarray
-    #: nearest cells of the indexed rows, computed once (see :meth:`row_cells`)
+    #: computed once per index: the indexed rows' probe cells (:meth:`row_cells`), coarse groups
     _near: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -106,8 +107,6 @@ class PartitionIndex:
         """For each k: the fewest probes with which row ``rows[k]`` of ``q`` probes cell
         ``cells[k]`` (:meth:`probe_cells`' order); ``cells + 1`` when only probing every cell
         reaches it."""
-        from embedcache.index._recall import _rank
-
         s = kernels.cosine_similarity(q, self.centroids)
         if not self.two_level:
             return _rank(s, rows, cells) + 1
