@@ -50,6 +50,12 @@ INDEX_CELLS_PER_SQRT = 1.0
 INDEX_MIN_CELL = 64
 #: k-means trains on at most this many sampled rows per cell
 INDEX_SAMPLE_PER_CELL = 32
+#: above this many cells, rows are assigned through two levels (coarse groups of cells first)
+INDEX_TWO_LEVEL_CELLS = 2048
+#: coarse groups a row looks into when assigned through two levels
+INDEX_COARSE_PROBES = 8
+#: nearest cells kept per indexed row after its first search (int32 each; more probes: recomputed)
+INDEX_ROW_CELLS = 16
 #: rounds of spherical k-means
 INDEX_KMEANS_ITERS = 8
 #: cells larger than this many times the mean cell size are split again

@@ -71,17 +71,18 @@ class StoreSource:
         if not len(centroids):
             return np.zeros(len(self) if rows is None else len(rows), np.int64)
         if rows is None:
-            return self.nearest(centroids, 1)[:, 0]
+            parts = self._per_block(_tasks.assign_block, (), {"centroids": centroids})
+            return np.concatenate(parts) if parts else np.empty(0, np.int64)
         rows = np.asarray(rows, np.int64)
         step = max(1, int(_config.ENGINE_BLOCK_ROWS))
         chunks = [rows[a : a + step] for a in range(0, len(rows), step)]
         # the rows of a cell, in increasing order: picked one by one from their segments
         order = [np.argsort(c, kind="stable") for c in chunks]
-        tasks = [(pick(self.view, self.rows[c[o]]), 1) for c, o in zip(chunks, order)]
+        tasks = [(pick(self.view, self.rows[c[o]]),) for c, o in zip(chunks, order)]
         out = np.empty(len(rows), np.int64)
-        for t, r in self.engine.run(_tasks.nearest_picks, tasks, shared={"centroids": centroids}):
+        for t, r in self.engine.run(_tasks.assign_picks, tasks, shared={"centroids": centroids}):
             got = np.empty(len(r), np.int64)
-            got[order[t]] = r[:, 0]
+            got[order[t]] = r
             out[t * step : t * step + len(r)] = got
         return out
 

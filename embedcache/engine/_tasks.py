@@ -14,11 +14,11 @@ import numpy as np
 
 from embedcache import kernels
 from embedcache.engine._plan import Block, Picks, read, read_picks
-from embedcache.index._cells import nearest
+from embedcache.index._cells import assign, probe_order
 from embedcache.index._copies import row_digests
 from embedcache.index._partition import pairs_of_cell, probe_topk
 
-__all__ = ["cell_pairs", "cell_topk", "knn_rows", "merge_top", "nearest_block", "nearest_picks", "pair_tile",
+__all__ = ["cell_pairs", "cell_topk", "knn_rows", "merge_top", "assign_block", "assign_picks", "nearest_block", "pair_tile",
            "pairs_block", "row_keys", "search_block"]
 
 #: pairs compared for byte equality at a time (bounds the memory of the copy check)
@@ -112,15 +112,21 @@ def row_keys(b: Block):
 
 
 def nearest_block(b: Block, probes: int, *, centroids: np.ndarray):
-    """The ``probes`` nearest centroids of each row of ``b`` (as :func:`embedcache.index._cells.nearest`)."""
+    """The cells each row of ``b`` probes (as :func:`embedcache.index._cells.probe_order`)."""
     _threads()
-    return nearest(read(b), centroids, probes)
+    return probe_order(read(b), centroids, probes)
 
 
-def nearest_picks(p: Picks, probes: int, *, centroids: np.ndarray):
-    """The ``probes`` nearest centroids of each row of ``p``."""
+def assign_block(b: Block, *, centroids: np.ndarray):
+    """The cell of each row of ``b`` (as :func:`embedcache.index._cells.assign`)."""
     _threads()
-    return nearest(read_picks(p), centroids, probes)
+    return assign(read(b), centroids)
+
+
+def assign_picks(p: Picks, *, centroids: np.ndarray):
+    """The cell of each row of ``p`` (as :func:`embedcache.index._cells.assign`)."""
+    _threads()
+    return assign(read_picks(p), centroids)
 
 
 def pairs_block(b: Block, threshold: float, *, queries: np.ndarray):

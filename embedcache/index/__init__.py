@@ -1,7 +1,8 @@
 """Partition index: k-means cells, assignment, probing, recall calibration.
 
 For collections too large for an exact all-pairs or all-neighbours search. Rows are grouped
-into cells (spherical k-means on a sample, big cells split again, see :mod:`._cells`); each
+into cells (spherical k-means on a sample, assigned through coarse groups of cells when there
+are many, big cells split again, see :mod:`._cells`); each
 row is compared only with the rows of the cells nearest to it (:mod:`._partition`). How many
 cells to probe is chosen for the recall asked for, on a sample of query rows checked against
 the exact answer, and the recall reached is measured on a second sample and reported with a

@@ -2,7 +2,10 @@
 
 Every vector gets one cell (its *own* cell). Cells are trained by spherical k-means on a
 sample of unit rows; every row is then assigned with :func:`embedcache.top_k` against the
-centroids (a BLAS product, no Python loop over rows). A cell holding more than
+centroids (a BLAS product, no Python loop over rows); with more than
+``_config.INDEX_TWO_LEVEL_CELLS`` centroids, through two levels (about sqrt(cells) coarse
+groups of centroids, then the centroids of a row's nearest groups), so assignment costs about
+``n * sqrt(cells)`` products instead of ``n * cells``. A cell holding more than
 ``_config.INDEX_MAX_CELL_FACTOR`` times the mean cell size is split again by k-means on its
 own members, recursively, so the work of a pair search (which grows with the sum of squared
 cell sizes) stays near-linear even when one cluster holds a large part of the data. Rows that
@@ -47,9 +50,12 @@ def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters:
     for _ in range(iters):
         s, a = kernels.top_k(u, cent, 1)
         a, s = a[:, 0], s[:, 0]
-        sums = np.zeros((cells, u.shape[1]), np.float64)
-        np.add.at(sums, a, u)
         counts = np.bincount(a, minlength=cells)
+        sums = np.zeros((cells, u.shape[1]), np.float64)
+        order = np.argsort(a, kind="stable")
+        live = np.flatnonzero(counts)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[live]
+        sums[live] = np.add.reduceat(u[order].astype(np.float64), starts, axis=0)
         empty = np.flatnonzero(counts == 0)
         if len(empty):
             far = np.argsort(s, kind="stable")[: len(empty)]
@@ -62,7 +68,16 @@ def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters:
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """The nearest centroid of every row (cosine, ties to the lower cell), chunk by chunk."""
+    """The cell of every row: its nearest centroid (cosine, ties to the lower cell).
+
+    Up to ``INDEX_TWO_LEVEL_CELLS`` centroids every row is compared with every centroid; above,
+    through two levels (:func:`assign_two_level`), which costs about ``2 sqrt(cells)`` instead of
+    ``cells`` products per row and may give a row its second-nearest cell. Scores stay exact
+    either way (a cell only decides which rows are compared); the recall calibration measures
+    the search against the cells as assigned.
+    """
+    if len(centroids) > _config.INDEX_TWO_LEVEL_CELLS:
+        return assign_two_level(x, centroids)
     out = np.zeros(len(x), np.int64)
     if not len(centroids):
         return out
@@ -78,6 +93,92 @@ def nearest(x: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
     chunk = _config.CHUNK_ROWS * 8
     for a in range(0, len(x), chunk):
         out[a : a + chunk] = kernels.top_k(x[a : a + chunk], centroids, p)[1]
+    return out
+
+
+def probe_order(x: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
+    """(n, min(probes, cells)) int64: the cells a partitioned search probes for each row of
+    ``x``, in order: :func:`nearest`, or above ``INDEX_TWO_LEVEL_CELLS`` cells (unless every
+    cell is probed) :func:`nearest_two_level` through :func:`coarse_groups` (-1 where a row
+    has fewer candidates). One function for every caller, so one machine and a cluster probe
+    the same cells."""
+    p = min(probes, len(centroids))
+    if len(centroids) <= _config.INDEX_TWO_LEVEL_CELLS or p >= len(centroids):
+        return nearest(x, centroids, p)
+    coarse, member = coarse_groups(centroids)
+    return nearest_two_level(x, centroids, coarse, member, None, p)
+
+
+def coarse_groups(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(coarse centroids (g, d), group of every centroid (c,))``: about sqrt(c) groups, by
+    spherical k-means on the centroids themselves (same centroids, same groups)."""
+    g = max(1, int(round(np.sqrt(len(centroids)))))
+    coarse = spherical_kmeans(centroids, g, np.random.default_rng(0), _config.INDEX_KMEANS_ITERS)
+    if not len(coarse):
+        return np.zeros((1, centroids.shape[1]), np.float32), np.zeros(len(centroids), np.int64)
+    return coarse, kernels.top_k(centroids, coarse, 1)[1][:, 0]
+
+
+def assign_two_level(x: np.ndarray, centroids: np.ndarray, groups: int | None = None) -> np.ndarray:
+    """The cell of every row through two levels: the ``groups`` (default
+    ``INDEX_COARSE_PROBES``) nearest coarse centroids of :func:`coarse_groups`, then the
+    nearest centroid among the members of those groups (ties to the lower cell).
+
+    Equals :func:`assign` for every row whose nearest centroid lies in one of its nearest
+    groups (all rows when ``groups`` covers every group); chunk by chunk, so memory stays a
+    few chunks of rows whatever ``len(x)``.
+    """
+    if not len(centroids):
+        return np.zeros(len(x), np.int64)
+    coarse, member = coarse_groups(centroids)
+    out = nearest_two_level(x, centroids, coarse, member, groups, 1)[:, 0]
+    lost = np.flatnonzero(out < 0)  # only empty groups looked into
+    if len(lost):
+        out[lost] = kernels.top_k(np.ascontiguousarray(x[lost]), centroids, 1)[1][:, 0]
+    return out
+
+
+def candidates(q: np.ndarray, coarse: np.ndarray, member: np.ndarray, groups: int | None) -> np.ndarray:
+    """(len(q), cells) bool: the cells of the ``groups`` nearest coarse groups of each row."""
+    m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
+    near = kernels.top_k(np.ascontiguousarray(q, dtype=np.float32), coarse, m)[1]
+    hit = np.zeros((len(q), len(coarse)), bool)
+    hit[np.arange(len(q))[:, None], near] = True
+    return hit[:, member]
+
+
+def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, member: np.ndarray,
+                      groups: int | None, p: int) -> np.ndarray:
+    """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
+    ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
+    to the lower cell; -1 where a row has fewer candidates."""
+    from embedcache.index._merge import NO_INDEX, merge_topk
+
+    m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
+    by_group = np.argsort(member, kind="stable")  # cells of group g, increasing
+    starts = np.zeros(len(coarse) + 1, np.int64)
+    np.cumsum(np.bincount(member, minlength=len(coarse)), out=starts[1:])
+    fine = [np.ascontiguousarray(centroids[by_group[starts[g] : starts[g + 1]]]) for g in range(len(coarse))]
+    out = np.empty((len(x), p), np.int64)
+    chunk = _config.CHUNK_ROWS * 16
+    for a in range(0, len(x), chunk):
+        xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
+        near = kernels.top_k(xc, coarse, m)[1]
+        heap_s = np.full((len(xc), p), -np.inf, np.float32)
+        heap_i = np.full((len(xc), p), NO_INDEX, np.int64)
+        flat = near.ravel()
+        rows = np.repeat(np.arange(len(xc), dtype=np.int64), m)
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(len(coarse) + 1))
+        none = np.zeros(len(xc), np.int64)
+        for g in range(len(coarse)):
+            r = rows[order[bounds[g] : bounds[g + 1]]]
+            if not len(r) or not len(fine[g]):
+                continue
+            s, li = kernels.top_k(xc[r], fine[g], min(p, len(fine[g])))
+            merge_topk(heap_s, heap_i, r, s, by_group[starts[g] + li], none[: len(r)], False)
+        heap_i[heap_i == NO_INDEX] = -1
+        out[a : a + len(xc)] = heap_i
     return out
 
 

@@ -10,16 +10,17 @@ never invent one. Probing every cell gives the exact answer bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from embedcache import kernels
+from embedcache import _config, kernels
 from embedcache._validation import check_int
-from embedcache.index._cells import build_cells, nearest
+from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest, nearest_two_level
 from embedcache.index._merge import NO_INDEX, merge_topk
-from embedcache.index._source import source_of
+from embedcache.index._recall import _rank
+from embedcache.index._source import ArraySource, source_of
 
 #: what a cell gives a search: (its vectors, their row numbers, mask of eligible rows or None)
 CellBlock = Callable[[int], "tuple[np.ndarray, np.ndarray, np.ndarray | None]"]
@@ -38,6 +39,8 @@ class PartitionIndex:
     own: np.ndarray
     order: np.ndarray
     offsets: np.ndarray
+    #: computed once per index: the indexed rows' probe cells (:meth:`row_cells`), coarse groups
+    _near: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, x: np.ndarray, *, cells: int | None = None, seed: int = 0) -> PartitionIndex:
@@ -75,9 +78,71 @@ class PartitionIndex:
         (cosine to the centroids, ties to the lower cell)."""
         return nearest(q, self.centroids, probes)
 
+    @property
+    def two_level(self) -> bool:
+        """Whether searches find a row's nearest cells through coarse groups of cells
+        (more than ``INDEX_TWO_LEVEL_CELLS`` cells)."""
+        return self.cells > _config.INDEX_TWO_LEVEL_CELLS
+
+    def _groups(self) -> tuple[np.ndarray, np.ndarray]:
+        if "groups" not in self._near:
+            self._near["groups"] = coarse_groups(self.centroids)
+        return self._near["groups"]
+
+    def probe_cells(self, q: np.ndarray, probes: int) -> np.ndarray:
+        """(m, min(probes, cells)) int64: the cells a search probes for each row of ``q``,
+        in order. :meth:`nearest_cells` unless :attr:`two_level`; then the nearest among the
+        cells of the row's ``INDEX_COARSE_PROBES`` nearest coarse groups (-1 where fewer),
+        and every cell when ``probes`` covers them all (the exact answer)."""
+        p = min(probes, self.cells)
+        if not self.two_level or p >= self.cells:
+            return self.nearest_cells(q, p)
+        coarse, member = self._groups()
+        return nearest_two_level(q, self.centroids, coarse, member, None, p)
+
+    def probes_needed(self, q: np.ndarray, rows: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """For each k: the fewest probes with which row ``rows[k]`` of ``q`` probes cell
+        ``cells[k]`` (:meth:`probe_cells`' order); ``cells + 1`` when only probing every cell
+        reaches it."""
+        s = kernels.cosine_similarity(q, self.centroids)
+        if not self.two_level:
+            return _rank(s, rows, cells) + 1
+        cand = candidates(q, *self._groups(), None)
+        s[~cand] = -np.inf
+        need = _rank(s, rows, cells) + 1
+        need[~cand[rows, cells]] = self.cells + 1
+        return need
+
+    def row_cells(self, x: np.ndarray, probes: int) -> np.ndarray:
+        """:meth:`probe_cells` of the indexed rows ``x`` themselves, computed once for at least
+        ``INDEX_ROW_CELLS`` probes and kept (int32) for the next search of the same index."""
+        p = min(probes, self.cells)
+        have = self._near.get("cells")
+        if have is None or have.shape[1] < p:
+            keep = min(self.cells, max(p, _config.INDEX_ROW_CELLS))
+            dtype = np.int32 if self.cells < 2**31 else np.int64
+            have = self.probe_cells(x, keep).astype(dtype)
+            self._near["cells"] = have
+        return have[:, :p].astype(np.int64)
+
     def sorted_rows(self, x: np.ndarray) -> np.ndarray:
-        """``x`` with its rows in cell order (one copy, the dtype of x)."""
-        return np.ascontiguousarray(x[self.order])
+        """``x`` with its rows in cell order (one copy, the dtype of x). ``x`` is read in order,
+        chunk by chunk (a memmap is streamed from disk, not read row by row at random)."""
+        out = np.empty(x.shape, x.dtype)
+        pos = np.empty(len(x), np.int64)
+        pos[self.order] = np.arange(len(x))
+        chunk = _config.CHUNK_ROWS * 8
+        for a in range(0, len(x), chunk):
+            out[pos[a : a + chunk]] = x[a : a + chunk]
+        return out
+
+
+def _probed(src: Any, index: PartitionIndex, probes: int) -> np.ndarray:
+    """The cells every row of ``src`` probes: kept with the index for an array (reused by the
+    next search), computed by the source's engine otherwise; the same cells either way."""
+    if isinstance(src, ArraySource):
+        return index.row_cells(src.x, probes)
+    return src.nearest(index.centroids, probes)
 
 
 def _by_cell(cells_of: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +170,7 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
     if n < 2:
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
-    near = src.nearest(index.centroids, probes)
+    near = _probed(src, index, probes)
     near = np.where(near == index.own[:, None], -1, near)  # own cell: the triangle below
     qrows, starts = _by_cell(near, index.cells)
     return merge_pairs(src.cell_pairs(index, qrows, starts, threshold, bar), n)
@@ -152,6 +217,7 @@ def probe_topk(
     self_ids: np.ndarray | None = None,
     bar=None,
     metric: str = "cosine",
+    query_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` rows of the cells ``near[t]`` (-1: none) for each query row ``t``.
 
@@ -159,8 +225,9 @@ def probe_topk(
     eligible rows. ``self_ids``: a row number per query never returned for it. Returns
     (scores float32, rows int64), shape (q, k), best first, ties by the lower row; empty slots
     hold -inf and -1, as in :func:`embedcache.top_k`. ``metric``: the score, as in top_k.
+    ``query_rows``: query ``t`` is ``queries[query_rows[t]]`` (default: ``queries[t]``).
     """
-    nq = len(queries)
+    nq = len(queries) if query_rows is None else len(query_rows)
     heap_s = np.full((nq, k), -np.inf, np.float32)
     heap_i = np.full((nq, k), NO_INDEX, np.int64)
     qrows, starts = _by_cell(near, ncells)
@@ -174,7 +241,8 @@ def probe_topk(
         block, ids, mask = cell_block(c)
         if not len(block):
             continue
-        s, li = kernels.top_k(queries[q], block, min(k + extra, len(block)), metric=metric, mask=mask)
+        qv = queries[q] if query_rows is None else queries[query_rows[q]]
+        s, li = kernels.top_k(qv, block, min(k + extra, len(block)), metric=metric, mask=mask)
         gi = np.where(li >= 0, ids[np.maximum(li, 0)], -1)
         merge_topk(heap_s, heap_i, q, s, gi, selfs[q], use_self)
         if bar is not None:
@@ -193,5 +261,5 @@ def knn(x: Any, index: PartitionIndex, k: int, probes: int, bar=None):
     """The ``k`` nearest other rows of every row (own cell plus ``probes`` nearest cells).
     x: an (n, d) array or a source of rows (:mod:`._source`)."""
     src = source_of(x)
-    near = with_own(src.nearest(index.centroids, probes), index.own)
+    near = with_own(_probed(src, index, probes), index.own)
     return src.cell_topk(index, near, k, bar)

@@ -203,9 +203,8 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
     qi, jj = qi[kept], jj[kept]
     i = sample[qi]
     partners, pos = np.unique(jj, return_inverse=True)
-    s_q = kernels.cosine_similarity(q, index.centroids)
-    s_p = kernels.cosine_similarity(x[partners], index.centroids)
-    need = np.minimum(_rank(s_q, qi, index.own[jj]), _rank(s_p, pos.reshape(-1), index.own[i])) + 1
+    need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
+                      index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
     need[index.own[i] == index.own[jj]] = 0
     return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
 
@@ -218,8 +217,7 @@ def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator)
     _, nb = x.top_k(q, min(k + 1, len(x)))
     qi, jj = other_neighbours(nb, sample, k)
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
-    s_q = kernels.cosine_similarity(q, index.centroids)
-    need = _rank(s_q, qi, index.own[jj]) + 1
+    need = index.probes_needed(q, qi, index.own[jj])
     need[index.own[sample[qi]] == index.own[jj]] = 0
     return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)), jj.astype(np.int64))
 

@@ -45,9 +45,9 @@ class ArraySource:
         return assign(self.x if rows is None else self.x[rows], centroids)
 
     def nearest(self, centroids: np.ndarray, probes: int) -> np.ndarray:
-        from embedcache.index._cells import nearest
+        from embedcache.index._cells import probe_order
 
-        return nearest(self.x, centroids, probes)
+        return probe_order(self.x, centroids, probes)
 
     def pairs_with(self, q: np.ndarray, threshold: float):
         return kernels.similar_pairs(q, threshold, y=self.x)
@@ -59,14 +59,16 @@ class ArraySource:
         """``(i, j, s)`` parts, cell by cell (see :func:`._partition.pairs`)."""
         from embedcache.index._partition import pairs_of_cell
 
-        xs = index.sorted_rows(self.x)
+        xs = index.sorted_rows(self.x)  # the one copy of x; queries are read from it too
+        pos = np.empty(len(self.x), np.int64)
+        pos[index.order] = np.arange(len(self.x))
         off = index.offsets
         for c in range(index.cells):
             lo, hi = off[c], off[c + 1]
             if hi == lo:
                 continue
             q = qrows[starts[c] : starts[c + 1]]
-            yield from pairs_of_cell(xs[lo:hi], index.order[lo:hi], self.x[q], q, threshold)
+            yield from pairs_of_cell(xs[lo:hi], index.order[lo:hi], xs[pos[q]], q, threshold)
             if bar is not None:
                 bar.update((hi - lo) * ((hi - lo - 1) / 2 + len(q)))
 
@@ -74,13 +76,16 @@ class ArraySource:
         """The best ``k`` other rows of every row from the cells ``near`` (see :func:`._partition.knn`)."""
         from embedcache.index._partition import probe_topk
 
-        xs = index.sorted_rows(self.x)
+        xs = index.sorted_rows(self.x)  # the one copy of x; queries are read from it too
         off = index.offsets
+        pos = np.empty(len(self.x), np.int64)
+        pos[index.order] = np.arange(len(self.x))
 
         def block(c: int):
             return xs[off[c] : off[c + 1]], index.order[off[c] : off[c + 1]], None
 
-        return probe_topk(self.x, near, block, index.cells, k, np.arange(len(self.x), dtype=np.int64), bar)
+        return probe_topk(xs, near, block, index.cells, k, np.arange(len(self.x), dtype=np.int64), bar,
+                          query_rows=pos)
 
 
 def source_of(x: Any) -> Any:
