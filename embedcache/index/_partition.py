@@ -168,7 +168,8 @@ def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, 
 def pair_work(index: PartitionIndex, n: int, probes: int) -> float:
     """About how many row-by-row comparisons :func:`pairs` makes (for progress bars)."""
     sizes = index.sizes.astype(np.float64)
-    return float((sizes * (sizes - 1) / 2).sum() + n * max(0, min(probes, index.cells) - 1) * sizes.mean())
+    mean = sizes.mean() if len(sizes) else 0.0
+    return float((sizes * (sizes - 1) / 2).sum() + n * max(0, min(probes, index.cells) - 1) * mean)
 
 
 def probe_topk(

@@ -126,7 +126,7 @@ def deduplicate(
     _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
     weakest = None
-    if client is None and mode == "connected":
+    if client is None and mode == "connected" and _config.DEDUP_FOREST:
         # components only: a spanning forest, never the list of every pair
         roots, forest, copy_score, used, rec = _find_forest(p, threshold, progress, method=method,
                                                             recall=recall, seed=seed)
