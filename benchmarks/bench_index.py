@@ -31,7 +31,9 @@ import time
 import numpy as np
 
 
-def generate(n: int, d: int = 384, seed: int = 0) -> np.ndarray:
+def generate(n: int, d: int = 384, seed: int = 0, block: int | None = None) -> np.ndarray:
+    """The data described above; ``block``: rows of the near-identical block (default
+    min(2000, n/20))."""
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
     scale = (1.0 / np.arange(1, d + 1)) ** 0.5
@@ -41,7 +43,7 @@ def generate(n: int, d: int = 384, seed: int = 0) -> np.ndarray:
 
     n_dup = int(0.08 * n)
     n_giant = int(0.05 * n)
-    n_block = min(2000, n // 20)
+    n_block = min(2000, n // 20) if block is None else block
     n_rest = n - n_dup - n_giant - n_block
     clusters = max(10, n_rest // 300)
     sizes = rng.zipf(1.5, clusters).astype(np.float64)
