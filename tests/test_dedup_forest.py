@@ -185,3 +185,23 @@ def test_giant_cluster_lists_no_more_pairs_than_rows():
     assert res.scores[some].tobytes() == expected.tobytes()
     story = res.explain(int(res.removed[0]))
     assert "Group of 20000 items" in story and "(19999)" in story
+
+
+@settings(max_examples=80, deadline=None)
+@given(giant_cluster())
+def test_greedy_sweep_equals_all_pairs(case):
+    """The first-seen rule from each block's pairs with the rows kept before it."""
+    x, t = case
+    with _config.override(CHUNK_ROWS=7, PAIRS_BLOCK=5, PAIRS_COLUMNS=6):
+        got = ec.deduplicate(x, threshold=t, mode="greedy", method="exact", progress=False)
+    assert_same_result(got, all_pairs(x, t, mode="greedy", method="exact"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["red", "fox", "the", "a", "jumps", "lazy", "dog", "over"]),
+                         min_size=1, max_size=6).map(" ".join), min_size=0, max_size=40),
+       st.sampled_from([0.5, 0.7, 0.9]))
+def test_greedy_sweep_longest_first_on_texts(texts, t):
+    with _config.override(CHUNK_ROWS=5):
+        got = ec.deduplicate(texts, threshold=t, mode="greedy", keep="longest", method="exact", progress=False)
+    assert_same_result(got, all_pairs(texts, t, mode="greedy", keep="longest", method="exact"))

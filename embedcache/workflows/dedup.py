@@ -38,13 +38,14 @@ from embedcache.index import check_recall
 from embedcache.workflows._prepare import (
     METHODS,
     _Embedding,
+    _method,
     _namespace,
     _ordered,
     _prepare,
     _Prepared,
     _progress_bar,
 )
-from embedcache.workflows.pairs import _find_forest, _find_pairs, _Pairs
+from embedcache.workflows.pairs import _copy_scores, _find_forest, _find_pairs, _Pairs
 from embedcache.workflows.results import DedupResult
 
 __all__ = ["deduplicate"]
@@ -133,6 +134,18 @@ def deduplicate(
         labels, (pi, pj, ps) = _forest_labels(p, roots, forest, copy_score)
         links = _Links(p.x, p.inverse, copy_score, threshold, labels if used != "exact" else None)
         weakest = _Weakest(p, labels, copy_score, threshold)
+    elif (client is None and mode == "greedy" and _config.DEDUP_FOREST
+          and _method(method, len(p.x)) == "exact"):
+        # the first-seen rule needs only each block's pairs with the rows kept before it
+        from embedcache.workflows._greedy import greedy_owner
+
+        copy_score = _copy_scores(p, threshold)
+        owner = greedy_owner(p.x, p.inverse, copy_score, _priority(keep, n, p.texts), threshold)
+        group_of, groups, removed_l, dup_l = _greedy_groups(owner)
+        links, used, rec = _Links(p.x, p.inverse, copy_score, threshold), "exact", None
+        weakest = _Weakest(p, None, copy_score, threshold)
+        pi, pj = dup_l[0], removed_l[0]
+        pi, pj, ps = np.minimum(pi, pj), np.maximum(pi, pj), p.scores(pi, pj)
     else:
         if client is None:
             pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
@@ -151,7 +164,7 @@ def deduplicate(
             others = members[members != rep]
             removed_l.append(others)
             dup_l.append(np.full(len(others), rep, dtype=np.int64))
-    else:
+    elif weakest is None:
         group_of, groups, removed_l, dup_l = _greedy(pairs, _priority(keep, n, p.texts))
     removed = np.concatenate(removed_l) if removed_l else np.empty(0, dtype=np.int64)
     dup = np.concatenate(dup_l) if dup_l else np.empty(0, dtype=np.int64)
@@ -231,12 +244,16 @@ class _Weakest:
     #: pairs scored per call of the kernel, at most (rows x group rows)
     TILE = 1 << 22
 
-    def __init__(self, p: _Prepared, labels: np.ndarray, copy_score: np.ndarray, threshold: float) -> None:
+    def __init__(self, p: _Prepared, labels: np.ndarray | None, copy_score: np.ndarray, threshold: float) -> None:
+        """labels: the connected rule's item labels; None (a greedy run): found when asked."""
         self.p, self.labels, self.copy_score, self.threshold = p, labels, copy_score, threshold
 
     def __call__(self, m: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``m`` None: every such pair (as many as the groups hold: quadratic in their sizes)."""
         p = self.p
+        if self.labels is None:
+            roots, forest, _, _, _ = _find_forest(p, self.threshold, False, method="exact")
+            self.labels = _forest_labels(p, roots, forest, self.copy_score)[0]
         best = [np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)]
 
         def fold(i, j, s):
@@ -298,6 +315,12 @@ def _greedy(pairs: _Pairs, order: np.ndarray):
             owner[v] = cand[np.lexsort((cand, -sc.astype(np.float64)))[0]]
         else:
             kept_of_row[r] = v
+    return _greedy_groups(owner)
+
+
+def _greedy_groups(owner: np.ndarray):
+    """(group_of, groups, [removed], [duplicate_of]) of the greedy rule's ``owner`` (-1: kept)."""
+    n = len(owner)
     removed = np.flatnonzero(owner >= 0)
     labels = np.full(n, -1, dtype=np.int64)
     labels[removed] = owner[removed]
