@@ -48,12 +48,12 @@ import numpy as np
 GEN_CHUNK = 1 << 16
 
 
-def _layout(n: int, seed: int):
+def _layout(n: int, seed: int, block: int | None = None):
     """(kind of every row in its final order, number of topical clusters, number of blocks)."""
     rng = np.random.default_rng([seed, 0])
     n_dup = int(0.08 * n)
     n_giant = int(0.05 * n)
-    blocks = [min(2000, n // 20)] + list(rng.integers(1000, 5001, n // 1_000_000))
+    blocks = [min(2000, n // 20) if block is None else block] + list(rng.integers(1000, 5001, n // 1_000_000))
     n_block = int(sum(blocks))
     n_rest = n - n_dup - n_giant - n_block
     clusters = max(10, n_rest // 300)
@@ -71,13 +71,14 @@ def _layout(n: int, seed: int):
     return kind, clusters, len(blocks)
 
 
-def generate(n: int, d: int = 384, seed: int = 0, path: str | None = None) -> np.ndarray:
+def generate(n: int, d: int = 384, seed: int = 0, path: str | None = None,
+             block: int | None = None) -> np.ndarray:
     """``n`` unit rows (n, d) float32; in a file-backed memmap at ``path`` when given, written
     chunk by chunk (memory stays bounded at 10M x 384 = 15 GB)."""
     rng = np.random.default_rng([seed, 1])
     basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
     scale = (1.0 / np.arange(1, d + 1)) ** 0.5
-    kind, clusters, nblocks = _layout(n, seed)
+    kind, clusters, nblocks = _layout(n, seed, block)
     basis32, scale32 = basis.astype(np.float32), scale.astype(np.float32)
 
     def aniso(r, m):

@@ -37,6 +37,10 @@ PAIRS_COLUMNS = 4 * PAIRS_BLOCK
 #: rows of the query side per pair-search or top-k call; one progress step each
 CHUNK_ROWS = 8192
 
+#: deduplicate (connected rule) joins pairs into a spanning forest inside the pair search,
+#: in memory bounded by the rows; False lists every pair first (the reference tests compare with)
+DEDUP_FOREST = True
+
 # --- engine
 #: live rows per block of a job's tasks (a pair task reads two blocks: 2 x 48 MiB at d=384)
 ENGINE_BLOCK_ROWS = 32768

@@ -313,8 +313,11 @@ def test_explain_least_similar_and_pandas(embedder):
     with pytest.raises(ec.InvalidInputError, match="i must be in"):
         res.explain(len(TEXTS))
     weak = res.least_similar_pairs(2)
-    pi, pj, ps = res._pairs
-    assert len(weak) == 2 and list(weak.score) == sorted(ps)[:2]
+    with _config.override(DEDUP_FOREST=False):  # every pair at or above the threshold, listed
+        pi, pj, ps = ec.deduplicate(TEXTS, threshold=0.8, embedder=emb, progress=False)._pairs
+    order = np.lexsort((pj, pi, ps.astype(np.float64)))[:2]
+    assert len(weak) == 2 and list(weak.score) == list(ps[order])
+    assert weak.i.tolist() == pi[order].tolist() and weak.j.tolist() == pj[order].tolist()
     assert {"text_i", "text_j"} <= set(weak.columns)
     df = res.to_pandas()
     assert len(df) == len(TEXTS) and df["kept"].sum() == len(res.kept)

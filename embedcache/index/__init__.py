@@ -28,7 +28,7 @@ from embedcache.index import _partition, _recall
 from embedcache.index._partition import PartitionIndex
 from embedcache.index._recall import Recall
 
-__all__ = ["PartitionIndex", "Recall", "check_recall", "partitioned_knn", "partitioned_pairs"]
+__all__ = ["PartitionIndex", "Recall", "check_recall", "partitioned_forest", "partitioned_knn", "partitioned_pairs"]
 
 
 def check_recall(recall: object) -> float:
@@ -61,6 +61,33 @@ def partitioned_pairs(x: np.ndarray, threshold: float, *, recall: float = 0.99, 
     j, each with its exact score; ``recall`` a :class:`Recall` measured on sampled rows.
     ``bar``: optional progress bar, updated with row-by-row comparisons.
     """
+    index, probes, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index)
+    if bar is not None:
+        bar.total = _partition.pair_work(index, len(x), probes)
+    i, j, s = _partition.pairs(x, index, threshold, probes, bar)
+    return i, j, s, rec
+
+
+def partitioned_forest(x: np.ndarray, threshold: float, parent: np.ndarray, *, recall: float = 0.99,
+                       probes: int | None = None, cells: int | None = None, seed: int = 0,
+                       index: PartitionIndex | None = None, bar=None):
+    """The connected components of the pairs :func:`partitioned_pairs` finds, without listing
+    them: every such pair is joined in the union-find array ``parent`` ((n,) int64, roots
+    with ``parent[r] == r``, updated in place), in memory bounded by the rows however many
+    pairs a cluster of near-identical rows holds. Same probes, calibration and recall.
+
+    Returns ``(i, j, scores, recall)``: the pairs that joined two trees (a spanning forest,
+    at most n - 1 pairs, in no particular order) and the :class:`Recall`.
+    """
+    index, probes, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index)
+    if bar is not None:
+        bar.total = _partition.pair_work(index, len(x), probes)
+    i, j, s = _partition.forest(x, index, threshold, probes, parent, bar)
+    return i, j, s, rec
+
+
+def _pair_probes(x, threshold, recall, probes, cells, seed, index):
+    """(index, probes, recall) of a pair search: probes calibrated for ``recall`` unless given."""
     threshold = check_threshold(threshold)
     recall = check_recall(recall)
     index, seed, probes = _setup(x, cells, seed, index, probes)
@@ -75,10 +102,7 @@ def partitioned_pairs(x: np.ndarray, threshold: float, *, recall: float = 0.99, 
         rec = _recall.calibrate(evidence, len(x), index.cells, recall, seed,
                                 fallback=lambda s, r: evidence(s, r, True))
         probes = rec.probes
-    if bar is not None:
-        bar.total = _partition.pair_work(index, len(x), probes)
-    i, j, s = _partition.pairs(x, index, threshold, probes, bar)
-    return i, j, s, rec
+    return index, probes, rec
 
 
 def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int | None = None,

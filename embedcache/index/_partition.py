@@ -201,6 +201,38 @@ def merge_pairs(parts, n: int):
     return a[order], b[order], s[order]
 
 
+def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, parent: np.ndarray, bar=None):
+    """Join in the union-find ``parent`` the pairs :func:`pairs` would find, without listing
+    them (:func:`embedcache.kernels.pairs.threshold_forest`): the same connected components,
+    in memory bounded by the rows. Returns the spanning-forest pairs ``(i, j, s)`` that
+    joined two trees (at most ``n - 1``, in no particular order)."""
+    from embedcache.kernels.pairs import threshold_forest
+
+    n = len(x)
+    parts_i, parts_j, parts_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
+    if n < 2:
+        return parts_i[0], parts_j[0], parts_s[0]
+    near = index.nearest_cells(x, probes)
+    near = np.where(near == index.own[:, None], -1, near)  # own cell: the triangle below
+    qrows, starts = _by_cell(near, index.cells)
+    xs = index.sorted_rows(x)
+    off = index.offsets
+    for c in range(index.cells):
+        lo, hi = off[c], off[c + 1]
+        if hi == lo:
+            continue
+        block, ids = xs[lo:hi], index.order[lo:hi]
+        i, j, s = threshold_forest(block, threshold, parent, ids=ids)
+        parts_i.append(i), parts_j.append(j), parts_s.append(s)
+        q = qrows[starts[c] : starts[c + 1]]
+        if len(q):
+            i, j, s = threshold_forest(x[q], threshold, parent, ids=q, y=block, y_ids=ids)
+            parts_i.append(i), parts_j.append(j), parts_s.append(s)
+        if bar is not None:
+            bar.update((hi - lo) * ((hi - lo - 1) / 2 + len(q)))
+    return np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)
+
+
 def pair_work(index: PartitionIndex, n: int, probes: int) -> float:
     """About how many row-by-row comparisons :func:`pairs` makes (for progress bars)."""
     sizes = index.sizes.astype(np.float64)

@@ -513,6 +513,97 @@ def _pairs_row(srow, xrow, yb, ix, inv_y, fx, filt_y, cut, thr, start, cosine, o
 
 
 # ----------------------------------------------------------------------------------------
+# threshold forest: connected components of the threshold graph, pairs not listed
+# ----------------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _find(parent, a):
+    """Root of ``a`` in the union-find array ``parent``, compressing the path."""
+    root = a
+    while parent[root] != root:
+        root = parent[root]
+    while parent[a] != root:
+        nxt = parent[a]
+        parent[a] = root
+        a = nxt
+    return root
+
+
+@njit(cache=True)
+def _same_root(parent, ids_x, ids_y):
+    """Whether every row of ``ids_x`` and ``ids_y`` already has one root."""
+    root = _find(parent, ids_x[0]) if ids_x.shape[0] else _find(parent, ids_y[0])
+    for t in range(ids_x.shape[0]):
+        if _find(parent, ids_x[t]) != root:
+            return False
+    for t in range(ids_y.shape[0]):
+        if _find(parent, ids_y[t]) != root:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _roots(parent, ids, out):
+    for t in range(ids.shape[0]):
+        out[t] = _find(parent, ids[t])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _first_candidate(srow, fx, filt_y, cut, start):
+    for c in range(start, srow.shape[0]):
+        if not srow[c] * (fx * filt_y[c]) < cut:
+            return c
+    return -1
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _first_candidates(s, filt_x, filt_y, margin_x, rel, thr, diagonal, out):
+    """The first column of each tile row that the BLAS filter lets through (-1: none)."""
+    for r in prange(s.shape[0]):
+        out[r] = _first_candidate(s[r], filt_x[r], filt_y, _pair_cut(thr, margin_x[r], rel),
+                                  r + 1 if diagonal else 0)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _forest_tile(
+    s, xb, yb, inv_x, inv_y, filt_x, filt_y, margin_x, rel, thr, diagonal, cosine,
+    ids_x, ids_y, parent, out_i, out_j, out_s, n_out,
+):
+    """Fold the pairs of one BLAS tile whose exact score is >= thr into ``parent``.
+
+    A pair is scored only when its rows are not yet connected; a scored pair that joins two
+    trees is written at ``out_*[n_out]`` (global row numbers ``ids_x[r]``, ``ids_y[c]``), so
+    the output is a spanning forest: at most one pair per row. Serial: the union-find is
+    shared by the whole tile. Returns the new ``n_out``.
+    """
+    first = np.empty(s.shape[0], np.int64)
+    _first_candidates(s, filt_x, filt_y, margin_x, rel, thr, diagonal, first)
+    for r in range(s.shape[0]):
+        if first[r] < 0:
+            continue
+        cut = _pair_cut(thr, margin_x[r], rel)
+        fx = filt_x[r]
+        gx = ids_x[r]
+        for c in range(first[r], s.shape[1]):
+            if not s[r, c] * (fx * filt_y[c]) < cut:  # NaN: rescore
+                a = _find(parent, gx)
+                b = _find(parent, ids_y[c])
+                if a != b:
+                    e = _pair_score(xb[r], yb[c], inv_x[r], inv_y[c], cosine)
+                    if e >= thr:
+                        if a < b:
+                            parent[b] = a
+                        else:
+                            parent[a] = b
+                        out_i[n_out] = gx
+                        out_j[n_out] = ids_y[c]
+                        out_s[n_out] = e
+                        n_out += 1
+    return n_out
+
+
+# ----------------------------------------------------------------------------------------
 # helpers of the public wrappers
 # ----------------------------------------------------------------------------------------
 

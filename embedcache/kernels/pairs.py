@@ -6,18 +6,22 @@ import numpy as np
 
 from embedcache import _config
 from embedcache._validation import as_matrix, check_metric, check_same_columns, check_threshold
+from embedcache.errors import InvalidInputError
 from embedcache.kernels._core import (
     _UNIT,
     _blas_margin,
     _block_stats,
     _filter_scale,
+    _forest_tile,
     _gemm_nt,
     _pairs_rows,
     _pairs_tile,
+    _roots,
     _rows32,
+    _same_root,
 )
 
-__all__ = ["meets_threshold", "similar_pairs"]
+__all__ = ["forest_roots", "meets_threshold", "similar_pairs", "threshold_forest"]
 
 _PAIRS_WIDTH = 16  # matches per row and tile collected in the first scan
 
@@ -114,3 +118,79 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine"):
     sc = np.concatenate(parts_s)
     order = np.lexsort((j, i, -sc))
     return i[order], j[order], sc[order]
+
+
+def threshold_forest(x, threshold, parent, *, ids=None, y=None, y_ids=None):
+    """Join, in the union-find array ``parent``, every pair of rows scored >= threshold,
+    without listing the pairs: the connected components of :func:`similar_pairs`'s graph.
+
+    x: (n, d) float array; y: optional (m, d) array (then pairs (row of x, row of y), else
+    pairs i < j within x). ids, y_ids: int64 global row numbers of the rows of x and y in
+    ``parent`` (default ``arange``; y_ids default to ids when y is None). parent: int64 array
+    with ``parent[r] == r`` for roots, updated in place (several calls build one forest).
+    A pair is scored only when its rows are not yet connected, and a tile whose rows all
+    share one root is skipped, so a block of near-identical rows costs about one strip of
+    tiles, not its full triangle. Scores and the threshold rule are those of
+    :func:`similar_pairs`, bit for bit.
+    Returns ``(i, j, scores)``: the pairs (global row numbers) that joined two trees, at most
+    one per row: a spanning forest of the new connections, in no particular order.
+    """
+    threshold = check_threshold(threshold)
+    x32 = as_matrix(x, "x")
+    same = y is None
+    y32 = x32 if same else as_matrix(y, "y")
+    check_same_columns(x32, "x", y32, "y")
+    n, m = x32.shape[0], y32.shape[0]
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
+    if same:
+        y_ids = ids
+    elif y_ids is None:
+        y_ids = np.arange(m, dtype=np.int64)
+    else:
+        y_ids = np.ascontiguousarray(y_ids, dtype=np.int64)
+    if len(ids) != n or len(y_ids) != m:
+        raise InvalidInputError(f"ids must number the rows: got {len(ids)} ids for {n} rows of x, "
+                                f"{len(y_ids)} for {m} rows of y")
+    out_i = np.empty(n + m, np.int64)
+    out_j = np.empty(n + m, np.int64)
+    out_s = np.empty(n + m, np.float32)
+    if not n or not m:
+        return out_i[:0], out_j[:0], out_s[:0]
+    block = _config.PAIRS_BLOCK
+    cblock = max(_config.PAIRS_COLUMNS, block)
+    inv_x, norm_x = _block_stats(x32, "x", block)
+    inv_y, norm_y = (inv_x, norm_x) if same else _block_stats(y32, "y", block)
+    filt_x = _filter_scale(inv_x, norm_x, norm_y.max(initial=0.0), True)
+    filt_y = _filter_scale(inv_y, norm_y, norm_x.max(initial=0.0), True)
+    margin = _blas_margin(x32.shape[1])
+    thr = np.float32(threshold)
+    tile = np.empty(min(block, n) * min(cblock, m), np.float32)
+    found = 0
+    for r0 in range(0, n, block):
+        c_start = r0 if same else 0
+        if _same_root(parent, ids[r0:r0 + block], y_ids[c_start:]):
+            continue
+        xb = None
+        for c0 in range(c_start, m, cblock):
+            if _same_root(parent, ids[r0:r0 + block], y_ids[c0:c0 + cblock]):
+                continue
+            if xb is None:
+                xb = _rows32(x32, r0, block)
+            nr = xb.shape[0]
+            yb = _rows32(y32, c0, cblock)
+            nc = yb.shape[0]
+            s = tile[: nr * nc].reshape(nr, nc)
+            _gemm_nt(xb, yb, s)
+            found = _forest_tile(
+                s, xb, yb, inv_x[r0:], inv_y[c0:], filt_x[r0:], filt_y[c0:], np.full(nr, margin),
+                4 * _UNIT, thr, same and c0 == r0, True, ids[r0:r0 + nr], y_ids[c0:c0 + nc],
+                parent, out_i, out_j, out_s, found,
+            )
+    return out_i[:found].copy(), out_j[:found].copy(), out_s[:found].copy()
+
+
+def forest_roots(parent: np.ndarray) -> np.ndarray:
+    """The root of every row of the union-find array ``parent`` (compressing its paths)."""
+    out = np.empty(len(parent), np.int64)
+    _roots(parent, np.arange(len(parent), dtype=np.int64), out)
+    return out

@@ -270,7 +270,8 @@ def summarize_dedup(result: Any, *, vectors: np.ndarray | None = None, settings:
             note = (f"Estimated from {len(items):,} sampled items: items with a near-duplicate at or "
                     "above each threshold. Fewer are removed: one item of each group stays.")
     else:  # only the pairs at or above the threshold are known
-        pi, pj, ps = result._pairs
+        weakest = getattr(result, "_weakest", None)  # a spanning forest in _pairs: list them all
+        pi, pj, ps = result._pairs if weakest is None else weakest(None)
         best = np.full(n, -np.inf, np.float32)
         np.maximum.at(best, pi, ps)
         if not result.reference:

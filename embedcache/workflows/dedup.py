@@ -21,6 +21,14 @@ Two ways to turn near-duplicate pairs into groups (``deduplicate(..., mode=...)`
 
 With ``against=`` there are no groups: an item is removed when it is at or above the
 threshold with some item of the reference set (``DedupResult.reference`` is true).
+
+Neither rule lists every pair first (a cluster of 20,000 near-identical rows holds 2e8 of
+them): ``"connected"`` joins pairs into a spanning forest inside the pair search
+(:func:`embedcache.kernels.pairs.threshold_forest`, exact or through the partition index),
+``"greedy"`` with the exact method visits items a block at a time against the rows kept
+before them (:mod:`._greedy`); the result is the one every pair would give, bit for bit.
+``explain`` and ``least_similar_pairs`` compute the pairs they show when asked. A greedy
+partitioned run and a run on a cluster (``client=``) still list the pairs they find.
 """
 
 from __future__ import annotations
@@ -38,13 +46,14 @@ from embedcache.index import check_recall
 from embedcache.workflows._prepare import (
     METHODS,
     _Embedding,
+    _method,
     _namespace,
     _ordered,
     _prepare,
     _Prepared,
     _progress_bar,
 )
-from embedcache.workflows.pairs import _find_pairs, _Pairs
+from embedcache.workflows.pairs import _copy_scores, _find_forest, _find_pairs, _Pairs
 from embedcache.workflows.results import DedupResult
 
 __all__ = ["deduplicate"]
@@ -125,13 +134,36 @@ def deduplicate(
             return _deduplicate_against(p, ref, threshold, mode, progress)
     _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
-    if client is None:
-        pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
+    weakest = None
+    if client is None and mode == "connected" and _config.DEDUP_FOREST:
+        # components only: a spanning forest, never the list of every pair
+        roots, forest, copy_score, used, rec = _find_forest(p, threshold, progress, method=method,
+                                                            recall=recall, seed=seed)
+        labels, (pi, pj, ps) = _forest_labels(p, roots, forest, copy_score)
+        links = _Links(p.x, p.inverse, copy_score, threshold, labels if used != "exact" else None)
+        weakest = _Weakest(p, labels, copy_score, threshold)
+    elif (client is None and mode == "greedy" and _config.DEDUP_FOREST
+          and _method(method, len(p.x)) == "exact"):
+        # the first-seen rule needs only each block's pairs with the rows kept before it
+        from embedcache.workflows._greedy import greedy_owner
+
+        copy_score = _copy_scores(p, threshold)
+        owner = greedy_owner(p.x, p.inverse, copy_score, _priority(keep, n, p.texts), threshold)
+        group_of, groups, removed_l, dup_l = _greedy_groups(owner)
+        links, used, rec = _Links(p.x, p.inverse, copy_score, threshold), "exact", None
+        weakest = _Weakest(p, None, copy_score, threshold)
+        pi, pj = dup_l[0], removed_l[0]
+        pi, pj, ps = np.minimum(pi, pj), np.maximum(pi, pj), p.scores(pi, pj)
     else:
-        pairs = cluster_pairs(p, threshold, client, progress, method=method, recall=recall, seed=seed)
-    pi, pj, ps = pairs.edges()
+        if client is None:
+            pairs = _find_pairs(p, threshold, progress, method=method, recall=recall, seed=seed)
+        else:
+            pairs = cluster_pairs(p, threshold, client, progress, method=method, recall=recall, seed=seed)
+        pi, pj, ps = pairs.edges()
+        links, used, rec = pairs.links, pairs.method, pairs.recall
+        if mode == "connected":
+            labels = _connected_labels(n, pi, pj)
     if mode == "connected":
-        labels = _connected_labels(n, pi, pj)
         groups = _groups_from_labels(labels)
         group_of = _group_index(groups, n)
         removed_l, dup_l = [], []
@@ -140,7 +172,7 @@ def deduplicate(
             others = members[members != rep]
             removed_l.append(others)
             dup_l.append(np.full(len(others), rep, dtype=np.int64))
-    else:
+    elif weakest is None:
         group_of, groups, removed_l, dup_l = _greedy(pairs, _priority(keep, n, p.texts))
     removed = np.concatenate(removed_l) if removed_l else np.empty(0, dtype=np.int64)
     dup = np.concatenate(dup_l) if dup_l else np.empty(0, dtype=np.int64)
@@ -160,11 +192,97 @@ def deduplicate(
         ids=p.ids,
         _pairs=(pi, pj, ps),
         _group_of=group_of,
-        _links=pairs.links,
+        _links=links,
         _vectors=(p.x, p.inverse) if client is None else None,
-        method=pairs.method,
-        recall=pairs.recall,
+        _weakest=weakest,
+        method=used,
+        recall=rec,
     )
+
+
+def _forest_labels(p: _Prepared, roots: np.ndarray, forest, copy_score: np.ndarray):
+    """Item labels whose classes are the components of the items' pair graph, and the item
+    pairs that connect them (as :meth:`_Pairs.edges` gives them, a spanning forest only).
+
+    The first item of each distinct row carries the row's pairs; another item of the row
+    joins it when the row's copies meet the threshold (``copy_score``), else stays alone.
+    """
+    n, u = p.n, len(p.x)
+    k = np.arange(n, dtype=np.int64)
+    firsts = p.first[p.inverse]
+    alone = (firsts != k) & np.isnan(copy_score[p.inverse])
+    labels = np.where(alone, u + k, roots[p.inverse])
+    fi, fj, fs = forest
+    a, b = p.first[fi], p.first[fj]
+    dup = (firsts != k) & ~alone
+    pi = np.concatenate([np.minimum(a, b), firsts[dup]]).astype(np.int64)
+    pj = np.concatenate([np.maximum(a, b), k[dup]]).astype(np.int64)
+    ps = np.concatenate([fs, copy_score[p.inverse[dup]]]).astype(np.float32)
+    return labels, (pi, pj, ps)
+
+
+class _Links:
+    """``links(i)``: the items scoring >= the threshold with item ``i`` and their scores, in
+    index order (what :meth:`_Pairs.links` gives), computed when asked: one row against the
+    distinct rows. ``labels``: for a partitioned search, only items of ``i``'s own group
+    (the pairs the search found are among them; pairs it missed are not shown)."""
+
+    def __init__(self, x, inverse, copy_score, threshold, labels=None) -> None:
+        self.x, self.inverse, self.copy_score, self.threshold, self.labels = x, inverse, copy_score, threshold, labels
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        r = int(self.inverse[i])
+        _, rows, s = kernels.similar_pairs(self.x[r:r + 1], self.threshold, y=self.x)
+        row_score = np.full(len(self.x), np.nan, dtype=np.float32)
+        row_score[rows] = s
+        row_score[r] = self.copy_score[r]
+        items = np.flatnonzero(~np.isnan(row_score[self.inverse]))
+        items = items[items != i]
+        if self.labels is not None:
+            items = items[self.labels[items] == self.labels[i]]
+        return items, row_score[self.inverse[items]]
+
+
+class _Weakest:
+    """``weakest(m)``: the ``m`` weakest pairs at or above the threshold among those the
+    all-pairs listing would hold (:meth:`_Pairs.edges`: pairs of distinct rows between their
+    first items, and each copy with its row's first item), lowest score first, ties by i then
+    j; computed when asked, group by group, a few rows at a time, keeping only ``m``."""
+
+    #: pairs scored per call of the kernel, at most (rows x group rows)
+    TILE = 1 << 22
+
+    def __init__(self, p: _Prepared, labels: np.ndarray | None, copy_score: np.ndarray, threshold: float) -> None:
+        """labels: the connected rule's item labels; None (a greedy run): found when asked."""
+        self.p, self.labels, self.copy_score, self.threshold = p, labels, copy_score, threshold
+
+    def __call__(self, m: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``m`` None: every such pair (as many as the groups hold: quadratic in their sizes)."""
+        p = self.p
+        if self.labels is None:
+            roots, forest, _, _, _ = _find_forest(p, self.threshold, False, method="exact")
+            self.labels = _forest_labels(p, roots, forest, self.copy_score)[0]
+        best = [np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)]
+
+        def fold(i, j, s):
+            i, j, s = np.concatenate([best[0], i]), np.concatenate([best[1], j]), np.concatenate([best[2], s])
+            order = np.lexsort((j, i, s.astype(np.float64)))[:m]
+            best[:] = [i[order], j[order], s[order]]
+
+        k = np.arange(p.n, dtype=np.int64)
+        firsts = p.first[p.inverse]
+        dup = (firsts != k) & ~np.isnan(self.copy_score[p.inverse])
+        fold(firsts[dup], k[dup], self.copy_score[p.inverse[dup]])
+        for g in _groups_from_labels(self.labels[p.first]):  # rows sharing a component
+            rows = np.sort(g)  # distinct rows, numbered in the order of their first item
+            step = max(1, self.TILE // len(rows))
+            for a in range(0, len(rows), step):
+                q = rows[a:a + step]
+                i, j, s = kernels.similar_pairs(p.x[q], self.threshold, y=p.x[rows])
+                later = j > a + i  # each pair of rows once
+                i, j, s = p.first[q[i[later]]], p.first[rows[j[later]]], s[later]
+                fold(np.minimum(i, j), np.maximum(i, j), s)
+        return best[0], best[1], best[2]
 
 
 def _connected_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -205,6 +323,12 @@ def _greedy(pairs: _Pairs, order: np.ndarray):
             owner[v] = cand[np.lexsort((cand, -sc.astype(np.float64)))[0]]
         else:
             kept_of_row[r] = v
+    return _greedy_groups(owner)
+
+
+def _greedy_groups(owner: np.ndarray):
+    """(group_of, groups, [removed], [duplicate_of]) of the greedy rule's ``owner`` (-1: kept)."""
+    n = len(owner)
     removed = np.flatnonzero(owner >= 0)
     labels = np.full(n, -1, dtype=np.int64)
     labels[removed] = owner[removed]

@@ -155,12 +155,60 @@ def _find_pairs(p: _Prepared, threshold: float, progress: bool | None, *, method
     else:
         with _progress_bar(progress, 0, "pairs", unit="comparisons") as bar:
             ui, uj, us, rec = partitioned_pairs(p.x, threshold, recall=recall, seed=seed, bar=bar)
+    return _Pairs(p.inverse, p.first, ui, uj, us, _copy_scores(p, threshold), method, rec)
+
+
+def _copy_scores(p: _Prepared, threshold: float) -> np.ndarray:
+    """What the copies of each distinct row score with each other, where it meets the
+    threshold (NaN: a row without copies, or whose copies are not near-duplicates)."""
     rows = np.flatnonzero(np.bincount(p.inverse, minlength=len(p.x)) > 1)
     own = kernels.pair_scores(p.x, rows, rows)  # what copies of a row score with each other
     copy_score = np.full(len(p.x), np.nan, dtype=np.float32)
     linked = kernels.meets_threshold(own, threshold)
     copy_score[rows[linked]] = own[linked]
-    return _Pairs(p.inverse, p.first, ui, uj, us, copy_score, method, rec)
+    return copy_score
+
+
+def _find_forest(p: _Prepared, threshold: float, progress: bool | None, *, method: str = "exact",
+                 recall: float = 0.99, seed: int = 0):
+    """The connected components of the pairs :func:`_find_pairs` lists, without listing them.
+
+    Returns ``(roots, (fi, fj, fs), copy_score, method, recall)``: the root of each distinct
+    row, the spanning-forest pairs of distinct rows that joined them (at most one per row),
+    and what :class:`_Pairs` holds besides the pairs. Memory is bounded by the rows.
+    """
+    from embedcache.index import partitioned_forest
+    from embedcache.kernels.pairs import forest_roots, threshold_forest
+
+    method = _method(method, len(p.x))
+    u = len(p.x)
+    parent = np.arange(u, dtype=np.int64)
+    rec = None
+    if method == "exact":
+        fi, fj, fs = _chunked_forest(p.x, threshold, parent, progress, threshold_forest)
+    else:
+        with _progress_bar(progress, 0, "pairs", unit="comparisons") as bar:
+            fi, fj, fs, rec = partitioned_forest(p.x, threshold, parent, recall=recall, seed=seed, bar=bar)
+    return forest_roots(parent), (fi, fj, fs), _copy_scores(p, threshold), method, rec
+
+
+def _chunked_forest(x: np.ndarray, threshold: float, parent: np.ndarray, progress: bool | None, forest):
+    """The exact forest over the rows of ``x``, in the chunks of :func:`_pairs_within`."""
+    n = len(x)
+    chunk = _config.CHUNK_ROWS
+    parts_i, parts_j, parts_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
+    with _progress_bar(progress if n > chunk else False, n * (n - 1) / 2, "pairs", unit="comparisons") as bar:
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            ids = np.arange(a, b, dtype=np.int64)
+            i, j, s = forest(x[a:b], threshold, parent, ids=ids)
+            parts_i.append(i), parts_j.append(j), parts_s.append(s)
+            if b < n:
+                i, j, s = forest(x[a:b], threshold, parent, ids=ids, y=x[b:],
+                                 y_ids=np.arange(b, n, dtype=np.int64))
+                parts_i.append(i), parts_j.append(j), parts_s.append(s)
+            bar.update((b - a) * (b - a - 1) / 2 + (b - a) * (n - b))
+    return np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)
 
 
 def _pairs_within(x: np.ndarray, threshold: float, progress: bool | None):

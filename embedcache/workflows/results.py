@@ -187,6 +187,8 @@ class DedupResult:
     _vectors: tuple[np.ndarray, np.ndarray] | None = None
     #: with ``against``: (best reference score, its reference item) of every item
     _nearest: tuple[np.ndarray, np.ndarray] | None = None
+    #: ``weakest(n)``: the n weakest pairs ``(i, j, s)``, computed when asked (else from _pairs)
+    _weakest: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
     method: str = "exact"
     recall: Any = None
 
@@ -286,8 +288,12 @@ class DedupResult:
         """
         if n < 0:
             raise InvalidInputError(f"n must be >= 0, got {n}")
-        pi, pj, ps = self._pairs
-        order = np.lexsort((pj, pi, ps.astype(np.float64)))[:n]
+        if self._weakest is not None:
+            pi, pj, ps = self._weakest(n)
+            order = np.arange(len(pi))
+        else:
+            pi, pj, ps = self._pairs
+            order = np.lexsort((pj, pi, ps.astype(np.float64)))[:n]
         table = PairTable(
             pi[order], pj[order], ps[order],
             texts_i=self.texts, texts_j=self.reference_texts if self.reference else self.texts,
