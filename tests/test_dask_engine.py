@@ -52,11 +52,17 @@ def assert_same_pairs(a, b):
     assert a.columns == b.columns and list(a)[:20] == list(b)[:20]
 
 
-def assert_same_dedup(a, b):
+def assert_same_dedup(a, b, *, diagnostics=True):
+    """The same groups, kept and removed items and scores; with ``diagnostics`` also the same
+    ``least_similar_pairs`` and ``explain``. After a partitioned search those two differ by
+    design: one machine scores each group's rows exactly when asked (it holds the vectors and
+    never listed every pair), a cluster reports from the pairs its search found."""
     for name in ("kept", "removed", "duplicate_of"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     assert np.array_equal(a.scores.view(np.uint32), b.scores.view(np.uint32))
     assert len(a.groups) == len(b.groups) and all(np.array_equal(g, h) for g, h in zip(a.groups, b.groups))
+    if not diagnostics:
+        return
     la, lb = a.least_similar_pairs(50), b.least_similar_pairs(50)
     assert np.array_equal(la.i, lb.i) and np.array_equal(la.j, lb.j) and np.array_equal(la.score, lb.score)
     for k in range(0, a.n, max(1, a.n // 7)):
@@ -212,7 +218,7 @@ def assert_partitioned_like_one_machine(store, client, *, threshold=0.8, recall=
     assert a.recall == b.recall
     da = ec.deduplicate(store, threshold=threshold, **kw)
     db = ec.deduplicate(store, threshold=threshold, client=client, **kw)
-    assert_same_dedup(da, db)
+    assert_same_dedup(da, db, diagnostics=False)
     assert da.recall == db.recall and db.method == "partitioned"
     if knn:
         ga, ra = ec.knn_graph(store, 4, return_recall=True, **kw)
