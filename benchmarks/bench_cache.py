@@ -66,43 +66,97 @@ def _disk_bytes(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
 
 
-def scale(sizes: Sequence[int], dim: int, sample: int, repeats: int) -> None:
-    """Lookups, bytes on disk, open and info() at each size in ``sizes``."""
-    rng = np.random.default_rng(0)
-    print(f"cache at scale: {dim}-d float32, lookups of {sample:,} keys in batches of 10,000 "
-          f"(best of {repeats}); peer: a plain diskcache.Cache.get loop (pickled arrays)")
-    print(f"  {'entries':>10} {'peer':<24}{'fill/s':>10}{'B/entry':>9}{'open ms':>9}{'info ms':>9}"
-          f"{'written order/s':>17}{'random order/s':>16}")
+_DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def _drop_page_cache() -> bool:
+    """Write dirty pages and drop the page cache (needs root); False where not allowed."""
+    os.sync()
+    try:
+        with open(_DROP_CACHES, "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def _fill_plain_by_sql(plain: diskcache.Cache, keys: list[str], block: np.ndarray) -> None:
+    """The rows ``plain.set(k, v)`` writes (diskcache's own ``Disk.put``/``Disk.store``: pickled
+    arrays, inline), inserted 900 at a time in one transaction: what a ``set`` loop leaves in
+    the table, many times faster to write at ten million entries."""
+    now = time.time()
+    rows = []
+    for k, v in zip(keys, block):
+        db_key, raw = plain._disk.put(k)
+        size, mode, filename, db_value = plain._disk.store(v, False, key=k)
+        rows += (db_key, raw, now, now, size, mode, filename, db_value)
+    con = plain._con
+    con.execute("BEGIN IMMEDIATE")
+    for s in range(0, len(rows), 8 * 900):
+        part = rows[s : s + 8 * 900]
+        con.execute(
+            "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count,"
+            " tag, size, mode, filename, value) SELECT column1, column2, column3, NULL, column4,"
+            " 0, NULL, column5, column6, column7, column8"
+            f" FROM (VALUES {','.join(['(?,?,?,?,?,?,?,?)'] * (len(part) // 8))})",
+            part,
+        )
+    con.execute("COMMIT")
+
+
+def scale(sizes: Sequence[int], dim: int, sample: int, repeats: int, *, peers: Sequence[str],
+          parent: str | None, batch: int, bulk: int, set_rows: int, cold: bool) -> None:
+    """Fill, lookups, bytes on disk, open and info() at each size in ``sizes``."""
+    fill = f"writes of {batch:,}" if not bulk else f"writes of {bulk:,}, its last tenth in writes of {batch:,}"
+    print(f"cache at scale: {dim}-d float32, filled in {fill}; lookups of {sample:,} keys "
+          f"in batches of 10,000 (warm: best of {repeats}); peer: a plain diskcache.Cache.get loop "
+          f"(pickled arrays)" + (f", filled by set() for its first {set_rows:,} rows and by SQL "
+                                 f"writing the same rows after" if set_rows else ""))
+    print(f"  {'entries':>10} {'peer':<24}{'fill/s':>9}{'end/s':>9}{'fill s':>8}{'B/entry':>8}"
+          f"{'open ms':>9}{'info ms':>9}{'written/s':>11}{'random/s':>10}{'cold/s':>9}")
+    dropped = None
     for n in sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            keys = EmbeddingCache.raw_keys("bench", "m", dim, [f"doc {i}" for i in range(n)])
-            hexkeys = [k.hex() for k in keys]
-            cache = EmbeddingCache(f"{tmp}/ours")
-            plain = diskcache.Cache(f"{tmp}/plain", size_limit=2**62)
-            fill = {}
-            t0 = time.perf_counter()
-            for start in range(0, n, 10_000):
-                cache.put(keys[start : start + 10_000], rng.standard_normal((min(10_000, n - start), dim), dtype=np.float32),
-                          source=("bench", "m", dim))
-            fill["ours"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for start in range(0, n, 10_000):
-                block = rng.standard_normal((min(10_000, n - start), dim), dtype=np.float32)
-                with plain.transact():
-                    for k, v in zip(hexkeys[start : start + 10_000], block):
-                        plain.set(k, v)
-            fill["plain"] = time.perf_counter() - t0
-            cache.close()
-            plain.close()
-            pick = np.random.default_rng(1).choice(n, size=min(sample, n), replace=False)
-            written = np.sort(pick)
-            rows = {}
-            for name in ("ours", "plain"):
+        rows = {}
+        keys = EmbeddingCache.raw_keys("bench", "m", dim, [f"doc {i}" for i in range(n)])
+        hexkeys = [k.hex() for k in keys] if "plain" in peers else []
+        pick = np.random.default_rng(1).choice(n, size=min(2 * sample, n), replace=False)
+        warm, cold_pick = pick[:sample], pick[sample:]
+        orders = {"written": np.sort(warm), "random": warm}
+        for name in peers:
+            rng = np.random.default_rng(0)
+            with tempfile.TemporaryDirectory(dir=parent) as tmp:
+                path = f"{tmp}/{name}"
+                handle = EmbeddingCache(path) if name == "ours" else diskcache.Cache(path, size_limit=2**62)
                 t0 = time.perf_counter()
-                if name == "ours":
-                    handle = EmbeddingCache(f"{tmp}/ours")
-                else:
-                    handle = diskcache.Cache(f"{tmp}/plain")
+                tail = t0
+                tail_start = n - max(n // 10, min(n, batch))
+                start = 0
+                while start < n:
+                    if start >= tail_start and tail == t0:
+                        tail = time.perf_counter()
+                    step = batch if start >= tail_start or not bulk else min(bulk, tail_start - start)
+                    if name == "plain" and start < set_rows:
+                        step = min(step, set_rows - start)
+                    block = rng.standard_normal((min(step, n - start), dim), dtype=np.float32)
+                    if name == "ours":
+                        handle.put(keys[start : start + step], block, source=("bench", "m", dim))
+                    elif start < set_rows or not set_rows:
+                        with handle.transact():
+                            for k, v in zip(hexkeys[start : start + step], block):
+                                handle.set(k, v)
+                        if start + step >= set_rows:
+                            set_rate = min(n, set_rows or n) / (time.perf_counter() - t0)
+                    else:
+                        _fill_plain_by_sql(handle, hexkeys[start : start + step], block)
+                    start += step
+                fill = time.perf_counter() - t0
+                end_rate = (n - tail_start) / (time.perf_counter() - tail)
+                handle.close()
+                size = _disk_bytes(path)
+                if cold:
+                    dropped = _drop_page_cache()
+                t0 = time.perf_counter()
+                handle = EmbeddingCache(path) if name == "ours" else diskcache.Cache(path)
                 opened = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if name == "ours":
@@ -111,32 +165,52 @@ def scale(sizes: Sequence[int], dim: int, sample: int, repeats: int) -> None:
                 else:
                     assert len(handle) == n and handle.volume() > 0
                 info_s = time.perf_counter() - t0
-                rates = []
-                for order in (written, pick):
-                    timer = _Timer()
+
+                def runner(order: np.ndarray) -> Callable[[], None]:
                     if name == "ours":
                         ks = [keys[i] for i in order]
 
-                        def run(ks=ks):
+                        def run() -> None:
                             for s in range(0, len(ks), 10_000):
                                 assert handle.lookup(ks[s : s + 10_000], dim)[0].all()
                     else:
-                        ks = [hexkeys[i] for i in order]
+                        hs = [hexkeys[i] for i in order]
 
-                        def run(ks=ks):
-                            for k in ks:
+                        def run() -> None:
+                            for k in hs:
                                 assert handle.get(k) is not None
+                    return run
+
+                rates = {}
+                if cold and len(cold_pick):  # one pass, keys not read before, page cache dropped
+                    t0 = time.perf_counter()
+                    runner(cold_pick)()
+                    rates["cold"] = len(cold_pick) / (time.perf_counter() - t0)
+                for label, order in orders.items():
+                    timer = _Timer()
+                    run = runner(order)
                     for _ in range(repeats):
                         timer.run(run)
-                    rates.append(len(order) / timer.wall)
+                    rates[label] = len(order) / timer.wall
                 handle.close()
-                rows[name] = rates
-                label = "EmbeddingCache.lookup" if name == "ours" else "diskcache.Cache.get loop"
-                print(f"  {n:>10,} {label:<24}{n / fill[name]:>10,.0f}{_disk_bytes(f'{tmp}/{name}') / n:>9,.0f}"
-                      f"{opened * 1e3:>9.1f}{info_s * 1e3:>9.2f}{rates[0]:>17,.0f}{rates[1]:>16,.0f}")
-            print(f"  {n:>10,} ratio lookup / loop: {rows['ours'][0] / rows['plain'][0]:.2f}x written order, "
-                  f"{rows['ours'][1] / rows['plain'][1]:.2f}x random order "
-                  f"(vector: {4 * dim} B, estimate per entry: {entry_bytes(dim)} B)")
+                del handle
+            rows[name] = rates
+            label = "EmbeddingCache.lookup" if name == "ours" else "diskcache.Cache.get loop"
+            cold_rate = f"{rates['cold']:>9,.0f}" if "cold" in rates else f"{'-':>9}"
+            print(f"  {n:>10,} {label:<24}{n / fill:>9,.0f}{end_rate:>9,.0f}{fill:>8,.1f}{size / n:>8,.0f}"
+                  f"{opened * 1e3:>9.1f}{info_s * 1e3:>9.2f}{rates['written']:>11,.0f}{rates['random']:>10,.0f}"
+                  f"{cold_rate}", flush=True)
+            if name == "plain" and set_rows and set_rows < n:
+                print(f"  {'':>10} (diskcache set() loop over its first {min(set_rows, n):,} rows: "
+                      f"{set_rate:,.0f} rows/s)", flush=True)
+        if len(rows) == 2:
+            ours, plain = rows["ours"], rows["plain"]
+            print(f"  {n:>10,} ratio lookup / loop: "
+                  + ", ".join(f"{ours[k] / plain[k]:.2f}x {k}" for k in ours if k in plain)
+                  + f" (vector: {4 * dim} B, estimate per entry: {entry_bytes(dim)} B)", flush=True)
+    if cold:
+        print("  cold: one pass over keys not read before, the page cache dropped after the fill"
+              if dropped else "  cold: not measured (dropping the page cache needs root)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -144,6 +218,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scale", action="store_true", help="lookups, size, open and info() at --sizes")
     parser.add_argument("--sizes", default="100000,1000000", help="entries of each cache at --scale")
     parser.add_argument("--sample", type=int, default=100_000, help="keys looked up at --scale")
+    parser.add_argument("--peers", default="ours,plain", help="at --scale: ours, plain or both")
+    parser.add_argument("--dir", default=None, help="at --scale: where the caches are made")
+    parser.add_argument("--batch", type=int, default=10_000, help="at --scale: rows per write")
+    parser.add_argument("--bulk", type=int, default=0,
+                        help="at --scale: rows per write before the last tenth of the fill (0: --batch)")
+    parser.add_argument("--set-rows", type=int, default=0,
+                        help="at --scale: fill the peer by set() for this many rows, by SQL after (0: all by set())")
+    parser.add_argument("--cold", action="store_true",
+                        help="at --scale: also a pass from a dropped page cache (needs root)")
     parser.add_argument("--full", action="store_true", help="100,000 vectors instead of 20,000")
     parser.add_argument("-n", type=int, default=None, help="number of cached vectors")
     parser.add_argument("--dim", type=int, default=1024)
@@ -151,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.scale:
         dim = 384 if args.dim == 1024 and "--dim" not in (argv or sys.argv) else args.dim
-        scale([int(x) for x in args.sizes.split(",")], dim, args.sample, min(args.repeats, 3))
+        scale([int(x) for x in args.sizes.split(",")], dim, args.sample, min(args.repeats, 3),
+              peers=args.peers.split(","), parent=args.dir, batch=args.batch, bulk=args.bulk, set_rows=args.set_rows,
+              cold=args.cold)
         return
     n = args.n or (100_000 if args.full else 20_000)
     dim = args.dim

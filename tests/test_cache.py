@@ -580,6 +580,30 @@ def test_sql_chunk_size_comes_from_config(cache):
     assert chunks == [5, 5, 5, 5, 3]
 
 
+def test_a_write_of_new_and_stored_keys_across_chunks_keeps_order_and_counts(cache):
+    # the new rows of a write go in one INSERT per chunk: every one must land, in the order
+    # given (rowids follow the batch, so a batch re-read in order reads neighbouring rows),
+    # and fire the count triggers once each
+    rng = np.random.default_rng(3)
+    raw = [bytes.fromhex(key(str(i))) for i in range(23)]
+    stored = raw[::3]  # 8 keys already in the cache when the second write comes
+    with _config.override(CACHE_SQL_CHUNK=4):
+        cache.put(stored, rng.standard_normal((8, 3), dtype=np.float32), source=("ns", "m", 3))
+        second = rng.standard_normal((23, 3), dtype=np.float32)
+        cache.put(raw, second, source=("ns", "m", 3))
+    found, got = cache.lookup(raw, 3)
+    assert found.all()
+    np.testing.assert_array_equal(got, second)
+    assert len(cache) == 23
+    (ns,) = cache.info()["namespaces"]
+    assert ns["entries"] == 23 and ns["vector_dimensions"] == 3
+    con = db(cache)
+    order = [k for (k,) in con.execute("SELECT key FROM Cache ORDER BY rowid")]
+    con.close()
+    new = [k for k in raw if k not in stored]
+    assert [k for k in order if k not in stored] == new
+
+
 # ----------------------------------------------------------------------------- faults of the machine
 
 
