@@ -80,7 +80,10 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None)
 
     Up to a few queries the corpus is streamed once through all threads (memory-bound);
     for more, BLAS multiplies blocks of queries and corpus rows and a fused scan keeps a
-    heap per query, rescoring exactly the few candidates near its current k-th best.
+    heap per query, rescoring exactly the few candidates near its current k-th best. Each
+    of numba's threads takes corpus blocks in turn and runs both steps on them (BLAS limited
+    to one thread for the duration of the call, through threadpoolctl), keeping heaps of
+    its own that are merged at the end.
     """
     metric = check_metric(metric)
     q32 = as_float32(queries, "queries")
