@@ -1,11 +1,13 @@
 """Benchmark the similarity kernels against their peers, side by side, in one run.
 
     python benchmarks/bench_kernels.py topk  [--full] [--queries 1,100,1000]
+                                             [--sizes 50000,200000,1000000] [--k 10]
     python benchmarks/bench_kernels.py pairs [--full] [--st]
 
 Quick mode (default, about a minute): 50,000 x 384 corpus for top-k (the slow peers,
 usearch and semantic_search, only up to 100 queries), 10,000 x 384 for pairs. ``--full``: the sizes of the performance targets (1,000,000 x 384, k=10; pairs on
-100,000 x 384 with 1,000 planted near-duplicates, threshold 0.95).
+100,000 x 384 with 1,000 planted near-duplicates, threshold 0.95). ``--sizes`` runs top-k
+on several corpus sizes in one run (the target holds from 50,000 to 1,000,000 rows).
 
 Every case runs in a fresh subprocess that builds the same data from a seed, warms up
 (compiles), then times one call; "extra" is the growth of the peak resident set
@@ -193,6 +195,31 @@ def _print_env() -> None:
         print("  (threadpoolctl not installed)")
 
 
+def _topk_rows(a, names, n: int, d: int, nq: int) -> None:
+    rows = {}
+    for name in names:
+        if name == "embedcache-f16-dot" and nq > 1:
+            continue
+        if not a.full and nq > 100 and name in ("usearch", "semantic_search"):
+            continue  # slow peers: only with --full
+        spec = {"kind": "topk", "name": name, "n": n, "d": d, "nq": nq, "k": a.k,
+                "repeat": 3 if nq == 1 else 1}
+        rows[name] = _run(spec, a.timeout)
+    ref = rows.get("faiss", {}).get("seconds")
+    gemm = rows.get("gemm", {}).get("seconds")
+    print(f"{nq} queries")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"  {name:<20} {r['error']}")
+            continue
+        ratio = f"{r['seconds'] / ref:5.2f}x faiss" if ref else ""
+        gf = 2 * nq * n * d / r["seconds"] / 1e9
+        frac = f"{gemm / r['seconds']:4.0%} of GEMM rate" if gemm else ""
+        print(f"  {name:<20} {r['seconds'] * 1e3:9.1f} ms  {ratio:>13}  "
+              f"+{r['extra_mib']:7.1f} MiB  {gf:6.1f} GFLOP/s {frac}  "
+              f"(first call {r['first_call']:.2f} s)")
+
+
 def main() -> None:
     if any(v in os.environ for v in _STRIP):
         env = {k: v for k, v in os.environ.items() if k not in _STRIP}
@@ -204,6 +231,8 @@ def main() -> None:
     p.add_argument("what", choices=["topk", "pairs"])
     p.add_argument("--full", action="store_true", help="the target sizes (slow)")
     p.add_argument("--queries", default=None, help="comma-separated query counts")
+    p.add_argument("--sizes", default=None, help="comma-separated top-k corpus sizes")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query in top-k")
     p.add_argument("--peers", default=None, help="comma-separated subset of cases")
     p.add_argument("--st", action="store_true", help="include paraphrase_mining (slow)")
     p.add_argument("--timeout", type=float, default=300.0)
@@ -211,36 +240,19 @@ def main() -> None:
     _print_env()
     d = 384
     if a.what == "topk":
-        n = 1_000_000 if a.full else 50_000
+        if a.sizes:
+            sizes = [int(c) for c in a.sizes.split(",")]
+        else:
+            sizes = [1_000_000 if a.full else 50_000]
         counts = [int(c) for c in (a.queries or "1,100,1000").split(",")]
         names = ["embedcache-dot", "embedcache-cosine", "embedcache-f16-dot", "faiss",
                  "numpy", "semantic_search", "usearch", "gemm"]
         if a.peers:
             names = [x for x in names if x in a.peers.split(",")]
-        print(f"top-k, k=10, corpus {n:,} x {d} normalized float32")
-        for nq in counts:
-            rows = {}
-            for name in names:
-                if name == "embedcache-f16-dot" and nq > 1:
-                    continue
-                if not a.full and nq > 100 and name in ("usearch", "semantic_search"):
-                    continue  # slow peers: only with --full
-                spec = {"kind": "topk", "name": name, "n": n, "d": d, "nq": nq, "k": 10,
-                        "repeat": 3 if nq == 1 else 1}
-                rows[name] = _run(spec, a.timeout)
-            ref = rows.get("faiss", {}).get("seconds")
-            gemm = rows.get("gemm", {}).get("seconds")
-            print(f"\n{nq} queries")
-            for name, r in rows.items():
-                if "error" in r:
-                    print(f"  {name:<20} {r['error']}")
-                    continue
-                ratio = f"{r['seconds'] / ref:5.2f}x faiss" if ref else ""
-                gf = 2 * nq * n * d / r["seconds"] / 1e9
-                frac = f"{gemm / r['seconds']:4.0%} of GEMM rate" if gemm else ""
-                print(f"  {name:<20} {r['seconds'] * 1e3:9.1f} ms  {ratio:>13}  "
-                      f"+{r['extra_mib']:7.1f} MiB  {gf:6.1f} GFLOP/s {frac}  "
-                      f"(first call {r['first_call']:.2f} s)")
+        for n in sizes:
+            print(f"\ntop-k, k={a.k}, corpus {n:,} x {d} normalized float32")
+            for nq in counts:
+                _topk_rows(a, names, n, d, nq)
     else:
         n = 100_000 if a.full else 10_000
         names = ["embedcache", "numpy-triangle", "faiss-range", "gemm-triangle"]

@@ -18,8 +18,11 @@ import sys
 from collections.abc import Iterator
 
 # --- kernels: rows per block; the score tile of one block is (query rows) x (corpus rows) float32
-#: corpus rows per block in top_k
-TOPK_CORPUS_BLOCK = 4096
+#: fewest corpus rows per block in top_k
+TOPK_CORPUS_BLOCK = 2048
+#: bytes of one top_k score tile (query rows x corpus rows float32); it should stay in the
+#: last-level cache between the BLAS call that writes it and the scan that reads it
+TOPK_TILE_BYTES = 16 * 1024 * 1024
 #: query rows per block in top_k
 TOPK_QUERY_BLOCK = 1024
 #: largest corpus block top_k grows to when it streams few queries

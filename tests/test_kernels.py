@@ -850,3 +850,82 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache():
     second = runs[1]
     assert second["cached"] >= 10
     assert second["misses"] == [] and second["hits"] > 0
+
+
+# ----------------------------------------------------------------------------------------
+# top_k block shapes and threads
+# ----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 200),
+    st.integers(17, 40),
+    st.integers(1, 12),
+    st.sampled_from(["cosine", "dot"]),
+    st.sampled_from([31, 32, 33, 64, 100]),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_top_k_blocks_around_the_scan_groups(n, nq, k, metric, block, masked, seed):
+    # corpus blocks just below, at and above the scan's group of 32 scores, split across
+    # threads or folded on one: bit for bit the plain reference, ties to the lower index
+    rng = np.random.default_rng(seed)
+    corpus = rng.integers(-2, 3, size=(n, 6)).astype(np.float32)
+    corpus[rng.integers(0, n, size=n // 3)] = corpus[0]  # many exact ties
+    queries = np.concatenate([corpus[: min(n, nq // 2)], rng.standard_normal((nq, 6))])[:nq]
+    queries = queries.astype(np.float32)
+    mask = rng.random(n) < 0.7 if masked else None
+    with _config.override(TOPK_CORPUS_BLOCK=block, TOPK_MAX_BLOCK=block):
+        s, i = top_k(queries, corpus, k, metric=metric, mask=mask, exclude_self=masked)
+    own = (cosine_similarity if metric == "cosine" else dot_similarity)(queries, corpus)
+    es, ei = naive.top_k(queries, corpus, k, mask=mask, exclude_self=masked, scores=own)
+    np.testing.assert_array_equal(i, ei)
+    np.testing.assert_array_equal(s, es.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("n", "rows", "tile", "least", "most", "expected"),
+    [
+        (50_000, 1000, 16 << 20, 2048, 65536, 4167),  # 12 equal blocks of the 4194 that fit
+        (4194, 1000, 16 << 20, 2048, 65536, 4194),  # one block, exactly the corpus
+        (4195, 1000, 16 << 20, 2048, 65536, 2098),  # one row more: two halves, not 4194 + 1
+        (10**6, 17, 16 << 20, 2048, 65536, 62500),  # few queries: 16 blocks, at most the longest
+        (10**6, 1024, 1 << 20, 2048, 65536, 2045),  # 489 blocks of about the shortest
+        (3, 1000, 16 << 20, 2048, 65536, 3),
+    ],
+)
+def test_top_k_corpus_block_sizes(n, rows, tile, least, most, expected):
+    from embedcache.kernels.topk import _corpus_block
+
+    with _config.override(TOPK_TILE_BYTES=tile, TOPK_CORPUS_BLOCK=least, TOPK_MAX_BLOCK=most):
+        block = _corpus_block(n, rows, True)
+    assert block == expected
+    count = -(-n // block)
+    assert count * block - n < count  # equal blocks: the last is short by less than one row each
+
+
+def test_top_k_threads_restore_blas_threads_and_run_concurrently():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    corpus = float_matrix(300, 16, 3)
+    queries = float_matrix(40, 16, 4)
+    with blocks(37):
+        expected = top_k(queries, corpus, 7)
+        with ThreadPoolExecutor(4) as pool:  # overlapping calls: the last one out restores
+            results = list(pool.map(lambda _: top_k(queries, corpus, 7), range(8)))
+        assert blas_threads() == before
+        for s, i in results:
+            np.testing.assert_array_equal(s, expected[0])
+            np.testing.assert_array_equal(i, expected[1])
+        bad = corpus.copy()
+        bad[[100, 250]] = np.nan
+        with pytest.raises(InvalidInputError, match="row 100"):
+            top_k(queries, bad, 7)
+    assert blas_threads() == before

@@ -130,7 +130,7 @@ def _heap_replace_root(hs, hi, s, j):
 # numba vectorizes a plain serial function better than the body of a prange loop.
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _row_stats_chunk(x, inv, norm):
     bad = -1
     for i in range(x.shape[0]):
@@ -236,24 +236,52 @@ def _select_tile(
         )
 
 
+# scores per group in the top-k scan: a group is tested with one vectorized pass, and only a
+# group holding a candidate is walked one score at a time
+_SCAN_GROUP = 32
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _select_rows(
+    s, queries, inv_q, margin_q, rel, block, inv_c, filt_c, col0, row0, cosine,
+    mask, use_mask, exclude_self, heap_s, heap_i,
+):
+    """As :func:`_select_tile` on the calling thread only, without the GIL."""
+    for r in range(s.shape[0]):
+        q = row0 + r
+        _select_row(
+            s[r], q, queries[q], inv_q[q], margin_q[q], rel, block, inv_c, filt_c, col0,
+            cosine, mask, use_mask, exclude_self, heap_s[q], heap_i[q],
+        )
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _select_row(
     srow, q, qrow, iq, margin, rel, block, inv_c, filt_c, col0, cosine,
     mask, use_mask, exclude_self, hs, hi,
 ):
     cut = _cutoff(hs[0], margin, rel)
-    for c in range(srow.shape[0]):
-        v = srow[c] * filt_c[c]
-        if not v < cut:  # NaN (a row too small for the filter) is a candidate
-            j = col0 + c
-            if use_mask and not mask[j]:
+    n = srow.shape[0]
+    g = _SCAN_GROUP
+    for c0 in range(0, n, g):
+        if c0 + g <= n:
+            hits = 0
+            for c in range(c0, c0 + g):
+                hits += not srow[c] * filt_c[c] < cut
+            if hits == 0:
                 continue
-            if exclude_self and j == q:
-                continue
-            e = _pair_score(qrow, block[c], iq, inv_c[c], cosine)
-            if _better(e, j, hs[0], hi[0]):
-                _heap_replace_root(hs, hi, e, j)
-                cut = _cutoff(hs[0], margin, rel)
+        for c in range(c0, min(c0 + g, n)):
+            v = srow[c] * filt_c[c]
+            if not v < cut:  # NaN (a row too small for the filter) is a candidate
+                j = col0 + c
+                if use_mask and not mask[j]:
+                    continue
+                if exclude_self and j == q:
+                    continue
+                e = _pair_score(qrow, block[c], iq, inv_c[c], cosine)
+                if _better(e, j, hs[0], hi[0]):
+                    _heap_replace_root(hs, hi, e, j)
+                    cut = _cutoff(hs[0], margin, rel)
 
 
 # ----------------------------------------------------------------------------------------
