@@ -365,7 +365,7 @@ def test_interrupted_run_leaves_no_output(tmp_path):
     env.update(EMBEDCACHE_DIR=str(tmp_path / "cache"), OPENAI_API_KEY="test-key")
     (tmp_path / "k.jsonl").write_text("previous result\n")
     with FakeEmbeddingServer(dimensions=8, api_key="test-key") as server:
-        server.push(Fault.slow(3.0))
+        server.push(Fault.slow(30.0))  # long enough for a busy machine; released when the server stops
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedcache.cli", "dedup", str(EXAMPLE), "-o", "k.jsonl",
              "--base-url", server.base_url, "--model", "test-embed-small", "--timeout", "10"],

@@ -16,7 +16,7 @@ pytest.importorskip("starlette", reason="needs the server extra")  # installed b
 
 from embedcache import CachedEmbedder, EmbeddingCache, OpenAIEmbeddings  # noqa: E402
 from embedcache.testing import FakeEmbeddingServer, expected_vector  # noqa: E402
-from tests.support.proxy import CLIENT_KEY, UPSTREAM_KEY, running_proxy  # noqa: E402
+from tests.support.proxy import CLIENT_KEY, UPSTREAM_KEY, running_proxy, wait_written  # noqa: E402
 
 MODEL = "test-embed-small"
 DIM = 8
@@ -197,6 +197,7 @@ def test_library_and_proxy_share_one_cache_both_ways(proxy, upstream, cache_dir)
         assert len(upstream.embedding_requests) == before
         assert _post(proxy, {"model": MODEL, "input": ["embedded by the proxy"]}).headers[
             "x-embedcache-misses"] == "1"
+        wait_written(proxy)  # answered first, committed in the background (milliseconds)
         before = len(upstream.embedding_requests)
         X = emb.embed(["embedded by the proxy"])
         assert emb.stats.hits == 1 and len(upstream.embedding_requests) == before

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections import OrderedDict
 
 import httpx
@@ -18,7 +17,7 @@ pytest.importorskip("starlette", reason="needs the server extra")  # installed b
 from embedcache import EmbeddingCache, OpenAIEmbeddings, _config  # noqa: E402
 from embedcache.server._memory import ENTRY_OVERHEAD, RecentVectors  # noqa: E402
 from embedcache.testing import FakeEmbeddingServer, expected_vector  # noqa: E402
-from tests.support.proxy import UPSTREAM_KEY, running_proxy  # noqa: E402
+from tests.support.proxy import UPSTREAM_KEY, running_proxy, wait_written  # noqa: E402
 
 MODEL = "test-embed-small"
 DIM = 8
@@ -45,13 +44,6 @@ def _on_disk(upstream, cache, texts):
                            for t in texts])
 
 
-def _wait_written(proxy, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while proxy.upstream.writer.pending:
-        assert time.monotonic() < deadline, "the writer did not finish"
-        time.sleep(0.01)
-
-
 def test_answered_before_written_and_served_from_memory_until_then(upstream, tmp_path):
     cache_dir = str(tmp_path)
     # no recent-vector memory: only the pending map serves what is not on disk
@@ -76,7 +68,7 @@ def test_answered_before_written_and_served_from_memory_until_then(upstream, tmp
         finally:
             other.rollback()
             other.close()
-        _wait_written(p)
+        wait_written(p)
         on_disk = _on_disk(upstream, reader, ["pending one", "pending two", "fresh three"])
         for t, v in zip(["pending one", "pending two", "fresh three"], on_disk):
             np.testing.assert_array_equal(v, expected_vector(t, DIM))
@@ -93,7 +85,7 @@ def test_recent_vectors_are_bounded_and_equal_the_caches(upstream, tmp_path):
         for start in range(0, 50, 7):
             _post(p, texts[start:start + 7])
             assert recent.nbytes <= budget and len(recent) <= 10
-        _wait_written(p)
+        wait_written(p)
         before = len(upstream.embedding_requests)
         r = _post(p, texts)  # 40 from the disk, 10 from memory: all hits, each vector its own
         assert r.headers["x-embedcache-misses"] == "0" and len(upstream.embedding_requests) == before

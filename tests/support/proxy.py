@@ -57,3 +57,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+
+def wait_written(proxy: RunningProxy, timeout: float = 30.0) -> None:
+    """Wait until the proxy has committed every vector it answered to the cache (misses are
+    answered first and written in the background)."""
+    deadline = time.monotonic() + timeout
+    while proxy.upstream.writer.pending:
+        assert time.monotonic() < deadline, f"the proxy's cache writes did not commit within {timeout:g} s"
+        time.sleep(0.01)
