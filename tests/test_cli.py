@@ -365,11 +365,14 @@ def test_interrupted_run_leaves_no_output(tmp_path):
     env.update(EMBEDCACHE_DIR=str(tmp_path / "cache"), OPENAI_API_KEY="test-key")
     (tmp_path / "k.jsonl").write_text("previous result\n")
     with FakeEmbeddingServer(dimensions=8, api_key="test-key") as server:
-        server.push(Fault.slow(30.0))  # long enough for a busy machine; released when the server stops
+        server.push(Fault.slow(3.0))
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedcache.cli", "dedup", str(EXAMPLE), "-o", "k.jsonl",
              "--base-url", server.base_url, "--model", "test-embed-small", "--timeout", "10"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # a test run started in the background (`cmd &`, nohup) ignores SIGINT, and so would
+            # the child: Python only turns SIGINT into KeyboardInterrupt when it starts with the default
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 60
         while not server.requests and time.monotonic() < deadline:
