@@ -12,7 +12,7 @@ from embedcache import _config
 from embedcache.index import PartitionIndex, _partition, _recall, partitioned_pairs
 from embedcache.index._cells import assign, assign_two_level, coarse_groups
 from tests.support.strategies import matrices
-from tests.test_index import _giant_and_block, clustered
+from tests.test_index import _giant_and_block, calibration_runs, clustered
 
 
 def brute(x, cent):
@@ -102,17 +102,8 @@ def test_two_level_probing_through_every_group_is_the_exact_cell_order():
 
 
 def test_calibrated_recall_holds_on_two_level_cells():
-    reached = covered = 0
     runs = 4
-    with _config.override(INDEX_RECALL_SAMPLE=400, INDEX_MIN_CELL=16, INDEX_TWO_LEVEL_CELLS=8,
-                          INDEX_COARSE_PROBES=2):
-        for seed in range(runs):
-            x = _giant_and_block(2500, seed=seed)
-            ei, ej, _ = ec.similar_pairs(x, 0.8)
-            i, j, _, rec = partitioned_pairs(x, 0.8, recall=0.95, seed=seed, cells=40)
-            true = len(i) / len(ei)
-            reached += true >= 0.95
-            covered += rec.low <= true <= rec.high
+    reached, covered = calibration_runs(runs, INDEX_TWO_LEVEL_CELLS=8, INDEX_COARSE_PROBES=2)
     assert reached >= runs - 1
     assert covered >= runs - 1
 

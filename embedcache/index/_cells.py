@@ -96,16 +96,17 @@ def nearest(x: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
     return out
 
 
-def probe_order(x: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
+def probe_order(x: np.ndarray, centroids: np.ndarray, probes: int,
+                groups: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(n, min(probes, cells)) int64: the cells a partitioned search probes for each row of
     ``x``, in order: :func:`nearest`, or above ``INDEX_TWO_LEVEL_CELLS`` cells (unless every
     cell is probed) :func:`nearest_two_level` through :func:`coarse_groups` (-1 where a row
     has fewer candidates). One function for every caller, so one machine and a cluster probe
-    the same cells."""
+    the same cells. ``groups``: ``coarse_groups(centroids)`` when the caller keeps it."""
     p = min(probes, len(centroids))
     if len(centroids) <= _config.INDEX_TWO_LEVEL_CELLS or p >= len(centroids):
         return nearest(x, centroids, p)
-    coarse, member = coarse_groups(centroids)
+    coarse, member = coarse_groups(centroids) if groups is None else groups
     return nearest_two_level(x, centroids, coarse, member, None, p)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from embedcache import _config, kernels
 from embedcache._validation import check_int
-from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest, nearest_two_level
+from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest, probe_order
 from embedcache.index._merge import NO_INDEX, merge_topk
 from embedcache.index._recall import _rank
 from embedcache.index._source import ArraySource, source_of
@@ -94,11 +94,7 @@ class PartitionIndex:
         in order. :meth:`nearest_cells` unless :attr:`two_level`; then the nearest among the
         cells of the row's ``INDEX_COARSE_PROBES`` nearest coarse groups (-1 where fewer),
         and every cell when ``probes`` covers them all (the exact answer)."""
-        p = min(probes, self.cells)
-        if not self.two_level or p >= self.cells:
-            return self.nearest_cells(q, p)
-        coarse, member = self._groups()
-        return nearest_two_level(q, self.centroids, coarse, member, None, p)
+        return probe_order(q, self.centroids, probes, self._groups() if self.two_level else None)
 
     def probes_needed(self, q: np.ndarray, rows: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """For each k: the fewest probes with which row ``rows[k]`` of ``q`` probes cell
