@@ -25,6 +25,7 @@ from test_dask_engine import (
     SMALL_INDEX,
     assert_partitioned_like_one_machine,
     assert_same_dedup,
+    assert_same_against,
     assert_same_pairs,
     built_index,
     clustered_vectors,
@@ -137,6 +138,31 @@ def test_store_index_with_a_scheduler_writes_the_index_of_one_machine(client, ru
                               f"cannot reach the Dask scheduler at {gone}")
 
 
+def test_dedup_against_a_reference_on_a_local_cluster_gives_the_answer_of_one_machine(client, run, tmp_path):
+    x = near_dup_vectors(200)
+    make_store(tmp_path / "vs", x[:120], dtype="float16", delete=(5, 60)).close()
+    ref = x[100:].copy()
+    ref[[0, 1, 2]] = ref[3]  # copies in the reference: the first one is named
+    make_store(tmp_path / "ref", ref, delete=(7,)).close()
+    with _config.override(ENGINE_BLOCK_ROWS=17), ec.VectorStore(tmp_path / "vs") as store, \
+            ec.VectorStore(tmp_path / "ref") as reference:
+        for against in (reference, ref):  # a store the workers read; vectors sent to them
+            one = ec.deduplicate(store, threshold=0.85, against=against, progress=False)
+            assert_same_against(one, ec.deduplicate(store, threshold=0.85, against=against, client=client,
+                                                    progress=False))
+            assert 10 < len(one.removed) < 110
+        # from the shell: the same files
+        address = client.scheduler.address
+        here = run("dedup", "vs", "--against", "ref", "-t", "0.85", "-o", "here.jsonl", "--duplicates", "here.csv",
+                   "-q", inproc=True)
+        there = run("dedup", "vs", "--against", "ref", "-t", "0.85", "-o", "there.jsonl", "--duplicates",
+                    "there.csv", "--scheduler", address, inproc=True)
+    assert here.stdout.replace("here.", "") == there.stdout.replace("there.", "")
+    assert (tmp_path / "here.csv").read_text() == (tmp_path / "there.csv").read_text()
+    assert (tmp_path / "here.jsonl").read_text() == (tmp_path / "there.jsonl").read_text()
+    assert f"ran on the Dask cluster at {address}" in there.stderr
+
+
 @pytest.mark.parametrize("method", ["exact", "partitioned"])
 def test_a_worker_killed_mid_job_changes_nothing(client, tmp_path, method):
     x = near_dup_vectors(3000, d=32) if method == "exact" else clustered_vectors(1200, d=32)
@@ -203,7 +229,6 @@ def test_an_unreachable_scheduler_is_one_clear_line(run, tmp_path):
     for args, fragments in [
         (("dedup", "rows.txt", "-o", "kept.txt"), ("--scheduler runs jobs over a vector store", "rows.txt is a file")),
         (("graph", "rows.txt", "-o", "g.npz"), ("--scheduler runs jobs over a vector store", "rows.txt is a file")),
-        (("dedup", "vs", "-o", "kept.jsonl", "--against", "rows.txt"), ("--scheduler does not take --against",)),
     ]:
         assert_one_line_error(run(*args, "--scheduler", address, ok=False, inproc=True), *fragments)
     assert not {"p.csv", "kept.jsonl", "kept.txt", "g.npz"} & {p.name for p in tmp_path.iterdir()}

@@ -27,7 +27,7 @@ from embedcache.store import VectorStore
 from embedcache.workflows._prepare import _method, _Prepared, _progress_bar
 from embedcache.workflows.pairs import _Pairs
 
-__all__ = ["cluster_knn", "cluster_pairs", "store_items"]
+__all__ = ["cluster_against", "cluster_knn", "cluster_pairs", "store_items"]
 
 
 class _StoreItems(_Prepared):
@@ -50,7 +50,7 @@ class _StoreItems(_Prepared):
         return kernels.pair_scores(x, np.arange(m), np.arange(m, 2 * m))
 
 
-def store_items(items: Any, *, against: Any = None) -> _StoreItems:
+def store_items(items: Any) -> _StoreItems:
     """The items of a job with ``client=``: the live rows of a store, in the order of ``ids()``."""
     from embedcache.engine._jobs import store_state
 
@@ -59,8 +59,6 @@ def store_items(items: Any, *, against: Any = None) -> _StoreItems:
             "client= runs jobs over a VectorStore, whose segment files the workers read; got "
             f"{type(items).__name__} (run without client=, or add the vectors to a store first)"
         )
-    if against is not None:
-        raise InvalidInputError("client= does not take against= yet; run without client= for a reference set")
     view, rows = store_state(items, ids=True)
     key = view.text_key
     texts = [m.get(key) if isinstance(m, dict) else None for _, m in rows]
@@ -101,6 +99,22 @@ def cluster_pairs(p: _StoreItems, threshold: float, client: Any, progress: bool 
     ui, uj, us = ui[pos], uj[pos], rs[pos]
     order = np.lexsort((uj, ui, -us.astype(np.float64)))
     return _Pairs(inv, p.first, ui[order], uj[order], us[order], copy_score)
+
+
+def cluster_against(p: _StoreItems, ref: _Prepared, client: Any, progress: bool | None):
+    """For each distinct row of ``p`` (each live row of its store), the score and distinct row
+    of ``ref`` of its best reference row, found by the engine of ``client``: what one machine
+    finds with ``top_k(p.x, ref.x, 1)``. A reference store is read by the workers (every row:
+    its exact copies are not collapsed, and ties go to the lower row, the first of a class of
+    copies, as one machine's ``ref.first`` picks); a reference array is sent to them once."""
+    from embedcache.engine import engine_for
+    from embedcache.engine._jobs import against_job
+
+    engine = engine_for(client)
+    kw: dict[str, Any] = ({"ref_store": ref.store, "ref_view": ref.view} if isinstance(ref, _StoreItems)
+                          else {"reference": ref.x})
+    return against_job(p.store, p.view, engine, **kw,
+                       progress=lambda total: _progress_bar(progress, total, "against", "tasks"))
 
 
 def _partitioned_pairs(p: _StoreItems, threshold: float, engine: Any, progress: bool | None, method: str,
