@@ -191,10 +191,20 @@ def merge_pairs(parts, n: int):
         return e, e.copy(), np.empty(0, np.float32)
     i, j, s = (np.concatenate(p) for p in zip(*parts))
     a, b = np.minimum(i, j), np.maximum(i, j)
-    _, first = np.unique(a * n + b, return_index=True)  # a pair found from both sides: once
+    first = first_of_each(a * n + b)  # a pair found from both sides: once, in (a, b) order
     a, b, s = a[first], b[first], s[first]
-    order = np.lexsort((b, a, -s))
+    order = np.argsort(-s, kind="stable")  # then by score: ties stay in (a, b) order
     return a[order], b[order], s[order]
+
+
+def first_of_each(keys: np.ndarray) -> np.ndarray:
+    """Where each distinct value of ``keys`` first occurs, in increasing order of the values
+    (``np.unique(keys, return_index=True)[1]``, with one sort)."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    head = np.ones(len(sk), bool)
+    head[1:] = sk[1:] != sk[:-1]
+    return order[head]
 
 
 def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, parent: np.ndarray, bar=None):

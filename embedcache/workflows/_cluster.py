@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from embedcache import _config, kernels
-from embedcache.errors import InvalidInputError, InvalidInputTypeError
+from embedcache.errors import InvalidInputTypeError
 from embedcache.index import partitioned_knn, partitioned_pairs
 from embedcache.index._copies import classes
+from embedcache.index._partition import first_of_each
 from embedcache.store import VectorStore
 from embedcache.workflows._prepare import _method, _Prepared, _progress_bar
 from embedcache.workflows.pairs import _Pairs
@@ -95,9 +96,9 @@ def cluster_pairs(p: _StoreItems, threshold: float, client: Any, progress: bool 
     ri, rj, rs = inv[i[other]], inv[j[other]], s[other]
     ui, uj = np.minimum(ri, rj), np.maximum(ri, rj)
     # pairs of items expand pairs of distinct rows: keep each pair of rows once
-    _, pos = np.unique(ui * len(p.first) + uj, return_index=True)
+    pos = first_of_each(ui * len(p.first) + uj)  # in (ui, uj) order
     ui, uj, us = ui[pos], uj[pos], rs[pos]
-    order = np.lexsort((uj, ui, -us.astype(np.float64)))
+    order = np.argsort(-us.astype(np.float64), kind="stable")
     return _Pairs(inv, p.first, ui[order], uj[order], us[order], copy_score)
 
 
