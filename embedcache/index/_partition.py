@@ -185,16 +185,22 @@ def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndar
 def merge_pairs(parts, n: int):
     """The ``(i, j, s)`` parts of a search as one list: each pair once (i < j), sorted by score
     descending, then i, then j. A pair found twice has the same score both times."""
-    parts = list(parts)
-    if not parts:
+    keys, scores = [], []
+    for i, j, s in parts:  # each part sorted as it comes, while a cluster's other tasks run
+        key = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
+        order = np.argsort(key, kind="stable")
+        keys.append(key[order])
+        scores.append(np.asarray(s)[order])
+    if not keys:
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
-    i, j, s = (np.concatenate(p) for p in zip(*parts))
-    a, b = np.minimum(i, j), np.maximum(i, j)
-    first = first_of_each(a * n + b)  # a pair found from both sides: once, in (a, b) order
-    a, b, s = a[first], b[first], s[first]
+    key, s = np.concatenate(keys), np.concatenate(scores)
+    del keys, scores
+    first = first_of_each(key)  # a pair found from both sides: once; merges the sorted runs
+    key, s = key[first], s[first]
     order = np.argsort(-s, kind="stable")  # then by score: ties stay in (a, b) order
-    return a[order], b[order], s[order]
+    key, s = key[order], s[order]
+    return key // n, key % n, s
 
 
 def first_of_each(keys: np.ndarray) -> np.ndarray:
