@@ -10,7 +10,8 @@ A job is a list of small task descriptions, run by an engine, and merged on the 
             yields ``(task number, result)`` as tasks finish; :class:`Counted` adds a
             progress bar of the tasks of every job an engine runs
 ``_jobs``   the store's jobs: the task lists (tiles of the upper triangle, blocks against the
-            store) and the merge of their results on the client
+            store, blocks against a reference set) and the merge of their results on the
+            client
 ``_source`` the store's rows as a source of rows for the partition index
             (:mod:`embedcache.index`): its scans (assignment to cells, nearest cells, the
             recall calibration's exact side) and its search (a task per group of cells) as
