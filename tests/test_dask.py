@@ -8,6 +8,7 @@ that cannot see the store, or a scheduler that cannot be reached, is one clear e
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 from test_cli import assert_one_line_error, run  # noqa: F401 (run: a fixture)
 from test_dask_engine import (
     SMALL_INDEX,
     assert_partitioned_like_one_machine,
     assert_same_dedup,
+    assert_same_against,
     assert_same_pairs,
     built_index,
     clustered_vectors,
@@ -88,6 +90,77 @@ def test_the_partitioned_method_on_a_local_cluster_gives_the_answers_of_one_mach
         assert built_index(store, seed=1) == built_index(store, seed=1, client=client)
     assert table.recall.probes >= 1 and 0 < table.recall.estimate <= 1
     store.close()
+
+
+def _index_files(path):
+    """The committed index of the store at ``path``: its description (less the commit's
+    numbers) and the bytes of its files."""
+    import json
+
+    with ec.VectorStore(path) as store, store._txn.reading() as view:
+        desc = json.loads(view.settings["index"])
+    files = [(path / f["file"]).read_bytes() for f in desc["files"]]
+    return {k: v for k, v in desc.items() if k not in ("number", "generation", "files")}, files
+
+
+def test_store_index_with_a_scheduler_writes_the_index_of_one_machine(client, run, tmp_path, capsys):
+    address = client.scheduler.address
+    make_store(tmp_path / "vs", clustered_vectors(400), dtype="float16", delete=(4, 77, 399)).close()
+    with _config.override(ENGINE_BLOCK_ROWS=50, **SMALL_INDEX):  # cells split, probes calibrated
+        here = run("store", "index", "vs", "--seed", "2", inproc=True)
+        seed2 = _index_files(tmp_path / "vs")
+        with get_task_stream(client) as ts:
+            there = run("store", "index", "vs", "--seed", "2", "--scheduler", address, inproc=True)
+        assert _index_files(tmp_path / "vs") == seed2
+        assert len([t for t in ts.data if "embedcache-assign-block" in str(t["key"])]) >= 8  # 397 rows / 50
+        same = re.sub(r"generation \d+", "", here.stdout)  # one commit later
+        assert re.sub(r"generation \d+", "", there.stdout) == same and "indexed 397 rows" in same
+        assert f"ran on the Dask cluster at {address} (2 workers)" in there.stderr
+        # the variable names the scheduler too; --cells is passed on
+        run("store", "index", "vs", "--cells", "5", "-q", inproc=True)
+        expected = _index_files(tmp_path / "vs")
+        there = run("store", "index", "vs", "--cells", "5", "-q", inproc=True,
+                    extra_env={"EMBEDCACHE_SCHEDULER": address})
+        assert _index_files(tmp_path / "vs") == expected and there.stderr == ""
+        # the progress bar counts the cluster's tasks: every scan adds its tasks to the total
+        capsys.readouterr()
+        with ec.VectorStore(tmp_path / "vs") as store, get_task_stream(client) as ts:
+            store.create_index(seed=2, client=client, progress=True)
+        tasks = [t for t in ts.data if "embedcache" in str(t["key"])]
+        shown = [tuple(map(int, m)) for m in re.findall(r"index: .*?(\d+)/(\d+) \[", capsys.readouterr().err)]
+        assert shown and all(done <= total for done, total in shown)
+        assert max(total for _, total in shown) == len(tasks) > 8  # assignment, calibration
+        assert _index_files(tmp_path / "vs") == seed2
+    # an unreachable scheduler is one line, and the old index stays
+    with _config.override(SCHEDULER_TIMEOUT=1):
+        gone = f"tcp://127.0.0.1:{free_port()}"
+        assert_one_line_error(run("store", "index", "vs", "--scheduler", gone, ok=False, inproc=True),
+                              f"cannot reach the Dask scheduler at {gone}")
+
+
+def test_dedup_against_a_reference_on_a_local_cluster_gives_the_answer_of_one_machine(client, run, tmp_path):
+    x = near_dup_vectors(200)
+    make_store(tmp_path / "vs", x[:120], dtype="float16", delete=(5, 60)).close()
+    ref = x[100:].copy()
+    ref[[0, 1, 2]] = ref[3]  # copies in the reference: the first one is named
+    make_store(tmp_path / "ref", ref, delete=(7,)).close()
+    with _config.override(ENGINE_BLOCK_ROWS=17), ec.VectorStore(tmp_path / "vs") as store, \
+            ec.VectorStore(tmp_path / "ref") as reference:
+        for against in (reference, ref):  # a store the workers read; vectors sent to them
+            one = ec.deduplicate(store, threshold=0.85, against=against, progress=False)
+            assert_same_against(one, ec.deduplicate(store, threshold=0.85, against=against, client=client,
+                                                    progress=False))
+            assert 10 < len(one.removed) < 110
+        # from the shell: the same files
+        address = client.scheduler.address
+        here = run("dedup", "vs", "--against", "ref", "-t", "0.85", "-o", "here.jsonl", "--duplicates", "here.csv",
+                   "-q", inproc=True)
+        there = run("dedup", "vs", "--against", "ref", "-t", "0.85", "-o", "there.jsonl", "--duplicates",
+                    "there.csv", "--scheduler", address, inproc=True)
+    assert here.stdout.replace("here.", "") == there.stdout.replace("there.", "")
+    assert (tmp_path / "here.csv").read_text() == (tmp_path / "there.csv").read_text()
+    assert (tmp_path / "here.jsonl").read_text() == (tmp_path / "there.jsonl").read_text()
+    assert f"ran on the Dask cluster at {address}" in there.stderr
 
 
 @pytest.mark.parametrize("method", ["exact", "partitioned"])
@@ -156,7 +229,6 @@ def test_an_unreachable_scheduler_is_one_clear_line(run, tmp_path):
     for args, fragments in [
         (("dedup", "rows.txt", "-o", "kept.txt"), ("--scheduler runs jobs over a vector store", "rows.txt is a file")),
         (("graph", "rows.txt", "-o", "g.npz"), ("--scheduler runs jobs over a vector store", "rows.txt is a file")),
-        (("dedup", "vs", "-o", "kept.jsonl", "--against", "rows.txt"), ("--scheduler does not take --against",)),
     ]:
         assert_one_line_error(run(*args, "--scheduler", address, ok=False, inproc=True), *fragments)
     assert not {"p.csv", "kept.jsonl", "kept.txt", "g.npz"} & {p.name for p in tmp_path.iterdir()}

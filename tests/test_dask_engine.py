@@ -69,6 +69,18 @@ def assert_same_dedup(a, b, *, diagnostics=True):
         assert a.explain(k) == b.explain(k)
 
 
+def assert_same_against(a, b):
+    """The same result of ``deduplicate(items, against=ref)``: removed items, the reference row
+    each duplicates and the score, bit for bit, and every item's nearest reference row."""
+    assert a.reference and b.reference and not a.groups and not b.groups
+    for name in ("kept", "removed", "duplicate_of"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert np.array_equal(a.scores.view(np.uint32), b.scores.view(np.uint32))
+    assert np.array_equal(a._nearest[0].view(np.uint32), b._nearest[0].view(np.uint32))
+    assert np.array_equal(a._nearest[1], b._nearest[1])
+    assert (a.ids, a.texts, a.reference_ids, a.reference_texts) == (b.ids, b.texts, b.reference_ids, b.reference_texts)
+
+
 def test_blocks_cover_the_live_rows_once_in_order(tmp_path):
     x = near_dup_vectors(61)
     store = make_store(tmp_path / "s", x, delete=(0, 5, 6, 7, 30, 60))
@@ -141,6 +153,43 @@ def test_pairs_and_groups_match_one_machine_for_any_store(tmp_path_factory, n, b
     store.close()
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 30),
+    m=st.integers(1, 30),
+    block=st.integers(1, 11),
+    deleted=st.sets(st.integers(0, 29), max_size=6),
+    ref_deleted=st.sets(st.integers(0, 29), max_size=6),
+    threshold=st.sampled_from([-1.0, 0.0, 0.7, 1.0]),
+    seed=st.integers(0, 3),
+)
+def test_against_a_reference_matches_one_machine_for_any_stores(tmp_path_factory, n, m, block, deleted,
+                                                                ref_deleted, threshold, seed):
+    rng = np.random.default_rng(seed)
+    # few distinct rows: copies within and across the two sides, ties, zero rows
+    x = rng.integers(-1, 2, size=(n, 3)).astype(np.float32)
+    y = rng.integers(-1, 2, size=(m, 3)).astype(np.float32)
+    store = make_store(tmp_path_factory.mktemp("s"), x, delete=sorted(d for d in deleted if d < n))
+    ref = make_store(tmp_path_factory.mktemp("r"), y, delete=sorted(d for d in ref_deleted if d < m), texts=False)
+    kw = {"threshold": threshold, "progress": False}
+    with _config.override(ENGINE_BLOCK_ROWS=block):
+        for against in (ref, y):
+            assert_same_against(ec.deduplicate(store, against=against, **kw),
+                                ec.deduplicate(store, against=against, client=InProcess(), **kw))
+    store.close()
+    ref.close()
+
+
+def test_against_with_a_client_checks_the_dimensions(tmp_path):
+    store = make_store(tmp_path / "s", near_dup_vectors(20))
+    ref = make_store(tmp_path / "r", near_dup_vectors(10, d=8))
+    for against in (ref, np.ones((3, 8), np.float32)):
+        with pytest.raises(ec.DimensionMismatchError, match="items and against .* got 16 and 8"):
+            ec.deduplicate(store, against=against, client=InProcess(), progress=False)
+    store.close()
+    ref.close()
+
+
 def test_client_takes_a_store_and_a_dask_client(tmp_path):
     x = near_dup_vectors(20)
     store = make_store(tmp_path / "s", x)
@@ -150,8 +199,6 @@ def test_client_takes_a_store_and_a_dask_client(tmp_path):
         ec.knn_graph(x, 3, client=InProcess())
     with pytest.raises(ec.InvalidInputTypeError, match="client must be a distributed.Client.*got str"):
         ec.deduplicate(store, threshold=0.9, client="tcp://127.0.0.1:8786")
-    with pytest.raises(ec.InvalidInputError, match="client= does not take against="):
-        ec.deduplicate(store, threshold=0.9, against=store, client=InProcess())
     table = ec.near_duplicates(store, threshold=0.9, client=InProcess(), progress=False)  # auto: exact
     assert table.method == "exact" and table.recall is None
     graph, recall = ec.knn_graph(store, 3, client=InProcess(), return_recall=True)  # auto: exact there

@@ -12,6 +12,7 @@ import embedcache as ec
 from embedcache import _config
 from embedcache.errors import InvalidInputError
 from embedcache.index import PartitionIndex, Recall, partitioned_knn, partitioned_pairs
+from embedcache.index._partition import first_of_each, merge_pairs
 from embedcache.index._recall import interval, wilson
 from tests.support.strategies import matrices
 
@@ -262,3 +263,27 @@ def calibration_runs(runs, **knobs):
             reached += true >= 0.95
             covered += rec.low <= true <= rec.high
     return reached, covered
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6),
+                                   st.sampled_from([0.5, 0.75, 0.9, 1.0])), max_size=8), max_size=4))
+def test_merge_pairs_lists_each_pair_once_by_score_then_i_then_j(parts):
+    n = 7
+    score = {}  # a pair found twice has one score: the first part's
+    for part in parts:
+        for i, j, s in part:
+            if i != j:
+                score.setdefault((min(i, j), max(i, j)), s)
+    arrays = [(np.array([i for i, j, _ in p if i != j], np.int64), np.array([j for i, j, _ in p if i != j], np.int64),
+               np.array([score[min(i, j), max(i, j)] for i, j, _ in p if i != j], np.float32)) for p in parts]
+    a, b, s = merge_pairs(arrays, n)
+    want = sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert list(zip(a.tolist(), b.tolist())) == [k for k, _ in want]
+    assert s.tolist() == [np.float32(v) for _, v in want]
+
+
+@given(st.lists(st.integers(-3, 3), max_size=30))
+def test_first_of_each_is_where_unique_finds_each_value(keys):
+    keys = np.array(keys, np.int64)
+    assert np.array_equal(first_of_each(keys), np.unique(keys, return_index=True)[1])

@@ -400,6 +400,24 @@ def test_near_duplicates_texts_table(embedder, tmp_path):
     assert "PairTable(" in repr(table)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4),
+                          st.sampled_from([0.5, 0.9, -0.0, 0.0, 1.0, float("nan")])), max_size=12),
+       st.booleans())
+def test_pair_table_sorts_by_score_then_i_then_j(rows, presorted):
+    i, j, s = (np.array(c, dtype=t) for c, t in zip(zip(*rows), (np.int64, np.int64, np.float32))) if rows else \
+        (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+    if presorted and len(i):  # what a search returns: given in order (the table keeps it)
+        order = np.lexsort((j, i, -s.astype(np.float64)))
+        i, j, s = i[order], j[order], s[order]
+    t = ec.PairTable(i, j, s)
+    want = sorted(zip(i.tolist(), j.tolist(), s.tolist()),
+                  key=lambda r: (1, 0.0, r[0], r[1]) if np.isnan(r[2]) else (0, -r[2], r[0], r[1]))
+    got = list(zip(t.i.tolist(), t.j.tolist(), t.score.tolist()))
+    assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want]
+    assert np.array_equal(t.score, np.array([c for _, _, c in want], np.float32), equal_nan=True)
+
+
 def test_pair_table_validates_lengths():
     with pytest.raises(ec.InvalidInputError, match="same length"):
         ec.PairTable(np.array([0]), np.array([1, 2]), np.array([0.5]))

@@ -100,7 +100,7 @@ def _job_options(f):
     return f
 
 
-def _store_client(scheduler: str | None, quiet: bool, input_path: str, against_path: str | None = None):
+def _store_client(scheduler: str | None, quiet: bool, input_path: str):
     """The client of --scheduler for a job over the store INPUT (None without --scheduler);
     refuses, before anything is read, what a cluster does not run."""
     if not scheduler:
@@ -108,8 +108,6 @@ def _store_client(scheduler: str | None, quiet: bool, input_path: str, against_p
     if not Path(input_path).is_dir():
         raise ConfigurationError(f"--scheduler runs jobs over a vector store, whose files the workers read; "
                                  f"INPUT {input_path} is a file (add its rows to a store first, or leave out --scheduler)")
-    if against_path:
-        raise ConfigurationError("--scheduler does not take --against yet; leave out one of them")
     return _client(scheduler, quiet)
 
 
@@ -140,7 +138,7 @@ def dedup(input_path, field, fmt, no_header, output, report, html_report, thresh
     check_outputs({"INPUT": input_path, "--against": against_path},
                   {"-o": output, "--duplicates": report, "--report": html_report})
     report_fmt = table_format(report, "--duplicates") if report else None
-    client = _store_client(scheduler, quiet, input_path, against_path)
+    client = _store_client(scheduler, quiet, input_path)
     inputs = _inputs(input_path, against_path, fmt=fmt, field=field, no_header=no_header, quiet=quiet,
                      skip_empty=skip_empty, text_output=format_of(output) == "text")
     full, data, rows, ref, ref_rows = inputs.full, inputs.data, inputs.rows, inputs.ref, inputs.ref_rows
@@ -238,7 +236,7 @@ def pairs(input_path, field, fmt, no_header, threshold, output, id_field, html_r
 
     check_outputs({"INPUT": input_path}, {"-o": output, "--report": html_report})
     out_fmt = table_format(output, "-o")
-    client = _store_client(scheduler, quiet, input_path, None)
+    client = _store_client(scheduler, quiet, input_path)
     inputs = _inputs(input_path, None, fmt=fmt, field=field, no_header=no_header, quiet=quiet,
                      skip_empty=skip_empty)
     full, data = inputs.full, inputs.data

@@ -17,6 +17,7 @@ from embedcache.cli._options import (
     _long_note,
     _opened,
     _printable,
+    _progress,
     _read,
     _say,
     _with_cache,
@@ -236,15 +237,24 @@ def store_compact(store_path):
               help="Cells of the partition (default: chosen from the number of rows).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the k-means sample and start.")
-def store_index(store_path, cells, seed):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr.")
+@scheduler_option
+def store_index(store_path, cells, seed, quiet, scheduler):
     """Build STORE's partition index, which store search and the workflows on STORE use; it
-    replaces the old one only when complete (a crash keeps the old one, or none)."""
+    replaces the old one only when complete (a crash keeps the old one, or none).
+
+    With --scheduler, the assignment of every row to its cell and the recall measurement run
+    as tasks on the Dask cluster, whose workers read STORE's files; the same index."""
     vs = input_store(store_path, "STORE")
     _opened.append(vs)
     if not callable(getattr(vs, "create_index", None)):
         raise ConfigurationError("store index needs an embedcache whose VectorStore has create_index(); "
                                  "this one searches exactly only")
-    vs.create_index(cells=cells, seed=seed)
+    client = _client(scheduler, quiet)
+    if client is None:
+        vs.create_index(cells=cells, seed=seed)
+    else:
+        vs.create_index(cells=cells, seed=seed, client=client, progress=_progress(quiet))
     info = vs.index_info() if callable(getattr(vs, "index_info", None)) else None
     about = ", ".join(f"{key} {value}" for key, value in (info or {}).items()
                       if isinstance(value, (int, float, str)))

@@ -7,9 +7,11 @@ A job is a list of small task descriptions, run by an engine, and merged on the 
 ``_tasks``  what one task computes from its blocks: a tile of pairs, the top-k of a block
 ``_run``    the engines, :class:`InProcess` and :class:`Dask` (``distributed``, an optional
             extra imported when a client is given), behind one method: ``run(fn, tasks)``
-            yields ``(task number, result)`` as tasks finish
+            yields ``(task number, result)`` as tasks finish; :class:`Counted` adds a
+            progress bar of the tasks of every job an engine runs
 ``_jobs``   the store's jobs: the task lists (tiles of the upper triangle, blocks against the
-            store) and the merge of their results on the client
+            store, blocks against a reference set) and the merge of their results on the
+            client
 ``_source`` the store's rows as a source of rows for the partition index
             (:mod:`embedcache.index`): its scans (assignment to cells, nearest cells, the
             recall calibration's exact side) and its search (a task per group of cells) as
@@ -23,6 +25,6 @@ method, with the same seed, the same cells, probes, recall and pairs.
 """
 
 from embedcache.engine._plan import Block, Piece, plan, read
-from embedcache.engine._run import Dask, InProcess, connect, engine_for
+from embedcache.engine._run import Counted, Dask, InProcess, connect, engine_for
 
-__all__ = ["Block", "Dask", "InProcess", "Piece", "connect", "engine_for", "plan", "read"]
+__all__ = ["Block", "Counted", "Dask", "InProcess", "Piece", "connect", "engine_for", "plan", "read"]

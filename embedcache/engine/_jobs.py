@@ -20,7 +20,7 @@ from embedcache.engine._plan import Block, plan
 from embedcache.engine._run import Dask, InProcess
 from embedcache.errors import ClusterError, StoreError
 
-__all__ = ["pair_job", "knn_job", "search_job", "store_state"]
+__all__ = ["against_job", "pair_job", "knn_job", "search_job", "store_state"]
 
 
 @contextlib.contextmanager
@@ -103,6 +103,36 @@ def knn_job(store: Any, k: int, metric: str, engine: InProcess | Dask,
             scores[b.first : b.first + b.count, : s.shape[1]] = s
             idx[b.first : b.first + b.count, : i.shape[1]] = i
     return scores, idx
+
+
+def against_job(store: Any, view: Any, engine: InProcess | Dask, *, ref_store: Any = None, ref_view: Any = None,
+                reference: np.ndarray | None = None, progress: Callable | None = None):
+    """For each live row of ``store`` (job order), its best row of a reference set:
+    ``(scores (n,) float32, indices (n,) int64)``, -inf and -1 where the reference is empty;
+    ties go to the lower reference row. The reference is the live rows of ``ref_store`` (as
+    of ``ref_view``), read by every task one block at a time, or ``reference``, an (m, d)
+    array sent to every worker once. Tasks are the blocks of ``store``."""
+    blocks = _blocks(view)
+    n = view.live
+    best_s = np.full(n, -np.inf, np.float32)
+    best_i = np.full(n, -1, np.int64)
+    if ref_view is not None:
+        corpus = _blocks(ref_view)
+        fn, tasks, shared = _tasks.knn_rows, [(b, corpus, 1, "cosine") for b in blocks], None
+        empty = not corpus
+    else:
+        fn, tasks, shared = _tasks.top_against, [(b, 1, "cosine") for b in blocks], {"reference": reference}
+        empty = reference is None or not len(reference)
+    if empty or not blocks:
+        return best_s, best_i
+    with _bar(progress, len(blocks)) as bar, _changed_store(store, view.generation), \
+            (_changed_store(ref_store, ref_view.generation) if ref_view is not None else contextlib.nullcontext()):
+        done = (lambda t: bar.update(1)) if bar is not None else None
+        for t, (s, i) in engine.run(fn, tasks, shared=shared, on_done=done):
+            b = blocks[t]
+            best_s[b.first : b.first + b.count] = s[:, 0]
+            best_i[b.first : b.first + b.count] = i[:, 0]
+    return best_s, best_i
 
 
 def search_job(store: Any, view: Any, queries: np.ndarray, k: int, eligible: np.ndarray | None,

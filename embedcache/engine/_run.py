@@ -16,7 +16,7 @@ from typing import Any
 from embedcache import _config
 from embedcache.errors import ClusterError, InvalidInputError, InvalidInputTypeError, MissingDependencyError
 
-__all__ = ["Dask", "InProcess", "connect", "engine_for"]
+__all__ = ["Counted", "Dask", "InProcess", "connect", "engine_for"]
 
 _HINT = 'dask is not installed; install it with: pip install "embedcache-sim[dask]"'
 
@@ -110,6 +110,34 @@ class Dask:
             pending.clear()
             for v in sent.values():
                 v.release()
+
+
+class Counted:
+    """``engine`` with a progress bar of its tasks (``bar``: ``update(n)`` and a ``total``):
+    every job run adds its tasks to the bar's total, every finished task moves it one step.
+    For work made of several jobs whose sizes are known only as they start (the scans of an
+    index build)."""
+
+    def __init__(self, engine: Any, bar: Any) -> None:
+        self.engine = engine
+        self.bar = bar
+
+    def __repr__(self) -> str:
+        return f"Counted({self.engine!r})"
+
+    def run(self, fn: Callable, tasks: Sequence[tuple], *, shared: dict[str, Any] | None = None,
+            on_done: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
+        bar = self.bar
+        bar.total = (bar.total or 0) + len(tasks)
+        if callable(getattr(bar, "refresh", None)):
+            bar.refresh()
+
+        def done(k: int) -> None:
+            bar.update(1)
+            if on_done is not None:
+                on_done(k)
+
+        return self.engine.run(fn, tasks, shared=shared, on_done=done)
 
 
 def _address(client: Any) -> str:

@@ -19,7 +19,7 @@ from embedcache.index._copies import row_digests
 from embedcache.index._partition import pairs_of_cell, probe_topk
 
 __all__ = ["cell_pairs", "cell_topk", "knn_rows", "merge_top", "assign_block", "assign_picks", "nearest_block", "pair_tile",
-           "pairs_block", "row_keys", "search_block"]
+           "pairs_block", "row_keys", "search_block", "top_against"]
 
 #: pairs compared for byte equality at a time (bounds the memory of the copy check)
 _COPY_CHUNK = 65536
@@ -90,6 +90,12 @@ def knn_rows(a: Block, corpus: list[Block], k: int, metric: str):
         s, idx = kernels.top_k(q, read(c), min(k, c.count), metric=metric)
         top_s, top_i = merge_top(top_s, top_i, s, np.where(idx >= 0, idx + c.first, -1), k)
     return top_s, top_i
+
+
+def top_against(a: Block, k: int, metric: str, *, reference: np.ndarray):
+    """The ``k`` best rows of ``reference`` for each row of ``a``: ``(scores, indices)``."""
+    _threads()
+    return kernels.top_k(read(a), reference, min(k, len(reference)), metric=metric)
 
 
 def search_block(b: Block, k: int, metric: str, *, queries: np.ndarray):

@@ -185,16 +185,32 @@ def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndar
 def merge_pairs(parts, n: int):
     """The ``(i, j, s)`` parts of a search as one list: each pair once (i < j), sorted by score
     descending, then i, then j. A pair found twice has the same score both times."""
-    parts = list(parts)
-    if not parts:
+    keys, scores = [], []
+    for i, j, s in parts:  # each part sorted as it comes, while a cluster's other tasks run
+        key = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
+        order = np.argsort(key, kind="stable")
+        keys.append(key[order])
+        scores.append(np.asarray(s)[order])
+    if not keys:
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
-    i, j, s = (np.concatenate(p) for p in zip(*parts))
-    a, b = np.minimum(i, j), np.maximum(i, j)
-    _, first = np.unique(a * n + b, return_index=True)  # a pair found from both sides: once
-    a, b, s = a[first], b[first], s[first]
-    order = np.lexsort((b, a, -s))
-    return a[order], b[order], s[order]
+    key, s = np.concatenate(keys), np.concatenate(scores)
+    del keys, scores
+    first = first_of_each(key)  # a pair found from both sides: once; merges the sorted runs
+    key, s = key[first], s[first]
+    order = np.argsort(-s, kind="stable")  # then by score: ties stay in (a, b) order
+    key, s = key[order], s[order]
+    return key // n, key % n, s
+
+
+def first_of_each(keys: np.ndarray) -> np.ndarray:
+    """Where each distinct value of ``keys`` first occurs, in increasing order of the values
+    (``np.unique(keys, return_index=True)[1]``, with one sort)."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    head = np.ones(len(sk), bool)
+    head[1:] = sk[1:] != sk[:-1]
+    return order[head]
 
 
 def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, parent: np.ndarray, bar=None):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -297,7 +299,8 @@ class VectorStore:
             warnings.warn(f"compact renumbered the rows of {self.path} and dropped its index; "
                           "run create_index() again", UserWarning, stacklevel=2)
 
-    def create_index(self, *, cells: int | None = None, seed: int = 0, client: Any = None) -> dict[str, Any]:
+    def create_index(self, *, cells: int | None = None, seed: int = 0, client: Any = None,
+                     progress: bool | None = None) -> dict[str, Any]:
         """Build the partition index over the live rows and commit it; returns :meth:`index_info`.
 
         Cells come from spherical k-means on a sample of rows (``cells``: how many, default
@@ -319,16 +322,24 @@ class VectorStore:
         block) and the exact searches of the recall curve run as tasks on its Dask cluster,
         whose workers read the segment files (see :mod:`embedcache.engine`); k-means on the
         sample and the writing of the index stay here. The same index as without it.
+        ``progress``: with ``client``, a bar on stderr of the cluster's finished tasks (None:
+        when stderr is a terminal).
         """
         if cells is not None:
             cells = check_int("cells", cells, 1)
         seed = check_int("seed", seed, 0)
         engine = None
+        bar: Any = contextlib.nullcontext()
         if client is not None:
-            from embedcache.engine import engine_for
+            from tqdm.auto import tqdm
+
+            from embedcache.engine import Counted, engine_for
 
             engine = engine_for(client)
-        with self._txn.writing() as w:
+            show = sys.stderr.isatty() if progress is None else bool(progress)
+            bar = tqdm(total=0, desc="index", unit="tasks", disable=not show, file=sys.stderr, leave=False)
+            engine = Counted(engine, bar)
+        with bar, self._txn.writing() as w:
             _index.build(self._txn.current(), w, self.path, cells, seed, engine)
         info = self.index_info()
         assert info is not None

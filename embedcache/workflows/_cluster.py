@@ -20,14 +20,15 @@ from typing import Any
 import numpy as np
 
 from embedcache import _config, kernels
-from embedcache.errors import InvalidInputError, InvalidInputTypeError
+from embedcache.errors import InvalidInputTypeError
 from embedcache.index import partitioned_knn, partitioned_pairs
 from embedcache.index._copies import classes
+from embedcache.index._partition import first_of_each
 from embedcache.store import VectorStore
 from embedcache.workflows._prepare import _method, _Prepared, _progress_bar
 from embedcache.workflows.pairs import _Pairs
 
-__all__ = ["cluster_knn", "cluster_pairs", "store_items"]
+__all__ = ["cluster_against", "cluster_knn", "cluster_pairs", "store_items"]
 
 
 class _StoreItems(_Prepared):
@@ -50,7 +51,7 @@ class _StoreItems(_Prepared):
         return kernels.pair_scores(x, np.arange(m), np.arange(m, 2 * m))
 
 
-def store_items(items: Any, *, against: Any = None) -> _StoreItems:
+def store_items(items: Any) -> _StoreItems:
     """The items of a job with ``client=``: the live rows of a store, in the order of ``ids()``."""
     from embedcache.engine._jobs import store_state
 
@@ -59,8 +60,6 @@ def store_items(items: Any, *, against: Any = None) -> _StoreItems:
             "client= runs jobs over a VectorStore, whose segment files the workers read; got "
             f"{type(items).__name__} (run without client=, or add the vectors to a store first)"
         )
-    if against is not None:
-        raise InvalidInputError("client= does not take against= yet; run without client= for a reference set")
     view, rows = store_state(items, ids=True)
     key = view.text_key
     texts = [m.get(key) if isinstance(m, dict) else None for _, m in rows]
@@ -97,10 +96,26 @@ def cluster_pairs(p: _StoreItems, threshold: float, client: Any, progress: bool 
     ri, rj, rs = inv[i[other]], inv[j[other]], s[other]
     ui, uj = np.minimum(ri, rj), np.maximum(ri, rj)
     # pairs of items expand pairs of distinct rows: keep each pair of rows once
-    _, pos = np.unique(ui * len(p.first) + uj, return_index=True)
+    pos = first_of_each(ui * len(p.first) + uj)  # in (ui, uj) order
     ui, uj, us = ui[pos], uj[pos], rs[pos]
-    order = np.lexsort((uj, ui, -us.astype(np.float64)))
+    order = np.argsort(-us.astype(np.float64), kind="stable")
     return _Pairs(inv, p.first, ui[order], uj[order], us[order], copy_score)
+
+
+def cluster_against(p: _StoreItems, ref: _Prepared, client: Any, progress: bool | None):
+    """For each distinct row of ``p`` (each live row of its store), the score and distinct row
+    of ``ref`` of its best reference row, found by the engine of ``client``: what one machine
+    finds with ``top_k(p.x, ref.x, 1)``. A reference store is read by the workers (every row:
+    its exact copies are not collapsed, and ties go to the lower row, the first of a class of
+    copies, as one machine's ``ref.first`` picks); a reference array is sent to them once."""
+    from embedcache.engine import engine_for
+    from embedcache.engine._jobs import against_job
+
+    engine = engine_for(client)
+    kw: dict[str, Any] = ({"ref_store": ref.store, "ref_view": ref.view} if isinstance(ref, _StoreItems)
+                          else {"reference": ref.x})
+    return against_job(p.store, p.view, engine, **kw,
+                       progress=lambda total: _progress_bar(progress, total, "against", "tasks"))
 
 
 def _partitioned_pairs(p: _StoreItems, threshold: float, engine: Any, progress: bool | None, method: str,

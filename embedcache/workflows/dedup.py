@@ -41,7 +41,8 @@ import numpy as np
 from embedcache import _config, kernels
 from embedcache._validation import check_choice, check_int, check_same_columns, check_threshold
 from embedcache.errors import InvalidInputError, InvalidInputTypeError, NamespaceMismatchError
-from embedcache.workflows._cluster import cluster_pairs, store_items
+from embedcache.store import VectorStore
+from embedcache.workflows._cluster import cluster_against, cluster_pairs, store_items
 from embedcache.index import check_recall
 from embedcache.workflows._prepare import (
     METHODS,
@@ -100,7 +101,9 @@ def deduplicate(
     progress: ``None`` shows progress bars when stderr is a terminal, ``False`` never.
     client: a ``distributed.Client`` (items a VectorStore): the pairs are found by tasks on
     its Dask cluster, whose workers read the store's files (see :mod:`embedcache.engine`);
-    grouping runs here. The same result as without it.
+    grouping runs here. With ``against``, each block of items is compared with the reference
+    as a task (a reference store read by the workers, other references embedded here and
+    sent to them once). The same result as without it.
     method, recall, seed: how pairs are searched, as in :func:`near_duplicates`
     (``"auto"``: exact up to ``_config.INDEX_AUTO_ROWS`` distinct rows, else a partition index
     probed for ``recall`` of the true pairs; ``DedupResult.method`` and ``.recall`` say what
@@ -128,10 +131,13 @@ def deduplicate(
                     f"items and the reference set must come from one embedder: items are of "
                     f"namespace {ns!r}, the reference set of {ref_ns!r}"
                 )
-        p = _prepare(items, emb=emb, progress=progress) if client is None else store_items(items, against=against)
+        p = _prepare(items, emb=emb, progress=progress) if client is None else store_items(items)
         if against is not None:
-            ref = _prepare(against, emb=emb, progress=progress, name="against")
-            return _deduplicate_against(p, ref, threshold, mode, progress)
+            if client is not None and isinstance(against, VectorStore):
+                ref = store_items(against)  # its rows are read by the workers
+            else:
+                ref = _prepare(against, emb=emb, progress=progress, name="against")
+            return _deduplicate_against(p, ref, threshold, mode, progress, client)
     _check_keep(keep, p.texts, mode, texts_known=True)
     n = p.n
     weakest = None
@@ -338,14 +344,17 @@ def _greedy_groups(owner: np.ndarray):
 
 
 def _deduplicate_against(p: _Prepared, ref: _Prepared, threshold: float, mode: str,
-                         progress: bool | None) -> DedupResult:
+                         progress: bool | None, client: Any = None) -> DedupResult:
     chunk = _config.CHUNK_ROWS
     n = p.n
     if n and ref.n:
         check_same_columns(p.x, "items", ref.x, "against")
-    best_s = np.full(len(p.x), -np.inf, dtype=np.float32)
-    best_r = np.full(len(p.x), -1, dtype=np.int64)
-    if len(p.x) and len(ref.x):
+    best_s = np.full(len(p.first), -np.inf, dtype=np.float32)
+    best_r = np.full(len(p.first), -1, dtype=np.int64)
+    if client is not None:
+        if n and ref.n:
+            best_s, best_r = cluster_against(p, ref, client, progress)
+    elif len(p.x) and len(ref.x):
         with _progress_bar(progress if len(p.x) > chunk else False, len(p.x), "against") as bar:
             for a in range(0, len(p.x), chunk):
                 s, r = kernels.top_k(p.x[a:a + chunk], ref.x, 1)

@@ -26,6 +26,15 @@ def _import_pandas():
     return pd
 
 
+def _in_order(i: np.ndarray, j: np.ndarray, score: np.ndarray) -> bool:
+    """Whether the pairs are sorted already (score descending, then i, then j): one pass, where
+    a search's pairs usually are, instead of sorting them again."""
+    s0, s1, i0, i1 = score[:-1], score[1:], i[:-1], i[1:]
+    tie = s0 == s1
+    later = (i0 < i1) | ((i0 == i1) & (j[:-1] <= j[1:]))
+    return bool(np.all((s0 > s1) | (tie & later)))
+
+
 class PairTable:
     """Pairs ``(i, j, score)``, sorted by score (highest first, ties by ``i`` then ``j``).
 
@@ -62,7 +71,7 @@ class PairTable:
             raise InvalidInputError(
                 f"i, j and score must have the same length, got {len(i)}, {len(j)}, {len(score)}"
             )
-        if sort and len(i):
+        if sort and len(i) and not _in_order(i, j, score):
             order = np.lexsort((j, i, -score.astype(np.float64)))
             i, j, score = i[order], j[order], score[order]
         self.i, self.j, self.score = i, j, score
