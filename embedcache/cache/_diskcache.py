@@ -64,12 +64,6 @@ COLUMNS = (
 
 _MODE_RAW = diskcache.core.MODE_RAW
 
-#: page size of a new cache database: a 384-d or 1024-d value wastes little of a 64 KiB page
-#: (about a third of a 4 KiB page holds no 384-d value), and a batch read in the order the
-#: vectors were written reads many of them per page
-PAGE_SIZE = 65536
-#: bytes of pages SQLite keeps in memory per connection (diskcache's default: 8192 pages)
-_PAGE_CACHE_KIB = 32 * 1024
 #: what diskcache is told when there is no limit (it never evicts on its own: Table does)
 _NO_LIMIT = 2**62
 
@@ -158,15 +152,15 @@ def _describe(exc: BaseException) -> str:
 
 
 def _create(directory: str) -> None:
-    """Create the database of a new cache with :data:`PAGE_SIZE` pages (the page size of a
-    database is fixed once it holds anything; an existing cache keeps its own)."""
+    """Create the database of a new cache with ``_config.CACHE_PAGE_SIZE`` pages (the page
+    size of a database is fixed once it holds anything; an existing cache keeps its own)."""
     path = os.path.join(directory, "cache.db")
     if os.path.exists(path):
         return
     os.makedirs(directory, exist_ok=True)
     con = sqlite3.connect(path, isolation_level=None)
     try:
-        con.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        con.execute(f"PRAGMA page_size = {int(_config.CACHE_PAGE_SIZE)}")
         con.execute("PRAGMA auto_vacuum = FULL")  # diskcache's setting, fixed at creation too
         con.execute("PRAGMA journal_mode = wal")  # writes the header: the page size is set
     finally:
@@ -196,8 +190,8 @@ class Table:
                 eviction_policy="least-recently-stored",
                 statistics=0,
                 tag_index=0,
-                sqlite_mmap_size=2**30,  # reads of a large cache go through memory, not read()
-                sqlite_cache_size=-_PAGE_CACHE_KIB,
+                sqlite_mmap_size=_config.CACHE_MMAP_BYTES,  # reads through memory, not read()
+                sqlite_cache_size=-(_config.CACHE_PAGE_CACHE_BYTES // 1024),
             )
             columns = tuple((row[1], row[2]) for row in self._dc._con.execute("PRAGMA table_info(Cache)"))
             if columns == COLUMNS:
