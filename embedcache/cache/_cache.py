@@ -206,7 +206,8 @@ class EmbeddingCache:
 
         ``directory``; ``entries``; ``size_bytes`` (on disk); ``size_limit`` (``None``: no
         limit); ``evicted``: entries evicted over the cache's lifetime, by any process;
-        ``free_bytes``: free space on its disk; ``namespaces``: one dict per (namespace,
+        ``free_bytes``: free space on its disk; ``page_size``: that of its database (fixed when
+        the cache was made; it sets what an entry costs, see :func:`entry_bytes`); ``namespaces``: one dict per (namespace,
         model, dimensions) with entries, ``{"namespace", "model", "dimensions", "entries",
         "vector_dimensions"}`` (``dimensions``: the embedder's setting, ``None`` when it left it
         to the model; ``vector_dimensions``: the length of the vectors last written), for the
@@ -219,6 +220,7 @@ class EmbeddingCache:
             "size_limit": self._size_limit,
             "evicted": self._table.evicted(),
             "free_bytes": _space.free_bytes(self._directory),
+            "page_size": self._table.page_size,
             "namespaces": [
                 {"namespace": ns, "model": model, "dimensions": dims or None, "entries": n,
                  "vector_dimensions": (size - _codec.HEADER_SIZE) // 4 if size else None}

@@ -194,6 +194,8 @@ class Table:
                 sqlite_cache_size=-(_config.CACHE_PAGE_CACHE_BYTES // 1024),
             )
             columns = tuple((row[1], row[2]) for row in self._dc._con.execute("PRAGMA table_info(Cache)"))
+            #: the page size of this cache's database (that of the day it was made)
+            self.page_size = int(self._dc._con.execute("PRAGMA page_size").fetchone()[0])
             if columns == COLUMNS:
                 self._transaction(lambda con: [con.execute(q) for q in _SCHEMA])
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
@@ -272,7 +274,7 @@ class Table:
         """
         if not values:
             return 0
-        check_free_space(self.directory, len(values), sum(map(len, values.values())))
+        check_free_space(self.directory, len(values), sum(map(len, values.values())), self.page_size)
         tag = None if source is None else self._source_id(source)
         files, evicted = self._transaction(lambda con: self._write(con, values, time.time(), tag))
         for filename in files:  # files of replaced or evicted rows, removed after COMMIT
@@ -342,8 +344,8 @@ class Table:
             [(now, now, tag, _MODE_RAW, values[k], rowid) for k, (rowid, _) in existing.items()],
         )
         # One INSERT per chunk, not one per row: a row statement fires the count triggers in
-        # a statement transaction of its own, which copies every page it touches (64 KiB
-        # each) to a statement journal first; per chunk, each page is copied once.
+        # a statement transaction of its own, which copies every page it touches to a
+        # statement journal first; per chunk, each page is copied once.
         new = [x for k, v in values.items() if k not in existing for x in (k, v)]
         rows = 2 * step
         for start in range(0, len(new), rows):
