@@ -318,13 +318,13 @@ def write_rows(path, items):
 def test_cli_cache_size_evicts_says_so_and_cache_info_shows_it(cli, tmp_path):
     for part in range(3):
         write_rows(tmp_path / f"part{part}.jsonl", texts(1500, f"part {part}"))
-    out, err = cli("embed", "part0.jsonl", "-o", "a.npy", "--provider", "hashing", "--cache-size", "4MB")
+    out, err = cli("embed", "part0.jsonl", "-o", "a.npy", "--provider", "hashing", "--cache-size", "8MB")
     assert "evicted" not in err
-    _, err = cli("embed", "part1.jsonl", "-o", "b.npy", "--provider", "hashing", "--cache-size", "4MB", "-q")
+    _, err = cli("embed", "part1.jsonl", "-o", "b.npy", "--provider", "hashing", "--cache-size", "8MB", "-q")
     lines = [line for line in err.splitlines() if "evicted" in line]
     assert len(lines) == 1, err  # shown even with --quiet; the library's warning is not repeated
     n = int(lines[0].split("warning: ")[1].split()[0])
-    assert n > 0 and f"under --cache-size 4 MB" in lines[0] and "--cache-size" in lines[0].split(";")[1]
+    assert n > 0 and f"under --cache-size 8 MB" in lines[0] and "--cache-size" in lines[0].split(";")[1]
     out, _ = cli("cache", "info")
     assert f"evicted: {n} vectors so far" in out and "size_limit: no limit" in out
     assert f"entries: {3000 - n}" in out

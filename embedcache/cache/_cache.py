@@ -58,8 +58,9 @@ class EmbeddingCache:
         int, or a str such as ``"500MB"``, ``"40GB"``, ``"2GiB"``) beyond which the oldest
         writes of this object are evicted (``least-recently-stored``: reads never write);
         :meth:`put` returns how many, :class:`CachedEmbedder` counts and warns, and
-        :meth:`info` keeps the lifetime count. A vector of ``d`` dimensions takes about
-        ``4 * d + 330`` bytes on disk.
+        :meth:`info` keeps the lifetime count. A vector of ``d`` dimensions takes its
+        ``4 * d`` bytes and a share of its database page on disk
+        (:func:`~embedcache.cache._space.entry_bytes`: 2,128 bytes at 384-d, 4,688 at 1024-d).
     timeout: seconds a write waits for another process's write to finish before
         :class:`~embedcache.errors.CacheError`.
 
@@ -206,8 +207,8 @@ class EmbeddingCache:
 
         ``directory``; ``entries``; ``size_bytes`` (on disk); ``size_limit`` (``None``: no
         limit); ``evicted``: entries evicted over the cache's lifetime, by any process;
-        ``free_bytes``: free space on its disk; ``page_size``: that of its database (fixed when
-        the cache was made; it sets what an entry costs, see :func:`entry_bytes`); ``namespaces``: one dict per (namespace,
+        ``free_bytes``: free space on its disk; ``page_size``: that of its database, fixed when
+        the cache was made (it sets what an entry costs); ``namespaces``: one dict per (namespace,
         model, dimensions) with entries, ``{"namespace", "model", "dimensions", "entries",
         "vector_dimensions"}`` (``dimensions``: the embedder's setting, ``None`` when it left it
         to the model; ``vector_dimensions``: the length of the vectors last written), for the

@@ -23,6 +23,16 @@ Namespaces and evictions
     lifetime count of evicted rows lives in ``Embedcache_counters``. Reading either is a
     handful of rows, whatever the size of the cache.
 
+Page size
+    A new cache's database has ``_config.CACHE_PAGE_SIZE`` pages (4 KiB); one made with other
+    pages keeps them. SQLite maps at most 2 GiB of a database into memory (its build's cap);
+    beyond that, each page a lookup needs is read whole into SQLite's page cache. At ten
+    million entries nearly every key of a batch lands on another index page and another
+    table page, so a lookup reads two pages per key, and a write of a few random keys copies
+    a whole page per key to the write-ahead log: 64 KiB pages made both about twice as slow
+    as 4 KiB pages, for 17% fewer bytes per 384-d entry (``benchmarks/bench_cache.py
+    --study``).
+
 Faults of the machine
     A full disk, a file-size limit or a read-only file raise
     :class:`~embedcache.errors.CacheError` naming the directory, with SQLite's error chained;

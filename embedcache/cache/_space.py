@@ -9,8 +9,9 @@ What an entry costs
     than the page spills into overflow pages), plus its entries in the key, store-time and
     expire-time indexes. :func:`entry_bytes` follows SQLite's page layout, and is within 1%
     of what caches of 384-, 768-, 1024- and 1536-d vectors take on disk at every page size
-    from 4 to 64 KiB (``benchmarks/bench_cache.py --study``): with 32 KiB pages, 1,801 bytes
-    per 384-d entry (1,536 of vector) and 4,760 per 1024-d entry (4,096 of vector).
+    from 4 to 64 KiB (``benchmarks/bench_cache.py --study``). With the 4 KiB pages of a new
+    cache: 2,128 bytes per 384-d entry (1,536 of vector), 4,176 per 768-d (3,072), 4,688 per
+    1024-d (4,096; the rest of the value spills into one overflow page), 8,272 per 1536-d.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def stored_bytes(value: int, page_size: int | None = None) -> int:
     ``page - 35`` bytes lies whole on a table leaf, with as many others as fit; a larger one
     keeps a part on the leaf and the rest in overflow pages of ``page - 4`` bytes each.
 
-    >>> stored_bytes(4 * 384 + 48, 32768), stored_bytes(4 * 1024 + 48, 4096)
-    (1801, 4688)
+    >>> stored_bytes(4 * 384 + 48, 4096), stored_bytes(4 * 384 + 48, 65536)
+    (2128, 1760)
     """
     page = int(_config.CACHE_PAGE_SIZE if page_size is None else page_size)
     payload = value + _RECORD_EXTRA
@@ -110,8 +111,8 @@ def entry_bytes(dimensions: int, page_size: int | None = None) -> int:
     """Estimated bytes on disk of one cached vector of ``dimensions`` float32 components (see
     :func:`stored_bytes`).
 
-    >>> entry_bytes(384, 32768), entry_bytes(1024, 32768)
-    (1801, 4761)
+    >>> entry_bytes(384, 4096), entry_bytes(1024, 4096)
+    (2128, 4688)
     """
     return stored_bytes(4 * dimensions + 48, page_size)
 
