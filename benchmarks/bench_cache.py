@@ -19,6 +19,14 @@ sample of 100,000 keys, in the order they were written and in random order; byte
 per entry; the time to open the cache and to call ``info()``.
 
     python benchmarks/bench_cache.py --scale --sizes 100000,1000000
+
+The page-size study (``--study``): one cache of ``--sizes`` entries (1,000,000 by default) per
+page size in ``--page-sizes``, each filled as at ``--scale``; bytes on disk per entry; warm
+batch lookups in written order, in random order, and in random order with each batch's keys
+sorted first, under each (memory map, page cache) setting of ``--reads``; and the wall and CPU
+time of one write of 64 new keys at random into the full cache (the proxy's write).
+
+    python benchmarks/bench_cache.py --study --sizes 1000000 --page-sizes 4096,16384,65536
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from collections.abc import Callable, Sequence
 import diskcache
 import numpy as np
 
-from embedcache import CachedEmbedder, EmbeddingCache
+from embedcache import CachedEmbedder, EmbeddingCache, _config
 from embedcache.cache._space import entry_bytes
 
 
@@ -213,6 +221,80 @@ def scale(sizes: Sequence[int], dim: int, sample: int, repeats: int, *, peers: S
               if dropped else "  cold: not measured (dropping the page cache needs root)")
 
 
+def _fill(cache: EmbeddingCache, keys: list[bytes], dim: int, *, batch: int, bulk: int) -> tuple[float, float]:
+    """Write ``keys`` with random vectors, ``bulk`` rows per write and the last tenth ``batch``
+    per write; returns (rows/s over the fill, rows/s over its last tenth)."""
+    n = len(keys)
+    rng = np.random.default_rng(0)
+    tail_start = n - max(n // 10, min(n, batch))
+    t0 = time.perf_counter()
+    tail = t0
+    start = 0
+    while start < n:
+        if start >= tail_start and tail == t0:
+            tail = time.perf_counter()
+        step = batch if start >= tail_start or not bulk else min(bulk, tail_start - start)
+        block = rng.standard_normal((min(step, n - start), dim), dtype=np.float32)
+        cache.put(keys[start : start + step], block, source=("bench", "m", dim))
+        start += step
+    end = time.perf_counter()
+    return n / (end - t0), (n - tail_start) / (end - tail)
+
+
+def study(n: int, dim: int, sample: int, repeats: int, *, page_sizes: Sequence[int],
+          reads: Sequence[tuple[int, int]], parent: str | None, batch: int, bulk: int, writes: int) -> None:
+    """One cache of ``n`` entries per page size: bytes and fill, then lookups under each read
+    setting and the cost of a write of 64 new random keys, the caches taking turns (so that a
+    burst of load on the machine hits every page size alike)."""
+    print(f"page-size study: {n:,} entries of {dim}-d, filled in writes of {bulk or batch:,} "
+          f"(last tenth {batch:,}); lookups of {sample:,} keys in batches of 10,000 (best of {repeats}, "
+          f"the caches taking turns); write: {writes} writes of 64 new random keys (median)")
+    keys = EmbeddingCache.raw_keys("bench", "m", dim, [f"doc {i}" for i in range(n)])
+    new = EmbeddingCache.raw_keys("bench", "m", dim, [f"new {i}" for i in range(64 * writes * repeats)])
+    warm = np.random.default_rng(1).choice(n, size=min(sample, n), replace=False)
+    orders = {"written": [keys[i] for i in np.sort(warm)], "random": [keys[i] for i in warm]}
+    orders["sorted"] = [k for s in range(0, len(warm), 10_000) for k in sorted(orders["random"][s : s + 10_000])]
+    block = np.random.default_rng(2).standard_normal((64, dim), dtype=np.float32)
+    with tempfile.TemporaryDirectory(dir=parent) as tmp:
+        filled = {}
+        for page in page_sizes:
+            with _config.override(CACHE_PAGE_SIZE=page):
+                cache = EmbeddingCache(f"{tmp}/{page}")
+                filled[page] = _fill(cache, keys, dim, batch=batch, bulk=bulk)
+                cache.close()
+                filled[page] += (_disk_bytes(f"{tmp}/{page}") / n,)
+        print(f"  {'page':>6}{'B/entry':>8}{'fill/s':>9}{'end/s':>8}{'mmap MiB':>9}{'cache MiB':>10}"
+              f"{'written/s':>11}{'random/s':>10}{'sorted/s':>10}{'write ms':>10}{'CPU ms':>8}")
+        for i, (mmap, pcache) in enumerate(reads):
+            best = {(p, o): float("inf") for p in page_sizes for o in orders}
+            wall: dict[int, list[float]] = {p: [] for p in page_sizes}
+            cpu: dict[int, list[float]] = {p: [] for p in page_sizes}
+            with _config.override(CACHE_MMAP_BYTES=mmap * 2**20, CACHE_PAGE_CACHE_BYTES=pcache * 2**20):
+                caches = {p: EmbeddingCache(f"{tmp}/{p}") for p in page_sizes}
+                for r in range(repeats):
+                    for p, cache in caches.items():
+                        for label, ks in orders.items():
+                            t0 = time.perf_counter()
+                            for s in range(0, len(ks), 10_000):
+                                assert cache.lookup(ks[s : s + 10_000], dim)[0].all()
+                            best[p, label] = min(best[p, label], time.perf_counter() - t0)
+                        if i == 0:  # the proxy's write: 64 new keys at random, one transaction each
+                            for w in range(r * writes, (r + 1) * writes):
+                                t0, c0 = time.perf_counter(), time.process_time()
+                                cache.put(new[64 * w : 64 * (w + 1)], block, source=("bench", "m", dim))
+                                wall[p].append(time.perf_counter() - t0)
+                                cpu[p].append(time.process_time() - c0)
+                for cache in caches.values():
+                    cache.close()
+            for p in page_sizes:
+                fill, end, size = filled[p]
+                rates = {o: len(orders[o]) / best[p, o] for o in orders}
+                write = f"{np.median(wall[p]) * 1e3:>10.2f}{np.median(cpu[p]) * 1e3:>8.2f}" if i == 0 else ""
+                print(f"  {p // 1024:>4}Ki{size:>8,.0f}{fill:>9,.0f}{end:>8,.0f}{mmap:>9,}{pcache:>10,}"
+                      f"{rates['written']:>11,.0f}{rates['random']:>10,.0f}{rates['sorted']:>10,.0f}{write}",
+                      flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", action="store_true", help="lookups, size, open and info() at --sizes")
@@ -227,11 +309,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="at --scale: fill the peer by set() for this many rows, by SQL after (0: all by set())")
     parser.add_argument("--cold", action="store_true",
                         help="at --scale: also a pass from a dropped page cache (needs root)")
+    parser.add_argument("--study", action="store_true", help="the page-size study at the first of --sizes")
+    parser.add_argument("--page-sizes", default="4096,8192,16384,32768,65536", help="at --study")
+    parser.add_argument("--reads", default="1024:32,2047:32,2047:512,0:32",
+                        help="at --study: memory map MiB:page cache MiB settings, the first also for the write")
+    parser.add_argument("--writes", type=int, default=40, help="at --study: writes of 64 new keys")
     parser.add_argument("--full", action="store_true", help="100,000 vectors instead of 20,000")
     parser.add_argument("-n", type=int, default=None, help="number of cached vectors")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5, help="best of this many runs")
     args = parser.parse_args(argv)
+    if args.study:
+        dim = 384 if args.dim == 1024 and "--dim" not in (argv or sys.argv) else args.dim
+        study(int(args.sizes.split(",")[-1]), dim, min(args.sample, 50_000), min(args.repeats, 3),
+              page_sizes=[int(x) for x in args.page_sizes.split(",")],
+              reads=[tuple(int(v) for v in r.split(":")) for r in args.reads.split(",")],
+              parent=args.dir, batch=args.batch, bulk=args.bulk, writes=args.writes)
+        return
     if args.scale:
         dim = 384 if args.dim == 1024 and "--dim" not in (argv or sys.argv) else args.dim
         scale([int(x) for x in args.sizes.split(",")], dim, args.sample, min(args.repeats, 3),

@@ -99,6 +99,13 @@ CACHE_MISS_CHUNK = 256
 CACHE_MIN_FREE_BYTES = 256 * 1024 * 1024
 #: rows deleted per transaction when a namespace is pruned
 CACHE_DELETE_CHUNK = 10_000
+#: page size of a new cache database (an existing one keeps its own); see embedcache.cache._diskcache
+CACHE_PAGE_SIZE = 4096
+#: bytes of a cache database SQLite reads through a memory map (SQLite caps it at its build's
+#: SQLITE_MAX_MMAP_SIZE, 2 GiB in common builds); pages beyond it are read with read() calls
+CACHE_MMAP_BYTES = 2**31
+#: bytes of database pages SQLite keeps in memory per connection (beyond the memory map)
+CACHE_PAGE_CACHE_BYTES = 32 * 2**20
 
 # --- proxy (embedcache serve); read when an app is created
 #: bytes of recently served vectors the proxy keeps in memory in front of the cache (0: none)

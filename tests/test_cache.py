@@ -367,7 +367,8 @@ def test_bytes_only_disk_refuses_to_write_other_values(tmp_path):
 
 
 def test_eviction_drops_the_oldest_writes_and_reads_do_not_write(tmp_path):
-    # an empty cache takes about 0.7 MB (a 64 KiB page per table and index); 2000 vectors ~4.4 MB
+    # 2000 vectors of 512-d take about 4 MB or more at any page size (an empty cache: a page
+    # per table and index)
     with EmbeddingCache(tmp_path, size_limit=2_000_000) as c:
         keys = [key(str(i)) for i in range(2000)]
         vectors = np.random.default_rng(1).standard_normal((2000, 512), dtype=np.float32)

@@ -19,7 +19,7 @@ import pytest
 import embedcache as ec
 from embedcache import _config
 from embedcache.cache import CacheEvictionWarning, _diskcache, _space
-from embedcache.cache._space import ENTRY_OVERHEAD, entry_bytes, format_size, free_bytes, parse_size
+from embedcache.cache._space import entry_bytes, format_size, free_bytes, parse_size
 from embedcache.cli import main
 from embedcache.errors import CacheError, InvalidInputError, InvalidInputTypeError
 
@@ -79,16 +79,54 @@ def test_sizes_print_for_people():
         "0 B", "999 B", "1 kB", "6.74 MB", "40 GB", "no limit"]
 
 
-def test_the_estimate_of_an_entry_matches_what_the_disk_holds(tmp_path):
-    # the per-entry overhead is measured: a cache of 384-d vectors stays within 15% of it
-    n, dim = 4000, 384
-    with ec.EmbeddingCache(tmp_path) as c:
+def disk_bytes(path):
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "dim, page",
+    [(384, None), (1024, None), (100, 4096), (384, 4096), (1024, 4096), (1536, 4096),
+     (384, 65536), (1024, 65536), (768, 16384), (1536, 32768)],
+)
+def test_the_estimate_of_an_entry_matches_what_the_disk_holds(tmp_path, dim, page):
+    # the page layout model against the bytes a cache adds per entry, at the default page
+    # size and others, for vectors that share pages, fill one, or spill into overflow pages
+    # (what the first 500 entries add includes the part of the empty cache's pages they fill)
+    n = 4000
+    page = page or _config.CACHE_PAGE_SIZE
+    sizes = []
+    with _config.override(CACHE_PAGE_SIZE=page), ec.EmbeddingCache(tmp_path) as c:
         keys = c.raw_keys("ns", "m", dim, texts(n))
-        c.put(keys, np.ones((n, dim), np.float32))
-        c.close()
-    on_disk = sum(f.stat().st_size for f in tmp_path.iterdir())
-    per_entry = on_disk / n
-    assert abs(per_entry - entry_bytes(dim)) < 0.15 * entry_bytes(dim), (per_entry, ENTRY_OVERHEAD)
+        for start in range(0, n, 500):  # as CachedEmbedder writes: batch by batch
+            c.put(keys[start : start + 500], np.ones((500, dim), np.float32))
+            c.close()
+            sizes.append(disk_bytes(tmp_path))
+        assert c.info()["page_size"] == page
+    per_entry = (sizes[-1] - sizes[0]) / (n - 500)
+    assert per_entry == pytest.approx(entry_bytes(dim, page), rel=0.03)
+
+
+def test_new_caches_get_the_configured_page_size_and_older_caches_keep_theirs(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    other = 65536 if _config.CACHE_PAGE_SIZE != 65536 else 4096  # as made by an earlier version
+    x = np.random.default_rng(0).standard_normal((300, 384), dtype=np.float32)
+    keys = ec.EmbeddingCache.raw_keys("ns", "m", 384, texts(300))
+    with _config.override(CACHE_PAGE_SIZE=other), ec.EmbeddingCache(old) as c:
+        c.put(keys[:200], x[:200], source=("ns", "m", 384))
+    for path, page in ((new, _config.CACHE_PAGE_SIZE), (old, other)):
+        with ec.EmbeddingCache(path) as c:
+            c.put(keys[100:], x[100:], source=("ns", "m", 384))
+            found, got = c.lookup(keys, 384)
+            start = 0 if path == old else 100
+            assert found[start:].all() and not found[:start].any()
+            np.testing.assert_array_equal(got[start:], x[start:])
+            info = c.info()
+            assert info["page_size"] == page and info["entries"] == 300 - start
+            assert info["namespaces"][0]["entries"] == 300 - start
+        with sqlite3.connect(path / "cache.db") as con:
+            assert con.execute("PRAGMA page_size").fetchone()[0] == page
+            assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert _config.CACHE_PAGE_SIZE != other
 
 
 # ----------------------------------------------------------------------------- no limit by default
@@ -280,13 +318,13 @@ def write_rows(path, items):
 def test_cli_cache_size_evicts_says_so_and_cache_info_shows_it(cli, tmp_path):
     for part in range(3):
         write_rows(tmp_path / f"part{part}.jsonl", texts(1500, f"part {part}"))
-    out, err = cli("embed", "part0.jsonl", "-o", "a.npy", "--provider", "hashing", "--cache-size", "4MB")
+    out, err = cli("embed", "part0.jsonl", "-o", "a.npy", "--provider", "hashing", "--cache-size", "8MB")
     assert "evicted" not in err
-    _, err = cli("embed", "part1.jsonl", "-o", "b.npy", "--provider", "hashing", "--cache-size", "4MB", "-q")
+    _, err = cli("embed", "part1.jsonl", "-o", "b.npy", "--provider", "hashing", "--cache-size", "8MB", "-q")
     lines = [line for line in err.splitlines() if "evicted" in line]
     assert len(lines) == 1, err  # shown even with --quiet; the library's warning is not repeated
     n = int(lines[0].split("warning: ")[1].split()[0])
-    assert n > 0 and f"under --cache-size 4 MB" in lines[0] and "--cache-size" in lines[0].split(";")[1]
+    assert n > 0 and f"under --cache-size 8 MB" in lines[0] and "--cache-size" in lines[0].split(";")[1]
     out, _ = cli("cache", "info")
     assert f"evicted: {n} vectors so far" in out and "size_limit: no limit" in out
     assert f"entries: {3000 - n}" in out

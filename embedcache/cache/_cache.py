@@ -58,8 +58,9 @@ class EmbeddingCache:
         int, or a str such as ``"500MB"``, ``"40GB"``, ``"2GiB"``) beyond which the oldest
         writes of this object are evicted (``least-recently-stored``: reads never write);
         :meth:`put` returns how many, :class:`CachedEmbedder` counts and warns, and
-        :meth:`info` keeps the lifetime count. A vector of ``d`` dimensions takes about
-        ``4 * d + 330`` bytes on disk.
+        :meth:`info` keeps the lifetime count. A vector of ``d`` dimensions takes its
+        ``4 * d`` bytes and a share of its database page on disk
+        (:func:`~embedcache.cache._space.entry_bytes`: 2,128 bytes at 384-d, 4,688 at 1024-d).
     timeout: seconds a write waits for another process's write to finish before
         :class:`~embedcache.errors.CacheError`.
 
@@ -206,7 +207,8 @@ class EmbeddingCache:
 
         ``directory``; ``entries``; ``size_bytes`` (on disk); ``size_limit`` (``None``: no
         limit); ``evicted``: entries evicted over the cache's lifetime, by any process;
-        ``free_bytes``: free space on its disk; ``namespaces``: one dict per (namespace,
+        ``free_bytes``: free space on its disk; ``page_size``: that of its database, fixed when
+        the cache was made (it sets what an entry costs); ``namespaces``: one dict per (namespace,
         model, dimensions) with entries, ``{"namespace", "model", "dimensions", "entries",
         "vector_dimensions"}`` (``dimensions``: the embedder's setting, ``None`` when it left it
         to the model; ``vector_dimensions``: the length of the vectors last written), for the
@@ -219,6 +221,7 @@ class EmbeddingCache:
             "size_limit": self._size_limit,
             "evicted": self._table.evicted(),
             "free_bytes": _space.free_bytes(self._directory),
+            "page_size": self._table.page_size,
             "namespaces": [
                 {"namespace": ns, "model": model, "dimensions": dims or None, "entries": n,
                  "vector_dimensions": (size - _codec.HEADER_SIZE) // 4 if size else None}

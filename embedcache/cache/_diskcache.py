@@ -23,6 +23,17 @@ Namespaces and evictions
     lifetime count of evicted rows lives in ``Embedcache_counters``. Reading either is a
     handful of rows, whatever the size of the cache.
 
+Page size
+    A new cache's database has ``_config.CACHE_PAGE_SIZE`` pages (4 KiB); one made with other
+    pages keeps them. SQLite maps at most 2 GiB of a database into memory (its build's cap);
+    beyond that, each page a lookup needs is read whole into SQLite's page cache. At ten
+    million entries nearly every key of a batch lands on another index page and another
+    table page, so a lookup reads two pages per key, and a write of a few random keys copies
+    a whole page per key to the write-ahead log: 64 KiB pages made both about twice as slow
+    as 4 KiB pages, for 17% fewer bytes per 384-d entry (``benchmarks/bench_cache.py
+    --study``); at ten million 384-d entries, 4 KiB pages serve about 70,000 to 80,000 warm
+    lookups a second where 64 KiB pages served about 31,000 to 35,000.
+
 Faults of the machine
     A full disk, a file-size limit or a read-only file raise
     :class:`~embedcache.errors.CacheError` naming the directory, with SQLite's error chained;
@@ -64,12 +75,6 @@ COLUMNS = (
 
 _MODE_RAW = diskcache.core.MODE_RAW
 
-#: page size of a new cache database: a 384-d or 1024-d value wastes little of a 64 KiB page
-#: (about a third of a 4 KiB page holds no 384-d value), and a batch read in the order the
-#: vectors were written reads many of them per page
-PAGE_SIZE = 65536
-#: bytes of pages SQLite keeps in memory per connection (diskcache's default: 8192 pages)
-_PAGE_CACHE_KIB = 32 * 1024
 #: what diskcache is told when there is no limit (it never evicts on its own: Table does)
 _NO_LIMIT = 2**62
 
@@ -158,15 +163,15 @@ def _describe(exc: BaseException) -> str:
 
 
 def _create(directory: str) -> None:
-    """Create the database of a new cache with :data:`PAGE_SIZE` pages (the page size of a
-    database is fixed once it holds anything; an existing cache keeps its own)."""
+    """Create the database of a new cache with ``_config.CACHE_PAGE_SIZE`` pages (the page
+    size of a database is fixed once it holds anything; an existing cache keeps its own)."""
     path = os.path.join(directory, "cache.db")
     if os.path.exists(path):
         return
     os.makedirs(directory, exist_ok=True)
     con = sqlite3.connect(path, isolation_level=None)
     try:
-        con.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        con.execute(f"PRAGMA page_size = {int(_config.CACHE_PAGE_SIZE)}")
         con.execute("PRAGMA auto_vacuum = FULL")  # diskcache's setting, fixed at creation too
         con.execute("PRAGMA journal_mode = wal")  # writes the header: the page size is set
     finally:
@@ -196,10 +201,12 @@ class Table:
                 eviction_policy="least-recently-stored",
                 statistics=0,
                 tag_index=0,
-                sqlite_mmap_size=2**30,  # reads of a large cache go through memory, not read()
-                sqlite_cache_size=-_PAGE_CACHE_KIB,
+                sqlite_mmap_size=_config.CACHE_MMAP_BYTES,  # reads through memory, not read()
+                sqlite_cache_size=-(_config.CACHE_PAGE_CACHE_BYTES // 1024),
             )
             columns = tuple((row[1], row[2]) for row in self._dc._con.execute("PRAGMA table_info(Cache)"))
+            #: the page size of this cache's database (that of the day it was made)
+            self.page_size = int(self._dc._con.execute("PRAGMA page_size").fetchone()[0])
             if columns == COLUMNS:
                 self._transaction(lambda con: [con.execute(q) for q in _SCHEMA])
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
@@ -278,7 +285,7 @@ class Table:
         """
         if not values:
             return 0
-        check_free_space(self.directory, len(values), sum(map(len, values.values())))
+        check_free_space(self.directory, len(values), sum(map(len, values.values())), self.page_size)
         tag = None if source is None else self._source_id(source)
         files, evicted = self._transaction(lambda con: self._write(con, values, time.time(), tag))
         for filename in files:  # files of replaced or evicted rows, removed after COMMIT
@@ -348,8 +355,8 @@ class Table:
             [(now, now, tag, _MODE_RAW, values[k], rowid) for k, (rowid, _) in existing.items()],
         )
         # One INSERT per chunk, not one per row: a row statement fires the count triggers in
-        # a statement transaction of its own, which copies every page it touches (64 KiB
-        # each) to a statement journal first; per chunk, each page is copied once.
+        # a statement transaction of its own, which copies every page it touches to a
+        # statement journal first; per chunk, each page is copied once.
         new = [x for k, v in values.items() if k not in existing for x in (k, v)]
         rows = 2 * step
         for start in range(0, len(new), rows):

@@ -3,10 +3,15 @@ and the free-space rule every write of the cache obeys.
 
 What an entry costs
     A vector of ``d`` float32 components is a value of ``4 * d + 48`` bytes (the codec's
-    header), plus the row's other columns, its share of the page it sits on and its entries
-    in the key and store-time indexes: :data:`ENTRY_OVERHEAD` bytes, measured on caches of
-    384-d and 1024-d vectors written with 64 KiB pages (``benchmarks/bench_cache.py``): about
-    1,760 bytes per 384-d entry (1,536 of vector) and 4,530 per 1024-d entry (4,096 of vector).
+    header). SQLite stores it in a row of its table with the key and diskcache's other
+    columns, and as many whole rows fit on a page as fit: a row never shares a page
+    partially, so the cost of an entry is a page divided by the rows it holds (a row larger
+    than the page spills into overflow pages), plus its entries in the key, store-time and
+    expire-time indexes. :func:`entry_bytes` follows SQLite's page layout, and is within 1%
+    of what caches of 384-, 768-, 1024- and 1536-d vectors take on disk at every page size
+    from 4 to 64 KiB (``benchmarks/bench_cache.py --study``). With the 4 KiB pages of a new
+    cache: 2,128 bytes per 384-d entry (1,536 of vector), 4,176 per 768-d (3,072), 4,688 per
+    1024-d (4,096; the rest of the value spills into one overflow page), 8,272 per 1536-d.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from embedcache import _config
 from embedcache._validation import check_int
 from embedcache.errors import CacheError, InvalidInputError
 
-__all__ = ["ENTRY_OVERHEAD", "check_free_space", "entry_bytes", "format_size", "parse_size"]
+__all__ = ["check_free_space", "entry_bytes", "format_size", "parse_size", "stored_bytes"]
 
-#: measured bytes on disk per entry beyond the 4 * d bytes of its vector (header, key, row,
-#: page slack, indexes)
-ENTRY_OVERHEAD = 330
+#: bytes of a row's record beyond its value: record header (14), key (32), two times (16), tag
+_RECORD_EXTRA = 63
+#: bytes of a table cell beyond its record: payload length and rowid varints, cell pointer
+_CELL_EXTRA = 8
+#: bytes per entry in the indexes on (key, raw), store_time and expire_time, measured
+#: (B-tree pages of random keys are about three quarters full)
+_INDEX_BYTES = 80
 
 _UNITS = {
     "": 1, "b": 1,
@@ -72,9 +81,40 @@ def format_size(n: int | float | None) -> str:
     return f"{int(n)} B"
 
 
-def entry_bytes(dimensions: int) -> int:
-    """Estimated bytes on disk of one cached vector of ``dimensions`` float32 components."""
-    return 4 * dimensions + ENTRY_OVERHEAD
+def stored_bytes(value: int, page_size: int | None = None) -> int:
+    """Estimated bytes on disk of one cache entry whose value is ``value`` bytes, in a database
+    of ``page_size`` pages (``None``: that of a new cache, ``_config.CACHE_PAGE_SIZE``).
+
+    SQLite's layout (https://sqlite.org/fileformat2.html, B-tree pages): a record up to
+    ``page - 35`` bytes lies whole on a table leaf, with as many others as fit; a larger one
+    keeps a part on the leaf and the rest in overflow pages of ``page - 4`` bytes each.
+
+    >>> stored_bytes(4 * 384 + 48, 4096), stored_bytes(4 * 384 + 48, 65536)
+    (2128, 1760)
+    """
+    page = int(_config.CACHE_PAGE_SIZE if page_size is None else page_size)
+    payload = value + _RECORD_EXTRA
+    max_local = page - 35
+    if payload <= max_local:
+        table = page / max((page - 8) // (payload + _CELL_EXTRA), 1)
+    else:
+        min_local = (page - 12) * 32 // 255 - 23
+        local = min_local + (payload - min_local) % (page - 4)
+        if local > max_local:
+            local = min_local
+        overflow = -(-(payload - local) // (page - 4))
+        table = page / max((page - 8) // (local + 4 + _CELL_EXTRA), 1) + overflow * page
+    return round(table + _INDEX_BYTES)
+
+
+def entry_bytes(dimensions: int, page_size: int | None = None) -> int:
+    """Estimated bytes on disk of one cached vector of ``dimensions`` float32 components (see
+    :func:`stored_bytes`).
+
+    >>> entry_bytes(384, 4096), entry_bytes(1024, 4096)
+    (2128, 4688)
+    """
+    return stored_bytes(4 * dimensions + 48, page_size)
 
 
 def free_bytes(directory: str) -> int:
@@ -82,12 +122,12 @@ def free_bytes(directory: str) -> int:
     return int(shutil.disk_usage(directory).free)
 
 
-def check_free_space(directory: str, n: int, payload: int) -> None:
+def check_free_space(directory: str, n: int, payload: int, page_size: int | None = None) -> None:
     """Refuse, with :class:`~embedcache.errors.CacheError`, a write of ``n`` values of
-    ``payload`` bytes in all that would leave less than ``_config.CACHE_MIN_FREE_BYTES`` free
-    on the cache's disk. The write goes through SQLite's write-ahead log first, so it counts
-    twice."""
-    need = 2 * (payload + n * (ENTRY_OVERHEAD - 48))
+    ``payload`` bytes in all, into a database of ``page_size`` pages, that would leave less
+    than ``_config.CACHE_MIN_FREE_BYTES`` free on the cache's disk. The write goes through
+    SQLite's write-ahead log first, so it counts twice."""
+    need = 2 * n * stored_bytes(-(-payload // max(n, 1)), page_size)
     try:
         free = free_bytes(directory)
     except OSError:

@@ -217,7 +217,7 @@ def _check_space(emb: Any, texts: Sequence[str]) -> None:
         dims = seen[0] if seen else None
     if dims is None:
         dims, assumed = 1024, ", assuming 1024 dimensions"
-    need = rows * entry_bytes(dims)
+    need = rows * entry_bytes(dims, info.get("page_size"))
     about = f"the {rows} vectors of this job take about {_format_size(need)} in the cache{assumed}"
     limit = cache.size_limit
     if limit is not None and need > limit:
