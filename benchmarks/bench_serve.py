@@ -1,6 +1,6 @@
 """The caching proxy under load on loopback: throughput and added latency against the upstream.
 
-A fake OpenAI-compatible upstream (``python -m embedcache.testing``) and the proxy
+A fake OpenAI-compatible upstream (``benchmarks/fast_upstream.py``, or ``--upstream testing``)
 (``embedcache serve``) run as processes of their own; the load generator is an asyncio pool of
 keep-alive HTTP/1.1 connections with pre-encoded requests (cheap, so that the machine's cores go
 to the servers). For 1, 8 and 64 concurrent clients it measures requests of 64 items:
