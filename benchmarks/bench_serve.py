@@ -1,6 +1,6 @@
 """The caching proxy under load on loopback: throughput and added latency against the upstream.
 
-A fake OpenAI-compatible upstream (``python -m embedcache.testing``) and the proxy
+A fake OpenAI-compatible upstream (``benchmarks/fast_upstream.py``, or ``--upstream testing``)
 (``embedcache serve``) run as processes of their own; the load generator is an asyncio pool of
 keep-alive HTTP/1.1 connections with pre-encoded requests (cheap, so that the machine's cores go
 to the servers). For 1, 8 and 64 concurrent clients it measures requests of 64 items:
@@ -9,7 +9,7 @@ to the servers). For 1, 8 and 64 concurrent clients it measures requests of 64 i
 * all-miss: every item is new; p50/p99 latency through the proxy against the upstream directly
   (the difference is what the proxy adds).
 
-    flock /work/wt/bench.lock python benchmarks/bench_serve.py --seconds 3 --dim 384
+    python benchmarks/bench_serve.py --seconds 3 --dim 384
 """
 
 from __future__ import annotations
@@ -85,9 +85,13 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--encoding-format", default="base64", choices=["base64", "float"])
+    parser.add_argument("--upstream", default="fast", choices=["fast", "testing"],
+                        help="the fake upstream: benchmarks/fast_upstream.py (default), or the tests' "
+                             "FakeEmbeddingServer, whose ~2.5 ms of CPU per request competes with the proxy")
     args = parser.parse_args()
     env = dict(os.environ, OPENAI_API_KEY="test-key")
-    fake = _spawn(["-m", "embedcache.testing", "--dimensions", str(args.dim)], env)
+    upstream = "benchmarks.fast_upstream" if args.upstream == "fast" else "embedcache.testing"
+    fake = _spawn(["-m", upstream, "--dimensions", str(args.dim)], env)
     upstream_url = fake.stdout.readline().decode().strip()
     up_port = int(upstream_url.rsplit(":", 1)[1].split("/")[0])
     cache_dir = tempfile.mkdtemp(prefix="bench-serve-")
@@ -106,7 +110,7 @@ def main() -> None:
             except httpx.TransportError:
                 time.sleep(0.05)
         fmt, n = args.encoding_format, args.items
-        print(f"dim={args.dim} items/request={n} encoding={fmt} seconds/run={args.seconds}; "
+        print(f"dim={args.dim} items/request={n} encoding={fmt} seconds/run={args.seconds} upstream={args.upstream}; "
               f"{os.cpu_count()} cores shared by the load generator, the fake upstream and the proxy; "
               f"load average {os.getloadavg()[0]:.2f}")
         print(f"{'mode':8} {'clients':>7} {'target':>8} {'vectors/s':>10} {'p50 ms':>8} {'p99 ms':>8} "

@@ -113,6 +113,11 @@ SERVER_MEMORY_BYTES = 256 * 2**20
 #: vectors answered but not yet written to the cache beyond which upstream batches wait for
 #: the writer (so a disk slower than the upstream cannot grow memory without bound)
 SERVER_MAX_PENDING = 100_000
+#: answered vectors are written to the cache once this many are pending, or ...
+SERVER_WRITE_ROWS = 1024
+#: ... this many seconds after the oldest of them was answered (a write of 1,024 rows costs a
+#: third of the CPU per row of one of 64, CPU the proxy's requests need on a small machine)
+SERVER_WRITE_DELAY = 0.1
 
 
 @contextlib.contextmanager

@@ -112,6 +112,20 @@ def test_still_rate_limited_after_retries_is_a_429_with_retry_after(proxy, upstr
     assert _rate_limited(proxy) == seen + 2
 
 
+@pytest.mark.parametrize(("fault", "status", "fragment"), [
+    (Fault.drop(), 502, "lost the connection"),
+    (Fault.slow(2.0), 504, "timed out"),
+], ids=["dropped", "too-slow"])
+def test_no_reply_from_the_upstream_is_a_502_or_a_504(upstream, tmp_path, fault, status, fragment):
+    """A connection the upstream drops and a reply that does not come in time, retries spent."""
+    with running_proxy(upstream.base_url, cache=str(tmp_path), max_retries=0, timeout=0.5) as p:
+        upstream.push(fault)
+        r = _post(p, [f"no reply {fault.kind}"])
+        assert r.status_code == status, r.text
+        assert fragment in r.json()["error"]["message"]
+        assert _post(p, [f"no reply {fault.kind}"]).status_code == 200  # nothing bad kept
+
+
 def test_a_wrong_upstream_key_never_reaches_a_client(upstream, tmp_path):
     wrong = "sk-wrong-upstream-key-98765"
     with running_proxy(upstream.base_url, cache=str(tmp_path), api_key=wrong, max_retries=0) as p:

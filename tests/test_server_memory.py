@@ -76,6 +76,51 @@ def test_answered_before_written_and_served_from_memory_until_then(upstream, tmp
         reader.close()
 
 
+def test_writes_gather_until_enough_rows_or_the_delay_and_a_flush_writes_at_once(tmp_path):
+    """SERVER_WRITE_ROWS rows start a write at once; fewer wait for SERVER_WRITE_DELAY; a flush
+    (the app's shutdown) does not wait; every vector is written once, under its own key."""
+    import asyncio
+
+    from embedcache.server._memory import CacheWriter
+    from embedcache.server._metrics import Metrics
+
+    cache = EmbeddingCache(str(tmp_path))
+    source = ("ns", "m", None)
+    rng = np.random.default_rng(0)
+
+    def rows(tag, n):
+        keys = cache.raw_keys(*source, [f"{tag} {i}" for i in range(n)])
+        vectors = rng.standard_normal((n, 4)).astype("<f4")
+        return keys, vectors, [v.tobytes() for v in vectors]
+
+    async def main():
+        with _config.override(SERVER_WRITE_ROWS=10, SERVER_WRITE_DELAY=60):
+            writer = CacheWriter(cache, Metrics())
+        few = rows("few", 3)
+        writer.add(source, *few)
+        await asyncio.sleep(0.3)  # 3 < 10 rows, delay 60 s: still gathering
+        assert len(writer.pending) == 3 and cache.lookup(few[0], 4)[0].sum() == 0
+        many = rows("many", 7)  # 10 rows now: written without the delay
+        writer.add(source, *many)
+        for _ in range(1000):
+            if not writer.pending:
+                break
+            await asyncio.sleep(0.01)
+        assert not writer.pending
+        last = rows("last", 2)
+        writer.add(source, *last)
+        await asyncio.wait_for(writer.flush(), 30)  # not the 60 s delay
+        assert not writer.pending
+        for keys, vectors, _ in (few, many, last):
+            found, got = cache.lookup(keys, 4)
+            assert found.all()
+            np.testing.assert_array_equal(got, vectors)
+        await writer.aclose()
+
+    asyncio.run(main())
+    cache.close()
+
+
 def test_recent_vectors_are_bounded_and_equal_the_caches(upstream, tmp_path):
     cache_dir = str(tmp_path)
     budget = 10 * (4 * DIM + ENTRY_OVERHEAD)  # room for 10 vectors

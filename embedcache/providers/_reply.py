@@ -35,9 +35,22 @@ class Embeddings(NamedTuple):
     tokens: int
 
 
+try:  # about 3x faster on a reply of vectors (the server extra brings it)
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - the stdlib's alone
+    _fast_loads = json.loads
+
+
+def _loads(content: bytes) -> Any:
+    try:
+        return _fast_loads(content)
+    except ValueError:  # the stdlib's reads what orjson refuses (NaN...), or says why not
+        return json.loads(content)
+
+
 def _json(content: bytes, what: str, status_code: int) -> Any:
     try:
-        return json.loads(content)
+        return _loads(content)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidResponseError(
             f"{what} -> {status_code}: reply is not valid JSON ({exc})", status_code=status_code

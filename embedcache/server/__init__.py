@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["create_app", "is_loopback", "serve"]
 
-_REQUIRED = ("starlette", "uvicorn", "prometheus_client", "orjson")
+_REQUIRED = ("starlette", "uvicorn", "prometheus_client", "orjson", "aiohttp", "httpx_aiohttp")
 
 
 def _require() -> None:
