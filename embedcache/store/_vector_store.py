@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -331,14 +330,11 @@ class VectorStore:
         engine = None
         bar: Any = contextlib.nullcontext()
         if client is not None:
-            from tqdm.auto import tqdm
-
+            from embedcache._progress import progress_bar
             from embedcache.engine import Counted, engine_for
 
-            engine = engine_for(client)
-            show = sys.stderr.isatty() if progress is None else bool(progress)
-            bar = tqdm(total=0, desc="index", unit="tasks", disable=not show, file=sys.stderr, leave=False)
-            engine = Counted(engine, bar)
+            bar = progress_bar(progress, 0, "index", unit="tasks")
+            engine = Counted(engine_for(client), bar)
         with bar, self._txn.writing() as w:
             _index.build(self._txn.current(), w, self.path, cells, seed, engine)
         info = self.index_info()

@@ -8,7 +8,6 @@ vectors are collapsed too.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import KeysView, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from embedcache import kernels
+from embedcache._progress import progress_bar as _progress_bar
 from embedcache._validation import as_matrix, check_finite
 from embedcache.cache import CachedEmbedder
 from embedcache.index._copies import classes, row_digests
@@ -24,14 +24,6 @@ from embedcache.errors import InvalidInputTypeError
 from embedcache.providers._window import DEFAULT_LONG_TEXTS, check_long_texts
 from embedcache.providers.base import normalize_text, validate_texts
 from embedcache.store import VectorStore
-
-
-def _progress_bar(progress: bool | None, total: float, desc: str, unit: str = "rows"):
-    from tqdm.auto import tqdm
-
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(total=total, desc=desc, unit=unit, disable=not show, file=sys.stderr, leave=False,
-                unit_scale=unit != "rows")
 
 
 #: how a workflow searches: exactly, through a partition index, or chosen by size
