@@ -8,17 +8,21 @@ and a batcher.
 * An item is looked up in memory first (recently served vectors, and answered vectors whose
   cache write has not committed yet: see :mod:`._memory`), then in the cache on disk.
 * A missed item that some request is already fetching is not fetched again: the later
-  request waits for the first one's future (the in-flight map). The lookup and the claim
+  request waits for the first one's item (the in-flight map). The lookup and the claim
   happen in one step of the event loop, and an item leaves the map in the same step as it
   enters the writer's pending map, which it leaves only after its write commits, so no item
-  is ever fetched twice at once.
-* Misses wait in one queue per (model, dimensions). A batch goes as soon as one of
-  ``max_concurrency`` upstream slots is free, with whatever is queued then (up to the
-  embedder's ``batch_size`` and ``max_batch_chars``): an idle proxy adds no wait, a busy one
-  sends the misses of many requests together.
-* Every HTTP attempt, retries included, passes one transport that applies the one rate
-  limit of the upstream (the IONOS contract for the IONOS host) and records the upstream
-  metrics. Retries, backoff and error mapping are the embedder's own.
+  is ever fetched twice at once. A request waits on one future, set when the last of its
+  items has its vector (or at the first failure).
+* Misses wait in one queue per (model, dimensions). A batch starts as soon as one of
+  ``max_concurrency`` upstream slots is free, in the same step of the event loop, with
+  whatever is queued then (up to the embedder's ``batch_size`` and ``max_batch_chars``, and
+  in parts within the limits learned for the upstream): an idle proxy adds no wait, a busy
+  one sends the misses of many requests together when a slot frees. Groups take turns.
+* Every HTTP attempt, retries included, goes through one aiohttp session (keep-alive
+  connections), under the one rate limit of the upstream (the IONOS contract for the IONOS
+  host), and is counted in the upstream metrics. Retries, backoff, ``Retry-After``, error
+  mapping, reply checks and the splitting of a batch the upstream refuses as too large are
+  the embedder's own (:meth:`~embedcache.OpenAIEmbeddings.aembed_batch`).
 * Clients are answered as soon as the upstream answers; the vectors are written to the
   cache in the background (:class:`~._memory.CacheWriter`), within a few milliseconds, and
   all of them on shutdown. A crash of the proxy loses only the vectors not yet committed.
