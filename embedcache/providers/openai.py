@@ -357,9 +357,9 @@ class OpenAIEmbeddings:
         counter = self._window.counter if self._window is not None else self._estimate
         return counter.counts(texts) + counter.specials
 
-    def _plan(self, texts: list[str]) -> list[tuple[int, int]]:
-        """Consecutive ``(start, stop)`` slices within the count and character limits, and the
-        limits learned for this server."""
+    def plan(self, texts: list[str]) -> list[tuple[int, int]]:
+        """Consecutive ``(start, stop)`` slices of ``texts`` within :attr:`batch_size`,
+        :attr:`max_batch_chars` and the limits learned for this server."""
         return self._limits.plan(texts, self.batch_size, self.max_batch_chars, self._token_estimates)
 
     def _split_refused(self, exc: APIStatusError, batch: list[str]) -> list[list[str]] | None:
@@ -370,7 +370,7 @@ class OpenAIEmbeddings:
             return None
         tokens = int(self._token_estimates(batch).sum()) if kind[0] == "tokens" else 0
         self._limits.learn(kind[0], kind[1], len(batch), tokens, exc.status_code or 0)
-        plan = self._plan(batch)
+        plan = self.plan(batch)
         if len(plan) == 1:  # the learned limits do not split it: halves
             plan = [(0, len(batch) // 2), (len(batch) // 2, len(batch))]
         return [batch[a:b] for a, b in plan]
@@ -493,7 +493,7 @@ class OpenAIEmbeddings:
             return None
         start, stop = plan[0]
         results.store(start, stop, run(items[start:stop]))
-        return [(a + stop, b + stop) for a, b in self._plan(items[stop:])]
+        return [(a + stop, b + stop) for a, b in self.plan(items[stop:])]
 
     def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
         """Embed ``texts``: array of shape (n, d), float32, rows in input order.
@@ -511,7 +511,7 @@ class OpenAIEmbeddings:
             return self._embed(items, _Results(len(items), on_batch), stop)
 
     def _embed(self, items: list[str], results: _Results, halt: threading.Event) -> np.ndarray:
-        plan = self._plan(items)
+        plan = self.plan(items)
         rest = self._probe(items, results, plan, lambda batch: self._embed_batch(batch, halt))
         if rest is not None:
             plan = rest
@@ -649,11 +649,6 @@ class OpenAIEmbeddings:
                 raise
         return np.concatenate([await self.aembed_batch(part, send) for part in parts])
 
-    def plan(self, texts: list[str]) -> list[tuple[int, int]]:
-        """Consecutive ``(start, stop)`` slices of ``texts`` within :attr:`batch_size`,
-        :attr:`max_batch_chars` and the limits learned for this server."""
-        return self._plan(texts)
-
     async def aembed(
         self, texts: Sequence[str], *, on_batch: BatchCallback | None = None
     ) -> np.ndarray:
@@ -666,11 +661,11 @@ class OpenAIEmbeddings:
         async def run(start: int, stop: int) -> tuple[int, int, np.ndarray]:
             return start, stop, await self._aembed_batch(items[start:stop], gate)
 
-        plan = self._plan(items)
+        plan = self.plan(items)
         if len(plan) > 1 and not self._limits.answered:  # the first batch alone: see _probe
             start, stop = plan[0]
             results.store(*await run(start, stop))
-            plan = [(a + stop, b + stop) for a, b in self._plan(items[stop:])]
+            plan = [(a + stop, b + stop) for a, b in self.plan(items[stop:])]
         tasks = [asyncio.ensure_future(run(start, stop)) for start, stop in plan]
         try:
             for next_done in asyncio.as_completed(tasks):
