@@ -296,6 +296,82 @@ def _select_row(
                     cut = _cutoff(hs[0], margin, rel)
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _group_hits_cols(s, f, cut):
+    """How many of the scores ``s * f`` are not below their own cut-off ``cut`` (NaN
+    counts); ``s`` and ``cut`` are float32 slices that start at the group (see
+    :func:`_group_hits`)."""
+    hits = 0
+    for t in range(s.shape[0]):
+        hits += not s[t] * f < cut[t]
+    return hits
+
+
+@njit(inline="always")
+def _cutoff32(kth, margin, rel):
+    """:func:`_cutoff` rounded down to float32: a score below it is below the exact cut-off
+    too, so the scan compares float32 with float32 and still rescores every contender."""
+    cut = _cutoff(kth, margin, rel)
+    c32 = np.float32(cut)
+    if c32 > cut:
+        c32 = np.nextafter(c32, np.float32(-np.inf))
+    return c32
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _select_cols(
+    st, lo, hi, queries, inv_q, margin_q, rel, block, inv_c, filt_c, col0, row0, cosine,
+    mask, use_mask, exclude_self, heap_s, heap_i,
+):
+    """Fold query rows ``lo..hi`` of a corpus-major BLAS score tile (``st[c, r]``: corpus row
+    col0 + c against query row0 + r) into their heaps, on the calling thread, without the GIL.
+
+    Corpus rows are walked in ascending order and each query keeps its own cut-off, so every
+    query meets its candidates in the order of a row-by-row scan; a candidate the filter
+    lets through in excess is rescored and loses, so the heaps end the same.
+    """
+    w = hi - lo
+    cut = np.empty(w, np.float32)
+    for r in range(w):
+        q = row0 + lo + r
+        cut[r] = _cutoff32(heap_s[q, 0], margin_q[q], rel)
+    g = _SCAN_GROUP
+    for c in range(st.shape[0]):
+        j = col0 + c
+        if use_mask and not mask[j]:
+            continue
+        srow = st[c]
+        fc = filt_c[c]
+        for r0 in range(0, w, g):
+            r1 = min(r0 + g, w)
+            if r1 - r0 == g and _group_hits_cols(srow[lo + r0 : lo + r1], fc, cut[r0:r1]) == 0:
+                continue
+            for r in range(r0, r1):
+                if not srow[lo + r] * fc < cut[r]:  # NaN (a row too small for the filter) too
+                    q = row0 + lo + r
+                    if exclude_self and j == q:
+                        continue
+                    e = _pair_score(queries[q], block[c], inv_q[q], inv_c[c], cosine)
+                    if _better(e, j, heap_s[q, 0], heap_i[q, 0]):
+                        _heap_replace_root(heap_s[q], heap_i[q], e, j)
+                        cut[r] = _cutoff32(heap_s[q, 0], margin_q[q], rel)
+
+
+@njit(parallel=True, cache=True)
+def _select_tile_cols(
+    st, chunks, queries, inv_q, margin_q, rel, block, inv_c, filt_c, col0, row0, cosine,
+    mask, use_mask, exclude_self, heap_s, heap_i,
+):
+    """As :func:`_select_cols` for all query rows of the tile, cut into ``chunks`` slices
+    that numba's threads take in parallel."""
+    w = st.shape[1]
+    for t in prange(chunks):
+        _select_cols(
+            st, w * t // chunks, w * (t + 1) // chunks, queries, inv_q, margin_q, rel, block,
+            inv_c, filt_c, col0, row0, cosine, mask, use_mask, exclude_self, heap_s, heap_i,
+        )
+
+
 # ----------------------------------------------------------------------------------------
 # top-k, few queries: the corpus streamed once
 # ----------------------------------------------------------------------------------------
