@@ -344,7 +344,7 @@ def _select_cols(
         fc = filt_c[c]
         for r0 in range(0, w, g):
             r1 = min(r0 + g, w)
-            if r1 - r0 == g and _group_hits_cols(srow[lo + r0 : lo + r1], fc, cut[r0:r1]) == 0:
+            if _group_hits_cols(srow[lo + r0 : lo + r1], fc, cut[r0:r1]) == 0:
                 continue
             for r in range(r0, r1):
                 if not srow[lo + r] * fc < cut[r]:  # NaN (a row too small for the filter) too
