@@ -613,18 +613,34 @@ def _pairs_rows(
         )
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _pair_group_hits(s, fx, f, cut):
+    """How many of the filter scores ``s * (fx * f)`` are not below ``cut`` (NaN counts);
+    slices that start at the group, as in :func:`_group_hits`."""
+    hits = 0
+    for t in range(s.shape[0]):
+        hits += not s[t] * (fx * f[t]) < cut
+    return hits
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _pairs_row(srow, xrow, yb, ix, inv_y, fx, filt_y, cut, thr, start, cosine, out_j, out_s):
     width = out_j.shape[0]
     n_found = 0
-    for c in range(start, srow.shape[0]):
-        if not srow[c] * (fx * filt_y[c]) < cut:  # NaN: rescore
-            e = _pair_score(xrow, yb[c], ix, inv_y[c], cosine)
-            if e >= thr:
-                if n_found < width:
-                    out_j[n_found] = c
-                    out_s[n_found] = e
-                n_found += 1
+    n = srow.shape[0]
+    g = _SCAN_GROUP
+    for c0 in range(start, n, g):
+        c1 = min(c0 + g, n)
+        if _pair_group_hits(srow[c0:c1], fx, filt_y[c0:c1], cut) == 0:
+            continue
+        for c in range(c0, c1):
+            if not srow[c] * (fx * filt_y[c]) < cut:  # NaN: rescore
+                e = _pair_score(xrow, yb[c], ix, inv_y[c], cosine)
+                if e >= thr:
+                    if n_found < width:
+                        out_j[n_found] = c
+                        out_s[n_found] = e
+                    n_found += 1
     return n_found
 
 
@@ -667,9 +683,15 @@ def _roots(parent, ids, out):
 
 @njit(fastmath=FASTMATH, cache=True)
 def _first_candidate(srow, fx, filt_y, cut, start):
-    for c in range(start, srow.shape[0]):
-        if not srow[c] * (fx * filt_y[c]) < cut:
-            return c
+    n = srow.shape[0]
+    g = _SCAN_GROUP
+    for c0 in range(start, n, g):
+        c1 = min(c0 + g, n)
+        if _pair_group_hits(srow[c0:c1], fx, filt_y[c0:c1], cut) == 0:
+            continue
+        for c in range(c0, c1):
+            if not srow[c] * (fx * filt_y[c]) < cut:
+                return c
     return -1
 
 
