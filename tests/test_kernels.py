@@ -784,6 +784,36 @@ def test_similar_pairs_equals_thresholded_matrix(ab, threshold, block, cross):
     np.testing.assert_array_equal(s, full[ei, ej])
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 150),
+    st.sampled_from([31, 32, 33, 64, 100]),
+    st.sampled_from(["cosine", "dot"]),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_similar_pairs_tiles_around_the_scan_groups(n, block, metric, cross, seed):
+    # tile widths just below, at and above the scan's group of 32 scores, rows starting
+    # their scan mid-group on the diagonal, many exact ties, the threshold an exact score:
+    # bit for bit the thresholded matrix, in the pair order
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=(n, 6)).astype(np.float32)
+    x[rng.integers(0, n, size=n // 3)] = x[0]
+    y = np.concatenate([x[: n // 2], rng.integers(-2, 3, size=(40, 6))]).astype(np.float32)
+    other = y if cross else None
+    full = (cosine_similarity if metric == "cosine" else dot_similarity)(x, other)
+    threshold = float(full.flat[rng.integers(0, full.size)])
+    with _config.override(PAIRS_BLOCK=block, PAIRS_COLUMNS=block):
+        i, j, s = similar_pairs(x, threshold, y=other, metric=metric)
+    if not cross:
+        full = np.triu(full, 1) + np.tril(np.full_like(full, -np.inf))
+    ei, ej = np.nonzero(full >= np.float32(threshold))
+    order = np.lexsort((ej, ei, -full[ei, ej]))
+    np.testing.assert_array_equal(i, ei[order])
+    np.testing.assert_array_equal(j, ej[order])
+    np.testing.assert_array_equal(s, full[ei[order], ej[order]])
+
+
 @settings(max_examples=15, deadline=None)
 @given(matrices(max_rows=30, min_rows=1, elements=small_ints), st.integers(1, 8))
 def test_results_unchanged_by_thread_count(x, k):

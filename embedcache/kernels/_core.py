@@ -308,14 +308,19 @@ def _group_hits_cols(s, f, cut):
 
 
 @njit(inline="always")
-def _cutoff32(kth, margin, rel):
-    """:func:`_cutoff` rounded down to float32: a score below it is below the exact cut-off
-    too, so the scan compares float32 with float32 and still rescores every contender."""
-    cut = _cutoff(kth, margin, rel)
+def _down32(cut):
+    """The largest float32 not above ``cut``: a float32 score below it is below ``cut``
+    too, so a scan compares float32 with float32 and still passes every contender."""
     c32 = np.float32(cut)
     if c32 > cut:
         c32 = np.nextafter(c32, np.float32(-np.inf))
     return c32
+
+
+@njit(inline="always")
+def _cutoff32(kth, margin, rel):
+    """:func:`_cutoff` rounded down to float32 (see :func:`_down32`)."""
+    return _down32(_cutoff(kth, margin, rel))
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -625,6 +630,7 @@ def _pair_group_hits(s, fx, f, cut):
 
 @njit(fastmath=FASTMATH, cache=True)
 def _pairs_row(srow, xrow, yb, ix, inv_y, fx, filt_y, cut, thr, start, cosine, out_j, out_s):
+    cut = _down32(cut)
     width = out_j.shape[0]
     n_found = 0
     n = srow.shape[0]
@@ -683,6 +689,7 @@ def _roots(parent, ids, out):
 
 @njit(fastmath=FASTMATH, cache=True)
 def _first_candidate(srow, fx, filt_y, cut, start):
+    cut = _down32(cut)
     n = srow.shape[0]
     g = _SCAN_GROUP
     for c0 in range(start, n, g):
