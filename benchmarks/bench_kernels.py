@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py topk  [--full] [--queries 1,100,1000]
                                              [--sizes 50000,200000,1000000] [--k 10]
+                                             [--peers embedcache-cosine,faiss,gemm] [--repeat 5]
     python benchmarks/bench_kernels.py pairs [--full] [--st]
 
 Quick mode (default, about a minute): 50,000 x 384 corpus for top-k (the slow peers,
@@ -9,9 +10,14 @@ usearch and semantic_search, only up to 100 queries), 10,000 x 384 for pairs. ``
 100,000 x 384 with 1,000 planted near-duplicates, threshold 0.95). ``--sizes`` runs top-k
 on several corpus sizes in one run (the target holds from 50,000 to 1,000,000 rows).
 
-Every case runs in a fresh subprocess that builds the same data from a seed, warms up
-(compiles), then times one call; "extra" is the growth of the peak resident set
-(VmHWM) during the timed call, which also sees BLAS and numba allocations.
+Every case runs in a subprocess of its own that builds the same data from a seed and warms
+up (compiles). For top-k all cases of one corpus size and query count are alive at once and
+are timed in turns (ours, faiss, gemm, ours, faiss, gemm, ...; ``--repeat`` rounds), so a
+burst of load from elsewhere on the machine hits every case alike; the table gives each
+case's median, its spread (lowest and highest), and its ratio to faiss as the median of the
+per-round ratios. "extra" is the growth of the peak resident set (VmHWM) over the timed
+calls, which also sees BLAS and numba allocations. "gemm" is the ceiling: the matrix product
+alone (numpy's BLAS on all threads, corpus blocks into one reused 32 MiB buffer), no top-k.
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the environment (the script re-execs
 itself) because they can slow numpy's BLAS; threadpoolctl's view of the BLAS is printed.
 """
@@ -99,7 +105,16 @@ def _topk_case(name: str, n: int, d: int, nq: int, k: int):
 
         return lambda: search(x, q, k, MetricKind.IP, exact=True)
     if name == "gemm":
-        return lambda: q @ x.T
+        # the matrix product alone, all BLAS threads, blocks of corpus rows into one buffer
+        rows = max(1, min(n, (32 << 20) // (4 * nq)))
+        out = np.empty((nq, rows), np.float32)
+
+        def run():
+            for c0 in range(0, n, rows):
+                part = x[c0 : c0 + rows]
+                np.matmul(q, part.T, out=out[:, : part.shape[0]])
+
+        return run
     raise ValueError(name)
 
 
@@ -144,6 +159,24 @@ def _pairs_case(name: str, n: int, d: int, threshold: float):
 
         return run
     raise ValueError(name)
+
+
+def _server(spec: dict) -> None:
+    """Build one case, warm it up, then time one call per "run" line read from stdin."""
+    fn = _topk_case(spec["name"], spec["n"], spec["d"], spec["nq"], spec["k"])
+    t0 = time.perf_counter()
+    fn()  # warm-up: compiles, faults pages in
+    warm = time.perf_counter() - t0
+    _reset_hwm()
+    before = _vm_hwm_kib()
+    print(json.dumps({"ready": True, "first_call": warm}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        t0 = time.perf_counter()
+        fn()
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    print(json.dumps({"extra_mib": max(0, _vm_hwm_kib() - before) / 1024}), flush=True)
 
 
 def _child(spec: dict) -> None:
@@ -196,34 +229,89 @@ def _print_env() -> None:
 
 
 def _topk_rows(a, names, n: int, d: int, nq: int) -> None:
-    rows = {}
+    import statistics
+    import tempfile
+
+    procs, errs = {}, {}
     for name in names:
         if name == "embedcache-f16-dot" and nq > 1:
             continue
         if not a.full and nq > 100 and name in ("usearch", "semantic_search"):
             continue  # slow peers: only with --full
-        spec = {"kind": "topk", "name": name, "n": n, "d": d, "nq": nq, "k": a.k,
-                "repeat": 3 if nq == 1 else 1}
-        rows[name] = _run(spec, a.timeout)
-    ref = rows.get("faiss", {}).get("seconds")
-    gemm = rows.get("gemm", {}).get("seconds")
-    print(f"{nq} queries")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"  {name:<20} {r['error']}")
+        spec = {"kind": "topk", "name": name, "n": n, "d": d, "nq": nq, "k": a.k}
+        errs[name] = tempfile.TemporaryFile("w+")
+        procs[name] = subprocess.Popen(
+            [sys.executable, __file__, "_server", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[name], text=True,
+        )
+    info = {}
+    times = {name: [] for name in procs}
+
+    def ask(name, line=None):
+        proc = procs[name]
+        if line is not None:
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+        out = proc.stdout.readline()
+        if not out:
+            proc.wait()
+            errs[name].seek(0)
+            last = (errs[name].read().strip().splitlines() or ["?"])[-1]
+            info[name] = {"error": last[:100]}
+            return None
+        return json.loads(out)
+
+    for name in list(procs):  # children build their data in parallel; wait for each
+        r = ask(name)
+        if r is not None:
+            info[name] = r
+    live = [name for name in procs if "error" not in info.get(name, {})]
+    repeat = a.repeat if nq > 1 else 3 * a.repeat
+    for _ in range(repeat):
+        for name in list(live):
+            time.sleep(0.3)  # BLAS and OpenMP threads of the case before stop spinning
+            r = ask(name, "run")
+            if r is None:
+                live.remove(name)
+                continue
+            times[name].append(r["seconds"])
+    for name, proc in procs.items():
+        if name in live:
+            r = ask(name, "quit")
+            if r is not None:
+                info[name].update(r)
+        proc.stdin.close()
+        proc.wait()
+        errs[name].close()
+    print(f"{nq} queries ({repeat} rounds, interleaved)")
+    ref = times.get("faiss") or None
+    gemm = times.get("gemm") or None
+    for name in procs:
+        r = info.get(name, {})
+        if "error" in r or not times[name]:
+            print(f"  {name:<20} {r.get('error', 'no timing')}")
             continue
-        ratio = f"{r['seconds'] / ref:5.2f}x faiss" if ref else ""
-        gf = 2 * nq * n * d / r["seconds"] / 1e9
-        frac = f"{gemm / r['seconds']:4.0%} of GEMM rate" if gemm else ""
-        print(f"  {name:<20} {r['seconds'] * 1e3:9.1f} ms  {ratio:>13}  "
-              f"+{r['extra_mib']:7.1f} MiB  {gf:6.1f} GFLOP/s {frac}  "
-              f"(first call {r['first_call']:.2f} s)")
+        t = times[name]
+        med = statistics.median(t)
+        ratio = ""
+        if ref and len(ref) == len(t):
+            ratio = f"{statistics.median(x / y for x, y in zip(t, ref)):5.2f}x faiss"
+        frac = ""
+        if gemm and len(gemm) == len(t):
+            frac = f"{statistics.median(y / x for x, y in zip(t, gemm)):4.0%} of GEMM rate"
+        gf = 2 * nq * n * d / med / 1e9
+        print(f"  {name:<20} {med * 1e3:9.1f} ms [{min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}]"
+              f"  {ratio:>13}  +{r.get('extra_mib', 0):7.1f} MiB  {gf:6.1f} GFLOP/s {frac}"
+              f"  (first call {r['first_call']:.2f} s)")
 
 
 def main() -> None:
     if any(v in os.environ for v in _STRIP):
         env = {k: v for k, v in os.environ.items() if k not in _STRIP}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if len(sys.argv) > 2 and sys.argv[1] == "_server":
+        _server(json.loads(sys.argv[2]))
+        return
     if len(sys.argv) > 2 and sys.argv[1] == "_child":
         _child(json.loads(sys.argv[2]))
         return
@@ -235,6 +323,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10, help="neighbours per query in top-k")
     p.add_argument("--peers", default=None, help="comma-separated subset of cases")
     p.add_argument("--st", action="store_true", help="include paraphrase_mining (slow)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="interleaved timed rounds per top-k case (x3 for one query)")
     p.add_argument("--timeout", type=float, default=300.0)
     a = p.parse_args()
     _print_env()

@@ -25,6 +25,8 @@ TOPK_CORPUS_BLOCK = 2048
 TOPK_TILE_BYTES = 16 * 1024 * 1024
 #: query rows per block in top_k
 TOPK_QUERY_BLOCK = 1024
+#: top_k's BLAS writes corpus-major score tiles (corpus rows x query rows), else query-major
+TOPK_CORPUS_MAJOR = True
 #: largest corpus block top_k grows to when it streams few queries
 TOPK_MAX_BLOCK = 65536
 #: up to this many queries, top_k streams the corpus once through all threads

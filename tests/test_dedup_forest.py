@@ -125,7 +125,7 @@ def canonical(roots):
 
 
 @settings(max_examples=60, deadline=None)
-@given(giant_cluster(), st.integers(1, 9), st.integers(1, 9))
+@given(giant_cluster(), st.sampled_from([1, 5, 9, 31, 33]), st.sampled_from([1, 9, 32, 33, 70]))
 def test_forest_kernel_joins_what_similar_pairs_lists(case, block, cols):
     x, t = case
     n = len(x)

@@ -784,6 +784,36 @@ def test_similar_pairs_equals_thresholded_matrix(ab, threshold, block, cross):
     np.testing.assert_array_equal(s, full[ei, ej])
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 150),
+    st.sampled_from([31, 32, 33, 64, 100]),
+    st.sampled_from(["cosine", "dot"]),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_similar_pairs_tiles_around_the_scan_groups(n, block, metric, cross, seed):
+    # tile widths just below, at and above the scan's group of 32 scores, rows starting
+    # their scan mid-group on the diagonal, many exact ties, the threshold an exact score:
+    # bit for bit the thresholded matrix, in the pair order
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=(n, 6)).astype(np.float32)
+    x[rng.integers(0, n, size=n // 3)] = x[0]
+    y = np.concatenate([x[: n // 2], rng.integers(-2, 3, size=(40, 6))]).astype(np.float32)
+    other = y if cross else None
+    full = (cosine_similarity if metric == "cosine" else dot_similarity)(x, other)
+    threshold = float(full.flat[rng.integers(0, full.size)])
+    with _config.override(PAIRS_BLOCK=block, PAIRS_COLUMNS=block):
+        i, j, s = similar_pairs(x, threshold, y=other, metric=metric)
+    if not cross:
+        full = np.triu(full, 1) + np.tril(np.full_like(full, -np.inf))
+    ei, ej = np.nonzero(full >= np.float32(threshold))
+    order = np.lexsort((ej, ei, -full[ei, ej]))
+    np.testing.assert_array_equal(i, ei[order])
+    np.testing.assert_array_equal(j, ej[order])
+    np.testing.assert_array_equal(s, full[ei[order], ej[order]])
+
+
 @settings(max_examples=15, deadline=None)
 @given(matrices(max_rows=30, min_rows=1, elements=small_ints), st.integers(1, 8))
 def test_results_unchanged_by_thread_count(x, k):
@@ -857,31 +887,77 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache():
 # ----------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     st.integers(1, 200),
-    st.integers(17, 40),
+    st.integers(17, 70),
     st.integers(1, 12),
     st.sampled_from(["cosine", "dot"]),
     st.sampled_from([31, 32, 33, 64, 100]),
     st.booleans(),
+    st.booleans(),
     st.integers(0, 2**32 - 1),
 )
-def test_top_k_blocks_around_the_scan_groups(n, nq, k, metric, block, masked, seed):
-    # corpus blocks just below, at and above the scan's group of 32 scores, split across
-    # threads or folded on one: bit for bit the plain reference, ties to the lower index
+def test_top_k_blocks_around_the_scan_groups(n, nq, k, metric, block, masked, corpus_major, seed):
+    # corpus blocks and query counts just below, at and above the scan's group of 32 scores,
+    # split across threads or folded on one, score tiles of either orientation: bit for bit
+    # the plain reference, ties to the lower index
     rng = np.random.default_rng(seed)
     corpus = rng.integers(-2, 3, size=(n, 6)).astype(np.float32)
     corpus[rng.integers(0, n, size=n // 3)] = corpus[0]  # many exact ties
     queries = np.concatenate([corpus[: min(n, nq // 2)], rng.standard_normal((nq, 6))])[:nq]
     queries = queries.astype(np.float32)
     mask = rng.random(n) < 0.7 if masked else None
-    with _config.override(TOPK_CORPUS_BLOCK=block, TOPK_MAX_BLOCK=block):
+    with _config.override(
+        TOPK_CORPUS_BLOCK=block, TOPK_MAX_BLOCK=block, TOPK_CORPUS_MAJOR=corpus_major
+    ):
         s, i = top_k(queries, corpus, k, metric=metric, mask=mask, exclude_self=masked)
     own = (cosine_similarity if metric == "cosine" else dot_similarity)(queries, corpus)
     es, ei = naive.top_k(queries, corpus, k, mask=mask, exclude_self=masked, scores=own)
     np.testing.assert_array_equal(i, ei)
     np.testing.assert_array_equal(s, es.astype(np.float32))
+
+
+@pytest.mark.parametrize("corpus_major", [True, False])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_top_k_tile_orientations_agree_on_real_sizes(corpus_major, metric):
+    # 384 columns, enough queries and rows for several blocks on each thread: the scan of
+    # either orientation gives the plain reference's answer bit for bit
+    rng = np.random.default_rng(5)
+    corpus = rng.standard_normal((3000, 384)).astype(np.float32)
+    corpus[::97] = corpus[5]  # exact ties
+    corpus[7] *= 1e-30  # a row too small for the float32 filter
+    queries = np.concatenate([corpus[:40], rng.standard_normal((60, 384))]).astype(np.float32)
+    with _config.override(TOPK_CORPUS_BLOCK=256, TOPK_MAX_BLOCK=256, TOPK_CORPUS_MAJOR=corpus_major):
+        s, i = top_k(queries, corpus, 7, metric=metric)
+    own = (cosine_similarity if metric == "cosine" else dot_similarity)(queries, corpus)
+    es, ei = naive.top_k(queries, corpus, 7, scores=own)
+    np.testing.assert_array_equal(i, ei)
+    np.testing.assert_array_equal(s, es.astype(np.float32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.floats(width=32, allow_nan=False),
+        st.floats(-1.0, 1.0, width=32),
+    ),
+    st.floats(0.0, 1e-3),
+    st.sampled_from([0.0, 4 * 2.0**-24, 1e-3]),
+)
+def test_float32_cutoff_never_above_the_exact_one(kth, margin, rel):
+    # the corpus-major scan compares float32 scores with a float32 cut-off: rounded down, a
+    # score it rejects is rejected by the float64 cut-off too (no contender skipped)
+    from embedcache.kernels._core import _cutoff, _cutoff32
+
+    exact = _cutoff(np.float32(kth), margin, rel)
+    low = _cutoff32(np.float32(kth), margin, rel)
+    if np.isnan(exact):
+        assert np.isnan(low)
+    elif np.isinf(exact):
+        assert low == exact
+    else:  # the largest float32 not above it
+        assert float(low) <= exact < float(np.nextafter(low, np.float32(np.inf)))
 
 
 @pytest.mark.parametrize(

@@ -296,6 +296,87 @@ def _select_row(
                     cut = _cutoff(hs[0], margin, rel)
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _group_hits_cols(s, f, cut):
+    """How many of the scores ``s * f`` are not below their own cut-off ``cut`` (NaN
+    counts); ``s`` and ``cut`` are float32 slices that start at the group (see
+    :func:`_group_hits`)."""
+    hits = 0
+    for t in range(s.shape[0]):
+        hits += not s[t] * f < cut[t]
+    return hits
+
+
+@njit(inline="always")
+def _down32(cut):
+    """The largest float32 not above ``cut``: a float32 score below it is below ``cut``
+    too, so a scan compares float32 with float32 and still passes every contender."""
+    c32 = np.float32(cut)
+    if c32 > cut:
+        c32 = np.nextafter(c32, np.float32(-np.inf))
+    return c32
+
+
+@njit(inline="always")
+def _cutoff32(kth, margin, rel):
+    """:func:`_cutoff` rounded down to float32 (see :func:`_down32`)."""
+    return _down32(_cutoff(kth, margin, rel))
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _select_cols(
+    st, lo, hi, queries, inv_q, margin_q, rel, block, inv_c, filt_c, col0, row0, cosine,
+    mask, use_mask, exclude_self, heap_s, heap_i,
+):
+    """Fold query rows ``lo..hi`` of a corpus-major BLAS score tile (``st[c, r]``: corpus row
+    col0 + c against query row0 + r) into their heaps, on the calling thread, without the GIL.
+
+    Corpus rows are walked in ascending order and each query keeps its own cut-off, so every
+    query meets its candidates in the order of a row-by-row scan; a candidate the filter
+    lets through in excess is rescored and loses, so the heaps end the same.
+    """
+    w = hi - lo
+    cut = np.empty(w, np.float32)
+    for r in range(w):
+        q = row0 + lo + r
+        cut[r] = _cutoff32(heap_s[q, 0], margin_q[q], rel)
+    g = _SCAN_GROUP
+    for c in range(st.shape[0]):
+        j = col0 + c
+        if use_mask and not mask[j]:
+            continue
+        srow = st[c]
+        fc = filt_c[c]
+        for r0 in range(0, w, g):
+            r1 = min(r0 + g, w)
+            if _group_hits_cols(srow[lo + r0 : lo + r1], fc, cut[r0:r1]) == 0:
+                continue
+            for r in range(r0, r1):
+                if not srow[lo + r] * fc < cut[r]:  # NaN (a row too small for the filter) too
+                    q = row0 + lo + r
+                    if exclude_self and j == q:
+                        continue
+                    e = _pair_score(queries[q], block[c], inv_q[q], inv_c[c], cosine)
+                    if _better(e, j, heap_s[q, 0], heap_i[q, 0]):
+                        _heap_replace_root(heap_s[q], heap_i[q], e, j)
+                        cut[r] = _cutoff32(heap_s[q, 0], margin_q[q], rel)
+
+
+@njit(parallel=True, cache=True)
+def _select_tile_cols(
+    st, chunks, queries, inv_q, margin_q, rel, block, inv_c, filt_c, col0, row0, cosine,
+    mask, use_mask, exclude_self, heap_s, heap_i,
+):
+    """As :func:`_select_cols` for all query rows of the tile, cut into ``chunks`` slices
+    that numba's threads take in parallel."""
+    w = st.shape[1]
+    for t in prange(chunks):
+        _select_cols(
+            st, w * t // chunks, w * (t + 1) // chunks, queries, inv_q, margin_q, rel, block,
+            inv_c, filt_c, col0, row0, cosine, mask, use_mask, exclude_self, heap_s, heap_i,
+        )
+
+
 # ----------------------------------------------------------------------------------------
 # top-k, few queries: the corpus streamed once
 # ----------------------------------------------------------------------------------------
@@ -537,18 +618,35 @@ def _pairs_rows(
         )
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _pair_group_hits(s, fx, f, cut):
+    """How many of the filter scores ``s * (fx * f)`` are not below ``cut`` (NaN counts);
+    slices that start at the group, as in :func:`_group_hits`."""
+    hits = 0
+    for t in range(s.shape[0]):
+        hits += not s[t] * (fx * f[t]) < cut
+    return hits
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _pairs_row(srow, xrow, yb, ix, inv_y, fx, filt_y, cut, thr, start, cosine, out_j, out_s):
+    cut = _down32(cut)
     width = out_j.shape[0]
     n_found = 0
-    for c in range(start, srow.shape[0]):
-        if not srow[c] * (fx * filt_y[c]) < cut:  # NaN: rescore
-            e = _pair_score(xrow, yb[c], ix, inv_y[c], cosine)
-            if e >= thr:
-                if n_found < width:
-                    out_j[n_found] = c
-                    out_s[n_found] = e
-                n_found += 1
+    n = srow.shape[0]
+    g = _SCAN_GROUP
+    for c0 in range(start, n, g):
+        c1 = min(c0 + g, n)
+        if _pair_group_hits(srow[c0:c1], fx, filt_y[c0:c1], cut) == 0:
+            continue
+        for c in range(c0, c1):
+            if not srow[c] * (fx * filt_y[c]) < cut:  # NaN: rescore
+                e = _pair_score(xrow, yb[c], ix, inv_y[c], cosine)
+                if e >= thr:
+                    if n_found < width:
+                        out_j[n_found] = c
+                        out_s[n_found] = e
+                    n_found += 1
     return n_found
 
 
@@ -591,9 +689,16 @@ def _roots(parent, ids, out):
 
 @njit(fastmath=FASTMATH, cache=True)
 def _first_candidate(srow, fx, filt_y, cut, start):
-    for c in range(start, srow.shape[0]):
-        if not srow[c] * (fx * filt_y[c]) < cut:
-            return c
+    cut = _down32(cut)
+    n = srow.shape[0]
+    g = _SCAN_GROUP
+    for c0 in range(start, n, g):
+        c1 = min(c0 + g, n)
+        if _pair_group_hits(srow[c0:c1], fx, filt_y[c0:c1], cut) == 0:
+            continue
+        for c in range(c0, c1):
+            if not srow[c] * (fx * filt_y[c]) < cut:
+                return c
     return -1
 
 

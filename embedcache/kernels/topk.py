@@ -21,8 +21,10 @@ from embedcache.kernels._core import (
     _gemm_nt,
     _row_stats,
     _row_stats_chunk,
+    _select_cols,
     _select_rows,
     _select_tile,
+    _select_tile_cols,
     _sort_heaps,
     _stats,
     _stream,
@@ -195,16 +197,26 @@ class _BlockFolder:
         if not cosine:
             margin_q = self.margin * self.norm_q * norm_c.max() + 1e-37
         tile = self.tile() if tile is None else tile
-        select = _select_tile if parallel else _select_rows
         nq = self.q32.shape[0]
         for r0 in range(0, nq, self.qblock):
             qb = self.qf[r0 : r0 + self.qblock]
-            s = tile[: qb.shape[0] * m].reshape(qb.shape[0], m)
-            _gemm_nt(qb, block, s)
-            select(
-                s, self.q32, self.inv_q, margin_q, 4 * _UNIT, block, inv_c, filt_c, c0, r0,
+            rows = qb.shape[0]
+            args = (
+                self.q32, self.inv_q, margin_q, 4 * _UNIT, block, inv_c, filt_c, c0, r0,
                 cosine, self.mask, self.use_mask, self.exclude_self, heap_s, heap_i,
             )
+            if _config.TOPK_CORPUS_MAJOR:
+                # corpus rows x query rows: BLAS is a few per cent faster in this orientation
+                s = tile[: rows * m].reshape(m, rows)
+                _gemm_nt(block, qb, s)
+                if parallel:
+                    _select_tile_cols(s, max(1, min(numba.get_num_threads(), rows)), *args)
+                else:
+                    _select_cols(s, 0, rows, *args)
+            else:
+                s = tile[: rows * m].reshape(rows, m)
+                _gemm_nt(qb, block, s)
+                (_select_tile if parallel else _select_rows)(s, *args)
         return -1
 
 
