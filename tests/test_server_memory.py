@@ -175,3 +175,129 @@ def test_recent_vectors_against_a_plain_lru(budget, ops):
             assert recent.get(key) == expected
         assert list(recent._map.items()) == list(model.items())
         assert recent.nbytes == sum(len(v) + ENTRY_OVERHEAD for v in model.values()) <= budget
+
+
+# ---------------------------------------------------------------------------- the writer process
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    source=st.tuples(st.text(max_size=8), st.text(min_size=1, max_size=8), st.none() | st.integers(1, 4096)),
+    rows=st.integers(0, 9), dim=st.integers(1, 7), seq=st.integers(0, 2**64 - 1),
+)
+def test_write_frames_read_back_as_sent(source, rows, dim, seq):
+    from embedcache.server import _writer
+
+    keys = [bytes([i]) * 32 for i in range(rows)]
+    vectors = np.arange(rows * dim, dtype="<f4").tobytes()
+    frame = _writer.encode_write(seq, source, keys, vectors, dim)
+    assert int.from_bytes(frame[:4], "little") == len(frame) - 4
+    assert _writer.decode_write(frame[4:]) == (seq, source, keys, vectors, dim)
+
+
+def _rows(cache, source, tag, n, dim, rng):
+    keys = cache.raw_keys(*source, [f"{tag} {i}" for i in range(n)])
+    vectors = rng.standard_normal((n, dim)).astype("<f4")
+    return keys, vectors, [v.tobytes() for v in vectors]
+
+
+def test_the_writer_process_writes_every_row_it_is_sent(tmp_path):
+    """Rows of several sources and lengths, keys sent twice (the last row wins), in writes
+    of every size: what the library then reads is what was sent last, key by key."""
+    import asyncio
+
+    from embedcache.server._memory import CacheWriter
+    from embedcache.server._metrics import Metrics
+
+    cache = EmbeddingCache(str(tmp_path))
+    rng = np.random.default_rng(1)
+    sources = [("ns-a", "m", None), ("ns-b", "m", 4), ("ns-a", "other", None)]
+    expected: dict[bytes, np.ndarray] = {}
+
+    async def main():
+        with _config.override(SERVER_WRITE_ROWS=50, SERVER_WRITE_DELAY=0.02):
+            writer = CacheWriter(cache, Metrics())
+        for i in range(40):
+            source = sources[i % 3]
+            keys, vectors, rows = _rows(cache, source, f"w{i % 25}", int(rng.integers(1, 40)), 4 + (i % 3 == 2) * 3, rng)
+            writer.add(source, keys, vectors, rows)
+            expected.update(zip(keys, vectors))
+            if i % 7 == 0:
+                await asyncio.sleep(0.03)
+        assert writer.pid is not None and writer.pending
+        await asyncio.wait_for(writer.flush(), 60)
+        assert not writer.pending
+        pid = writer.pid
+        await writer.aclose()
+        return pid
+
+    pid = asyncio.run(main())
+    assert not _alive(pid)  # closed: the writer process has ended
+    for dim in (4, 7):
+        keys = [k for k, v in expected.items() if len(v) == dim]
+        found, got = cache.lookup(keys, dim)
+        assert found.all()
+        np.testing.assert_array_equal(got, np.stack([expected[k] for k in keys]))
+    cache.close()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_killed_writer_process_is_reported_restarted_and_sent_what_was_not_written(tmp_path, caplog):
+    import asyncio
+    import signal
+
+    from embedcache.server._memory import CacheWriter
+    from embedcache.server._metrics import Metrics
+
+    cache_dir = str(tmp_path)
+    cache = EmbeddingCache(cache_dir)
+    rng = np.random.default_rng(2)
+    source = ("ns", "m", None)
+    metrics = Metrics()
+    sent = [_rows(cache, source, f"kill {i}", 5, 4, rng) for i in range(3)]
+
+    async def main():
+        writer = CacheWriter(cache, metrics)
+        writer.add(source, *sent[0])
+        await asyncio.wait_for(writer.flush(), 60)
+        first = writer.pid
+        # Another process holds the cache's write lock: the next rows cannot be committed.
+        other = sqlite3.connect(os.path.join(cache_dir, "cache.db"), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            writer.add(source, *sent[1])
+            writer.add(source, *sent[2])
+            await asyncio.sleep(0.3)
+            assert len(writer.pending) == 10
+            os.kill(first, signal.SIGKILL)
+            for _ in range(500):  # its exit is seen, and another starts
+                if writer.pid != first:
+                    break
+                await asyncio.sleep(0.01)
+            assert writer.pid != first and _alive(writer.pid)
+            assert len(writer.pending) == 10  # still served from memory
+        finally:
+            other.rollback()
+            other.close()
+        await asyncio.wait_for(writer.flush(), 60)
+        assert not writer.pending
+        await writer.aclose()
+
+    with caplog.at_level("WARNING", logger="embedcache.server"):
+        asyncio.run(main())
+    assert any("cache writer process exited" in r.getMessage() and "10 vectors not yet written" in r.getMessage()
+               for r in caplog.records)
+    assert metrics.registry.get_sample_value("embedcache_proxy_cache_errors_total") == 1
+    for keys, vectors, _ in sent:
+        found, got = cache.lookup(keys, 4)
+        assert found.all()
+        np.testing.assert_array_equal(got, vectors)
+    cache.close()
