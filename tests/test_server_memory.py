@@ -301,3 +301,43 @@ def test_a_killed_writer_process_is_reported_restarted_and_sent_what_was_not_wri
         assert found.all()
         np.testing.assert_array_equal(got, vectors)
     cache.close()
+
+
+def test_a_writer_process_that_cannot_write_is_reported_and_not_restarted_at_once(tmp_path, caplog):
+    """A writer that exits without writing anything (here: its cache directory is gone, a
+    file stands in its place) is logged and counted, its rows are dropped as a failed
+    write's are (fetched again when next asked for), and none is started for a while."""
+    import asyncio
+
+    from embedcache.server._memory import CacheWriter
+    from embedcache.server._metrics import Metrics
+
+    cache_dir = tmp_path / "cache"
+    cache = EmbeddingCache(str(cache_dir))
+    cache_dir.rename(tmp_path / "moved")  # the proxy's own connection goes on working
+    cache_dir.write_text("not a directory")
+    metrics = Metrics()
+    rng = np.random.default_rng(3)
+    source = ("ns", "m", None)
+
+    async def main():
+        writer = CacheWriter(cache, metrics)
+        writer.add(source, *_rows(cache, source, "a", 4, 4, rng))
+        assert len(writer.pending) == 4
+        for _ in range(3000):
+            if not writer.pending:
+                break
+            await asyncio.sleep(0.01)
+        assert not writer.pending
+        failed = writer.pid
+        writer.add(source, *_rows(cache, source, "b", 4, 4, rng))  # within the back-off: not kept
+        assert not writer.pending and writer.pid == failed
+        await asyncio.wait_for(writer.flush(), 5)
+        await writer.aclose()
+
+    with caplog.at_level("WARNING", logger="embedcache.server"):
+        asyncio.run(main())
+    assert any("exited (code 1) without writing anything; 4 vectors not written; trying again in 1 s"
+               in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert metrics.registry.get_sample_value("embedcache_proxy_cache_errors_total") == 1
+    cache.close()

@@ -42,6 +42,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -55,6 +56,10 @@ from embedcache.server._metrics import Metrics
 __all__ = ["CacheWriter", "RecentVectors"]
 
 logger = logging.getLogger("embedcache.server")
+
+#: seconds before a writer process that failed at once is started again (doubling, up to the max)
+_FIRST_BACKOFF = 1.0
+_MAX_BACKOFF = 60.0
 
 #: bytes an entry of :class:`RecentVectors` costs beyond its vector (key, bytes object, map slot)
 ENTRY_OVERHEAD = 200
@@ -217,6 +222,9 @@ class CacheWriter:
         self._closing = False
         self._flushing = 0
         self._ack_fd = -1
+        self._progressed = False  # whether the writer now running has answered
+        self._retry_at = 0.0  # no writer is started before this (time.monotonic())
+        self._backoff = _FIRST_BACKOFF
 
     @property
     def pid(self) -> int | None:
@@ -242,6 +250,7 @@ class CacheWriter:
         finally:
             os.close(rows_r)
             os.close(acks_w)
+        self._progressed = False
         os.set_blocking(rows_w, False)
         os.set_blocking(acks_r, False)
         self._acks = _Acks(self)
@@ -266,10 +275,12 @@ class CacheWriter:
             rows: list[bytes]) -> None:
         """Hand ``vectors`` (finite float32 (n, d)) to the writer under ``keys``; ``rows`` are
         the same vectors as bytes, served from :attr:`pending` until the write commits."""
-        if self._rows is None:
+        if self._idle is None:
             self._idle = asyncio.Event()
-            self._start()
-        assert self._rows is not None and self._idle is not None
+        if self._rows is None or self._rows.closed:
+            if time.monotonic() < self._retry_at or not self._try_start():
+                return  # no writer (its failure was logged): these vectors are not cached
+        assert self._rows is not None
         self._seq += 1
         frame = _writer.encode_write(self._seq, source, keys, np.ascontiguousarray(vectors, "<f4").tobytes(),
                                      vectors.shape[1])
@@ -279,8 +290,42 @@ class CacheWriter:
         self._idle.clear()
         self._rows.write(frame)
 
+    def _try_start(self) -> bool:
+        try:
+            self._start()
+        except OSError as exc:
+            self._failed_start(f"the cache writer process could not start: {exc}")
+            return False
+        return True
+
+    def _failed_start(self, message: str) -> None:
+        """A writer that could not start, or exited before writing anything: its rows are
+        dropped (as a failed write's are) and no other is started for ``_backoff`` seconds."""
+        dropped = self._drop(self._unacked)
+        logger.warning("%s; %d vectors not written; trying again in %g s", message, dropped, self._backoff)
+        self.metrics.cache_errors.inc()
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(2 * self._backoff, _MAX_BACKOFF)
+        self._rows = None
+
+    def _drop(self, writes: dict[int, _Write]) -> int:
+        """Forget ``writes``: out of the unanswered ones, their rows out of ``pending``."""
+        pending, n = self.pending, 0
+        for seq in list(writes):
+            write = self._unacked.pop(seq)
+            n += len(write.keys)
+            for key, row in zip(write.keys, write.rows):
+                if pending.get(key) is row:
+                    del pending[key]
+        self.metrics.pending_writes.set(len(pending))
+        if not self._unacked and self._idle is not None:
+            self._idle.set()
+        return n
+
     def _acked(self, seq: int, error: str) -> None:
         """Every write up to ``seq`` is done (committed, or failed with ``error``)."""
+        self._progressed = True
+        self._backoff = _FIRST_BACKOFF
         if error:
             logger.warning("%s", error)
             self.metrics.cache_errors.inc()
@@ -313,10 +358,15 @@ class CacheWriter:
         code = self._process.wait()
         if self._closing and not self._unacked:
             return
+        if not self._progressed:  # it could not write at all (an unusable cache directory...)
+            self._failed_start(f"the cache writer process exited (code {code}) without writing anything")
+            return
         logger.warning("the cache writer process exited (code %s) with %d vectors not yet written; "
                        "starting it again", code, sum(len(w.keys) for w in self._unacked.values()))
         self.metrics.cache_errors.inc()
-        self._start()
+        if not self._try_start():
+            return
+        assert self._rows is not None
         for write in self._unacked.values():
             self._rows.write(write.frame)
         if self._closing or self._flushing:
