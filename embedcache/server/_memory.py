@@ -109,7 +109,6 @@ class RecentVectors:
 
 
 class _Write(NamedTuple):
-    source: tuple[str, str, int | None]  # (namespace, model, dimensions) of the keys
     keys: list[bytes]
     rows: list[bytes]  # the vectors as float32 bytes, the objects held in ``pending``
     frame: bytes  # what the writer process is sent
@@ -214,7 +213,6 @@ class CacheWriter:
         self.pending: dict[bytes, bytes] = {}
         self._unacked: dict[int, _Write] = {}  # by sequence number, in order
         self._seq = 0
-        self._done = 0  # every write up to this sequence number is answered
         self._process: subprocess.Popen | None = None
         self._rows: _PipeWriter | None = None
         self._acks: _Acks | None = None
@@ -277,14 +275,14 @@ class CacheWriter:
         the same vectors as bytes, served from :attr:`pending` until the write commits."""
         if self._idle is None:
             self._idle = asyncio.Event()
-        if self._rows is None or self._rows.closed:
+        if self._rows is None:  # (a writer that died is started again when its exit is seen)
             if time.monotonic() < self._retry_at or not self._try_start():
                 return  # no writer (its failure was logged): these vectors are not cached
         assert self._rows is not None
         self._seq += 1
         frame = _writer.encode_write(self._seq, source, keys, np.ascontiguousarray(vectors, "<f4").tobytes(),
                                      vectors.shape[1])
-        self._unacked[self._seq] = _Write(source, keys, rows, frame)
+        self._unacked[self._seq] = _Write(keys, rows, frame)
         self.pending.update(zip(keys, rows))
         self.metrics.pending_writes.set(len(self.pending))
         self._idle.clear()
@@ -340,7 +338,6 @@ class CacheWriter:
             for key, row in zip(write.keys, write.rows):
                 if pending.get(key) is row:
                     del pending[key]
-        self._done = max(self._done, seq)
         self.metrics.pending_writes.set(len(pending))
         if not unacked and self._idle is not None:
             self._idle.set()
