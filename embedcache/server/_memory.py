@@ -30,14 +30,14 @@ vectors on their way to the disk.
   row not yet committed. *Both die at once* (the process group killed, the machine's power
   lost): the rows received and not yet committed, those answered in about the last
   ``SERVER_WRITE_DELAY`` plus one write. A lost vector is paid for again when next asked for;
-  a row is committed whole or not at all.
+  a row is committed whole or not at all. (The pipes are served by the event loop: a POSIX
+  system is needed.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import subprocess
@@ -234,7 +234,9 @@ class CacheWriter:
         loop = asyncio.get_running_loop()
         rows_r, rows_w = os.pipe()
         acks_r, acks_w = os.pipe()
-        with contextlib.suppress(OSError, AttributeError):  # Linux: room for a few writes at once
+        with contextlib.suppress(OSError, AttributeError, ImportError):  # Linux: room for a few writes
+            import fcntl
+
             fcntl.fcntl(rows_w, fcntl.F_SETPIPE_SZ, 1 << 20)  # type: ignore[attr-defined]
         cache = self.cache
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_writer.__file__))))
