@@ -343,3 +343,32 @@ def test_a_writer_process_that_cannot_write_is_reported_and_not_restarted_at_onc
                in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert metrics.registry.get_sample_value("embedcache_proxy_cache_errors_total") == 1
     cache.close()
+
+
+def test_the_writer_writes_whole_frames_when_its_input_ends_mid_frame(tmp_path):
+    """A proxy killed while handing a write over leaves half a frame: the writer writes the
+    whole frames before it, answers them, and ends."""
+    from embedcache.server import _writer
+
+    source = ("ns", "m", None)
+    rng = np.random.default_rng(4)
+    with EmbeddingCache(str(tmp_path)) as cache:
+        writes = [_rows(cache, source, f"frame {i}", 3, 4, rng) for i in range(3)]
+    frames = [_writer.encode_write(i + 1, source, keys, vectors.tobytes(), 4)
+              for i, (keys, vectors, _) in enumerate(writes)]
+    rows_r, rows_w = os.pipe()
+    acks_r, acks_w = os.pipe()
+    os.write(rows_w, frames[0] + frames[1] + frames[2][: len(frames[2]) // 2])
+    os.close(rows_w)
+    _writer.run(str(tmp_path), None, 10.0, rows_r, acks_w, 1000, 60.0)  # returns: its input ended
+    os.close(rows_r)
+    os.close(acks_w)
+    answers = os.read(acks_r, 1000)
+    os.close(acks_r)
+    assert answers == _writer.encode_ack(2)  # one transaction for both, answered
+    with EmbeddingCache(str(tmp_path)) as cache:
+        for (keys, vectors, _), written in zip(writes, [True, True, False]):
+            found, got = cache.lookup(keys, 4)
+            assert found.tolist() == [written] * 3
+            if written:
+                np.testing.assert_array_equal(got, vectors)
