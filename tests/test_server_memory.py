@@ -372,3 +372,28 @@ def test_the_writer_writes_whole_frames_when_its_input_ends_mid_frame(tmp_path):
             assert found.tolist() == [written] * 3
             if written:
                 np.testing.assert_array_equal(got, vectors)
+
+
+def test_the_writer_process_gets_no_api_key(tmp_path, monkeypatch):
+    import asyncio
+
+    import psutil
+
+    from embedcache.server._memory import CacheWriter
+    from embedcache.server._metrics import Metrics
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-in-the-writer")
+    monkeypatch.setenv("IONOS_API_TOKEN", "ionos-never-in-the-writer")
+    cache = EmbeddingCache(str(tmp_path))
+
+    async def main():
+        writer = CacheWriter(cache, Metrics())
+        writer.add(("ns", "m", None), *_rows(cache, ("ns", "m", None), "env", 2, 4, np.random.default_rng(5)))
+        env = psutil.Process(writer.pid).environ()
+        await writer.aclose()
+        return env
+
+    env = asyncio.run(main())
+    assert "OPENAI_API_KEY" not in env and "IONOS_API_TOKEN" not in env
+    assert "never-in-the-writer" not in repr(env)
+    cache.close()

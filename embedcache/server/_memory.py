@@ -241,6 +241,8 @@ class CacheWriter:
         cache = self.cache
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_writer.__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        for name in ("OPENAI_API_KEY", "IONOS_API_TOKEN"):  # it needs no key: none goes with it
+            env.pop(name, None)
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "embedcache.server._writer", cache.directory,
