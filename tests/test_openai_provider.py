@@ -714,3 +714,34 @@ def test_insufficient_quota_fails_at_once_and_says_so(fake_server, mode):
     assert isinstance(info.value, RateLimitError) and info.value.status_code == 429
     assert "quota" in str(info.value).split(fault.message)[0]
     assert info.value.message == fault.message
+
+
+@pytest.mark.parametrize("failures", [0, 1, 3, 4])
+def test_async_batch_attempts_waits_and_log_lines_as_the_retry_policy_says(failures, caplog):
+    """The first attempt runs outside the retry machinery; a failure hands over to it with the
+    same attempts, waits and log lines as if it had run that attempt too."""
+    sent, waits = [], []
+
+    async def send(request):
+        sent.append(request)
+        if len(sent) <= failures:
+            return httpx.Response(503, json={"error": {"message": "busy"}}, headers={"Retry-After": "2"})
+        texts = json.loads(request.content)["input"]
+        return httpx.Response(200, json=_reply([expected_vector(t, 4) for t in texts]))
+
+    async def fake_sleep(s):
+        waits.append(s)
+
+    emb = OpenAIEmbeddings(MODEL, api_key="k", max_retries=3, requests_per_second=None, sleep=fake_sleep)
+    with caplog.at_level("INFO", logger="embedcache"):
+        if failures > 3:
+            with pytest.raises(ServerError, match="busy"):
+                asyncio.run(emb.aembed_batch(["a", "b"], send))
+        else:
+            X = asyncio.run(emb.aembed_batch(["a", "b"], send))
+            np.testing.assert_array_equal(X, expected(["a", "b"], 4))
+    assert len(sent) == min(failures + 1, 4)
+    assert waits == [2.0] * min(failures, 3)
+    retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert [m.split("(")[1].split(")")[0] for m in retried] == [f"attempt {i + 2} of 4" for i in range(min(failures, 3))]
+    assert emb.usage.snapshot()[0] == len(sent)

@@ -324,6 +324,48 @@ def test_sigkill_under_load_then_restart_serves_what_was_committed(upstream, tmp
     _cached(upstream, cache_dir, everything)
 
 
+def _writer_of(proc):
+    """The proxy's cache writer process (started with its first write)."""
+    import psutil
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        children = psutil.Process(proc.pid).children()
+        if children:
+            assert len(children) == 1
+            return children[0]
+        time.sleep(0.05)
+    raise AssertionError("the proxy started no cache writer")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_the_writer_process_ends_with_the_proxy_and_writes_every_row_handed_over(upstream, tmp_path, sig):
+    """The proxy hands each vector to its writer process before it answers; when the proxy
+    ends, however it ends, the writer writes what it was handed and exits (no orphan)."""
+    import psutil
+
+    cache_dir, port = str(tmp_path / "cache"), free_port()
+    proc = _start(upstream, cache_dir, port)
+    stop, threads, answered = _load(port, 1.0)
+    writer = _writer_of(proc)
+    assert writer.is_running()
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    stop.set()
+    for t in threads:
+        t.join(timeout=20)
+    try:
+        writer.wait(timeout=30)
+    except psutil.TimeoutExpired:
+        writer.kill()
+        raise AssertionError("the cache writer outlived the proxy") from None
+    everything = list(dict.fromkeys(t for _, texts in answered for t in texts))
+    assert len(everything) > 50
+    cached = _cached(upstream, cache_dir, everything)
+    assert all(cached), f"{cached.count(False)} of {len(everything)} answered items not written"
+
+
 def _metric(port, name) -> float:
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
         if line.startswith(name + " "):

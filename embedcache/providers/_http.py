@@ -357,6 +357,10 @@ class RetryPolicy:
         self.max_retries = max_retries
         self.sleep = sleep
 
+    def retries(self, exc: BaseException) -> bool:
+        """Whether a first attempt that raised ``exc`` is tried again."""
+        return self.max_retries > 0 and _is_retryable(exc)
+
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
         wait_s = getattr(exc, "retry_after", None)

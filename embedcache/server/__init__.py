@@ -21,11 +21,15 @@ one rate limit (the IONOS contract's 5 requests/s, burst 10, for the IONOS host)
 ``max_concurrency`` requests at once, with the library's retries. Each vector is placed at
 its client's ``index``.
 
-A client is answered as soon as the upstream answers; the vectors are written to the cache in
-the background, in batches, and served from memory until their write commits. The app's
-shutdown (uvicorn's, on SIGINT or SIGTERM) writes every vector answered; a crash loses those
-answered but not yet committed (normally the last few milliseconds' worth), which are fetched
-again when next asked for. Recently served vectors are kept in memory in front of the cache
+A client is answered as soon as the upstream answers; in the same step the vectors are handed
+to a writer process (:mod:`embedcache.server._writer`), which writes them to the cache in
+batches, and they are served from memory until their write commits. The app's shutdown
+(uvicorn's, on SIGINT or SIGTERM) writes every vector answered. A crash of the proxy alone
+loses nothing it answered (the writer writes what it was handed when its input ends, then
+exits); a writer that dies is logged, counted in ``cache_errors`` and started again with
+every vector not yet committed; a crash of both loses the vectors answered but not yet
+committed (about the last tenth of a second's worth), which are fetched again when next asked
+for (see :mod:`embedcache.server._memory`). Recently served vectors are kept in memory in front of the cache
 (``_config.SERVER_MEMORY_BYTES``, 256 MiB).
 
 The upstream key comes from ``api_key`` or from the environment exactly as for

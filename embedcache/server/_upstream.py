@@ -23,9 +23,10 @@ and a batcher.
   host), and is counted in the upstream metrics. Retries, backoff, ``Retry-After``, error
   mapping, reply checks and the splitting of a batch the upstream refuses as too large are
   the embedder's own (:meth:`~embedcache.OpenAIEmbeddings.aembed_batch`).
-* Clients are answered as soon as the upstream answers; the vectors are written to the
-  cache in the background (:class:`~._memory.CacheWriter`), within a few milliseconds, and
-  all of them on shutdown. A crash of the proxy loses only the vectors not yet committed.
+* Clients are answered as soon as the upstream answers; in the same step the vectors are
+  handed to the writer process (:class:`~._memory.CacheWriter`), which commits them within
+  about a tenth of a second, and all of them on shutdown; what a crash can lose is stated in
+  :mod:`._memory`.
 """
 
 from __future__ import annotations
