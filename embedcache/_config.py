@@ -51,8 +51,11 @@ ENGINE_BLOCK_ROWS = 32768
 SCHEDULER_TIMEOUT = 10
 
 # --- partition index (embedcache.index)
-#: cells per square root of the row count when no ``cells=`` is given
+#: cells per square root of the row count when no ``cells=`` is given (small collections)
 INDEX_CELLS_PER_SQRT = 1.0
+#: mean rows per cell when no ``cells=`` is given for large collections: the cells grow as the
+#: rows (above ``INDEX_ROWS_PER_CELL**2`` rows), so a probe costs the same per row at any size
+INDEX_ROWS_PER_CELL = 1000
 #: no cell is made for fewer rows than this (fewer rows: one cell, i.e. exact)
 INDEX_MIN_CELL = 64
 #: k-means trains on at most this many sampled rows per cell

@@ -23,10 +23,13 @@ from embedcache import _config, kernels
 
 
 def default_cells(n: int) -> int:
-    """How many cells for ``n`` rows: about ``INDEX_CELLS_PER_SQRT * sqrt(n)``, at least 1."""
+    """How many cells for ``n`` rows: about ``INDEX_CELLS_PER_SQRT * sqrt(n)``, and at least
+    ``n / INDEX_ROWS_PER_CELL`` (large collections: cells of bounded size, so the work of a
+    probe per row does not grow with n), at least 1."""
     if n < 2 * _config.INDEX_MIN_CELL:
         return 1
-    return int(max(1, min(n // _config.INDEX_MIN_CELL, round(_config.INDEX_CELLS_PER_SQRT * np.sqrt(n)))))
+    c = max(_config.INDEX_CELLS_PER_SQRT * np.sqrt(n), n / _config.INDEX_ROWS_PER_CELL)
+    return int(max(1, min(n // _config.INDEX_MIN_CELL, round(c))))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -65,6 +68,30 @@ def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters:
             break
         cent = new
     return cent
+
+
+def kmeans_two_level(x: np.ndarray, cells: int, rng: np.random.Generator, iters: int) -> np.ndarray:
+    """About ``cells`` unit centroids of the rows of x, trained in two levels: about
+    sqrt(cells) coarse centroids by :func:`spherical_kmeans` on all rows, then each coarse
+    group's rows (their nearest coarse centroid) get their share of the cells, by spherical
+    k-means on those rows alone. Costs about ``2 sqrt(cells)`` products per row and round
+    instead of ``cells``; every group with rows gets at least one centroid."""
+    u = _unit(x)
+    u = u[np.any(u != 0, axis=1)]
+    if not len(u):
+        return np.zeros((0, x.shape[1]), np.float32)
+    g = max(1, int(round(np.sqrt(cells))))
+    coarse = spherical_kmeans(u, g, rng, iters)
+    group = nearest(u, coarse, 1)[:, 0]
+    sizes = np.bincount(group, minlength=len(coarse))
+    # each group's share of the cells, in proportion to its rows (rounded, at least one)
+    share = np.maximum(1, np.round(cells * sizes / len(u))).astype(np.int64)
+    share[sizes == 0] = 0
+    order = np.argsort(group, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [spherical_kmeans(u[order[starts[t] : starts[t + 1]]], int(share[t]), rng, iters)
+             for t in range(len(coarse)) if share[t]]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -208,7 +235,10 @@ def build_cells(
         return cent, np.zeros(n, np.int64)
     size = min(n, _config.INDEX_SAMPLE_PER_CELL * c)
     sample = np.sort(rng.choice(n, size, replace=False))
-    cent = spherical_kmeans(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+    if c > _config.INDEX_TWO_LEVEL_CELLS:
+        cent = kmeans_two_level(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+    else:
+        cent = spherical_kmeans(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
     if not len(cent):  # only zero rows
         return np.zeros((1, d), np.float32), np.zeros(n, np.int64)
     own = x.assign(cent)

@@ -18,7 +18,7 @@ import numpy as np
 from embedcache import _config, kernels
 from embedcache._validation import check_int
 from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest, probe_order
-from embedcache.index._merge import NO_INDEX, merge_topk
+from embedcache.index._merge import NO_INDEX, by_cell, merge_topk
 from embedcache.index._recall import _rank
 from embedcache.index._source import ArraySource, source_of
 
@@ -116,10 +116,9 @@ class PartitionIndex:
         have = self._near.get("cells")
         if have is None or have.shape[1] < p:
             keep = min(self.cells, max(p, _config.INDEX_ROW_CELLS))
-            dtype = np.int32 if self.cells < 2**31 else np.int64
-            have = self.probe_cells(x, keep).astype(dtype)
+            have = self.probe_cells(x, keep).astype(np.int32 if self.cells < 2**31 else np.int64)
             self._near["cells"] = have
-        return have[:, :p].astype(np.int64)
+        return np.ascontiguousarray(have[:, :p])
 
     def sorted_rows(self, x: np.ndarray) -> np.ndarray:
         """``x`` with its rows in cell order (one copy, the dtype of x). ``x`` is read in order,
@@ -143,14 +142,7 @@ def _probed(src: Any, index: PartitionIndex, probes: int) -> np.ndarray:
 
 def _by_cell(cells_of: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, starts): rows probing cell c are ``rows[starts[c]:starts[c + 1]]`` (in order)."""
-    flat = cells_of.ravel()
-    rows = np.repeat(np.arange(cells_of.shape[0], dtype=np.int64), cells_of.shape[1])
-    keep = flat >= 0
-    flat, rows = flat[keep], rows[keep]
-    by = np.argsort(flat, kind="stable")
-    starts = np.zeros(ncells + 1, np.int64)
-    np.cumsum(np.bincount(flat, minlength=ncells), out=starts[1:])
-    return rows[by], starts
+    return by_cell(cells_of, ncells)
 
 
 def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None):
@@ -166,9 +158,8 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
     if n < 2:
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
-    near = _probed(src, index, probes)
-    near = np.where(near == index.own[:, None], -1, near)  # own cell: the triangle below
-    qrows, starts = _by_cell(near, index.cells)
+    # own cell left out: its pairs are the triangle of the cell's rows
+    qrows, starts = by_cell(_probed(src, index, probes), index.cells, index.own, 1)
     return merge_pairs(src.cell_pairs(index, qrows, starts, threshold, bar), n)
 
 
@@ -225,15 +216,14 @@ def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, 
     if n < 2:
         return parts_i[0], parts_j[0], parts_s[0]
     near = index.nearest_cells(x, probes)
-    near = np.where(near == index.own[:, None], -1, near)  # own cell: the triangle below
-    qrows, starts = _by_cell(near, index.cells)
-    xs = index.sorted_rows(x)
+    qrows, starts = by_cell(near, index.cells, index.own, 1)  # own cell: the triangle below
     off = index.offsets
     for c in range(index.cells):
         lo, hi = off[c], off[c + 1]
         if hi == lo:
             continue
-        block, ids = xs[lo:hi], index.order[lo:hi]
+        ids = index.order[lo:hi]
+        block = x[ids]
         i, j, s = threshold_forest(block, threshold, parent, ids=ids)
         parts_i.append(i), parts_j.append(j), parts_s.append(s)
         q = qrows[starts[c] : starts[c + 1]]
@@ -298,7 +288,7 @@ def probe_topk(
 def with_own(near: np.ndarray, own: np.ndarray) -> np.ndarray:
     """``near`` with each row's own cell added as a last column where it is missing (-1 else)."""
     has = (near == own[:, None]).any(axis=1)
-    return np.concatenate([near, np.where(has, -1, own)[:, None]], axis=1)
+    return np.concatenate([near, np.where(has, -1, own).astype(near.dtype)[:, None]], axis=1)
 
 
 def knn(x: Any, index: PartitionIndex, k: int, probes: int, bar=None):

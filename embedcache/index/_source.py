@@ -56,36 +56,34 @@ class ArraySource:
         return kernels.top_k(q, self.x, k)
 
     def cell_pairs(self, index: Any, qrows: np.ndarray, starts: np.ndarray, threshold: float, bar=None):
-        """``(i, j, s)`` parts, cell by cell (see :func:`._partition.pairs`)."""
+        """``(i, j, s)`` parts, cell by cell (see :func:`._partition.pairs`). Each cell's rows
+        and the rows probing it are gathered from x (in increasing order) when it is searched:
+        no copy of x is made, so a memory map stays on disk."""
         from embedcache.index._partition import pairs_of_cell
 
-        xs = index.sorted_rows(self.x)  # the one copy of x; queries are read from it too
-        pos = np.empty(len(self.x), np.int64)
-        pos[index.order] = np.arange(len(self.x))
         off = index.offsets
         for c in range(index.cells):
             lo, hi = off[c], off[c + 1]
             if hi == lo:
                 continue
             q = qrows[starts[c] : starts[c + 1]]
-            yield from pairs_of_cell(xs[lo:hi], index.order[lo:hi], xs[pos[q]], q, threshold)
+            ids = index.order[lo:hi]
+            yield from pairs_of_cell(self.x[ids], ids, self.x[q], q, threshold)
             if bar is not None:
                 bar.update((hi - lo) * ((hi - lo - 1) / 2 + len(q)))
 
     def cell_topk(self, index: Any, near: np.ndarray, k: int, bar=None):
-        """The best ``k`` other rows of every row from the cells ``near`` (see :func:`._partition.knn`)."""
+        """The best ``k`` other rows of every row from the cells ``near`` (see
+        :func:`._partition.knn`); rows gathered from x cell by cell, as :meth:`cell_pairs`."""
         from embedcache.index._partition import probe_topk
 
-        xs = index.sorted_rows(self.x)  # the one copy of x; queries are read from it too
         off = index.offsets
-        pos = np.empty(len(self.x), np.int64)
-        pos[index.order] = np.arange(len(self.x))
 
         def block(c: int):
-            return xs[off[c] : off[c + 1]], index.order[off[c] : off[c + 1]], None
+            ids = index.order[off[c] : off[c + 1]]
+            return self.x[ids], ids, None
 
-        return probe_topk(xs, near, block, index.cells, k, np.arange(len(self.x), dtype=np.int64), bar,
-                          query_rows=pos)
+        return probe_topk(self.x, near, block, index.cells, k, np.arange(len(self.x), dtype=np.int64), bar)
 
 
 def source_of(x: Any) -> Any:
