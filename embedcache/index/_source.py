@@ -74,16 +74,11 @@ class ArraySource:
 
     def cell_topk(self, index: Any, near: np.ndarray, k: int, bar=None):
         """The best ``k`` other rows of every row from the cells ``near`` (see
-        :func:`._partition.knn`); rows gathered from x cell by cell, as :meth:`cell_pairs`."""
-        from embedcache.index._partition import probe_topk
+        :func:`._partition.knn`), through :func:`._knn.rows_knn`: the same lists as
+        :func:`._partition.probe_topk` gives, rows gathered from x cell by cell."""
+        from embedcache.index._knn import rows_knn
 
-        off = index.offsets
-
-        def block(c: int):
-            ids = index.order[off[c] : off[c + 1]]
-            return self.x[ids], ids, None
-
-        return probe_topk(self.x, near, block, index.cells, k, np.arange(len(self.x), dtype=np.int64), bar)
+        return rows_knn(self.x, index, near, k, bar)
 
 
 def source_of(x: Any) -> Any:
