@@ -218,3 +218,13 @@ def test_counting_sort_by_cell_equals_a_stable_argsort(data):
         got_rows, got_starts = by_cell(near, cells, own if mode else None, mode)
         np.testing.assert_array_equal(got_rows, want_rows)
         np.testing.assert_array_equal(got_starts, want_starts)
+
+
+def test_calibrated_recall_holds_with_sampled_partners():
+    """Pairs searched among a uniform sample of the rows in the calibration (as above
+    ``INDEX_RECALL_COLUMNS`` rows): the recall asked for is still reached and the interval
+    still covers the true recall."""
+    runs = 4
+    reached, covered = calibration_runs(runs, INDEX_RECALL_COLUMNS=1200)
+    assert reached >= runs - 1
+    assert covered >= runs - 1

@@ -159,7 +159,10 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
     # own cell left out: its pairs are the triangle of the cell's rows
-    qrows, starts = by_cell(_probed(src, index, probes), index.cells, index.own, 1)
+    near = _probed(src, index, probes)
+    qrows, starts = by_cell(near, index.cells, index.own, 1)
+    if isinstance(src, ArraySource):  # each pair found once: no copies to sort out
+        return merge_pairs(src.cell_pairs(index, qrows, starts, threshold, bar, near=near), n, unique=True)
     return merge_pairs(src.cell_pairs(index, qrows, starts, threshold, bar), n)
 
 
@@ -173,9 +176,10 @@ def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndar
         yield q[i], ids[j], s
 
 
-def merge_pairs(parts, n: int):
+def merge_pairs(parts, n: int, unique: bool = False):
     """The ``(i, j, s)`` parts of a search as one list: each pair once (i < j), sorted by score
-    descending, then i, then j. A pair found twice has the same score both times."""
+    descending, then i, then j. A pair found twice has the same score both times.
+    ``unique``: the parts hold each pair once (one sort fewer, no copy of the keys)."""
     keys, scores = [], []
     for i, j, s in parts:  # each part sorted as it comes, while a cluster's other tasks run
         key = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
@@ -187,8 +191,10 @@ def merge_pairs(parts, n: int):
         return e, e.copy(), np.empty(0, np.float32)
     key, s = np.concatenate(keys), np.concatenate(scores)
     del keys, scores
-    first = first_of_each(key)  # a pair found from both sides: once; merges the sorted runs
+    # a pair found from both sides: once; either way a sort merges the sorted runs
+    first = np.argsort(key, kind="stable") if unique else first_of_each(key)
     key, s = key[first], s[first]
+    del first
     order = np.argsort(-s, kind="stable")  # then by score: ties stay in (a, b) order
     key, s = key[order], s[order]
     return key // n, key % n, s

@@ -5,7 +5,10 @@ search finds. Every row's true pairs are counted from that row, so this is
 ``sum_i found_i / sum_i true_i`` over all rows, estimated on a uniform sample of rows by the
 same ratio over the sampled rows (a ratio estimator).
 
-Two independent samples of query rows are drawn. On the first (calibration) the exact answer
+Two independent samples of query rows are drawn. Above ``INDEX_RECALL_COLUMNS`` rows the
+true pairs of a sampled row are searched among a uniform sample of that many rows (two-stage
+sampling: the same ratio, and the row-residual variance below covers both stages), so the
+exact search of the pair calibration costs the same at any size. On the first (calibration) the exact answer
 of every sampled row is computed with the exact kernels, and for each of its true pairs (or
 true neighbours) the number of probes that would find it (rows with more than
 ``INDEX_RECALL_PAIRS_PER_ROW`` pairs: a uniform subsample of them, weighted back). The
@@ -196,7 +199,8 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
         ok = (jj >= 0) & (jj != sample)
         qi, jj = qi[ok], jj[ok]
     else:
-        qi, jj, _ = x.pairs_with(q, threshold)
+        cols = partner_sample(x, rng)
+        qi, jj, _ = x.pairs_with(q, threshold) if cols is None else x.pairs_with(q, threshold, cols)
         ok = jj != sample[qi]
         qi, jj = qi[ok], jj[ok]
     kept, weight, true = _subsample(qi, len(sample), _config.INDEX_RECALL_PAIRS_PER_ROW, rng)
@@ -207,6 +211,24 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
                       index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
     need[index.own[i] == index.own[jj]] = 0
     return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
+
+
+def partner_sample(x, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted rows among which the sampled rows' true pairs are searched: all (None) up to
+    ``INDEX_RECALL_COLUMNS`` rows, else a uniform sample of that many (sources that can
+    search a subset of rows only, as an array). Each row's pairs are then a uniform sample
+    of its true pairs: the ratio found / true and its row-residual interval (which takes in
+    the variance of this second stage of sampling) stay what they estimate."""
+    m = int(_config.INDEX_RECALL_COLUMNS)
+    if len(x) <= m or not _takes_cols(x):
+        return None
+    return np.sort(rng.choice(len(x), m, replace=False))
+
+
+def _takes_cols(x) -> bool:
+    import inspect
+
+    return "cols" in inspect.signature(x.pairs_with).parameters
 
 
 def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
