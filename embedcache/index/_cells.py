@@ -1,7 +1,10 @@
 """Cells: spherical k-means on a sample, assignment through the top-k kernel, big cells split.
 
-Every vector gets one cell (its *own* cell). Cells are trained by spherical k-means on a
-sample of unit rows; every row is then assigned with :func:`embedcache.top_k` against the
+Every vector gets one cell (its *own* cell). How many: about sqrt(n), and beyond
+``INDEX_ROWS_PER_CELL**2`` rows as many as keep the mean cell at ``INDEX_ROWS_PER_CELL`` rows,
+so the rows a probe reads, and the work per row of a search, do not grow with n. Cells are
+trained by spherical k-means on a sample of unit rows (above ``INDEX_TWO_LEVEL_CELLS`` cells
+inside coarse groups, :func:`kmeans_two_level`, so training costs ``sqrt(cells)`` per row); every row is then assigned with :func:`embedcache.top_k` against the
 centroids (a BLAS product, no Python loop over rows); with more than
 ``_config.INDEX_TWO_LEVEL_CELLS`` centroids, through two levels (about sqrt(cells) coarse
 groups of centroids, then the centroids of a row's nearest groups), so assignment costs about

@@ -21,32 +21,48 @@ from embedcache.kernels._core import FASTMATH, _UNIT, _blas_margin, _cutoff, _fi
 from embedcache.index._merge import NO_INDEX
 
 
+#: scores per group in the scan: a group is tested in one vectorized pass, and only a group
+#: holding a candidate is walked one score at a time
+_GROUP = 32
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fold(s, qv, inv_q, rows, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i):
     """Fold the BLAS scores ``s`` (queries ``qv`` = rows ``rows`` x the cell's rows ``block``
-    = rows ``ids``) into the sorted lists of ``rows``; each query row is one thread's."""
+    = rows ``ids``) into the sorted lists of ``rows``; each query row is one thread's. A
+    score below the cut (the k-th best less the BLAS error bound) cannot enter the list; a
+    NaN filter (a row BLAS cannot score) is always rescored."""
     k = heap_s.shape[1]
+    m = s.shape[1]
     for t in prange(s.shape[0]):
         r = rows[t]
         cut = _cutoff(heap_s[r, k - 1], margin, rel)
-        for c in range(s.shape[1]):
-            if s[t, c] * filt_c[c] < cut:
-                continue
-            j = ids[c]
-            if j == r:
-                continue
-            e = _pair_score(qv[t], block[c], inv_q[t], inv_c[c], True)
-            ls = heap_s[r, k - 1]
-            if e < ls or (e == ls and j >= heap_i[r, k - 1]):
-                continue
-            pos = k - 1
-            while pos > 0 and (heap_s[r, pos - 1] < e or (heap_s[r, pos - 1] == e and heap_i[r, pos - 1] > j)):
-                heap_s[r, pos] = heap_s[r, pos - 1]
-                heap_i[r, pos] = heap_i[r, pos - 1]
-                pos -= 1
-            heap_s[r, pos] = e
-            heap_i[r, pos] = j
-            cut = _cutoff(heap_s[r, k - 1], margin, rel)
+        for c0 in range(0, m, _GROUP):
+            c1 = min(c0 + _GROUP, m)
+            if c1 - c0 == _GROUP:
+                hits = 0
+                for c in range(c0, c1):
+                    hits += not s[t, c] * filt_c[c] < cut
+                if hits == 0:
+                    continue
+            for c in range(c0, c1):
+                if s[t, c] * filt_c[c] < cut:
+                    continue
+                j = ids[c]
+                if j == r:
+                    continue
+                e = _pair_score(qv[t], block[c], inv_q[t], inv_c[c], True)
+                ls = heap_s[r, k - 1]
+                if e < ls or (e == ls and j >= heap_i[r, k - 1]):
+                    continue
+                pos = k - 1
+                while pos > 0 and (heap_s[r, pos - 1] < e or (heap_s[r, pos - 1] == e and heap_i[r, pos - 1] > j)):
+                    heap_s[r, pos] = heap_s[r, pos - 1]
+                    heap_i[r, pos] = heap_i[r, pos - 1]
+                    pos -= 1
+                heap_s[r, pos] = e
+                heap_i[r, pos] = j
+                cut = _cutoff(heap_s[r, k - 1], margin, rel)
 
 
 def rows_knn(x: Any, index: Any, near: np.ndarray, k: int, bar=None) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,8 @@ class PartitionIndex:
     def build(cls, x: np.ndarray, *, cells: int | None = None, seed: int = 0) -> PartitionIndex:
         """Train cells on a sample of ``x`` ((n, d) float array) and assign every row.
 
-        cells: number of cells before big ones are split (default about sqrt(n)); seed: the
+        cells: number of cells before big ones are split (default :func:`._cells.default_cells`:
+        about sqrt(n), and cells of at most ``INDEX_ROWS_PER_CELL`` rows on average); seed: the
         sample and k-means start (same seed, same index).
         """
         if cells is not None:

@@ -5,10 +5,10 @@ search finds. Every row's true pairs are counted from that row, so this is
 ``sum_i found_i / sum_i true_i`` over all rows, estimated on a uniform sample of rows by the
 same ratio over the sampled rows (a ratio estimator).
 
-Two independent samples of query rows are drawn. Above ``INDEX_RECALL_COLUMNS`` rows the
+Two independent samples of query rows are drawn. With ``INDEX_RECALL_COLUMNS`` set, the
 true pairs of a sampled row are searched among a uniform sample of that many rows (two-stage
 sampling: the same ratio, and the row-residual variance below covers both stages), so the
-exact search of the pair calibration costs the same at any size. On the first (calibration) the exact answer
+exact search of the pair calibration costs the same at any size, at the price of evidence. On the first (calibration) the exact answer
 of every sampled row is computed with the exact kernels, and for each of its true pairs (or
 true neighbours) the number of probes that would find it (rows with more than
 ``INDEX_RECALL_PAIRS_PER_ROW`` pairs: a uniform subsample of them, weighted back). The
@@ -214,13 +214,13 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
 
 
 def partner_sample(x, rng: np.random.Generator) -> np.ndarray | None:
-    """Sorted rows among which the sampled rows' true pairs are searched: all (None) up to
-    ``INDEX_RECALL_COLUMNS`` rows, else a uniform sample of that many (sources that can
+    """Sorted rows among which the sampled rows' true pairs are searched: all (None) unless
+    ``INDEX_RECALL_COLUMNS`` is set and exceeded, else a uniform sample of that many (sources that can
     search a subset of rows only, as an array). Each row's pairs are then a uniform sample
     of its true pairs: the ratio found / true and its row-residual interval (which takes in
     the variance of this second stage of sampling) stay what they estimate."""
     m = int(_config.INDEX_RECALL_COLUMNS)
-    if len(x) <= m or not _takes_cols(x):
+    if m <= 0 or len(x) <= m or not _takes_cols(x):
         return None
     return np.sort(rng.choice(len(x), m, replace=False))
 
