@@ -64,9 +64,8 @@ INDEX_SAMPLE_PER_CELL = 32
 INDEX_TWO_LEVEL_CELLS = 2048
 #: coarse groups a row looks into when assigned through two levels
 INDEX_COARSE_PROBES = 8
-#: nearest cells kept per indexed row after its first search (int32 each; more probes: recomputed;
-#: a row's cells cost a selection that grows with the count, so only a few more than asked)
-INDEX_ROW_CELLS = 4
+#: nearest cells kept per indexed row after its first search (int32 each; more probes: recomputed)
+INDEX_ROW_CELLS = 16
 #: rounds of spherical k-means
 INDEX_KMEANS_ITERS = 8
 #: cells larger than this many times the mean cell size are split again

@@ -183,33 +183,20 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
     """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
     ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
     to the lower cell; -1 where a row has fewer candidates."""
-    from embedcache.index._merge import NO_INDEX, merge_topk
+    from embedcache.index._knn import nearest_among
 
     m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
     by_group = np.argsort(member, kind="stable")  # cells of group g, increasing
     starts = np.zeros(len(coarse) + 1, np.int64)
     np.cumsum(np.bincount(member, minlength=len(coarse)), out=starts[1:])
-    fine = [np.ascontiguousarray(centroids[by_group[starts[g] : starts[g + 1]]]) for g in range(len(coarse))]
+    ids = [by_group[starts[g] : starts[g + 1]] for g in range(len(coarse))]
+    fine = [np.ascontiguousarray(centroids[i], dtype=np.float32) for i in ids]
     out = np.empty((len(x), p), np.int64)
     chunk = _config.CHUNK_ROWS * 16
     for a in range(0, len(x), chunk):
         xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
         near = kernels.top_k(xc, coarse, m)[1]
-        heap_s = np.full((len(xc), p), -np.inf, np.float32)
-        heap_i = np.full((len(xc), p), NO_INDEX, np.int64)
-        flat = near.ravel()
-        rows = np.repeat(np.arange(len(xc), dtype=np.int64), m)
-        order = np.argsort(flat, kind="stable")
-        bounds = np.searchsorted(flat[order], np.arange(len(coarse) + 1))
-        none = np.zeros(len(xc), np.int64)
-        for g in range(len(coarse)):
-            r = rows[order[bounds[g] : bounds[g + 1]]]
-            if not len(r) or not len(fine[g]):
-                continue
-            s, li = kernels.top_k(xc[r], fine[g], min(p, len(fine[g])))
-            merge_topk(heap_s, heap_i, r, s, by_group[starts[g] + li], none[: len(r)], False)
-        heap_i[heap_i == NO_INDEX] = -1
-        out[a : a + len(xc)] = heap_i
+        out[a : a + len(xc)] = nearest_among(xc, fine, ids, near, p)
     return out
 
 

@@ -27,9 +27,11 @@ _GROUP = 32
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _fold(s, qv, inv_q, rows, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i):
-    """Fold the BLAS scores ``s`` (queries ``qv`` = rows ``rows`` x the cell's rows ``block``
-    = rows ``ids``) into the sorted lists of ``rows``; each query row is one thread's. A
+def _fold(s, qv, inv_q, qpos, rows, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i, skip_self):
+    """Fold the BLAS scores ``s`` (queries ``qv[qpos]`` = rows ``rows`` x the cell's rows
+    ``block`` = rows ``ids``) into the sorted lists of ``rows``; each query row is one
+    thread's. ``skip_self``: row ``r`` never enters its own list (ids and rows are one
+    numbering). A
     score below the cut (the k-th best less the BLAS error bound) cannot enter the list; a
     NaN filter (a row BLAS cannot score) is always rescored."""
     k = heap_s.shape[1]
@@ -49,9 +51,9 @@ def _fold(s, qv, inv_q, rows, block, inv_c, filt_c, ids, margin, rel, heap_s, he
                 if s[t, c] * filt_c[c] < cut:
                     continue
                 j = ids[c]
-                if j == r:
+                if skip_self and j == r:
                     continue
-                e = _pair_score(qv[t], block[c], inv_q[t], inv_c[c], True)
+                e = _pair_score(qv[qpos[t]], block[c], inv_q[qpos[t]], inv_c[c], True)
                 ls = heap_s[r, k - 1]
                 if e < ls or (e == ls and j >= heap_i[r, k - 1]):
                     continue
@@ -92,8 +94,40 @@ def rows_knn(x: Any, index: Any, near: np.ndarray, k: int, bar=None) -> tuple[np
             qv = np.ascontiguousarray(x[qc], dtype=np.float32)
             inv_q, _ = _stats(qv, "x")
             s = kernels.normalize(qv) @ block.T
-            _fold(s, qv, inv_q, qc, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i)
+            _fold(s, qv, inv_q, np.arange(len(qc)), qc, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i,
+                  True)
         if bar is not None:
             bar.update(len(q) * len(ids))
     heap_i[heap_i == NO_INDEX] = -1
     return heap_s, heap_i
+
+
+def nearest_among(x: np.ndarray, groups: list[np.ndarray], group_ids: list[np.ndarray], near: np.ndarray,
+                  p: int) -> np.ndarray:
+    """(len(x), p) int64: for each row of ``x`` (float32, C-contiguous), its ``p`` best among
+    the unit rows ``groups[g]`` (numbered ``group_ids[g]``) of the groups ``near[r]`` it
+    looks into, by cosine, best first, ties to the lower number; -1 where fewer. Each group's
+    rows are scored against the rows looking into it by one BLAS product, and the few that
+    may enter a row's list are rescored as :func:`embedcache.top_k` scores them: the same
+    order as ``top_k`` over those candidates. The rows are normalized once, whatever the
+    number of groups each looks into."""
+    from embedcache.index._merge import by_cell
+
+    heap_s = np.full((len(x), p), -np.inf, np.float32)
+    heap_i = np.full((len(x), p), NO_INDEX, np.int64)
+    if not len(x) or p == 0:
+        return heap_i
+    inv_x, _ = _stats(x, "x")
+    xn = kernels.normalize(x)
+    rows, starts = by_cell(near, len(groups))
+    margin, rel = _blas_margin(x.shape[1]), 4 * _UNIT
+    for g, cent in enumerate(groups):
+        r = rows[starts[g] : starts[g + 1]]
+        if not len(r) or not len(cent):
+            continue
+        inv_c, norm_c = _stats(cent, "centroids")
+        filt_c = _filter_scale(inv_c, norm_c, 1.0, True)
+        s = xn[r] @ cent.T
+        _fold(s, x, inv_x, r, r, cent, inv_c, filt_c, group_ids[g], margin, rel, heap_s, heap_i, False)
+    heap_i[heap_i == NO_INDEX] = -1
+    return heap_i

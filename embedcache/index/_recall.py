@@ -26,7 +26,10 @@ a Wilson score interval, and the quantile is Student's t with the Welch-Satterth
 effective degrees of freedom of that variance, ``(sum e_i^2)^2 / sum e_i^4`` over the
 residuals ``e_i``: when the misses come from a handful of rows the variance itself is
 uncertain and the interval widens. When every sampled pair was found (or none), the design
-effect cannot be estimated and the number of rows that had pairs is used: conservative.
+effect cannot be estimated from misses; the effective number of rows is then Kish's
+``(sum t_i)^2 / sum t_i^2`` over the rows' true pairs ``t_i``: a sample whose pairs sit in a
+few rows (near-identical blocks) counts as a few units, not as every row that had a pair
+(which let a sample without a split block choose one probe where 0.88 was reached).
 """
 
 from __future__ import annotations
@@ -103,8 +106,9 @@ def interval(found: np.ndarray, true: np.ndarray, level: float = 0.95) -> tuple[
         n_eff = total / deff
         quad = float((resid2**2).sum())
         z = _quantile(q, float(resid2.sum()) ** 2 / quad if quad > 0 else None)
-    else:
-        n_eff = float(rows)
+    else:  # no miss (or nothing found): the rows' pairs as Kish's effective count of units
+        live = true[true > 0]
+        n_eff = float(live.sum()) ** 2 / float((live**2).sum()) if rows else 0.0
         z = _quantile(q, None)
     low, high = wilson(r * n_eff, n_eff, z)
     return r, min(low, r), max(high, r)
