@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             MODEL, base_url=base_url, api_key=API_KEY, batch_size=args.batch_size,
             max_batch_chars=10**9, max_concurrency=args.concurrency, requests_per_second=None,
         )
-        batches = ours._plan(texts)  # the SDK sends exactly these batches
+        batches = ours.plan(texts)  # the SDK sends exactly these batches
         sdk = _sdk_embedder(base_url, ours._plan, args.concurrency)
         peers = {"embedcache": ours.embed, "openai SDK": sdk}
 

@@ -83,7 +83,7 @@ def test_batches_by_count_and_by_characters(fake_server):
 def test_batch_plan_covers_everything_within_limits(lengths, batch_size, max_chars):
     emb = OpenAIEmbeddings(MODEL, api_key="k", batch_size=batch_size, max_batch_chars=max_chars)
     texts = ["x" * n for n in lengths]
-    plan = emb._plan(texts)
+    plan = emb.plan(texts)
     assert plan[0][0] == 0 and plan[-1][1] == len(texts)
     for (a, b), (c, _) in zip(plan, plan[1:]):
         assert b == c

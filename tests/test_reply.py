@@ -115,3 +115,67 @@ def test_parse_models():
             parse_models(bad)
     with pytest.raises(InvalidResponseError, match="GET /models -> 200: reply is not valid JSON"):
         parse_models(b"nope")
+
+
+def _reference(data, n):
+    """Each item decoded on its own and placed by its index: what a reply means."""
+    out = [None] * n
+    for item in data:
+        e = item["embedding"]
+        out[item["index"]] = (np.frombuffer(base64.b64decode(e), "<f4") if isinstance(e, str)
+                              else np.array(e, np.float32))
+    return np.stack(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    dim=st.sampled_from([1, 2, 3, 4, 5, 6, 12, 384]),
+    shuffle=st.booleans(),
+    floats_at=st.sets(st.integers(0, 8), max_size=2),
+    damage=st.sampled_from([None, "nan", "bad base64", "short row", "bool index"]),
+    seed=st.integers(0, 2**16),
+)
+def test_replies_read_at_once_equal_item_by_item(n, dim, shuffle, floats_at, damage, seed):
+    """Base64 rows in index order are decoded in one call when their width allows, every other
+    reply item by item: either way the vectors equal each item decoded alone, and a damaged
+    reply is refused."""
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((n, dim)).astype(np.float32)
+    order = rng.permutation(n).tolist() if shuffle else list(range(n))
+    data = [{"object": "embedding", "index": i,
+             "embedding": rows[i].tolist() if i in floats_at else b64(rows[i])} for i in order]
+    k = int(rng.integers(n))
+    if damage == "nan":
+        bad = rows[order[k]].copy()
+        bad[0] = np.nan
+        data[k]["embedding"] = b64(bad)
+    elif damage == "bad base64":
+        data[k]["embedding"] = "!" + b64(rows[order[k]])[1:]
+    elif damage == "short row":
+        data[k]["embedding"] = b64(rows[order[k]][:-1]) if dim > 1 else ""
+    elif damage == "bool index" and order[k] in (0, 1):
+        data[k]["index"] = bool(order[k])
+    content = json.dumps({"data": data}).encode()
+    try:
+        want = _reference(data, n)
+    except ValueError:  # bad base64, rows of unequal length
+        want = None
+    valid = (want is not None and want.shape[1] > 0 and np.isfinite(want).all()
+             and all(type(d["index"]) is int for d in data))
+    if valid:
+        np.testing.assert_array_equal(parse_embeddings(content, n).vectors, want)
+    else:
+        with pytest.raises(InvalidResponseError):
+            parse_embeddings(content, n)
+
+
+def test_the_common_reply_is_read_at_once():
+    from embedcache.providers._reply import _base64_in_order
+
+    rows = np.random.default_rng(1).standard_normal((4, 384)).astype(np.float32)
+    data = [{"index": i, "embedding": b64(r)} for i, r in enumerate(rows)]
+    np.testing.assert_array_equal(_base64_in_order(data, 4), rows)
+    assert _base64_in_order(data[::-1], 4) is None  # out of order: item by item
+    padded = [{"index": i, "embedding": b64(r[:4])} for i, r in enumerate(rows)]  # 16 bytes: padding
+    assert _base64_in_order(padded, 4) is None

@@ -211,6 +211,29 @@ def test_library_and_proxy_share_one_cache_both_ways(proxy, upstream, cache_dir)
         st.lists(st.integers(0, 15), min_size=1, max_size=12), min_size=2, max_size=12),
 )
 def test_concurrent_clients_get_their_own_vectors_and_each_item_goes_once(proxy, upstream, requests):
+    _concurrent_clients(proxy, upstream, requests)
+
+
+@pytest.fixture(scope="module")
+def one_slot(upstream, tmp_path_factory):
+    """A proxy with one upstream slot: misses queue behind the batch under way and go together."""
+    with running_proxy(upstream.base_url, cache=str(tmp_path_factory.mktemp("one-slot")), keys=[CLIENT_KEY],
+                       max_concurrency=1) as p:
+        yield p
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(
+        st.lists(st.integers(0, 15), min_size=1, max_size=12), min_size=2, max_size=12),
+)
+def test_queued_and_batched_misses_get_the_same_answers(one_slot, upstream, requests):
+    """With one slot the first request's misses go at once (the idle path) and the rest queue
+    and go together (the batched path): each client still gets its own vectors."""
+    _concurrent_clients(one_slot, upstream, requests)
+
+
+def _concurrent_clients(proxy, upstream, requests):
     salt = uuid.uuid4()  # fresh items for every example, whatever hypothesis replays
     pool = [f"{salt} item {i}" for i in range(16)]
     before = len(upstream.embedding_requests)

@@ -358,3 +358,49 @@ def test_sigterm_under_load_writes_everything_answered(upstream, tmp_path):
     assert len(everything) > 100
     cached = _cached(upstream, cache_dir, everything)
     assert all(cached), f"{cached.count(False)} of {len(everything)} answered items not written"
+
+
+# ---------------------------------------------------------------------------- the upstream client
+
+
+@pytest.mark.parametrize("fault, wait", [
+    (Fault.error(429, retry_after="0.25"), "0.25"),
+    (Fault.error(503, retry_after_ms="150"), "0.15"),
+    (Fault.error(502, style="text", retry_after="0.05"), "0.05"),
+], ids=["429-retry-after", "503-retry-after-ms", "502-text"])
+def test_retries_wait_what_the_upstream_asks(proxy, upstream, fault, wait, caplog):
+    """The proxy's own HTTP client keeps the library's retry policy: the status is retried,
+    after the wait the upstream asked for, and the second attempt's vectors are answered."""
+    texts = [f"retry {fault.status} {wait} {i}" for i in range(2)]
+    before = len(upstream.embedding_requests)
+    upstream.push(fault)
+    with caplog.at_level("INFO", logger="embedcache.providers._http"):
+        r = _post(proxy, texts)
+    assert r.status_code == 200, r.text
+    assert any(f"retrying in {wait} s" in m for m in caplog.messages), caplog.messages
+    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, np.stack([expected_vector(t, DIM) for t in texts]))
+    assert len(upstream.embedding_requests) - before == 2  # one refused, one answered
+
+
+def test_an_upstream_that_is_not_there_is_a_502(tmp_path):
+    with running_proxy(f"http://127.0.0.1:{free_port()}/v1", cache=str(tmp_path), max_retries=1) as p:
+        r = _post(p, ["nobody home"])
+        assert r.status_code == 502, r.text
+        assert "failed to connect" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "upstream_error"
+
+
+def test_a_batch_the_upstream_refuses_as_too_large_is_split(tmp_path):
+    """A 413 teaches the embedder's limit; the proxy sends the parts within it."""
+    with FakeEmbeddingServer(dimensions=DIM, api_key=UPSTREAM_KEY) as upstream, \
+            running_proxy(upstream.base_url, cache=str(tmp_path), max_retries=0) as p:
+        texts = [f"split {i}" for i in range(6)]
+        before = len(upstream.embedding_requests)
+        upstream.push(Fault.error(413, message="batch size 6 > maximum allowed batch size 4"))
+        r = _post(p, texts)
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        np.testing.assert_array_equal(got, np.stack([expected_vector(t, DIM) for t in texts]))
+        sizes = [len(q.body["input"]) for q in upstream.embedding_requests[before:]]
+        assert sizes[0] == 6 and max(sizes[1:]) <= 4 and sum(sizes[1:]) == 6

@@ -61,10 +61,10 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import httpx
 import numpy as np
@@ -138,6 +138,30 @@ def _resolve_key(api_key: object, sources: tuple[str, ...]) -> tuple[Secret | No
             "api_key must be a non-empty string of printable ASCII characters without spaces"
         )
     return Secret(api_key), source
+
+
+try:  # a request body in a few microseconds (the server extra brings it)
+    import orjson
+
+    def _dumps(payload: dict[str, Any]) -> bytes:
+        try:
+            return orjson.dumps(payload)
+        except TypeError:  # what orjson refuses (a lone surrogate...): the stdlib's says why
+            return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+except ImportError:  # pragma: no cover - the stdlib's alone
+    def _dumps(payload: dict[str, Any]) -> bytes:
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+class Reply(Protocol):
+    """What the embedder reads of a reply: :class:`httpx.Response` has it, and so may a
+    lighter object for replies below 300 (see :meth:`OpenAIEmbeddings.aembed_batch`)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def content(self) -> bytes: ...
 
 
 class _Request(NamedTuple):
@@ -333,9 +357,9 @@ class OpenAIEmbeddings:
         counter = self._window.counter if self._window is not None else self._estimate
         return counter.counts(texts) + counter.specials
 
-    def _plan(self, texts: list[str]) -> list[tuple[int, int]]:
-        """Consecutive ``(start, stop)`` slices within the count and character limits, and the
-        limits learned for this server."""
+    def plan(self, texts: list[str]) -> list[tuple[int, int]]:
+        """Consecutive ``(start, stop)`` slices of ``texts`` within :attr:`batch_size`,
+        :attr:`max_batch_chars` and the limits learned for this server."""
         return self._limits.plan(texts, self.batch_size, self.max_batch_chars, self._token_estimates)
 
     def _split_refused(self, exc: APIStatusError, batch: list[str]) -> list[list[str]] | None:
@@ -346,7 +370,7 @@ class OpenAIEmbeddings:
             return None
         tokens = int(self._token_estimates(batch).sum()) if kind[0] == "tokens" else 0
         self._limits.learn(kind[0], kind[1], len(batch), tokens, exc.status_code or 0)
-        plan = self._plan(batch)
+        plan = self.plan(batch)
         if len(plan) == 1:  # the learned limits do not split it: halves
             plan = [(0, len(batch) // 2), (len(batch) // 2, len(batch))]
         return [batch[a:b] for a, b in plan]
@@ -366,19 +390,19 @@ class OpenAIEmbeddings:
         }
         if self.dimensions is not None:
             payload["dimensions"] = self.dimensions
-        return _Request("POST", "/embeddings", json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+        return _Request("POST", "/embeddings", _dumps(payload))
 
     def _delay(self) -> float:
         """Seconds to wait before the next request may go (the rate limit)."""
         return self._bucket.reserve() if self._bucket is not None else 0.0
 
-    def _checked(self, response: httpx.Response, what: str) -> httpx.Response:
+    def _checked(self, response: Reply, what: str) -> Reply:
         err = status_error(response, what, self._key)
         if err is not None:
             raise err
         return response
 
-    def _embeddings_from(self, response: httpx.Response, batch: list[str]) -> np.ndarray:
+    def _embeddings_from(self, response: Reply, batch: list[str]) -> np.ndarray:
         """The vectors of one checked /embeddings reply for ``batch``."""
         reply = parse_embeddings(
             response.content, len(batch), dimensions=self.dimensions, status_code=response.status_code
@@ -469,7 +493,7 @@ class OpenAIEmbeddings:
             return None
         start, stop = plan[0]
         results.store(start, stop, run(items[start:stop]))
-        return [(a + stop, b + stop) for a, b in self._plan(items[stop:])]
+        return [(a + stop, b + stop) for a, b in self.plan(items[stop:])]
 
     def embed(self, texts: Sequence[str], *, on_batch: BatchCallback | None = None) -> np.ndarray:
         """Embed ``texts``: array of shape (n, d), float32, rows in input order.
@@ -487,7 +511,7 @@ class OpenAIEmbeddings:
             return self._embed(items, _Results(len(items), on_batch), stop)
 
     def _embed(self, items: list[str], results: _Results, halt: threading.Event) -> np.ndarray:
-        plan = self._plan(items)
+        plan = self.plan(items)
         rest = self._probe(items, results, plan, lambda batch: self._embed_batch(batch, halt))
         if rest is not None:
             plan = rest
@@ -582,7 +606,6 @@ class OpenAIEmbeddings:
         delay = self._delay()
         if delay > 0:
             await asyncio.sleep(delay)
-        self.usage.add(requests=1)
         try:
             response = await client.request(**request.send_args())
         except httpx.RequestError as exc:
@@ -590,11 +613,32 @@ class OpenAIEmbeddings:
         return self._checked(response, request.what)
 
     async def _aembed_batch(self, batch: list[str], gate: asyncio.Semaphore) -> np.ndarray:
+        async def send(request: _Request) -> httpx.Response:
+            async with gate:
+                return await self._asend(request)
+
+        return await self.aembed_batch(batch, send)
+
+    async def aembed_batch(self, batch: list[str], send: Callable[[_Request], Awaitable[Reply]]) -> np.ndarray:
+        """The vectors of one batch of validated texts (within :attr:`batch_size` and
+        :attr:`max_batch_chars`), sent by ``send``: the request is built once, each attempt
+        sent by ``send(request)`` under the retry policy, the reply checked; a batch the server
+        refuses as too large is split within the limit learned and its parts sent one after
+        another (:mod:`embedcache.providers._limits`).
+
+        ``send`` takes the request (``method``, ``path``, ``content`` bytes, ``what``) and
+        returns a reply with ``status_code``, ``content`` and (for errors) ``headers``,
+        ``reason_phrase``, ``json()`` and ``text`` as :class:`httpx.Response` has them; it
+        raises :class:`~embedcache.errors.APIConnectionError` or
+        :class:`~embedcache.errors.APITimeoutError` when no reply came. It is the seam for a
+        caller with its own HTTP client and rate limit (the proxy), which keeps this
+        embedder's retries, error mapping, reply checks and batch splitting.
+        """
         request = self._embeddings_request(batch)
 
         async def attempt() -> np.ndarray:
-            async with gate:
-                response = await self._asend(request)
+            self.usage.add(requests=1)
+            response = self._checked(await send(request), request.what)
             return self._embeddings_from(response, batch)
 
         try:
@@ -603,7 +647,7 @@ class OpenAIEmbeddings:
             parts = self._split_refused(exc, batch)
             if parts is None:
                 raise
-        return np.concatenate([await self._aembed_batch(part, gate) for part in parts])
+        return np.concatenate([await self.aembed_batch(part, send) for part in parts])
 
     async def aembed(
         self, texts: Sequence[str], *, on_batch: BatchCallback | None = None
@@ -617,11 +661,11 @@ class OpenAIEmbeddings:
         async def run(start: int, stop: int) -> tuple[int, int, np.ndarray]:
             return start, stop, await self._aembed_batch(items[start:stop], gate)
 
-        plan = self._plan(items)
+        plan = self.plan(items)
         if len(plan) > 1 and not self._limits.answered:  # the first batch alone: see _probe
             start, stop = plan[0]
             results.store(*await run(start, stop))
-            plan = [(a + stop, b + stop) for a, b in self._plan(items[stop:])]
+            plan = [(a + stop, b + stop) for a, b in self.plan(items[stop:])]
         tasks = [asyncio.ensure_future(run(start, stop)) for start, stop in plan]
         try:
             for next_done in asyncio.as_completed(tasks):
@@ -632,11 +676,13 @@ class OpenAIEmbeddings:
             await asyncio.gather(*tasks, return_exceptions=True)
         return results.array()
 
-    async def alist_models(self) -> list[str]:
-        """Async form of :meth:`list_models`."""
+    async def alist_models(self, *, send: Callable[[_Request], Awaitable[Reply]] | None = None) -> list[str]:
+        """Async form of :meth:`list_models`; ``send`` as for :meth:`aembed_batch`."""
+        sender = self._asend if send is None else send
 
         async def attempt() -> list[str]:
-            return parse_models((await self._asend(_MODELS)).content)
+            self.usage.add(requests=1)
+            return parse_models(self._checked(await sender(_MODELS), _MODELS.what).content)
 
         return await self._retry.aretrying()(attempt)
 

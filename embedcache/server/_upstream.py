@@ -8,17 +8,21 @@ and a batcher.
 * An item is looked up in memory first (recently served vectors, and answered vectors whose
   cache write has not committed yet: see :mod:`._memory`), then in the cache on disk.
 * A missed item that some request is already fetching is not fetched again: the later
-  request waits for the first one's future (the in-flight map). The lookup and the claim
+  request waits for the first one's item (the in-flight map). The lookup and the claim
   happen in one step of the event loop, and an item leaves the map in the same step as it
   enters the writer's pending map, which it leaves only after its write commits, so no item
-  is ever fetched twice at once.
-* Misses wait in one queue per (model, dimensions). A batch goes as soon as one of
-  ``max_concurrency`` upstream slots is free, with whatever is queued then (up to the
-  embedder's ``batch_size`` and ``max_batch_chars``): an idle proxy adds no wait, a busy one
-  sends the misses of many requests together.
-* Every HTTP attempt, retries included, passes one transport that applies the one rate
-  limit of the upstream (the IONOS contract for the IONOS host) and records the upstream
-  metrics. Retries, backoff and error mapping are the embedder's own.
+  is ever fetched twice at once. A request waits on one future, set when the last of its
+  items has its vector (or at the first failure).
+* Misses wait in one queue per (model, dimensions). A batch starts as soon as one of
+  ``max_concurrency`` upstream slots is free, in the same step of the event loop, with
+  whatever is queued then (up to the embedder's ``batch_size`` and ``max_batch_chars``, and
+  in parts within the limits learned for the upstream): an idle proxy adds no wait, a busy
+  one sends the misses of many requests together when a slot frees. Groups take turns.
+* Every HTTP attempt, retries included, goes through one aiohttp session (keep-alive
+  connections), under the one rate limit of the upstream (the IONOS contract for the IONOS
+  host), and is counted in the upstream metrics. Retries, backoff, ``Retry-After``, error
+  mapping, reply checks and the splitting of a batch the upstream refuses as too large are
+  the embedder's own (:meth:`~embedcache.OpenAIEmbeddings.aembed_batch`).
 * Clients are answered as soon as the upstream answers; the vectors are written to the
   cache in the background (:class:`~._memory.CacheWriter`), within a few milliseconds, and
   all of them on shutdown. A crash of the proxy loses only the vectors not yet committed.
@@ -30,24 +34,25 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import aiohttp
 import httpx
 import numpy as np
-from httpx_aiohttp import AiohttpTransport
 
 from embedcache import _config
 from embedcache.cache import EmbeddingCache
 from embedcache.errors import (
     APIConnectionError,
+    APIError,
     CacheError,
     ConfigurationError,
     InvalidInputError,
     InvalidResponseError,
     NotFoundError,
 )
-from embedcache.providers._http import Secret
+from embedcache.providers._http import Secret, request_error
 from embedcache.providers.base import metered
 from embedcache.providers.openai import OpenAIEmbeddings, TokenBucket
 from embedcache.server._memory import CacheWriter, RecentVectors
@@ -62,63 +67,121 @@ logger = logging.getLogger("embedcache.server")
 _MAX_GROUPS = 256
 
 
-def _no_reply(exc: httpx.TransportError) -> httpx.TransportError:
-    """``exc`` as httpx itself would have raised it: the aiohttp transport reports a connection
-    the server closed as a connect timeout, which would make a dropped connection a 504."""
-    cause = exc.__cause__
-    if not isinstance(exc, httpx.TimeoutException) or cause is None:
-        return exc
-    if isinstance(cause, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return exc
-    return httpx.RemoteProtocolError(str(exc))
+class _Ok(NamedTuple):
+    """A reply below 300: what the embedder reads of it."""
+
+    status_code: int
+    content: bytes
 
 
-class _Gate(httpx.AsyncBaseTransport):
-    """Every upstream HTTP attempt passes here: the shared rate limit, then the metrics."""
+class _Client:
+    """The proxy's HTTP client of the upstream: one aiohttp session with up to ``connections``
+    keep-alive connections. Every attempt, retries included, waits for the shared rate limit
+    (the IONOS contract for the IONOS host), then is counted in the metrics.
 
-    def __init__(self, bucket: TokenBucket | None, metrics: Metrics, connections: int) -> None:
+    :meth:`send` is the ``send`` of :meth:`OpenAIEmbeddings.aembed_batch`: the embedder keeps
+    its retries, error mapping, reply checks and batch splitting; this replaces only the HTTP
+    client (httpx's ``AsyncClient`` costs about a millisecond of CPU per call more).
+    """
+
+    def __init__(self, base_url: str, headers: dict[str, str], *, timeout: float, bucket: TokenBucket | None,
+                 metrics: Metrics, connections: int, key: Secret | None) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = {**headers, "Content-Type": "application/json"}
+        self._timeout = timeout
         self._bucket = bucket
         self._metrics = metrics
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        # aiohttp under httpx's interface (the transport the openai SDK offers for aiohttp): about
-        # 1.5 ms less CPU per upstream call than httpx's own pool, most of a miss's overhead.
-        self._inner = AiohttpTransport(limits=limits)
+        self._connections = connections
+        self._key = key
+        self._session: aiohttp.ClientSession | None = None
+        self._status: dict[int, Any] = {}  # the metric's child of each status seen
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    def __repr__(self) -> str:
+        return f"_Client(base_url={self._base!r})"
+
+    def _open(self) -> aiohttp.ClientSession:
+        timeout = self._timeout
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._connections, ssl=httpx.create_ssl_context()),
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=timeout, sock_read=timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self._session
+
+    async def send(self, request: Any) -> _Ok | httpx.Response:
+        """One attempt of ``request`` (``method``, ``path``, ``content``, ``what``): a reply, or
+        :class:`~embedcache.errors.APIConnectionError` / ``APITimeoutError`` when none came."""
         if self._bucket is not None:
             delay = self._bucket.reserve()
             if delay > 0:
                 await asyncio.sleep(delay)
+        session = self._session if self._session is not None else self._open()
+        metrics = self._metrics
         start = time.perf_counter()
         try:
-            response = await self._inner.handle_async_request(request)
-            await response.aread()  # the whole reply here: its errors mapped below, its time measured
-        except httpx.TransportError as exc:
-            self._metrics.upstream_requests.labels("error").inc()
-            raise _no_reply(exc) from exc.__cause__
+            async with session.request(request.method, self._base + request.path, data=request.content,
+                                       allow_redirects=False) as response:
+                content = await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            metrics.upstream_requests.labels("error").inc()
+            raise self._no_reply(exc, request.what) from None
         except BaseException:
-            self._metrics.upstream_requests.labels("error").inc()
+            metrics.upstream_requests.labels("error").inc()
             raise
-        self._metrics.upstream_latency.observe(time.perf_counter() - start)
-        self._metrics.upstream_requests.labels(str(response.status_code)).inc()
-        if response.status_code == 429:
-            self._metrics.upstream_429.inc()
-        return response
+        metrics.upstream_latency.observe(time.perf_counter() - start)
+        status = response.status
+        counter = self._status.get(status)
+        if counter is None:
+            counter = self._status[status] = metrics.upstream_requests.labels(str(status))
+        counter.inc()
+        if status < 300:
+            return _Ok(status, content)
+        if status == 429:
+            metrics.upstream_429.inc()
+        reason = {"reason_phrase": response.reason.encode("latin-1", "replace")} if response.reason else None
+        return httpx.Response(status, headers=list(response.raw_headers), content=content, extensions=reason)
 
-    async def aclose(self) -> None:
-        """Shared by the clients of every embedder: :meth:`close` closes it, once."""
+    def _no_reply(self, exc: BaseException, what: str) -> APIError:
+        """The library's error for a request that got no reply: a timeout (a 504 to the client),
+        or a connection refused, dropped or spoken to wrongly (a 502)."""
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+            mapped: httpx.RequestError = httpx.ReadTimeout(message)
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            mapped = httpx.ConnectError(message)
+        else:
+            mapped = httpx.RemoteProtocolError(message)
+        return request_error(mapped, what, self._timeout, self._key)
 
     async def close(self) -> None:
-        await self._inner.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _Wait:
+    """One request waiting for its missed items: ``future`` is set when the last of them has
+    its vector, or at the first failure."""
+
+    __slots__ = ("future", "left")
+
+    def __init__(self, future: asyncio.Future) -> None:
+        self.future = future
+        self.left = 0
 
 
 class _Item:
-    """One distinct missed text on its way upstream; ``future`` gets ``(vector bytes, tokens)``."""
+    """One distinct missed text on its way upstream, and the requests waiting for it; ``row``
+    (its vector's float32 bytes) and ``share`` (its part of the batch's tokens) once answered."""
 
-    __slots__ = ("future", "key", "text")
+    __slots__ = ("key", "row", "share", "text", "waits")
 
-    def __init__(self, key: bytes, text: str, future: asyncio.Future) -> None:
-        self.key, self.text, self.future = key, text, future
+    def __init__(self, key: bytes, text: str) -> None:
+        self.key, self.text = key, text
+        self.row: bytes | None = None
+        self.share = 0.0
+        self.waits: list[_Wait] = []
 
 
 class _Group:
@@ -129,8 +192,6 @@ class _Group:
         self.source = (embedder.cache_namespace, embedder.model, embedder.dimensions)
         self.dim: int | None = embedder.dimensions  # length of the vectors seen last
         self.queue: deque[_Item] = deque()
-        self.wake = asyncio.Event()
-        self.task: asyncio.Task | None = None
 
 
 class Outcome(NamedTuple):
@@ -194,15 +255,18 @@ class Upstream:
         self.max_concurrency = max_concurrency
         self.models_ttl = models_ttl
         bucket = None if probe.requests_per_second is None else TokenBucket(probe.requests_per_second, burst)
-        self._gate = _Gate(bucket, metrics, max_concurrency + 1)
-        self._models_embedder = self._embedder("models", None)
+        self._client = _Client(probe.base_url, probe._headers(), timeout=probe.timeout, bucket=bucket,
+                               metrics=metrics, connections=max_concurrency + 1, key=probe._key)
+        self._models_embedder = probe
         self._groups: dict[tuple[str, int | None], _Group] = {}
-        self._inflight: dict[bytes, asyncio.Future] = {}
+        self._inflight: dict[bytes, _Item] = {}
         self.recent = RecentVectors(_config.SERVER_MEMORY_BYTES)
         self.writer = CacheWriter(cache, metrics)
         self._max_pending = _config.SERVER_MAX_PENDING
-        self._slots: asyncio.Semaphore | None = None
+        self._free = max_concurrency  # upstream slots not in use
+        self._ready: deque[_Group] = deque()  # groups with queued misses, taken in turn
         self._tasks: set[asyncio.Task] = set()
+        self._closed = False
         self._models: tuple[float, list[str]] | None = None
         self._models_lock: asyncio.Lock | None = None
         self._tokens_seen = 0.0
@@ -214,7 +278,7 @@ class Upstream:
 
     def _embedder(self, model: str, dimensions: int | None) -> OpenAIEmbeddings:
         return OpenAIEmbeddings(
-            model, dimensions=dimensions, requests_per_second=None, async_transport=self._gate,
+            model, dimensions=dimensions, requests_per_second=None,
             api_key=None if self._api_key is None else self._api_key.reveal(),
             **self._settings,  # type: ignore[arg-type]
         )
@@ -228,8 +292,6 @@ class Upstream:
                     f"got a new one: model={model!r}, dimensions={dimensions}"
                 )
             group = self._groups[(model, dimensions)] = _Group(self._embedder(model, dimensions))
-        if group.task is None:
-            group.task = asyncio.get_running_loop().create_task(self._dispatch(group))
         return group
 
     # ------------------------------------------------------------------ requests
@@ -240,6 +302,8 @@ class Upstream:
 
     async def embed(self, model: str, dimensions: int | None, texts: list[str]) -> Outcome:
         """The vectors of ``texts`` (validated, non-empty strings) for ``model``."""
+        if self._closed:
+            raise APIConnectionError("the proxy is shutting down")
         group = self._group(model, dimensions)
         keys = self.cache.raw_keys(*group.source, texts)
         text_of = dict(zip(keys, texts))  # distinct keys, in order of first appearance
@@ -258,39 +322,41 @@ class Upstream:
         if todo:
             self._read(group, todo, have)
         hits = len(have)
-        waits: list[tuple[bytes, asyncio.Future, bool]] = []
-        shared = misses = 0
+        misses = shared = 0
+        tokens = 0.0
         if hits < len(text_of):
             inflight = self._inflight
-            loop = asyncio.get_running_loop()
+            wait = _Wait(asyncio.get_running_loop().create_future())
+            items: list[_Item] = []
+            new: list[_Item] = []
             for key in todo:
                 if key in have:
                     continue
-                future = inflight.get(key)
-                if future is not None:
-                    shared += 1
-                    waits.append((key, future, False))
-                    continue
-                future = inflight[key] = loop.create_future()
-                group.queue.append(_Item(key, text_of[key], future))
-                misses += 1
-                waits.append((key, future, True))
-            if misses:
+                item = inflight.get(key)
+                if item is None:
+                    item = inflight[key] = _Item(key, text_of[key])
+                    new.append(item)
+                item.waits.append(wait)
+                items.append(item)
+            wait.left = len(items)
+            misses = len(new)
+            shared = len(items) - misses
+            if new:
+                group.queue.extend(new)
                 self._queued += misses
                 self.metrics.queue_depth.set(self._queued)
-                group.wake.set()
-        tokens = 0.0
-        if waits:
-            await asyncio.shield(asyncio.gather(*(f for _, f, _ in waits)))
-            for key, future, mine in waits:
-                row, share = future.result()
-                have[key] = row
-                if mine:
-                    tokens += share
+                if group not in self._ready:
+                    self._ready.append(group)
+                self._pump()  # an idle proxy sends them now, without waiting for a batch to gather
+            await wait.future
+            for item in items:
+                have[item.key] = item.row  # type: ignore[assignment]
+            for item in new:
+                tokens += item.share
         # tokens not paid for: every item's but those of the misses this request sent
         saved_chars = sum(map(len, texts))
         if misses:
-            saved_chars -= sum(len(text_of[k]) for k, _, mine in waits if mine)
+            saved_chars -= sum(len(item.text) for item in new)
         rows = [have[k] for k in keys]
         size = len(rows[0])
         if any(len(r) != size for r in rows):
@@ -321,22 +387,20 @@ class Upstream:
 
     # ------------------------------------------------------------------ batcher
 
-    async def _dispatch(self, group: _Group) -> None:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_concurrency)
-        slots = self._slots
-        while True:
-            await group.wake.wait()
-            group.wake.clear()
-            while group.queue:
-                await slots.acquire()  # misses go on queueing meanwhile: they go together
-                batch = self._take(group)
-                if not batch:
-                    slots.release()
-                    break
-                task = asyncio.get_running_loop().create_task(self._run(group, batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+    def _pump(self) -> None:
+        """Start a batch for each free upstream slot while misses wait, in this step of the
+        event loop: an idle proxy adds no wait, and a busy one sends what queued meanwhile
+        together when a slot frees."""
+        ready = self._ready
+        while self._free and ready and not self._closed:
+            group = ready.popleft()
+            batch = self._take(group)
+            if group.queue:
+                ready.append(group)  # the groups take turns
+            self._free -= 1
+            task = asyncio.get_running_loop().create_task(self._run(group, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _take(self, group: _Group) -> list[_Item]:
         emb, queue = group.embedder, group.queue
@@ -352,19 +416,26 @@ class Upstream:
         self.metrics.queue_depth.set(self._queued)
         return batch
 
+    async def _fetch(self, embedder: OpenAIEmbeddings, texts: list[str]) -> np.ndarray:
+        """The vectors of one batch, in parts within the limits learned for the upstream."""
+        send = self._client.send
+        plan = embedder.plan(texts)
+        if len(plan) == 1:
+            return await embedder.aembed_batch(texts, send)
+        return np.concatenate([await embedder.aembed_batch(texts[a:b], send) for a, b in plan])
+
     async def _run(self, group: _Group, batch: list[_Item]) -> None:
-        """Fetch one batch, hand each item's future its vector, and queue the batch's write.
+        """Fetch one batch, hand its vectors to the requests waiting, and queue its write.
 
         In one step of the event loop the vectors enter memory and the writer's pending map,
-        the futures get them, and the items leave the in-flight map (``finally``).
+        the waiting requests get them, and the items leave the in-flight map (``finally``).
         """
-        assert self._slots is not None
         self.metrics.in_flight.inc()
         texts = [item.text for item in batch]
         answered = False
         try:
             with metered() as usage:
-                vectors = await group.embedder.aembed(texts)
+                vectors = await self._fetch(group.embedder, texts)
             tokens = float(usage.snapshot()[1])
             vectors = np.ascontiguousarray(vectors, dtype="<f4")
             group.dim = vectors.shape[1]
@@ -380,9 +451,7 @@ class Upstream:
                 error = APIConnectionError("the proxy is shutting down")
             elif not isinstance(exc, Exception):
                 error = APIConnectionError(f"upstream request failed: {type(exc).__name__}")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            _fail(batch, error)
             if isinstance(exc, NotFoundError) and not group.queue:
                 self._forget(group)
             if not isinstance(exc, Exception):
@@ -394,27 +463,32 @@ class Upstream:
             self.metrics.tokens_used.inc(tokens)
             self._tokens_seen += tokens
             self._chars_seen += total
+            per_char = tokens / total
             for item, row, n in zip(batch, rows, chars):
-                if not item.future.done():
-                    item.future.set_result((row, tokens * n / total))
+                item.row = row
+                item.share = per_char * n
+                for wait in item.waits:
+                    wait.left -= 1
+                    if not wait.left and not wait.future.done():
+                        wait.future.set_result(None)
             answered = True
         finally:
+            inflight = self._inflight
             for item in batch:
-                if self._inflight.get(item.key) is item.future:
-                    del self._inflight[item.key]
+                if inflight.get(item.key) is item:
+                    del inflight[item.key]
             try:
                 if answered and len(self.writer.pending) > self._max_pending:
                     await self.writer.flush()  # a disk slower than the upstream: wait for it
             finally:
-                self._slots.release()
+                self._free += 1
                 self.metrics.in_flight.dec()
+                self._pump()
 
     def _forget(self, group: _Group) -> None:
         for pair, g in list(self._groups.items()):
             if g is group:
                 del self._groups[pair]
-                if g.task is not None:
-                    g.task.cancel()
 
     # ------------------------------------------------------------------ models, shutdown
 
@@ -425,21 +499,29 @@ class Upstream:
         async with self._models_lock:
             now = time.monotonic()
             if self._models is None or now - self._models[0] > self.models_ttl:
-                self._models = (now, await self._models_embedder.alist_models())
+                self._models = (now, await self._models_embedder.alist_models(send=self._client.send))
             return self._models[1]
 
     async def aclose(self) -> None:
         """Stop the batcher (requests still waiting get an error), write every answered
         vector still pending to the cache, and close connections."""
-        tasks = [g.task for g in self._groups.values() if g.task is not None] + list(self._tasks)
+        self._closed = True
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for group in self._groups.values():
-            for item in group.queue:
-                if not item.future.done():
-                    item.future.set_exception(APIConnectionError("the proxy is shutting down"))
+            _fail(group.queue, APIConnectionError("the proxy is shutting down"))
+            group.queue.clear()
             await group.embedder.aclose()
         await self._models_embedder.aclose()
-        await self._gate.close()
+        await self._client.close()
         await self.writer.aclose()
+
+
+def _fail(items: Iterable[_Item], error: BaseException) -> None:
+    """Every request waiting for one of ``items`` gets ``error``."""
+    for item in items:
+        for wait in item.waits:
+            if not wait.future.done():
+                wait.future.set_exception(error)
