@@ -81,8 +81,19 @@ INDEX_RECALL_COLUMNS = 0
 #: true pairs looked at per sampled row (more are subsampled, and weighted back)
 INDEX_RECALL_PAIRS_PER_ROW = 64
 #: probes are chosen where the calibration sample's one-sided lower bound at this level
-#: reaches the recall asked for (0.5: the point estimate)
-INDEX_RECALL_CHOOSE_LEVEL = 0.84
+#: reaches the recall asked for (0.5: the point estimate; 0.975: the low end of the
+#: reported 95% interval)
+INDEX_RECALL_CHOOSE_LEVEL = 0.975
+#: rows sampled per cell to estimate how many pairs its rows hold (the pair calibration
+#: draws rows of dense cells, near-identical blocks, more often, and weights them back)
+INDEX_RECALL_CELL_ROWS = 16
+#: share of the pair calibration's rows drawn uniformly (the rest by cell density): bounds
+#: the weight of any row at 1 / this times a uniform sample's
+INDEX_RECALL_UNIFORM = 0.5
+#: measurement rounds of the pair calibration: while the measured lower bound (95%) misses
+#: the recall asked for, the probes are chosen again on all the evidence and measured on a
+#: fresh sample
+INDEX_RECALL_ROUNDS = 3
 #: method="auto" is exact up to this many distinct rows, partitioned above
 INDEX_AUTO_ROWS = 50_000
 #: a store's index is stale (searches scan exactly) when rows added or deleted since it was

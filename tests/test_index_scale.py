@@ -103,10 +103,11 @@ def test_two_level_probing_through_every_group_is_the_exact_cell_order():
 
 
 def test_calibrated_recall_holds_on_two_level_cells():
-    runs = 4
+    """At 95% coverage, 2 misses of 6 runs or fewer happen with probability 0.998."""
+    runs = 6
     reached, covered = calibration_runs(runs, INDEX_TWO_LEVEL_CELLS=8, INDEX_COARSE_PROBES=2)
     assert reached >= runs - 1
-    assert covered >= runs - 1
+    assert covered >= runs - 2
 
 
 def test_memmap_rows_give_the_same_index_and_pairs(tmp_path):
