@@ -270,6 +270,11 @@ def main() -> None:
                     help="time faiss's kNN search on the first N rows only, scaled to all (0: all)")
     ap.add_argument("--data-dir", default=None,
                     help="generate into a memmap file here (for sizes that do not fit in memory)")
+    ap.add_argument("--truth-dir", default=None,
+                    help="keep the sampled truth here, and use it when there (10M: the largest cost)")
+    ap.add_argument("--truth-part", default=None, metavar="I/M",
+                    help="only compute and keep part I (0-based) of M of the sampled truth, then stop")
+    ap.add_argument("--no-pairs", action="store_true", help="kNN only (its truth from --truth-dir)")
     a = ap.parse_args()
     import faiss
 
@@ -295,7 +300,11 @@ def main() -> None:
         t_gen = time.perf_counter() - t0
         rng = np.random.default_rng(1)
         sample = np.sort(rng.choice(n, min(a.queries, n), replace=False))
-        if a.no_knn:
+        if a.truth_dir or a.truth_part:
+            truth, top_true, t_truth = cached_truth(a, x, sample)
+            if truth is None:
+                continue
+        elif a.no_knn:
             truth, t_truth = true_pairs(x, sample, a.threshold)
         else:  # one pass for both truths
             truth, top_true, t_truth = sample_truth(x, sample, a.threshold, a.k)
@@ -316,94 +325,153 @@ def main() -> None:
         index = PartitionIndex.build(x, seed=0)
         t_build = time.perf_counter() - t0
         sz = index.sizes.astype(np.float64)
-        t0 = time.perf_counter()
-        i, j, s, rec = partitioned_pairs(x, a.threshold, recall=a.recall, index=index)
-        t_part = time.perf_counter() - t0
-        r_sample = recall_of(sample_keys(i, j, sample, n), truth)
-        # the quantity the library estimates: the share of all true pairs found
-        r_true = len(i) / max(1, len(exact_keys)) if exact_keys is not None else r_sample
-        if exact_keys is not None:
-            assert np.isin(i * n + j, exact_keys).all()  # nothing invented
-            print(f"  asked recall {a.recall}; true recall (all pairs) {r_true:.4f}; "
-                  f"on the {len(sample)} sampled rows {r_sample:.4f}")
-        print(f"partitioned pairs    {t_part:8.2f} s + build {t_build:.2f} s  cells={index.cells} "
-              f"(largest {int(sz.max())}, sum of squares {sz @ sz / n:.0f} n) {len(i)} pairs; {rec}; "
-              f"true recall {r_true:.4f} ({t_exact / (t_build + t_part):.1f}x faster than exact); "
+        print(f"index build          {t_build:8.2f} s  cells={index.cells} (largest {int(sz.max())}); "
               f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
+        if a.no_pairs:
+            a.no_faiss = True
+        else:
+            r_true = pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon)
         if not a.no_knn:
-            truth_k = [set(r[r != q][: a.k].tolist()) for q, r in zip(sample, top_true)]
-            t0 = time.perf_counter()
-            ks, ki, krec = partitioned_knn(x, a.k, recall=0.95, index=index)
-            t_knn = time.perf_counter() - t0
-            kr = np.mean([len(set(ki[q].tolist()) & t) / a.k for q, t in zip(sample, truth_k)])
-            print(f"partitioned kNN k={a.k} {t_knn:7.2f} s  {krec}; true recall@{a.k} {kr:.4f}; "
-                  f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
+            knn_run(a, x, index, sample, top_true, anon)
         if a.no_faiss:
             continue
-        del i, j, s
-        # faiss IVFFlat at equal recall
-        nlist = int(np.sqrt(n))
-        t0 = time.perf_counter()
-        quant = faiss.IndexFlatIP(x.shape[1])
-        ivf = faiss.IndexIVFFlat(quant, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.train(np.ascontiguousarray(x[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))]))
-        for c0 in range(0, n, 1 << 18):
-            ivf.add(np.ascontiguousarray(x[c0 : c0 + (1 << 18)]))
-        f_build = time.perf_counter() - t0
+        faiss_run(a, x, rng, sample, truth, top_true, exact_keys, r_true)
 
-        def faiss_pairs(nprobe):
-            ivf.nprobe = nprobe
-            t0 = time.perf_counter()
-            lims, _, ids = ivf.range_search(np.ascontiguousarray(x), a.threshold)
-            t = time.perf_counter() - t0
-            fi = np.repeat(np.arange(n), np.diff(lims).astype(np.int64))
-            keep = fi < ids
-            if exact_keys is not None:
-                return t, int(np.isin(fi[keep] * n + ids[keep], exact_keys).sum()) / max(1, len(exact_keys))
-            return t, recall_of(sample_keys(fi, ids, sample, n), truth)
 
-        # the nprobe that reaches our recall, predicted on the sampled pairs (found when either
-        # row probes the other's cell), then measured around it
-        need = faiss_union_need(quant, x, truth, n, min(nlist, 256))
-        pred = [np.mean(need <= p) for p in range(1, min(nlist, 256) + 1)]
-        start = next((p + 1 for p, v in enumerate(pred) if v >= r_true), min(nlist, 256))
-        runs = {}
-        p = start
-        while True:
-            runs[p] = faiss_pairs(p)
-            if runs[p][1] >= r_true and p > 1 and p - 1 not in runs:
-                p -= 1
-            elif runs[p][1] < r_true and p + 1 not in runs and p < nlist:
-                p += 1
-            else:
-                break
-        above = min((q for q in runs if runs[q][1] >= r_true), default=max(runs))
-        below = max((q for q in runs if runs[q][1] < r_true), default=None)
-        t_f, f_rec = runs[above]
-        t_eq = t_f
-        if below is not None and f_rec > runs[below][1]:  # faiss's time at our recall, linear in recall
-            t_eq = runs[below][0] + (t_f - runs[below][0]) * (r_true - runs[below][1]) / (f_rec - runs[below][1])
-        low_txt = f"nprobe={below}: {runs[below][1]:.4f} in {runs[below][0]:.2f} s" if below else "none below"
-        print(f"faiss IVFFlat range  {t_f:8.2f} s + build {f_build:.2f} s  nprobe={above} "
-              f"recall {f_rec:.4f} ({low_txt}); at embedcache's recall {r_true:.4f}: {t_eq:.2f} s; "
-              f"embedcache/faiss = {t_part / t_eq:.2f}x (search), "
-              f"{(t_part + t_build) / (t_eq + f_build):.2f}x (with build); peak RSS {rss_gib():.2f} GiB",
-              flush=True)
-        if a.no_knn or a.no_faiss_knn:
-            continue
-        for nprobe in range(1, nlist + 1):
-            ivf.nprobe = nprobe
-            _, fi = ivf.search(np.ascontiguousarray(x[sample]), a.k + 1)
-            fr = np.mean([len(set(r[r != q][: a.k].tolist()) & t) / a.k for q, r, t in zip(sample, fi, truth_k)])
-            if fr >= kr or nprobe == nlist:
-                break
-        m = n if a.faiss_knn_rows <= 0 else min(n, a.faiss_knn_rows)
+def cached_truth(a, x, sample):
+    """The sampled truth from ``--truth-dir`` when kept there, else computed (in parts with
+    ``--truth-part``: then (None, None, seconds) until every part is there)."""
+    import os
+
+    n = len(x)
+    base = os.path.join(a.truth_dir or ".", f"truth_{n}_{len(sample)}_{a.threshold}_{a.k}")
+    if os.path.exists(base + ".npz"):
+        z = np.load(base + ".npz")
+        return z["keys"], z["top"], float(z["seconds"])
+    m = int(a.truth_part.split("/")[1]) if a.truth_part else 1
+    parts = np.array_split(np.arange(len(sample)), m)
+    todo = [int(a.truth_part.split("/")[0])] if a.truth_part else range(m)
+    for p in todo:
+        if not os.path.exists(f"{base}.part{p}of{m}.npz"):
+            keys, top, sec = sample_truth(x, sample[parts[p]], a.threshold, a.k)
+            np.savez(f"{base}.part{p}of{m}.npz", keys=keys, top=top, seconds=sec)
+            print(f"truth part {p}/{m}: {len(parts[p])} rows in {sec:.1f} s", flush=True)
+    if not all(os.path.exists(f"{base}.part{p}of{m}.npz") for p in range(m)):
+        return None, None, 0.0
+    zs = [np.load(f"{base}.part{p}of{m}.npz") for p in range(m)]
+    keys = np.unique(np.concatenate([z["keys"] for z in zs]))
+    top = np.concatenate([z["top"] for z in zs])
+    sec = sum(float(z["seconds"]) for z in zs)
+    np.savez(base + ".npz", keys=keys, top=top, seconds=sec)
+    return keys, top, sec
+
+
+def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
+    from embedcache.index import partitioned_pairs
+
+    n = len(x)
+    sz = index.sizes.astype(np.float64)
+    t0 = time.perf_counter()
+    i, j, s, rec = partitioned_pairs(x, a.threshold, recall=a.recall, index=index)
+    t_part = time.perf_counter() - t0
+    r_sample = recall_of(sample_keys(i, j, sample, n), truth)
+    # the quantity the library estimates: the share of all true pairs found
+    r_true = len(i) / max(1, len(exact_keys)) if exact_keys is not None else r_sample
+    if exact_keys is not None:
+        assert np.isin(i * n + j, exact_keys).all()  # nothing invented
+        print(f"  asked recall {a.recall}; true recall (all pairs) {r_true:.4f}; "
+              f"on the {len(sample)} sampled rows {r_sample:.4f}")
+    print(f"partitioned pairs    {t_part:8.2f} s + build {t_build:.2f} s  cells={index.cells} "
+          f"(largest {int(sz.max())}, sum of squares {sz @ sz / n:.0f} n) {len(i)} pairs; {rec}; "
+          f"true recall {r_true:.4f} ({t_exact / (t_build + t_part):.1f}x faster than exact); "
+          f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
+    a.t_part, a.t_build = t_part, t_build
+    return r_true
+
+
+def knn_run(a, x, index, sample, top_true, anon):
+    from embedcache.index import partitioned_knn
+
+    truth_k = [set(r[r != q][: a.k].tolist()) for q, r in zip(sample, top_true)]
+    t0 = time.perf_counter()
+    ks, ki, krec = partitioned_knn(x, a.k, recall=0.95, index=index)
+    t_knn = time.perf_counter() - t0
+    kr = np.mean([len(set(ki[q].tolist()) & t) / a.k for q, t in zip(sample, truth_k)])
+    print(f"partitioned kNN k={a.k} {t_knn:7.2f} s  {krec}; true recall@{a.k} {kr:.4f}; "
+          f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
+    a.kr, a.t_knn = kr, t_knn
+
+
+def faiss_run(a, x, rng, sample, truth, top_true, exact_keys, r_true):
+    import faiss
+
+    n = len(x)
+    t_part, t_build = a.t_part, a.t_build
+    # faiss IVFFlat at equal recall
+    nlist = int(np.sqrt(n))
+    t0 = time.perf_counter()
+    quant = faiss.IndexFlatIP(x.shape[1])
+    ivf = faiss.IndexIVFFlat(quant, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(np.ascontiguousarray(x[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))]))
+    for c0 in range(0, n, 1 << 18):
+        ivf.add(np.ascontiguousarray(x[c0 : c0 + (1 << 18)]))
+    f_build = time.perf_counter() - t0
+
+    def faiss_pairs(nprobe):
+        ivf.nprobe = nprobe
         t0 = time.perf_counter()
-        ivf.search(np.ascontiguousarray(x[:m]), a.k + 1)
-        t_fk = (time.perf_counter() - t0) * n / m  # its time per query is the same for every row
-        how = "" if m == n else f" (searched {m} rows, x {n / m:.1f})"
-        print(f"faiss IVFFlat search {t_fk:8.2f} s{how}  nprobe={nprobe} recall@{a.k} {fr:.4f} (ours {kr:.4f}); "
-              f"embedcache/faiss = {t_knn / t_fk:.2f}x", flush=True)
+        lims, _, ids = ivf.range_search(np.ascontiguousarray(x), a.threshold)
+        t = time.perf_counter() - t0
+        fi = np.repeat(np.arange(n), np.diff(lims).astype(np.int64))
+        keep = fi < ids
+        if exact_keys is not None:
+            return t, int(np.isin(fi[keep] * n + ids[keep], exact_keys).sum()) / max(1, len(exact_keys))
+        return t, recall_of(sample_keys(fi, ids, sample, n), truth)
+
+    # the nprobe that reaches our recall, predicted on the sampled pairs (found when either
+    # row probes the other's cell), then measured around it
+    need = faiss_union_need(quant, x, truth, n, min(nlist, 256))
+    pred = [np.mean(need <= p) for p in range(1, min(nlist, 256) + 1)]
+    start = next((p + 1 for p, v in enumerate(pred) if v >= r_true), min(nlist, 256))
+    runs = {}
+    p = start
+    while True:
+        runs[p] = faiss_pairs(p)
+        if runs[p][1] >= r_true and p > 1 and p - 1 not in runs:
+            p -= 1
+        elif runs[p][1] < r_true and p + 1 not in runs and p < nlist:
+            p += 1
+        else:
+            break
+    above = min((q for q in runs if runs[q][1] >= r_true), default=max(runs))
+    below = max((q for q in runs if runs[q][1] < r_true), default=None)
+    t_f, f_rec = runs[above]
+    t_eq = t_f
+    if below is not None and f_rec > runs[below][1]:  # faiss's time at our recall, linear in recall
+        t_eq = runs[below][0] + (t_f - runs[below][0]) * (r_true - runs[below][1]) / (f_rec - runs[below][1])
+    low_txt = f"nprobe={below}: {runs[below][1]:.4f} in {runs[below][0]:.2f} s" if below else "none below"
+    print(f"faiss IVFFlat range  {t_f:8.2f} s + build {f_build:.2f} s  nprobe={above} "
+          f"recall {f_rec:.4f} ({low_txt}); at embedcache's recall {r_true:.4f}: {t_eq:.2f} s; "
+          f"embedcache/faiss = {t_part / t_eq:.2f}x (search), "
+          f"{(t_part + t_build) / (t_eq + f_build):.2f}x (with build); peak RSS {rss_gib():.2f} GiB",
+          flush=True)
+    if a.no_knn or a.no_faiss_knn:
+        return
+    kr, t_knn = a.kr, a.t_knn
+    truth_k = [set(r[r != q][: a.k].tolist()) for q, r in zip(sample, top_true)]
+    for nprobe in range(1, nlist + 1):
+        ivf.nprobe = nprobe
+        _, fi = ivf.search(np.ascontiguousarray(x[sample]), a.k + 1)
+        fr = np.mean([len(set(r[r != q][: a.k].tolist()) & t) / a.k for q, r, t in zip(sample, fi, truth_k)])
+        if fr >= kr or nprobe == nlist:
+            break
+    m = n if a.faiss_knn_rows <= 0 else min(n, a.faiss_knn_rows)
+    t0 = time.perf_counter()
+    ivf.search(np.ascontiguousarray(x[:m]), a.k + 1)
+    t_fk = (time.perf_counter() - t0) * n / m  # its time per query is the same for every row
+    how = "" if m == n else f" (searched {m} rows, x {n / m:.1f})"
+    print(f"faiss IVFFlat search {t_fk:8.2f} s{how}  nprobe={nprobe} recall@{a.k} {fr:.4f} (ours {kr:.4f}); "
+          f"embedcache/faiss = {t_knn / t_fk:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,18 +81,20 @@ INDEX_RECALL_COLUMNS = 0
 #: true pairs looked at per sampled row (more are subsampled, and weighted back)
 INDEX_RECALL_PAIRS_PER_ROW = 64
 #: probes are chosen where the calibration sample's one-sided lower bound at this level
-#: reaches the recall asked for (0.5: the point estimate; 0.975: the low end of the
-#: reported 95% interval)
-INDEX_RECALL_CHOOSE_LEVEL = 0.975
+#: reaches the recall asked for (0.5: the point estimate; 0.9: the low end of an 80%
+#: interval). At 0.975 (the low end of the reported 95% interval) 0.99 is out of reach of
+#: 1000 sampled rows when a few blocks hold the pairs (3M rows: about 340 effective rows,
+#: and 0.989 is the best low end 340 rows without a miss give): every cell would be probed
+INDEX_RECALL_CHOOSE_LEVEL = 0.9
 #: rows sampled per cell to estimate how many pairs its rows hold (the pair calibration
 #: draws rows of dense cells, near-identical blocks, more often, and weights them back)
 INDEX_RECALL_CELL_ROWS = 16
 #: share of the pair calibration's rows drawn uniformly (the rest by cell density): bounds
 #: the weight of any row at 1 / this times a uniform sample's
 INDEX_RECALL_UNIFORM = 0.5
-#: measurement rounds of the pair calibration: while the measured lower bound (95%) misses
-#: the recall asked for, the probes are chosen again on all the evidence and measured on a
-#: fresh sample
+#: measurement rounds of the calibration: while the measurement's lower bound at
+#: ``INDEX_RECALL_CHOOSE_LEVEL`` misses the recall asked for, the probes are chosen again on
+#: all the evidence (at least one step more) and measured on a fresh sample
 INDEX_RECALL_ROUNDS = 3
 #: method="auto" is exact up to this many distinct rows, partitioned above
 INDEX_AUTO_ROWS = 50_000

@@ -395,10 +395,11 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     ``evidence_of(sample, rng) -> Evidence``; ``fallback`` (same form) is used to choose when
     the calibration sample holds fewer than 20 true pairs. ``design``: how rows are drawn
     (default: uniformly). The probes are the fewest whose lower bound at
-    ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's 95% interval
-    has its low end below ``target`` (up to ``INDEX_RECALL_ROUNDS`` measurements), they are
+    ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's lower bound at
+    that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS`` measurements), they are
     chosen again on all the evidence so far (at least one step more) and measured on a fresh
-    sample. The reported recall is the last measurement's, made after the last choice.
+    sample. The reported recall (95% interval) is the last measurement's, made after the
+    last choice.
     """
     rng = np.random.default_rng([seed, 7])
     design = design if design is not None else Design(n)
@@ -426,7 +427,7 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
         m.row_weight = w
         est, low, high = m.interval(probes)
         rec = Recall(est, low, high, probes, len(mea))
-        if m.true.sum() <= 0 or low >= target - 1e-12 or r == rounds - 1:
+        if m.true.sum() <= 0 or r == rounds - 1 or m.interval(probes, 2 * level - 1)[1] >= target - 1e-12:
             break
         pool.append(m)
         every = Evidence.concat(pool)
