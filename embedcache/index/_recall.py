@@ -5,7 +5,14 @@ search finds. Every row's true pairs are counted from that row, so this is
 ``sum_i found_i / sum_i true_i`` over all rows, estimated on a uniform sample of rows by the
 same ratio over the sampled rows (a ratio estimator).
 
-Two independent samples of query rows are drawn. With ``INDEX_RECALL_COLUMNS`` set, the
+Query rows are drawn in independent samples (:class:`Design`). For pairs, a few rows
+(near-identical blocks) may hold most of the true pairs: a uniform sample of 1000 rows of
+3M holds about three of them, and the choice rested on that luck (1 probe chosen for 0.99,
+0.88 reached). So half the rows are drawn uniformly and half by the density of their cell
+(:func:`cell_density`: the share of pairs at the threshold among a few rows of each cell),
+each weighted by the inverse of its probability (the ratio is then a weighted ratio, and
+the residuals below weighted too). kNN rows all have ``k`` true neighbours: uniform samples.
+With ``INDEX_RECALL_COLUMNS`` set, the
 true pairs of a sampled row are searched among a uniform sample of that many rows (two-stage
 sampling: the same ratio, and the row-residual variance below covers both stages), so the
 exact search of the pair calibration costs the same at any size, at the price of evidence. On the first (calibration) the exact answer
@@ -13,10 +20,12 @@ of every sampled row is computed with the exact kernels, and for each of its tru
 true neighbours) the number of probes that would find it (rows with more than
 ``INDEX_RECALL_PAIRS_PER_ROW`` pairs: a uniform subsample of them, weighted back). The
 smallest number of probes whose one-sided lower bound at ``INDEX_RECALL_CHOOSE_LEVEL``
-(default 0.84: the estimate less about one standard error) reaches the target is chosen: the
-point estimate alone reaches the target on a lucky sample and then misses it about half the
-time. On the second (measurement) sample the recall of that choice is measured the same way,
-so the reported figure is not biased by the choice.
+(default 0.9: the low end of an 80% interval) reaches the target is chosen: the point
+estimate alone reaches the target on a lucky sample and then misses it about half the
+time. On a second (measurement) sample the recall of that choice is measured the same way,
+so the reported figure is not biased by the choice; where the measurement's lower bound at
+the same level misses the target, the probes are chosen again on all the evidence (one
+step more at least) and measured on a fresh sample (``INDEX_RECALL_ROUNDS``).
 
 The interval: the pairs of one row are not independent, and in real collections a few rows
 (near-identical blocks, one giant cluster) carry most of the pairs, so a sample of rows holds
