@@ -108,3 +108,29 @@ def test_rare_blocks_split_over_cells_get_the_recall_asked_for():
             covered += rec.low <= true <= rec.high
     assert reached >= runs - 1
     assert covered >= runs - 1
+
+
+def test_a_measurement_below_the_target_moves_the_probes_up_and_measures_again():
+    """The calibration sample finds everything with 1 probe; every later sample misses a
+    fifth of its pairs with 1 probe and finds them with 2: the first measurement disagrees
+    with the choice, the probes are chosen again (2) and measured on a fresh sample, which
+    is what is reported."""
+    calls = []
+
+    def evidence_of(sample, rng):
+        calls.append(len(sample))
+        m = len(sample)
+        true = np.full(m, 5.0)
+        row = np.repeat(np.arange(m), 5)
+        need = np.tile([1, 1, 1, 1, 1 if len(calls) == 1 else 2], m)
+        return _recall.Evidence(true, row, need, np.ones(len(row)))
+
+    with _config.override(INDEX_RECALL_SAMPLE=300, INDEX_RECALL_ROUNDS=3):
+        rec = _recall.calibrate(evidence_of, 10_000, 50, 0.95, seed=0)
+    assert len(calls) == 3  # calibration, a measurement that missed, a fresh one
+    assert rec.probes == 2 and rec.estimate == 1.0 and rec.low > 0.95
+    with _config.override(INDEX_RECALL_SAMPLE=300, INDEX_RECALL_ROUNDS=1):
+        calls.clear()
+        rec = _recall.calibrate(evidence_of, 10_000, 50, 0.95, seed=0)
+    assert len(calls) == 2 and rec.probes == 1  # one round: the miss is reported as measured
+    assert abs(rec.estimate - 0.8) < 1e-9 and rec.high < 0.95
