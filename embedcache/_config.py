@@ -86,9 +86,14 @@ INDEX_RECALL_PAIRS_PER_ROW = 64
 #: 1000 sampled rows when a few blocks hold the pairs (3M rows: about 340 effective rows,
 #: and 0.989 is the best low end 340 rows without a miss give): every cell would be probed
 INDEX_RECALL_CHOOSE_LEVEL = 0.9
+#: the calibration looks a pair's cell up in a row's first this many probe cells (the
+#: search's own list); a recall that needs more probes is reached by probing every cell
+INDEX_RECALL_DEPTH = 64
 #: rows sampled per cell to estimate how many pairs its rows hold (the pair calibration
 #: draws rows of dense cells, near-identical blocks, more often, and weights them back)
 INDEX_RECALL_CELL_ROWS = 16
+#: ... looked at against the rows drawn in this many nearest cells (its own included)
+INDEX_RECALL_CELL_NEIGHBOURS = 8
 #: share of the pair calibration's rows drawn uniformly (the rest by cell density): bounds
 #: the weight of any row at 1 / this times a uniform sample's
 INDEX_RECALL_UNIFORM = 0.5

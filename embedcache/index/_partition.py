@@ -19,7 +19,6 @@ from embedcache import _config, kernels
 from embedcache._validation import check_int
 from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest, probe_order
 from embedcache.index._merge import NO_INDEX, by_cell, merge_topk
-from embedcache.index._recall import _rank
 from embedcache.index._source import ArraySource, source_of
 
 #: what a cell gives a search: (its vectors, their row numbers, mask of eligible rows or None)
@@ -99,15 +98,22 @@ class PartitionIndex:
 
     def probes_needed(self, q: np.ndarray, rows: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """For each k: the fewest probes with which row ``rows[k]`` of ``q`` probes cell
-        ``cells[k]`` (:meth:`probe_cells`' order); ``cells + 1`` when only probing every cell
-        reaches it."""
-        s = kernels.cosine_similarity(q, self.centroids)
-        if not self.two_level:
-            return _rank(s, rows, cells) + 1
-        cand = candidates(q, *self._groups(), None)
-        s[~cand] = -np.inf
-        need = _rank(s, rows, cells) + 1
-        need[~cand[rows, cells]] = self.cells + 1
+        ``cells[k]``: its place in :meth:`probe_cells`' own list (the search's order,
+        near-ties included: the cells of a near-identical block split in many have centroids
+        within rounding of each other, and scores computed any other way order them
+        differently), looked up to ``INDEX_RECALL_DEPTH`` probes; ``cells + 1`` beyond
+        (reached only by probing every cell)."""
+        # short of every cell (the exact order): a two-level index's own order
+        depth = min(self.cells - 1 if self.two_level else self.cells, max(1, int(_config.INDEX_RECALL_DEPTH)))
+        need = np.full(len(rows), self.cells + 1, np.int64)
+        if not len(rows):
+            return need
+        near = self.probe_cells(q, depth)
+        step = max(1, (1 << 22) // depth)
+        for a in range(0, len(rows), step):
+            hit = near[rows[a : a + step]] == np.asarray(cells[a : a + step])[:, None]
+            found = hit.any(axis=1)
+            need[a : a + step][found] = hit.argmax(axis=1)[found] + 1
         return need
 
     def row_cells(self, x: np.ndarray, probes: int) -> np.ndarray:

@@ -303,18 +303,21 @@ def other_neighbours(nb: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.n
 
 def cell_density(x, index, threshold: float, rng: np.random.Generator) -> np.ndarray:
     """(cells,) float64: about how many true pairs (score >= ``threshold``) a row of each cell
-    has in its own cell, from ``INDEX_RECALL_CELL_ROWS`` rows drawn per cell: the share of
-    their pairs at or above the threshold, times the cell's other rows. Near-identical blocks
-    and tight clusters, where most of a collection's pairs are, stand out; the rows read are
-    a few per cell, in row order."""
+    has in its own cell and its ``INDEX_RECALL_CELL_NEIGHBOURS`` - 1 nearest cells (by
+    centroid), from ``INDEX_RECALL_CELL_ROWS`` rows drawn per cell: the share of pairs at or
+    above the threshold between the drawn rows of the two cells, times the other cell's
+    rows. Near-identical blocks stand out, and so do the small cells beside a block's big
+    ones (a few of its rows that went elsewhere: each has thousands of pairs, most of them
+    missed, and a density of its own cell alone calls them empty). The rows read are a few
+    per cell, in row order."""
     x = source_of(x)
     r = max(2, int(_config.INDEX_RECALL_CELL_ROWS))
+    cells = index.cells
     sizes = index.sizes
     take = np.minimum(sizes, r)
-    cell = np.repeat(np.arange(index.cells), take)
     # r distinct rows of each cell: the first r of a random order of the cell's rows
     key = rng.random(len(index.order))
-    pos = np.lexsort((key, np.repeat(np.arange(index.cells), sizes)))
+    pos = np.lexsort((key, np.repeat(np.arange(cells), sizes)))
     rank = np.arange(len(pos)) - np.repeat(index.offsets[:-1], sizes)
     rows = index.order[pos[rank < np.repeat(take, sizes)]]
     del key, pos, rank
@@ -322,21 +325,31 @@ def cell_density(x, index, threshold: float, rng: np.random.Generator) -> np.nda
     v = np.empty((len(rows), x.shape[1]), np.float32)
     v[srt] = np.asarray(x[rows[srt]], np.float32)
     v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
-    hits = np.zeros(index.cells)
-    full = np.flatnonzero(take == r)
+    # padded (cells, r, d) with a mask of the rows drawn
     start = np.concatenate([[0], np.cumsum(take)[:-1]])
-    tri = np.triu(np.ones((r, r), bool), 1)
-    for a in range(0, len(full), 1024):  # cells with r rows drawn: batched Gram matrices
-        c = full[a : a + 1024]
-        blk = v[start[c][:, None] + np.arange(r)]
-        g = np.einsum("crd,csd->crs", blk, blk)
-        hits[c] = (g >= threshold)[:, tri].sum(axis=1)
-    for c in np.flatnonzero((take < r) & (take > 1)):
-        blk = v[start[c] : start[c] + take[c]]
-        hits[c] = np.triu(blk @ blk.T >= threshold, 1).sum()
-    pairs_drawn = take * (take - 1) / 2
-    share = np.divide(hits, pairs_drawn, out=np.zeros(index.cells), where=pairs_drawn > 0)
-    return share * np.maximum(sizes - 1, 0)
+    slot = np.arange(r)
+    have = slot[None, :] < take[:, None]
+    pad = np.zeros((cells, r, x.shape[1]), np.float32)
+    pad[have] = v
+    del v
+    nb = min(cells, max(1, int(_config.INDEX_RECALL_CELL_NEIGHBOURS)))
+    near = kernels.top_k(index.centroids, index.centroids, nb)[1]
+    near = np.where(near < 0, np.arange(cells)[:, None], near)
+    out = np.zeros(cells)
+    eye = np.eye(r, dtype=bool)
+    for a in range(0, cells, 256):
+        c = np.arange(a, min(cells, a + 256))
+        nc = near[c]  # (b, nb)
+        g = np.einsum("brd,bksd->brks", pad[c], pad[nc]) >= threshold  # (b, r, nb, r)
+        valid = have[c][:, :, None, None] & have[nc][:, None, :, :]
+        same = nc == c[:, None]  # a cell against itself: its pairs of distinct rows
+        valid &= ~(same[:, None, :, None] & eye[None, :, None, :])
+        hits = (g & valid).sum(axis=(1, 3))
+        tried = valid.sum(axis=(1, 3))
+        share = np.divide(hits, tried, out=np.zeros(hits.shape), where=tried > 0)
+        others = sizes[nc] - same  # rows of the other cell a row can pair with
+        out[c] = (share * np.maximum(others, 0)).sum(axis=1)
+    return out
 
 
 class Design:
