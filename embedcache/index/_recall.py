@@ -9,7 +9,9 @@ Query rows are drawn in independent samples (:class:`Design`). For pairs, a few 
 (near-identical blocks) may hold most of the true pairs: a uniform sample of 1000 rows of
 3M holds about three of them, and the choice rested on that luck (1 probe chosen for 0.99,
 0.88 reached). So half the rows are drawn uniformly and half by the density of their cell
-(:func:`cell_density`: the share of pairs at the threshold among a few rows of each cell),
+(:func:`cell_density`: the share of pairs at the threshold between a few rows of each cell
+and of its nearest cells; 1M rows: 120 stray rows of a block, in small cells beside its two
+big ones, held most of the misses, and a density of a cell's own rows never drew them),
 each weighted by the inverse of its probability (the ratio is then a weighted ratio, and
 the residuals below weighted too). kNN rows all have ``k`` true neighbours: uniform samples.
 With ``INDEX_RECALL_COLUMNS`` set, the
