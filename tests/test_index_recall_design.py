@@ -134,3 +134,26 @@ def test_a_measurement_below_the_target_moves_the_probes_up_and_measures_again()
         rec = _recall.calibrate(evidence_of, 10_000, 50, 0.95, seed=0)
     assert len(calls) == 2 and rec.probes == 1  # one round: the miss is reported as measured
     assert abs(rec.estimate - 0.8) < 1e-9 and rec.high < 0.95
+
+
+def test_cell_density_counts_the_pairs_of_stray_block_rows_in_nearby_cells():
+    """A block of near-identical rows split 290 / 10 over a big and a small cell: the rows of
+    both are given about 299 pairs (the small cell's own rows alone would say 9); cells of
+    unrelated random rows about none."""
+    rng = np.random.default_rng(0)
+    d = 24
+    block = rng.normal(size=d) + 0.01 * rng.normal(size=(300, d))
+    other = rng.normal(size=(1800, d))
+    x = np.vstack([block, other]).astype(np.float32)
+    own = np.concatenate([np.zeros(290), np.ones(10), 2 + np.arange(1800) % 18]).astype(np.int64)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cent = np.stack([unit[own == c].mean(axis=0) for c in range(20)])
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    index = PartitionIndex.from_assignment(cent.astype(np.float32), own)
+    with _config.override(INDEX_RECALL_CELL_ROWS=8, INDEX_RECALL_CELL_NEIGHBOURS=4):
+        dens = _recall.cell_density(x, index, 0.9, np.random.default_rng(1))
+        np.testing.assert_allclose(dens[:2], 299, rtol=1e-9)
+        assert dens[2:].max() < 5
+        with _config.override(INDEX_RECALL_CELL_NEIGHBOURS=1):  # own cell only
+            alone = _recall.cell_density(x, index, 0.9, np.random.default_rng(1))
+        np.testing.assert_allclose(alone[:2], [289, 9], rtol=1e-9)
