@@ -53,8 +53,11 @@ ENGINE_BLOCK_ROWS = 32768
 SCHEDULER_TIMEOUT = 10
 
 # --- partition index (embedcache.index)
-#: cells per square root of the row count when no ``cells=`` is given
+#: cells per square root of the row count when no ``cells=`` is given (small collections)
 INDEX_CELLS_PER_SQRT = 1.0
+#: mean rows per cell when no ``cells=`` is given for large collections: the cells grow as the
+#: rows (above ``INDEX_ROWS_PER_CELL**2`` rows), so a probe costs the same per row at any size
+INDEX_ROWS_PER_CELL = 1000
 #: no cell is made for fewer rows than this (fewer rows: one cell, i.e. exact)
 INDEX_MIN_CELL = 64
 #: k-means trains on at most this many sampled rows per cell
@@ -71,11 +74,35 @@ INDEX_KMEANS_ITERS = 8
 INDEX_MAX_CELL_FACTOR = 4
 #: query rows in each half of the recall sample (calibration, then measurement)
 INDEX_RECALL_SAMPLE = 1000
+#: when > 0, the sampled rows' exact pairs are searched among at most this many rows (a
+#: uniform sample of the rows beyond it), so calibration costs the same at any size. Off by
+#: default: a row with one or two true pairs then often shows none, and the choice of probes
+#: rests on the few rows of near-identical blocks (3M rows at 1M partners: 1 probe chosen
+#: for 0.99, 0.88 reached, though the interval covered it)
+INDEX_RECALL_COLUMNS = 0
 #: true pairs looked at per sampled row (more are subsampled, and weighted back)
 INDEX_RECALL_PAIRS_PER_ROW = 64
 #: probes are chosen where the calibration sample's one-sided lower bound at this level
-#: reaches the recall asked for (0.5: the point estimate)
-INDEX_RECALL_CHOOSE_LEVEL = 0.84
+#: reaches the recall asked for (0.5: the point estimate; 0.9: the low end of an 80%
+#: interval). At 0.975 (the low end of the reported 95% interval) 0.99 is out of reach of
+#: 1000 sampled rows when a few blocks hold the pairs (3M rows: about 340 effective rows,
+#: and 0.989 is the best low end 340 rows without a miss give): every cell would be probed
+INDEX_RECALL_CHOOSE_LEVEL = 0.9
+#: the calibration looks a pair's cell up in a row's first this many probe cells (the
+#: search's own list); a recall that needs more probes is reached by probing every cell
+INDEX_RECALL_DEPTH = 64
+#: rows sampled per cell to estimate how many pairs its rows hold (the pair calibration
+#: draws rows of dense cells, near-identical blocks, more often, and weights them back)
+INDEX_RECALL_CELL_ROWS = 16
+#: ... looked at against the rows drawn in this many nearest cells (its own included)
+INDEX_RECALL_CELL_NEIGHBOURS = 8
+#: share of the pair calibration's rows drawn uniformly (the rest by cell density): bounds
+#: the weight of any row at 1 / this times a uniform sample's
+INDEX_RECALL_UNIFORM = 0.5
+#: measurement rounds of the calibration: while the measurement's lower bound at
+#: ``INDEX_RECALL_CHOOSE_LEVEL`` misses the recall asked for, the probes are chosen again on
+#: all the evidence (at least one step more) and measured on a fresh sample
+INDEX_RECALL_ROUNDS = 3
 #: method="auto" is exact up to this many distinct rows, partitioned above
 INDEX_AUTO_ROWS = 50_000
 #: a store's index is stale (searches scan exactly) when rows added or deleted since it was

@@ -99,8 +99,10 @@ def _pair_probes(x, threshold, recall, probes, cells, seed, index):
         def evidence(sample, rng, nearest=False):
             return _recall.pair_evidence(x, index, sample, threshold, rng, nearest)
 
+        density = _recall.cell_density(x, index, threshold, np.random.default_rng([seed, 11]))
         rec = _recall.calibrate(evidence, len(x), index.cells, recall, seed,
-                                fallback=lambda s, r: evidence(s, r, True))
+                                fallback=lambda s, r: evidence(s, r, True),
+                                design=_recall.Design(len(x), index, density))
         probes = rec.probes
     return index, probes, rec
 

@@ -1,7 +1,10 @@
 """Cells: spherical k-means on a sample, assignment through the top-k kernel, big cells split.
 
-Every vector gets one cell (its *own* cell). Cells are trained by spherical k-means on a
-sample of unit rows; every row is then assigned with :func:`embedcache.top_k` against the
+Every vector gets one cell (its *own* cell). How many: about sqrt(n), and beyond
+``INDEX_ROWS_PER_CELL**2`` rows as many as keep the mean cell at ``INDEX_ROWS_PER_CELL`` rows,
+so the rows a probe reads, and the work per row of a search, do not grow with n. Cells are
+trained by spherical k-means on a sample of unit rows (above ``INDEX_TWO_LEVEL_CELLS`` cells
+inside coarse groups, :func:`kmeans_two_level`, so training costs ``sqrt(cells)`` per row); every row is then assigned with :func:`embedcache.top_k` against the
 centroids (a BLAS product, no Python loop over rows); with more than
 ``_config.INDEX_TWO_LEVEL_CELLS`` centroids, through two levels (about sqrt(cells) coarse
 groups of centroids, then the centroids of a row's nearest groups), so assignment costs about
@@ -23,10 +26,13 @@ from embedcache import _config, kernels
 
 
 def default_cells(n: int) -> int:
-    """How many cells for ``n`` rows: about ``INDEX_CELLS_PER_SQRT * sqrt(n)``, at least 1."""
+    """How many cells for ``n`` rows: about ``INDEX_CELLS_PER_SQRT * sqrt(n)``, and at least
+    ``n / INDEX_ROWS_PER_CELL`` (large collections: cells of bounded size, so the work of a
+    probe per row does not grow with n), at least 1."""
     if n < 2 * _config.INDEX_MIN_CELL:
         return 1
-    return int(max(1, min(n // _config.INDEX_MIN_CELL, round(_config.INDEX_CELLS_PER_SQRT * np.sqrt(n)))))
+    c = max(_config.INDEX_CELLS_PER_SQRT * np.sqrt(n), n / _config.INDEX_ROWS_PER_CELL)
+    return int(max(1, min(n // _config.INDEX_MIN_CELL, round(c))))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -65,6 +71,30 @@ def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters:
             break
         cent = new
     return cent
+
+
+def kmeans_two_level(x: np.ndarray, cells: int, rng: np.random.Generator, iters: int) -> np.ndarray:
+    """About ``cells`` unit centroids of the rows of x, trained in two levels: about
+    sqrt(cells) coarse centroids by :func:`spherical_kmeans` on all rows, then each coarse
+    group's rows (their nearest coarse centroid) get their share of the cells, by spherical
+    k-means on those rows alone. Costs about ``2 sqrt(cells)`` products per row and round
+    instead of ``cells``; every group with rows gets at least one centroid."""
+    u = _unit(x)
+    u = u[np.any(u != 0, axis=1)]
+    if not len(u):
+        return np.zeros((0, x.shape[1]), np.float32)
+    g = max(1, int(round(np.sqrt(cells))))
+    coarse = spherical_kmeans(u, g, rng, iters)
+    group = nearest(u, coarse, 1)[:, 0]
+    sizes = np.bincount(group, minlength=len(coarse))
+    # each group's share of the cells, in proportion to its rows (rounded, at least one)
+    share = np.maximum(1, np.round(cells * sizes / len(u))).astype(np.int64)
+    share[sizes == 0] = 0
+    order = np.argsort(group, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [spherical_kmeans(u[order[starts[t] : starts[t + 1]]], int(share[t]), rng, iters)
+             for t in range(len(coarse)) if share[t]]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -153,33 +183,20 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
     """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
     ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
     to the lower cell; -1 where a row has fewer candidates."""
-    from embedcache.index._merge import NO_INDEX, merge_topk
+    from embedcache.index._knn import nearest_among
 
     m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
     by_group = np.argsort(member, kind="stable")  # cells of group g, increasing
     starts = np.zeros(len(coarse) + 1, np.int64)
     np.cumsum(np.bincount(member, minlength=len(coarse)), out=starts[1:])
-    fine = [np.ascontiguousarray(centroids[by_group[starts[g] : starts[g + 1]]]) for g in range(len(coarse))]
+    ids = [by_group[starts[g] : starts[g + 1]] for g in range(len(coarse))]
+    fine = [np.ascontiguousarray(centroids[i], dtype=np.float32) for i in ids]
     out = np.empty((len(x), p), np.int64)
     chunk = _config.CHUNK_ROWS * 16
     for a in range(0, len(x), chunk):
         xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
         near = kernels.top_k(xc, coarse, m)[1]
-        heap_s = np.full((len(xc), p), -np.inf, np.float32)
-        heap_i = np.full((len(xc), p), NO_INDEX, np.int64)
-        flat = near.ravel()
-        rows = np.repeat(np.arange(len(xc), dtype=np.int64), m)
-        order = np.argsort(flat, kind="stable")
-        bounds = np.searchsorted(flat[order], np.arange(len(coarse) + 1))
-        none = np.zeros(len(xc), np.int64)
-        for g in range(len(coarse)):
-            r = rows[order[bounds[g] : bounds[g + 1]]]
-            if not len(r) or not len(fine[g]):
-                continue
-            s, li = kernels.top_k(xc[r], fine[g], min(p, len(fine[g])))
-            merge_topk(heap_s, heap_i, r, s, by_group[starts[g] + li], none[: len(r)], False)
-        heap_i[heap_i == NO_INDEX] = -1
-        out[a : a + len(xc)] = heap_i
+        out[a : a + len(xc)] = nearest_among(xc, fine, ids, near, p)
     return out
 
 
@@ -208,7 +225,10 @@ def build_cells(
         return cent, np.zeros(n, np.int64)
     size = min(n, _config.INDEX_SAMPLE_PER_CELL * c)
     sample = np.sort(rng.choice(n, size, replace=False))
-    cent = spherical_kmeans(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+    if c > _config.INDEX_TWO_LEVEL_CELLS:
+        cent = kmeans_two_level(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+    else:
+        cent = spherical_kmeans(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
     if not len(cent):  # only zero rows
         return np.zeros((1, d), np.float32), np.zeros(n, np.int64)
     own = x.assign(cent)

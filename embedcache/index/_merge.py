@@ -34,3 +34,61 @@ def merge_topk(heap_s, heap_i, rows, cand_s, cand_i, self_ids, use_self):
                 pos -= 1
             heap_s[r, pos] = cs
             heap_i[r, pos] = ci
+
+
+@njit(cache=True)
+def _cell_counts(near, own, ncells, mode):
+    """Entries per cell of the (n, p) lists ``near`` (-1: none); ``mode`` 1 leaves out each
+    row's own cell ``own[r]``, 2 adds it where missing, 0 takes ``near`` as it is."""
+    starts = np.zeros(ncells + 1, np.int64)
+    for r in range(near.shape[0]):
+        has = False
+        for t in range(near.shape[1]):
+            c = near[r, t]
+            if c < 0:
+                continue
+            if mode != 0 and c == own[r]:
+                has = True
+                if mode == 1:
+                    continue
+            starts[c + 1] += 1
+        if mode == 2 and not has:
+            starts[own[r] + 1] += 1
+    for c in range(ncells):
+        starts[c + 1] += starts[c]
+    return starts
+
+
+@njit(cache=True)
+def _cell_fill(near, own, mode, starts, rows):
+    fill = starts[:-1].copy()
+    for r in range(near.shape[0]):
+        has = False
+        for t in range(near.shape[1]):
+            c = near[r, t]
+            if c < 0:
+                continue
+            if mode != 0 and c == own[r]:
+                has = True
+                if mode == 1:
+                    continue
+            rows[fill[c]] = r
+            fill[c] += 1
+        if mode == 2 and not has:
+            c = own[r]
+            rows[fill[c]] = r
+            fill[c] += 1
+
+
+def by_cell(near: np.ndarray, ncells: int, own: np.ndarray | None = None, mode: int = 0):
+    """(rows, starts): the rows whose list ``near`` ((n, p) ints, -1: none) holds cell c are
+    ``rows[starts[c]:starts[c + 1]]``, in increasing order; a counting sort, in memory of one
+    int32 (int64 past 2**31 rows) per entry. ``own`` (n,): each row's own cell, left out
+    (``mode`` 1) or added where missing (``mode`` 2)."""
+    near = np.ascontiguousarray(near)
+    if own is None:
+        own, mode = np.zeros(1, np.int64), 0
+    starts = _cell_counts(near, own, ncells, mode)
+    rows = np.empty(int(starts[-1]), np.int32 if len(near) < 2**31 else np.int64)
+    _cell_fill(near, own, mode, starts, rows)
+    return rows, starts

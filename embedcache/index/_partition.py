@@ -18,8 +18,7 @@ import numpy as np
 from embedcache import _config, kernels
 from embedcache._validation import check_int
 from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest, probe_order
-from embedcache.index._merge import NO_INDEX, merge_topk
-from embedcache.index._recall import _rank
+from embedcache.index._merge import NO_INDEX, by_cell, merge_topk
 from embedcache.index._source import ArraySource, source_of
 
 #: what a cell gives a search: (its vectors, their row numbers, mask of eligible rows or None)
@@ -46,7 +45,8 @@ class PartitionIndex:
     def build(cls, x: np.ndarray, *, cells: int | None = None, seed: int = 0) -> PartitionIndex:
         """Train cells on a sample of ``x`` ((n, d) float array) and assign every row.
 
-        cells: number of cells before big ones are split (default about sqrt(n)); seed: the
+        cells: number of cells before big ones are split (default :func:`._cells.default_cells`:
+        about sqrt(n), and cells of at most ``INDEX_ROWS_PER_CELL`` rows on average); seed: the
         sample and k-means start (same seed, same index).
         """
         if cells is not None:
@@ -98,15 +98,22 @@ class PartitionIndex:
 
     def probes_needed(self, q: np.ndarray, rows: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """For each k: the fewest probes with which row ``rows[k]`` of ``q`` probes cell
-        ``cells[k]`` (:meth:`probe_cells`' order); ``cells + 1`` when only probing every cell
-        reaches it."""
-        s = kernels.cosine_similarity(q, self.centroids)
-        if not self.two_level:
-            return _rank(s, rows, cells) + 1
-        cand = candidates(q, *self._groups(), None)
-        s[~cand] = -np.inf
-        need = _rank(s, rows, cells) + 1
-        need[~cand[rows, cells]] = self.cells + 1
+        ``cells[k]``: its place in :meth:`probe_cells`' own list (the search's order,
+        near-ties included: the cells of a near-identical block split in many have centroids
+        within rounding of each other, and scores computed any other way order them
+        differently), looked up to ``INDEX_RECALL_DEPTH`` probes; ``cells + 1`` beyond
+        (reached only by probing every cell)."""
+        # short of every cell (the exact order): a two-level index's own order
+        depth = min(self.cells - 1 if self.two_level else self.cells, max(1, int(_config.INDEX_RECALL_DEPTH)))
+        need = np.full(len(rows), self.cells + 1, np.int64)
+        if not len(rows):
+            return need
+        near = self.probe_cells(q, depth)
+        step = max(1, (1 << 22) // depth)
+        for a in range(0, len(rows), step):
+            hit = near[rows[a : a + step]] == np.asarray(cells[a : a + step])[:, None]
+            found = hit.any(axis=1)
+            need[a : a + step][found] = hit.argmax(axis=1)[found] + 1
         return need
 
     def row_cells(self, x: np.ndarray, probes: int) -> np.ndarray:
@@ -116,10 +123,9 @@ class PartitionIndex:
         have = self._near.get("cells")
         if have is None or have.shape[1] < p:
             keep = min(self.cells, max(p, _config.INDEX_ROW_CELLS))
-            dtype = np.int32 if self.cells < 2**31 else np.int64
-            have = self.probe_cells(x, keep).astype(dtype)
+            have = self.probe_cells(x, keep).astype(np.int32 if self.cells < 2**31 else np.int64)
             self._near["cells"] = have
-        return have[:, :p].astype(np.int64)
+        return np.ascontiguousarray(have[:, :p])
 
     def sorted_rows(self, x: np.ndarray) -> np.ndarray:
         """``x`` with its rows in cell order (one copy, the dtype of x). ``x`` is read in order,
@@ -143,14 +149,7 @@ def _probed(src: Any, index: PartitionIndex, probes: int) -> np.ndarray:
 
 def _by_cell(cells_of: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, starts): rows probing cell c are ``rows[starts[c]:starts[c + 1]]`` (in order)."""
-    flat = cells_of.ravel()
-    rows = np.repeat(np.arange(cells_of.shape[0], dtype=np.int64), cells_of.shape[1])
-    keep = flat >= 0
-    flat, rows = flat[keep], rows[keep]
-    by = np.argsort(flat, kind="stable")
-    starts = np.zeros(ncells + 1, np.int64)
-    np.cumsum(np.bincount(flat, minlength=ncells), out=starts[1:])
-    return rows[by], starts
+    return by_cell(cells_of, ncells)
 
 
 def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None):
@@ -166,9 +165,11 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
     if n < 2:
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
+    # own cell left out: its pairs are the triangle of the cell's rows
     near = _probed(src, index, probes)
-    near = np.where(near == index.own[:, None], -1, near)  # own cell: the triangle below
-    qrows, starts = _by_cell(near, index.cells)
+    qrows, starts = by_cell(near, index.cells, index.own, 1)
+    if isinstance(src, ArraySource):  # each pair found once: no copies to sort out
+        return merge_pairs(src.cell_pairs(index, qrows, starts, threshold, bar, near=near), n, unique=True)
     return merge_pairs(src.cell_pairs(index, qrows, starts, threshold, bar), n)
 
 
@@ -182,9 +183,10 @@ def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndar
         yield q[i], ids[j], s
 
 
-def merge_pairs(parts, n: int):
+def merge_pairs(parts, n: int, unique: bool = False):
     """The ``(i, j, s)`` parts of a search as one list: each pair once (i < j), sorted by score
-    descending, then i, then j. A pair found twice has the same score both times."""
+    descending, then i, then j. A pair found twice has the same score both times.
+    ``unique``: the parts hold each pair once (one sort fewer, no copy of the keys)."""
     keys, scores = [], []
     for i, j, s in parts:  # each part sorted as it comes, while a cluster's other tasks run
         key = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
@@ -196,8 +198,10 @@ def merge_pairs(parts, n: int):
         return e, e.copy(), np.empty(0, np.float32)
     key, s = np.concatenate(keys), np.concatenate(scores)
     del keys, scores
-    first = first_of_each(key)  # a pair found from both sides: once; merges the sorted runs
+    # a pair found from both sides: once; either way a sort merges the sorted runs
+    first = np.argsort(key, kind="stable") if unique else first_of_each(key)
     key, s = key[first], s[first]
+    del first
     order = np.argsort(-s, kind="stable")  # then by score: ties stay in (a, b) order
     key, s = key[order], s[order]
     return key // n, key % n, s
@@ -225,15 +229,14 @@ def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, 
     if n < 2:
         return parts_i[0], parts_j[0], parts_s[0]
     near = index.nearest_cells(x, probes)
-    near = np.where(near == index.own[:, None], -1, near)  # own cell: the triangle below
-    qrows, starts = _by_cell(near, index.cells)
-    xs = index.sorted_rows(x)
+    qrows, starts = by_cell(near, index.cells, index.own, 1)  # own cell: the triangle below
     off = index.offsets
     for c in range(index.cells):
         lo, hi = off[c], off[c + 1]
         if hi == lo:
             continue
-        block, ids = xs[lo:hi], index.order[lo:hi]
+        ids = index.order[lo:hi]
+        block = x[ids]
         i, j, s = threshold_forest(block, threshold, parent, ids=ids)
         parts_i.append(i), parts_j.append(j), parts_s.append(s)
         q = qrows[starts[c] : starts[c + 1]]
@@ -298,7 +301,7 @@ def probe_topk(
 def with_own(near: np.ndarray, own: np.ndarray) -> np.ndarray:
     """``near`` with each row's own cell added as a last column where it is missing (-1 else)."""
     has = (near == own[:, None]).any(axis=1)
-    return np.concatenate([near, np.where(has, -1, own)[:, None]], axis=1)
+    return np.concatenate([near, np.where(has, -1, own).astype(near.dtype)[:, None]], axis=1)
 
 
 def knn(x: Any, index: PartitionIndex, k: int, probes: int, bar=None):

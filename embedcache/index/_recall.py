@@ -5,15 +5,29 @@ search finds. Every row's true pairs are counted from that row, so this is
 ``sum_i found_i / sum_i true_i`` over all rows, estimated on a uniform sample of rows by the
 same ratio over the sampled rows (a ratio estimator).
 
-Two independent samples of query rows are drawn. On the first (calibration) the exact answer
+Query rows are drawn in independent samples (:class:`Design`). For pairs, a few rows
+(near-identical blocks) may hold most of the true pairs: a uniform sample of 1000 rows of
+3M holds about three of them, and the choice rested on that luck (1 probe chosen for 0.99,
+0.88 reached). So half the rows are drawn uniformly and half by the density of their cell
+(:func:`cell_density`: the share of pairs at the threshold between a few rows of each cell
+and of its nearest cells; 1M rows: 120 stray rows of a block, in small cells beside its two
+big ones, held most of the misses, and a density of a cell's own rows never drew them),
+each weighted by the inverse of its probability (the ratio is then a weighted ratio, and
+the residuals below weighted too). kNN rows all have ``k`` true neighbours: uniform samples.
+With ``INDEX_RECALL_COLUMNS`` set, the
+true pairs of a sampled row are searched among a uniform sample of that many rows (two-stage
+sampling: the same ratio, and the row-residual variance below covers both stages), so the
+exact search of the pair calibration costs the same at any size, at the price of evidence. On the first (calibration) the exact answer
 of every sampled row is computed with the exact kernels, and for each of its true pairs (or
 true neighbours) the number of probes that would find it (rows with more than
 ``INDEX_RECALL_PAIRS_PER_ROW`` pairs: a uniform subsample of them, weighted back). The
 smallest number of probes whose one-sided lower bound at ``INDEX_RECALL_CHOOSE_LEVEL``
-(default 0.84: the estimate less about one standard error) reaches the target is chosen: the
-point estimate alone reaches the target on a lucky sample and then misses it about half the
-time. On the second (measurement) sample the recall of that choice is measured the same way,
-so the reported figure is not biased by the choice.
+(default 0.9: the low end of an 80% interval) reaches the target is chosen: the point
+estimate alone reaches the target on a lucky sample and then misses it about half the
+time. On a second (measurement) sample the recall of that choice is measured the same way,
+so the reported figure is not biased by the choice; where the measurement's lower bound at
+the same level misses the target, the probes are chosen again on all the evidence (one
+step more at least) and measured on a fresh sample (``INDEX_RECALL_ROUNDS``).
 
 The interval: the pairs of one row are not independent, and in real collections a few rows
 (near-identical blocks, one giant cluster) carry most of the pairs, so a sample of rows holds
@@ -23,7 +37,10 @@ a Wilson score interval, and the quantile is Student's t with the Welch-Satterth
 effective degrees of freedom of that variance, ``(sum e_i^2)^2 / sum e_i^4`` over the
 residuals ``e_i``: when the misses come from a handful of rows the variance itself is
 uncertain and the interval widens. When every sampled pair was found (or none), the design
-effect cannot be estimated and the number of rows that had pairs is used: conservative.
+effect cannot be estimated from misses; the effective number of rows is then Kish's
+``(sum t_i)^2 / sum t_i^2`` over the rows' true pairs ``t_i``: a sample whose pairs sit in a
+few rows (near-identical blocks) counts as a few units, not as every row that had a pair
+(which let a sample without a split block choose one probe where 0.88 was reached).
 """
 
 from __future__ import annotations
@@ -80,28 +97,30 @@ def _quantile(level: float, df: float | None) -> float:
     return float(special.stdtrit(max(1.0, df), level))
 
 
-def interval(found: np.ndarray, true: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(estimate, low, high) of ``sum(found) / sum(true)`` over sampled rows; ``level``: the
-    two-sided confidence (see the module's docstring for the method)."""
+def interval(found: np.ndarray, true: np.ndarray, level: float = 0.95,
+             weight: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(estimate, low, high) of ``sum(w found) / sum(w true)`` over sampled rows; ``level``:
+    the two-sided confidence; ``weight``: each sampled row's inverse probability of being
+    drawn (default: all equal, a uniform sample). See the module's docstring for the method."""
     found = np.asarray(found, np.float64)
     true = np.asarray(true, np.float64)
-    rows = int((true > 0).sum())
+    w = np.ones(len(true)) if weight is None else np.asarray(weight, np.float64)
+    live = true > 0
+    rows = int(live.sum())
     total = float(true.sum())
     if total <= 0:
         return math.nan, 0.0, 1.0
-    r = float(found.sum()) / total
+    wt = w[live] * true[live]
+    r = float((w[live] * found[live]).sum()) / float(wt.sum())
     q = 1.0 - (1.0 - level) / 2
     if 0.0 < r < 1.0 and rows > 1:
-        mean = total / rows
-        live = true > 0
-        resid2 = (found[live] - r * true[live]) ** 2
-        var_ratio = float(resid2.sum()) / (rows * (rows - 1) * mean * mean)
-        deff = max(1.0, var_ratio / (r * (1 - r) / total))
-        n_eff = total / deff
+        resid2 = (w[live] * (found[live] - r * true[live])) ** 2
+        var_ratio = rows / (rows - 1) * float(resid2.sum()) / float(wt.sum()) ** 2
+        n_eff = min(total, r * (1 - r) / var_ratio) if var_ratio > 0 else total
         quad = float((resid2**2).sum())
         z = _quantile(q, float(resid2.sum()) ** 2 / quad if quad > 0 else None)
-    else:
-        n_eff = float(rows)
+    else:  # no miss (or nothing found): the rows' pairs as Kish's effective count of units
+        n_eff = float(wt.sum()) ** 2 / float((wt**2).sum()) if rows else 0.0
         z = _quantile(q, None)
     low, high = wilson(r * n_eff, n_eff, z)
     return r, min(low, r), max(high, r)
@@ -110,31 +129,41 @@ def interval(found: np.ndarray, true: np.ndarray, level: float = 0.95) -> tuple[
 @dataclass
 class Evidence:
     """For sampled rows: how many true pairs each has, and at how many probes each sampled
-    true pair is found (``need[k]`` probes for pair k of row ``row[k]``, weighted ``weight[k]``)."""
+    true pair is found (``need[k]`` probes for pair k of row ``row[k]``, weighted ``weight[k]``).
+    ``row_weight``: each sampled row's inverse probability of being drawn (None: all equal)."""
 
     true: np.ndarray  # (rows,) float64
     row: np.ndarray  # (pairs,) int64 position in the sample
     need: np.ndarray  # (pairs,) int64: found with >= need probes (0: always)
     weight: np.ndarray  # (pairs,) float64
     partner: np.ndarray | None = None  # (pairs,) int64: the other row of each pair
+    row_weight: np.ndarray | None = None  # (rows,) float64
+
+    def _rw(self) -> np.ndarray:
+        return np.ones(len(self.true)) if self.row_weight is None else self.row_weight
 
     def found(self, probes: int) -> np.ndarray:
         hit = self.need <= probes
         return np.bincount(self.row[hit], weights=self.weight[hit], minlength=len(self.true))
 
     def recall(self, probes: int) -> float:
-        total = self.true.sum()
-        return float(self.found(probes).sum() / total) if total > 0 else math.nan
+        total = (self._rw() * self.true).sum()
+        return float((self._rw() * self.found(probes)).sum() / total) if total > 0 else math.nan
+
+    def interval(self, probes: int, level: float = 0.95) -> tuple[float, float, float]:
+        """(estimate, low, high) at ``probes`` (:func:`interval`)."""
+        return interval(self.found(probes), self.true, level, self.row_weight)
 
     def smallest(self, target: float, cells: int, level: float = 0.5) -> int:
         """The fewest probes (``cells`` at most) whose recall reaches ``target``: the point
         estimate for ``level`` 0.5, else the one-sided lower bound at ``level``."""
-        total = self.true.sum()
+        rw = self._rw()
+        total = (rw * self.true).sum()
         if total <= 0:
             return cells
         order = np.argsort(self.need, kind="stable")
         need = self.need[order]
-        cum = np.cumsum(self.weight[order]) / total
+        cum = np.cumsum(self.weight[order] * rw[self.row[order]]) / total
         reach = np.flatnonzero(cum >= target - 1e-12)
         if not len(reach):
             return cells
@@ -145,10 +174,28 @@ class Evidence:
         # at which something more is found, from the point estimate's choice on
         steps = np.unique(need[need > first])
         for p in np.concatenate([[first], steps[steps < cells]]):
-            low = interval(self.found(int(p)), self.true, 2 * level - 1)[1]
-            if low >= target - 1e-12:
+            if self.interval(int(p), 2 * level - 1)[1] >= target - 1e-12:
                 return int(p)
         return cells
+
+    def next_step(self, probes: int, cells: int) -> int:
+        """The next probe count above ``probes`` at which something more is found (``cells``
+        when none)."""
+        more = self.need[(self.need > probes) & (self.need < cells)]
+        return int(more.min()) if len(more) else cells
+
+    @staticmethod
+    def concat(parts: list[Evidence]) -> Evidence:
+        """The evidence of several samples as one (rows of each part after the previous)."""
+        shift = np.cumsum([0] + [len(e.true) for e in parts[:-1]])
+        return Evidence(
+            np.concatenate([e.true for e in parts]),
+            np.concatenate([e.row + s for e, s in zip(parts, shift)]),
+            np.concatenate([e.need for e in parts]),
+            np.concatenate([e.weight for e in parts]),
+            None,
+            np.concatenate([e._rw() for e in parts]),
+        )
 
 
 def _rank(scores: np.ndarray, rows: np.ndarray, cells: np.ndarray) -> np.ndarray:
@@ -196,7 +243,8 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
         ok = (jj >= 0) & (jj != sample)
         qi, jj = qi[ok], jj[ok]
     else:
-        qi, jj, _ = x.pairs_with(q, threshold)
+        cols = partner_sample(x, rng)
+        qi, jj, _ = x.pairs_with(q, threshold) if cols is None else x.pairs_with(q, threshold, cols)
         ok = jj != sample[qi]
         qi, jj = qi[ok], jj[ok]
     kept, weight, true = _subsample(qi, len(sample), _config.INDEX_RECALL_PAIRS_PER_ROW, rng)
@@ -207,6 +255,24 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
                       index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
     need[index.own[i] == index.own[jj]] = 0
     return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
+
+
+def partner_sample(x, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted rows among which the sampled rows' true pairs are searched: all (None) unless
+    ``INDEX_RECALL_COLUMNS`` is set and exceeded, else a uniform sample of that many (sources that can
+    search a subset of rows only, as an array). Each row's pairs are then a uniform sample
+    of its true pairs: the ratio found / true and its row-residual interval (which takes in
+    the variance of this second stage of sampling) stay what they estimate."""
+    m = int(_config.INDEX_RECALL_COLUMNS)
+    if m <= 0 or len(x) <= m or not _takes_cols(x):
+        return None
+    return np.sort(rng.choice(len(x), m, replace=False))
+
+
+def _takes_cols(x) -> bool:
+    import inspect
+
+    return "cols" in inspect.signature(x.pairs_with).parameters
 
 
 def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
@@ -237,6 +303,107 @@ def other_neighbours(nb: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.n
     return qi[ok], jj[ok]
 
 
+def cell_density(x, index, threshold: float, rng: np.random.Generator) -> np.ndarray:
+    """(cells,) float64: about how many true pairs (score >= ``threshold``) a row of each cell
+    has in its own cell and its ``INDEX_RECALL_CELL_NEIGHBOURS`` - 1 nearest cells (by
+    centroid), from ``INDEX_RECALL_CELL_ROWS`` rows drawn per cell: the share of pairs at or
+    above the threshold between the drawn rows of the two cells, times the other cell's
+    rows. Near-identical blocks stand out, and so do the small cells beside a block's big
+    ones (a few of its rows that went elsewhere: each has thousands of pairs, most of them
+    missed, and a density of its own cell alone calls them empty). The rows read are a few
+    per cell, in row order."""
+    x = source_of(x)
+    r = max(2, int(_config.INDEX_RECALL_CELL_ROWS))
+    cells = index.cells
+    sizes = index.sizes
+    take = np.minimum(sizes, r)
+    # r distinct rows of each cell: the first r of a random order of the cell's rows
+    key = rng.random(len(index.order))
+    pos = np.lexsort((key, np.repeat(np.arange(cells), sizes)))
+    rank = np.arange(len(pos)) - np.repeat(index.offsets[:-1], sizes)
+    rows = index.order[pos[rank < np.repeat(take, sizes)]]
+    del key, pos, rank
+    srt = np.argsort(rows, kind="stable")
+    v = np.empty((len(rows), x.shape[1]), np.float32)
+    v[srt] = np.asarray(x[rows[srt]], np.float32)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
+    # padded (cells, r, d) with a mask of the rows drawn
+    start = np.concatenate([[0], np.cumsum(take)[:-1]])
+    slot = np.arange(r)
+    have = slot[None, :] < take[:, None]
+    pad = np.zeros((cells, r, x.shape[1]), np.float32)
+    pad[have] = v
+    del v
+    nb = min(cells, max(1, int(_config.INDEX_RECALL_CELL_NEIGHBOURS)))
+    near = kernels.top_k(index.centroids, index.centroids, nb)[1]
+    near = np.where(near < 0, np.arange(cells)[:, None], near)
+    out = np.zeros(cells)
+    eye = np.eye(r, dtype=bool)
+    for a in range(0, cells, 256):
+        c = np.arange(a, min(cells, a + 256))
+        nc = near[c]  # (b, nb)
+        g = np.einsum("brd,bksd->brks", pad[c], pad[nc]) >= threshold  # (b, r, nb, r)
+        valid = have[c][:, :, None, None] & have[nc][:, None, :, :]
+        same = nc == c[:, None]  # a cell against itself: its pairs of distinct rows
+        valid &= ~(same[:, None, :, None] & eye[None, :, None, :])
+        hits = (g & valid).sum(axis=(1, 3))
+        tried = valid.sum(axis=(1, 3))
+        share = np.divide(hits, tried, out=np.zeros(hits.shape), where=tried > 0)
+        others = sizes[nc] - same  # rows of the other cell a row can pair with
+        out[c] = (share * np.maximum(others, 0)).sum(axis=1)
+    return out
+
+
+class Design:
+    """How the calibration's query rows are drawn.
+
+    Without a density (kNN: every row has ``k`` true neighbours): uniform samples without
+    replacement, disjoint from each other. With ``density`` (per cell, :func:`cell_density`)
+    for pairs, where a few rows (near-identical blocks) may hold most of a collection's true
+    pairs: each row is drawn with replacement from a mixture, ``INDEX_RECALL_UNIFORM`` of
+    the draws uniform over the rows, the rest over cells in proportion to their rows' density
+    then uniform within the cell, and weighted by the inverse of its probability per draw
+    (the deterministic-mixture estimator: unbiased, and no row weighs more than 1 / the
+    uniform share times what it would in a uniform sample). A uniform sample of 1000 rows of
+    3M holds about 3 rows of blocks that hold half the pairs: the probes were chosen on
+    them, or without them."""
+
+    def __init__(self, n: int, index=None, density: np.ndarray | None = None) -> None:
+        self.n = n
+        self.size = min(_config.INDEX_RECALL_SAMPLE, n // 2)
+        self.index = index
+        self.mass = None
+        if density is not None and index is not None and n > 0:
+            mass = np.asarray(density, np.float64) * index.sizes
+            if mass.sum() > 0:
+                self.mass = mass / mass.sum()
+                self.density = np.asarray(density, np.float64) / float(
+                    (np.asarray(density, np.float64) * index.sizes).sum())
+        self._perm = None
+        self._used = 0
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """(sorted rows, their weights or None when equal); None when no fresh rows remain."""
+        if self.mass is None:
+            if self._perm is None:
+                self._perm = rng.permutation(self.n)
+            if self.size <= 0 or self._used + self.size > self.n:
+                return None
+            rows = np.sort(self._perm[self._used : self._used + self.size])
+            self._used += self.size
+            return rows, None
+        m = max(1, int(_config.INDEX_RECALL_SAMPLE))
+        u = float(_config.INDEX_RECALL_UNIFORM)
+        mu = int(round(u * m))
+        uni = rng.integers(0, self.n, mu)
+        idx = self.index
+        c = rng.choice(len(self.mass), m - mu, p=self.mass)
+        dense = idx.order[idx.offsets[c] + (rng.random(m - mu) * idx.sizes[c]).astype(np.int64)]
+        rows = np.sort(np.concatenate([uni, dense]))
+        q = (mu / m) / self.n + ((m - mu) / m) * self.density[idx.own[rows]]
+        return rows, 1.0 / (q * self.n)
+
+
 def samples(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Two disjoint sorted samples of rows (calibration, measurement), each of at most
     ``INDEX_RECALL_SAMPLE`` rows (half the rows each when there are fewer)."""
@@ -246,20 +413,47 @@ def samples(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
-              fallback=None) -> Recall:
+              fallback=None, design: Design | None = None) -> Recall:
     """Choose the probes for ``target`` on one sample and measure them on another.
 
     ``evidence_of(sample, rng) -> Evidence``; ``fallback`` (same form) is used to choose when
-    the calibration sample holds fewer than 20 true pairs.
+    the calibration sample holds fewer than 20 true pairs. ``design``: how rows are drawn
+    (default: uniformly). The probes are the fewest whose lower bound at
+    ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's lower bound at
+    that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS`` measurements), they are
+    chosen again on all the evidence so far (at least one step more) and measured on a fresh
+    sample. The reported recall (95% interval) is the last measurement's, made after the
+    last choice.
     """
     rng = np.random.default_rng([seed, 7])
-    cal, mea = samples(n, rng)
+    design = design if design is not None else Design(n)
+    level = _config.INDEX_RECALL_CHOOSE_LEVEL
+    got = design.draw(rng)
+    if got is None:
+        return Recall(1.0, 1.0, 1.0, cells, 0)
+    cal, w = got
     ev = evidence_of(cal, rng)
     if ev.true.sum() < 20 and fallback is not None:
         ev = fallback(cal, rng)
-    probes = ev.smallest(target, cells, _config.INDEX_RECALL_CHOOSE_LEVEL)
-    if probes >= cells:
-        return Recall(1.0, 1.0, 1.0, cells, len(mea))  # every cell: exact
-    m = evidence_of(mea, rng)
-    est, low, high = interval(m.found(probes), m.true)
-    return Recall(est, low, high, probes, len(mea))
+    ev.row_weight = w
+    probes = ev.smallest(target, cells, level)
+    pool = [ev]
+    rec = Recall(1.0, 1.0, 1.0, cells, 0)  # every cell: exact
+    rounds = max(1, int(_config.INDEX_RECALL_ROUNDS))
+    for r in range(rounds):
+        if probes >= cells:
+            return Recall(1.0, 1.0, 1.0, cells, rec.sample)
+        got = design.draw(rng)
+        if got is None:
+            break
+        mea, w = got
+        m = evidence_of(mea, rng)
+        m.row_weight = w
+        est, low, high = m.interval(probes)
+        rec = Recall(est, low, high, probes, len(mea))
+        if m.true.sum() <= 0 or r == rounds - 1 or m.interval(probes, 2 * level - 1)[1] >= target - 1e-12:
+            break
+        pool.append(m)
+        every = Evidence.concat(pool)
+        probes = max(every.smallest(target, cells, level), every.next_step(probes, cells))
+    return rec

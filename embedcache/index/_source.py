@@ -49,43 +49,57 @@ class ArraySource:
 
         return probe_order(self.x, centroids, probes)
 
-    def pairs_with(self, q: np.ndarray, threshold: float):
-        return kernels.similar_pairs(q, threshold, y=self.x)
+    def pairs_with(self, q: np.ndarray, threshold: float, cols: np.ndarray | None = None):
+        """``similar_pairs(q, threshold, y=x)``; with ``cols`` (sorted row numbers) against
+        those rows only, read chunk by chunk (j: row numbers of x)."""
+        if cols is None:
+            return kernels.similar_pairs(q, threshold, y=self.x)
+        parts = []
+        step = 8 * 8192
+        for a in range(0, len(cols), step):
+            c = cols[a : a + step]
+            i, j, s = kernels.similar_pairs(q, threshold, y=self.x[c])
+            parts.append((i, c[j], s))
+        if not parts:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        return tuple(np.concatenate(p) for p in zip(*parts))
 
     def top_k(self, q: np.ndarray, k: int):
         return kernels.top_k(q, self.x, k)
 
-    def cell_pairs(self, index: Any, qrows: np.ndarray, starts: np.ndarray, threshold: float, bar=None):
-        """``(i, j, s)`` parts, cell by cell (see :func:`._partition.pairs`)."""
+    def cell_pairs(self, index: Any, qrows: np.ndarray, starts: np.ndarray, threshold: float, bar=None,
+                   near: np.ndarray | None = None):
+        """``(i, j, s)`` parts, cell by cell (see :func:`._partition.pairs`). Each cell's rows
+        and the rows probing it are gathered from x (in increasing order) when it is searched:
+        no copy of x is made, so a memory map stays on disk. ``near``: the cells each row
+        probes (:func:`._partition.pairs`' lists); with it, a pair whose two rows probe each
+        other's cell is kept only from the row of the lower cell (each pair once)."""
         from embedcache.index._partition import pairs_of_cell
 
-        xs = index.sorted_rows(self.x)  # the one copy of x; queries are read from it too
-        pos = np.empty(len(self.x), np.int64)
-        pos[index.order] = np.arange(len(self.x))
-        off = index.offsets
+        off, own = index.offsets, index.own
         for c in range(index.cells):
             lo, hi = off[c], off[c + 1]
             if hi == lo:
                 continue
             q = qrows[starts[c] : starts[c + 1]]
-            yield from pairs_of_cell(xs[lo:hi], index.order[lo:hi], xs[pos[q]], q, threshold)
+            ids = index.order[lo:hi]
+            for k, (i, j, s) in enumerate(pairs_of_cell(self.x[ids], ids, self.x[q], q, threshold)):
+                if k and near is not None and len(i):  # i probes c = own[j]; j probes own[i]?
+                    oi = own[i]
+                    both = (near[j] == oi[:, None].astype(near.dtype)).any(axis=1)
+                    keep = ~both | (oi < c)
+                    i, j, s = i[keep], j[keep], s[keep]
+                yield i, j, s
             if bar is not None:
                 bar.update((hi - lo) * ((hi - lo - 1) / 2 + len(q)))
 
     def cell_topk(self, index: Any, near: np.ndarray, k: int, bar=None):
-        """The best ``k`` other rows of every row from the cells ``near`` (see :func:`._partition.knn`)."""
-        from embedcache.index._partition import probe_topk
+        """The best ``k`` other rows of every row from the cells ``near`` (see
+        :func:`._partition.knn`), through :func:`._knn.rows_knn`: the same lists as
+        :func:`._partition.probe_topk` gives, rows gathered from x cell by cell."""
+        from embedcache.index._knn import rows_knn
 
-        xs = index.sorted_rows(self.x)  # the one copy of x; queries are read from it too
-        off = index.offsets
-        pos = np.empty(len(self.x), np.int64)
-        pos[index.order] = np.arange(len(self.x))
-
-        def block(c: int):
-            return xs[off[c] : off[c + 1]], index.order[off[c] : off[c + 1]], None
-
-        return probe_topk(xs, near, block, index.cells, k, np.arange(len(self.x), dtype=np.int64), bar,
-                          query_rows=pos)
+        return rows_knn(self.x, index, near, k, bar)
 
 
 def source_of(x: Any) -> Any:
