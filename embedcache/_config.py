@@ -68,6 +68,9 @@ INDEX_TWO_LEVEL_CELLS = 2048
 INDEX_COARSE_PROBES = 8
 #: nearest cells kept per indexed row after its first search (int32 each; more probes: recomputed)
 INDEX_ROW_CELLS = 16
+#: rows × cells past which a search that probes every cell runs the exact kernels instead
+#: (same answer, without a per-row list of every cell: 3M rows × 3,000 cells would be 68 GiB)
+INDEX_EVERY_CELL_ENTRIES = 1 << 27
 #: rounds of spherical k-means
 INDEX_KMEANS_ITERS = 8
 #: cells larger than this many times the mean cell size are split again

@@ -287,3 +287,39 @@ def test_merge_pairs_lists_each_pair_once_by_score_then_i_then_j(parts):
 def test_first_of_each_is_where_unique_finds_each_value(keys):
     keys = np.array(keys, np.int64)
     assert np.array_equal(first_of_each(keys), np.unique(keys, return_index=True)[1])
+
+
+def test_probing_every_cell_of_a_large_index_runs_the_exact_kernels(monkeypatch):
+    """Past INDEX_EVERY_CELL_ENTRIES (rows × cells), probing every cell goes straight to the
+    exact kernels: the same answer, without a per-row list of every cell (which at millions of
+    rows would not fit in memory)."""
+    from embedcache.index import _partition, partitioned_forest
+
+    x = clustered(400, seed=3)
+    with _config.override(INDEX_MIN_CELL=1):
+        index = PartitionIndex.build(x, cells=6, seed=0)
+
+    def listed(*a, **k):
+        raise AssertionError("a per-row list of every cell was built")
+
+    ei, ej, es = ec.similar_pairs(x, 0.8)
+    ks, ki = exact_knn(x, 4)
+    parent = np.arange(len(x))
+    ec.kernels.pairs.threshold_forest(x, 0.8, parent)
+    with _config.override(INDEX_EVERY_CELL_ENTRIES=0):
+        for name in ("pairs", "forest", "knn"):
+            monkeypatch.setattr(_partition, name, listed)
+        i, j, s, rec = partitioned_pairs(x, 0.8, probes=index.cells, index=index)
+        assert rec is None
+        np.testing.assert_array_equal(i, ei), np.testing.assert_array_equal(j, ej)
+        np.testing.assert_array_equal(s, es)
+        s2, r2, _ = partitioned_knn(x, 4, probes=index.cells, index=index)
+        np.testing.assert_array_equal(s2, ks), np.testing.assert_array_equal(r2, ki)
+        p2 = np.arange(len(x))
+        partitioned_forest(x, 0.8, p2, probes=index.cells, index=index)
+        r1, r2 = ec.kernels.pairs.forest_roots(parent), ec.kernels.pairs.forest_roots(p2)
+        np.testing.assert_array_equal(r1[:, None] == r1[None, :], r2[:, None] == r2[None, :])
+    monkeypatch.undo()
+    # below the limit the partitioned search itself runs (and still equals exact)
+    i, j, s, _ = partitioned_pairs(x, 0.8, probes=index.cells, index=index)
+    np.testing.assert_array_equal(i, ei)

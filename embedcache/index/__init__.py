@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedcache import _config
 from embedcache._validation import check_int, check_k, check_number, check_threshold
 from embedcache.errors import InvalidInputError
 from embedcache.index import _partition, _recall
@@ -62,6 +63,11 @@ def partitioned_pairs(x: np.ndarray, threshold: float, *, recall: float = 0.99, 
     ``bar``: optional progress bar, updated with row-by-row comparisons.
     """
     index, probes, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index)
+    if _every_cell(x, index, probes):
+        from embedcache.kernels import similar_pairs
+
+        i, j, s = similar_pairs(x, threshold)
+        return i, j, s, _exact_recall(index, rec)
     if bar is not None:
         bar.total = _partition.pair_work(index, len(x), probes)
     i, j, s = _partition.pairs(x, index, threshold, probes, bar)
@@ -80,10 +86,28 @@ def partitioned_forest(x: np.ndarray, threshold: float, parent: np.ndarray, *, r
     at most n - 1 pairs, in no particular order) and the :class:`Recall`.
     """
     index, probes, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index)
+    if _every_cell(x, index, probes):
+        from embedcache.kernels.pairs import threshold_forest
+
+        i, j, s = threshold_forest(x, threshold, parent)
+        return i, j, s, _exact_recall(index, rec)
     if bar is not None:
         bar.total = _partition.pair_work(index, len(x), probes)
     i, j, s = _partition.forest(x, index, threshold, probes, parent, bar)
     return i, j, s, rec
+
+
+def _every_cell(x, index: PartitionIndex, probes: int) -> bool:
+    """Whether a search probes every cell of an index too large for per-row probe lists
+    (rows × cells entries past ``INDEX_EVERY_CELL_ENTRIES``): the exact kernels then give the
+    same answer (probing every cell is exact, bit for bit) without those lists."""
+    return probes >= index.cells > 1 and len(x) * index.cells > _config.INDEX_EVERY_CELL_ENTRIES
+
+
+def _exact_recall(index: PartitionIndex, rec: Recall | None) -> Recall | None:
+    """The recall of a calibrated search that ran exactly: 1, whatever the sample measured
+    (None stays None: probes given, nothing sampled)."""
+    return None if rec is None else Recall(1.0, 1.0, 1.0, index.cells, rec.sample)
 
 
 def _pair_probes(x, threshold, recall, probes, cells, seed, index):
@@ -131,6 +155,11 @@ def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int 
         rec = _recall.calibrate(lambda s, r: _recall.knn_evidence(x, index, s, kk, r),
                                 len(x), index.cells, recall, seed)
         probes = rec.probes
+    if _every_cell(x, index, probes):
+        from embedcache.kernels import top_k
+
+        s, r = top_k(x, x, kk, exclude_self=True)
+        return s, r, _exact_recall(index, rec)
     if bar is not None:
         bar.total = float(len(x)) * (min(probes, index.cells) + 1) * len(x) / max(1, index.cells)
     s, r = _partition.knn(x, index, kk, probes, bar)
