@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--items", type=int, default=64)
+    parser.add_argument("--miss-requests", type=int, default=500,
+                        help="all-miss requests per run, each of fresh items (more: steadier percentiles)")
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--encoding-format", default="base64", choices=["base64", "float"])
     parser.add_argument("--upstream", default="fast", choices=["fast", "testing"],
@@ -129,7 +131,7 @@ def main() -> None:
                         cap = None
                     else:
                         salt = uuid.uuid4().hex
-                        cap = max(100, clients * 6)  # fresh items: each request a miss
+                        cap = max(args.miss_requests, clients * 6)  # fresh items: each request a miss
                         reqs = [_request(port, [f"{salt} {r} {j}" for j in range(n)], fmt) for r in range(cap)]
                     lat, wall = asyncio.run(_load(port, reqs, clients, args.seconds, cap))
                     rows[target] = (len(lat) * n / wall, np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3)
