@@ -24,9 +24,9 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import httpcore
 import httpx
@@ -334,6 +334,8 @@ def cancelled(what: str) -> APIConnectionError:
 
 # ---------------------------------------------------------------------- retries
 
+T = TypeVar("T")
+
 
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, APIConnectionError):  # includes timeouts
@@ -357,9 +359,25 @@ class RetryPolicy:
         self.max_retries = max_retries
         self.sleep = sleep
 
-    def retries(self, exc: BaseException) -> bool:
-        """Whether a first attempt that raised ``exc`` is tried again."""
-        return self.max_retries > 0 and _is_retryable(exc)
+    async def arun(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``await attempt()`` under the policy, the first attempt outside the retry machinery
+        (most pass at once); one that fails retryably is handed to :meth:`aretrying` as its own
+        first attempt: the same attempts, waits and log lines as if it had run there."""
+        try:
+            return await attempt()
+        except Exception as exc:
+            if self.max_retries <= 0 or not _is_retryable(exc):
+                raise
+            first: Exception | None = exc
+
+        async def retried() -> T:
+            nonlocal first
+            if first is not None:
+                failed, first = first, None
+                raise failed
+            return await attempt()
+
+        return await self.aretrying()(retried)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None

@@ -642,23 +642,7 @@ class OpenAIEmbeddings:
             return self._embeddings_from(response, batch)
 
         try:
-            try:  # most batches pass at once: no retry machinery unless the first attempt fails
-                return await attempt()
-            except Exception as exc:
-                if not self._retry.retries(exc):
-                    raise
-                first: Exception | None = exc
-
-            async def retried() -> np.ndarray:
-                # the retry policy from its start, its first attempt the one that just failed:
-                # the same attempts, waits and log lines as if it had run that one too
-                nonlocal first
-                if first is not None:
-                    failed, first = first, None
-                    raise failed
-                return await attempt()
-
-            return await self._retry.aretrying()(retried)
+            return await self._retry.arun(attempt)
         except APIStatusError as exc:
             parts = self._split_refused(exc, batch)
             if parts is None:
