@@ -293,8 +293,9 @@ def test_one_rate_limit_for_every_model_and_client(upstream, tmp_path):
         assert all(r.status_code == 200 for r in asyncio.run(main()))
         arrived = sorted(r.arrived for r in upstream.embedding_requests[before:])
         assert len(arrived) >= 2
-        # burst 1 at 10/s: n requests span at least (n - 1) / 10 s, whatever the model
-        assert arrived[-1] - arrived[0] >= (len(arrived) - 1) / 10 * 0.9
+        # burst 1 at 10/s: n requests leave over (n - 1) / 10 s, whatever the model; one interval
+        # of slack for a first request's connection set-up under load (unlimited: all within ms)
+        assert arrived[-1] - arrived[0] >= (len(arrived) - 2) / 10
 
 
 def test_models_health_and_metrics(proxy, upstream):
