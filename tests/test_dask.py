@@ -165,7 +165,7 @@ def test_dedup_against_a_reference_on_a_local_cluster_gives_the_answer_of_one_ma
 
 @pytest.mark.parametrize("method", ["exact", "partitioned"])
 def test_a_worker_killed_mid_job_changes_nothing(client, tmp_path, method):
-    x = near_dup_vectors(3000, d=32) if method == "exact" else clustered_vectors(1200, d=32)
+    x = near_dup_vectors(1500, d=32) if method == "exact" else clustered_vectors(1200, d=32)
     store = make_store(tmp_path / "s", x, delete=(10, 1100))
     knobs = {"INDEX_MIN_CELL": 8, "INDEX_RECALL_SAMPLE": 200}
     kw = {"threshold": 0.85, "progress": False, "method": method, "recall": 0.9}
@@ -176,7 +176,7 @@ def test_a_worker_killed_mid_job_changes_nothing(client, tmp_path, method):
 
     def job():
         try:
-            # exact: 50 blocks, 1275 tasks; partitioned: 40 tasks per scan, a task per group of cells
+            # exact: 25 blocks, 325 tasks; partitioned: 40 tasks per scan, a task per group of cells
             with _config.override(ENGINE_BLOCK_ROWS=60 if method == "exact" else 30, **knobs):
                 result["res"] = ec.deduplicate(store, client=client, **kw)
         except BaseException as exc:  # reported by the assertion below

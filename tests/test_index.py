@@ -72,7 +72,7 @@ def test_every_reported_pair_is_true_with_its_exact_score(x, probes, cells, t):
 
 
 def test_partitioned_finds_what_it_promises_on_clustered_data():
-    x = clustered(6000, seed=3)
+    x = clustered(3500, seed=3)
     ei, ej, _ = ec.similar_pairs(x, 0.85)
     i, j, s, rec = partitioned_pairs(x, 0.85, recall=0.95, seed=0)
     true = np.isin(i * len(x) + j, ei * len(x) + ej).sum() / len(ei)
@@ -217,28 +217,29 @@ def _giant_and_block(n=3000, d=16, seed=0):
     return np.vstack([x, giant, block]).astype(np.float32)
 
 
-@pytest.mark.parametrize("probes", [1, 2, 3, 5])
-def test_recall_evidence_predicts_exactly_what_the_search_finds(probes):
-    """For a fixed index (big cells split, a near-identical block kept whole) and probe
+def test_recall_evidence_predicts_exactly_what_the_search_finds():
+    """For a fixed index (big cells split, a near-identical block kept whole) and any probe
     count, the evidence's found / missed for every true pair (and every true neighbour) is
-    what the search returns."""
+    what the search returns. (The evidence is built once and checked against 1, 2, 3 and 5
+    probes.)"""
     from embedcache.index import _partition, _recall
 
-    x = _giant_and_block()
+    x = _giant_and_block(2000)
     n = len(x)
     with _config.override(INDEX_MIN_CELL=8, INDEX_MAX_CELL_FACTOR=1.5, INDEX_RECALL_PAIRS_PER_ROW=10**9):
         index = PartitionIndex.build(x, cells=30, seed=2)
         assert index.cells > 30  # the giant cluster was split
         ev = _recall.pair_evidence(x, index, np.arange(n), 0.8, np.random.default_rng(0))
-        i, j, _ = _partition.pairs(x, index, 0.8, probes)
-        a, b = np.minimum(ev.row, ev.partner), np.maximum(ev.row, ev.partner)
-        found = np.isin(a * n + b, i * n + j)
-        assert 0 < found.mean() < 1
-        np.testing.assert_array_equal(ev.need <= probes, found)
         kev = _recall.knn_evidence(x, index, np.arange(n), 5, np.random.default_rng(0))
-        _, rows = _partition.knn(x, index, 5, probes)
-        got = (rows[kev.row] == kev.partner[:, None]).any(axis=1)
-        np.testing.assert_array_equal(kev.need <= probes, got)
+        a, b = np.minimum(ev.row, ev.partner), np.maximum(ev.row, ev.partner)
+        for probes in (1, 2, 3, 5):
+            i, j, _ = _partition.pairs(x, index, 0.8, probes)
+            found = np.isin(a * n + b, i * n + j)
+            assert 0 < found.mean() < 1
+            np.testing.assert_array_equal(ev.need <= probes, found, err_msg=f"pairs, {probes} probes")
+            _, rows = _partition.knn(x, index, 5, probes)
+            got = (rows[kev.row] == kev.partner[:, None]).any(axis=1)
+            np.testing.assert_array_equal(kev.need <= probes, got, err_msg=f"knn, {probes} probes")
 
 
 def test_calibration_reaches_the_recall_asked_for_on_the_whole_collection():
@@ -256,7 +257,7 @@ def calibration_runs(runs, **knobs):
     reached = covered = 0
     with _config.override(INDEX_RECALL_SAMPLE=400, INDEX_MIN_CELL=16, **knobs):
         for seed in range(runs):
-            x = _giant_and_block(2500, seed=seed)
+            x = _giant_and_block(1600, seed=seed)
             ei, ej, _ = ec.similar_pairs(x, 0.8)
             i, j, _, rec = partitioned_pairs(x, 0.8, recall=0.95, seed=seed, cells=40)
             true = len(i) / len(ei)

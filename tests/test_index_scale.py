@@ -226,6 +226,6 @@ def test_calibrated_recall_holds_with_sampled_partners():
     ``INDEX_RECALL_COLUMNS`` rows): the recall asked for is still reached and the interval
     still covers the true recall."""
     runs = 4
-    reached, covered = calibration_runs(runs, INDEX_RECALL_COLUMNS=1200)
+    reached, covered = calibration_runs(runs, INDEX_RECALL_COLUMNS=768)
     assert reached >= runs - 1
     assert covered >= runs - 1
