@@ -206,9 +206,9 @@ def test_pairs_writes_sorted_pairs(run, tmp_path):
 def test_store_commands(run, tmp_path):
     proc = run("store", "add", "vs", EXAMPLE, "-q")
     assert f"{len(ROWS)} rows" in proc.stdout
-    info = run("store", "info", "vs").stdout
+    info = run("store", "info", "vs", inproc=True).stdout
     assert f"{len(ROWS)}" in info and "512" in info
-    found = run("store", "search", "vs", TEXTS[4], "-k", "2", "-q").stdout.splitlines()
+    found = run("store", "search", "vs", TEXTS[4], "-k", "2", "-q", inproc=True).stdout.splitlines()
     assert found[1].split()[1] == "r05" and float(found[1].split()[0]) > 0.99
     # a key in the environment does not switch the provider away from the store's own
     found = run("store", "search", "vs", TEXTS[4], "-q", extra_env={"IONOS_API_TOKEN": "k"}, inproc=True)
@@ -216,7 +216,7 @@ def test_store_commands(run, tmp_path):
     proc = run("store", "add", "vs", EXAMPLE, "-q", ok=False, inproc=True)  # ids exist, no --upsert
     assert_one_line_error(proc, "r01")
     run("store", "add", "vs", EXAMPLE, "--upsert", "-q", inproc=True)
-    assert "compacted" in run("store", "compact", "vs").stdout
+    assert "compacted" in run("store", "compact", "vs", inproc=True).stdout
     assert_one_line_error(run("store", "info", "missing", ok=False, inproc=True), "missing")
 
 
@@ -224,7 +224,7 @@ def test_cache_commands(run, tmp_path):
     run("embed", EXAMPLE, "-o", "v.npy", "-q", inproc=True)
     info = run("cache", "info").stdout
     assert str(tmp_path / "cache") in info and f"entries: {len(set(TEXTS))}" in info
-    assert f"removed {len(set(TEXTS))}" in run("cache", "clear").stdout
+    assert f"removed {len(set(TEXTS))}" in run("cache", "clear", inproc=True).stdout
     assert "entries: 0" in run("cache", "info", inproc=True).stdout
     other = run("cache", "info", "--cache-dir", tmp_path / "other", inproc=True).stdout
     assert str(tmp_path / "other") in other
