@@ -260,20 +260,21 @@ def cli_cluster(tmp_path_factory):
         with connect(address, timeout=60) as c:
             c.wait_for_workers(2, timeout=120)
         yield address
-    finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGINT)
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    finally:  # the workers first (with the scheduler gone too, a worker waits seconds to reconnect)
+        for group in (procs[1:], procs[:1]):
+            for p in group:
+                p.send_signal(signal.SIGINT)
+            for p in group:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
 
 def test_dedup_a_store_through_a_cluster_started_by_its_command_lines(cli_cluster, run, tmp_path):
     x = near_dup_vectors(400)
     make_store(tmp_path / "vs", x, delete=(3, 200)).close()
-    here = run("dedup", "vs", "-t", "0.85", "-o", "here.jsonl", "--duplicates", "here.csv", "-q")
+    here = run("dedup", "vs", "-t", "0.85", "-o", "here.jsonl", "--duplicates", "here.csv", "-q", inproc=True)
     there = run("dedup", "vs", "-t", "0.85", "-o", "there.jsonl", "--duplicates", "there.csv",
                 "--scheduler", cli_cluster)
     assert here.stdout.replace("here.", "") == there.stdout.replace("there.", "")
@@ -283,7 +284,7 @@ def test_dedup_a_store_through_a_cluster_started_by_its_command_lines(cli_cluste
     assert len((tmp_path / "here.csv").read_text().splitlines()) > 100
     assert f"ran on the Dask cluster at {cli_cluster} (2 workers)" in there.stderr
     # the environment variable names the scheduler too; pairs are the same, bit for bit
-    run("pairs", "vs", "-t", "0.85", "-o", "here-pairs.jsonl", "-q")
+    run("pairs", "vs", "-t", "0.85", "-o", "here-pairs.jsonl", "-q", inproc=True)
     there = run("pairs", "vs", "-t", "0.85", "-o", "there-pairs.jsonl", extra_env={"EMBEDCACHE_SCHEDULER": cli_cluster})
     assert "ran on the Dask cluster" in there.stderr
     assert (tmp_path / "here-pairs.jsonl").read_text() == (tmp_path / "there-pairs.jsonl").read_text()
