@@ -19,6 +19,7 @@ from embedcache.engine import _tasks
 from embedcache.engine._plan import Block, plan
 from embedcache.engine._run import Dask, InProcess
 from embedcache.errors import ClusterError, StoreError
+from embedcache.kernels.pairs import pair_order
 
 __all__ = ["against_job", "pair_job", "knn_job", "search_job", "store_state"]
 
@@ -80,7 +81,7 @@ def pair_job(store: Any, threshold: float, engine: InProcess | Dask,
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32), np.empty(0, bool)
     i, j, s, copy = (np.concatenate(p) for p in zip(*parts))
-    order = np.lexsort((j, i, -s.astype(np.float64)))
+    order = pair_order(i, j, s)
     return i[order].astype(np.int64), j[order].astype(np.int64), s[order], copy[order]
 
 

@@ -27,6 +27,7 @@ from embedcache.engine import _tasks
 from embedcache.engine._plan import pick, plan
 from embedcache.index._merge import NO_INDEX, merge_topk
 from embedcache.index._partition import _by_cell
+from embedcache.kernels.pairs import pair_order
 
 __all__ = ["StoreSource"]
 
@@ -95,7 +96,7 @@ class StoreSource:
         i = np.concatenate([p[0] for p in parts])
         j = np.concatenate([p[1] + b.first for p, b in zip(parts, self.blocks)])
         s = np.concatenate([p[2] for p in parts])
-        order = np.lexsort((j, i, -s))
+        order = pair_order(i, j, s)
         return i[order], j[order], s[order]
 
     def top_k(self, q: np.ndarray, k: int):

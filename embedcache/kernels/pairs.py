@@ -21,7 +21,7 @@ from embedcache.kernels._core import (
     _same_root,
 )
 
-__all__ = ["forest_roots", "meets_threshold", "similar_pairs", "threshold_forest"]
+__all__ = ["forest_roots", "meets_threshold", "pair_order", "similar_pairs", "threshold_forest"]
 
 _PAIRS_WIDTH = 16  # matches per row and tile collected in the first scan
 
@@ -116,8 +116,39 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine"):
     i = np.concatenate(parts_i).astype(np.int64, copy=False)
     j = np.concatenate(parts_j)
     sc = np.concatenate(parts_s)
-    order = np.lexsort((j, i, -sc))
+    order = pair_order(i, j, sc)
     return i[order], j[order], sc[order]
+
+
+def pair_order(i, j, score):
+    """The order of pairs by score, highest first, ties by ``i`` then ``j``, pairs equal in all
+    three kept in their given order: ``numpy.lexsort((j, i, -score))``, about twice as fast.
+
+    i, j: non-negative integer arrays; score: float32 (or values exact in float32; -0.0 ties
+    with 0.0, NaN comes last). One sort of one 64-bit key: the score's bits made to order as integers do,
+    above the rank of ``(i, j)``.
+
+    >>> import numpy as np
+    >>> pair_order(np.array([2, 0, 1, 0]), np.array([3, 4, 2, 1]), np.array([0.5, 0.9, 0.5, 0.5], np.float32))
+    array([1, 3, 2, 0])
+    """
+    i = np.asarray(i, np.int64).reshape(-1)
+    j = np.asarray(j, np.int64).reshape(-1)
+    s = np.asarray(score, np.float32).reshape(-1)
+    n = len(i)
+    if n == 0:
+        return np.empty(0, np.int64)
+    width = int(j.max()) + 1
+    if n >= 2**32 or i.min() < 0 or j.min() < 0 or int(i.max()) >= (2**62) // width:
+        return np.lexsort((j, i, -s.astype(np.float64)))
+    by_ij = np.argsort(i * width + j, kind="stable")
+    rank = np.empty(n, np.uint64)
+    rank[by_ij] = np.arange(n, dtype=np.uint64)
+    bits = (s + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 becomes 0.0
+    ascending = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # the floats' order, as integers
+    ascending[np.isnan(s)] = -(2**31)  # NaN last (below -inf), as lexsort puts it
+    descending = (np.int64(2**31 - 1) - ascending).astype(np.uint64)  # in [0, 2**32)
+    return np.argsort((descending << np.uint64(32)) | rank)
 
 
 def threshold_forest(x, threshold, parent, *, ids=None, y=None, y_ids=None):

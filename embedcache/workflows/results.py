@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from embedcache.errors import InvalidInputError, MissingDependencyError
+from embedcache.kernels.pairs import pair_order
 
 __all__ = ["DedupResult", "PairTable"]
 
@@ -72,7 +73,7 @@ class PairTable:
                 f"i, j and score must have the same length, got {len(i)}, {len(j)}, {len(score)}"
             )
         if sort and len(i) and not _in_order(i, j, score):
-            order = np.lexsort((j, i, -score.astype(np.float64)))
+            order = pair_order(i, j, score)
             i, j, score = i[order], j[order], score[order]
         self.i, self.j, self.score = i, j, score
         self._texts_i, self._texts_j = texts_i, texts_j
