@@ -49,6 +49,7 @@ from embedcache.index._partition import PartitionIndex, probe_topk
 from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
+from embedcache.store._probe import probe_few
 from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
@@ -360,7 +361,10 @@ def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray
             mask = ~dead if dead.any() else None
         return vec[off[c] : off[c + 1]], ids, mask
 
-    scores, found = probe_topk(queries, near, block, cells, k, metric=view.metric)
+    if nq <= _config.STORE_INDEX_FEW_QUERIES:
+        scores, found = probe_few(queries, near, off, vec, rows, k, view.metric, deleted if check_dead else None)
+    else:
+        scores, found = probe_topk(queries, near, block, cells, k, metric=view.metric)
     if view.next_row > desc["covered"]:  # rows added since the build: an exact scan of them
         added = np.arange(desc["covered"], view.next_row, dtype=np.int64)
         added = added[~np.isin(added, view.deleted, assume_unique=True)]
