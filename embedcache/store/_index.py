@@ -347,7 +347,6 @@ def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray
     Ties go to the lower row, as in the exact scan."""
     nq = len(queries)
     cells = desc["cells"]
-    near = kernels.top_k(queries, loaded.centroids, min(probes, cells))[1]
     off, rows, vec = loaded.offsets, loaded.rows, loaded.vectors
     deleted = view.deleted[: np.searchsorted(view.deleted, desc["covered"])]
     check_dead = len(deleted) > desc["deleted_at_build"]
@@ -362,8 +361,10 @@ def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray
         return vec[off[c] : off[c + 1]], ids, mask
 
     if nq <= _config.STORE_INDEX_FEW_QUERIES:
-        scores, found = probe_few(queries, near, off, vec, rows, k, view.metric, deleted if check_dead else None)
+        scores, found = probe_few(queries, loaded.centroids, probes, off, vec, rows, k, view.metric,
+                                  deleted if check_dead else None)
     else:
+        near = kernels.top_k(queries, loaded.centroids, min(probes, cells))[1]
         scores, found = probe_topk(queries, near, block, cells, k, metric=view.metric)
     if view.next_row > desc["covered"]:  # rows added since the build: an exact scan of them
         added = np.arange(desc["covered"], view.next_row, dtype=np.int64)

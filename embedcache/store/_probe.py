@@ -17,6 +17,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from embedcache import _config
 from embedcache.kernels._core import (
     _NO_INDEX,
     FASTMATH,
@@ -26,7 +27,6 @@ from embedcache.kernels._core import (
     _inv_norm,
     _pair_score,
     _sort_heaps,
-    _stats,
     _sumsq,
 )
 
@@ -78,23 +78,28 @@ def _scan_shares(starts, item_q, item_lo, queries, inv_q, vec32, vec16, half, ro
               vec32, vec16, half, rows, deleted, use_dead, cosine, heap_s[t], heap_i[t])
 
 
-def probe_few(queries: np.ndarray, near: np.ndarray, offsets: np.ndarray, vectors: np.ndarray,
-              rows: np.ndarray, k: int, metric: str, deleted: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (scores float32, row numbers int64; -inf / -1 where fewer) of float32
-    ``queries`` (q, d) over the rows of the cells ``near`` (q, p) (-1: none), in the index's
-    cell-ordered ``vectors`` (float32 or float16, rows ``rows``, cell c at ``offsets[c] ..
-    offsets[c + 1]``). ``deleted``: sorted row numbers never returned (None: none)."""
+@njit(fastmath=FASTMATH, cache=True)
+def _inverse_norms(x):
+    """1/|x_i| (0 for a zero row) as the kernels compute it (rows already checked finite)."""
+    out = np.empty(x.shape[0], np.float64)
+    for i in range(x.shape[0]):
+        out[i] = _inv_norm(_sumsq(x[i]))
+    return out
+
+
+def _shares(rows: int) -> int:
+    """Threads for a scan of ``rows`` rows: one per ``STORE_INDEX_SHARE_ROWS`` rows at least
+    (a small scan on one thread never waits for a busy second one)."""
+    return max(1, min(numba.get_num_threads(), rows // max(1, _config.STORE_INDEX_SHARE_ROWS)))
+
+
+def _top(item_q, item_lo, lengths, queries, inv_q, vectors, rows, k, cosine, deleted):
+    """Top-``k`` (scores, rows) per query over the items (query ``item_q[t]``, index rows
+    ``item_lo[t] .. item_lo[t] + lengths[t]``)."""
     nq = len(queries)
-    inv_q, _ = _stats(queries, "queries")
-    near = np.asarray(near, np.int64)
-    item_q = np.repeat(np.arange(nq, dtype=np.int64), near.shape[1])
-    cells = near.reshape(-1)
-    keep = cells >= 0
-    item_q, cells = item_q[keep], cells[keep]
-    item_lo = np.asarray(offsets[cells], np.int64)
-    starts = np.zeros(len(cells) + 1, np.int64)
-    np.cumsum(np.asarray(offsets[cells + 1], np.int64) - item_lo, out=starts[1:])
-    shares = max(1, min(numba.get_num_threads(), int(starts[-1]) // 256 or 1))
+    starts = np.zeros(len(item_q) + 1, np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    shares = _shares(int(starts[-1]))
     heap_s = np.full((shares, nq, k), -np.inf, np.float32)
     heap_i = np.full((shares, nq, k), _NO_INDEX, np.int64)
     base = vectors.view(np.ndarray)
@@ -102,12 +107,38 @@ def probe_few(queries: np.ndarray, near: np.ndarray, offsets: np.ndarray, vector
     d = queries.shape[1]
     vec32 = np.empty((0, d), np.float32) if half else base
     vec16 = base.view(np.uint16) if half else np.empty((0, d), np.uint16)
-    dead = np.empty(0, np.int64) if deleted is None else deleted
-    _scan_shares(starts, item_q, item_lo, queries, inv_q, vec32, vec16, half, rows.view(np.ndarray), dead,
-                 deleted is not None and len(deleted) > 0, metric == "cosine", heap_s, heap_i)
+    use_dead = deleted is not None and len(deleted) > 0
+    dead = deleted if use_dead else np.empty(0, np.int64)
+    args = (starts, item_q, item_lo, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine)
+    if shares == 1:
+        _scan(0, starts[-1], *args, heap_s[0], heap_i[0])
+    else:
+        _scan_shares(*args, heap_s, heap_i)
     out_s = np.empty((nq, k), np.float32)
     out_i = np.empty((nq, k), np.int64)
     heap_s = np.ascontiguousarray(heap_s.transpose(1, 0, 2)).reshape(nq, shares * k)
     heap_i = np.ascontiguousarray(heap_i.transpose(1, 0, 2)).reshape(nq, shares * k)
     _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
     return out_s, out_i
+
+
+def probe_few(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.ndarray,
+              vectors: np.ndarray, rows: np.ndarray, k: int, metric: str,
+              deleted: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores float32, row numbers int64; -inf / -1 where fewer) of float32
+    ``queries`` (q, d) over the rows of each query's ``probes`` nearest cells (cosine to the
+    ``centroids``, ties to the lower cell, as :func:`embedcache.top_k` ranks them) in the
+    index's cell-ordered ``vectors`` (float32 or float16; rows ``rows``, cell c at
+    ``offsets[c] .. offsets[c + 1]``). ``deleted``: sorted row numbers never returned."""
+    nq, cells = len(queries), len(centroids)
+    inv_q = _inverse_norms(queries)
+    each = np.arange(nq, dtype=np.int64)
+    p = min(probes, cells)
+    _, near = _top(each, np.zeros(nq, np.int64), np.full(nq, cells, np.int64), queries, inv_q, centroids,
+                   np.arange(cells, dtype=np.int64), p, True, None)
+    item_q = np.repeat(each, p)
+    cells_of = near.reshape(-1)
+    item_lo = np.asarray(offsets[cells_of], np.int64)
+    lengths = np.asarray(offsets[cells_of + 1], np.int64) - item_lo
+    return _top(item_q, item_lo, lengths, queries, inv_q, vectors, rows.view(np.ndarray), k, metric == "cosine",
+                deleted)
