@@ -17,8 +17,9 @@ setting is changed in the commit that makes the index visible. A kill at any poi
 the old index (or none); leftover files are removed by the next ``create_index`` or
 ``compact``.
 
-A search through it probes the cells nearest each query and scores their rows with the exact
-kernels; rows deleted since the build are masked, rows added since are scanned exactly and
+A search through it probes the cells nearest each query and scores their rows with the
+kernels' own per-pair score (:mod:`._probe`: each probed cell read once, in one piece, for all
+the queries that probe it, in one compiled pass); rows deleted since the build are masked, rows added since are scanned exactly and
 merged. When those exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is
 stale: a warning says so and the search scans exactly. ``compact`` renumbers rows, so it
 drops the index (with a warning).
