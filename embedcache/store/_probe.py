@@ -114,11 +114,19 @@ def _top(first, lengths, qstart, qlist, queries, inv_q, vectors, rows, k, cosine
         _scan(0, work[-1], *args, heap_s[0], heap_i[0])
     else:
         _scan_shares(*args, heap_s, heap_i)
-    out_s = np.empty((nq, k), np.float32)
-    out_i = np.empty((nq, k), np.int64)
     heap_s = np.ascontiguousarray(heap_s.transpose(1, 0, 2)).reshape(nq, shares * k)
     heap_i = np.ascontiguousarray(heap_i.transpose(1, 0, 2)).reshape(nq, shares * k)
-    _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
+    if nq > _config.STORE_INDEX_FEW_QUERIES:
+        out_s = np.empty((nq, k), np.float32)
+        out_i = np.empty((nq, k), np.int64)
+        _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
+        return out_s, out_i
+    # a few lists: sorted here, without a parallel launch (score descending, then row)
+    order = np.lexsort((heap_i, -heap_s), axis=-1)[:, :k]
+    out_s = np.take_along_axis(heap_s, order, axis=1)
+    out_i = np.take_along_axis(heap_i, order, axis=1)
+    empty = out_i == _NO_INDEX
+    out_s[empty], out_i[empty] = -np.inf, -1
     return out_s, out_i
 
 
