@@ -119,6 +119,12 @@ INDEX_CURVE_K = 10
 MAX_SEGMENT_BYTES = 256 * 1024 * 1024
 #: vectors are converted, checked and written in pieces of about this size (bounded memory)
 STORE_CHUNK_BYTES = 16 * 1024 * 1024
+#: up to this many queries, a search through a store's index scans the probed cells of all
+#: queries in one compiled pass (per-cell kernel calls above: each cell read once per batch)
+STORE_INDEX_FEW_QUERIES = 16
+#: rows per thread at least in that pass (fewer rows: fewer threads; one thread never waits
+#: for a second that a busy machine has descheduled)
+STORE_INDEX_SHARE_ROWS = 32768
 #: VectorStore.add_texts embeds this many texts per call to the embedder
 STORE_EMBED_CHUNK = 4096
 

@@ -213,3 +213,30 @@ def test_another_handle_follows_a_rebuilt_index(tmp_path):
         _assert_same(exact, full)
         assert b.index_info()["rows"] == 1800 and b.index_info()["seed"] == 1
         assert first[1].shape == (30, 5)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices(max_rows=60, min_rows=2, max_dim=6), cells=st.integers(1, 9), k=st.integers(1, 12),
+       probes_recall=st.sampled_from([0.5, 0.9, 1.0]), dtype=st.sampled_from(["float32", "float16"]),
+       metric=st.sampled_from(["cosine", "dot"]), dead=st.integers(0, 5), seed=st.integers(0, 3))
+def test_one_query_at_a_time_equals_the_batch_bit_for_bit(x, cells, k, probes_recall, dtype, metric, dead, seed):
+    # a few queries rank their cells in a compiled pass, a batch through top_k; one thread's
+    # scan or several threads' shares: the same answer
+    x = np.clip(x, -1000, 1000)
+    n = len(x)
+    with tempfile.TemporaryDirectory() as d, _config.override(
+        INDEX_MIN_CELL=1, INDEX_STALE_FRACTION=100, STORE_INDEX_FEW_QUERIES=4
+    ):
+        store = ec.VectorStore(d, dtype=dtype, metric=metric)
+        store.add(ids_of(n), x)
+        store.create_index(cells=cells, seed=seed)
+        store.delete([f"r{i}" for i in range(1, n, 5)][:dead])  # masked, never returned
+        q = np.concatenate([x[::-1], np.zeros((1, x.shape[1]), np.float32)])[:12]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with _config.override(STORE_INDEX_SHARE_ROWS=1):  # cut in shares, one per thread
+                batch = store.search(q, k, recall=probes_recall)
+            alone = [store.search(v, k, recall=probes_recall) for v in q]  # one share each
+        np.testing.assert_array_equal(batch[0], np.concatenate([a[0] for a in alone]))
+        np.testing.assert_array_equal(batch[1], np.concatenate([a[1] for a in alone]))
+        store.close()

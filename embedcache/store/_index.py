@@ -17,8 +17,9 @@ setting is changed in the commit that makes the index visible. A kill at any poi
 the old index (or none); leftover files are removed by the next ``create_index`` or
 ``compact``.
 
-A search through it probes the cells nearest each query and scores their rows with the exact
-kernels; rows deleted since the build are masked, rows added since are scanned exactly and
+A search through it probes the cells nearest each query and scores their rows with the
+kernels' own per-pair score (:mod:`._probe`: each probed cell read once, in one piece, for all
+the queries that probe it, in one compiled pass); rows deleted since the build are masked, rows added since are scanned exactly and
 merged. When those exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is
 stale: a warning says so and the search scans exactly. ``compact`` renumbers rows, so it
 drops the index (with a warning).
@@ -45,10 +46,11 @@ from embedcache import _config, kernels
 from embedcache.errors import InvalidInputError, StoreCorruptedError
 from embedcache.index._cells import build_cells
 from embedcache.index._merge import NO_INDEX, merge_topk
-from embedcache.index._partition import PartitionIndex, probe_topk
+from embedcache.index._partition import PartitionIndex
 from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
+from embedcache.store._probe import probe
 from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
@@ -345,22 +347,10 @@ def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray
     cells per query, rows deleted since the build masked, rows added since scanned exactly.
     Ties go to the lower row, as in the exact scan."""
     nq = len(queries)
-    cells = desc["cells"]
-    near = kernels.top_k(queries, loaded.centroids, min(probes, cells))[1]
-    off, rows, vec = loaded.offsets, loaded.rows, loaded.vectors
     deleted = view.deleted[: np.searchsorted(view.deleted, desc["covered"])]
     check_dead = len(deleted) > desc["deleted_at_build"]
-
-    def block(c: int):
-        ids = np.asarray(rows[off[c] : off[c + 1]])
-        mask = None
-        if check_dead:
-            pos = np.minimum(np.searchsorted(deleted, ids), len(deleted) - 1)
-            dead = deleted[pos] == ids
-            mask = ~dead if dead.any() else None
-        return vec[off[c] : off[c + 1]], ids, mask
-
-    scores, found = probe_topk(queries, near, block, cells, k, metric=view.metric)
+    scores, found = probe(queries, loaded.centroids, probes, loaded.offsets, loaded.vectors, loaded.rows, k,
+                          view.metric, deleted if check_dead else None)
     if view.next_row > desc["covered"]:  # rows added since the build: an exact scan of them
         added = np.arange(desc["covered"], view.next_row, dtype=np.int64)
         added = added[~np.isin(added, view.deleted, assume_unique=True)]
