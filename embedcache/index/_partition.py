@@ -178,11 +178,14 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
 
 def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndarray, threshold: float):
     """The pairs one cell gives: within its rows ``block`` (row numbers ``ids``), and between
-    the rows ``xq`` (row numbers ``q``) that probe it and its rows; ``(i, j, s)`` parts."""
-    i, j, s = kernels.similar_pairs(block, threshold)
+    the rows ``xq`` (row numbers ``q``) that probe it and its rows; ``(i, j, s)`` parts, in no
+    particular order (:func:`merge_pairs` sorts them all once)."""
+    from embedcache.kernels.pairs import unsorted_pairs
+
+    i, j, s = unsorted_pairs(block, threshold)
     yield ids[i], ids[j], s
     if len(q):
-        i, j, s = kernels.similar_pairs(xq, threshold, y=block)
+        i, j, s = unsorted_pairs(xq, threshold, y=block)
         yield q[i], ids[j], s
 
 

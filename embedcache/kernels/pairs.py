@@ -52,6 +52,13 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine"):
     :func:`dot_similarity` bit for bit. Memory is proportional to the output plus one tile
     of scores; only the upper triangle is computed when y is None.
     """
+    i, j, sc = unsorted_pairs(x, threshold, y=y, metric=metric)
+    order = np.lexsort((j, i, -sc))
+    return i[order], j[order], sc[order]
+
+
+def unsorted_pairs(x, threshold, *, y=None, metric="cosine"):
+    """:func:`similar_pairs` in no particular order (for callers that sort many parts once)."""
     metric = check_metric(metric)
     threshold = check_threshold(threshold, metric)
     x32 = as_matrix(x, "x")
@@ -114,10 +121,7 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine"):
     if not parts_i:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     i = np.concatenate(parts_i).astype(np.int64, copy=False)
-    j = np.concatenate(parts_j)
-    sc = np.concatenate(parts_s)
-    order = np.lexsort((j, i, -sc))
-    return i[order], j[order], sc[order]
+    return i, np.concatenate(parts_j), np.concatenate(parts_s)
 
 
 def threshold_forest(x, threshold, parent, *, ids=None, y=None, y_ids=None):
