@@ -127,7 +127,7 @@ def nearest(x: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
     p = min(probes, len(centroids))
     out = np.empty((len(x), p), np.int64)
     scorer = CellScorer(centroids)
-    chunk = max(256, _SCORES // max(1, len(centroids)))
+    chunk = max(1, min(_config.CHUNK_ROWS * 8, _SCORES // max(1, len(centroids))))
     for a in range(0, len(x), chunk):
         out[a : a + chunk] = scorer.best(np.ascontiguousarray(x[a : a + chunk], dtype=np.float32), p)
     return out
@@ -197,7 +197,7 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
     fine = CellScorer(centroids, member)
     out = np.empty((len(x), p), np.int64)
     widest = int(np.sort(fine.sizes)[::-1][:m].sum())
-    chunk = max(256, _SCORES // max(1, widest, len(coarse)))
+    chunk = max(1, min(_config.CHUNK_ROWS * 16, _SCORES // max(1, widest, len(coarse))))
     for a in range(0, len(x), chunk):
         xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
         inv_x, _ = _stats(xc, "x")
