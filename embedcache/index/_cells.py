@@ -1,11 +1,13 @@
-"""Cells: spherical k-means on a sample, assignment through the top-k kernel, big cells split.
+"""Cells: spherical k-means on a sample, assignment by BLAS products and exact rescoring, big cells split.
 
 Every vector gets one cell (its *own* cell). How many: about sqrt(n), and beyond
 ``INDEX_ROWS_PER_CELL**2`` rows as many as keep the mean cell at ``INDEX_ROWS_PER_CELL`` rows,
 so the rows a probe reads, and the work per row of a search, do not grow with n. Cells are
 trained by spherical k-means on a sample of unit rows (above ``INDEX_TWO_LEVEL_CELLS`` cells
-inside coarse groups, :func:`kmeans_two_level`, so training costs ``sqrt(cells)`` per row); every row is then assigned with :func:`embedcache.top_k` against the
-centroids (a BLAS product, no Python loop over rows); with more than
+inside coarse groups, :func:`kmeans_two_level`, so training costs ``sqrt(cells)`` per row); every
+row is then assigned to its nearest centroid in the order :func:`embedcache.top_k` gives
+(:class:`._knn.CellScorer`: a BLAS product, then the few centroids near a row's best rescored
+exactly; no Python loop over rows); with more than
 ``_config.INDEX_TWO_LEVEL_CELLS`` centroids, through two levels (about sqrt(cells) coarse
 groups of centroids, then the centroids of a row's nearest groups), so assignment costs about
 ``n * sqrt(cells)`` products instead of ``n * cells``. A cell holding more than
