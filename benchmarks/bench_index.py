@@ -262,8 +262,9 @@ class PeakAnon:
 
     def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, self.now())
-            self.span = max(self.span, self.peak)
+            now = self.now()
+            self.peak = max(self.peak, now)
+            self.span = max(self.span, now)
             time.sleep(0.1)
 
     span = 0
