@@ -102,37 +102,6 @@ def rows_knn(x: Any, index: Any, near: np.ndarray, k: int, bar=None) -> tuple[np
     return heap_s, heap_i
 
 
-def nearest_among(x: np.ndarray, groups: list[np.ndarray], group_ids: list[np.ndarray], near: np.ndarray,
-                  p: int) -> np.ndarray:
-    """(len(x), p) int64: for each row of ``x`` (float32, C-contiguous), its ``p`` best among
-    the unit rows ``groups[g]`` (numbered ``group_ids[g]``) of the groups ``near[r]`` it
-    looks into, by cosine, best first, ties to the lower number; -1 where fewer. Each group's
-    rows are scored against the rows looking into it by one BLAS product, and the few that
-    may enter a row's list are rescored as :func:`embedcache.top_k` scores them: the same
-    order as ``top_k`` over those candidates. The rows are normalized once, whatever the
-    number of groups each looks into."""
-    from embedcache.index._merge import by_cell
-
-    heap_s = np.full((len(x), p), -np.inf, np.float32)
-    heap_i = np.full((len(x), p), NO_INDEX, np.int64)
-    if not len(x) or p == 0:
-        return heap_i
-    inv_x, _ = _stats(x, "x")
-    xn = kernels.normalize(x)
-    rows, starts = by_cell(near, len(groups))
-    margin, rel = _blas_margin(x.shape[1]), 4 * _UNIT
-    for g, cent in enumerate(groups):
-        r = rows[starts[g] : starts[g + 1]]
-        if not len(r) or not len(cent):
-            continue
-        inv_c, norm_c = _stats(cent, "centroids")
-        filt_c = _filter_scale(inv_c, norm_c, 1.0, True)
-        s = xn[r] @ cent.T
-        _fold(s, x, inv_x, r, r, cent, inv_c, filt_c, group_ids[g], margin, rel, heap_s, heap_i, False)
-    heap_i[heap_i == NO_INDEX] = -1
-    return heap_i
-
-
 @njit(inline="always")
 def _insert(hs, hi, e, j):
     """Insert (score e, id j) into the list ``hs``/``hi`` sorted by score descending, ties
