@@ -28,7 +28,8 @@ The sampled rows' true pairs and true neighbours come from one pass over the row
 the benchmark: ``--truth-dir`` keeps it (computed in M parts, one per run, with
 ``--truth-part``) for the next runs, the pairs and the kNN graph then timed in runs of their
 own (``--no-knn``, ``--no-pairs``). Peak RSS is the process's, memory map included; "beyond the map" is the peak
-anonymous memory (sampled every 0.1 s), what the 4 GiB target is about.
+anonymous memory (sampled every 0.1 s), what the 4 GiB target is about: over the whole run (the
+benchmark's own recall counting included) and during the pair search alone.
 
 For every size: exact pairs (``similar_pairs``) up to ``--exact-up-to`` rows, above it the
 exact time extrapolated from the sampled rows' exact search (q rows against n cost q / (n/2)
@@ -261,8 +262,19 @@ class PeakAnon:
 
     def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, self.now())
+            now = self.now()
+            self.peak = max(self.peak, now)
+            self.span = max(self.span, now)
             time.sleep(0.1)
+
+    span = 0
+
+    def start(self) -> None:
+        """Start measuring the peak of one step (:meth:`step_gib`) apart from the whole run's."""
+        self.span = self.now()
+
+    def step_gib(self) -> float:
+        return max(self.span, self.now()) / 2**30
 
     def gib(self) -> float:
         return max(self.peak, self.now()) / 2**30
@@ -419,8 +431,10 @@ def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
     n = len(x)
     sz = index.sizes.astype(np.float64)
     t0 = time.perf_counter()
+    anon.start()
     i, j, s, rec = partitioned_pairs(x, a.threshold, recall=a.recall, index=index)
     t_part = time.perf_counter() - t0
+    step_peak = anon.step_gib()
     r_sample = recall_of(sample_keys(i, j, sample, n), truth)
     # the quantity the library estimates: the share of all true pairs found
     r_true = len(i) / max(1, len(exact_keys)) if exact_keys is not None else r_sample
@@ -437,7 +451,8 @@ def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
     print(f"partitioned pairs    {t_part:8.2f} s + build {t_build:.2f} s  cells={index.cells} "
           f"(largest {int(sz.max())}, sum of squares {sz @ sz / n:.0f} n) {len(i)} pairs; {rec}; "
           f"true recall {r_true:.4f} ({t_exact / (t_build + t_part):.1f}x faster than exact); "
-          f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
+          f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB; during the "
+          f"search: {step_peak:.2f} GiB, its output {len(i) * 20 / 2**30:.2f} GiB)", flush=True)
     a.t_part, a.t_build = t_part, t_build
     return r_true
 

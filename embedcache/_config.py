@@ -71,6 +71,13 @@ INDEX_ROW_CELLS = 16
 #: rows × cells past which a search that probes every cell runs the exact kernels instead
 #: (same answer, without a per-row list of every cell: 3M rows × 3,000 cells would be 68 GiB)
 INDEX_EVERY_CELL_ENTRIES = 1 << 27
+#: pairs a partitioned search holds in memory before it writes its runs to a temporary file
+INDEX_SPILL_PAIRS = 1 << 22
+#: pairs per band of the final sort of a partitioned search (its memory beyond the output)
+INDEX_SORT_BAND = 1 << 22
+#: bytes of the probe lists kept with an index for its next search (more: only the probes
+#: of the search at hand, recomputed next time)
+INDEX_ROW_CELLS_BYTES = 256 << 20
 #: rounds of spherical k-means
 INDEX_KMEANS_ITERS = 8
 #: cells larger than this many times the mean cell size are split again

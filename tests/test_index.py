@@ -284,6 +284,38 @@ def test_merge_pairs_lists_each_pair_once_by_score_then_i_then_j(parts):
     assert s.tolist() == [np.float32(v) for _, v in want]
 
 
+@settings(max_examples=100, deadline=None)
+@given(parts=st.lists(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30),
+                                         st.sampled_from([-1.0, -0.5, -0.0, 0.0, 0.25, 0.9, 0.9000001, 1.0])),
+                               max_size=12), max_size=6),
+       spill=st.integers(1, 9), band=st.integers(1, 7), unique=st.booleans())
+def test_merge_pairs_spilled_and_sorted_in_bands_equals_one_sort(parts, spill, band, unique):
+    """Runs written to a temporary file past INDEX_SPILL_PAIRS and sorted in score bands of
+    INDEX_SORT_BAND pairs: the same list as one sort of the distinct pairs (-0.0 ties 0.0)."""
+    n = 31
+    score = {}
+    for part in parts:
+        for i, j, v in part:
+            if i != j:
+                score.setdefault((min(i, j), max(i, j)), v)
+    seen = set()
+    arrays = []
+    for part in parts:
+        rows = [(i, j) for i, j, _ in part if i != j and (not unique or (min(i, j), max(i, j)) not in seen)]
+        seen.update((min(i, j), max(i, j)) for i, j in rows)
+        if unique:
+            rows = list(dict.fromkeys(rows, None))
+            rows = [r for k, r in enumerate(rows) if (min(r), max(r)) not in {(min(q), max(q)) for q in rows[:k]}]
+        arrays.append((np.array([i for i, _ in rows], np.int64), np.array([j for _, j in rows], np.int64),
+                       np.array([score[min(r), max(r)] for r in rows], np.float32)))
+    with _config.override(INDEX_SPILL_PAIRS=spill, INDEX_SORT_BAND=band):
+        a, b, s = merge_pairs(arrays, n, unique=unique)
+    want = sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert list(zip(a.tolist(), b.tolist())) == [k for k, _ in want]
+    assert s.tolist() == [np.float32(v) for _, v in want]
+    assert a.dtype == b.dtype == np.int64 and s.dtype == np.float32
+
+
 @given(st.lists(st.integers(-3, 3), max_size=30))
 def test_first_of_each_is_where_unique_finds_each_value(keys):
     keys = np.array(keys, np.int64)

@@ -33,6 +33,26 @@ def test_two_level_looking_into_every_group_equals_brute_force(x, c, chunk):
     np.testing.assert_array_equal(got, brute(x, c))
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices(max_rows=40, min_rows=0, max_dim=6), c=matrices(max_rows=25, min_rows=1, max_dim=6),
+       p=st.integers(1, 30), chunk=st.sampled_from([1, 3, 1000]), ties=st.booleans())
+def test_nearest_cells_are_the_top_k_order_at_one_level_and_through_every_group(x, c, p, chunk, ties):
+    """The nearest cells (BLAS products, exact rescoring near each row's p-th best) list the
+    cells as top_k does, ties to the lower cell, one level or through every coarse group."""
+    from embedcache.index._cells import nearest, nearest_two_level
+
+    d = min(x.shape[1], c.shape[1])
+    x, c = np.ascontiguousarray(x[:, :d]), np.ascontiguousarray(c[:, :d])
+    if ties and len(c) > 2:
+        c[1] = c[2]
+    c = ec.normalize(c)
+    want = ec.top_k(x, c, min(p, len(c)))[1] if len(x) else np.zeros((0, min(p, len(c))), np.int64)
+    with _config.override(CHUNK_ROWS=chunk):
+        np.testing.assert_array_equal(nearest(x, c, p), want)
+        coarse, member = coarse_groups(c)
+        np.testing.assert_array_equal(nearest_two_level(x, c, coarse, member, len(coarse), min(p, len(c))), want)
+
+
 def test_two_level_agrees_with_brute_force_on_clustered_rows():
     """With the default coarse probes most rows get their nearest cell, and the others a cell
     almost as near (here many centroids sit in one cluster: near-ties across groups)."""

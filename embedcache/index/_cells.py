@@ -1,11 +1,13 @@
-"""Cells: spherical k-means on a sample, assignment through the top-k kernel, big cells split.
+"""Cells: spherical k-means on a sample, assignment by BLAS products and exact rescoring, big cells split.
 
 Every vector gets one cell (its *own* cell). How many: about sqrt(n), and beyond
 ``INDEX_ROWS_PER_CELL**2`` rows as many as keep the mean cell at ``INDEX_ROWS_PER_CELL`` rows,
 so the rows a probe reads, and the work per row of a search, do not grow with n. Cells are
 trained by spherical k-means on a sample of unit rows (above ``INDEX_TWO_LEVEL_CELLS`` cells
-inside coarse groups, :func:`kmeans_two_level`, so training costs ``sqrt(cells)`` per row); every row is then assigned with :func:`embedcache.top_k` against the
-centroids (a BLAS product, no Python loop over rows); with more than
+inside coarse groups, :func:`kmeans_two_level`, so training costs ``sqrt(cells)`` per row); every
+row is then assigned to its nearest centroid in the order :func:`embedcache.top_k` gives
+(:class:`._knn.CellScorer`: a BLAS product, then the few centroids near a row's best rescored
+exactly; no Python loop over rows); with more than
 ``_config.INDEX_TWO_LEVEL_CELLS`` centroids, through two levels (about sqrt(cells) coarse
 groups of centroids, then the centroids of a row's nearest groups), so assignment costs about
 ``n * sqrt(cells)`` products instead of ``n * cells``. A cell holding more than
@@ -23,6 +25,10 @@ from typing import Any
 import numpy as np
 
 from embedcache import _config, kernels
+from embedcache.kernels._core import _stats
+
+#: BLAS scores held at once when rows are scored against centroids (float32 each: 128 MiB)
+_SCORES = 1 << 25
 
 
 def default_cells(n: int) -> int:
@@ -118,11 +124,14 @@ def nearest(x: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
     """(n, min(probes, cells)) int64: the nearest centroids of each row of ``x``, nearest first
     (cosine, ties to the lower cell), chunk by chunk. A row's answer does not depend on the
     rows it is computed with (the kernels' scores are per pair)."""
+    from embedcache.index._knn import CellScorer
+
     p = min(probes, len(centroids))
     out = np.empty((len(x), p), np.int64)
-    chunk = _config.CHUNK_ROWS * 8
+    scorer = CellScorer(centroids)
+    chunk = max(1, min(_config.CHUNK_ROWS * 8, _SCORES // max(1, len(centroids))))
     for a in range(0, len(x), chunk):
-        out[a : a + chunk] = kernels.top_k(x[a : a + chunk], centroids, p)[1]
+        out[a : a + chunk] = scorer.best(np.ascontiguousarray(x[a : a + chunk], dtype=np.float32), p)
     return out
 
 
@@ -183,20 +192,20 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
     """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
     ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
     to the lower cell; -1 where a row has fewer candidates."""
-    from embedcache.index._knn import nearest_among
+    from embedcache.index._knn import CellScorer
 
     m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
-    by_group = np.argsort(member, kind="stable")  # cells of group g, increasing
-    starts = np.zeros(len(coarse) + 1, np.int64)
-    np.cumsum(np.bincount(member, minlength=len(coarse)), out=starts[1:])
-    ids = [by_group[starts[g] : starts[g + 1]] for g in range(len(coarse))]
-    fine = [np.ascontiguousarray(centroids[i], dtype=np.float32) for i in ids]
+    top = CellScorer(coarse)
+    fine = CellScorer(centroids, member)
     out = np.empty((len(x), p), np.int64)
-    chunk = _config.CHUNK_ROWS * 16
+    widest = int(np.sort(fine.sizes)[::-1][:m].sum())
+    chunk = max(1, min(_config.CHUNK_ROWS * 16, _SCORES // max(1, widest, len(coarse))))
     for a in range(0, len(x), chunk):
         xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
-        near = kernels.top_k(xc, coarse, m)[1]
-        out[a : a + len(xc)] = nearest_among(xc, fine, ids, near, p)
+        inv_x, _ = _stats(xc, "x")
+        xn = kernels.normalize(xc)
+        near = top.best(xc, m, xn=xn, inv_x=inv_x)
+        out[a : a + len(xc)] = fine.best(xc, p, near=near, xn=xn, inv_x=inv_x)
     return out
 
 

@@ -102,32 +102,150 @@ def rows_knn(x: Any, index: Any, near: np.ndarray, k: int, bar=None) -> tuple[np
     return heap_s, heap_i
 
 
-def nearest_among(x: np.ndarray, groups: list[np.ndarray], group_ids: list[np.ndarray], near: np.ndarray,
-                  p: int) -> np.ndarray:
-    """(len(x), p) int64: for each row of ``x`` (float32, C-contiguous), its ``p`` best among
-    the unit rows ``groups[g]`` (numbered ``group_ids[g]``) of the groups ``near[r]`` it
-    looks into, by cosine, best first, ties to the lower number; -1 where fewer. Each group's
-    rows are scored against the rows looking into it by one BLAS product, and the few that
-    may enter a row's list are rescored as :func:`embedcache.top_k` scores them: the same
-    order as ``top_k`` over those candidates. The rows are normalized once, whatever the
-    number of groups each looks into."""
-    from embedcache.index._merge import by_cell
+@njit(inline="always")
+def _insert(hs, hi, e, j):
+    """Insert (score e, id j) into the list ``hs``/``hi`` sorted by score descending, ties
+    to the lower id, keeping its length (the last entry drops out)."""
+    k = hs.shape[0]
+    if e < hs[k - 1] or (e == hs[k - 1] and j >= hi[k - 1]):
+        return
+    pos = k - 1
+    while pos > 0 and (hs[pos - 1] < e or (hs[pos - 1] == e and hi[pos - 1] > j)):
+        hs[pos] = hs[pos - 1]
+        hi[pos] = hi[pos - 1]
+        pos -= 1
+    hs[pos] = e
+    hi[pos] = j
 
-    heap_s = np.full((len(x), p), -np.inf, np.float32)
-    heap_i = np.full((len(x), p), NO_INDEX, np.int64)
-    if not len(x) or p == 0:
-        return heap_i
-    inv_x, _ = _stats(x, "x")
-    xn = kernels.normalize(x)
-    rows, starts = by_cell(near, len(groups))
-    margin, rel = _blas_margin(x.shape[1]), 4 * _UNIT
-    for g, cent in enumerate(groups):
-        r = rows[starts[g] : starts[g + 1]]
-        if not len(r) or not len(cent):
-            continue
-        inv_c, norm_c = _stats(cent, "centroids")
-        filt_c = _filter_scale(inv_c, norm_c, 1.0, True)
-        s = xn[r] @ cent.T
-        _fold(s, x, inv_x, r, r, cent, inv_c, filt_c, group_ids[g], margin, rel, heap_s, heap_i, False)
-    heap_i[heap_i == NO_INDEX] = -1
-    return heap_i
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _pick_rows(lo, hi, s, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_c, margin, rel, out):
+    p = out.shape[1]
+    blas = np.empty(p, np.float32)
+    hs = np.empty(p, np.float32)
+    hidx = np.empty(p, np.int64)
+    for r in range(lo, hi):
+        # the p-th best BLAS score among the row's candidates (NaN filters: rescored anyway)
+        blas[:] = -np.inf
+        off = 0
+        for jj in range(near.shape[1]):
+            g = near[r, jj]
+            if g < 0:
+                continue
+            for u in range(sizes[g]):
+                v = s[r, off + u] * filt_c[members[mstart[g] + u]]
+                if v > blas[p - 1]:
+                    pos = p - 1
+                    while pos > 0 and blas[pos - 1] < v:
+                        blas[pos] = blas[pos - 1]
+                        pos -= 1
+                    blas[pos] = v
+            off += sizes[g]
+        # a cell of the exact best p scores at least the p-th best BLAS score less one error
+        # bound, and its BLAS score at most one bound below that
+        kth = np.float64(blas[p - 1])
+        cut = _cutoff(_cutoff(kth, margin, rel), margin, rel) if kth > -np.inf else -np.inf
+        hs[:] = -np.inf
+        hidx[:] = NO_INDEX
+        off = 0
+        for jj in range(near.shape[1]):
+            g = near[r, jj]
+            if g < 0:
+                continue
+            for u in range(sizes[g]):
+                c = members[mstart[g] + u]
+                if s[r, off + u] * filt_c[c] < cut:
+                    continue
+                e = _pair_score(x[r], cent[c], inv_x[r], inv_c[c], True)
+                _insert(hs, hidx, e, c)
+            off += sizes[g]
+        for t in range(p):
+            out[r, t] = hidx[t] if hidx[t] != NO_INDEX else -1
+
+
+@njit(parallel=True, cache=True)
+def _pick(s, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_c, margin, rel, out, chunks):
+    """For each row r of x: the ``p = out.shape[1]`` best cells (cosine, exact scores, ties to
+    the lower cell; -1 where fewer) among the members of the groups ``near[r]`` (-1: none),
+    group g's cells being ``members[mstart[g]:mstart[g] + sizes[g]]``. ``s[r]`` holds the
+    BLAS scores of the normalized row against those cells, group after group in the order
+    of ``near[r]``: only cells within two error bounds of the p-th best BLAS score are
+    rescored exactly."""
+    n = s.shape[0]
+    for t in prange(chunks):
+        _pick_rows(n * t // chunks, n * (t + 1) // chunks, s, near, sizes, members, mstart, x, inv_x, cent,
+                   inv_c, filt_c, margin, rel, out)
+
+
+@njit(cache=True, nogil=True)
+def _place(sg, rows, offs, s):
+    """s[rows[t], offs[t]:offs[t] + sg.shape[1]] = sg[t]."""
+    w = sg.shape[1]
+    for t in range(sg.shape[0]):
+        r = rows[t]
+        o = offs[t]
+        for u in range(w):
+            s[r, o + u] = sg[t, u]
+
+
+class CellScorer:
+    """The nearest cells of rows, exactly as :func:`embedcache.top_k` orders them (cosine, ties
+    to the lower cell), through one BLAS product per group of cells and an exact rescoring
+    of the few cells near each row's p-th best: ``centroids`` (c, d); ``member`` (c,) the
+    group of each centroid (all one group: no two levels)."""
+
+    def __init__(self, centroids: np.ndarray, member: np.ndarray | None = None) -> None:
+        self.cent = np.ascontiguousarray(centroids, dtype=np.float32)
+        c = len(self.cent)
+        member = np.zeros(c, np.int64) if member is None else np.asarray(member, np.int64)
+        self.groups = int(member.max()) + 1 if c else 1
+        self.members = np.argsort(member, kind="stable").astype(np.int64)  # cells of group g, increasing
+        self.sizes = np.bincount(member, minlength=self.groups).astype(np.int64)
+        self.mstart = np.zeros(self.groups + 1, np.int64)
+        np.cumsum(self.sizes, out=self.mstart[1:])
+        self.fine = [np.ascontiguousarray(self.cent[self.members[self.mstart[g] : self.mstart[g + 1]]])
+                     for g in range(self.groups)]
+        self.inv_c, norm_c = _stats(self.cent, "centroids")
+        self.filt_c = _filter_scale(self.inv_c, norm_c, 1.0, True)
+        self.margin, self.rel = _blas_margin(self.cent.shape[1]), 4 * _UNIT
+
+    def best(self, x: np.ndarray, p: int, near: np.ndarray | None = None, xn=None, inv_x=None) -> np.ndarray:
+        """(len(x), p) int64: the p best cells of each row of ``x`` (float32, C-contiguous)
+        among the groups ``near`` ((len(x), m), -1: none; default: every group)."""
+        import numba
+
+        n = len(x)
+        out = np.full((n, p), -1, np.int64)
+        if not n or p <= 0 or not len(self.cent):
+            return out
+        if inv_x is None:
+            inv_x, _ = _stats(x, "x")
+        if xn is None:
+            xn = kernels.normalize(x)
+        if near is None and self.groups == 1:  # every cell: one product
+            near = np.zeros((n, 1), np.int64)
+            s = np.ascontiguousarray(xn @ self.fine[0].T)
+        else:
+            if near is None:
+                near = np.broadcast_to(np.arange(self.groups), (n, self.groups))
+            near = np.ascontiguousarray(near, dtype=np.int64)
+            width = np.where(near >= 0, self.sizes[np.maximum(near, 0)], 0)
+            slot = np.cumsum(width, axis=1) - width
+            s = np.zeros((n, max(1, int(width.sum(axis=1).max()))), np.float32)
+            flat = near.ravel()
+            ok = flat >= 0
+            g_of = flat[ok]
+            r_of = np.repeat(np.arange(n), near.shape[1])[ok]
+            o_of = slot.ravel()[ok]
+            order = np.argsort(g_of, kind="stable")
+            g_of, r_of, o_of = g_of[order], r_of[order], o_of[order]
+            bounds = np.searchsorted(g_of, np.arange(self.groups + 1))
+            for g in range(self.groups):
+                a, b = bounds[g], bounds[g + 1]
+                if a == b or not self.sizes[g]:
+                    continue
+                _place(xn[r_of[a:b]] @ self.fine[g].T, r_of[a:b], o_of[a:b], s)
+        chunks = max(1, min(numba.get_num_threads() * 4, n))
+        _pick(s, near, self.sizes, self.members, self.mstart, x, inv_x, self.cent, self.inv_c, self.filt_c,
+              self.margin, self.rel, out, chunks)
+        return out

@@ -20,6 +20,7 @@ from embedcache._validation import check_int
 from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest, probe_order
 from embedcache.index._merge import NO_INDEX, by_cell, merge_topk
 from embedcache.index._source import ArraySource, source_of
+from embedcache.index._spill import PairRuns
 
 #: what a cell gives a search: (its vectors, their row numbers, mask of eligible rows or None)
 CellBlock = Callable[[int], "tuple[np.ndarray, np.ndarray, np.ndarray | None]"]
@@ -123,9 +124,11 @@ class PartitionIndex:
         have = self._near.get("cells")
         if have is None or have.shape[1] < p:
             keep = min(self.cells, max(p, _config.INDEX_ROW_CELLS))
+            if len(x) * keep * 4 > _config.INDEX_ROW_CELLS_BYTES:
+                keep = p  # a large collection: the probes at hand only
             have = self.probe_cells(x, keep).astype(np.int32 if self.cells < 2**31 else np.int64)
             self._near["cells"] = have
-        return np.ascontiguousarray(have[:, :p])
+        return have if have.shape[1] == p else np.ascontiguousarray(have[:, :p])
 
     def sorted_rows(self, x: np.ndarray) -> np.ndarray:
         """``x`` with its rows in cell order (one copy, the dtype of x). ``x`` is read in order,
@@ -175,36 +178,27 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
 
 def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndarray, threshold: float):
     """The pairs one cell gives: within its rows ``block`` (row numbers ``ids``), and between
-    the rows ``xq`` (row numbers ``q``) that probe it and its rows; ``(i, j, s)`` parts."""
-    i, j, s = kernels.similar_pairs(block, threshold)
+    the rows ``xq`` (row numbers ``q``) that probe it and its rows; ``(i, j, s)`` parts, in no
+    particular order (:func:`merge_pairs` sorts them all once)."""
+    from embedcache.kernels.pairs import unsorted_pairs
+
+    i, j, s = unsorted_pairs(block, threshold)
     yield ids[i], ids[j], s
     if len(q):
-        i, j, s = kernels.similar_pairs(xq, threshold, y=block)
+        i, j, s = unsorted_pairs(xq, threshold, y=block)
         yield q[i], ids[j], s
 
 
 def merge_pairs(parts, n: int, unique: bool = False):
     """The ``(i, j, s)`` parts of a search as one list: each pair once (i < j), sorted by score
     descending, then i, then j. A pair found twice has the same score both times.
-    ``unique``: the parts hold each pair once (one sort fewer, no copy of the keys)."""
-    keys, scores = [], []
-    for i, j, s in parts:  # each part sorted as it comes, while a cluster's other tasks run
-        key = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
-        order = np.argsort(key, kind="stable")
-        keys.append(key[order])
-        scores.append(np.asarray(s)[order])
-    if not keys:
-        e = np.empty(0, np.int64)
-        return e, e.copy(), np.empty(0, np.float32)
-    key, s = np.concatenate(keys), np.concatenate(scores)
-    del keys, scores
-    # a pair found from both sides: once; either way a sort merges the sorted runs
-    first = np.argsort(key, kind="stable") if unique else first_of_each(key)
-    key, s = key[first], s[first]
-    del first
-    order = np.argsort(-s, kind="stable")  # then by score: ties stay in (a, b) order
-    key, s = key[order], s[order]
-    return key // n, key % n, s
+    ``unique``: the parts hold each pair once. The parts are kept compactly (spilled to a
+    temporary file when many) and sorted by score bands (:class:`._spill.PairRuns`): the
+    peak memory is about the output plus one band."""
+    with PairRuns(n) as runs:
+        for i, j, s in parts:
+            runs.add(i, j, s)
+        return runs.sorted(unique)
 
 
 def first_of_each(keys: np.ndarray) -> np.ndarray:

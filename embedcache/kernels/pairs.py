@@ -21,7 +21,8 @@ from embedcache.kernels._core import (
     _same_root,
 )
 
-__all__ = ["forest_roots", "meets_threshold", "pair_order", "similar_pairs", "threshold_forest"]
+__all__ = ["descending_bits", "forest_roots", "key_order", "meets_threshold", "pair_order", "similar_pairs",
+           "threshold_forest"]
 
 _PAIRS_WIDTH = 16  # matches per row and tile collected in the first scan
 
@@ -52,6 +53,13 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine"):
     :func:`dot_similarity` bit for bit. Memory is proportional to the output plus one tile
     of scores; only the upper triangle is computed when y is None.
     """
+    i, j, sc = unsorted_pairs(x, threshold, y=y, metric=metric)
+    order = pair_order(i, j, sc)
+    return i[order], j[order], sc[order]
+
+
+def unsorted_pairs(x, threshold, *, y=None, metric="cosine"):
+    """:func:`similar_pairs` in no particular order (for callers that sort many parts once)."""
     metric = check_metric(metric)
     threshold = check_threshold(threshold, metric)
     x32 = as_matrix(x, "x")
@@ -114,10 +122,7 @@ def similar_pairs(x, threshold, *, y=None, metric="cosine"):
     if not parts_i:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     i = np.concatenate(parts_i).astype(np.int64, copy=False)
-    j = np.concatenate(parts_j)
-    sc = np.concatenate(parts_s)
-    order = pair_order(i, j, sc)
-    return i[order], j[order], sc[order]
+    return i, np.concatenate(parts_j), np.concatenate(parts_s)
 
 
 def pair_order(i, j, score):
@@ -125,8 +130,7 @@ def pair_order(i, j, score):
     three kept in their given order: ``numpy.lexsort((j, i, -score))``, about twice as fast.
 
     i, j: non-negative integer arrays; score: float32 (or values exact in float32; -0.0 ties
-    with 0.0, NaN comes last). One sort of one 64-bit key: the score's bits made to order as integers do,
-    above the rank of ``(i, j)``.
+    with 0.0, NaN comes last).
 
     >>> import numpy as np
     >>> pair_order(np.array([2, 0, 1, 0]), np.array([3, 4, 2, 1]), np.array([0.5, 0.9, 0.5, 0.5], np.float32))
@@ -135,20 +139,33 @@ def pair_order(i, j, score):
     i = np.asarray(i, np.int64).reshape(-1)
     j = np.asarray(j, np.int64).reshape(-1)
     s = np.asarray(score, np.float32).reshape(-1)
-    n = len(i)
-    if n == 0:
+    if len(i) == 0:
         return np.empty(0, np.int64)
     width = int(j.max()) + 1
-    if n >= 2**32 or i.min() < 0 or j.min() < 0 or int(i.max()) >= (2**62) // width:
+    if len(i) >= 2**32 or i.min() < 0 or j.min() < 0 or int(i.max()) >= (2**62) // width:
         return np.lexsort((j, i, -s.astype(np.float64)))
-    by_ij = np.argsort(i * width + j, kind="stable")
+    return key_order(i * width + j, s)
+
+
+def key_order(key, score):
+    """The order by score, highest first, ties by ``key`` (non-negative int64, fewer than 2**32
+    of them), equal entries kept in their given order (``numpy.lexsort((key, -score))``): one
+    sort of a 64-bit key, the score's bits (:func:`descending_bits`) above the key's rank."""
+    key = np.asarray(key, np.int64).reshape(-1)
+    n = len(key)
+    by_key = np.argsort(key, kind="stable")
     rank = np.empty(n, np.uint64)
-    rank[by_ij] = np.arange(n, dtype=np.uint64)
-    bits = (s + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 becomes 0.0
-    ascending = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # the floats' order, as integers
-    ascending[np.isnan(s)] = -(2**31)  # NaN last (below -inf), as lexsort puts it
-    descending = (np.int64(2**31 - 1) - ascending).astype(np.uint64)  # in [0, 2**32)
-    return np.argsort((descending << np.uint64(32)) | rank)
+    rank[by_key] = np.arange(n, dtype=np.uint64)
+    bits = descending_bits(score)
+    bits[np.isnan(np.asarray(score, np.float32).reshape(-1))] = np.uint32(0xFFFFFFFF)  # NaN last
+    return np.argsort((bits.astype(np.uint64) << np.uint64(32)) | rank)
+
+
+def descending_bits(score):
+    """uint32 that sort ascending as the float32 scores sort descending (-0.0 as 0.0)."""
+    u = (np.asarray(score, np.float32).reshape(-1) + np.float32(0.0)).view(np.uint32)
+    up = np.where(u & np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
+    return ~up
 
 
 def threshold_forest(x, threshold, parent, *, ids=None, y=None, y_ids=None):
