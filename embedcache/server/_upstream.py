@@ -44,6 +44,7 @@ import numpy as np
 
 from embedcache import _config
 from embedcache.cache import EmbeddingCache
+from embedcache.cache._keyfilter import KeyFilter
 from embedcache.errors import (
     APIConnectionError,
     APIError,
@@ -263,6 +264,9 @@ class Upstream:
         self._inflight: dict[bytes, _Item] = {}
         self.recent = RecentVectors(_config.SERVER_MEMORY_BYTES)
         self.writer = CacheWriter(cache, metrics)
+        #: which keys the cache surely lacks (loads in the background; SQLite answers meanwhile)
+        self.keys = KeyFilter(cache)
+        self.keys.start()
         self._max_pending = _config.SERVER_MAX_PENDING
         self._free = max_concurrency  # upstream slots not in use
         self._ready: deque[_Group] = deque()  # groups with queued misses, taken in turn
@@ -370,7 +374,14 @@ class Upstream:
         return Outcome(vectors, hits, shared, misses, repeats, tokens, saved_chars * self.tokens_per_char())
 
     def _read(self, group: _Group, todo: list[bytes], have: dict[bytes, bytes]) -> None:
-        """Look ``todo`` up in the cache on disk; what is found goes in ``have`` and in memory."""
+        """Look ``todo`` up in the cache on disk; what is found goes in ``have`` and in memory.
+        Keys the filter of absent keys rules out are not asked for."""
+        absent = self.keys.absent(todo)
+        if absent is not None:
+            if absent.all():
+                return
+            if absent.any():
+                todo = [k for k, a in zip(todo, absent.tolist()) if not a]
         try:
             found, vectors = self.cache.lookup(todo, group.dim)
         except CacheError as exc:
@@ -518,6 +529,7 @@ class Upstream:
         await self._models_embedder.aclose()
         await self._client.close()
         await self.writer.aclose()
+        self.keys.close()
 
 
 def _fail(items: Iterable[_Item], error: BaseException) -> None:
