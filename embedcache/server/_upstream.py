@@ -378,9 +378,11 @@ class Upstream:
         Keys the filter of absent keys rules out are not asked for."""
         absent = self.keys.absent(todo)
         if absent is not None:
-            if absent.all():
-                return
-            if absent.any():
+            skipped = int(absent.sum())
+            if skipped:
+                self.metrics.lookups_skipped.inc(skipped)
+                if skipped == len(todo):
+                    return
                 todo = [k for k, a in zip(todo, absent.tolist()) if not a]
         try:
             found, vectors = self.cache.lookup(todo, group.dim)
