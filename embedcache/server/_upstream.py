@@ -6,7 +6,11 @@ and a batcher.
   :class:`~embedcache.OpenAIEmbeddings` for the requested model and dimensions, and the text.
   A vector embedded through the library is a hit here, and the other way round.
 * An item is looked up in memory first (recently served vectors, and answered vectors whose
-  cache write has not committed yet: see :mod:`._memory`), then in the cache on disk.
+  cache write has not committed yet: see :mod:`._memory`), then in the cache on disk, unless
+  the filter of absent keys (:mod:`embedcache.cache._keyfilter`: the 8-byte prefixes of every
+  key of the cache, 8 bytes per entry, kept current with every process's commits) shows that
+  the cache lacks it: a miss request then costs no SQL read (some 0.1 to 0.7 ms for 64 keys,
+  growing with the cache). Until the filter has loaded, or when it cannot tell, SQLite answers.
 * A missed item that some request is already fetching is not fetched again: the later
   request waits for the first one's item (the in-flight map). The lookup and the claim
   happen in one step of the event loop, and an item leaves the map in the same step as it
