@@ -78,6 +78,18 @@ def _spawn(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
 
+def _prefill(directory: str, rows: int, dim: int) -> None:
+    """``rows`` random vectors under random keys, as a cache in use holds other texts."""
+    from embedcache.cache import EmbeddingCache
+
+    rng = np.random.default_rng(1)
+    with EmbeddingCache(directory) as cache:
+        for start in range(0, rows, 10_000):
+            n = min(10_000, rows - start)
+            keys = [bytes(k) for k in rng.integers(0, 256, (n, 32), dtype=np.uint8)]
+            cache.put(keys, rng.standard_normal((n, dim)).astype(np.float32), source=("prefill", MODEL, 0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=384)
@@ -86,6 +98,9 @@ def main() -> None:
     parser.add_argument("--miss-requests", type=int, default=500,
                         help="all-miss requests per run, each of fresh items (more: steadier percentiles)")
     parser.add_argument("--clients", default="1,8,64")
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="rows written to the cache before the proxy starts (other texts' vectors): "
+                             "a lookup's cost grows with the cache")
     parser.add_argument("--encoding-format", default="base64", choices=["base64", "float"])
     parser.add_argument("--upstream", default="fast", choices=["fast", "testing"],
                         help="the fake upstream: benchmarks/fast_upstream.py (default), or the tests' "
@@ -97,6 +112,8 @@ def main() -> None:
     upstream_url = fake.stdout.readline().decode().strip()
     up_port = int(upstream_url.rsplit(":", 1)[1].split("/")[0])
     cache_dir = tempfile.mkdtemp(prefix="bench-serve-")
+    if args.prefill:
+        _prefill(cache_dir, args.prefill, args.dim)
     import socket
 
     with socket.socket() as s:
@@ -112,7 +129,8 @@ def main() -> None:
             except httpx.TransportError:
                 time.sleep(0.05)
         fmt, n = args.encoding_format, args.items
-        print(f"dim={args.dim} items/request={n} encoding={fmt} seconds/run={args.seconds} upstream={args.upstream}; "
+        print(f"dim={args.dim} items/request={n} encoding={fmt} seconds/run={args.seconds} upstream={args.upstream} "
+              f"cache rows before={args.prefill}; "
               f"{os.cpu_count()} cores shared by the load generator, the fake upstream and the proxy; "
               f"load average {os.getloadavg()[0]:.2f}")
         print(f"{'mode':8} {'clients':>7} {'target':>8} {'vectors/s':>10} {'p50 ms':>8} {'p99 ms':>8} "

@@ -151,6 +151,11 @@ CACHE_PAGE_SIZE = 4096
 CACHE_MMAP_BYTES = 2**31
 #: bytes of database pages SQLite keeps in memory per connection (beyond the memory map)
 CACHE_PAGE_CACHE_BYTES = 32 * 2**20
+#: rows per fetch when the filter of absent keys reads the cache's keys (embedcache.cache._keyfilter)
+KEYFILTER_CHUNK = 65_536
+#: keys the filter of absent keys holds in a set (some 90 bytes each) before it merges them into
+#: its sorted arrays (8 bytes each; a merge copies the smaller array, a quarter of the time the larger)
+KEYFILTER_MERGE_KEYS = 65_536
 
 # --- proxy (embedcache serve); read when an app is created
 #: bytes of recently served vectors the proxy keeps in memory in front of the cache (0: none)

@@ -97,6 +97,12 @@ _SCHEMA = (
     " FOR EACH ROW WHEN OLD.tag IS NOT NEW.tag BEGIN"
     " UPDATE Embedcache_sources SET entries = entries - 1 WHERE id = OLD.tag;"
     " UPDATE Embedcache_sources SET entries = entries + 1 WHERE id = NEW.tag; END",
+    # Deletions of the row with the highest rowid: only after one can SQLite give a new row a
+    # rowid at or below one seen before (see KeyReader).
+    "INSERT OR IGNORE INTO Embedcache_counters VALUES ('tail_deletes', 0)",
+    "CREATE TRIGGER IF NOT EXISTS Embedcache_tail_delete AFTER DELETE ON Cache"
+    " FOR EACH ROW WHEN NOT EXISTS (SELECT 1 FROM Cache WHERE rowid > OLD.rowid) BEGIN"
+    " UPDATE Embedcache_counters SET value = value + 1 WHERE name = 'tail_deletes'; END",
 )
 
 # SQLite's primary result codes (the low byte of an extended code)
@@ -461,3 +467,83 @@ class Table:
     def close(self) -> None:
         """Close this thread's database connection (it reopens on next use)."""
         self._dc.close()
+
+
+#: the 8-byte prefix of every raw key (32-byte blob) of the table, ``rowid`` placeholder for where
+_PREFIXES = ("SELECT substr(key, 1, 8) FROM Cache WHERE typeof(key) = 'blob' AND length(key) = 32{}")
+
+
+class KeyReader:
+    """The keys of a cache's table, read in full once and then as rows are added, for a
+    filter of absent keys (:class:`~embedcache.cache._keyfilter.KeyFilter`), on a connection
+    of its own that never writes.
+
+    New rows are found by rowid: ``Cache.rowid`` is diskcache's ``INTEGER PRIMARY KEY``, and a
+    new row gets one more than the highest rowid in the table when it is inserted. So every
+    row committed after a read whose highest rowid was ``M`` has a rowid above ``M``, unless
+    the row ``M`` itself was deleted first (a deletion lowers the highest rowid only when it
+    removes the row holding it). The trigger ``Embedcache_tail_delete`` counts exactly those
+    deletions (``tail_deletes``), whoever makes them (eviction, ``clear``, ``prune``, another
+    version of the library): while the count is unchanged, ``rowid > M`` is everything new.
+    The count and the rows are read in one transaction, so from one snapshot of the database.
+    ``PRAGMA data_version`` tells, in a microsecond or two, whether any other connection
+    committed since the last look.
+
+    Use from one thread at a time.
+    """
+
+    def __init__(self, table: Table) -> None:
+        self.directory = table.directory
+        self.timeout = table.timeout
+        self._con: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._con is None:
+            con = sqlite3.connect(os.path.join(self.directory, "cache.db"), timeout=self.timeout,
+                                  isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA query_only = 1")
+            self._con = con
+        return self._con
+
+    def data_version(self) -> int:
+        """A number that changes when another connection commits to the database."""
+        try:
+            return int(self._connection().execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot read the embedding cache at {self.directory!r}: {_describe(exc)}") from exc
+
+    def read(self, after: int | None, chunk: int) -> Iterator[tuple[int, int, bytes]]:
+        """``(tail_deletes, highest rowid, prefixes)``: the 8-byte key prefixes (big-endian,
+        concatenated) of the rows, all of them (``after=None``, in key order) or those whose rowid is
+        above ``after``, ``chunk`` rows at a time, all from one snapshot. The first two are the
+        same in every chunk; at least one chunk comes (its prefixes may be empty). A consumer
+        that stops early must close the iterator (it ends the read transaction)."""
+        try:
+            con = self._connection()
+            con.execute("BEGIN")
+            try:
+                # a read transaction starts at its first SELECT: the counter's
+                tail = int(con.execute("SELECT value FROM Embedcache_counters WHERE name = 'tail_deletes'").fetchone()[0])
+                top = int(con.execute("SELECT coalesce(max(rowid), 0) FROM Cache").fetchone()[0])
+                if after is None:
+                    cursor = con.execute(_PREFIXES.format(""))
+                else:
+                    cursor = con.execute(_PREFIXES.format(" AND rowid > ?"), (after,))
+                first = True
+                while True:
+                    rows = cursor.fetchmany(chunk)
+                    if rows or first:
+                        yield tail, top, b"".join([r[0] for r in rows])
+                    first = False
+                    if len(rows) < chunk:
+                        break
+            finally:
+                if con.in_transaction:
+                    con.execute("COMMIT")
+        except (sqlite3.Error, TypeError) as exc:
+            raise CacheError(f"cannot read the embedding cache at {self.directory!r}: {_describe(exc)}") from exc
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None

@@ -52,5 +52,9 @@ class Metrics:
         self.pending_writes = Gauge(
             "embedcache_proxy_pending_writes",
             "Vectors answered to clients and not yet committed to the cache.", registry=r)
+        self.lookups_skipped = Counter(
+            "embedcache_proxy_cache_lookups_skipped",
+            "Items not looked up in the cache because its filter of absent keys ruled them out.",
+            registry=r)
         self.cache_errors = Counter(
             "embedcache_proxy_cache_errors", "Cache reads or writes that failed.", registry=r)
