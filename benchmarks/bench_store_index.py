@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,37 +44,19 @@ import numpy as np
 import embedcache as ec
 from embedcache.index._recall import interval
 
+from bench_index import PeakAnon  # noqa: E402 (the benchmarks folder is the script's path)
 
-class Peak:
-    """Peak RssAnon (bytes) of this process since the last :meth:`reset`, sampled on a thread."""
 
-    def __init__(self) -> None:
-        self.peak = 0
-        threading.Thread(target=self._run, daemon=True).start()
-
-    @staticmethod
-    def now() -> int:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.1)
+class Peak(PeakAnon):
+    """Peak RssAnon of this process since the last :meth:`reset` (bench_index's sampler)."""
 
     def reset(self) -> None:
-        self.peak = self.now()
+        self.start()
 
     def text(self) -> str:
         import resource
 
-        anon = max(self.peak, self.now()) / 2**30
+        anon = self.step_gib()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return f"peak memory beyond the map {anon:.2f} GiB (process peak RSS with maps {rss:.2f} GiB)"
 
