@@ -82,7 +82,7 @@ INDEX_ROW_CELLS_BYTES = 256 << 20
 INDEX_KMEANS_ITERS = 8
 #: flat k-means rounds after two-level training (above ``INDEX_TWO_LEVEL_CELLS`` cells): every
 #: sampled row goes to its nearest of all centroids, not only of its coarse group's. Each
-#: round costs sample x cells products (10M rows: 320k x 10,000, about 20 s on two cores,
+#: round costs sample x cells products (10M rows: 320k x 10,000, about 25 s on two cores,
 #: against about 280 s for the whole build); 0: two-level training only. The first round
 #: gives most of the gain (1M rows, two levels forced: store recall@10 at 1 / 10 / 20 probes
 #: 0.615 / 0.893 / 0.937 without, 0.667 / 0.910 / 0.948 after one, 0.692 / 0.916 / 0.949

@@ -96,7 +96,7 @@ def refine(x: np.ndarray, centroids: np.ndarray, iters: int) -> np.ndarray:
     of ``x``: every row goes to its nearest of *all* the centroids (:func:`embedcache.top_k`:
     BLAS products, exact scores; the order :func:`nearest` gives), as the index assigns rows
     below ``INDEX_TWO_LEVEL_CELLS`` cells. Each round costs ``len(x) * cells`` products
-    (320,000 x 10,000 at 10M rows: about 20 s on two cores); the k-means objective (mean
+    (320,000 x 10,000 at 10M rows: about 25 s on two cores); the k-means objective (mean
     cosine of a row to its nearest centroid) never decreases. An emptied cell restarts at
     the row farthest from its centroid, as in :func:`spherical_kmeans`."""
     u = _unit(x)
