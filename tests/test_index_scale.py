@@ -249,3 +249,84 @@ def test_calibrated_recall_holds_with_sampled_partners():
     reached, covered = calibration_runs(runs, INDEX_RECALL_COLUMNS=768)
     assert reached >= runs - 1
     assert covered >= runs - 1
+
+
+def _lloyd_reference(x, cent, iters):
+    """Flat spherical k-means in plain numpy: nearest centroid from the full cosine matrix
+    (ties to the lower cell), centroid = normalized float64 sum of its rows, an emptied cell
+    restarted at the rows farthest from their centroids (stable order)."""
+    u = ec.normalize(x)
+    u = u[np.any(u != 0, axis=1)]
+    cent = cent.copy()
+    for _ in range(iters):
+        cos = ec.cosine_similarity(u, cent)
+        a = np.argmax(cos, axis=1)
+        s = cos[np.arange(len(u)), a]
+        empty = [c for c in range(len(cent)) if not (a == c).any()]
+        far = np.argsort(s, kind="stable")[: len(empty)]
+        new = np.array([u[a == c].astype(np.float64).sum(axis=0) for c in range(len(cent))])
+        new[empty] = u[far]
+        new = new.astype(np.float32)
+        norm = np.linalg.norm(new, axis=1, keepdims=True)
+        cent = np.divide(new, norm, out=np.zeros_like(new), where=norm > 0)
+    return cent
+
+
+def _objective(x, cent):
+    """Mean cosine of the rows of x to their nearest centroid (the spherical k-means objective)."""
+    return float(ec.cosine_similarity(x, cent).max(axis=1).mean())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices(max_rows=40, min_rows=1, max_dim=6), cells=st.integers(1, 8), seed=st.integers(0, 3),
+       twin=st.booleans())
+def test_a_refinement_round_is_a_plain_lloyd_round_and_never_lowers_the_objective(x, cells, seed, twin):
+    """One flat round equals plain numpy Lloyd (ties, zero rows, duplicated rows and an
+    emptied cell included: ``twin`` repeats a centroid, so the copy gets no row)."""
+    from embedcache.index._cells import refine
+
+    u = ec.normalize(x)
+    rows = np.unique(u[np.any(u != 0, axis=1)], axis=0)
+    if not len(rows):
+        assert refine(x, np.ones((1, x.shape[1]), np.float32) / np.sqrt(x.shape[1]), 2).shape == (1, x.shape[1])
+        return
+    cent = rows[np.random.default_rng(seed).choice(len(rows), min(cells, len(rows)), replace=False)]
+    if twin:
+        cent = np.concatenate([cent, cent[:1]])
+    got = refine(x, cent, 1)
+    np.testing.assert_allclose(got, _lloyd_reference(x, cent, 1), atol=1e-6)
+    assert _objective(x, got) >= _objective(x, cent) - 1e-5
+
+
+def test_flat_refinement_raises_the_two_level_objective_and_probing_all_stays_exact():
+    """On clustered rows with two-level cells forced: more flat rounds after two-level
+    training give a k-means objective (mean cosine to the nearest centroid) at least as
+    high, several rounds equal plain numpy Lloyd, the same seed gives the same index, and
+    probing every cell of the refined index is still exact."""
+    from embedcache.index import partitioned_knn
+    from embedcache.index._cells import kmeans_two_level
+
+    x = clustered(6000, d=24, clusters=150, noise=0.6, seed=11)
+    objective = []
+    for rounds in (0, 1, 2, 4):
+        cent = kmeans_two_level(x, 120, np.random.default_rng(0), 4, refine_iters=rounds)
+        objective.append(_objective(x, cent))
+        if rounds == 0:
+            start = cent
+    assert all(b >= a - 1e-6 for a, b in zip(objective, objective[1:]))
+    assert objective[-1] > objective[0] + 1e-3  # the rounds move the border rows' cells
+    np.testing.assert_allclose(cent, _lloyd_reference(x, start, 4), atol=1e-5)
+
+    y = x[:2500]
+    with _config.override(INDEX_TWO_LEVEL_CELLS=8, INDEX_MIN_CELL=8, INDEX_REFINE_ITERS=3):
+        index = PartitionIndex.build(y, cells=60, seed=1)
+        again = PartitionIndex.build(y, cells=60, seed=1)
+        assert index.two_level
+        np.testing.assert_array_equal(index.centroids, again.centroids)
+        np.testing.assert_array_equal(index.own, again.own)
+        i, j, s, _ = partitioned_pairs(y, 0.8, probes=index.cells, index=index)
+        ks, ki, _ = partitioned_knn(y, 5, probes=index.cells, index=index)
+    for a, b in zip((i, j, s), ec.similar_pairs(y, 0.8)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip((ks, ki), ec.top_k(y, y, 5, exclude_self=True)):
+        np.testing.assert_array_equal(a, b)
