@@ -158,11 +158,22 @@ def test_cells_grow_as_the_rows_beyond_the_square():
             assert default_cells(n) == round(n / 50)
 
 
+def _assert_every_cell_is_exact(x, index, t, k):
+    """Probing every cell of ``index`` gives exact pairs at ``t`` and exact ``k``-NN, bit for bit."""
+    from embedcache.index import partitioned_knn
+
+    i, j, s, _ = partitioned_pairs(x, t, probes=index.cells, index=index)
+    ks, ki, _ = partitioned_knn(x, k, probes=index.cells, index=index)
+    for a, b in zip((i, j, s), ec.similar_pairs(x, t)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip((ks, ki), ec.top_k(x, x, k, exclude_self=True)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_two_level_training_gives_every_row_a_cell_and_probing_all_is_exact():
     """Above ``INDEX_TWO_LEVEL_CELLS`` the cells are trained inside coarse groups: about the
     cells asked for, unit centroids, every row in a cell, and probing every cell gives the
     exact pairs and neighbours bit for bit."""
-    from embedcache.index import partitioned_knn
 
     x = _giant_and_block(2000, seed=7)
     with _config.override(INDEX_TWO_LEVEL_CELLS=8, INDEX_MIN_CELL=8, INDEX_ROWS_PER_CELL=40):
@@ -171,12 +182,7 @@ def test_two_level_training_gives_every_row_a_cell_and_probing_all_is_exact():
         np.testing.assert_allclose(np.linalg.norm(index.centroids, axis=1), 1, atol=1e-5)
         assert index.own.min() >= 0 and index.own.max() < index.cells
         assert index.sizes.sum() == len(x) and (index.sizes > 0).mean() > 0.9
-        i, j, s, _ = partitioned_pairs(x, 0.8, probes=index.cells, index=index)
-        ks, ki, _ = partitioned_knn(x, 6, probes=index.cells, index=index)
-    for u, v in zip((i, j, s), ec.similar_pairs(x, 0.8)):
-        np.testing.assert_array_equal(u, v)
-    for u, v in zip((ks, ki), ec.top_k(x, x, 6, exclude_self=True)):
-        np.testing.assert_array_equal(u, v)
+        _assert_every_cell_is_exact(x, index, 0.8, 6)
 
 
 def test_kmeans_two_level_on_few_directions():
@@ -303,7 +309,6 @@ def test_flat_refinement_raises_the_two_level_objective_and_probing_all_stays_ex
     training give a k-means objective (mean cosine to the nearest centroid) at least as
     high, several rounds equal plain numpy Lloyd, the same seed gives the same index, and
     probing every cell of the refined index is still exact."""
-    from embedcache.index import partitioned_knn
     from embedcache.index._cells import kmeans_two_level
 
     x = clustered(6000, d=24, clusters=150, noise=0.6, seed=11)
@@ -324,9 +329,4 @@ def test_flat_refinement_raises_the_two_level_objective_and_probing_all_stays_ex
         assert index.two_level
         np.testing.assert_array_equal(index.centroids, again.centroids)
         np.testing.assert_array_equal(index.own, again.own)
-        i, j, s, _ = partitioned_pairs(y, 0.8, probes=index.cells, index=index)
-        ks, ki, _ = partitioned_knn(y, 5, probes=index.cells, index=index)
-    for a, b in zip((i, j, s), ec.similar_pairs(y, 0.8)):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip((ks, ki), ec.top_k(y, y, 5, exclude_self=True)):
-        np.testing.assert_array_equal(a, b)
+        _assert_every_cell_is_exact(y, index, 0.8, 5)
