@@ -384,11 +384,11 @@ def main() -> None:
         index = PartitionIndex.build(x, seed=0)
         t_build = time.perf_counter() - t0
         sz = index.sizes.astype(np.float64)
+        a.t_build = t_build
         print(f"index build          {t_build:8.2f} s  cells={index.cells} (largest {int(sz.max())}); "
               f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
-        if a.no_pairs:
-            a.no_faiss = True
-        else:
+        r_true = None
+        if not a.no_pairs:
             r_true = pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon)
         if not a.no_knn:
             knn_run(a, x, index, sample, top_true, anon)
@@ -474,9 +474,7 @@ def faiss_run(a, x, rng, sample, truth, top_true, exact_keys, r_true):
     import faiss
 
     n = len(x)
-    t_part, t_build = a.t_part, a.t_build
     # faiss IVFFlat at equal recall
-    groups = block_groups(x, a.threshold) if exact_keys is None else None
     nlist = int(np.sqrt(n))
     t0 = time.perf_counter()
     quant = faiss.IndexFlatIP(x.shape[1])
@@ -485,6 +483,34 @@ def faiss_run(a, x, rng, sample, truth, top_true, exact_keys, r_true):
     for c0 in range(0, n, 1 << 18):
         ivf.add(np.ascontiguousarray(x[c0 : c0 + (1 << 18)]))
     f_build = time.perf_counter() - t0
+    if not a.no_pairs:
+        faiss_range(a, x, ivf, quant, f_build, sample, truth, exact_keys, r_true)
+    if a.no_knn or a.no_faiss_knn:
+        return
+    kr, t_knn = a.kr, a.t_knn
+    truth_k = [set(r[r != q][: a.k].tolist()) for q, r in zip(sample, top_true)]
+    for nprobe in range(1, nlist + 1):
+        ivf.nprobe = nprobe
+        _, fi = ivf.search(np.ascontiguousarray(x[sample]), a.k + 1)
+        fr = np.mean([len(set(r[r != q][: a.k].tolist()) & t) / a.k for q, r, t in zip(sample, fi, truth_k)])
+        if fr >= kr or nprobe == nlist:
+            break
+    m = n if a.faiss_knn_rows <= 0 else min(n, a.faiss_knn_rows)
+    t0 = time.perf_counter()
+    ivf.search(np.ascontiguousarray(x[:m]), a.k + 1)
+    t_fk = (time.perf_counter() - t0) * n / m  # its time per query is the same for every row
+    how = "" if m == n else f" (searched {m} rows, x {n / m:.1f})"
+    print(f"faiss IVFFlat search {t_fk:8.2f} s{how} + build {f_build:.2f} s  nprobe={nprobe} recall@{a.k} "
+          f"{fr:.4f} (ours {kr:.4f}); embedcache/faiss = {t_knn / t_fk:.2f}x (search), "
+          f"{(t_knn + a.t_build) / (t_fk + f_build):.2f}x (with build)", flush=True)
+
+
+def faiss_range(a, x, ivf, quant, f_build, sample, truth, exact_keys, r_true):
+    """faiss ``range_search`` over all rows at the nprobe that reaches the pairs' recall."""
+    n = len(x)
+    nlist = ivf.nlist
+    t_part, t_build = a.t_part, a.t_build
+    groups = block_groups(x, a.threshold) if exact_keys is None else None
 
     def faiss_pairs(nprobe):
         ivf.nprobe = nprobe
@@ -526,23 +552,6 @@ def faiss_run(a, x, rng, sample, truth, top_true, exact_keys, r_true):
           f"embedcache/faiss = {t_part / t_eq:.2f}x (search), "
           f"{(t_part + t_build) / (t_eq + f_build):.2f}x (with build); peak RSS {rss_gib():.2f} GiB",
           flush=True)
-    if a.no_knn or a.no_faiss_knn:
-        return
-    kr, t_knn = a.kr, a.t_knn
-    truth_k = [set(r[r != q][: a.k].tolist()) for q, r in zip(sample, top_true)]
-    for nprobe in range(1, nlist + 1):
-        ivf.nprobe = nprobe
-        _, fi = ivf.search(np.ascontiguousarray(x[sample]), a.k + 1)
-        fr = np.mean([len(set(r[r != q][: a.k].tolist()) & t) / a.k for q, r, t in zip(sample, fi, truth_k)])
-        if fr >= kr or nprobe == nlist:
-            break
-    m = n if a.faiss_knn_rows <= 0 else min(n, a.faiss_knn_rows)
-    t0 = time.perf_counter()
-    ivf.search(np.ascontiguousarray(x[:m]), a.k + 1)
-    t_fk = (time.perf_counter() - t0) * n / m  # its time per query is the same for every row
-    how = "" if m == n else f" (searched {m} rows, x {n / m:.1f})"
-    print(f"faiss IVFFlat search {t_fk:8.2f} s{how}  nprobe={nprobe} recall@{a.k} {fr:.4f} (ours {kr:.4f}); "
-          f"embedcache/faiss = {t_knn / t_fk:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

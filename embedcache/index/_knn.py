@@ -26,18 +26,41 @@ from embedcache.index._merge import NO_INDEX
 _GROUP = 32
 
 
+@njit(inline="always")
+def _insert_new(hs, hi, e, j):
+    """:func:`_insert`, unless ``j`` is in the list already: a pair met from both of its rows'
+    sides has the same exact score both times (the score is symmetric bit for bit), so the
+    first copy stands."""
+    k = hs.shape[0]
+    if e < hs[k - 1] or (e == hs[k - 1] and j >= hi[k - 1]):
+        return
+    for u in range(k):
+        if hi[u] == j:
+            return
+    pos = k - 1
+    while pos > 0 and (hs[pos - 1] < e or (hs[pos - 1] == e and hi[pos - 1] > j)):
+        hs[pos] = hs[pos - 1]
+        hi[pos] = hi[pos - 1]
+        pos -= 1
+    hs[pos] = e
+    hi[pos] = j
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _fold(s, qv, inv_q, qpos, rows, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i, skip_self):
-    """Fold the BLAS scores ``s`` (queries ``qv[qpos]`` = rows ``rows`` x the cell's rows
-    ``block`` = rows ``ids``) into the sorted lists of ``rows``; each query row is one
-    thread's. ``skip_self``: row ``r`` never enters its own list (ids and rows are one
-    numbering). A
-    score below the cut (the k-th best less the BLAS error bound) cannot enter the list; a
-    NaN filter (a row BLAS cannot score) is always rescored."""
+def _fold_rows(s, qv, inv_q, qpos, qids, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i):
+    """Fold the BLAS scores ``s`` (the rows ``qv`` (ids ``qids``, lists ``qpos``) x the cell's
+    rows ``block`` (ids ``ids``, lists ``cpos``)) into the sorted lists of both sides: row
+    ``qids[t]`` meets ``ids[c]`` and ``ids[c]`` meets ``qids[t]`` (a row never meets itself).
+    Each list is one thread's: the query rows first, then the cell's rows, 32 columns at a
+    time (one cache line of ``s`` per query row). A score below the cut (the list's k-th best
+    less the BLAS error bound) cannot enter the list; a NaN filter (a row BLAS cannot score)
+    is always rescored. Scores are the kernels' exact pair scores, ``_pair_score(x_owner,
+    x_other)``: the same bits from either side."""
     k = heap_s.shape[1]
-    m = s.shape[1]
-    for t in prange(s.shape[0]):
-        r = rows[t]
+    nq, m = s.shape
+    for t in prange(nq):
+        r = qpos[t]
+        me = qids[t]
         cut = _cutoff(heap_s[r, k - 1], margin, rel)
         for c0 in range(0, m, _GROUP):
             c1 = min(c0 + _GROUP, m)
@@ -51,55 +74,101 @@ def _fold(s, qv, inv_q, qpos, rows, block, inv_c, filt_c, ids, margin, rel, heap
                 if s[t, c] * filt_c[c] < cut:
                     continue
                 j = ids[c]
-                if skip_self and j == r:
+                if j == me:
                     continue
-                e = _pair_score(qv[qpos[t]], block[c], inv_q[qpos[t]], inv_c[c], True)
-                ls = heap_s[r, k - 1]
-                if e < ls or (e == ls and j >= heap_i[r, k - 1]):
-                    continue
-                pos = k - 1
-                while pos > 0 and (heap_s[r, pos - 1] < e or (heap_s[r, pos - 1] == e and heap_i[r, pos - 1] > j)):
-                    heap_s[r, pos] = heap_s[r, pos - 1]
-                    heap_i[r, pos] = heap_i[r, pos - 1]
-                    pos -= 1
-                heap_s[r, pos] = e
-                heap_i[r, pos] = j
+                e = _pair_score(qv[t], block[c], inv_q[t], inv_c[c], True)
+                _insert_new(heap_s[r], heap_i[r], e, j)
                 cut = _cutoff(heap_s[r, k - 1], margin, rel)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _fold_cols(s, qv, inv_q, qids, block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i):
+    """The other way of :func:`_fold_rows`: row ``ids[c]`` meets ``qids[t]``, into the lists
+    ``cpos[c]``; each group of 32 columns is one thread's, read one query row at a time."""
+    k = heap_s.shape[1]
+    nq, m = s.shape
+    for g in prange((m + _GROUP - 1) // _GROUP):
+        c0 = g * _GROUP
+        c1 = min(c0 + _GROUP, m)
+        cut = np.empty(_GROUP, np.float32)
+        for c in range(c0, c1):
+            cut[c - c0] = _cutoff(heap_s[cpos[c], k - 1], margin, rel)
+        w = c1 - c0
+        for t in range(nq):
+            hits = 0
+            for u in range(w):
+                hits += not s[t, c0 + u] * filt_c[c0 + u] < cut[u]
+            if hits == 0:
+                continue
+            for c in range(c0, c1):
+                if s[t, c] * filt_c[c] < cut[c - c0]:
+                    continue
+                j = qids[t]
+                if j == ids[c]:
+                    continue
+                r = cpos[c]
+                e = _pair_score(block[c], qv[t], inv_c[c], inv_q[t], True)
+                _insert_new(heap_s[r], heap_i[r], e, j)
+                cut[c - c0] = _cutoff(heap_s[r, k - 1], margin, rel)
+
+
+def fold_cell(qv: np.ndarray, qpos: np.ndarray, qids: np.ndarray, block: np.ndarray, cpos: np.ndarray,
+              ids: np.ndarray, heap_s: np.ndarray, heap_i: np.ndarray) -> None:
+    """Fold one cell into the running lists, both ways: the rows ``qv`` that probe it (ids
+    ``qids``, lists ``heap_*[qpos]``) meet its rows ``block`` (ids ``ids``, lists
+    ``heap_*[cpos]``), and its rows meet them. ``qpos`` distinct, ``cpos`` distinct (a row
+    may be on both sides: its own cell). Lists hold ids, best first, ties to the lower id,
+    each id once."""
+    if not len(qv) or not len(block):
+        return
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    inv_c, norm_c = _stats(block, "x")
+    filt_c = _filter_scale(inv_c, norm_c, 1.0, True)
+    margin, rel = _blas_margin(block.shape[1]), 4 * _UNIT
+    chunk = max(1, int(_config.TOPK_QUERY_BLOCK) * 4)
+    for a in range(0, len(qv), chunk):
+        q = np.ascontiguousarray(qv[a : a + chunk], dtype=np.float32)
+        inv_q, _ = _stats(q, "x")
+        s = kernels.normalize(q) @ block.T
+        _fold_rows(s, q, inv_q, qpos[a : a + chunk], qids[a : a + chunk], block, inv_c, filt_c, ids, margin, rel,
+                   heap_s, heap_i)
+        _fold_cols(s, q, inv_q, qids[a : a + chunk], block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i)
 
 
 def rows_knn(x: Any, index: Any, near: np.ndarray, k: int, bar=None) -> tuple[np.ndarray, np.ndarray]:
     """(scores float32, rows int64), (n, k): the best ``k`` other rows of every row of ``x``
-    among the rows of its cells ``near`` ((n, p), -1: none), best first, ties to the lower
-    row; -inf / -1 where a row found fewer. Rows are gathered from ``x`` cell by cell (no
-    copy of x). ``bar``: updated with row-by-row comparisons."""
+    among the rows of its cells ``near`` ((n, p), -1: none) and the rows that probe its own
+    cell (``index.own``), best first, ties to the lower row; -inf / -1 where a row found
+    fewer. Each product serves both rows (:func:`fold_cell`). Rows are gathered from ``x``
+    cell by cell (no copy of x). ``bar``: updated with row-by-row comparisons."""
     from embedcache.index._merge import by_cell
 
     n = len(x)
     heap_s = np.full((n, k), -np.inf, np.float32)
     heap_i = np.full((n, k), NO_INDEX, np.int64)
     qrows, starts = by_cell(near, index.cells)
-    margin, rel = _blas_margin(x.shape[1]), 4 * _UNIT
     off = index.offsets
-    chunk = max(1, int(_config.TOPK_QUERY_BLOCK) * 4)
     for c in range(index.cells):
-        q = qrows[starts[c] : starts[c + 1]]
+        q = qrows[starts[c] : starts[c + 1]].astype(np.int64)
         ids = index.order[off[c] : off[c + 1]]
         if not len(q) or not len(ids):
             continue
-        block = np.ascontiguousarray(x[ids], dtype=np.float32)
-        inv_c, norm_c = _stats(block, "x")
-        filt_c = _filter_scale(inv_c, norm_c, 1.0, True)
-        for a in range(0, len(q), chunk):
-            qc = q[a : a + chunk]
-            qv = np.ascontiguousarray(x[qc], dtype=np.float32)
-            inv_q, _ = _stats(qv, "x")
-            s = kernels.normalize(qv) @ block.T
-            _fold(s, qv, inv_q, np.arange(len(qc)), qc, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i,
-                  True)
+        fold_cell(x[q], q, q, x[ids], ids, ids, heap_s, heap_i)
         if bar is not None:
             bar.update(len(q) * len(ids))
     heap_i[heap_i == NO_INDEX] = -1
     return heap_s, heap_i
+
+
+@njit(parallel=True, cache=True)
+def merge_unique(heap_s, heap_i, rows, cand_s, cand_i):
+    """Fold the candidate lists ``(cand_s[t], cand_i[t])`` (index < 0: none) into the sorted
+    lists of ``rows[t]`` (distinct), each id once (:func:`_insert_new`)."""
+    for t in prange(rows.shape[0]):
+        r = rows[t]
+        for u in range(cand_s.shape[1]):
+            if cand_i[t, u] >= 0:
+                _insert_new(heap_s[r], heap_i[r], cand_s[t, u], cand_i[t, u])
 
 
 @njit(inline="always")
