@@ -3,9 +3,14 @@
 For each cell, the rows probing it are multiplied with the cell's rows by BLAS (a filter, as
 in :func:`embedcache.top_k`); a compiled scan then rescores exactly, with the kernels' own
 pair score, only the candidates that may beat the row's current k-th best, and inserts them
-into its list. A row's list carries over from cell to cell, so after its first cells almost
-nothing is rescored, where a fresh ``top_k`` per cell would rescore every list from empty.
-The lists hold exactly the best ``k`` of the rows probed (score descending, ties to the lower
+into its list. Each product serves both of its rows: the probing row meets the cell's row,
+and the cell's row meets the probing row, so a row also meets every row that probes its own
+cell. Near neighbours mostly probe each other's cells, but where one of them does not, the
+other often does: on clustered data this reaches a recall@10 with about half the probes of
+one way (1M rows: 0.95 at 5 probes, against 12). A pair met from both sides has the same
+score both times (the pair score is symmetric bit for bit) and enters a list once. A row's
+list carries over from cell to cell, so after its first cells almost nothing is rescored.
+The lists hold exactly the best ``k`` of the rows met (score descending, ties to the lower
 row), so probing every cell equals :func:`embedcache.top_k` with ``exclude_self``, bit for bit.
 """
 
@@ -49,13 +54,11 @@ def _insert_new(hs, hi, e, j):
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fold_rows(s, qv, inv_q, qpos, qids, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i):
     """Fold the BLAS scores ``s`` (the rows ``qv`` (ids ``qids``, lists ``qpos``) x the cell's
-    rows ``block`` (ids ``ids``, lists ``cpos``)) into the sorted lists of both sides: row
-    ``qids[t]`` meets ``ids[c]`` and ``ids[c]`` meets ``qids[t]`` (a row never meets itself).
-    Each list is one thread's: the query rows first, then the cell's rows, 32 columns at a
-    time (one cache line of ``s`` per query row). A score below the cut (the list's k-th best
-    less the BLAS error bound) cannot enter the list; a NaN filter (a row BLAS cannot score)
-    is always rescored. Scores are the kernels' exact pair scores, ``_pair_score(x_owner,
-    x_other)``: the same bits from either side."""
+    rows ``block`` (ids ``ids``)) into the sorted lists of the rows ``qv``: row ``qids[t]``
+    meets ``ids[c]`` (a row never meets itself); each query row is one thread's. A score below
+    the cut (the list's k-th best less the BLAS error bound) cannot enter the list; a NaN
+    filter (a row BLAS cannot score) is always rescored. Scores are the kernels' exact pair
+    scores, ``_pair_score(x_owner, x_other)``: the same bits from either side."""
     k = heap_s.shape[1]
     nq, m = s.shape
     for t in prange(nq):
