@@ -237,6 +237,27 @@ def test_running_lists_equal_the_best_of_both_ways_candidates(dtype):
         np.testing.assert_array_equal(got[1], ec.top_k(x, x, 7, exclude_self=True)[1])
 
 
+def test_running_lists_rescore_rows_blas_cannot_score():
+    """Rows so small or so large that their BLAS scores cannot be trusted (a NaN filter) are
+    rescored one by one, in both directions: the lists still equal the plain reference."""
+    from embedcache.index._knn import rows_knn
+    from embedcache.kernels._core import _filter_scale, _stats
+
+    x = clustered(400, d=12, clusters=6, seed=4)
+    x[::9] *= np.float32(1e-20)
+    x[5::11] *= np.float32(1e37)
+    inv, norm = _stats(x, "x")
+    assert np.isnan(_filter_scale(inv, norm, 1.0, True)).sum() == len(x[::9]) + len(x[5::11])
+    with _config.override(INDEX_MIN_CELL=8, TOPK_QUERY_BLOCK=5):
+        index = PartitionIndex.build(x, cells=12, seed=0)
+        for probes in (1, 3):
+            near = _partition.with_own(index.probe_cells(x, probes), index.own)
+            got = rows_knn(x, index, near, 6)
+            want = both_ways_knn(x, index, near, 6)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), x=matrices(max_rows=30, min_rows=1, max_dim=4), k=st.integers(1, 5),
        chunk=st.sampled_from([1, 3, 1000]))

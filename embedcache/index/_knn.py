@@ -22,7 +22,8 @@ import numpy as np
 from numba import njit, prange
 
 from embedcache import _config, kernels
-from embedcache.kernels._core import FASTMATH, _UNIT, _blas_margin, _cutoff, _filter_scale, _pair_score, _stats
+from embedcache.kernels._core import (FASTMATH, _UNIT, _blas_margin, _cutoff, _cutoff32, _filter_scale, _pair_score,
+                                      _stats)
 from embedcache.index._merge import NO_INDEX
 
 
@@ -52,26 +53,30 @@ def _insert_new(hs, hi, e, j):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _fold_rows(s, qv, inv_q, qpos, qids, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i):
+def _fold_rows(s, qv, inv_q, qpos, qids, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i, nan_filt):
     """Fold the BLAS scores ``s`` (the rows ``qv`` (ids ``qids``, lists ``qpos``) x the cell's
     rows ``block`` (ids ``ids``)) into the sorted lists of the rows ``qv``: row ``qids[t]``
-    meets ``ids[c]`` (a row never meets itself); each query row is one thread's. A score below
-    the cut (the list's k-th best less the BLAS error bound) cannot enter the list; a NaN
-    filter (a row BLAS cannot score) is always rescored. Scores are the kernels' exact pair
-    scores, ``_pair_score(x_owner, x_other)``: the same bits from either side."""
+    meets ``ids[c]`` (a row never meets itself); each query row is one thread's. A score
+    below the cut (the list's k-th best less the BLAS error bound, rounded down to float32)
+    cannot enter the list: 32 scores are tested at once by their maximum (a loop the compiler
+    vectorizes), then one by one. A NaN filter (a row BLAS cannot score, ``nan_filt``: the
+    cell has one) is always rescored: its groups are tested one score at a time. Scores are
+    the kernels' exact pair scores, ``_pair_score(x_owner, x_other)``: the same bits from
+    either side."""
     k = heap_s.shape[1]
     nq, m = s.shape
     for t in prange(nq):
         r = qpos[t]
         me = qids[t]
-        cut = _cutoff(heap_s[r, k - 1], margin, rel)
+        cut = _cutoff32(heap_s[r, k - 1], margin, rel)
         for c0 in range(0, m, _GROUP):
             c1 = min(c0 + _GROUP, m)
-            if c1 - c0 == _GROUP:
-                hits = 0
+            if not nan_filt:
+                mx = np.float32(-np.inf)
                 for c in range(c0, c1):
-                    hits += not s[t, c] * filt_c[c] < cut
-                if hits == 0:
+                    v = s[t, c] * filt_c[c]
+                    mx = v if v > mx else mx
+                if mx < cut:
                     continue
             for c in range(c0, c1):
                 if s[t, c] * filt_c[c] < cut:
@@ -81,38 +86,49 @@ def _fold_rows(s, qv, inv_q, qpos, qids, block, inv_c, filt_c, ids, margin, rel,
                     continue
                 e = _pair_score(qv[t], block[c], inv_q[t], inv_c[c], True)
                 _insert_new(heap_s[r], heap_i[r], e, j)
-                cut = _cutoff(heap_s[r, k - 1], margin, rel)
+                cut = _cutoff32(heap_s[r, k - 1], margin, rel)
+
+
+#: columns of the BLAS scores per task of the column fold: each task walks its columns' slice
+#: of every query row (1 KiB, read in order), not 32 columns strided by a whole row
+_COLS = 256
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _fold_cols(s, qv, inv_q, qids, block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i):
+def _fold_cols(s, qv, inv_q, qids, block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i, nan_filt):
     """The other way of :func:`_fold_rows`: row ``ids[c]`` meets ``qids[t]``, into the lists
-    ``cpos[c]``; each group of 32 columns is one thread's, read one query row at a time."""
+    ``cpos[c]``; each slice of ``_COLS`` columns is one thread's, walked query row by query
+    row, 32 scores tested at once against their columns' cuts (by the maximum of score less
+    cut: a float32 difference is >= 0 exactly when the score is >= the cut, or rounds to 0
+    and is rescored in excess)."""
     k = heap_s.shape[1]
     nq, m = s.shape
-    for g in prange((m + _GROUP - 1) // _GROUP):
-        c0 = g * _GROUP
-        c1 = min(c0 + _GROUP, m)
-        cut = np.empty(_GROUP, np.float32)
-        for c in range(c0, c1):
-            cut[c - c0] = _cutoff(heap_s[cpos[c], k - 1], margin, rel)
-        w = c1 - c0
+    for g in prange((m + _COLS - 1) // _COLS):
+        a0 = g * _COLS
+        a1 = min(a0 + _COLS, m)
+        cut = np.empty(_COLS, np.float32)
+        for c in range(a0, a1):
+            cut[c - a0] = _cutoff32(heap_s[cpos[c], k - 1], margin, rel)
         for t in range(nq):
-            hits = 0
-            for u in range(w):
-                hits += not s[t, c0 + u] * filt_c[c0 + u] < cut[u]
-            if hits == 0:
-                continue
-            for c in range(c0, c1):
-                if s[t, c] * filt_c[c] < cut[c - c0]:
-                    continue
-                j = qids[t]
-                if j == ids[c]:
-                    continue
-                r = cpos[c]
-                e = _pair_score(block[c], qv[t], inv_c[c], inv_q[t], True)
-                _insert_new(heap_s[r], heap_i[r], e, j)
-                cut[c - c0] = _cutoff(heap_s[r, k - 1], margin, rel)
+            for c0 in range(a0, a1, _GROUP):
+                c1 = min(c0 + _GROUP, a1)
+                if not nan_filt:
+                    mx = np.float32(-np.inf)
+                    for c in range(c0, c1):
+                        v = s[t, c] * filt_c[c] - cut[c - a0]
+                        mx = v if v > mx else mx
+                    if mx < 0:
+                        continue
+                for c in range(c0, c1):
+                    if s[t, c] * filt_c[c] < cut[c - a0]:
+                        continue
+                    j = qids[t]
+                    if j == ids[c]:
+                        continue
+                    r = cpos[c]
+                    e = _pair_score(block[c], qv[t], inv_c[c], inv_q[t], True)
+                    _insert_new(heap_s[r], heap_i[r], e, j)
+                    cut[c - a0] = _cutoff32(heap_s[r, k - 1], margin, rel)
 
 
 def fold_cell(qv: np.ndarray, qpos: np.ndarray, qids: np.ndarray, block: np.ndarray, cpos: np.ndarray,
@@ -127,6 +143,7 @@ def fold_cell(qv: np.ndarray, qpos: np.ndarray, qids: np.ndarray, block: np.ndar
     block = np.ascontiguousarray(block, dtype=np.float32)
     inv_c, norm_c = _stats(block, "x")
     filt_c = _filter_scale(inv_c, norm_c, 1.0, True)
+    nan_filt = bool(np.isnan(filt_c).any())
     margin, rel = _blas_margin(block.shape[1]), 4 * _UNIT
     chunk = max(1, int(_config.TOPK_QUERY_BLOCK) * 4)
     for a in range(0, len(qv), chunk):
@@ -134,8 +151,9 @@ def fold_cell(qv: np.ndarray, qpos: np.ndarray, qids: np.ndarray, block: np.ndar
         inv_q, _ = _stats(q, "x")
         s = kernels.normalize(q) @ block.T
         _fold_rows(s, q, inv_q, qpos[a : a + chunk], qids[a : a + chunk], block, inv_c, filt_c, ids, margin, rel,
-                   heap_s, heap_i)
-        _fold_cols(s, q, inv_q, qids[a : a + chunk], block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i)
+                   heap_s, heap_i, nan_filt)
+        _fold_cols(s, q, inv_q, qids[a : a + chunk], block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i,
+                   nan_filt)
 
 
 def rows_knn(x: Any, index: Any, near: np.ndarray, k: int, bar=None) -> tuple[np.ndarray, np.ndarray]:
