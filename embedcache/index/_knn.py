@@ -52,55 +52,64 @@ def _insert_new(hs, hi, e, j):
     hi[pos] = j
 
 
+#: query rows per block of the row fold: for each block and column it keeps the maximum score
+#: (``colmax``), so the column fold skips a block of a column whose maximum is below the cut
+_ROWS = 64
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _fold_rows(s, qv, inv_q, qpos, qids, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i, nan_filt):
+def _fold_rows(s, qv, inv_q, qpos, qids, block, inv_c, filt_c, ids, margin, rel, heap_s, heap_i, nan_filt, colmax):
     """Fold the BLAS scores ``s`` (the rows ``qv`` (ids ``qids``, lists ``qpos``) x the cell's
     rows ``block`` (ids ``ids``)) into the sorted lists of the rows ``qv``: row ``qids[t]``
-    meets ``ids[c]`` (a row never meets itself); each query row is one thread's. A score
-    below the cut (the list's k-th best less the BLAS error bound, rounded down to float32)
-    cannot enter the list: 32 scores are tested at once by their maximum (a loop the compiler
-    vectorizes), then one by one. A NaN filter (a row BLAS cannot score, ``nan_filt``: the
-    cell has one) is always rescored: its groups are tested one score at a time. Scores are
-    the kernels' exact pair scores, ``_pair_score(x_owner, x_other)``: the same bits from
-    either side."""
+    meets ``ids[c]`` (a row never meets itself); each block of ``_ROWS`` query rows is one
+    thread's. A score below the cut (the list's k-th best less the BLAS error bound, rounded
+    down to float32) cannot enter the list: 32 scores are tested at once by their maximum (a
+    loop the compiler vectorizes), then one by one. A NaN filter (a row BLAS cannot score,
+    ``nan_filt``: the cell has one) is always rescored: its groups are tested one score at a
+    time. ``colmax[b, c]``: the maximum filter score of column c over block b (for
+    :func:`_fold_cols`; unset when ``nan_filt``). Scores are the kernels' exact pair scores,
+    ``_pair_score(x_owner, x_other)``: the same bits from either side."""
     k = heap_s.shape[1]
     nq, m = s.shape
-    for t in prange(nq):
-        r = qpos[t]
-        me = qids[t]
-        cut = _cutoff32(heap_s[r, k - 1], margin, rel)
-        for c0 in range(0, m, _GROUP):
-            c1 = min(c0 + _GROUP, m)
-            if not nan_filt:
-                mx = np.float32(-np.inf)
+    for b in prange((nq + _ROWS - 1) // _ROWS):
+        cm = colmax[b]
+        cm[:] = -np.inf
+        for t in range(b * _ROWS, min(nq, (b + 1) * _ROWS)):
+            r = qpos[t]
+            me = qids[t]
+            cut = _cutoff32(heap_s[r, k - 1], margin, rel)
+            for c0 in range(0, m, _GROUP):
+                c1 = min(c0 + _GROUP, m)
+                if not nan_filt:
+                    mx = np.float32(-np.inf)
+                    for c in range(c0, c1):
+                        v = s[t, c] * filt_c[c]
+                        mx = v if v > mx else mx
+                        cm[c] = v if v > cm[c] else cm[c]
+                    if mx < cut:
+                        continue
                 for c in range(c0, c1):
-                    v = s[t, c] * filt_c[c]
-                    mx = v if v > mx else mx
-                if mx < cut:
-                    continue
-            for c in range(c0, c1):
-                if s[t, c] * filt_c[c] < cut:
-                    continue
-                j = ids[c]
-                if j == me:
-                    continue
-                e = _pair_score(qv[t], block[c], inv_q[t], inv_c[c], True)
-                _insert_new(heap_s[r], heap_i[r], e, j)
-                cut = _cutoff32(heap_s[r, k - 1], margin, rel)
+                    if s[t, c] * filt_c[c] < cut:
+                        continue
+                    j = ids[c]
+                    if j == me:
+                        continue
+                    e = _pair_score(qv[t], block[c], inv_q[t], inv_c[c], True)
+                    _insert_new(heap_s[r], heap_i[r], e, j)
+                    cut = _cutoff32(heap_s[r, k - 1], margin, rel)
 
 
-#: columns of the BLAS scores per task of the column fold: each task walks its columns' slice
-#: of every query row (1 KiB, read in order), not 32 columns strided by a whole row
+#: columns of the BLAS scores per task of the column fold (one thread's columns)
 _COLS = 256
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _fold_cols(s, qv, inv_q, qids, block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i, nan_filt):
+def _fold_cols(s, qv, inv_q, qids, block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i, nan_filt, colmax):
     """The other way of :func:`_fold_rows`: row ``ids[c]`` meets ``qids[t]``, into the lists
-    ``cpos[c]``; each slice of ``_COLS`` columns is one thread's, walked query row by query
-    row, 32 scores tested at once against their columns' cuts (by the maximum of score less
-    cut: a float32 difference is >= 0 exactly when the score is >= the cut, or rounds to 0
-    and is rescored in excess)."""
+    ``cpos[c]``; each slice of ``_COLS`` columns is one thread's. A block of ``_ROWS`` query
+    rows is looked at in a column only where its maximum there (``colmax``, 32 columns
+    tested at once) reaches the column's cut, then row by row; with ``nan_filt`` every score
+    is tested."""
     k = heap_s.shape[1]
     nq, m = s.shape
     for g in prange((m + _COLS - 1) // _COLS):
@@ -109,26 +118,29 @@ def _fold_cols(s, qv, inv_q, qids, block, inv_c, filt_c, cpos, ids, margin, rel,
         cut = np.empty(_COLS, np.float32)
         for c in range(a0, a1):
             cut[c - a0] = _cutoff32(heap_s[cpos[c], k - 1], margin, rel)
-        for t in range(nq):
+        for b in range((nq + _ROWS - 1) // _ROWS):
+            t1 = min(nq, (b + 1) * _ROWS)
             for c0 in range(a0, a1, _GROUP):
                 c1 = min(c0 + _GROUP, a1)
                 if not nan_filt:
-                    mx = np.float32(-np.inf)
+                    hit = False
                     for c in range(c0, c1):
-                        v = s[t, c] * filt_c[c] - cut[c - a0]
-                        mx = v if v > mx else mx
-                    if mx < 0:
+                        hit |= not colmax[b, c] < cut[c - a0]
+                    if not hit:
                         continue
                 for c in range(c0, c1):
-                    if s[t, c] * filt_c[c] < cut[c - a0]:
-                        continue
-                    j = qids[t]
-                    if j == ids[c]:
+                    if not nan_filt and colmax[b, c] < cut[c - a0]:
                         continue
                     r = cpos[c]
-                    e = _pair_score(block[c], qv[t], inv_c[c], inv_q[t], True)
-                    _insert_new(heap_s[r], heap_i[r], e, j)
-                    cut[c - a0] = _cutoff32(heap_s[r, k - 1], margin, rel)
+                    for t in range(b * _ROWS, t1):
+                        if s[t, c] * filt_c[c] < cut[c - a0]:
+                            continue
+                        j = qids[t]
+                        if j == ids[c]:
+                            continue
+                        e = _pair_score(block[c], qv[t], inv_c[c], inv_q[t], True)
+                        _insert_new(heap_s[r], heap_i[r], e, j)
+                        cut[c - a0] = _cutoff32(heap_s[r, k - 1], margin, rel)
 
 
 def fold_cell(qv: np.ndarray, qpos: np.ndarray, qids: np.ndarray, block: np.ndarray, cpos: np.ndarray,
@@ -150,10 +162,11 @@ def fold_cell(qv: np.ndarray, qpos: np.ndarray, qids: np.ndarray, block: np.ndar
         q = np.ascontiguousarray(qv[a : a + chunk], dtype=np.float32)
         inv_q, _ = _stats(q, "x")
         s = kernels.normalize(q) @ block.T
+        colmax = np.empty(((len(q) + _ROWS - 1) // _ROWS, len(block)), np.float32)
         _fold_rows(s, q, inv_q, qpos[a : a + chunk], qids[a : a + chunk], block, inv_c, filt_c, ids, margin, rel,
-                   heap_s, heap_i, nan_filt)
+                   heap_s, heap_i, nan_filt, colmax)
         _fold_cols(s, q, inv_q, qids[a : a + chunk], block, inv_c, filt_c, cpos, ids, margin, rel, heap_s, heap_i,
-                   nan_filt)
+                   nan_filt, colmax)
 
 
 def rows_knn(x: Any, index: Any, near: np.ndarray, k: int, bar=None) -> tuple[np.ndarray, np.ndarray]:
