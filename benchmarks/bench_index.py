@@ -1,8 +1,8 @@
 """Partitioned search against exact search and faiss IVFFlat, side by side, in one run.
 
     python benchmarks/bench_index.py [--sizes 50000,100000] [--threshold 0.9] [--k 10]
-                                     [--recall 0.99] [--exact-up-to 100000] [--queries 2000]
-                                     [--no-knn] [--no-faiss] [--no-faiss-knn] [--faiss-knn-rows N]
+                                     [--recall 0.99] [--knn-recall 0.95] [--exact-up-to 100000]
+                                     [--queries 2000] [--no-knn] [--no-faiss] [--no-faiss-knn] [--faiss-knn-rows N]
                                      [--data-dir DIR] [--truth-dir DIR [--truth-part I/M]] [--no-pairs]
 
 Data (:func:`generate`, documented so that others can rebuild it; the same for a given n and
@@ -34,14 +34,14 @@ benchmark's own recall counting included) and during the pair search alone.
 For every size: exact pairs (``similar_pairs``) up to ``--exact-up-to`` rows, above it the
 exact time extrapolated from the sampled rows' exact search (q rows against n cost q / (n/2)
 of the triangle); partitioned pairs at ``--recall`` (embedcache's own calibration);
-partitioned kNN at recall 0.95; faiss ``IndexIVFFlat`` (inner product on unit rows, nlist =
-sqrt(n), trained on 40 rows per list) with ``range_search`` over all rows, at the nprobe
+partitioned kNN at ``--knn-recall`` (0.95); faiss ``IndexIVFFlat`` (inner product on unit
+rows, nlist = sqrt(n), trained on 40 rows per list) with ``range_search`` over all rows, at the nprobe
 that reaches our recall (predicted on the sampled pairs from faiss's own assignment, a pair
 being found when either row probes the other's list, then measured one nprobe at a time
 around it; faiss's time is interpolated linearly in recall between the two nprobe values
 around ours); kNN (k) with faiss ``search`` at the smallest nprobe whose recall@k on the
-sampled rows reaches ours. True recall of pairs is the quantity the library estimates: the
-share of ALL true pairs found, from the exact pair set when exact ran, else over every true
+sampled rows reaches ours (with ``--no-pairs``: faiss kNN alone). True recall of pairs is the
+quantity the library estimates: the share of ALL true pairs found, from the exact pair set when exact ran, else over every true
 pair of ``--queries`` sampled rows (either side of a found pair), itself a sample estimate.
 Times are wall seconds (index builds timed apart); peak RSS is the process's.
 """
@@ -320,6 +320,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--recall", type=float, default=0.99)
+    ap.add_argument("--knn-recall", type=float, default=0.95, help="the recall asked of the kNN graph")
     ap.add_argument("--exact-up-to", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--no-knn", action="store_true")
@@ -384,11 +385,11 @@ def main() -> None:
         index = PartitionIndex.build(x, seed=0)
         t_build = time.perf_counter() - t0
         sz = index.sizes.astype(np.float64)
+        a.t_build = t_build
         print(f"index build          {t_build:8.2f} s  cells={index.cells} (largest {int(sz.max())}); "
               f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
-        if a.no_pairs:
-            a.no_faiss = True
-        else:
+        r_true = None
+        if not a.no_pairs:
             r_true = pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon)
         if not a.no_knn:
             knn_run(a, x, index, sample, top_true, anon)
@@ -462,10 +463,10 @@ def knn_run(a, x, index, sample, top_true, anon):
 
     truth_k = [set(r[r != q][: a.k].tolist()) for q, r in zip(sample, top_true)]
     t0 = time.perf_counter()
-    ks, ki, krec = partitioned_knn(x, a.k, recall=0.95, index=index)
+    ks, ki, krec = partitioned_knn(x, a.k, recall=a.knn_recall, index=index)
     t_knn = time.perf_counter() - t0
     kr = np.mean([len(set(ki[q].tolist()) & t) / a.k for q, t in zip(sample, truth_k)])
-    print(f"partitioned kNN k={a.k} {t_knn:7.2f} s  {krec}; true recall@{a.k} {kr:.4f}; "
+    print(f"partitioned kNN k={a.k} {t_knn:7.2f} s  asked {a.knn_recall}: {krec}; true recall@{a.k} {kr:.4f}; "
           f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
     a.kr, a.t_knn = kr, t_knn
 
@@ -474,9 +475,7 @@ def faiss_run(a, x, rng, sample, truth, top_true, exact_keys, r_true):
     import faiss
 
     n = len(x)
-    t_part, t_build = a.t_part, a.t_build
     # faiss IVFFlat at equal recall
-    groups = block_groups(x, a.threshold) if exact_keys is None else None
     nlist = int(np.sqrt(n))
     t0 = time.perf_counter()
     quant = faiss.IndexFlatIP(x.shape[1])
@@ -485,6 +484,34 @@ def faiss_run(a, x, rng, sample, truth, top_true, exact_keys, r_true):
     for c0 in range(0, n, 1 << 18):
         ivf.add(np.ascontiguousarray(x[c0 : c0 + (1 << 18)]))
     f_build = time.perf_counter() - t0
+    if not a.no_pairs:
+        faiss_range(a, x, ivf, quant, f_build, sample, truth, exact_keys, r_true)
+    if a.no_knn or a.no_faiss_knn:
+        return
+    kr, t_knn = a.kr, a.t_knn
+    truth_k = [set(r[r != q][: a.k].tolist()) for q, r in zip(sample, top_true)]
+    for nprobe in range(1, nlist + 1):
+        ivf.nprobe = nprobe
+        _, fi = ivf.search(np.ascontiguousarray(x[sample]), a.k + 1)
+        fr = np.mean([len(set(r[r != q][: a.k].tolist()) & t) / a.k for q, r, t in zip(sample, fi, truth_k)])
+        if fr >= kr or nprobe == nlist:
+            break
+    m = n if a.faiss_knn_rows <= 0 else min(n, a.faiss_knn_rows)
+    t0 = time.perf_counter()
+    ivf.search(np.ascontiguousarray(x[:m]), a.k + 1)
+    t_fk = (time.perf_counter() - t0) * n / m  # its time per query is the same for every row
+    how = "" if m == n else f" (searched {m} rows, x {n / m:.1f})"
+    print(f"faiss IVFFlat search {t_fk:8.2f} s{how} + build {f_build:.2f} s  nprobe={nprobe} recall@{a.k} "
+          f"{fr:.4f} (ours {kr:.4f}); embedcache/faiss = {t_knn / t_fk:.2f}x (search), "
+          f"{(t_knn + a.t_build) / (t_fk + f_build):.2f}x (with build)", flush=True)
+
+
+def faiss_range(a, x, ivf, quant, f_build, sample, truth, exact_keys, r_true):
+    """faiss ``range_search`` over all rows at the nprobe that reaches the pairs' recall."""
+    n = len(x)
+    nlist = ivf.nlist
+    t_part, t_build = a.t_part, a.t_build
+    groups = block_groups(x, a.threshold) if exact_keys is None else None
 
     def faiss_pairs(nprobe):
         ivf.nprobe = nprobe
@@ -526,23 +553,6 @@ def faiss_run(a, x, rng, sample, truth, top_true, exact_keys, r_true):
           f"embedcache/faiss = {t_part / t_eq:.2f}x (search), "
           f"{(t_part + t_build) / (t_eq + f_build):.2f}x (with build); peak RSS {rss_gib():.2f} GiB",
           flush=True)
-    if a.no_knn or a.no_faiss_knn:
-        return
-    kr, t_knn = a.kr, a.t_knn
-    truth_k = [set(r[r != q][: a.k].tolist()) for q, r in zip(sample, top_true)]
-    for nprobe in range(1, nlist + 1):
-        ivf.nprobe = nprobe
-        _, fi = ivf.search(np.ascontiguousarray(x[sample]), a.k + 1)
-        fr = np.mean([len(set(r[r != q][: a.k].tolist()) & t) / a.k for q, r, t in zip(sample, fi, truth_k)])
-        if fr >= kr or nprobe == nlist:
-            break
-    m = n if a.faiss_knn_rows <= 0 else min(n, a.faiss_knn_rows)
-    t0 = time.perf_counter()
-    ivf.search(np.ascontiguousarray(x[:m]), a.k + 1)
-    t_fk = (time.perf_counter() - t0) * n / m  # its time per query is the same for every row
-    how = "" if m == n else f" (searched {m} rows, x {n / m:.1f})"
-    print(f"faiss IVFFlat search {t_fk:8.2f} s{how}  nprobe={nprobe} recall@{a.k} {fr:.4f} (ours {kr:.4f}); "
-          f"embedcache/faiss = {t_knn / t_fk:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -196,27 +196,85 @@ def test_kmeans_two_level_on_few_directions():
     np.testing.assert_array_equal(np.unique(cent, axis=0), np.unique(np.eye(4, dtype=np.float32), axis=0))
 
 
+def both_ways_knn(x, index, near, k):
+    """The plain reference of :func:`rows_knn`: row r's best ``k`` other rows (the exact
+    ``top_k`` order: score descending, ties to the lower row) among the rows j of the cells
+    it probes and the rows j that probe its own cell (``near[j]`` holds ``own[r]``)."""
+    n = len(x)
+    probes = np.zeros((n, index.cells), bool)
+    for r in range(n):
+        probes[r, near[r][near[r] >= 0]] = True
+    cand = probes[:, index.own] | probes[:, index.own].T  # cand[r, j]
+    out_s = np.full((n, k), -np.inf, np.float32)
+    out_i = np.full((n, k), -1, np.int64)
+    if n < 2:
+        return out_s, out_i
+    s_all, i_all = ec.top_k(x, x, n - 1, exclude_self=True)
+    for r in range(n):
+        keep = cand[r, i_all[r]]
+        m = min(k, int(keep.sum()))
+        out_s[r, :m], out_i[r, :m] = s_all[r][keep][:m], i_all[r][keep][:m]
+    return out_s, out_i
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_running_lists_equal_a_fresh_top_k_per_cell(dtype):
-    """The kNN of indexed rows (one running list per row, BLAS filter, exact rescoring) gives
-    what :func:`probe_topk` (an exact ``top_k`` per cell, merged) gives, at every probe count."""
+def test_running_lists_equal_the_best_of_both_ways_candidates(dtype):
+    """The kNN of indexed rows (one running list per row, each product folded into both rows'
+    lists, BLAS filter, exact rescoring) gives the exact best rows among the rows of the cells
+    a row probes and the rows that probe its own cell, at every probe count; every cell probed:
+    exact ``top_k`` bit for bit."""
     from embedcache.index._knn import rows_knn
 
     x = _giant_and_block(1500, seed=8).astype(dtype)
     with _config.override(INDEX_MIN_CELL=8, TOPK_QUERY_BLOCK=7):
         index = PartitionIndex.build(x, cells=25, seed=0)
-        self_ids = np.arange(len(x), dtype=np.int64)
-
-        def block(c):
-            ids = index.rows(c)
-            return x[ids], ids, None
-
         for probes in (1, 2, 5, index.cells):
             near = _partition.with_own(index.probe_cells(x, probes), index.own)
             got = rows_knn(x, index, near, 7)
-            want = _partition.probe_topk(x, near, block, index.cells, 7, self_ids)
+            want = both_ways_knn(x, index, near, 7)
             for u, v in zip(got, want):
                 np.testing.assert_array_equal(u, v)
+        np.testing.assert_array_equal(got[1], ec.top_k(x, x, 7, exclude_self=True)[1])
+
+
+def test_running_lists_rescore_rows_blas_cannot_score():
+    """Rows so small or so large that their BLAS scores cannot be trusted (a NaN filter) are
+    rescored one by one, in both directions: the lists still equal the plain reference."""
+    from embedcache.index._knn import rows_knn
+    from embedcache.kernels._core import _filter_scale, _stats
+
+    x = clustered(400, d=12, clusters=6, seed=4)
+    x[::9] *= np.float32(1e-20)
+    x[5::11] *= np.float32(1e37)
+    inv, norm = _stats(x, "x")
+    assert np.isnan(_filter_scale(inv, norm, 1.0, True)).sum() > 60  # the rows scaled once (not both ways)
+    with _config.override(INDEX_MIN_CELL=8, TOPK_QUERY_BLOCK=5):
+        index = PartitionIndex.build(x, cells=12, seed=0)
+        for probes in (1, 3):
+            near = _partition.with_own(index.probe_cells(x, probes), index.own)
+            got = rows_knn(x, index, near, 6)
+            want = both_ways_knn(x, index, near, 6)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), x=matrices(max_rows=30, min_rows=1, max_dim=4), k=st.integers(1, 5),
+       chunk=st.sampled_from([1, 3, 1000]))
+def test_running_lists_on_any_probe_lists_equal_the_plain_reference(data, x, k, chunk):
+    """Any probe lists (a row need not probe its own cell; -1: none), ties, zero and repeated
+    rows, odd chunks: the lists equal :func:`both_ways_knn`, each row at most once in a list."""
+    from embedcache.index._knn import rows_knn
+
+    with _config.override(INDEX_MIN_CELL=1, TOPK_QUERY_BLOCK=chunk):
+        index = PartitionIndex.build(x, cells=data.draw(st.integers(1, 6)), seed=0)
+        p = data.draw(st.integers(1, 3))
+        near = np.array(data.draw(st.lists(st.integers(-1, index.cells - 1), min_size=len(x) * p,
+                                           max_size=len(x) * p)), np.int64).reshape(len(x), p)
+        got = rows_knn(x, index, near, k)
+    want = both_ways_knn(x, index, near, k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 @settings(max_examples=60, deadline=None)

@@ -25,7 +25,8 @@ import numpy as np
 from embedcache import _config
 from embedcache.engine import _tasks
 from embedcache.engine._plan import pick, plan
-from embedcache.index._merge import NO_INDEX, merge_topk
+from embedcache.index._knn import merge_unique
+from embedcache.index._merge import NO_INDEX
 from embedcache.index._partition import _by_cell
 from embedcache.kernels.pairs import pair_order
 
@@ -159,6 +160,6 @@ class StoreSource:
         work = [sum(len(ids) * len(q) for ids, q in g) for g, _ in groups]
         done = (lambda t: bar.update(work[t])) if bar is not None else None
         for _, (rows, s, i) in self.engine.run(_tasks.cell_topk, tasks, on_done=done):
-            merge_topk(heap_s, heap_i, rows, s, i, rows, False)
+            merge_unique(heap_s, heap_i, rows, s, i)
         heap_i[heap_i == NO_INDEX] = -1
         return heap_s, heap_i

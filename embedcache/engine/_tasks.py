@@ -16,7 +16,7 @@ from embedcache import kernels
 from embedcache.engine._plan import Block, Picks, read, read_picks
 from embedcache.index._cells import assign, probe_order
 from embedcache.index._copies import row_digests
-from embedcache.index._partition import pairs_of_cell, probe_topk
+from embedcache.index._partition import pairs_of_cell
 
 __all__ = ["cell_pairs", "cell_topk", "knn_rows", "merge_top", "assign_block", "assign_picks", "nearest_block", "pair_tile",
            "pairs_block", "row_keys", "search_block", "top_against"]
@@ -163,24 +163,17 @@ def cell_pairs(picks: Picks, need: np.ndarray, cells: list[tuple[np.ndarray, np.
 
 
 def cell_topk(picks: Picks, need: np.ndarray, cells: list[tuple[np.ndarray, np.ndarray]], k: int):
-    """The best ``k`` other rows, from a group of cells ``(ids, q)``, of every row probing one
-    of them, as :func:`embedcache.index._partition.probe_topk` computes them: ``(rows, scores,
-    indices)``, -1 where none."""
+    """The best ``k`` other rows, from a group of cells ``(ids, q)``, of every row of them or
+    probing one of them, as :func:`embedcache.index._knn.rows_knn` folds them (each product
+    serving both rows): ``(rows, scores, indices)``, -1 where none."""
+    from embedcache.index._knn import fold_cell
+    from embedcache.index._merge import NO_INDEX
+
     _threads()
     x, where = _cell_rows(picks, need, cells)
-    qset = np.unique(np.concatenate([q for _, q in cells])) if cells else np.empty(0, np.int64)
-    # each probing row, the cells of the group it probes (local numbers, -1: none)
-    slot = [np.searchsorted(qset, q) for _, q in cells]
-    width = np.bincount(np.concatenate(slot), minlength=len(qset)).max(initial=0)
-    near = np.full((len(qset), max(1, width)), -1, np.int64)
-    fill = np.zeros(len(qset), np.int64)
-    for c, s in enumerate(slot):
-        near[s, fill[s]] = c
-        fill[s] += 1
-
-    def block(c: int):
-        ids, _ = cells[c]
-        return x[where[c][0]], ids, None
-
-    s, i = probe_topk(x[np.searchsorted(need, qset)], near, block, len(cells), k, qset)
-    return qset, s, i
+    heap_s = np.full((len(need), k), -np.inf, np.float32)
+    heap_i = np.full((len(need), k), NO_INDEX, np.int64)
+    for (ids, q), (pi, pq) in zip(cells, where):
+        fold_cell(x[pq], pq, np.asarray(q, np.int64), x[pi], pi, np.asarray(ids, np.int64), heap_s, heap_i)
+    heap_i[heap_i == NO_INDEX] = -1
+    return need, heap_s, heap_i

@@ -299,7 +299,8 @@ def with_own(near: np.ndarray, own: np.ndarray) -> np.ndarray:
 
 
 def knn(x: Any, index: PartitionIndex, k: int, probes: int, bar=None):
-    """The ``k`` nearest other rows of every row (own cell plus ``probes`` nearest cells).
+    """The ``k`` nearest other rows of every row among the rows of its own cell and of its
+    ``probes`` nearest cells, and the rows that probe its own cell (:mod:`._knn`).
     x: an (n, d) array or a source of rows (:mod:`._source`)."""
     src = source_of(x)
     near = with_own(_probed(src, index, probes), index.own)

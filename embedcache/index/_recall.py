@@ -276,15 +276,19 @@ def _takes_cols(x) -> bool:
 
 
 def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
-    """Evidence for a k-nearest-neighbour search of the sampled rows (own cell always probed):
-    a true neighbour j of i is found when it shares i's cell or i probes j's cell."""
+    """Evidence for a k-nearest-neighbour search of the sampled rows (own cell always probed,
+    each product serving both rows, :func:`._knn.rows_knn`): a true neighbour j of i is found
+    when it shares i's cell, when i probes j's cell, or when j probes i's cell."""
     x = source_of(x)
     q = x[sample]
     _, nb = x.top_k(q, min(k + 1, len(x)))
     qi, jj = other_neighbours(nb, sample, k)
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
-    need = index.probes_needed(q, qi, index.own[jj])
-    need[index.own[sample[qi]] == index.own[jj]] = 0
+    i = sample[qi]
+    partners, pos = np.unique(jj, return_inverse=True)
+    need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
+                      index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
+    need[index.own[i] == index.own[jj]] = 0
     return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)), jj.astype(np.int64))
 
 

@@ -12,7 +12,7 @@ by cell search) are written once, against the few operations of a *source*:
 
 :class:`ArraySource` does each with the kernels on an array in this process. The store's
 engine (:mod:`embedcache.engine`) does each as tasks over the store's files, calling the same
-per-cell functions (:func:`._partition.pairs_of_cell`, :func:`._partition.probe_topk`) on the
+per-cell functions (:func:`._partition.pairs_of_cell`, :func:`._knn.fold_cell`) on the
 same rows with the same kernels, whose scores do not depend on how rows are batched: the same
 cells, the same probes and the same answer, bit for bit.
 """
@@ -94,9 +94,9 @@ class ArraySource:
                 bar.update((hi - lo) * ((hi - lo - 1) / 2 + len(q)))
 
     def cell_topk(self, index: Any, near: np.ndarray, k: int, bar=None):
-        """The best ``k`` other rows of every row from the cells ``near`` (see
-        :func:`._partition.knn`), through :func:`._knn.rows_knn`: the same lists as
-        :func:`._partition.probe_topk` gives, rows gathered from x cell by cell."""
+        """The best ``k`` other rows of every row from the cells ``near`` and the rows that
+        probe its own cell (see :func:`._partition.knn`), through :func:`._knn.rows_knn`,
+        rows gathered from x cell by cell."""
         from embedcache.index._knn import rows_knn
 
         return rows_knn(self.x, index, near, k, bar)
