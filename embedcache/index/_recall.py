@@ -62,7 +62,12 @@ class Recall:
 
     estimate: the share of true pairs (or true neighbours) found, on the measurement sample
     (NaN when the sample held none). low, high: its 95% confidence interval. probes: cells
-    probed per row. sample: query rows in the measurement sample.
+    probed per row (with ``gap``: at most). sample: query rows in the measurement sample.
+    gap: when cells are probed by score gap (:func:`embedcache.index._partition.within_gap`),
+    the gap chosen: a row probes, besides its own cell, each of its first ``probes`` cells
+    whose centroid scores at least its best centroid's score less ``gap`` (None: a fixed
+    number of probes). mean_probes: cells searched per row on average, its own included
+    (None until the search ran, and for a fixed number).
     """
 
     estimate: float
@@ -70,10 +75,17 @@ class Recall:
     high: float
     probes: int
     sample: int
+    gap: float | None = None
+    mean_probes: float | None = None
 
     def __str__(self) -> str:
+        if self.gap is None:
+            how = f"{self.probes} probes"
+        else:
+            mean = "" if self.mean_probes is None else f"{self.mean_probes:.2f} probes per row, "
+            how = f"score gap {self.gap:.4f}: {mean}at most {self.probes}"
         return (f"recall {self.estimate:.4f} (95% CI {self.low:.4f}-{self.high:.4f}; "
-                f"{self.probes} probes, {self.sample} sampled rows)")
+                f"{how}, {self.sample} sampled rows)")
 
 
 def wilson(found: float, total: float, z: float = _Z) -> tuple[float, float]:
@@ -178,6 +190,44 @@ class Evidence:
                 return int(p)
         return cells
 
+    def smallest_gap(self, target: float, level: float = 0.5) -> float:
+        """The smallest score gap (``need`` holding gaps, inf: not found at any gap) whose
+        recall reaches ``target``: the point estimate for ``level`` 0.5, else the one-sided
+        lower bound at ``level`` (inf when no gap reaches it). The bound grows with the gap
+        (more found): the first gap at which it reaches the target is found by bisection
+        over the gaps at which something more is found."""
+        rw = self._rw()
+        total = (rw * self.true).sum()
+        if total <= 0:
+            return math.inf
+        order = np.argsort(self.need, kind="stable")
+        need = self.need[order]
+        cum = np.cumsum(self.weight[order] * rw[self.row[order]]) / total
+        reach = np.flatnonzero((cum >= target - 1e-12) & np.isfinite(need))
+        if not len(reach):
+            return math.inf
+        first = max(0.0, float(need[reach[0]]))
+        if level <= 0.5:
+            return first
+        steps = np.unique(need[(need > first) & np.isfinite(need)])
+        steps = np.concatenate([[first], steps])
+
+        def ok(t: int) -> bool:
+            return self.interval(float(steps[t]), 2 * level - 1)[1] >= target - 1e-12
+
+        if not ok(len(steps) - 1):
+            return math.inf
+        lo, hi = -1, len(steps) - 1  # ok(hi), not ok(lo)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+        return float(steps[hi])
+
+    def next_gap(self, gap: float) -> float:
+        """The next gap above ``gap`` at which something more is found (inf when none)."""
+        more = self.need[(self.need > gap) & np.isfinite(self.need)]
+        return float(more.min()) if len(more) else math.inf
+
     def next_step(self, probes: int, cells: int) -> int:
         """The next probe count above ``probes`` at which something more is found (``cells``
         when none)."""
@@ -225,13 +275,17 @@ def _subsample(qi: np.ndarray, rows: int, cap: int, rng: np.random.Generator):
 
 
 def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random.Generator,
-                  nearest: bool = False) -> Evidence:
+                  nearest: bool = False, gap_probes: int | None = None) -> Evidence:
     """Evidence for :func:`embedcache.index._partition.pairs`: a true pair (i, j) is found
     when i and j share a cell, or when either probes the other's cell. ``x``: an array or a
     source of rows (:mod:`._source`).
 
     ``nearest``: use each sampled row's nearest other row as its one "true pair" instead (a
-    stand-in when the threshold leaves too few pairs to calibrate on).
+    stand-in when the threshold leaves too few pairs to calibrate on). ``gap_probes``: the
+    needs are score gaps (float, :meth:`PartitionIndex.gaps_needed`: the pair is found at
+    any gap at least ``min(gap of j's cell for i, gap of i's cell for j)``, -1 in one cell,
+    inf when neither lists the other's cell in its first ``gap_probes``) instead of counts
+    of probes.
     """
     x = source_of(x)
     q = x[sample]
@@ -251,9 +305,14 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
     qi, jj = qi[kept], jj[kept]
     i = sample[qi]
     partners, pos = np.unique(jj, return_inverse=True)
-    need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
-                      index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
-    need[index.own[i] == index.own[jj]] = 0
+    if gap_probes is None:
+        need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
+                          index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
+        need[index.own[i] == index.own[jj]] = 0
+    else:
+        need = np.minimum(index.gaps_needed(q, qi, index.own[jj], gap_probes),
+                          index.gaps_needed(x[partners], pos.reshape(-1), index.own[i], gap_probes))
+        need[index.own[i] == index.own[jj]] = -1.0
     return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
 
 
@@ -412,48 +471,90 @@ def samples(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:size]), np.sort(perm[size : 2 * size])
 
 
+class ProbeCount:
+    """What a calibration chooses: a number of probes per row, up to ``cells`` (every cell:
+    the exact answer)."""
+
+    def __init__(self, cells: int) -> None:
+        self.cells = cells
+        self.most = cells
+
+    def choose(self, ev: Evidence, target: float, level: float) -> int:
+        return ev.smallest(target, self.cells, level)
+
+    def step(self, ev: Evidence, value: int) -> int:
+        return ev.next_step(value, self.cells)
+
+    def recall(self, est: float, low: float, high: float, value: int, sample: int) -> Recall:
+        return Recall(est, low, high, value, sample)
+
+
+class ScoreGap:
+    """What a calibration chooses: a score gap (:func:`embedcache.index._partition.within_gap`)
+    for rows probing at most ``probes`` cells; inf (the most) when no gap reaches the target
+    within them."""
+
+    def __init__(self, probes: int) -> None:
+        self.probes = probes
+        self.most = math.inf
+
+    def choose(self, ev: Evidence, target: float, level: float) -> float:
+        return ev.smallest_gap(target, level)
+
+    def step(self, ev: Evidence, value: float) -> float:
+        return ev.next_gap(value)
+
+    def recall(self, est: float, low: float, high: float, value: float, sample: int) -> Recall:
+        return Recall(est, low, high, self.probes, sample, gap=float(value))
+
+
 def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
-              fallback=None, design: Design | None = None) -> Recall:
+              fallback=None, design: Design | None = None, choice=None) -> Recall | None:
     """Choose the probes for ``target`` on one sample and measure them on another.
 
     ``evidence_of(sample, rng) -> Evidence``; ``fallback`` (same form) is used to choose when
     the calibration sample holds fewer than 20 true pairs. ``design``: how rows are drawn
-    (default: uniformly). The probes are the fewest whose lower bound at
-    ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's lower bound at
-    that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS`` measurements), they are
-    chosen again on all the evidence so far (at least one step more) and measured on a fresh
-    sample. The reported recall (95% interval) is the last measurement's, made after the
-    last choice.
+    (default: uniformly). ``choice``: what is chosen, :class:`ProbeCount` (default, of
+    ``cells``) or :class:`ScoreGap`. The probes (or gap) are the fewest (smallest) whose
+    lower bound at ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's
+    lower bound at that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS``
+    measurements), they are chosen again on all the evidence so far (at least one step
+    more) and measured on a fresh sample. The reported recall (95% interval) is the last
+    measurement's, made after the last choice. When the choice reaches the most there is
+    (every cell: exact, recall 1; a gap: None, the target is out of the gap rule's reach).
     """
     rng = np.random.default_rng([seed, 7])
     design = design if design is not None else Design(n)
+    choice = choice if choice is not None else ProbeCount(cells)
     level = _config.INDEX_RECALL_CHOOSE_LEVEL
     got = design.draw(rng)
     if got is None:
-        return Recall(1.0, 1.0, 1.0, cells, 0)
+        return Recall(1.0, 1.0, 1.0, cells, 0) if isinstance(choice, ProbeCount) else None
     cal, w = got
     ev = evidence_of(cal, rng)
     if ev.true.sum() < 20 and fallback is not None:
         ev = fallback(cal, rng)
     ev.row_weight = w
-    probes = ev.smallest(target, cells, level)
+    value = choice.choose(ev, target, level)
     pool = [ev]
     rec = Recall(1.0, 1.0, 1.0, cells, 0)  # every cell: exact
     rounds = max(1, int(_config.INDEX_RECALL_ROUNDS))
     for r in range(rounds):
-        if probes >= cells:
-            return Recall(1.0, 1.0, 1.0, cells, rec.sample)
+        if value >= choice.most:
+            return Recall(1.0, 1.0, 1.0, cells, rec.sample) if isinstance(choice, ProbeCount) else None
         got = design.draw(rng)
         if got is None:
             break
         mea, w = got
         m = evidence_of(mea, rng)
         m.row_weight = w
-        est, low, high = m.interval(probes)
-        rec = Recall(est, low, high, probes, len(mea))
-        if m.true.sum() <= 0 or r == rounds - 1 or m.interval(probes, 2 * level - 1)[1] >= target - 1e-12:
+        est, low, high = m.interval(value)
+        rec = choice.recall(est, low, high, value, len(mea))
+        if m.true.sum() <= 0 or r == rounds - 1 or m.interval(value, 2 * level - 1)[1] >= target - 1e-12:
             break
         pool.append(m)
         every = Evidence.concat(pool)
-        probes = max(every.smallest(target, cells, level), every.next_step(probes, cells))
+        value = max(choice.choose(every, target, level), choice.step(every, value))
+    if rec.sample == 0 and isinstance(choice, ScoreGap):
+        return None  # never measured: no fresh rows left
     return rec
