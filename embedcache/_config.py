@@ -94,6 +94,10 @@ INDEX_MAX_CELL_FACTOR = 4
 #: and, of its first this many cells, those whose centroid scores within the calibrated gap of
 #: its best); 0: a fixed number of probes per row, calibrated
 INDEX_GAP_PROBES = 8
+#: rows of cells of at most this many rows probe all those first cells whatever the gap: a
+#: few rows each, often the stray rows of a near-identical block split by k-means, each with
+#: thousands of pairs across a wide gap, which a sample of rows rarely holds
+INDEX_GAP_SMALL_CELL = 64
 #: query rows in each half of the recall sample (calibration, then measurement)
 INDEX_RECALL_SAMPLE = 1000
 #: when > 0, the sampled rows' exact pairs are searched among at most this many rows (a

@@ -122,15 +122,24 @@ class PartitionIndex:
         """(:meth:`probe_cells`, the (m, p) float32 score of each listed cell, -inf for -1)."""
         return probe_order(q, self.centroids, probes, self._groups() if self.two_level else None, scores=True)
 
-    def gaps_needed(self, q: np.ndarray, rows: np.ndarray, cells: np.ndarray, probes: int) -> np.ndarray:
+    def small_cells(self) -> np.ndarray:
+        """(cells,) bool: cells of at most ``INDEX_GAP_SMALL_CELL`` rows, whose rows probe all
+        their first cells whatever the gap in a search by score gap: a few rows each, often
+        the stray rows of a near-identical block split by k-means, each with thousands of
+        pairs across a wide gap (and rows a sample rarely holds)."""
+        return self.sizes <= int(_config.INDEX_GAP_SMALL_CELL)
+
+    def gaps_needed(self, q: np.ndarray, rows: np.ndarray, cells: np.ndarray, probes: int,
+                    own: np.ndarray | None = None) -> np.ndarray:
         """(k,) float64: for each k, the smallest score gap (:func:`within_gap`) at which row
         ``rows[k]`` of ``q`` probes cell ``cells[k]``: its best listed cell's score less that
-        cell's, when the cell is among its first ``probes`` of :meth:`probe_cells`; inf beyond."""
+        cell's (0 for a row of one of :meth:`small_cells`; ``own``: the cell of each row of
+        ``q``), when the cell is among its first ``probes`` of :meth:`probe_cells`; inf beyond."""
         need = np.full(len(rows), np.inf)
         if not len(rows):
             return need
         near, sc = self.probe_cells_scored(q, probes)
-        gaps = row_gaps(near, sc)
+        gaps = row_gaps(near, sc, None if own is None else self.small_cells()[own])
         p = max(1, near.shape[1])
         step = max(1, (1 << 22) // p)
         for a in range(0, len(rows), step):
@@ -178,19 +187,22 @@ class PartitionIndex:
         return out
 
 
-def row_gaps(near: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def row_gaps(near: np.ndarray, scores: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:
     """(n, p) float64: each listed cell's gap, the row's best listed score less the cell's
-    (inf where ``near`` is -1); as :func:`within_gap` computes it."""
+    (inf where ``near`` is -1; 0 on the rows ``wide`` marks, (n,) bool: they probe every
+    listed cell at any gap); as :func:`within_gap` computes it."""
     sc = np.where(near >= 0, scores.astype(np.float64), -np.inf)
     best = sc.max(axis=1, initial=-np.inf)[:, None]
     with np.errstate(invalid="ignore"):
         g = best - sc
+    if wide is not None:
+        g[np.asarray(wide, bool)] = 0.0
     g[near < 0] = np.inf
     return g
 
 
 @njit(parallel=True, cache=True)
-def _within_gap(near, scores, gap, out):
+def _within_gap(near, scores, gap, wide, out):
     for r in prange(near.shape[0]):
         best = -np.inf
         for t in range(near.shape[1]):
@@ -198,17 +210,19 @@ def _within_gap(near, scores, gap, out):
                 best = np.float64(scores[r, t])
         for t in range(near.shape[1]):
             c = near[r, t]
-            out[r, t] = c if c >= 0 and best - np.float64(scores[r, t]) <= gap else -1
+            out[r, t] = c if c >= 0 and (wide[r] or best - np.float64(scores[r, t]) <= gap) else -1
 
 
-def within_gap(near: np.ndarray, scores: np.ndarray, gap: float) -> np.ndarray:
+def within_gap(near: np.ndarray, scores: np.ndarray, gap: float, wide: np.ndarray | None = None) -> np.ndarray:
     """The probe lists ``near`` ((n, p), -1: none) with -1 for every cell whose score (in
-    ``scores``, (n, p) float32) is more than ``gap`` below the row's best listed score: the
-    cells a search by score gap probes (besides each row's own cell). A row deep inside its
-    cell probes its nearest cell only; a row near a border also those across it."""
+    ``scores``, (n, p) float32) is more than ``gap`` below the row's best listed score,
+    except on the rows ``wide`` marks ((n,) bool, default none), which keep every listed
+    cell: the cells a search by score gap probes (besides each row's own cell). A row deep
+    inside its cell probes its nearest cell only; a row near a border also those across it."""
     out = np.empty_like(near)
     if near.size:
-        _within_gap(near, scores, float(gap), out)
+        w = np.zeros(len(near), np.bool_) if wide is None else np.ascontiguousarray(wide, np.bool_)
+        _within_gap(near, scores, float(gap), w, out)
     return out
 
 
@@ -233,7 +247,7 @@ def probed(src: Any, index: PartitionIndex, probes: int, gap: float | None = Non
         near, sc = index.row_cells_scored(src.x, probes)
     else:
         near, sc = src.nearest(index.centroids, probes, scores=True)
-    return within_gap(near, sc, gap)
+    return within_gap(near, sc, gap, index.small_cells()[index.own])
 
 
 

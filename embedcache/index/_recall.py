@@ -155,7 +155,7 @@ class Evidence:
         return np.ones(len(self.true)) if self.row_weight is None else self.row_weight
 
     def found(self, probes: int) -> np.ndarray:
-        hit = self.need <= probes
+        hit = (self.need <= probes) & np.isfinite(self.need)  # inf: never found
         return np.bincount(self.row[hit], weights=self.weight[hit], minlength=len(self.true))
 
     def recall(self, probes: int) -> float:
@@ -310,8 +310,9 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
                           index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
         need[index.own[i] == index.own[jj]] = 0
     else:
-        need = np.minimum(index.gaps_needed(q, qi, index.own[jj], gap_probes),
-                          index.gaps_needed(x[partners], pos.reshape(-1), index.own[i], gap_probes))
+        need = np.minimum(index.gaps_needed(q, qi, index.own[jj], gap_probes, index.own[sample]),
+                          index.gaps_needed(x[partners], pos.reshape(-1), index.own[i], gap_probes,
+                                            index.own[partners]))
         need[index.own[i] == index.own[jj]] = -1.0
     return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
 
