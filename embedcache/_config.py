@@ -98,6 +98,9 @@ INDEX_GAP_PROBES = 8
 #: few rows each, often the stray rows of a near-identical block split by k-means, each with
 #: thousands of pairs across a wide gap, which a sample of rows rarely holds
 INDEX_GAP_SMALL_CELL = 64
+#: rows per band when the pairs within a cell are searched band by band (the BLAS products
+#: then cover about the upper triangle, not the whole square of the cell)
+INDEX_TRIANGLE_ROWS = 256
 #: query rows in each half of the recall sample (calibration, then measurement)
 INDEX_RECALL_SAMPLE = 1000
 #: when > 0, the sampled rows' exact pairs are searched among at most this many rows (a

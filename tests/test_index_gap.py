@@ -111,7 +111,9 @@ def test_gap_evidence_predicts_exactly_what_the_search_finds():
         i, j, _ = _partition.pairs(x, index, 0.8, 4, near=near)
         found = np.isin(a * n + b, i * n + j)
         assert 0 < found.mean() <= 1
-        np.testing.assert_array_equal(ev.need <= gap, found, err_msg=f"gap {gap}")
+        said = (ev.need <= gap) & np.isfinite(ev.need)  # inf: beyond the listed cells, never
+        np.testing.assert_array_equal(said, found, err_msg=f"gap {gap}")
+        np.testing.assert_array_equal(ev.found(gap), np.bincount(ev.row[found], minlength=n))
 
 
 def test_calibrated_gap_reaches_the_recall_and_probes_fewer_cells():
@@ -119,12 +121,12 @@ def test_calibrated_gap_reaches_the_recall_and_probes_fewer_cells():
     collection, reports the gap and the mean probes per row (fewer than its cap), and the
     interval covers the truth."""
     runs, reached, covered = 6, 0, 0
-    with _config.override(INDEX_RECALL_SAMPLE=400, INDEX_MIN_CELL=16, INDEX_GAP_PROBES=6):
+    with _config.override(INDEX_RECALL_SAMPLE=400, INDEX_MIN_CELL=16, INDEX_GAP_PROBES=12):
         for seed in range(runs):
             x = _giant_and_block(1600, seed=seed)
             ei, _, _ = ec.similar_pairs(x, 0.8)
             i, _, _, rec = partitioned_pairs(x, 0.8, recall=0.95, seed=seed, cells=40)
-            assert rec.gap is not None and rec.probes == 6
+            assert rec.gap is not None and rec.probes == 12
             assert 1.0 <= rec.mean_probes < rec.probes
             assert f"{rec.mean_probes:.2f} probes per row" in str(rec)
             true = len(i) / len(ei)
@@ -185,3 +187,38 @@ def test_bad_gaps_raise_clear_errors():
         partitioned_pairs(x, 0.9, gap=float("nan"))
     with pytest.raises(InvalidInputTypeError, match="gap must be a number"):
         partitioned_pairs(x, 0.9, gap="wide")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices(max_rows=70, min_rows=0, max_dim=5), band=st.integers(1, 9), t=st.sampled_from([0.0, 0.7, 1.0]))
+def test_a_cell_searched_in_bands_gives_the_exact_triangle(x, band, t):
+    """Bands of a few rows (each with itself and the rows after it) give the pairs and
+    scores of one exact search of the cell."""
+    with _config.override(INDEX_TRIANGLE_ROWS=band):
+        parts = list(_partition._triangle(x, t))
+    i = np.concatenate([p[0] for p in parts])
+    j = np.concatenate([p[1] for p in parts])
+    s = np.concatenate([p[2] for p in parts])
+    order = np.lexsort((j, i, -s))
+    ei, ej, es = ec.similar_pairs(x, t)
+    np.testing.assert_array_equal(i[order], ei)
+    np.testing.assert_array_equal(j[order], ej)
+    np.testing.assert_array_equal(s[order], es)
+
+
+def test_rows_of_small_cells_probe_all_their_first_cells():
+    """A row of a cell of at most ``INDEX_GAP_SMALL_CELL`` rows keeps every listed cell at
+    gap 0; the other rows only their best; the calibration's needs say the same."""
+    x = _giant_and_block(1200, seed=4)
+    with _config.override(INDEX_MIN_CELL=4, INDEX_GAP_SMALL_CELL=12):
+        index = PartitionIndex.build(x, cells=60, seed=0)
+        small = index.small_cells()
+        assert small.any() and not small.all()
+        near = _partition.probed(source_of(x), index, 3, 0.0)
+        listed = index.probe_cells(x, 3)
+        wide = small[index.own]
+        np.testing.assert_array_equal(near[wide], listed[wide])
+        assert ((near[~wide] >= 0).sum(axis=1) <= 2).all()  # the best (and exact ties)
+        rows = np.repeat(np.arange(len(x)), 3)
+        need = index.gaps_needed(x, rows, listed.ravel(), 3, index.own)
+        np.testing.assert_array_equal(need <= 0.0, (near >= 0).ravel())

@@ -284,11 +284,32 @@ def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndar
     particular order (:func:`merge_pairs` sorts them all once)."""
     from embedcache.kernels.pairs import unsorted_pairs
 
-    i, j, s = unsorted_pairs(block, threshold)
-    yield ids[i], ids[j], s
+    for i, j, s in _triangle(block, threshold):
+        yield ids[i], ids[j], s
     if len(q):
         i, j, s = unsorted_pairs(xq, threshold, y=block)
         yield q[i], ids[j], s
+
+
+def _triangle(block: np.ndarray, threshold: float):
+    """The pairs within ``block`` (positions i < j), in parts: bands of
+    ``INDEX_TRIANGLE_ROWS`` rows, each with itself and with the rows after it, so the BLAS
+    products cover about the upper triangle (a cell as one tile computes the whole square,
+    twice the work). Scores are the kernels' exact ones whatever the bands."""
+    from embedcache.kernels.pairs import unsorted_pairs
+
+    m = len(block)
+    b = max(1, int(_config.INDEX_TRIANGLE_ROWS))
+    if m <= 2 * b:
+        yield unsorted_pairs(block, threshold)
+        return
+    for a in range(0, m, b):
+        band = block[a : a + b]
+        i, j, s = unsorted_pairs(band, threshold)
+        yield i + a, j + a, s
+        if a + b < m:
+            i, j, s = unsorted_pairs(band, threshold, y=block[a + b :])
+            yield i + a, j + a + b, s
 
 
 def merge_pairs(parts, n: int, unique: bool = False):
