@@ -5,6 +5,12 @@ every query row, its ``probes`` nearest cells (by centroid) and scores the rows 
 with the exact kernels (:func:`embedcache.similar_pairs`, :func:`embedcache.top_k`), so a
 reported score is always the exact one: probing fewer cells can miss a pair or a neighbour,
 never invent one. Probing every cell gives the exact answer bit for bit.
+
+A pair search may instead probe by score gap (:func:`within_gap`): of a row's first cells,
+those whose centroid scores within a gap of its best. With a fixed count, the extra probes
+are most of the work (a row compares with its own cell's rows once, with each other cell's
+rows in full) though most rows lie deep inside their cell, where the next cells hold no pair
+at a high threshold; by gap, only rows near a border look across it.
 """
 
 from __future__ import annotations

@@ -29,6 +29,13 @@ so the reported figure is not biased by the choice; where the measurement's lowe
 the same level misses the target, the probes are chosen again on all the evidence (one
 step more at least) and measured on a fresh sample (``INDEX_RECALL_ROUNDS``).
 
+What is chosen: a number of probes, or for pairs a score gap (:class:`ScoreGap`; a row probes
+the cells of its first ``INDEX_GAP_PROBES`` whose centroid scores within the gap of its best,
+:func:`._partition.within_gap`). A pair's need is then a gap: the smaller of the two rows'
+gaps to the other's cell (inf when neither lists it), and the choice is the smallest gap at
+which the lower bound reaches the target, by the same design and rounds; when no gap within
+those cells reaches it, a number of probes is chosen instead.
+
 The interval: the pairs of one row are not independent, and in real collections a few rows
 (near-identical blocks, one giant cluster) carry most of the pairs, so a sample of rows holds
 few effective units. The variance of the ratio is the linearized (row residual) estimate;
