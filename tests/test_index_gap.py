@@ -222,3 +222,19 @@ def test_rows_of_small_cells_probe_all_their_first_cells():
         rows = np.repeat(np.arange(len(x)), 3)
         need = index.gaps_needed(x, rows, listed.ravel(), 3, index.own)
         np.testing.assert_array_equal(need <= 0.0, (near >= 0).ravel())
+
+
+def test_sampled_pairs_in_one_pass_are_each_rows_exact_pairs():
+    """Rows of several samples (repeats included) searched in one pass, or added later:
+    each sampled row's partners are its exact pairs, the row itself left out."""
+    x = clustered(900, d=8, seed=2)
+    truth = _recall.SampledPairs(x, 0.9)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 900, 50), rng.integers(0, 900, 40)
+    truth.prefetch(np.concatenate([a, b]))
+    ei, ej, _ = ec.similar_pairs(x, 0.9)
+    for sample in (np.sort(a), np.sort(b), np.sort(rng.integers(0, 900, 30))):
+        qi, jj = truth(sample)
+        want = sorted((q, int(j)) for q, r in enumerate(sample.tolist())
+                      for j in np.concatenate([ej[ei == r], ei[ej == r]]).tolist())
+        assert sorted(zip(qi.tolist(), jj.tolist())) == want

@@ -149,13 +149,21 @@ def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
         probes = max(1, index.cells)  # one cell: the search is exact
         rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
+        truth = _recall.SampledPairs(x, threshold)
+
         def evidence(sample, rng, nearest=False, gap_probes=None):
-            return _recall.pair_evidence(x, index, sample, threshold, rng, nearest, gap_probes)
+            return _recall.pair_evidence(x, index, sample, threshold, rng, nearest, gap_probes, truth)
+
+        evidence.prefetch = truth.prefetch
 
         density = _recall.cell_density(x, index, threshold, np.random.default_rng([seed, 11]))
         cap = min(index.cells, int(_config.INDEX_GAP_PROBES))
         if 0 < cap < index.cells:
-            rec = _recall.calibrate(lambda s, r: evidence(s, r, gap_probes=cap), len(x), index.cells, recall,
+            def gap_evidence(s, r):
+                return evidence(s, r, gap_probes=cap)
+
+            gap_evidence.prefetch = truth.prefetch
+            rec = _recall.calibrate(gap_evidence, len(x), index.cells, recall,
                                     seed, fallback=lambda s, r: evidence(s, r, True, cap),
                                     design=_recall.Design(len(x), index, density), choice=_recall.ScoreGap(cap))
             if rec is not None:

@@ -281,8 +281,48 @@ def _subsample(qi: np.ndarray, rows: int, cap: int, rng: np.random.Generator):
     return kept, weight, true
 
 
+class SampledPairs:
+    """The exact pairs (score >= ``threshold``) of sampled rows of ``x`` with all its rows,
+    kept by row: the rows of several samples (a calibration's and its first measurement's)
+    are searched in one pass over ``x`` (:meth:`prefetch`), and a row drawn twice once."""
+
+    def __init__(self, x, threshold: float) -> None:
+        self.x = source_of(x)
+        self.threshold = threshold
+        self.keys = np.empty(0, np.int64)  # rows searched, sorted
+        self.starts = np.zeros(1, np.int64)  # partners of keys[k]: part[starts[k]:starts[k + 1]]
+        self.part = np.empty(0, np.int64)
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Search the rows not searched yet, in one pass."""
+        new = np.setdiff1d(np.asarray(rows, np.int64), self.keys)
+        if not len(new):
+            return
+        qi, jj, _ = self.x.pairs_with(self.x[new], self.threshold)
+        ok = jj != new[qi]
+        qi, jj = qi[ok], jj[ok]
+        rows_all = np.concatenate([np.repeat(self.keys, np.diff(self.starts)), new[qi]])
+        part_all = np.concatenate([self.part, jj.astype(np.int64)])
+        order = np.lexsort((part_all, rows_all))
+        self.keys = np.union1d(self.keys, new)
+        counts = np.bincount(np.searchsorted(self.keys, rows_all[order]), minlength=len(self.keys))
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.part = part_all[order]
+
+    def __call__(self, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in ``sample``, partner row) of every true pair of the sampled rows (the
+        row itself left out), by position then partner."""
+        self.prefetch(sample)
+        k = np.searchsorted(self.keys, sample)
+        counts = self.starts[k + 1] - self.starts[k]
+        qi = np.repeat(np.arange(len(sample)), counts)
+        first = np.repeat(self.starts[k] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return qi, self.part[first + np.arange(len(qi))]
+
+
 def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random.Generator,
-                  nearest: bool = False, gap_probes: int | None = None) -> Evidence:
+                  nearest: bool = False, gap_probes: int | None = None,
+                  truth: SampledPairs | None = None) -> Evidence:
     """Evidence for :func:`embedcache.index._partition.pairs`: a true pair (i, j) is found
     when i and j share a cell, or when either probes the other's cell. ``x``: an array or a
     source of rows (:mod:`._source`).
@@ -292,7 +332,8 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
     needs are score gaps (float, :meth:`PartitionIndex.gaps_needed`: the pair is found at
     any gap at least ``min(gap of j's cell for i, gap of i's cell for j)``, -1 in one cell,
     inf when neither lists the other's cell in its first ``gap_probes``) instead of counts
-    of probes.
+    of probes. ``truth``: where the sampled rows' exact pairs are kept (:class:`SampledPairs`,
+    with the same ``x`` and ``threshold``; default: searched here).
     """
     x = source_of(x)
     q = x[sample]
@@ -305,9 +346,12 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
         qi, jj = qi[ok], jj[ok]
     else:
         cols = partner_sample(x, rng)
-        qi, jj, _ = x.pairs_with(q, threshold) if cols is None else x.pairs_with(q, threshold, cols)
-        ok = jj != sample[qi]
-        qi, jj = qi[ok], jj[ok]
+        if cols is None and truth is not None:
+            qi, jj = truth(sample)
+        else:
+            qi, jj, _ = x.pairs_with(q, threshold) if cols is None else x.pairs_with(q, threshold, cols)
+            ok = jj != sample[qi]
+            qi, jj = qi[ok], jj[ok]
     kept, weight, true = _subsample(qi, len(sample), _config.INDEX_RECALL_PAIRS_PER_ROW, rng)
     qi, jj = qi[kept], jj[kept]
     i = sample[qi]
@@ -528,7 +572,9 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     lower bound at that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS``
     measurements), they are chosen again on all the evidence so far (at least one step
     more) and measured on a fresh sample. The reported recall (95% interval) is the last
-    measurement's, made after the last choice. When the choice reaches the most there is
+    measurement's, made after the last choice. The first measurement's rows are drawn with
+    the calibration's and, when ``evidence_of`` has a ``prefetch(rows)``, handed to it at once
+    (one exact pass over the rows for both). When the choice reaches the most there is
     (every cell: exact, recall 1; a gap: None, the target is out of the gap rule's reach).
     """
     rng = np.random.default_rng([seed, 7])
@@ -539,6 +585,10 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     if got is None:
         return Recall(1.0, 1.0, 1.0, cells, 0) if isinstance(choice, ProbeCount) else None
     cal, w = got
+    ahead = design.draw(rng)  # the first measurement's rows: searched with these in one pass
+    prefetch = getattr(evidence_of, "prefetch", None)
+    if prefetch is not None:
+        prefetch(cal if ahead is None else np.concatenate([cal, ahead[0]]))
     ev = evidence_of(cal, rng)
     if ev.true.sum() < 20 and fallback is not None:
         ev = fallback(cal, rng)
@@ -550,7 +600,7 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     for r in range(rounds):
         if value >= choice.most:
             return Recall(1.0, 1.0, 1.0, cells, rec.sample) if isinstance(choice, ProbeCount) else None
-        got = design.draw(rng)
+        got, ahead = (ahead, None) if r == 0 else (design.draw(rng), None)
         if got is None:
             break
         mea, w = got
