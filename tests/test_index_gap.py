@@ -25,9 +25,12 @@ from tests.test_index import _giant_and_block, clustered
 @given(x=matrices(max_rows=40, min_rows=0), t=st.sampled_from([-0.5, 0.0, 0.5, 0.9, 1.0]),
        cells=st.integers(1, 8), seed=st.integers(0, 3))
 def test_every_cell_within_an_infinite_gap_equals_exact_bit_for_bit(x, t, cells, seed):
+    """Also with a cell's own pairs searched in bands of 2 rows (its parts are still told
+    apart from the probing rows' pairs, whose copies are dropped)."""
     with _config.override(INDEX_MIN_CELL=1):
         index = PartitionIndex.build(x, cells=cells, seed=seed)
-    i, j, s, rec = partitioned_pairs(x, t, probes=max(1, index.cells), gap=math.inf, index=index)
+    with _config.override(INDEX_TRIANGLE_ROWS=2):
+        i, j, s, rec = partitioned_pairs(x, t, probes=max(1, index.cells), gap=math.inf, index=index)
     ei, ej, es = ec.similar_pairs(x, t)
     assert rec is None
     np.testing.assert_array_equal(i, ei)
@@ -43,6 +46,11 @@ def test_every_pair_found_by_gap_is_true_with_its_exact_score(x, probes, cells, 
     with _config.override(INDEX_MIN_CELL=1):
         index = PartitionIndex.build(x, cells=cells, seed=1)
     i, j, s, _ = partitioned_pairs(x, t, probes=probes, gap=gap, index=index)
+    with _config.override(INDEX_TRIANGLE_ROWS=3):  # cells searched in bands: the same pairs
+        bi, bj, bs, _ = partitioned_pairs(x, t, probes=probes, gap=gap, index=index)
+    np.testing.assert_array_equal(bi, i)
+    np.testing.assert_array_equal(bj, j)
+    np.testing.assert_array_equal(bs, s)
     ei, ej, es = ec.similar_pairs(x, t)
     exact = {(a, b): v for a, b, v in zip(ei.tolist(), ej.tolist(), es.tolist())}
     assert (i < j).all()

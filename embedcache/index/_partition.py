@@ -286,12 +286,14 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
 
 def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndarray, threshold: float):
     """The pairs one cell gives: within its rows ``block`` (row numbers ``ids``), and between
-    the rows ``xq`` (row numbers ``q``) that probe it and its rows; ``(i, j, s)`` parts, in no
-    particular order (:func:`merge_pairs` sorts them all once)."""
+    the rows ``xq`` (row numbers ``q``) that probe it and its rows: two ``(i, j, s)`` parts,
+    in that order (the second only when ``q`` has rows; callers tell them apart by place),
+    pairs in no particular order (:func:`merge_pairs` sorts them all once)."""
     from embedcache.kernels.pairs import unsorted_pairs
 
-    for i, j, s in _triangle(block, threshold):
-        yield ids[i], ids[j], s
+    parts = list(_triangle(block, threshold))  # one part: callers tell it from the probing rows'
+    i, j, s = parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts))
+    yield ids[i], ids[j], s
     if len(q):
         i, j, s = unsorted_pairs(xq, threshold, y=block)
         yield q[i], ids[j], s
