@@ -90,6 +90,17 @@ INDEX_KMEANS_ITERS = 8
 INDEX_REFINE_ITERS = 1
 #: cells larger than this many times the mean cell size are split again
 INDEX_MAX_CELL_FACTOR = 4
+#: most cells a row probes when a pair search probes by score gap (a row searches its own cell
+#: and, of its first this many cells, those whose centroid scores within the calibrated gap of
+#: its best); 0: a fixed number of probes per row, calibrated
+INDEX_GAP_PROBES = 8
+#: rows of cells of at most this many rows probe all those first cells whatever the gap: a
+#: few rows each, often the stray rows of a near-identical block split by k-means, each with
+#: thousands of pairs across a wide gap, which a sample of rows rarely holds
+INDEX_GAP_SMALL_CELL = 64
+#: rows per band when the pairs within a cell are searched band by band (the BLAS products
+#: then cover about the upper triangle, not the whole square of the cell)
+INDEX_TRIANGLE_ROWS = 256
 #: query rows in each half of the recall sample (calibration, then measurement)
 INDEX_RECALL_SAMPLE = 1000
 #: when > 0, the sampled rows' exact pairs are searched among at most this many rows (a

@@ -76,6 +76,16 @@ def check_number(name: str, value: object) -> float:
     return x
 
 
+def check_gap(gap: object) -> float:
+    """A score gap: a number >= 0 (inf allowed: every listed cell), as a float."""
+    if isinstance(gap, (bool, np.bool_)) or not isinstance(gap, (int, float, np.integer, np.floating)):
+        raise InvalidInputTypeError(f"gap must be a number, got {type(gap).__name__}")
+    x = float(gap)
+    if not x >= 0:
+        raise InvalidInputError(f"gap must be >= 0, got {gap}")
+    return x
+
+
 def check_threshold(threshold: object, metric: str = "cosine") -> float:
     """A similarity threshold: a finite number, within [-1, 1] for cosine."""
     t = check_number("threshold", threshold)

@@ -64,10 +64,14 @@ class StoreSource:
             out[t] = r
         return out
 
-    def nearest(self, centroids: np.ndarray, probes: int) -> np.ndarray:
+    def nearest(self, centroids: np.ndarray, probes: int, scores: bool = False):
         p = min(probes, len(centroids))
-        parts = self._per_block(_tasks.nearest_block, (p,), {"centroids": centroids})
-        return np.concatenate(parts) if parts else np.empty((0, p), np.int64)
+        parts = self._per_block(_tasks.nearest_block, (p, scores), {"centroids": centroids})
+        if not scores:
+            return np.concatenate(parts) if parts else np.empty((0, p), np.int64)
+        if not parts:
+            return np.empty((0, p), np.int64), np.empty((0, p), np.float32)
+        return np.concatenate([c for c, _ in parts]), np.concatenate([s for _, s in parts])
 
     def assign(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         if not len(centroids):

@@ -117,10 +117,11 @@ def row_keys(b: Block):
     return digests, nonzero, kernels.pair_scores(np.ascontiguousarray(x, np.float32), r, r)
 
 
-def nearest_block(b: Block, probes: int, *, centroids: np.ndarray):
-    """The cells each row of ``b`` probes (as :func:`embedcache.index._cells.probe_order`)."""
+def nearest_block(b: Block, probes: int, scores: bool = False, *, centroids: np.ndarray):
+    """The cells each row of ``b`` probes (as :func:`embedcache.index._cells.probe_order`;
+    ``scores``: and their scores)."""
     _threads()
-    return probe_order(read(b), centroids, probes)
+    return probe_order(read(b), centroids, probes, scores=scores)
 
 
 def assign_block(b: Block, *, centroids: np.ndarray):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedcache import _config
-from embedcache._validation import check_int, check_k, check_number, check_threshold
+from embedcache._validation import check_gap, check_int, check_k, check_number, check_threshold
 from embedcache.errors import InvalidInputError
 from embedcache.index import _partition, _recall
 from embedcache.index._partition import PartitionIndex
@@ -53,48 +53,70 @@ def _setup(x, cells, seed, index, probes):
 
 def partitioned_pairs(x: np.ndarray, threshold: float, *, recall: float = 0.99, probes: int | None = None,
                       cells: int | None = None, seed: int = 0, index: PartitionIndex | None = None,
-                      bar=None):
+                      bar=None, gap: float | None = None):
     """Pairs of rows of ``x`` ((n, d) float array) with cosine >= ``threshold``, through cells.
 
-    recall: the share of true pairs to find; the probes per row are calibrated for it, unless
-    ``probes`` is given (then nothing is sampled and the returned recall is None).
+    recall: the share of true pairs to find. Each row searches its own cell, and of its
+    first ``INDEX_GAP_PROBES`` cells those whose centroid scores within a gap of its best
+    centroid's (rows deep inside a cell search it alone; rows near a border the cells
+    across it); the gap is calibrated for ``recall`` (a fixed number of probes per row when
+    no gap reaches it). ``probes``: probe that many cells per row instead (or, with ``gap``,
+    those of them within ``gap``); then nothing is sampled and the returned recall is None.
     Returns ``(i, j, scores, recall)``: pairs i < j sorted by score descending, ties by i then
-    j, each with its exact score; ``recall`` a :class:`Recall` measured on sampled rows.
+    j, each with its exact score; ``recall`` a :class:`Recall` measured on sampled rows (with
+    the gap and the mean probes per row when the gap rule ran).
     ``bar``: optional progress bar, updated with row-by-row comparisons.
     """
-    index, probes, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index)
-    if _every_cell(x, index, probes):
+    index, probes, gap, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index, gap)
+    if gap is None and _every_cell(x, index, probes):
         from embedcache.kernels import similar_pairs
 
         i, j, s = similar_pairs(x, threshold)
         return i, j, s, _exact_recall(index, rec)
+    near, rec = _gap_probes(x, index, probes, gap, rec)
     if bar is not None:
-        bar.total = _partition.pair_work(index, len(x), probes)
-    i, j, s = _partition.pairs(x, index, threshold, probes, bar)
+        bar.total = _partition.pair_work(index, len(x), probes, near)
+    i, j, s = _partition.pairs(x, index, threshold, probes, bar, near=near)
     return i, j, s, rec
 
 
 def partitioned_forest(x: np.ndarray, threshold: float, parent: np.ndarray, *, recall: float = 0.99,
                        probes: int | None = None, cells: int | None = None, seed: int = 0,
-                       index: PartitionIndex | None = None, bar=None):
+                       index: PartitionIndex | None = None, bar=None, gap: float | None = None):
     """The connected components of the pairs :func:`partitioned_pairs` finds, without listing
     them: every such pair is joined in the union-find array ``parent`` ((n,) int64, roots
     with ``parent[r] == r``, updated in place), in memory bounded by the rows however many
-    pairs a cluster of near-identical rows holds. Same probes, calibration and recall.
+    pairs a cluster of near-identical rows holds. Same probes (or gap), calibration and recall.
 
     Returns ``(i, j, scores, recall)``: the pairs that joined two trees (a spanning forest,
     at most n - 1 pairs, in no particular order) and the :class:`Recall`.
     """
-    index, probes, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index)
-    if _every_cell(x, index, probes):
+    index, probes, gap, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index, gap)
+    if gap is None and _every_cell(x, index, probes):
         from embedcache.kernels.pairs import threshold_forest
 
         i, j, s = threshold_forest(x, threshold, parent)
         return i, j, s, _exact_recall(index, rec)
+    near, rec = _gap_probes(x, index, probes, gap, rec)
     if bar is not None:
-        bar.total = _partition.pair_work(index, len(x), probes)
-    i, j, s = _partition.forest(x, index, threshold, probes, parent, bar)
+        bar.total = _partition.pair_work(index, len(x), probes, near)
+    i, j, s = _partition.forest(x, index, threshold, probes, parent, bar, near=near)
     return i, j, s, rec
+
+
+def _gap_probes(x, index: PartitionIndex, probes: int, gap: float | None, rec: Recall | None):
+    """(the probe lists of a search by score ``gap``, ``rec`` with its mean probes per row);
+    (None, rec) for a fixed number of probes."""
+    if gap is None:
+        return None, rec
+    from dataclasses import replace
+
+    from embedcache.index._source import source_of
+
+    near = _partition.probed(source_of(x), index, probes, gap)
+    if rec is not None:
+        rec = replace(rec, mean_probes=_partition.probes_per_row(near, index.own))
+    return near, rec
 
 
 def _every_cell(x, index: PartitionIndex, probes: int) -> bool:
@@ -110,25 +132,47 @@ def _exact_recall(index: PartitionIndex, rec: Recall | None) -> Recall | None:
     return None if rec is None else Recall(1.0, 1.0, 1.0, index.cells, rec.sample)
 
 
-def _pair_probes(x, threshold, recall, probes, cells, seed, index):
-    """(index, probes, recall) of a pair search: probes calibrated for ``recall`` unless given."""
+def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
+    """(index, probes, gap, recall) of a pair search: the score gap (at most
+    ``INDEX_GAP_PROBES`` probes) calibrated for ``recall``, else (no gap reaches it, or
+    ``INDEX_GAP_PROBES`` is 0) the probes; unless ``probes`` or ``gap`` are given (gap
+    None: a fixed number of probes)."""
     threshold = check_threshold(threshold)
     recall = check_recall(recall)
     index, seed, probes = _setup(x, cells, seed, index, probes)
+    if gap is not None:
+        gap = check_gap(gap)
+        probes = probes if probes is not None else max(1, min(index.cells, int(_config.INDEX_GAP_PROBES)))
+        return index, probes, gap, None
     rec = None
     if probes is None and (len(x) < 2 or index.cells <= 1):
         probes = max(1, index.cells)  # one cell: the search is exact
         rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
-        def evidence(sample, rng, nearest=False):
-            return _recall.pair_evidence(x, index, sample, threshold, rng, nearest)
+        truth = _recall.SampledPairs(x, threshold)
+
+        def evidence(sample, rng, nearest=False, gap_probes=None):
+            return _recall.pair_evidence(x, index, sample, threshold, rng, nearest, gap_probes, truth)
+
+        evidence.prefetch = truth.prefetch
 
         density = _recall.cell_density(x, index, threshold, np.random.default_rng([seed, 11]))
+        cap = min(index.cells, int(_config.INDEX_GAP_PROBES))
+        if 0 < cap < index.cells:
+            def gap_evidence(s, r):
+                return evidence(s, r, gap_probes=cap)
+
+            gap_evidence.prefetch = truth.prefetch
+            rec = _recall.calibrate(gap_evidence, len(x), index.cells, recall,
+                                    seed, fallback=lambda s, r: evidence(s, r, True, cap),
+                                    design=_recall.Design(len(x), index, density), choice=_recall.ScoreGap(cap))
+            if rec is not None:
+                return index, cap, rec.gap, rec
         rec = _recall.calibrate(evidence, len(x), index.cells, recall, seed,
                                 fallback=lambda s, r: evidence(s, r, True),
                                 design=_recall.Design(len(x), index, density))
         probes = rec.probes
-    return index, probes, rec
+    return index, probes, None, rec
 
 
 def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int | None = None,

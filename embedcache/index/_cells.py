@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from numba import njit, prange
+
 from embedcache import _config, kernels
-from embedcache.kernels._core import _stats
+from embedcache.kernels._core import FASTMATH, _pair_score, _stats
 
 #: BLAS scores held at once when rows are scored against centroids (float32 each: 128 MiB)
 _SCORES = 1 << 25
@@ -155,33 +157,68 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return nearest(x, centroids, 1)[:, 0]
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
+def nearest(x: np.ndarray, centroids: np.ndarray, probes: int, scores: bool = False):
     """(n, min(probes, cells)) int64: the nearest centroids of each row of ``x``, nearest first
     (cosine, ties to the lower cell), chunk by chunk. A row's answer does not depend on the
-    rows it is computed with (the kernels' scores are per pair)."""
+    rows it is computed with (the kernels' scores are per pair). ``scores``: also return
+    each listed cell's score (:func:`listed_scores`)."""
     from embedcache.index._knn import CellScorer
 
     p = min(probes, len(centroids))
     out = np.empty((len(x), p), np.int64)
+    sc = np.empty((len(x), p), np.float32) if scores else None
     scorer = CellScorer(centroids)
     chunk = max(1, min(_config.CHUNK_ROWS * 8, _SCORES // max(1, len(centroids))))
     for a in range(0, len(x), chunk):
-        out[a : a + chunk] = scorer.best(np.ascontiguousarray(x[a : a + chunk], dtype=np.float32), p)
+        xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
+        inv_x, _ = _stats(xc, "x")
+        out[a : a + chunk] = scorer.best(xc, p, inv_x=inv_x)
+        if scores:
+            _listed_scores(xc, inv_x, scorer.cent, scorer.inv_c, out[a : a + chunk], sc[a : a + chunk])
+    return (out, sc) if scores else out
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _listed_scores(x, inv_x, cent, inv_c, cells, out):
+    for r in prange(x.shape[0]):
+        for t in range(cells.shape[1]):
+            c = cells[r, t]
+            out[r, t] = _pair_score(x[r], cent[c], inv_x[r], inv_c[c], True) if c >= 0 else -np.inf
+
+
+def listed_scores(x: np.ndarray, centroids: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """(n, p) float32: the cosine of each row of ``x`` with each of its cells ``cells`` ((n,
+    p), -1: none, scored -inf), the score the probe order ranks cells by (the kernels'
+    exact pair score, whatever rows it is computed with)."""
+    from embedcache.index._knn import CellScorer
+
+    out = np.empty(cells.shape, np.float32)
+    if not cells.size:
+        return out
+    scorer = CellScorer(centroids)
+    chunk = _config.CHUNK_ROWS * 8
+    for a in range(0, len(x), chunk):
+        xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
+        inv_x, _ = _stats(xc, "x")
+        _listed_scores(xc, inv_x, scorer.cent, scorer.inv_c, np.ascontiguousarray(cells[a : a + chunk]),
+                       out[a : a + chunk])
     return out
 
 
 def probe_order(x: np.ndarray, centroids: np.ndarray, probes: int,
-                groups: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                groups: tuple[np.ndarray, np.ndarray] | None = None, scores: bool = False):
     """(n, min(probes, cells)) int64: the cells a partitioned search probes for each row of
     ``x``, in order: :func:`nearest`, or above ``INDEX_TWO_LEVEL_CELLS`` cells (unless every
     cell is probed) :func:`nearest_two_level` through :func:`coarse_groups` (-1 where a row
     has fewer candidates). One function for every caller, so one machine and a cluster probe
-    the same cells. ``groups``: ``coarse_groups(centroids)`` when the caller keeps it."""
+    the same cells. ``groups``: ``coarse_groups(centroids)`` when the caller keeps it.
+    ``scores``: also return the (n, p) float32 score of each listed cell (-inf for -1),
+    computed in the same pass over ``x``."""
     p = min(probes, len(centroids))
     if len(centroids) <= _config.INDEX_TWO_LEVEL_CELLS or p >= len(centroids):
-        return nearest(x, centroids, p)
+        return nearest(x, centroids, p, scores)
     coarse, member = coarse_groups(centroids) if groups is None else groups
-    return nearest_two_level(x, centroids, coarse, member, None, p)
+    return nearest_two_level(x, centroids, coarse, member, None, p, scores)
 
 
 def coarse_groups(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,16 +260,18 @@ def candidates(q: np.ndarray, coarse: np.ndarray, member: np.ndarray, groups: in
 
 
 def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, member: np.ndarray,
-                      groups: int | None, p: int) -> np.ndarray:
+                      groups: int | None, p: int, scores: bool = False):
     """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
     ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
-    to the lower cell; -1 where a row has fewer candidates."""
+    to the lower cell; -1 where a row has fewer candidates. ``scores``: also their scores
+    (:func:`listed_scores`)."""
     from embedcache.index._knn import CellScorer
 
     m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
     top = CellScorer(coarse)
     fine = CellScorer(centroids, member)
     out = np.empty((len(x), p), np.int64)
+    sc = np.empty((len(x), p), np.float32) if scores else None
     widest = int(np.sort(fine.sizes)[::-1][:m].sum())
     chunk = max(1, min(_config.CHUNK_ROWS * 16, _SCORES // max(1, widest, len(coarse))))
     for a in range(0, len(x), chunk):
@@ -241,7 +280,9 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
         xn = kernels.normalize(xc)
         near = top.best(xc, m, xn=xn, inv_x=inv_x)
         out[a : a + len(xc)] = fine.best(xc, p, near=near, xn=xn, inv_x=inv_x)
-    return out
+        if scores:
+            _listed_scores(xc, inv_x, fine.cent, fine.inv_c, out[a : a + len(xc)], sc[a : a + len(xc)])
+    return (out, sc) if scores else out
 
 
 def build_cells(

@@ -5,6 +5,12 @@ every query row, its ``probes`` nearest cells (by centroid) and scores the rows 
 with the exact kernels (:func:`embedcache.similar_pairs`, :func:`embedcache.top_k`), so a
 reported score is always the exact one: probing fewer cells can miss a pair or a neighbour,
 never invent one. Probing every cell gives the exact answer bit for bit.
+
+A pair search may instead probe by score gap (:func:`within_gap`): of a row's first cells,
+those whose centroid scores within a gap of its best. With a fixed count, the extra probes
+are most of the work (a row compares with its own cell's rows once, with each other cell's
+rows in full) though most rows lie deep inside their cell, where the next cells hold no pair
+at a high threshold; by gap, only rows near a border look across it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numba import njit, prange
 
 from embedcache import _config, kernels
 from embedcache._validation import check_int
@@ -117,6 +124,50 @@ class PartitionIndex:
             need[a : a + step][found] = hit.argmax(axis=1)[found] + 1
         return need
 
+    def probe_cells_scored(self, q: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+        """(:meth:`probe_cells`, the (m, p) float32 score of each listed cell, -inf for -1)."""
+        return probe_order(q, self.centroids, probes, self._groups() if self.two_level else None, scores=True)
+
+    def small_cells(self) -> np.ndarray:
+        """(cells,) bool: cells of at most ``INDEX_GAP_SMALL_CELL`` rows, whose rows probe all
+        their first cells whatever the gap in a search by score gap: a few rows each, often
+        the stray rows of a near-identical block split by k-means, each with thousands of
+        pairs across a wide gap (and rows a sample rarely holds)."""
+        return self.sizes <= int(_config.INDEX_GAP_SMALL_CELL)
+
+    def gaps_needed(self, q: np.ndarray, rows: np.ndarray, cells: np.ndarray, probes: int,
+                    own: np.ndarray | None = None) -> np.ndarray:
+        """(k,) float64: for each k, the smallest score gap (:func:`within_gap`) at which row
+        ``rows[k]`` of ``q`` probes cell ``cells[k]``: its best listed cell's score less that
+        cell's (0 for a row of one of :meth:`small_cells`; ``own``: the cell of each row of
+        ``q``), when the cell is among its first ``probes`` of :meth:`probe_cells`; inf beyond."""
+        need = np.full(len(rows), np.inf)
+        if not len(rows):
+            return need
+        near, sc = self.probe_cells_scored(q, probes)
+        gaps = row_gaps(near, sc, None if own is None else self.small_cells()[own])
+        p = max(1, near.shape[1])
+        step = max(1, (1 << 22) // p)
+        for a in range(0, len(rows), step):
+            r = rows[a : a + step]
+            hit = near[r] == np.asarray(cells[a : a + step])[:, None]
+            found = hit.any(axis=1)
+            need[a : a + step][found] = gaps[r[found], hit.argmax(axis=1)[found]]
+        return need
+
+    def row_cells_scored(self, x: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`probe_cells_scored` of the indexed rows ``x`` (cells as int32), kept for the
+        next search of the same index when within ``INDEX_ROW_CELLS_BYTES``."""
+        p = min(probes, self.cells)
+        have = self._near.get("scored")
+        if have is not None and have[0].shape[1] == p:
+            return have
+        cells, sc = self.probe_cells_scored(x, p)
+        cells = cells.astype(np.int32 if self.cells < 2**31 else np.int64)
+        if cells.nbytes + sc.nbytes <= _config.INDEX_ROW_CELLS_BYTES:
+            self._near["scored"] = (cells, sc)
+        return cells, sc
+
     def row_cells(self, x: np.ndarray, probes: int) -> np.ndarray:
         """:meth:`probe_cells` of the indexed rows ``x`` themselves, computed once for at least
         ``INDEX_ROW_CELLS`` probes and kept (int32) for the next search of the same index."""
@@ -142,12 +193,68 @@ class PartitionIndex:
         return out
 
 
-def _probed(src: Any, index: PartitionIndex, probes: int) -> np.ndarray:
-    """The cells every row of ``src`` probes: kept with the index for an array (reused by the
-    next search), computed by the source's engine otherwise; the same cells either way."""
+def row_gaps(near: np.ndarray, scores: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:
+    """(n, p) float64: each listed cell's gap, the row's best listed score less the cell's
+    (inf where ``near`` is -1; 0 on the rows ``wide`` marks, (n,) bool: they probe every
+    listed cell at any gap); as :func:`within_gap` computes it."""
+    sc = np.where(near >= 0, scores.astype(np.float64), -np.inf)
+    best = sc.max(axis=1, initial=-np.inf)[:, None]
+    with np.errstate(invalid="ignore"):
+        g = best - sc
+    if wide is not None:
+        g[np.asarray(wide, bool)] = 0.0
+    g[near < 0] = np.inf
+    return g
+
+
+@njit(parallel=True, cache=True)
+def _within_gap(near, scores, gap, wide, out):
+    for r in prange(near.shape[0]):
+        best = -np.inf
+        for t in range(near.shape[1]):
+            if near[r, t] >= 0 and scores[r, t] > best:
+                best = np.float64(scores[r, t])
+        for t in range(near.shape[1]):
+            c = near[r, t]
+            out[r, t] = c if c >= 0 and (wide[r] or best - np.float64(scores[r, t]) <= gap) else -1
+
+
+def within_gap(near: np.ndarray, scores: np.ndarray, gap: float, wide: np.ndarray | None = None) -> np.ndarray:
+    """The probe lists ``near`` ((n, p), -1: none) with -1 for every cell whose score (in
+    ``scores``, (n, p) float32) is more than ``gap`` below the row's best listed score,
+    except on the rows ``wide`` marks ((n,) bool, default none), which keep every listed
+    cell: the cells a search by score gap probes (besides each row's own cell). A row deep
+    inside its cell probes its nearest cell only; a row near a border also those across it."""
+    out = np.empty_like(near)
+    if near.size:
+        w = np.zeros(len(near), np.bool_) if wide is None else np.ascontiguousarray(wide, np.bool_)
+        _within_gap(near, scores, float(gap), w, out)
+    return out
+
+
+def probes_per_row(near: np.ndarray, own: np.ndarray) -> float:
+    """Mean cells searched per row: its own and those of ``near`` ((n, p), -1: none)."""
+    if not len(near):
+        return 0.0
+    extra = ((near >= 0) & (near != own[:, None].astype(near.dtype))).sum()
+    return 1.0 + float(extra) / len(near)
+
+
+def probed(src: Any, index: PartitionIndex, probes: int, gap: float | None = None) -> np.ndarray:
+    """The cells every row of ``src`` probes (-1: none): its ``probes`` first cells, or those
+    of them within the score ``gap`` (:func:`within_gap`). Kept with the index for an array
+    (reused by the next search), computed by the source's engine otherwise; the same cells
+    either way."""
+    if gap is None:
+        if isinstance(src, ArraySource):
+            return index.row_cells(src.x, probes)
+        return src.nearest(index.centroids, probes)
     if isinstance(src, ArraySource):
-        return index.row_cells(src.x, probes)
-    return src.nearest(index.centroids, probes)
+        near, sc = index.row_cells_scored(src.x, probes)
+    else:
+        near, sc = src.nearest(index.centroids, probes, scores=True)
+    return within_gap(near, sc, gap, index.small_cells()[index.own])
+
 
 
 def _by_cell(cells_of: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,13 +262,14 @@ def _by_cell(cells_of: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]
     return by_cell(cells_of, ncells)
 
 
-def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None):
+def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None, near: np.ndarray | None = None):
     """Pairs ``(i, j, s)``, i < j, score >= threshold, found by probing ``probes`` cells per row.
 
     x: an (n, d) array or a source of rows (:mod:`._source`). A pair is found when both rows
     share a cell, or one of them probes the other's cell. Sorted by score descending, then i,
     then j (as :func:`embedcache.similar_pairs`). ``bar``: optional progress bar updated with
-    units of work (row-by-row comparisons).
+    units of work (row-by-row comparisons). ``near``: the cells each row probes ((n, p), -1:
+    none; default :func:`probed` with ``probes``), e.g. by score gap.
     """
     src = source_of(x)
     n = len(src)
@@ -169,7 +277,7 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
         e = np.empty(0, np.int64)
         return e, e.copy(), np.empty(0, np.float32)
     # own cell left out: its pairs are the triangle of the cell's rows
-    near = _probed(src, index, probes)
+    near = probed(src, index, probes) if near is None else near
     qrows, starts = by_cell(near, index.cells, index.own, 1)
     if isinstance(src, ArraySource):  # each pair found once: no copies to sort out
         return merge_pairs(src.cell_pairs(index, qrows, starts, threshold, bar, near=near), n, unique=True)
@@ -178,15 +286,38 @@ def pairs(x: Any, index: PartitionIndex, threshold: float, probes: int, bar=None
 
 def pairs_of_cell(block: np.ndarray, ids: np.ndarray, xq: np.ndarray, q: np.ndarray, threshold: float):
     """The pairs one cell gives: within its rows ``block`` (row numbers ``ids``), and between
-    the rows ``xq`` (row numbers ``q``) that probe it and its rows; ``(i, j, s)`` parts, in no
-    particular order (:func:`merge_pairs` sorts them all once)."""
+    the rows ``xq`` (row numbers ``q``) that probe it and its rows: two ``(i, j, s)`` parts,
+    in that order (the second only when ``q`` has rows; callers tell them apart by place),
+    pairs in no particular order (:func:`merge_pairs` sorts them all once)."""
     from embedcache.kernels.pairs import unsorted_pairs
 
-    i, j, s = unsorted_pairs(block, threshold)
+    parts = list(_triangle(block, threshold))  # one part: callers tell it from the probing rows'
+    i, j, s = parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts))
     yield ids[i], ids[j], s
     if len(q):
         i, j, s = unsorted_pairs(xq, threshold, y=block)
         yield q[i], ids[j], s
+
+
+def _triangle(block: np.ndarray, threshold: float):
+    """The pairs within ``block`` (positions i < j), in parts: bands of
+    ``INDEX_TRIANGLE_ROWS`` rows, each with itself and with the rows after it, so the BLAS
+    products cover about the upper triangle (a cell as one tile computes the whole square,
+    twice the work). Scores are the kernels' exact ones whatever the bands."""
+    from embedcache.kernels.pairs import unsorted_pairs
+
+    m = len(block)
+    b = max(1, int(_config.INDEX_TRIANGLE_ROWS))
+    if m <= 2 * b:
+        yield unsorted_pairs(block, threshold)
+        return
+    for a in range(0, m, b):
+        band = block[a : a + b]
+        i, j, s = unsorted_pairs(band, threshold)
+        yield i + a, j + a, s
+        if a + b < m:
+            i, j, s = unsorted_pairs(band, threshold, y=block[a + b :])
+            yield i + a, j + a + b, s
 
 
 def merge_pairs(parts, n: int, unique: bool = False):
@@ -211,8 +342,10 @@ def first_of_each(keys: np.ndarray) -> np.ndarray:
     return order[head]
 
 
-def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, parent: np.ndarray, bar=None):
-    """Join in the union-find ``parent`` the pairs :func:`pairs` would find, without listing
+def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, parent: np.ndarray, bar=None,
+           near: np.ndarray | None = None):
+    """Join in the union-find ``parent`` the pairs :func:`pairs` would find (the same probe
+    lists ``near``, default :func:`probed`), without listing
     them (:func:`embedcache.kernels.pairs.threshold_forest`): the same connected components,
     in memory bounded by the rows. Returns the spanning-forest pairs ``(i, j, s)`` that
     joined two trees (at most ``n - 1``, in no particular order)."""
@@ -222,7 +355,7 @@ def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, 
     parts_i, parts_j, parts_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
     if n < 2:
         return parts_i[0], parts_j[0], parts_s[0]
-    near = index.nearest_cells(x, probes)
+    near = probed(ArraySource(x), index, probes) if near is None else near
     qrows, starts = by_cell(near, index.cells, index.own, 1)  # own cell: the triangle below
     off = index.offsets
     for c in range(index.cells):
@@ -242,9 +375,13 @@ def forest(x: np.ndarray, index: PartitionIndex, threshold: float, probes: int, 
     return np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)
 
 
-def pair_work(index: PartitionIndex, n: int, probes: int) -> float:
-    """About how many row-by-row comparisons :func:`pairs` makes (for progress bars)."""
+def pair_work(index: PartitionIndex, n: int, probes: int, near: np.ndarray | None = None) -> float:
+    """About how many row-by-row comparisons :func:`pairs` makes (for progress bars); exactly
+    that many given the probe lists ``near``."""
     sizes = index.sizes.astype(np.float64)
+    if near is not None:
+        extra = (near >= 0) & (near != index.own[:, None].astype(near.dtype))
+        return float((sizes * (sizes - 1) / 2).sum() + sizes[near[extra]].sum())
     mean = sizes.mean() if len(sizes) else 0.0
     return float((sizes * (sizes - 1) / 2).sum() + n * max(0, min(probes, index.cells) - 1) * mean)
 
@@ -303,5 +440,5 @@ def knn(x: Any, index: PartitionIndex, k: int, probes: int, bar=None):
     ``probes`` nearest cells, and the rows that probe its own cell (:mod:`._knn`).
     x: an (n, d) array or a source of rows (:mod:`._source`)."""
     src = source_of(x)
-    near = with_own(_probed(src, index, probes), index.own)
+    near = with_own(probed(src, index, probes), index.own)
     return src.cell_topk(index, near, k, bar)

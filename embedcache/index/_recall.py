@@ -29,6 +29,13 @@ so the reported figure is not biased by the choice; where the measurement's lowe
 the same level misses the target, the probes are chosen again on all the evidence (one
 step more at least) and measured on a fresh sample (``INDEX_RECALL_ROUNDS``).
 
+What is chosen: a number of probes, or for pairs a score gap (:class:`ScoreGap`; a row probes
+the cells of its first ``INDEX_GAP_PROBES`` whose centroid scores within the gap of its best,
+:func:`._partition.within_gap`). A pair's need is then a gap: the smaller of the two rows'
+gaps to the other's cell (inf when neither lists it), and the choice is the smallest gap at
+which the lower bound reaches the target, by the same design and rounds; when no gap within
+those cells reaches it, a number of probes is chosen instead.
+
 The interval: the pairs of one row are not independent, and in real collections a few rows
 (near-identical blocks, one giant cluster) carry most of the pairs, so a sample of rows holds
 few effective units. The variance of the ratio is the linearized (row residual) estimate;
@@ -62,7 +69,12 @@ class Recall:
 
     estimate: the share of true pairs (or true neighbours) found, on the measurement sample
     (NaN when the sample held none). low, high: its 95% confidence interval. probes: cells
-    probed per row. sample: query rows in the measurement sample.
+    probed per row (with ``gap``: at most). sample: query rows in the measurement sample.
+    gap: when cells are probed by score gap (:func:`embedcache.index._partition.within_gap`),
+    the gap chosen: a row probes, besides its own cell, each of its first ``probes`` cells
+    whose centroid scores at least its best centroid's score less ``gap`` (None: a fixed
+    number of probes). mean_probes: cells searched per row on average, its own included
+    (None until the search ran, and for a fixed number).
     """
 
     estimate: float
@@ -70,10 +82,17 @@ class Recall:
     high: float
     probes: int
     sample: int
+    gap: float | None = None
+    mean_probes: float | None = None
 
     def __str__(self) -> str:
+        if self.gap is None:
+            how = f"{self.probes} probes"
+        else:
+            mean = "" if self.mean_probes is None else f"{self.mean_probes:.2f} probes per row, "
+            how = f"score gap {self.gap:.4f}: {mean}at most {self.probes}"
         return (f"recall {self.estimate:.4f} (95% CI {self.low:.4f}-{self.high:.4f}; "
-                f"{self.probes} probes, {self.sample} sampled rows)")
+                f"{how}, {self.sample} sampled rows)")
 
 
 def wilson(found: float, total: float, z: float = _Z) -> tuple[float, float]:
@@ -143,7 +162,7 @@ class Evidence:
         return np.ones(len(self.true)) if self.row_weight is None else self.row_weight
 
     def found(self, probes: int) -> np.ndarray:
-        hit = self.need <= probes
+        hit = (self.need <= probes) & np.isfinite(self.need)  # inf: never found
         return np.bincount(self.row[hit], weights=self.weight[hit], minlength=len(self.true))
 
     def recall(self, probes: int) -> float:
@@ -177,6 +196,44 @@ class Evidence:
             if self.interval(int(p), 2 * level - 1)[1] >= target - 1e-12:
                 return int(p)
         return cells
+
+    def smallest_gap(self, target: float, level: float = 0.5) -> float:
+        """The smallest score gap (``need`` holding gaps, inf: not found at any gap) whose
+        recall reaches ``target``: the point estimate for ``level`` 0.5, else the one-sided
+        lower bound at ``level`` (inf when no gap reaches it). The bound grows with the gap
+        (more found): the first gap at which it reaches the target is found by bisection
+        over the gaps at which something more is found."""
+        rw = self._rw()
+        total = (rw * self.true).sum()
+        if total <= 0:
+            return math.inf
+        order = np.argsort(self.need, kind="stable")
+        need = self.need[order]
+        cum = np.cumsum(self.weight[order] * rw[self.row[order]]) / total
+        reach = np.flatnonzero((cum >= target - 1e-12) & np.isfinite(need))
+        if not len(reach):
+            return math.inf
+        first = max(0.0, float(need[reach[0]]))
+        if level <= 0.5:
+            return first
+        steps = np.unique(need[(need > first) & np.isfinite(need)])
+        steps = np.concatenate([[first], steps])
+
+        def ok(t: int) -> bool:
+            return self.interval(float(steps[t]), 2 * level - 1)[1] >= target - 1e-12
+
+        if not ok(len(steps) - 1):
+            return math.inf
+        lo, hi = -1, len(steps) - 1  # ok(hi), not ok(lo)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+        return float(steps[hi])
+
+    def next_gap(self, gap: float) -> float:
+        """The next gap above ``gap`` at which something more is found (inf when none)."""
+        more = self.need[(self.need > gap) & np.isfinite(self.need)]
+        return float(more.min()) if len(more) else math.inf
 
     def next_step(self, probes: int, cells: int) -> int:
         """The next probe count above ``probes`` at which something more is found (``cells``
@@ -224,14 +281,59 @@ def _subsample(qi: np.ndarray, rows: int, cap: int, rng: np.random.Generator):
     return kept, weight, true
 
 
+class SampledPairs:
+    """The exact pairs (score >= ``threshold``) of sampled rows of ``x`` with all its rows,
+    kept by row: the rows of several samples (a calibration's and its first measurement's)
+    are searched in one pass over ``x`` (:meth:`prefetch`), and a row drawn twice once."""
+
+    def __init__(self, x, threshold: float) -> None:
+        self.x = source_of(x)
+        self.threshold = threshold
+        self.keys = np.empty(0, np.int64)  # rows searched, sorted
+        self.starts = np.zeros(1, np.int64)  # partners of keys[k]: part[starts[k]:starts[k + 1]]
+        self.part = np.empty(0, np.int64)
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Search the rows not searched yet, in one pass."""
+        new = np.setdiff1d(np.asarray(rows, np.int64), self.keys)
+        if not len(new):
+            return
+        qi, jj, _ = self.x.pairs_with(self.x[new], self.threshold)
+        ok = jj != new[qi]
+        qi, jj = qi[ok], jj[ok]
+        rows_all = np.concatenate([np.repeat(self.keys, np.diff(self.starts)), new[qi]])
+        part_all = np.concatenate([self.part, jj.astype(np.int64)])
+        order = np.lexsort((part_all, rows_all))
+        self.keys = np.union1d(self.keys, new)
+        counts = np.bincount(np.searchsorted(self.keys, rows_all[order]), minlength=len(self.keys))
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.part = part_all[order]
+
+    def __call__(self, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in ``sample``, partner row) of every true pair of the sampled rows (the
+        row itself left out), by position then partner."""
+        self.prefetch(sample)
+        k = np.searchsorted(self.keys, sample)
+        counts = self.starts[k + 1] - self.starts[k]
+        qi = np.repeat(np.arange(len(sample)), counts)
+        first = np.repeat(self.starts[k] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return qi, self.part[first + np.arange(len(qi))]
+
+
 def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random.Generator,
-                  nearest: bool = False) -> Evidence:
+                  nearest: bool = False, gap_probes: int | None = None,
+                  truth: SampledPairs | None = None) -> Evidence:
     """Evidence for :func:`embedcache.index._partition.pairs`: a true pair (i, j) is found
     when i and j share a cell, or when either probes the other's cell. ``x``: an array or a
     source of rows (:mod:`._source`).
 
     ``nearest``: use each sampled row's nearest other row as its one "true pair" instead (a
-    stand-in when the threshold leaves too few pairs to calibrate on).
+    stand-in when the threshold leaves too few pairs to calibrate on). ``gap_probes``: the
+    needs are score gaps (float, :meth:`PartitionIndex.gaps_needed`: the pair is found at
+    any gap at least ``min(gap of j's cell for i, gap of i's cell for j)``, -1 in one cell,
+    inf when neither lists the other's cell in its first ``gap_probes``) instead of counts
+    of probes. ``truth``: where the sampled rows' exact pairs are kept (:class:`SampledPairs`,
+    with the same ``x`` and ``threshold``; default: searched here).
     """
     x = source_of(x)
     q = x[sample]
@@ -244,16 +346,25 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
         qi, jj = qi[ok], jj[ok]
     else:
         cols = partner_sample(x, rng)
-        qi, jj, _ = x.pairs_with(q, threshold) if cols is None else x.pairs_with(q, threshold, cols)
-        ok = jj != sample[qi]
-        qi, jj = qi[ok], jj[ok]
+        if cols is None and truth is not None:
+            qi, jj = truth(sample)
+        else:
+            qi, jj, _ = x.pairs_with(q, threshold) if cols is None else x.pairs_with(q, threshold, cols)
+            ok = jj != sample[qi]
+            qi, jj = qi[ok], jj[ok]
     kept, weight, true = _subsample(qi, len(sample), _config.INDEX_RECALL_PAIRS_PER_ROW, rng)
     qi, jj = qi[kept], jj[kept]
     i = sample[qi]
     partners, pos = np.unique(jj, return_inverse=True)
-    need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
-                      index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
-    need[index.own[i] == index.own[jj]] = 0
+    if gap_probes is None:
+        need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
+                          index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
+        need[index.own[i] == index.own[jj]] = 0
+    else:
+        need = np.minimum(index.gaps_needed(q, qi, index.own[jj], gap_probes, index.own[sample]),
+                          index.gaps_needed(x[partners], pos.reshape(-1), index.own[i], gap_probes,
+                                            index.own[partners]))
+        need[index.own[i] == index.own[jj]] = -1.0
     return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
 
 
@@ -416,48 +527,96 @@ def samples(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:size]), np.sort(perm[size : 2 * size])
 
 
+class ProbeCount:
+    """What a calibration chooses: a number of probes per row, up to ``cells`` (every cell:
+    the exact answer)."""
+
+    def __init__(self, cells: int) -> None:
+        self.cells = cells
+        self.most = cells
+
+    def choose(self, ev: Evidence, target: float, level: float) -> int:
+        return ev.smallest(target, self.cells, level)
+
+    def step(self, ev: Evidence, value: int) -> int:
+        return ev.next_step(value, self.cells)
+
+    def recall(self, est: float, low: float, high: float, value: int, sample: int) -> Recall:
+        return Recall(est, low, high, value, sample)
+
+
+class ScoreGap:
+    """What a calibration chooses: a score gap (:func:`embedcache.index._partition.within_gap`)
+    for rows probing at most ``probes`` cells; inf (the most) when no gap reaches the target
+    within them."""
+
+    def __init__(self, probes: int) -> None:
+        self.probes = probes
+        self.most = math.inf
+
+    def choose(self, ev: Evidence, target: float, level: float) -> float:
+        return ev.smallest_gap(target, level)
+
+    def step(self, ev: Evidence, value: float) -> float:
+        return ev.next_gap(value)
+
+    def recall(self, est: float, low: float, high: float, value: float, sample: int) -> Recall:
+        return Recall(est, low, high, self.probes, sample, gap=float(value))
+
+
 def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
-              fallback=None, design: Design | None = None) -> Recall:
+              fallback=None, design: Design | None = None, choice=None) -> Recall | None:
     """Choose the probes for ``target`` on one sample and measure them on another.
 
     ``evidence_of(sample, rng) -> Evidence``; ``fallback`` (same form) is used to choose when
     the calibration sample holds fewer than 20 true pairs. ``design``: how rows are drawn
-    (default: uniformly). The probes are the fewest whose lower bound at
-    ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's lower bound at
-    that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS`` measurements), they are
-    chosen again on all the evidence so far (at least one step more) and measured on a fresh
-    sample. The reported recall (95% interval) is the last measurement's, made after the
-    last choice.
+    (default: uniformly). ``choice``: what is chosen, :class:`ProbeCount` (default, of
+    ``cells``) or :class:`ScoreGap`. The probes (or gap) are the fewest (smallest) whose
+    lower bound at ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's
+    lower bound at that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS``
+    measurements), they are chosen again on all the evidence so far (at least one step
+    more) and measured on a fresh sample. The reported recall (95% interval) is the last
+    measurement's, made after the last choice. The first measurement's rows are drawn with
+    the calibration's and, when ``evidence_of`` has a ``prefetch(rows)``, handed to it at once
+    (one exact pass over the rows for both). When the choice reaches the most there is
+    (every cell: exact, recall 1; a gap: None, the target is out of the gap rule's reach).
     """
     rng = np.random.default_rng([seed, 7])
     design = design if design is not None else Design(n)
+    choice = choice if choice is not None else ProbeCount(cells)
     level = _config.INDEX_RECALL_CHOOSE_LEVEL
     got = design.draw(rng)
     if got is None:
-        return Recall(1.0, 1.0, 1.0, cells, 0)
+        return Recall(1.0, 1.0, 1.0, cells, 0) if isinstance(choice, ProbeCount) else None
     cal, w = got
+    ahead = design.draw(rng)  # the first measurement's rows: searched with these in one pass
+    prefetch = getattr(evidence_of, "prefetch", None)
+    if prefetch is not None:
+        prefetch(cal if ahead is None else np.concatenate([cal, ahead[0]]))
     ev = evidence_of(cal, rng)
     if ev.true.sum() < 20 and fallback is not None:
         ev = fallback(cal, rng)
     ev.row_weight = w
-    probes = ev.smallest(target, cells, level)
+    value = choice.choose(ev, target, level)
     pool = [ev]
     rec = Recall(1.0, 1.0, 1.0, cells, 0)  # every cell: exact
     rounds = max(1, int(_config.INDEX_RECALL_ROUNDS))
     for r in range(rounds):
-        if probes >= cells:
-            return Recall(1.0, 1.0, 1.0, cells, rec.sample)
-        got = design.draw(rng)
+        if value >= choice.most:
+            return Recall(1.0, 1.0, 1.0, cells, rec.sample) if isinstance(choice, ProbeCount) else None
+        got, ahead = (ahead, None) if r == 0 else (design.draw(rng), None)
         if got is None:
             break
         mea, w = got
         m = evidence_of(mea, rng)
         m.row_weight = w
-        est, low, high = m.interval(probes)
-        rec = Recall(est, low, high, probes, len(mea))
-        if m.true.sum() <= 0 or r == rounds - 1 or m.interval(probes, 2 * level - 1)[1] >= target - 1e-12:
+        est, low, high = m.interval(value)
+        rec = choice.recall(est, low, high, value, len(mea))
+        if m.true.sum() <= 0 or r == rounds - 1 or m.interval(value, 2 * level - 1)[1] >= target - 1e-12:
             break
         pool.append(m)
         every = Evidence.concat(pool)
-        probes = max(every.smallest(target, cells, level), every.next_step(probes, cells))
+        value = max(choice.choose(every, target, level), choice.step(every, value))
+    if rec.sample == 0 and isinstance(choice, ScoreGap):
+        return None  # never measured: no fresh rows left
     return rec

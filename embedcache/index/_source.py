@@ -5,7 +5,7 @@ by cell search) are written once, against the few operations of a *source*:
 
 ``len(src)``, ``src.shape``, ``src[idx]``  the vectors of some rows (samples, small)
 ``src.assign(centroids, rows)``           the nearest centroid of every row, or of ``rows``
-``src.nearest(centroids, p)``             the ``p`` nearest centroids of every row
+``src.nearest(centroids, p, scores)``     the ``p`` nearest centroids of every row (and their scores)
 ``src.pairs_with(q, threshold)``          ``similar_pairs(q, threshold, y=x)``
 ``src.top_k(q, k)``                       ``top_k(q, x, k)``
 ``src.cell_pairs(...)``, ``src.cell_topk(...)``  the search itself, cell by cell
@@ -44,10 +44,10 @@ class ArraySource:
 
         return assign(self.x if rows is None else self.x[rows], centroids)
 
-    def nearest(self, centroids: np.ndarray, probes: int) -> np.ndarray:
+    def nearest(self, centroids: np.ndarray, probes: int, scores: bool = False):
         from embedcache.index._cells import probe_order
 
-        return probe_order(self.x, centroids, probes)
+        return probe_order(self.x, centroids, probes, scores=scores)
 
     def pairs_with(self, q: np.ndarray, threshold: float, cols: np.ndarray | None = None):
         """``similar_pairs(q, threshold, y=x)``; with ``cols`` (sorted row numbers) against
