@@ -134,6 +134,10 @@ INDEX_RECALL_UNIFORM = 0.5
 INDEX_RECALL_ROUNDS = 3
 #: method="auto" is exact up to this many distinct rows, partitioned above
 INDEX_AUTO_ROWS = 50_000
+#: the most rows a calibrated partitioned search may fall back to probing every cell (an
+#: exact, quadratic search) when only that reaches the recall asked for; above it the search
+#: raises ``RecallUnreachableError`` (exact pairs of 300k rows take about 4 min on 2 cores)
+INDEX_EXACT_FALLBACK_ROWS = 300_000
 #: a store's index is stale (searches scan exactly) when rows added or deleted since it was
 #: built exceed this share of the rows it holds
 INDEX_STALE_FRACTION = 0.2

@@ -27,6 +27,8 @@ this package::
     ├── CacheError                               the embedding cache cannot be used
     ├── ClusterError                             a Dask cluster cannot run a job: scheduler out
     │                                            of reach, a worker that cannot read the store
+    ├── RecallUnreachableError                   only an exact search of a large collection reaches
+    │                                            the recall asked of a partitioned one
     └── StoreError                               the vector store cannot be used
         ├── StoreCorruptedError                  damaged or unknown files (names the file)
         ├── StoreLockedError                     another process holds the write lock
@@ -62,6 +64,7 @@ __all__ = [
     "PermissionDeniedError",
     "QuotaExceededError",
     "RateLimitError",
+    "RecallUnreachableError",
     "ServerError",
     "StoreCorruptedError",
     "StoreError",
@@ -171,6 +174,24 @@ class ClusterError(EmbedCacheError):
     """A job could not run on the Dask cluster it was given: the scheduler cannot be reached,
     a worker cannot read the store's files (the message names the worker and the path), or
     a task kept killing its workers."""
+
+
+class RecallUnreachableError(EmbedCacheError):
+    """The recall asked of a partitioned search is out of its reach on this collection.
+
+    The calibration found that only probing every cell (an exact, quadratic search) reaches
+    the recall asked for, on a collection too large for that to be a fair substitute.
+    ``recall``: what was asked; ``reachable``: the recall estimated at ``probes`` cells, the
+    most the calibration looks at (NaN when its sample held no true pair); ``rows``: the
+    collection's size.
+    """
+
+    def __init__(self, message: str, *, recall: float, reachable: float, probes: int, rows: int) -> None:
+        super().__init__(message)
+        self.recall = recall
+        self.reachable = reachable
+        self.probes = probes
+        self.rows = rows
 
 
 class StoreError(EmbedCacheError):

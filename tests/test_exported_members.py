@@ -31,8 +31,8 @@ EXPECTED = [
     "EmbeddingCache", "HashingEmbeddings", "InvalidInputError", "InvalidInputTypeError",
     "InvalidResponseError", "LocalEmbeddings", "MissingDependencyError", "NamespaceMismatchError",
     "NotFoundError", "OpenAIEmbeddings", "PairTable", "PermissionDeniedError", "QuotaExceededError",
-    "RateLimitError", "ServerError", "StoreCorruptedError", "StoreError", "StoreLockedError", "StoreWriteError",
-    "TextTooLongError",
+    "RateLimitError", "RecallUnreachableError", "ServerError", "StoreCorruptedError", "StoreError", "StoreLockedError",
+    "StoreWriteError", "TextTooLongError",
     "VectorStore", "cosine_similarity", "deduplicate", "dot_similarity", "knn_graph",
     "near_duplicates", "normalize", "similar_pairs", "top_k",
 ]

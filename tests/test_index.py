@@ -48,6 +48,18 @@ def test_every_cell_probed_equals_exact_bit_for_bit(x, t, cells, seed):
         np.testing.assert_array_equal(ki, ei2)
 
 
+def assert_true_pairs(x, t, i, j, s):
+    """Every pair ``(i, j, s)`` is a true pair of ``x`` at ``t`` with its exact score, i < j,
+    each once, sorted by score descending then i, j."""
+    ei, ej, es = ec.similar_pairs(x, t)
+    exact = {(a, b): v for a, b, v in zip(ei.tolist(), ej.tolist(), es.tolist())}
+    assert (i < j).all()
+    assert len(set(zip(i.tolist(), j.tolist()))) == len(i)  # each pair once
+    for a, b, v in zip(i.tolist(), j.tolist(), s.tolist()):
+        assert exact[(a, b)] == v
+    np.testing.assert_array_equal(np.lexsort((j, i, -s)), np.arange(len(i)))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=matrices(max_rows=60, min_rows=2, max_dim=5), probes=st.integers(1, 3),
        cells=st.integers(2, 10), t=st.sampled_from([0.0, 0.5, 0.8]))
@@ -55,14 +67,7 @@ def test_every_reported_pair_is_true_with_its_exact_score(x, probes, cells, t):
     with _config.override(INDEX_MIN_CELL=1):
         index = PartitionIndex.build(x, cells=cells, seed=1)
     i, j, s, _ = partitioned_pairs(x, t, probes=probes, index=index)
-    ei, ej, es = ec.similar_pairs(x, t)
-    exact = {(a, b): v for a, b, v in zip(ei.tolist(), ej.tolist(), es.tolist())}
-    assert (i < j).all()
-    assert len(set(zip(i.tolist(), j.tolist()))) == len(i)  # each pair once
-    for a, b, v in zip(i.tolist(), j.tolist(), s.tolist()):
-        assert exact[(a, b)] == v
-    order = np.lexsort((j, i, -s))
-    np.testing.assert_array_equal(order, np.arange(len(i)))
+    assert_true_pairs(x, t, i, j, s)
     ks, ki, _ = partitioned_knn(x, 2, probes=probes, index=index)
     full = ec.cosine_similarity(x)
     valid = ki >= 0

@@ -18,7 +18,7 @@ from embedcache.errors import InvalidInputError, InvalidInputTypeError
 from embedcache.index import PartitionIndex, Recall, _partition, _recall, partitioned_forest, partitioned_pairs
 from embedcache.index._source import source_of
 from tests.support.strategies import matrices
-from tests.test_index import _giant_and_block, clustered
+from tests.test_index import _giant_and_block, assert_true_pairs, clustered
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -51,13 +51,7 @@ def test_every_pair_found_by_gap_is_true_with_its_exact_score(x, probes, cells, 
     np.testing.assert_array_equal(bi, i)
     np.testing.assert_array_equal(bj, j)
     np.testing.assert_array_equal(bs, s)
-    ei, ej, es = ec.similar_pairs(x, t)
-    exact = {(a, b): v for a, b, v in zip(ei.tolist(), ej.tolist(), es.tolist())}
-    assert (i < j).all()
-    assert len(set(zip(i.tolist(), j.tolist()))) == len(i)  # each pair once
-    for a, b, v in zip(i.tolist(), j.tolist(), s.tolist()):
-        assert exact[(a, b)] == v
-    np.testing.assert_array_equal(np.lexsort((j, i, -s)), np.arange(len(i)))
+    assert_true_pairs(x, t, i, j, s)
     # a wider gap finds a superset, and so does the forest: the same components
     wi, wj, _, _ = partitioned_pairs(x, t, probes=probes, gap=gap + 0.5, index=index)
     assert set(zip(i.tolist(), j.tolist())) <= set(zip(wi.tolist(), wj.tolist()))

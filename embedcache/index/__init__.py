@@ -170,7 +170,8 @@ def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
                 return index, cap, rec.gap, rec
         rec = _recall.calibrate(evidence, len(x), index.cells, recall, seed,
                                 fallback=lambda s, r: evidence(s, r, True),
-                                design=_recall.Design(len(x), index, density))
+                                design=_recall.Design(len(x), index, density),
+                                largest_exact=_config.INDEX_EXACT_FALLBACK_ROWS)
         probes = rec.probes
     return index, probes, None, rec
 
@@ -197,7 +198,8 @@ def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int 
         rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
         rec = _recall.calibrate(lambda s, r: _recall.knn_evidence(x, index, s, kk, r),
-                                len(x), index.cells, recall, seed)
+                                len(x), index.cells, recall, seed,
+                                largest_exact=_config.INDEX_EXACT_FALLBACK_ROWS)
         probes = rec.probes
     if _every_cell(x, index, probes):
         from embedcache.kernels import top_k

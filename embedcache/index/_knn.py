@@ -43,13 +43,7 @@ def _insert_new(hs, hi, e, j):
     for u in range(k):
         if hi[u] == j:
             return
-    pos = k - 1
-    while pos > 0 and (hs[pos - 1] < e or (hs[pos - 1] == e and hi[pos - 1] > j)):
-        hs[pos] = hs[pos - 1]
-        hi[pos] = hi[pos - 1]
-        pos -= 1
-    hs[pos] = e
-    hi[pos] = j
+    _insert(hs, hi, e, j)
 
 
 #: query rows per block of the row fold: for each block and column it keeps the maximum score

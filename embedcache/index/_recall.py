@@ -565,7 +565,8 @@ class ScoreGap:
 
 
 def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
-              fallback=None, design: Design | None = None, choice=None) -> Recall | None:
+              fallback=None, design: Design | None = None, choice=None,
+              largest_exact: int | None = None) -> Recall | None:
     """Choose the probes for ``target`` on one sample and measure them on another.
 
     ``evidence_of(sample, rng) -> Evidence``; ``fallback`` (same form) is used to choose when
@@ -580,6 +581,9 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     the calibration's and, when ``evidence_of`` has a ``prefetch(rows)``, handed to it at once
     (one exact pass over the rows for both). When the choice reaches the most there is
     (every cell: exact, recall 1; a gap: None, the target is out of the gap rule's reach).
+    Every cell of a collection of more than ``largest_exact`` rows raises
+    :class:`~embedcache.errors.RecallUnreachableError` instead: that is an exact, quadratic
+    search (days at ten million rows), not a fair substitute for the one asked for.
     """
     rng = np.random.default_rng([seed, 7])
     design = design if design is not None else Design(n)
@@ -603,7 +607,11 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     rounds = max(1, int(_config.INDEX_RECALL_ROUNDS))
     for r in range(rounds):
         if value >= choice.most:
-            return Recall(1.0, 1.0, 1.0, cells, rec.sample) if isinstance(choice, ProbeCount) else None
+            if not isinstance(choice, ProbeCount):
+                return None
+            if largest_exact is not None and n > largest_exact and cells > 1:
+                _unreachable(Evidence.concat(pool), target, cells, n)
+            return Recall(1.0, 1.0, 1.0, cells, rec.sample)
         got, ahead = (ahead, None) if r == 0 else (design.draw(rng), None)
         if got is None:
             break
@@ -620,3 +628,22 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     if rec.sample == 0 and isinstance(choice, ScoreGap):
         return None  # never measured: no fresh rows left
     return rec
+
+
+def _unreachable(ev: Evidence, target: float, cells: int, n: int) -> None:
+    """Raise :class:`~embedcache.errors.RecallUnreachableError` with the recall ``ev`` gives
+    at the most probes it looked at (below every cell)."""
+    from embedcache.errors import RecallUnreachableError
+
+    seen = ev.need[ev.need < cells]
+    deepest = int(seen.max()) if len(seen) else 1
+    reach, low, high = ev.interval(deepest)
+    got = ("no true pair in the sample" if math.isnan(reach)
+           else f"recall {reach:.4f} (95% CI {low:.4f}-{high:.4f}) on the sampled rows")
+    raise RecallUnreachableError(
+        f"recall {target} is out of reach of a partitioned search of these {n:,} rows: "
+        f"{deepest} of {cells:,} cells per row give {got}, and only probing every cell (an "
+        f"exact, quadratic search) reaches it with confidence; ask for a lower recall, give "
+        f"probes= (or --probes), or choose method='exact' (--method exact) to run the exact "
+        f"search on purpose",
+        recall=target, reachable=reach, probes=deepest, rows=n)
