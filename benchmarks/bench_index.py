@@ -43,6 +43,9 @@ around ours); kNN (k) with faiss ``search`` at the smallest nprobe whose recall@
 sampled rows reaches ours (with ``--no-pairs``: faiss kNN alone). True recall of pairs is the
 quantity the library estimates: the share of ALL true pairs found, from the exact pair set when exact ran, else over every true
 pair of ``--queries`` sampled rows (either side of a found pair), itself a sample estimate.
+True recall@k of the kNN graph is counted on the same sampled rows and printed with its 95%
+interval; the library's figure comes from a sample of its own (``INDEX_RECALL_SAMPLE`` rows), so the two differ by
+both samples' errors.
 Times are wall seconds (index builds timed apart); peak RSS is the process's.
 """
 
