@@ -43,6 +43,9 @@ around ours); kNN (k) with faiss ``search`` at the smallest nprobe whose recall@
 sampled rows reaches ours (with ``--no-pairs``: faiss kNN alone). True recall of pairs is the
 quantity the library estimates: the share of ALL true pairs found, from the exact pair set when exact ran, else over every true
 pair of ``--queries`` sampled rows (either side of a found pair), itself a sample estimate.
+True recall@k of the kNN graph is counted on the same sampled rows and printed with its 95%
+interval; the library's figure comes from a sample of its own (``INDEX_RECALL_SAMPLE`` rows), so the two differ by
+both samples' errors.
 Times are wall seconds (index builds timed apart); peak RSS is the process's.
 """
 
@@ -458,6 +461,18 @@ def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
     return r_true
 
 
+def knn_true_recall(ki, sample, truth_k):
+    """(recall, low, high): the share of the sampled rows' true neighbours ``truth_k`` (a set
+    per row) found in the returned lists ``ki``, with its 95% interval (the library's row
+    residual method: the truth is itself a sample of rows, so it carries an error of its own,
+    and the library's figure, from another sample, may differ from it by both)."""
+    from embedcache.index._recall import interval
+
+    found = np.array([len(set(ki[q].tolist()) & t) for q, t in zip(sample, truth_k)], np.float64)
+    true = np.array([len(t) for t in truth_k], np.float64)
+    return interval(found, true)
+
+
 def knn_run(a, x, index, sample, top_true, anon):
     from embedcache.index import partitioned_knn
 
@@ -465,8 +480,9 @@ def knn_run(a, x, index, sample, top_true, anon):
     t0 = time.perf_counter()
     ks, ki, krec = partitioned_knn(x, a.k, recall=a.knn_recall, index=index)
     t_knn = time.perf_counter() - t0
-    kr = np.mean([len(set(ki[q].tolist()) & t) / a.k for q, t in zip(sample, truth_k)])
-    print(f"partitioned kNN k={a.k} {t_knn:7.2f} s  asked {a.knn_recall}: {krec}; true recall@{a.k} {kr:.4f}; "
+    kr, klo, khi = knn_true_recall(ki, sample, truth_k)
+    print(f"partitioned kNN k={a.k} {t_knn:7.2f} s  asked {a.knn_recall}: {krec}; true recall@{a.k} {kr:.4f} "
+          f"(95% CI {klo:.4f}-{khi:.4f} on the {len(sample)} sampled rows); "
           f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB)", flush=True)
     a.kr, a.t_knn = kr, t_knn
 
