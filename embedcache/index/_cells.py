@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from numba import njit, prange
 
 from embedcache import _config, kernels
@@ -161,7 +160,8 @@ def nearest(x: np.ndarray, centroids: np.ndarray, probes: int, scores: bool = Fa
     """(n, min(probes, cells)) int64: the nearest centroids of each row of ``x``, nearest first
     (cosine, ties to the lower cell), chunk by chunk. A row's answer does not depend on the
     rows it is computed with (the kernels' scores are per pair). ``scores``: also return
-    each listed cell's score (:func:`listed_scores`)."""
+    each listed cell's score (float32, -inf for -1: the kernels' exact pair score, the one
+    the cells are ranked by)."""
     from embedcache.index._knn import CellScorer
 
     p = min(probes, len(centroids))
@@ -184,25 +184,6 @@ def _listed_scores(x, inv_x, cent, inv_c, cells, out):
         for t in range(cells.shape[1]):
             c = cells[r, t]
             out[r, t] = _pair_score(x[r], cent[c], inv_x[r], inv_c[c], True) if c >= 0 else -np.inf
-
-
-def listed_scores(x: np.ndarray, centroids: np.ndarray, cells: np.ndarray) -> np.ndarray:
-    """(n, p) float32: the cosine of each row of ``x`` with each of its cells ``cells`` ((n,
-    p), -1: none, scored -inf), the score the probe order ranks cells by (the kernels'
-    exact pair score, whatever rows it is computed with)."""
-    from embedcache.index._knn import CellScorer
-
-    out = np.empty(cells.shape, np.float32)
-    if not cells.size:
-        return out
-    scorer = CellScorer(centroids)
-    chunk = _config.CHUNK_ROWS * 8
-    for a in range(0, len(x), chunk):
-        xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
-        inv_x, _ = _stats(xc, "x")
-        _listed_scores(xc, inv_x, scorer.cent, scorer.inv_c, np.ascontiguousarray(cells[a : a + chunk]),
-                       out[a : a + chunk])
-    return out
 
 
 def probe_order(x: np.ndarray, centroids: np.ndarray, probes: int,
@@ -264,7 +245,7 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
     """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
     ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
     to the lower cell; -1 where a row has fewer candidates. ``scores``: also their scores
-    (:func:`listed_scores`)."""
+    (as :func:`nearest`)."""
     from embedcache.index._knn import CellScorer
 
     m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))

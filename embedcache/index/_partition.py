@@ -236,8 +236,13 @@ def probes_per_row(near: np.ndarray, own: np.ndarray) -> float:
     """Mean cells searched per row: its own and those of ``near`` ((n, p), -1: none)."""
     if not len(near):
         return 0.0
-    extra = ((near >= 0) & (near != own[:, None].astype(near.dtype))).sum()
-    return 1.0 + float(extra) / len(near)
+    return 1.0 + float(_other_cells(near, own).sum()) / len(near)
+
+
+def _other_cells(near: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """(n, p) bool: the entries of the probe lists ``near`` that name a cell other than the
+    row's own (-1 entries excluded)."""
+    return (near >= 0) & (near != own[:, None].astype(near.dtype))
 
 
 def probed(src: Any, index: PartitionIndex, probes: int, gap: float | None = None) -> np.ndarray:
@@ -254,7 +259,6 @@ def probed(src: Any, index: PartitionIndex, probes: int, gap: float | None = Non
     else:
         near, sc = src.nearest(index.centroids, probes, scores=True)
     return within_gap(near, sc, gap, index.small_cells()[index.own])
-
 
 
 def _by_cell(cells_of: np.ndarray, ncells: int) -> tuple[np.ndarray, np.ndarray]:
@@ -380,8 +384,7 @@ def pair_work(index: PartitionIndex, n: int, probes: int, near: np.ndarray | Non
     that many given the probe lists ``near``."""
     sizes = index.sizes.astype(np.float64)
     if near is not None:
-        extra = (near >= 0) & (near != index.own[:, None].astype(near.dtype))
-        return float((sizes * (sizes - 1) / 2).sum() + sizes[near[extra]].sum())
+        return float((sizes * (sizes - 1) / 2).sum() + sizes[near[_other_cells(near, index.own)]].sum())
     mean = sizes.mean() if len(sizes) else 0.0
     return float((sizes * (sizes - 1) / 2).sum() + n * max(0, min(probes, index.cells) - 1) * mean)
 

@@ -355,17 +355,27 @@ def pair_evidence(x, index, sample: np.ndarray, threshold: float, rng: np.random
     kept, weight, true = _subsample(qi, len(sample), _config.INDEX_RECALL_PAIRS_PER_ROW, rng)
     qi, jj = qi[kept], jj[kept]
     i = sample[qi]
-    partners, pos = np.unique(jj, return_inverse=True)
     if gap_probes is None:
-        need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
-                          index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
-        need[index.own[i] == index.own[jj]] = 0
+        need = _needed_both_ways(x, index, q, sample, qi, jj)
     else:
+        partners, pos = np.unique(jj, return_inverse=True)
         need = np.minimum(index.gaps_needed(q, qi, index.own[jj], gap_probes, index.own[sample]),
                           index.gaps_needed(x[partners], pos.reshape(-1), index.own[i], gap_probes,
                                             index.own[partners]))
         need[index.own[i] == index.own[jj]] = -1.0
     return Evidence(true, qi.astype(np.int64), need, weight, jj.astype(np.int64))
+
+
+def _needed_both_ways(x, index, q: np.ndarray, sample: np.ndarray, qi: np.ndarray, jj: np.ndarray) -> np.ndarray:
+    """For each (sampled row ``sample[qi[k]]``, row ``jj[k]``): the fewest probes with which
+    either probes the other's cell (:meth:`PartitionIndex.probes_needed`; 0 when they share
+    a cell). ``q``: the sampled rows' vectors."""
+    i = sample[qi]
+    partners, pos = np.unique(jj, return_inverse=True)
+    need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
+                      index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
+    need[index.own[i] == index.own[jj]] = 0
+    return need
 
 
 def partner_sample(x, rng: np.random.Generator) -> np.ndarray | None:
@@ -395,11 +405,7 @@ def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator)
     _, nb = x.top_k(q, min(k + 1, len(x)))
     qi, jj = other_neighbours(nb, sample, k)
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
-    i = sample[qi]
-    partners, pos = np.unique(jj, return_inverse=True)
-    need = np.minimum(index.probes_needed(q, qi, index.own[jj]),
-                      index.probes_needed(x[partners], pos.reshape(-1), index.own[i]))
-    need[index.own[i] == index.own[jj]] = 0
+    need = _needed_both_ways(x, index, q, sample, qi, jj)
     return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)), jj.astype(np.int64))
 
 
@@ -643,7 +649,7 @@ def _unreachable(ev: Evidence, target: float, cells: int, n: int) -> None:
     raise RecallUnreachableError(
         f"recall {target} is out of reach of a partitioned search of these {n:,} rows: "
         f"{deepest} of {cells:,} cells per row give {got}, and only probing every cell (an "
-        f"exact, quadratic search) reaches it with confidence; ask for a lower recall, give "
-        f"probes= (or --probes), or choose method='exact' (--method exact) to run the exact "
-        f"search on purpose",
+        f"exact, quadratic search) reaches it with confidence; ask for a lower recall "
+        f"(--recall), choose method='exact' (--method exact) to run the exact search on "
+        f"purpose, or fix the cells each row probes with probes= in embedcache.index",
         recall=target, reachable=reach, probes=deepest, rows=n)
