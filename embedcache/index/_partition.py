@@ -15,22 +15,18 @@ at a high threshold; by gap, only rows near a border look across it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numba import njit, prange
 
-from embedcache import _config, kernels
+from embedcache import _config
 from embedcache._validation import check_int
-from embedcache.index._cells import build_cells, candidates, coarse_groups, nearest, probe_order
-from embedcache.index._merge import NO_INDEX, by_cell, merge_topk
+from embedcache.index._cells import build_cells, coarse_groups, nearest, probe_order
+from embedcache.index._merge import by_cell
 from embedcache.index._source import ArraySource, source_of
 from embedcache.index._spill import PairRuns
-
-#: what a cell gives a search: (its vectors, their row numbers, mask of eligible rows or None)
-CellBlock = Callable[[int], "tuple[np.ndarray, np.ndarray, np.ndarray | None]"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -387,49 +383,6 @@ def pair_work(index: PartitionIndex, n: int, probes: int, near: np.ndarray | Non
         return float((sizes * (sizes - 1) / 2).sum() + sizes[near[_other_cells(near, index.own)]].sum())
     mean = sizes.mean() if len(sizes) else 0.0
     return float((sizes * (sizes - 1) / 2).sum() + n * max(0, min(probes, index.cells) - 1) * mean)
-
-
-def probe_topk(
-    queries: np.ndarray,
-    near: np.ndarray,
-    cell_block: CellBlock,
-    ncells: int,
-    k: int,
-    self_ids: np.ndarray | None = None,
-    bar=None,
-    metric: str = "cosine",
-    query_rows: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The best ``k`` rows of the cells ``near[t]`` (-1: none) for each query row ``t``.
-
-    ``cell_block(c)`` gives a cell's vectors, their row numbers and an optional mask of
-    eligible rows. ``self_ids``: a row number per query never returned for it. Returns
-    (scores float32, rows int64), shape (q, k), best first, ties by the lower row; empty slots
-    hold -inf and -1, as in :func:`embedcache.top_k`. ``metric``: the score, as in top_k.
-    ``query_rows``: query ``t`` is ``queries[query_rows[t]]`` (default: ``queries[t]``).
-    """
-    nq = len(queries) if query_rows is None else len(query_rows)
-    heap_s = np.full((nq, k), -np.inf, np.float32)
-    heap_i = np.full((nq, k), NO_INDEX, np.int64)
-    qrows, starts = _by_cell(near, ncells)
-    use_self = self_ids is not None
-    selfs = self_ids if use_self else np.zeros(nq, np.int64)
-    extra = 1 if use_self else 0
-    for c in range(ncells):
-        q = qrows[starts[c] : starts[c + 1]]
-        if not len(q):
-            continue
-        block, ids, mask = cell_block(c)
-        if not len(block):
-            continue
-        qv = queries[q] if query_rows is None else queries[query_rows[q]]
-        s, li = kernels.top_k(qv, block, min(k + extra, len(block)), metric=metric, mask=mask)
-        gi = np.where(li >= 0, ids[np.maximum(li, 0)], -1)
-        merge_topk(heap_s, heap_i, q, s, gi, selfs[q], use_self)
-        if bar is not None:
-            bar.update(len(q) * len(block))
-    heap_i[heap_i == NO_INDEX] = -1
-    return heap_s, heap_i
 
 
 def with_own(near: np.ndarray, own: np.ndarray) -> np.ndarray:
