@@ -388,3 +388,37 @@ def test_flat_refinement_raises_the_two_level_objective_and_probing_all_stays_ex
         np.testing.assert_array_equal(index.centroids, again.centroids)
         np.testing.assert_array_equal(index.own, again.own)
         _assert_every_cell_is_exact(y, index, 0.8, 5)
+
+
+@pytest.mark.parametrize("resplit", [2.0, 0.5])
+@pytest.mark.parametrize("two_level", [True, False])
+def test_probe_lists_kept_from_the_build_equal_recomputed_ones(monkeypatch, resplit, two_level):
+    """The build's one pass over the rows gives every row its cell and its probe list; the
+    list kept for the search equals the one computed afresh for the final cells, bit for
+    bit, when the big cells were split on the sample before the pass (one pass) and when
+    cells are split again after it (``INDEX_RESPLIT`` below 1: lists computed again); the
+    cells are those of a build without lists, and so are the pairs."""
+    from embedcache.index import _cells
+
+    calls = []
+    real = _cells.probe_order
+    monkeypatch.setattr(_cells, "probe_order", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = _giant_and_block(2000, seed=8)
+    with _config.override(INDEX_TWO_LEVEL_CELLS=8 if two_level else 10**6, INDEX_MIN_CELL=8,
+                          INDEX_MAX_CELL_FACTOR=1.5, INDEX_RESPLIT=resplit):
+        index = PartitionIndex.build(x, cells=60, seed=0)
+        assert len(calls) == (1 if resplit == 2.0 else 2)
+        plain = PartitionIndex.build(x, cells=60, seed=0, probe_lists=False)
+        assert index.cells > 60 and index.two_level == two_level  # big cells were split
+        np.testing.assert_array_equal(index.centroids, plain.centroids)
+        np.testing.assert_array_equal(index.own, plain.own)
+        p = min(index.cells, _config.INDEX_GAP_PROBES)
+        kept_cells, kept_sc = index._near["scored"]
+        fresh_cells, fresh_sc = plain.probe_cells_scored(x, p)
+        np.testing.assert_array_equal(kept_cells, fresh_cells)
+        np.testing.assert_array_equal(kept_sc.view(np.uint32), fresh_sc.view(np.uint32))
+        short = index.row_cells_scored(x, 3)  # a longer list's first cells
+        np.testing.assert_array_equal(short[0], plain.probe_cells_scored(x, 3)[0])
+        for a, b in zip(partitioned_pairs(x, 0.8, gap=0.05, index=index)[:3],
+                        partitioned_pairs(x, 0.8, gap=0.05, index=plain)[:3]):
+            np.testing.assert_array_equal(a, b)

@@ -276,30 +276,73 @@ def build_cells(
     ``INDEX_SAMPLE_PER_CELL * cells`` rows; cells larger than ``INDEX_MAX_CELL_FACTOR`` times
     the mean (and than ``INDEX_MIN_CELL``) are split again.
     """
-    from embedcache.index._source import source_of
+    cent, own, _ = build_cells_listed(x, cells, seed, 0)
+    return cent, own
+
+
+def build_cells_listed(x: Any, cells: int | None, seed: int, probes: int):
+    """:func:`build_cells`, and with ``probes`` > 0 the probe lists of the rows themselves:
+    ``(centroids, own, lists)``, ``lists`` being ``probe_order(x, centroids, probes,
+    scores=True)`` (the cells and their scores), or None.
+
+    Every row is read once: cells the training sample shows too big are split on the
+    sample's rows first (:func:`_split_big` on the sample, the cap scaled to its size), then
+    one pass lists each row's nearest cells (``x.nearest``), its own cell being the first
+    (as ``x.assign`` gives it). Cells still too big on all rows are split as in
+    :func:`build_cells` (a cell the sample under-counted); only then, the centroids having
+    changed, are the lists computed again.
+    """
+    from embedcache.index._source import ArraySource, source_of
 
     x = source_of(x)
     n, d = x.shape
     rng = np.random.default_rng(seed)
     c = default_cells(n) if cells is None else max(1, min(int(cells), n))
     if n == 0:
-        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, d), np.float32), np.zeros(0, np.int64), None
     if c == 1:
         cent = spherical_kmeans(x[rng.choice(n, min(n, 4096), replace=False)], 1, rng, 1)
         if not len(cent):
             cent = np.zeros((1, d), np.float32)
-        return cent, np.zeros(n, np.int64)
+        return cent, np.zeros(n, np.int64), None
     size = min(n, _config.INDEX_SAMPLE_PER_CELL * c)
     sample = np.sort(rng.choice(n, size, replace=False))
+    xs = np.ascontiguousarray(x[sample], dtype=np.float32)
     if c > _config.INDEX_TWO_LEVEL_CELLS:
-        cent = kmeans_two_level(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+        cent = kmeans_two_level(xs, c, rng, _config.INDEX_KMEANS_ITERS)
     else:
-        cent = spherical_kmeans(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+        cent = spherical_kmeans(xs, c, rng, _config.INDEX_KMEANS_ITERS)
     if not len(cent):  # only zero rows
-        return np.zeros((1, d), np.float32), np.zeros(n, np.int64)
-    own = x.assign(cent)
+        return np.zeros((1, d), np.float32), np.zeros(n, np.int64), None
     cap = max(_config.INDEX_MIN_CELL, int(_config.INDEX_MAX_CELL_FACTOR * n / len(cent)))
-    return _split_big(x, cent, own, cap, rng)
+    if size < n:  # big cells split on the sample: the pass over every row sees the final cells
+        cap_s = max(2, int(cap * size / n))
+        cent, _ = _split_big(ArraySource(xs), cent, assign(xs, cent), cap_s, rng)
+    del xs
+    if probes >= len(cent) > _config.INDEX_TWO_LEVEL_CELLS:
+        probes = 0  # lists of every cell are one-level, the cells two-level: computed apart
+    if probes > 0:
+        lists = x.nearest(cent, probes, scores=True)
+        own = _own_of(x, lists[0], cent)
+    else:
+        lists, own = None, x.assign(cent)
+    before = len(cent), cent.copy()
+    if size < n:
+        cap = max(cap, int(cap * _config.INDEX_RESPLIT))
+    cent, own = _split_big(x, cent, own, cap, rng)
+    if lists is not None and (len(cent) != before[0] or not np.array_equal(cent, before[1])):
+        lists = x.nearest(cent, probes, scores=True)
+    return cent, own, lists
+
+
+def _own_of(x: Any, near: np.ndarray, cent: np.ndarray) -> np.ndarray:
+    """The own cell of every row from its probe list ``near`` (its first cell, the one
+    :func:`assign` gives), rows listing none assigned as :func:`assign_two_level` does."""
+    own = near[:, 0].astype(np.int64)
+    lost = np.flatnonzero(own < 0)
+    if len(lost):
+        own[lost] = kernels.top_k(np.ascontiguousarray(x[lost], dtype=np.float32), cent, 1)[1][:, 0]
+    return own
 
 
 def _split_big(
