@@ -53,6 +53,36 @@ def test_nearest_cells_are_the_top_k_order_at_one_level_and_through_every_group(
         np.testing.assert_array_equal(nearest_two_level(x, c, coarse, member, len(coarse), min(p, len(c))), want)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices(max_rows=40, min_rows=0, max_dim=6), c=matrices(max_rows=25, min_rows=1, max_dim=6),
+       p=st.integers(1, 9), groups=st.integers(1, 6), chunk=st.sampled_from([1, 3, 1000]), ties=st.booleans())
+def test_two_level_cells_and_scores_are_the_cell_scorers(x, c, p, groups, chunk, ties):
+    """The two-level pass (products of each group's rows side by side in one buffer) lists
+    the cells :class:`CellScorer` picks among the same groups, with their exact scores as
+    :func:`nearest` gives them, whatever the chunk, ties and empty candidate lists."""
+    from embedcache.index._cells import _listed_scores, nearest_two_level
+    from embedcache.index._knn import CellScorer
+    from embedcache.kernels._core import _stats
+
+    d = min(x.shape[1], c.shape[1])
+    x, c = np.ascontiguousarray(x[:, :d]), np.ascontiguousarray(c[:, :d])
+    if ties and len(c) > 2:
+        c[1] = c[2]
+    coarse, member = coarse_groups(c)
+    m = min(len(coarse), groups)
+    p = min(p, len(c))
+    want = np.full((len(x), p), -1, np.int64)
+    want_s = np.full((len(x), p), -np.inf, np.float32)
+    if len(x):
+        near = CellScorer(coarse).best(x, m)
+        want = CellScorer(c, member).best(x, p, near=near)
+        _listed_scores(x, _stats(x, "x")[0], c, _stats(c, "c")[0], want, want_s)
+    with _config.override(CHUNK_ROWS=chunk):
+        got, got_s = nearest_two_level(x, c, coarse, member, groups, p, scores=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_s.view(np.uint32), want_s.view(np.uint32))
+
+
 def test_two_level_agrees_with_brute_force_on_clustered_rows():
     """With the default coarse probes most rows get their nearest cell, and the others a cell
     almost as near (here many centroids sit in one cluster: near-ties across groups)."""

@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from embedcache import _config, kernels
-from embedcache.kernels._core import FASTMATH, _pair_score, _stats
+from embedcache.kernels._core import FASTMATH, _cutoff, _pair_score, _stats
 
 #: BLAS scores held at once when rows are scored against centroids (float32 each: 128 MiB)
 _SCORES = 1 << 25
@@ -245,25 +245,159 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
     """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
     ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
     to the lower cell; -1 where a row has fewer candidates. ``scores``: also their scores
-    (as :func:`nearest`)."""
+    (as :func:`nearest`).
+
+    Chunk by chunk: each row's nearest groups (:class:`._knn.CellScorer` on the coarse
+    centroids), then for each group one BLAS product of the rows that look into it (gathered
+    by a compiled loop) with its centroids, written side by side into one buffer, and a
+    compiled pick of each row's best cells from it (:func:`_pick_listed`): the cells and
+    scores :class:`._knn.CellScorer` gives, without copying the products into a row-major
+    matrix."""
+    import numba
+
     from embedcache.index._knn import CellScorer
 
     m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
     top = CellScorer(coarse)
     fine = CellScorer(centroids, member)
     out = np.empty((len(x), p), np.int64)
-    sc = np.empty((len(x), p), np.float32) if scores else None
+    sc = np.empty((len(x), p), np.float32)
+    if not len(x) or p <= 0:
+        return (out, sc) if scores else out
     widest = int(np.sort(fine.sizes)[::-1][:m].sum())
     chunk = max(1, min(_config.CHUNK_ROWS * 16, _SCORES // max(1, widest, len(coarse))))
+    gather = np.empty((0, x.shape[1]), np.float32)
     for a in range(0, len(x), chunk):
         xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
         inv_x, _ = _stats(xc, "x")
         xn = kernels.normalize(xc)
-        near = top.best(xc, m, xn=xn, inv_x=inv_x)
-        out[a : a + len(xc)] = fine.best(xc, p, near=near, xn=xn, inv_x=inv_x)
-        if scores:
-            _listed_scores(xc, inv_x, fine.cent, fine.inv_c, out[a : a + len(xc)], sc[a : a + len(xc)])
+        near = np.ascontiguousarray(top.best(xc, m, xn=xn, inv_x=inv_x))
+        starts, base, rows, loc = _group_entries(near, fine.sizes)
+        s = np.empty(max(1, int(base[-1])), np.float32)
+        most = int(np.diff(starts).max(initial=0))
+        if len(gather) < most:
+            gather = np.empty((most, x.shape[1]), np.float32)
+        for g in range(fine.groups):
+            lo, hi = starts[g], starts[g + 1]
+            if lo == hi or not fine.sizes[g]:
+                continue
+            xg = gather[: hi - lo]
+            _gather_rows(xn, rows[lo:hi], xg)
+            block = s[base[g] : base[g + 1]].reshape(hi - lo, fine.sizes[g])
+            np.matmul(xg, fine.fine[g].T, out=block)
+        chunks = max(1, min(numba.get_num_threads() * 4, len(xc)))
+        _pick_listed(s, loc, near, fine.sizes, fine.members, fine.mstart, xc, inv_x, fine.cent, fine.inv_c,
+                     fine.filt_c, fine.margin, fine.rel, out[a : a + len(xc)], sc[a : a + len(xc)], chunks)
     return (out, sc) if scores else out
+
+
+@njit(cache=True)
+def _group_entries(near, sizes):
+    """Each row's listed groups ``near`` ((n, m), -1: none) by group: ``(starts, base, rows,
+    loc)``; the rows listing group g are ``rows[starts[g]:starts[g + 1]]`` (increasing), and
+    their BLAS scores against its ``sizes[g]`` cells lie in one block from ``base[g]`` (row
+    after row); ``loc[r, t]``: where the scores of row r's t-th group begin (-1: none)."""
+    n, m = near.shape
+    ng = sizes.shape[0]
+    starts = np.zeros(ng + 1, np.int64)
+    for r in range(n):
+        for t in range(m):
+            if near[r, t] >= 0:
+                starts[near[r, t] + 1] += 1
+    base = np.zeros(ng + 1, np.int64)
+    for g in range(ng):
+        base[g + 1] = base[g] + starts[g + 1] * sizes[g]
+        starts[g + 1] += starts[g]
+    fill = starts[:-1].copy()
+    rows = np.empty(starts[ng], np.int64)
+    loc = np.full((n, m), -1, np.int64)
+    for r in range(n):
+        for t in range(m):
+            g = near[r, t]
+            if g >= 0:
+                k = fill[g]
+                fill[g] = k + 1
+                rows[k] = r
+                loc[r, t] = base[g] + (k - starts[g]) * sizes[g]
+    return starts, base, rows, loc
+
+
+@njit(parallel=True, cache=True)
+def _gather_rows(x, rows, out):
+    """out[t] = x[rows[t]], rows copied in parallel."""
+    for t in prange(rows.shape[0]):
+        out[t, :] = x[rows[t], :]
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _pick_listed_rows(lo, hi, s, loc, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_c, margin, rel,
+                      out, out_s):
+    p = out.shape[1]
+    blas = np.empty(p, np.float32)
+    hs = np.empty(p, np.float32)
+    hidx = np.empty(p, np.int64)
+    none = np.iinfo(np.int64).max
+    for r in range(lo, hi):
+        # the p-th best BLAS score among the row's candidates (NaN filters: rescored anyway)
+        blas[:] = -np.inf
+        for t in range(near.shape[1]):
+            g = near[r, t]
+            if g < 0:
+                continue
+            o = loc[r, t]
+            for u in range(sizes[g]):
+                v = s[o + u] * filt_c[members[mstart[g] + u]]
+                if v > blas[p - 1]:
+                    pos = p - 1
+                    while pos > 0 and blas[pos - 1] < v:
+                        blas[pos] = blas[pos - 1]
+                        pos -= 1
+                    blas[pos] = v
+        # a cell of the exact best p scores at least the p-th best BLAS score less one error
+        # bound, and its BLAS score at most one bound below that
+        kth = np.float64(blas[p - 1])
+        cut = _cutoff(_cutoff(kth, margin, rel), margin, rel) if kth > -np.inf else -np.inf
+        hs[:] = -np.inf
+        hidx[:] = none
+        for t in range(near.shape[1]):
+            g = near[r, t]
+            if g < 0:
+                continue
+            o = loc[r, t]
+            for u in range(sizes[g]):
+                c = members[mstart[g] + u]
+                if s[o + u] * filt_c[c] < cut:
+                    continue
+                e = _pair_score(x[r], cent[c], inv_x[r], inv_c[c], True)
+                # into the list, score descending, ties to the lower cell
+                if e < hs[p - 1] or (e == hs[p - 1] and c >= hidx[p - 1]):
+                    continue
+                pos = p - 1
+                while pos > 0 and (hs[pos - 1] < e or (hs[pos - 1] == e and hidx[pos - 1] > c)):
+                    hs[pos] = hs[pos - 1]
+                    hidx[pos] = hidx[pos - 1]
+                    pos -= 1
+                hs[pos] = e
+                hidx[pos] = c
+        for t in range(p):
+            found = hidx[t] != none
+            out[r, t] = hidx[t] if found else -1
+            out_s[r, t] = hs[t] if found else -np.inf
+
+
+@njit(parallel=True, cache=True)
+def _pick_listed(s, loc, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_c, margin, rel, out, out_s,
+                 chunks):
+    """For each row r of x: the ``p = out.shape[1]`` best cells (cosine, exact scores, ties to
+    the lower cell; -1 where fewer) among the members of the groups ``near[r]`` (-1: none)
+    and their exact scores (``out_s``, -inf for -1), group g's cells being
+    ``members[mstart[g]:mstart[g] + sizes[g]]``; the BLAS scores of row r against the t-th
+    of them start at ``s[loc[r, t]]``. Only cells within two error bounds of the p-th best
+    BLAS score are rescored exactly (as :class:`._knn.CellScorer` picks)."""
+    n = x.shape[0]
+    for t in prange(chunks):
+        _pick_listed_rows(n * t // chunks, n * (t + 1) // chunks, s, loc, near, sizes, members, mstart, x, inv_x,
+                          cent, inv_c, filt_c, margin, rel, out, out_s)
 
 
 def build_cells(
