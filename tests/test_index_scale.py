@@ -452,3 +452,18 @@ def test_probe_lists_kept_from_the_build_equal_recomputed_ones(monkeypatch, resp
         for a, b in zip(partitioned_pairs(x, 0.8, gap=0.05, index=index)[:3],
                         partitioned_pairs(x, 0.8, gap=0.05, index=plain)[:3]):
             np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), n=st.integers(0, 40), d=st.integers(1, 4), neg_zero=st.booleans())
+def test_distinct_rows_are_the_first_of_each_unique_row(data, n, d, neg_zero):
+    """k-means starts from distinct rows: the first occurrence of each row, equal value for
+    value (-0.0 as 0.0), as ``numpy.unique(axis=0)`` finds them."""
+    from embedcache.index._cells import distinct_rows
+
+    u = np.array(data.draw(st.lists(st.lists(st.sampled_from([-1.0, -0.5, 0.0, 0.5, 1.0]), min_size=d,
+                                             max_size=d), min_size=n, max_size=n)), np.float32).reshape(n, d)
+    if neg_zero and n:
+        u[0] *= -0.0
+    want = np.sort(np.unique(u + np.float32(0.0), axis=0, return_index=True)[1]) if n else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(distinct_rows(u), want)

@@ -59,10 +59,66 @@ def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters:
     u = u[np.any(u != 0, axis=1)]  # zero rows have no direction
     if not len(u):
         return np.zeros((0, x.shape[1]), np.float32)
-    uniq = np.unique(u, axis=0)
+    uniq = distinct_rows(u)
     cells = min(cells, len(uniq))
-    cent = uniq[rng.choice(len(uniq), cells, replace=False)]
+    cent = u[uniq[rng.choice(len(uniq), cells, replace=False)]]
     return _lloyd(u, cent, iters)
+
+
+def distinct_rows(u: np.ndarray) -> np.ndarray:
+    """Where each distinct row of the float32 matrix ``u`` first occurs (increasing): rows
+    equal value for value (-0.0 as 0.0) count once. By a hash of each row, rows of equal
+    hash compared in full (no sort of whole rows)."""
+    h = _row_hashes(np.ascontiguousarray(u, dtype=np.float32).view(np.uint32))
+    order = np.argsort(h, kind="stable")
+    return np.sort(_first_of_equal(u, h, order))
+
+
+@njit(parallel=True, cache=True)
+def _row_hashes(bits):
+    """A 64-bit hash of each row of float32 bits (-0.0 hashed as 0.0)."""
+    out = np.empty(bits.shape[0], np.uint64)
+    for r in prange(bits.shape[0]):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for k in range(bits.shape[1]):
+            b = np.uint64(bits[r, k])
+            if b == np.uint64(0x80000000):
+                b = np.uint64(0)
+            h = (h ^ b) * np.uint64(0x100000001B3)
+            h ^= h >> np.uint64(29)
+        out[r] = h
+    return out
+
+
+@njit(cache=True)
+def _first_of_equal(u, h, order):
+    """Of the rows in ``order`` (sorted by hash ``h``, equal hashes by row), the first of
+    each set of equal rows."""
+    keep = np.empty(len(order), np.int64)
+    nk = 0
+    a = 0
+    while a < len(order):
+        b = a + 1
+        while b < len(order) and h[order[b]] == h[order[a]]:
+            b += 1
+        for t in range(a, b):  # a run of equal hashes: almost always one row
+            r = order[t]
+            new = True
+            for q in range(a, t):
+                o = order[q]
+                same = True
+                for k in range(u.shape[1]):
+                    if u[r, k] != u[o, k]:
+                        same = False
+                        break
+                if same:
+                    new = False
+                    break
+            if new:
+                keep[nk] = r
+                nk += 1
+        a = b
+    return keep[:nk]
 
 
 def _lloyd(u: np.ndarray, cent: np.ndarray, iters: int) -> np.ndarray:
@@ -78,9 +134,8 @@ def _lloyd(u: np.ndarray, cent: np.ndarray, iters: int) -> np.ndarray:
         counts = np.bincount(a, minlength=cells)
         sums = np.zeros((cells, u.shape[1]), np.float64)
         order = np.argsort(a, kind="stable")
-        live = np.flatnonzero(counts)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[live]
-        sums[live] = np.add.reduceat(u[order].astype(np.float64), starts, axis=0)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        _cell_sums(u, order, starts, sums)
         empty = np.flatnonzero(counts == 0)
         if len(empty):
             far = np.argsort(s, kind="stable")[: len(empty)]
@@ -90,6 +145,17 @@ def _lloyd(u: np.ndarray, cent: np.ndarray, iters: int) -> np.ndarray:
             break
         cent = new
     return cent
+
+
+@njit(parallel=True, cache=True)
+def _cell_sums(u, order, starts, out):
+    """out[c] += the rows ``order[starts[c]:starts[c + 1]]`` of ``u``, in float64, in that
+    order (each cell one thread's)."""
+    for c in prange(out.shape[0]):
+        for t in range(starts[c], starts[c + 1]):
+            r = order[t]
+            for k in range(u.shape[1]):
+                out[c, k] += np.float64(u[r, k])
 
 
 def refine(x: np.ndarray, centroids: np.ndarray, iters: int) -> np.ndarray:

@@ -167,7 +167,7 @@ class PartitionIndex:
         more probes serve fewer: a row's first cells are the same whatever the count)."""
         p = min(probes, self.cells)
         have = self._near.get("scored")
-        kept = 0 if have is None else have[0].shape[1]
+        kept = -1 if have is None else have[0].shape[1]
         if kept == p:
             return have
         # a longer list's first p cells, unless it lists every cell of a two-level index
