@@ -15,7 +15,9 @@ groups of centroids, then the centroids of a row's nearest groups), so assignmen
 ``n * sqrt(cells)`` products instead of ``n * cells``. A cell holding more than
 ``_config.INDEX_MAX_CELL_FACTOR`` times the mean cell size is split again by k-means on its
 own members, recursively, so the work of a pair search (which grows with the sum of squared
-cell sizes) stays near-linear even when one cluster holds a large part of the data. Rows that
+cell sizes) stays near-linear even when one cluster holds a large part of the data. The split
+is made on the training sample first (:func:`build_cells_listed`), so that one pass over all
+rows gives each row its cell and, for a pair search, its probe list. Rows that
 k-means cannot tell apart (near-identical directions) stay one block: they are compared with
 each other anyway, and their pairs are the true output.
 """
