@@ -335,6 +335,7 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
     widest = int(np.sort(fine.sizes)[::-1][:m].sum())
     chunk = max(1, min(_config.CHUNK_ROWS * 16, _SCORES // max(1, widest, len(coarse))))
     gather = np.empty((0, x.shape[1]), np.float32)
+    filt_m = np.ascontiguousarray(fine.filt_c[fine.members])  # in the order of each group's cells
     for a in range(0, len(x), chunk):
         xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
         inv_x, _ = _stats(xc, "x")
@@ -355,7 +356,7 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
             np.matmul(xg, fine.fine[g].T, out=block)
         chunks = max(1, min(numba.get_num_threads() * 4, len(xc)))
         _pick_listed(s, loc, near, fine.sizes, fine.members, fine.mstart, xc, inv_x, fine.cent, fine.inv_c,
-                     fine.filt_c, fine.margin, fine.rel, out[a : a + len(xc)], sc[a : a + len(xc)], chunks)
+                     filt_m, fine.margin, fine.rel, out[a : a + len(xc)], sc[a : a + len(xc)], chunks)
     return (out, sc) if scores else out
 
 
@@ -397,8 +398,13 @@ def _gather_rows(x, rows, out):
         out[t, :] = x[rows[t], :]
 
 
+#: candidate cells tested at once by their largest BLAS score in the pick (a loop the
+#: compiler vectorizes); only a group that may hold one of a row's best is walked cell by cell
+_GROUP = 32
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _pick_listed_rows(lo, hi, s, loc, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_c, margin, rel,
+def _pick_listed_rows(lo, hi, s, loc, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_m, margin, rel,
                       out, out_s):
     p = out.shape[1]
     blas = np.empty(p, np.float32)
@@ -406,21 +412,31 @@ def _pick_listed_rows(lo, hi, s, loc, near, sizes, members, mstart, x, inv_x, ce
     hidx = np.empty(p, np.int64)
     none = np.iinfo(np.int64).max
     for r in range(lo, hi):
-        # the p-th best BLAS score among the row's candidates (NaN filters: rescored anyway)
+        # the p-th best BLAS score among the row's candidates (NaN filters: rescored anyway);
+        # a run of _GROUP cells none of which beats the p-th best so far is passed over
         blas[:] = -np.inf
         for t in range(near.shape[1]):
             g = near[r, t]
             if g < 0:
                 continue
             o = loc[r, t]
-            for u in range(sizes[g]):
-                v = s[o + u] * filt_c[members[mstart[g] + u]]
-                if v > blas[p - 1]:
-                    pos = p - 1
-                    while pos > 0 and blas[pos - 1] < v:
-                        blas[pos] = blas[pos - 1]
-                        pos -= 1
-                    blas[pos] = v
+            f = mstart[g]
+            for u0 in range(0, sizes[g], _GROUP):
+                u1 = min(u0 + _GROUP, sizes[g])
+                mx = np.float32(-np.inf)
+                for u in range(u0, u1):
+                    v = s[o + u] * filt_m[f + u]
+                    mx = v if v > mx else mx
+                if not mx > blas[p - 1]:
+                    continue
+                for u in range(u0, u1):
+                    v = s[o + u] * filt_m[f + u]
+                    if v > blas[p - 1]:
+                        pos = p - 1
+                        while pos > 0 and blas[pos - 1] < v:
+                            blas[pos] = blas[pos - 1]
+                            pos -= 1
+                        blas[pos] = v
         # a cell of the exact best p scores at least the p-th best BLAS score less one error
         # bound, and its BLAS score at most one bound below that
         kth = np.float64(blas[p - 1])
@@ -432,21 +448,29 @@ def _pick_listed_rows(lo, hi, s, loc, near, sizes, members, mstart, x, inv_x, ce
             if g < 0:
                 continue
             o = loc[r, t]
-            for u in range(sizes[g]):
-                c = members[mstart[g] + u]
-                if s[o + u] * filt_c[c] < cut:
+            f = mstart[g]
+            for u0 in range(0, sizes[g], _GROUP):
+                u1 = min(u0 + _GROUP, sizes[g])
+                hit = False
+                for u in range(u0, u1):
+                    hit |= not (s[o + u] * filt_m[f + u] < cut)
+                if not hit:
                     continue
-                e = _pair_score(x[r], cent[c], inv_x[r], inv_c[c], True)
-                # into the list, score descending, ties to the lower cell
-                if e < hs[p - 1] or (e == hs[p - 1] and c >= hidx[p - 1]):
-                    continue
-                pos = p - 1
-                while pos > 0 and (hs[pos - 1] < e or (hs[pos - 1] == e and hidx[pos - 1] > c)):
-                    hs[pos] = hs[pos - 1]
-                    hidx[pos] = hidx[pos - 1]
-                    pos -= 1
-                hs[pos] = e
-                hidx[pos] = c
+                for u in range(u0, u1):
+                    if s[o + u] * filt_m[f + u] < cut:
+                        continue
+                    c = members[f + u]
+                    e = _pair_score(x[r], cent[c], inv_x[r], inv_c[c], True)
+                    # into the list, score descending, ties to the lower cell
+                    if e < hs[p - 1] or (e == hs[p - 1] and c >= hidx[p - 1]):
+                        continue
+                    pos = p - 1
+                    while pos > 0 and (hs[pos - 1] < e or (hs[pos - 1] == e and hidx[pos - 1] > c)):
+                        hs[pos] = hs[pos - 1]
+                        hidx[pos] = hidx[pos - 1]
+                        pos -= 1
+                    hs[pos] = e
+                    hidx[pos] = c
         for t in range(p):
             found = hidx[t] != none
             out[r, t] = hidx[t] if found else -1
@@ -454,18 +478,19 @@ def _pick_listed_rows(lo, hi, s, loc, near, sizes, members, mstart, x, inv_x, ce
 
 
 @njit(parallel=True, cache=True)
-def _pick_listed(s, loc, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_c, margin, rel, out, out_s,
+def _pick_listed(s, loc, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_m, margin, rel, out, out_s,
                  chunks):
     """For each row r of x: the ``p = out.shape[1]`` best cells (cosine, exact scores, ties to
     the lower cell; -1 where fewer) among the members of the groups ``near[r]`` (-1: none)
     and their exact scores (``out_s``, -inf for -1), group g's cells being
-    ``members[mstart[g]:mstart[g] + sizes[g]]``; the BLAS scores of row r against the t-th
-    of them start at ``s[loc[r, t]]``. Only cells within two error bounds of the p-th best
-    BLAS score are rescored exactly (as :class:`._knn.CellScorer` picks)."""
+    ``members[mstart[g]:mstart[g] + sizes[g]]`` (``filt_m``: their filter scales, in that
+    order); the BLAS scores of row r against the t-th of them start at ``s[loc[r, t]]``.
+    Only cells within two error bounds of the p-th best BLAS score are rescored exactly (as
+    :class:`._knn.CellScorer` picks)."""
     n = x.shape[0]
     for t in prange(chunks):
         _pick_listed_rows(n * t // chunks, n * (t + 1) // chunks, s, loc, near, sizes, members, mstart, x, inv_x,
-                          cent, inv_c, filt_c, margin, rel, out, out_s)
+                          cent, inv_c, filt_m, margin, rel, out, out_s)
 
 
 def build_cells(
