@@ -76,8 +76,8 @@ INDEX_SPILL_PAIRS = 1 << 22
 #: pairs per band of the final sort of a partitioned search (its memory beyond the output)
 INDEX_SORT_BAND = 1 << 22
 #: bytes of the probe lists kept with an index for its next search (more: only the probes
-#: of the search at hand, recomputed next time)
-INDEX_ROW_CELLS_BYTES = 256 << 20
+#: of the search at hand, recomputed next time); 10M rows x 8 cells with their scores: 640 MB
+INDEX_ROW_CELLS_BYTES = 1 << 30
 #: rounds of spherical k-means
 INDEX_KMEANS_ITERS = 8
 #: flat k-means rounds after two-level training (above ``INDEX_TWO_LEVEL_CELLS`` cells): every
@@ -90,6 +90,12 @@ INDEX_KMEANS_ITERS = 8
 INDEX_REFINE_ITERS = 1
 #: cells larger than this many times the mean cell size are split again
 INDEX_MAX_CELL_FACTOR = 4
+#: cells are split on the training sample (its share of that size), before every row is
+#: assigned: one pass over the rows then gives each row its cell and its probe list. After
+#: the pass, a cell the sample under-counted is split again only past this many times that
+#: size (rows of near-identical directions fall into k-means' sub-cells unevenly), and the
+#: lists are computed again
+INDEX_RESPLIT = 2.0
 #: most cells a row probes when a pair search probes by score gap (a row searches its own cell
 #: and, of its first this many cells, those whose centroid scores within the calibrated gap of
 #: its best); 0: a fixed number of probes per row, calibrated

@@ -53,6 +53,36 @@ def test_nearest_cells_are_the_top_k_order_at_one_level_and_through_every_group(
         np.testing.assert_array_equal(nearest_two_level(x, c, coarse, member, len(coarse), min(p, len(c))), want)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices(max_rows=40, min_rows=0, max_dim=6), c=matrices(max_rows=25, min_rows=1, max_dim=6),
+       p=st.integers(1, 9), groups=st.integers(1, 6), chunk=st.sampled_from([1, 3, 1000]), ties=st.booleans())
+def test_two_level_cells_and_scores_are_the_cell_scorers(x, c, p, groups, chunk, ties):
+    """The two-level pass (products of each group's rows side by side in one buffer) lists
+    the cells :class:`CellScorer` picks among the same groups, with their exact scores as
+    :func:`nearest` gives them, whatever the chunk, ties and empty candidate lists."""
+    from embedcache.index._cells import _listed_scores, nearest_two_level
+    from embedcache.index._knn import CellScorer
+    from embedcache.kernels._core import _stats
+
+    d = min(x.shape[1], c.shape[1])
+    x, c = np.ascontiguousarray(x[:, :d]), np.ascontiguousarray(c[:, :d])
+    if ties and len(c) > 2:
+        c[1] = c[2]
+    coarse, member = coarse_groups(c)
+    m = min(len(coarse), groups)
+    p = min(p, len(c))
+    want = np.full((len(x), p), -1, np.int64)
+    want_s = np.full((len(x), p), -np.inf, np.float32)
+    if len(x):
+        near = CellScorer(coarse).best(x, m)
+        want = CellScorer(c, member).best(x, p, near=near)
+        _listed_scores(x, _stats(x, "x")[0], c, _stats(c, "c")[0], want, want_s)
+    with _config.override(CHUNK_ROWS=chunk):
+        got, got_s = nearest_two_level(x, c, coarse, member, groups, p, scores=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_s.view(np.uint32), want_s.view(np.uint32))
+
+
 def test_two_level_agrees_with_brute_force_on_clustered_rows():
     """With the default coarse probes most rows get their nearest cell, and the others a cell
     almost as near (here many centroids sit in one cluster: near-ties across groups)."""
@@ -388,3 +418,52 @@ def test_flat_refinement_raises_the_two_level_objective_and_probing_all_stays_ex
         np.testing.assert_array_equal(index.centroids, again.centroids)
         np.testing.assert_array_equal(index.own, again.own)
         _assert_every_cell_is_exact(y, index, 0.8, 5)
+
+
+@pytest.mark.parametrize("resplit", [2.0, 0.5])
+@pytest.mark.parametrize("two_level", [True, False])
+def test_probe_lists_kept_from_the_build_equal_recomputed_ones(monkeypatch, resplit, two_level):
+    """The build's one pass over the rows gives every row its cell and its probe list; the
+    list kept for the search equals the one computed afresh for the final cells, bit for
+    bit, when the big cells were split on the sample before the pass (one pass) and when
+    cells are split again after it (``INDEX_RESPLIT`` below 1: lists computed again); the
+    cells are those of a build without lists, and so are the pairs."""
+    from embedcache.index import _cells
+
+    calls = []
+    real = _cells.probe_order
+    monkeypatch.setattr(_cells, "probe_order", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = _giant_and_block(2000, seed=8)
+    with _config.override(INDEX_TWO_LEVEL_CELLS=8 if two_level else 10**6, INDEX_MIN_CELL=8,
+                          INDEX_MAX_CELL_FACTOR=1.5, INDEX_RESPLIT=resplit):
+        index = PartitionIndex.build(x, cells=60, seed=0)
+        assert len(calls) == (1 if resplit == 2.0 else 2)
+        plain = PartitionIndex.build(x, cells=60, seed=0, probe_lists=False)
+        assert index.cells > 60 and index.two_level == two_level  # big cells were split
+        np.testing.assert_array_equal(index.centroids, plain.centroids)
+        np.testing.assert_array_equal(index.own, plain.own)
+        p = min(index.cells, _config.INDEX_GAP_PROBES)
+        kept_cells, kept_sc = index._near["scored"]
+        fresh_cells, fresh_sc = plain.probe_cells_scored(x, p)
+        np.testing.assert_array_equal(kept_cells, fresh_cells)
+        np.testing.assert_array_equal(kept_sc.view(np.uint32), fresh_sc.view(np.uint32))
+        short = index.row_cells_scored(x, 3)  # a longer list's first cells
+        np.testing.assert_array_equal(short[0], plain.probe_cells_scored(x, 3)[0])
+        for a, b in zip(partitioned_pairs(x, 0.8, gap=0.05, index=index)[:3],
+                        partitioned_pairs(x, 0.8, gap=0.05, index=plain)[:3]):
+            np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), n=st.integers(0, 40), d=st.integers(1, 4), neg_zero=st.booleans())
+def test_distinct_rows_are_the_first_of_each_unique_row(data, n, d, neg_zero):
+    """k-means starts from distinct rows: the first occurrence of each row, equal value for
+    value (-0.0 as 0.0), as ``numpy.unique(axis=0)`` finds them."""
+    from embedcache.index._cells import distinct_rows
+
+    u = np.array(data.draw(st.lists(st.lists(st.sampled_from([-1.0, -0.5, 0.0, 0.5, 1.0]), min_size=d,
+                                             max_size=d), min_size=n, max_size=n)), np.float32).reshape(n, d)
+    if neg_zero and n:
+        u[0] *= -0.0
+    want = np.sort(np.unique(u + np.float32(0.0), axis=0, return_index=True)[1]) if n else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(distinct_rows(u), want)

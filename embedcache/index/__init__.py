@@ -40,12 +40,12 @@ def check_recall(recall: object) -> float:
     return r
 
 
-def _setup(x, cells, seed, index, probes):
+def _setup(x, cells, seed, index, probes, probe_lists=True):
     seed = check_int("seed", seed, 0)
     if probes is not None:
         probes = check_int("probes", probes, 1)
     if index is None:
-        index = PartitionIndex.build(x, cells=cells, seed=seed)
+        index = PartitionIndex.build(x, cells=cells, seed=seed, probe_lists=probe_lists)
     elif len(index.own) != len(x):
         raise InvalidInputError(f"index covers {len(index.own)} rows, x has {len(x)}")
     return index, seed, probes
@@ -188,7 +188,7 @@ def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int 
     """
     k = check_k(k)
     recall = check_recall(recall)
-    index, seed, probes = _setup(x, cells, seed, index, probes)
+    index, seed, probes = _setup(x, cells, seed, index, probes, probe_lists=False)
     kk = max(0, min(k, len(x) - 1))
     if kk == 0:
         return np.empty((len(x), 0), np.float32), np.empty((len(x), 0), np.int64), None

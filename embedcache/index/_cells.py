@@ -15,7 +15,9 @@ groups of centroids, then the centroids of a row's nearest groups), so assignmen
 ``n * sqrt(cells)`` products instead of ``n * cells``. A cell holding more than
 ``_config.INDEX_MAX_CELL_FACTOR`` times the mean cell size is split again by k-means on its
 own members, recursively, so the work of a pair search (which grows with the sum of squared
-cell sizes) stays near-linear even when one cluster holds a large part of the data. Rows that
+cell sizes) stays near-linear even when one cluster holds a large part of the data. The split
+is made on the training sample first (:func:`build_cells_listed`), so that one pass over all
+rows gives each row its cell and, for a pair search, its probe list. Rows that
 k-means cannot tell apart (near-identical directions) stay one block: they are compared with
 each other anyway, and their pairs are the true output.
 """
@@ -28,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from embedcache import _config, kernels
-from embedcache.kernels._core import FASTMATH, _pair_score, _stats
+from embedcache.kernels._core import FASTMATH, _cutoff, _pair_score, _stats
 
 #: BLAS scores held at once when rows are scored against centroids (float32 each: 128 MiB)
 _SCORES = 1 << 25
@@ -59,10 +61,66 @@ def spherical_kmeans(x: np.ndarray, cells: int, rng: np.random.Generator, iters:
     u = u[np.any(u != 0, axis=1)]  # zero rows have no direction
     if not len(u):
         return np.zeros((0, x.shape[1]), np.float32)
-    uniq = np.unique(u, axis=0)
+    uniq = distinct_rows(u)
     cells = min(cells, len(uniq))
-    cent = uniq[rng.choice(len(uniq), cells, replace=False)]
+    cent = u[uniq[rng.choice(len(uniq), cells, replace=False)]]
     return _lloyd(u, cent, iters)
+
+
+def distinct_rows(u: np.ndarray) -> np.ndarray:
+    """Where each distinct row of the float32 matrix ``u`` first occurs (increasing): rows
+    equal value for value (-0.0 as 0.0) count once. By a hash of each row, rows of equal
+    hash compared in full (no sort of whole rows)."""
+    h = _row_hashes(np.ascontiguousarray(u, dtype=np.float32).view(np.uint32))
+    order = np.argsort(h, kind="stable")
+    return np.sort(_first_of_equal(u, h, order))
+
+
+@njit(parallel=True, cache=True)
+def _row_hashes(bits):
+    """A 64-bit hash of each row of float32 bits (-0.0 hashed as 0.0)."""
+    out = np.empty(bits.shape[0], np.uint64)
+    for r in prange(bits.shape[0]):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for k in range(bits.shape[1]):
+            b = np.uint64(bits[r, k])
+            if b == np.uint64(0x80000000):
+                b = np.uint64(0)
+            h = (h ^ b) * np.uint64(0x100000001B3)
+            h ^= h >> np.uint64(29)
+        out[r] = h
+    return out
+
+
+@njit(cache=True)
+def _first_of_equal(u, h, order):
+    """Of the rows in ``order`` (sorted by hash ``h``, equal hashes by row), the first of
+    each set of equal rows."""
+    keep = np.empty(len(order), np.int64)
+    nk = 0
+    a = 0
+    while a < len(order):
+        b = a + 1
+        while b < len(order) and h[order[b]] == h[order[a]]:
+            b += 1
+        for t in range(a, b):  # a run of equal hashes: almost always one row
+            r = order[t]
+            new = True
+            for q in range(a, t):
+                o = order[q]
+                same = True
+                for k in range(u.shape[1]):
+                    if u[r, k] != u[o, k]:
+                        same = False
+                        break
+                if same:
+                    new = False
+                    break
+            if new:
+                keep[nk] = r
+                nk += 1
+        a = b
+    return keep[:nk]
 
 
 def _lloyd(u: np.ndarray, cent: np.ndarray, iters: int) -> np.ndarray:
@@ -78,9 +136,8 @@ def _lloyd(u: np.ndarray, cent: np.ndarray, iters: int) -> np.ndarray:
         counts = np.bincount(a, minlength=cells)
         sums = np.zeros((cells, u.shape[1]), np.float64)
         order = np.argsort(a, kind="stable")
-        live = np.flatnonzero(counts)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[live]
-        sums[live] = np.add.reduceat(u[order].astype(np.float64), starts, axis=0)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        _cell_sums(u, order, starts, sums)
         empty = np.flatnonzero(counts == 0)
         if len(empty):
             far = np.argsort(s, kind="stable")[: len(empty)]
@@ -90,6 +147,17 @@ def _lloyd(u: np.ndarray, cent: np.ndarray, iters: int) -> np.ndarray:
             break
         cent = new
     return cent
+
+
+@njit(parallel=True, cache=True)
+def _cell_sums(u, order, starts, out):
+    """out[c] += the rows ``order[starts[c]:starts[c + 1]]`` of ``u``, in float64, in that
+    order (each cell one thread's)."""
+    for c in prange(out.shape[0]):
+        for t in range(starts[c], starts[c + 1]):
+            r = order[t]
+            for k in range(u.shape[1]):
+                out[c, k] += np.float64(u[r, k])
 
 
 def refine(x: np.ndarray, centroids: np.ndarray, iters: int) -> np.ndarray:
@@ -245,25 +313,184 @@ def nearest_two_level(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, 
     """(n, p) int64: the ``p`` nearest of each row's candidate cells (the members of its
     ``groups`` nearest coarse groups, default ``INDEX_COARSE_PROBES``), nearest first, ties
     to the lower cell; -1 where a row has fewer candidates. ``scores``: also their scores
-    (as :func:`nearest`)."""
+    (as :func:`nearest`).
+
+    Chunk by chunk: each row's nearest groups (:class:`._knn.CellScorer` on the coarse
+    centroids), then for each group one BLAS product of the rows that look into it (gathered
+    by a compiled loop) with its centroids, written side by side into one buffer, and a
+    compiled pick of each row's best cells from it (:func:`_pick_listed`): the cells and
+    scores :class:`._knn.CellScorer` gives, without copying the products into a row-major
+    matrix."""
+    import numba
+
     from embedcache.index._knn import CellScorer
 
     m = min(len(coarse), _config.INDEX_COARSE_PROBES if groups is None else max(1, int(groups)))
     top = CellScorer(coarse)
     fine = CellScorer(centroids, member)
     out = np.empty((len(x), p), np.int64)
-    sc = np.empty((len(x), p), np.float32) if scores else None
+    sc = np.empty((len(x), p), np.float32)
+    if not len(x) or p <= 0:
+        return (out, sc) if scores else out
     widest = int(np.sort(fine.sizes)[::-1][:m].sum())
     chunk = max(1, min(_config.CHUNK_ROWS * 16, _SCORES // max(1, widest, len(coarse))))
+    gather = np.empty((0, x.shape[1]), np.float32)
+    filt_m = np.ascontiguousarray(fine.filt_c[fine.members])  # in the order of each group's cells
     for a in range(0, len(x), chunk):
         xc = np.ascontiguousarray(x[a : a + chunk], dtype=np.float32)
         inv_x, _ = _stats(xc, "x")
         xn = kernels.normalize(xc)
-        near = top.best(xc, m, xn=xn, inv_x=inv_x)
-        out[a : a + len(xc)] = fine.best(xc, p, near=near, xn=xn, inv_x=inv_x)
-        if scores:
-            _listed_scores(xc, inv_x, fine.cent, fine.inv_c, out[a : a + len(xc)], sc[a : a + len(xc)])
+        near = np.ascontiguousarray(top.best(xc, m, xn=xn, inv_x=inv_x))
+        starts, base, rows, loc = _group_entries(near, fine.sizes)
+        s = np.empty(max(1, int(base[-1])), np.float32)
+        most = int(np.diff(starts).max(initial=0))
+        if len(gather) < most:
+            gather = np.empty((most, x.shape[1]), np.float32)
+        for g in range(fine.groups):
+            lo, hi = starts[g], starts[g + 1]
+            if lo == hi or not fine.sizes[g]:
+                continue
+            xg = gather[: hi - lo]
+            _gather_rows(xn, rows[lo:hi], xg)
+            block = s[base[g] : base[g + 1]].reshape(hi - lo, fine.sizes[g])
+            np.matmul(xg, fine.fine[g].T, out=block)
+        chunks = max(1, min(numba.get_num_threads() * 4, len(xc)))
+        _pick_listed(s, loc, near, fine.sizes, fine.members, fine.mstart, xc, inv_x, fine.cent, fine.inv_c,
+                     filt_m, fine.margin, fine.rel, out[a : a + len(xc)], sc[a : a + len(xc)], chunks)
     return (out, sc) if scores else out
+
+
+@njit(cache=True)
+def _group_entries(near, sizes):
+    """Each row's listed groups ``near`` ((n, m), -1: none) by group: ``(starts, base, rows,
+    loc)``; the rows listing group g are ``rows[starts[g]:starts[g + 1]]`` (increasing), and
+    their BLAS scores against its ``sizes[g]`` cells lie in one block from ``base[g]`` (row
+    after row); ``loc[r, t]``: where the scores of row r's t-th group begin (-1: none)."""
+    n, m = near.shape
+    ng = sizes.shape[0]
+    starts = np.zeros(ng + 1, np.int64)
+    for r in range(n):
+        for t in range(m):
+            if near[r, t] >= 0:
+                starts[near[r, t] + 1] += 1
+    base = np.zeros(ng + 1, np.int64)
+    for g in range(ng):
+        base[g + 1] = base[g] + starts[g + 1] * sizes[g]
+        starts[g + 1] += starts[g]
+    fill = starts[:-1].copy()
+    rows = np.empty(starts[ng], np.int64)
+    loc = np.full((n, m), -1, np.int64)
+    for r in range(n):
+        for t in range(m):
+            g = near[r, t]
+            if g >= 0:
+                k = fill[g]
+                fill[g] = k + 1
+                rows[k] = r
+                loc[r, t] = base[g] + (k - starts[g]) * sizes[g]
+    return starts, base, rows, loc
+
+
+@njit(parallel=True, cache=True)
+def _gather_rows(x, rows, out):
+    """out[t] = x[rows[t]], rows copied in parallel."""
+    for t in prange(rows.shape[0]):
+        out[t, :] = x[rows[t], :]
+
+
+#: candidate cells tested at once by their largest BLAS score in the pick (a loop the
+#: compiler vectorizes); only a group that may hold one of a row's best is walked cell by cell
+_GROUP = 32
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _pick_listed_rows(lo, hi, s, loc, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_m, margin, rel,
+                      out, out_s):
+    p = out.shape[1]
+    blas = np.empty(p, np.float32)
+    hs = np.empty(p, np.float32)
+    hidx = np.empty(p, np.int64)
+    none = np.iinfo(np.int64).max
+    for r in range(lo, hi):
+        # the p-th best BLAS score among the row's candidates (NaN filters: rescored anyway);
+        # a run of _GROUP cells none of which beats the p-th best so far is passed over
+        blas[:] = -np.inf
+        for t in range(near.shape[1]):
+            g = near[r, t]
+            if g < 0:
+                continue
+            o = loc[r, t]
+            f = mstart[g]
+            for u0 in range(0, sizes[g], _GROUP):
+                u1 = min(u0 + _GROUP, sizes[g])
+                mx = np.float32(-np.inf)
+                for u in range(u0, u1):
+                    v = s[o + u] * filt_m[f + u]
+                    mx = v if v > mx else mx
+                if not mx > blas[p - 1]:
+                    continue
+                for u in range(u0, u1):
+                    v = s[o + u] * filt_m[f + u]
+                    if v > blas[p - 1]:
+                        pos = p - 1
+                        while pos > 0 and blas[pos - 1] < v:
+                            blas[pos] = blas[pos - 1]
+                            pos -= 1
+                        blas[pos] = v
+        # a cell of the exact best p scores at least the p-th best BLAS score less one error
+        # bound, and its BLAS score at most one bound below that
+        kth = np.float64(blas[p - 1])
+        cut = _cutoff(_cutoff(kth, margin, rel), margin, rel) if kth > -np.inf else -np.inf
+        hs[:] = -np.inf
+        hidx[:] = none
+        for t in range(near.shape[1]):
+            g = near[r, t]
+            if g < 0:
+                continue
+            o = loc[r, t]
+            f = mstart[g]
+            for u0 in range(0, sizes[g], _GROUP):
+                u1 = min(u0 + _GROUP, sizes[g])
+                hit = False
+                for u in range(u0, u1):
+                    hit |= not (s[o + u] * filt_m[f + u] < cut)
+                if not hit:
+                    continue
+                for u in range(u0, u1):
+                    if s[o + u] * filt_m[f + u] < cut:
+                        continue
+                    c = members[f + u]
+                    e = _pair_score(x[r], cent[c], inv_x[r], inv_c[c], True)
+                    # into the list, score descending, ties to the lower cell
+                    if e < hs[p - 1] or (e == hs[p - 1] and c >= hidx[p - 1]):
+                        continue
+                    pos = p - 1
+                    while pos > 0 and (hs[pos - 1] < e or (hs[pos - 1] == e and hidx[pos - 1] > c)):
+                        hs[pos] = hs[pos - 1]
+                        hidx[pos] = hidx[pos - 1]
+                        pos -= 1
+                    hs[pos] = e
+                    hidx[pos] = c
+        for t in range(p):
+            found = hidx[t] != none
+            out[r, t] = hidx[t] if found else -1
+            out_s[r, t] = hs[t] if found else -np.inf
+
+
+@njit(parallel=True, cache=True)
+def _pick_listed(s, loc, near, sizes, members, mstart, x, inv_x, cent, inv_c, filt_m, margin, rel, out, out_s,
+                 chunks):
+    """For each row r of x: the ``p = out.shape[1]`` best cells (cosine, exact scores, ties to
+    the lower cell; -1 where fewer) among the members of the groups ``near[r]`` (-1: none)
+    and their exact scores (``out_s``, -inf for -1), group g's cells being
+    ``members[mstart[g]:mstart[g] + sizes[g]]`` (``filt_m``: their filter scales, in that
+    order); the BLAS scores of row r against the t-th of them start at ``s[loc[r, t]]``.
+    Only cells within two error bounds of the p-th best BLAS score are rescored exactly (as
+    :class:`._knn.CellScorer` picks)."""
+    n = x.shape[0]
+    for t in prange(chunks):
+        _pick_listed_rows(n * t // chunks, n * (t + 1) // chunks, s, loc, near, sizes, members, mstart, x, inv_x,
+                          cent, inv_c, filt_m, margin, rel, out, out_s)
 
 
 def build_cells(
@@ -276,30 +503,73 @@ def build_cells(
     ``INDEX_SAMPLE_PER_CELL * cells`` rows; cells larger than ``INDEX_MAX_CELL_FACTOR`` times
     the mean (and than ``INDEX_MIN_CELL``) are split again.
     """
-    from embedcache.index._source import source_of
+    cent, own, _ = build_cells_listed(x, cells, seed, 0)
+    return cent, own
+
+
+def build_cells_listed(x: Any, cells: int | None, seed: int, probes: int):
+    """:func:`build_cells`, and with ``probes`` > 0 the probe lists of the rows themselves:
+    ``(centroids, own, lists)``, ``lists`` being ``probe_order(x, centroids, probes,
+    scores=True)`` (the cells and their scores), or None.
+
+    Every row is read once: cells the training sample shows too big are split on the
+    sample's rows first (:func:`_split_big` on the sample, the cap scaled to its size), then
+    one pass lists each row's nearest cells (``x.nearest``), its own cell being the first
+    (as ``x.assign`` gives it). Cells still too big on all rows are split as in
+    :func:`build_cells` (a cell the sample under-counted); only then, the centroids having
+    changed, are the lists computed again.
+    """
+    from embedcache.index._source import ArraySource, source_of
 
     x = source_of(x)
     n, d = x.shape
     rng = np.random.default_rng(seed)
     c = default_cells(n) if cells is None else max(1, min(int(cells), n))
     if n == 0:
-        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, d), np.float32), np.zeros(0, np.int64), None
     if c == 1:
         cent = spherical_kmeans(x[rng.choice(n, min(n, 4096), replace=False)], 1, rng, 1)
         if not len(cent):
             cent = np.zeros((1, d), np.float32)
-        return cent, np.zeros(n, np.int64)
+        return cent, np.zeros(n, np.int64), None
     size = min(n, _config.INDEX_SAMPLE_PER_CELL * c)
     sample = np.sort(rng.choice(n, size, replace=False))
+    xs = np.ascontiguousarray(x[sample], dtype=np.float32)
     if c > _config.INDEX_TWO_LEVEL_CELLS:
-        cent = kmeans_two_level(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+        cent = kmeans_two_level(xs, c, rng, _config.INDEX_KMEANS_ITERS)
     else:
-        cent = spherical_kmeans(x[sample], c, rng, _config.INDEX_KMEANS_ITERS)
+        cent = spherical_kmeans(xs, c, rng, _config.INDEX_KMEANS_ITERS)
     if not len(cent):  # only zero rows
-        return np.zeros((1, d), np.float32), np.zeros(n, np.int64)
-    own = x.assign(cent)
+        return np.zeros((1, d), np.float32), np.zeros(n, np.int64), None
     cap = max(_config.INDEX_MIN_CELL, int(_config.INDEX_MAX_CELL_FACTOR * n / len(cent)))
-    return _split_big(x, cent, own, cap, rng)
+    if size < n:  # big cells split on the sample: the pass over every row sees the final cells
+        cap_s = max(2, int(cap * size / n))
+        cent, _ = _split_big(ArraySource(xs), cent, assign(xs, cent), cap_s, rng)
+    del xs
+    if probes >= len(cent) > _config.INDEX_TWO_LEVEL_CELLS:
+        probes = 0  # lists of every cell are one-level, the cells two-level: computed apart
+    if probes > 0:
+        lists = x.nearest(cent, probes, scores=True)
+        own = _own_of(x, lists[0], cent)
+    else:
+        lists, own = None, x.assign(cent)
+    before = len(cent), cent.copy()
+    if size < n:
+        cap = max(cap, int(cap * _config.INDEX_RESPLIT))
+    cent, own = _split_big(x, cent, own, cap, rng)
+    if lists is not None and (len(cent) != before[0] or not np.array_equal(cent, before[1])):
+        lists = x.nearest(cent, probes, scores=True)
+    return cent, own, lists
+
+
+def _own_of(x: Any, near: np.ndarray, cent: np.ndarray) -> np.ndarray:
+    """The own cell of every row from its probe list ``near`` (its first cell, the one
+    :func:`assign` gives), rows listing none assigned as :func:`assign_two_level` does."""
+    own = near[:, 0].astype(np.int64)
+    lost = np.flatnonzero(own < 0)
+    if len(lost):
+        own[lost] = kernels.top_k(np.ascontiguousarray(x[lost], dtype=np.float32), cent, 1)[1][:, 0]
+    return own
 
 
 def _split_big(

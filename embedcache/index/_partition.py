@@ -23,7 +23,7 @@ from numba import njit, prange
 
 from embedcache import _config
 from embedcache._validation import check_int
-from embedcache.index._cells import build_cells, coarse_groups, nearest, probe_order
+from embedcache.index._cells import build_cells_listed, coarse_groups, nearest, probe_order
 from embedcache.index._merge import by_cell
 from embedcache.index._source import ArraySource, source_of
 from embedcache.index._spill import PairRuns
@@ -46,18 +46,28 @@ class PartitionIndex:
     _near: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def build(cls, x: np.ndarray, *, cells: int | None = None, seed: int = 0) -> PartitionIndex:
+    def build(cls, x: np.ndarray, *, cells: int | None = None, seed: int = 0,
+              probe_lists: bool = True) -> PartitionIndex:
         """Train cells on a sample of ``x`` ((n, d) float array) and assign every row.
 
         cells: number of cells before big ones are split (default :func:`._cells.default_cells`:
         about sqrt(n), and cells of at most ``INDEX_ROWS_PER_CELL`` rows on average); seed: the
-        sample and k-means start (same seed, same index).
+        sample and k-means start (same seed, same index). probe_lists: the pass that assigns
+        every row also lists its first ``INDEX_GAP_PROBES`` cells and their scores, kept for
+        the first pair search by score gap (:meth:`row_cells_scored`, the same lists it
+        would compute) when within ``INDEX_ROW_CELLS_BYTES``.
         """
         if cells is not None:
             cells = check_int("cells", cells, 1)
         seed = check_int("seed", seed, 0)
-        cent, own = build_cells(x, cells, seed)
-        return cls.from_assignment(cent, own)
+        p = max(0, int(_config.INDEX_GAP_PROBES)) if probe_lists else 0
+        if len(x) * p * 8 > _config.INDEX_ROW_CELLS_BYTES:
+            p = 0
+        cent, own, lists = build_cells_listed(x, cells, seed, p)
+        index = cls.from_assignment(cent, own)
+        if lists is not None:
+            index._keep_scored(*lists)
+        return index
 
     @classmethod
     def from_assignment(cls, centroids: np.ndarray, own: np.ndarray) -> PartitionIndex:
@@ -153,12 +163,23 @@ class PartitionIndex:
 
     def row_cells_scored(self, x: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`probe_cells_scored` of the indexed rows ``x`` (cells as int32), kept for the
-        next search of the same index when within ``INDEX_ROW_CELLS_BYTES``."""
+        next search of the same index when within ``INDEX_ROW_CELLS_BYTES`` (lists kept for
+        more probes serve fewer: a row's first cells are the same whatever the count)."""
         p = min(probes, self.cells)
         have = self._near.get("scored")
-        if have is not None and have[0].shape[1] == p:
+        kept = -1 if have is None else have[0].shape[1]
+        if kept == p:
             return have
+        # a longer list's first p cells, unless it lists every cell of a two-level index
+        # (then in the one-level order)
+        if p < kept and (kept < self.cells or not self.two_level):
+            return np.ascontiguousarray(have[0][:, :p]), np.ascontiguousarray(have[1][:, :p])
         cells, sc = self.probe_cells_scored(x, p)
+        return self._keep_scored(cells, sc)
+
+    def _keep_scored(self, cells: np.ndarray, sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The probe lists ``cells`` (as int32) and their scores, kept with the index when
+        within ``INDEX_ROW_CELLS_BYTES``."""
         cells = cells.astype(np.int32 if self.cells < 2**31 else np.int64)
         if cells.nbytes + sc.nbytes <= _config.INDEX_ROW_CELLS_BYTES:
             self._near["scored"] = (cells, sc)
