@@ -109,6 +109,10 @@ INDEX_RECALL_SAMPLE = 1000
 #: rests on the few rows of near-identical blocks (3M rows at 1M partners: 1 probe chosen
 #: for 0.99, 0.88 reached, though the interval covered it)
 INDEX_RECALL_COLUMNS = 0
+#: rows per band of a cell (rows ordered by angle to its centroid) when the sampled rows' exact
+#: pairs are searched: a band whose angles cannot reach a sampled row's is skipped (exact;
+#: smaller bands skip more and multiply in smaller products)
+INDEX_RECALL_TRUTH_BAND = 256
 #: true pairs looked at per sampled row (more are subsampled, and weighted back)
 INDEX_RECALL_PAIRS_PER_ROW = 64
 #: probes are chosen where the calibration sample's one-sided lower bound at this level

@@ -149,7 +149,7 @@ def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
         probes = max(1, index.cells)  # one cell: the search is exact
         rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
-        truth = _recall.SampledPairs(x, threshold)
+        truth = _recall.SampledPairs(x, threshold, index)
 
         def evidence(sample, rng, nearest=False, gap_probes=None):
             return _recall.pair_evidence(x, index, sample, threshold, rng, nearest, gap_probes, truth)

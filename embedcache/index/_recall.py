@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedcache import _config, kernels
+from embedcache.index import _truth
 from embedcache.index._source import source_of
 
 _Z = 1.959963984540054  # two-sided 95%
@@ -284,11 +285,14 @@ def _subsample(qi: np.ndarray, rows: int, cap: int, rng: np.random.Generator):
 class SampledPairs:
     """The exact pairs (score >= ``threshold``) of sampled rows of ``x`` with all its rows,
     kept by row: the rows of several samples (a calibration's and its first measurement's)
-    are searched in one pass over ``x`` (:meth:`prefetch`), and a row drawn twice once."""
+    are searched in one pass over ``x`` (:meth:`prefetch`), and a row drawn twice once.
+    With ``index`` (a :class:`PartitionIndex` of ``x``), only the bands of its cells that can
+    hold a pair of a sampled row are read (:mod:`._truth`: the same pairs, bit for bit)."""
 
-    def __init__(self, x, threshold: float) -> None:
+    def __init__(self, x, threshold: float, index=None) -> None:
         self.x = source_of(x)
         self.threshold = threshold
+        self.index = index
         self.keys = np.empty(0, np.int64)  # rows searched, sorted
         self.starts = np.zeros(1, np.int64)  # partners of keys[k]: part[starts[k]:starts[k + 1]]
         self.part = np.empty(0, np.int64)
@@ -298,7 +302,10 @@ class SampledPairs:
         new = np.setdiff1d(np.asarray(rows, np.int64), self.keys)
         if not len(new):
             return
-        qi, jj, _ = self.x.pairs_with(self.x[new], self.threshold)
+        if _truth.prunes(self.x, self.index, self.threshold):
+            qi, jj, _ = _truth.sampled_pairs(self.x, self.index, self.x[new], self.threshold)
+        else:
+            qi, jj, _ = self.x.pairs_with(self.x[new], self.threshold)
         ok = jj != new[qi]
         qi, jj = qi[ok], jj[ok]
         rows_all = np.concatenate([np.repeat(self.keys, np.diff(self.starts)), new[qi]])
