@@ -127,12 +127,12 @@ def test_a_measurement_below_the_target_moves_the_probes_up_and_measures_again()
 
     with _config.override(INDEX_RECALL_SAMPLE=300, INDEX_RECALL_ROUNDS=3):
         rec = _recall.calibrate(evidence_of, 10_000, 50, 0.95, seed=0)
-    assert len(calls) == 3  # calibration, a measurement that missed, a fresh one
+    assert len(calls) == 4  # calibration, a check that missed, a fresh one, the report's
     assert rec.probes == 2 and rec.estimate == 1.0 and rec.low > 0.95
     with _config.override(INDEX_RECALL_SAMPLE=300, INDEX_RECALL_ROUNDS=1):
         calls.clear()
         rec = _recall.calibrate(evidence_of, 10_000, 50, 0.95, seed=0)
-    assert len(calls) == 2 and rec.probes == 1  # one round: the miss is reported as measured
+    assert len(calls) == 3 and rec.probes == 1  # one round: the miss is reported as measured
     assert abs(rec.estimate - 0.8) < 1e-9 and rec.high < 0.95
 
 
@@ -195,4 +195,43 @@ def test_calibrated_knn_interval_covers_the_population_recall_over_many_seeds():
             covered += rec.low <= t <= rec.high
             below += t < rec.low
     assert covered / runs >= 0.93
-    assert below / runs <= 0.05
+    assert below / runs <= 0.03
+
+
+def _population_evidence(pop):
+    n = len(pop.true)
+
+    def evidence_of(sample, rng):
+        pos = np.full(n, -1)
+        pos[sample] = np.arange(len(sample))
+        keep = pos[pop.row] >= 0
+        return _recall.Evidence(pop.true[sample], pos[pop.row[keep]], pop.need[keep], np.ones(int(keep.sum())))
+
+    return evidence_of
+
+
+def test_the_reported_interval_is_not_picked_for_passing_the_check():
+    """A recall that grows in small steps with the probes (1000 cells, needs spread over
+    hundreds): the chosen probes often reach about the target, and the checks that pass are
+    the high ones. Reporting the check that passed put the truth below the reported low end
+    4.0% of the time over these 1200 runs (nominal 2.5%); a report on a sample that took no
+    part in the choice or the check, 2.0%."""
+    rng = np.random.default_rng(0)
+    n, k = 20_000, 10
+    hard = rng.random(n) < 0.1
+    p = np.where(hard, rng.uniform(0.005, 0.025, n), rng.uniform(0.02, 0.1, n))
+    need = (rng.geometric(np.repeat(p, k)) - 1).astype(np.int64)
+    pop = _recall.Evidence(np.full(n, float(k)), np.repeat(np.arange(n), k), need, np.ones(n * k))
+    evidence_of = _population_evidence(pop)
+    truth = {}
+    runs, covered, below = 0, 0, 0
+    with _config.override(INDEX_RECALL_SAMPLE=400):
+        for target in (0.9, 0.95):
+            for seed in range(600):
+                rec = _recall.calibrate(evidence_of, n, 1000, target, seed)
+                t = truth.setdefault(rec.probes, pop.recall(rec.probes))
+                runs += 1
+                covered += rec.low <= t <= rec.high
+                below += t < rec.low
+    assert covered / runs >= 0.93
+    assert below / runs <= 0.03

@@ -498,7 +498,7 @@ class Design:
 
     def __init__(self, n: int, index=None, density: np.ndarray | None = None) -> None:
         self.n = n
-        self.size = min(_config.INDEX_RECALL_SAMPLE, n // 2)
+        self.size = min(_config.INDEX_RECALL_SAMPLE, n // 3)  # a choice, a check, a report
         self.index = index
         self.mass = None
         if density is not None and index is not None and n > 0:
@@ -580,23 +580,28 @@ class ScoreGap:
 def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
               fallback=None, design: Design | None = None, choice=None,
               largest_exact: int | None = None) -> Recall | None:
-    """Choose the probes for ``target`` on one sample and measure them on another.
+    """Choose the probes for ``target`` on one sample, check them on another, and report the
+    recall they reach measured on a third.
 
     ``evidence_of(sample, rng) -> Evidence``; ``fallback`` (same form) is used to choose when
     the calibration sample holds fewer than 20 true pairs. ``design``: how rows are drawn
     (default: uniformly). ``choice``: what is chosen, :class:`ProbeCount` (default, of
     ``cells``) or :class:`ScoreGap`. The probes (or gap) are the fewest (smallest) whose
-    lower bound at ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's
-    lower bound at that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS``
-    measurements), they are chosen again on all the evidence so far (at least one step
-    more) and measured on a fresh sample. The reported recall (95% interval) is the last
-    measurement's, made after the last choice. The first measurement's rows are drawn with
-    the calibration's and, when ``evidence_of`` has a ``prefetch(rows)``, handed to it at once
-    (one exact pass over the rows for both). When the choice reaches the most there is
-    (every cell: exact, recall 1; a gap: None, the target is out of the gap rule's reach).
-    Every cell of a collection of more than ``largest_exact`` rows raises
-    :class:`~embedcache.errors.RecallUnreachableError` instead: that is an exact, quadratic
-    search (days at ten million rows), not a fair substitute for the one asked for.
+    lower bound at ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while a check's lower
+    bound at that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS`` checks), they are
+    chosen again on all the evidence so far (at least one step more) and checked on a fresh
+    sample. The reported recall (95% interval) is measured on a sample drawn at the start
+    that takes no part in any choice or check: the check stops on a measurement that
+    passes, so reporting that one would report a figure picked for being high (the truth
+    fell below its low end more often than the stated 2.5%). The rows of the calibration,
+    of the first check and of the report are drawn together and, when ``evidence_of`` has a
+    ``prefetch(rows)``, handed to it at once (one exact pass over the rows for all three).
+    When the design has rows for two samples only (a few rows), the last check is reported.
+    When the choice reaches the most there is (every cell: exact, recall 1; a gap: None,
+    the target is out of the gap rule's reach). Every cell of a collection of more than
+    ``largest_exact`` rows raises :class:`~embedcache.errors.RecallUnreachableError`
+    instead: that is an exact, quadratic search (days at ten million rows), not a fair
+    substitute for the one asked for.
     """
     rng = np.random.default_rng([seed, 7])
     design = design if design is not None else Design(n)
@@ -606,25 +611,22 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     if got is None:
         return Recall(1.0, 1.0, 1.0, cells, 0) if isinstance(choice, ProbeCount) else None
     cal, w = got
-    ahead = design.draw(rng)  # the first measurement's rows: searched with these in one pass
+    ahead = design.draw(rng)  # the first check's rows, and the report's
+    report = design.draw(rng) if ahead is not None else None
     prefetch = getattr(evidence_of, "prefetch", None)
     if prefetch is not None:
-        prefetch(cal if ahead is None else np.concatenate([cal, ahead[0]]))
+        prefetch(np.concatenate([cal] + [g[0] for g in (ahead, report) if g is not None]))
     ev = evidence_of(cal, rng)
     if ev.true.sum() < 20 and fallback is not None:
         ev = fallback(cal, rng)
     ev.row_weight = w
     value = choice.choose(ev, target, level)
     pool = [ev]
-    rec = Recall(1.0, 1.0, 1.0, cells, 0)  # every cell: exact
+    rec = None  # the last check, reported when there is no report sample
     rounds = max(1, int(_config.INDEX_RECALL_ROUNDS))
     for r in range(rounds):
         if value >= choice.most:
-            if not isinstance(choice, ProbeCount):
-                return None
-            if largest_exact is not None and n > largest_exact and cells > 1:
-                _unreachable(Evidence.concat(pool), target, cells, n)
-            return Recall(1.0, 1.0, 1.0, cells, rec.sample)
+            break
         got, ahead = (ahead, None) if r == 0 else (design.draw(rng), None)
         if got is None:
             break
@@ -638,8 +640,19 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
         pool.append(m)
         every = Evidence.concat(pool)
         value = max(choice.choose(every, target, level), choice.step(every, value))
-    if rec.sample == 0 and isinstance(choice, ScoreGap):
-        return None  # never measured: no fresh rows left
+    if value >= choice.most:
+        if not isinstance(choice, ProbeCount):
+            return None
+        if largest_exact is not None and n > largest_exact and cells > 1:
+            _unreachable(Evidence.concat(pool), target, cells, n)
+        return Recall(1.0, 1.0, 1.0, cells, 0 if rec is None else rec.sample)
+    if report is not None:
+        rows, w = report
+        m = evidence_of(rows, rng)
+        m.row_weight = w
+        return choice.recall(*m.interval(value), value, len(rows))
+    if rec is None:  # never checked: no rows for it (a gap: None; probes: every cell, exact)
+        return None if isinstance(choice, ScoreGap) else Recall(1.0, 1.0, 1.0, cells, 0)
     return rec
 
 
