@@ -429,6 +429,44 @@ def cached_truth(a, x, sample):
     return keys, top, sec
 
 
+class Timed:
+    """Wall seconds spent in some functions of the library (patched for one run, restored
+    after): where the calibration's time goes."""
+
+    def __init__(self, targets: dict) -> None:
+        self.targets = targets  # name -> (owner, attribute)
+        self.seconds = dict.fromkeys(targets, 0.0)
+        self.saved: list = []
+
+    def __enter__(self) -> Timed:
+        for name, (owner, attr) in self.targets.items():
+            fn = getattr(owner, attr)
+            self.saved.append((owner, attr, fn))
+
+            def timed(*args, _fn=fn, _name=name, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*args, **kw)
+                finally:
+                    self.seconds[_name] += time.perf_counter() - t0
+
+            setattr(owner, attr, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, fn in reversed(self.saved):
+            setattr(owner, attr, fn)
+
+
+def calibration_timer() -> Timed:
+    import embedcache.index as eix
+    from embedcache.index import _recall, _truth
+
+    return Timed({"calibration": (_recall, "calibrate"), "exact truth": (_recall.SampledPairs, "prefetch"),
+                  "bands": (_truth, "bands_of"), "density": (_recall, "cell_density"),
+                  "probe lists": (eix, "_scored_lists")})
+
+
 def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
     from embedcache.index import partitioned_pairs
 
@@ -436,8 +474,13 @@ def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
     sz = index.sizes.astype(np.float64)
     t0 = time.perf_counter()
     anon.start()
-    i, j, s, rec = partitioned_pairs(x, a.threshold, recall=a.recall, index=index)
+    with calibration_timer() as timer:
+        i, j, s, rec = partitioned_pairs(x, a.threshold, recall=a.recall, index=index)
     t_part = time.perf_counter() - t0
+    sec = timer.seconds
+    print(f"  calibration {sec['calibration']:.1f} s: exact truth {sec['exact truth']:.1f} s (of which "
+          f"bands {sec['bands']:.1f} s), evidence {sec['calibration'] - sec['exact truth']:.1f} s; before it: "
+          f"cell density {sec['density']:.1f} s, probe lists {sec['probe lists']:.1f} s (the search's own)", flush=True)
     step_peak = anon.step_gib()
     r_sample = recall_of(sample_keys(i, j, sample, n), truth)
     # the quantity the library estimates: the share of all true pairs found
