@@ -113,6 +113,9 @@ INDEX_RECALL_COLUMNS = 0
 #: pairs are searched: a band whose angles cannot reach a sampled row's is skipped (exact;
 #: smaller bands skip more and multiply in smaller products)
 INDEX_RECALL_TRUTH_BAND = 256
+#: ... unless the bands leave more than this share of the products (the plain scan, in larger
+#: products, is then faster)
+INDEX_RECALL_TRUTH_SHARE = 0.4
 #: true pairs looked at per sampled row (more are subsampled, and weighted back)
 INDEX_RECALL_PAIRS_PER_ROW = 64
 #: probes are chosen where the calibration sample's one-sided lower bound at this level

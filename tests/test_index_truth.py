@@ -62,7 +62,7 @@ def test_pairs_searched_by_band_are_the_plain_scan_bit_for_bit(kind, n, d, seed,
     index = PartitionIndex.build(x, cells=min(cells, n), seed=seed % 7)
     src = ArraySource(x)
     want = ec.similar_pairs(q, threshold, y=x)
-    with _config.override(INDEX_RECALL_TRUTH_BAND=band):
+    with _config.override(INDEX_RECALL_TRUTH_BAND=band, INDEX_RECALL_TRUTH_SHARE=1.0):
         if _truth.prunes(src, index, threshold):
             _assert_same(_truth.sampled_pairs(src, index, q, threshold), want)
         else:  # one cell, or a threshold at or below the rounding margin: the plain scan
@@ -79,9 +79,14 @@ def test_bands_skip_most_work_on_clustered_rows_and_miss_nothing():
     q = x[rng.choice(len(x), 200, replace=False)]
     with _config.override(INDEX_RECALL_TRUTH_BAND=32):
         bands = _truth.bands_of(src, index)
-        work = sum(len(r) * len(p) for r, p in bands.plan(index.centroids, q, 0.9))
+        pieces = list(bands.plan(index.centroids, q, 0.9))
+        work = bands.work(pieces)
+        _assert_same(src.band_pairs(q, pieces, 0.9), ec.similar_pairs(q, 0.9, y=x))
         _assert_same(_truth.sampled_pairs(src, index, q, 0.9), ec.similar_pairs(q, 0.9, y=x))
-    assert 0 < work < 0.5 * len(q) * len(x)
+    assert 0 < work < 0.4 * len(q) * len(x)
+    for rows, bounds, qpos, ranges in pieces:  # each band: rows of one cell, queries by cosine
+        assert len(np.unique(index.own[rows])) == 1 and bounds[-1] == len(rows)
+        assert (ranges[:, 0] < ranges[:, 1]).all() and ranges.min() == 0 and ranges.max() == len(qpos)
 
 
 def test_a_band_rows_angles_bound_their_cosines_with_the_centroid():
@@ -132,7 +137,7 @@ def test_a_store_source_searches_by_band_as_the_array(tmp_path):
     live = store.vectors().astype(np.float32)
     q = live[rng.choice(len(live), 30, replace=False)]
     index = PartitionIndex.build(live, cells=9, seed=0)
-    with _config.override(ENGINE_BLOCK_ROWS=37, INDEX_RECALL_TRUTH_BAND=8):
+    with _config.override(ENGINE_BLOCK_ROWS=37, INDEX_RECALL_TRUTH_BAND=8, INDEX_RECALL_TRUTH_SHARE=1.0):
         src = StoreSource(view, InProcess())
         assert np.allclose(src.pivot_cosines(index.centroids, index.own),
                            _truth.pivot_cosines(live, index.centroids, index.own), atol=1e-12)

@@ -133,7 +133,7 @@ class StoreSource:
                 group.append(piece)
                 rows += len(piece[0])
             if group and (piece is None or rows >= target):
-                need = np.unique(np.concatenate([r for r, _ in group]))
+                need = np.unique(np.concatenate([p[0] for p in group]))
                 tasks.append((pick(self.view, self.rows[need]), need, group, threshold))
                 group, rows = [], 0
         parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]

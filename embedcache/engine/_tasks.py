@@ -151,19 +151,17 @@ def pivot_block(b: Block, own: np.ndarray, *, centroids: np.ndarray):
     return pivot_cosines(read(b), centroids, own)
 
 
-def band_pairs(picks: Picks, need: np.ndarray, work: list[tuple[np.ndarray, np.ndarray]], threshold: float, *,
-               queries: np.ndarray):
-    """Pairs of queries with rows, each piece ``(rows, qpos)`` of ``work`` (sorted job rows,
-    read by ``picks`` as the sorted ``need``; positions in ``queries``) scored alone:
-    ``(i, j, scores)``, i a position in ``queries``, j a job row."""
-    from embedcache.kernels.pairs import unsorted_pairs
+def band_pairs(picks: Picks, need: np.ndarray, work: list, threshold: float, *, queries: np.ndarray):
+    """Pairs of queries with rows, for the pieces of ``work`` (:meth:`embedcache.index._truth.
+    Bands.plan`; job rows read by ``picks`` as the sorted ``need``): ``(i, j, scores)``, i a
+    position in ``queries``, j a job row."""
+    from embedcache.index._truth import piece_pairs
 
     _threads()
     x = read_picks(picks)
     parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
-    for rows, qpos in work:
-        i, j, s = unsorted_pairs(queries[qpos], threshold, y=x[np.searchsorted(need, rows)])
-        parts.append((qpos[i], rows[j], s))
+    for piece in work:
+        parts.extend(piece_pairs(x[np.searchsorted(need, piece[0])], queries[piece[2]], piece, threshold))
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 

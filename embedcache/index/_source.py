@@ -75,14 +75,13 @@ class ArraySource:
 
     def band_pairs(self, q: np.ndarray, work, threshold: float):
         """``(i, j, s)``: the pairs at ``threshold`` of queries ``q`` with rows of x, searched
-        in the pieces of ``work`` only (each ``(rows, qpos)``: sorted rows of x, and the
-        positions in ``q`` of the queries to score against them); in no particular order."""
-        from embedcache.kernels.pairs import unsorted_pairs
+        in the pieces of ``work`` only (:meth:`._truth.Bands.plan`: rows of x and positions
+        in ``q`` of the queries to score against them); in no particular order."""
+        from embedcache.index._truth import piece_pairs
 
         parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
-        for rows, qpos in work:
-            i, j, s = unsorted_pairs(q[qpos], threshold, y=self.x[rows])
-            parts.append((qpos[i], rows[j], s))
+        for piece in work:
+            parts.extend(piece_pairs(self.x[piece[0]], q[piece[2]], piece, threshold))
         return tuple(np.concatenate(p) for p in zip(*parts))
 
     def cell_pairs(self, index: Any, qrows: np.ndarray, starts: np.ndarray, threshold: float, bar=None,

@@ -98,9 +98,12 @@ class Bands:
         self.hi = np.arccos(np.maximum(-1.0, bottom - eps))
 
     def plan(self, centroids: np.ndarray, q: np.ndarray, threshold: float):
-        """The work for queries ``q`` ((m, d)): ``(rows, qpos)`` per band that can hold a pair
-        at ``threshold`` with one of them (rows of the band, positions in ``q`` of the queries
-        that must be scanned against it), all bands of a cell together (a generator)."""
+        """The work for queries ``q`` ((m, d)), cell by cell (a generator of pieces
+        ``(rows, bounds, qpos, ranges)``): ``rows`` the rows of the cell's bands that can hold
+        a pair at ``threshold`` with one of the queries (band k: ``rows[bounds[k]:bounds[k + 1]]``,
+        each band's rows in increasing order), ``qpos`` positions in ``q`` of the queries
+        that need one of them (by cosine with the centroid), band k needing
+        ``qpos[ranges[k, 0]:ranges[k, 1]]``: a cell's rows and queries are gathered once."""
         eps = margin(self.d)
         reach = math.acos(max(-1.0, min(1.0, threshold - eps)))
         c = np.ascontiguousarray(centroids, np.float64)
@@ -120,18 +123,40 @@ class Bands:
                 if b0 == b1:
                     continue
                 col = s[:, cc]
-                lo = need_lo[b0:b1].min()
-                cand = np.flatnonzero(col >= lo)
+                cand = np.flatnonzero(col >= need_lo[b0:b1].min())
                 if not len(cand):
                     continue
                 cand = cand[np.argsort(col[cand], kind="stable")]
                 sc = col[cand]
                 left = np.searchsorted(sc, need_lo[b0:b1], "left")
                 right = np.searchsorted(sc, need_hi[b0:b1], "right")
-                for b, (u, v) in enumerate(zip(left, right)):
-                    if v > u:
-                        band = b0 + b
-                        yield np.sort(self.rows[self.start[band] : self.start[band + 1]]), np.sort(cand[u:v])
+                keep = np.flatnonzero(right > left)
+                if not len(keep):
+                    continue
+                first, last = left[keep].min(), right[keep].max()
+                parts = [np.sort(self.rows[self.start[b0 + k] : self.start[b0 + k + 1]]) for k in keep]
+                bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+                ranges = np.stack([left[keep], right[keep]], axis=1) - first
+                yield np.concatenate(parts), bounds, cand[first:last], ranges
+
+    def work(self, pieces: list) -> int:
+        """Row-by-query products of ``pieces`` (:meth:`plan`)."""
+        return int(sum(int(((b[1:] - b[:-1]) * (r[:, 1] - r[:, 0])).sum()) for _, b, _, r in pieces))
+
+
+def piece_pairs(block: np.ndarray, qblock: np.ndarray, piece, threshold: float) -> list:
+    """The ``(i, j, s)`` parts of one piece of :meth:`Bands.plan` (i: positions in the
+    queries, j: rows), from the piece's rows ``block`` and queries ``qblock`` (in its order)."""
+    from embedcache.kernels.pairs import unsorted_pairs
+
+    rows, bounds, qpos, ranges = piece
+    out = []
+    for k in range(len(ranges)):
+        u, v = ranges[k]
+        a, b = bounds[k], bounds[k + 1]
+        i, j, s = unsorted_pairs(qblock[u:v], threshold, y=block[a:b])
+        out.append((qpos[u + i], rows[a + j], s))
+    return out
 
 
 def bands_of(src: Any, index: Any) -> Bands:
@@ -153,6 +178,10 @@ def prunes(src: Any, index: Any, threshold: float) -> bool:
 def sampled_pairs(src: Any, index: Any, q: np.ndarray, threshold: float):
     """``src.pairs_with(q, threshold)`` (every pair of a query and a row, i: position in
     ``q``, j: row), searched only in the bands of ``index`` that can hold one: the same
-    pairs and scores, in no particular order."""
+    pairs and scores, in no particular order. When the bands leave more than
+    ``INDEX_RECALL_TRUTH_SHARE`` of the products to compute, the plain scan (faster then)."""
     bands = bands_of(src, index)
-    return src.band_pairs(q, bands.plan(index.centroids, q, threshold), threshold)
+    pieces = list(bands.plan(index.centroids, q, threshold))
+    if bands.work(pieces) > float(_config.INDEX_RECALL_TRUTH_SHARE) * len(q) * len(src):
+        return src.pairs_with(q, threshold)
+    return src.band_pairs(q, pieces, threshold)
