@@ -532,7 +532,8 @@ def miss_rows(x, index, sample, truth, found_keys):
     for share in (0.01, 0.05, 0.2):
         inb = pct <= share
         print(f"    rows in the lowest {share:.0%} of gaps: {m[inb].sum() / max(1, m.sum()):.3f} of the misses, "
-              f"{t[inb].sum() / max(1, t.sum()):.3f} of the true pairs, {inb.mean():.3f} of the sampled rows", flush=True)
+              f"{t[inb].sum() / max(1, t.sum()):.3f} of the true pairs, {inb.mean():.3f} of the sampled rows",
+              flush=True)
 
 
 def knn_true_recall(ki, sample, truth_k):

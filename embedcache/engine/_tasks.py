@@ -18,8 +18,8 @@ from embedcache.index._cells import assign, probe_order
 from embedcache.index._copies import row_digests
 from embedcache.index._partition import pairs_of_cell
 
-__all__ = ["band_pairs", "cell_pairs", "cell_topk", "knn_rows", "merge_top", "assign_block", "assign_picks", "nearest_block",
-           "pair_tile", "pairs_block", "pivot_block", "row_keys", "search_block", "top_against"]
+__all__ = ["band_pairs", "cell_pairs", "cell_topk", "knn_rows", "merge_top", "assign_block", "assign_picks",
+           "nearest_block", "pair_tile", "pairs_block", "pivot_block", "row_keys", "search_block", "top_against"]
 
 #: pairs compared for byte equality at a time (bounds the memory of the copy check)
 _COPY_CHUNK = 65536
