@@ -572,8 +572,11 @@ def border_rows(scores: np.ndarray) -> np.ndarray | None:
     share = float(_config.INDEX_RECALL_BORDER_ROWS)
     if scores.ndim != 2 or scores.shape[1] < 2 or not len(scores) or share <= 0:
         return None
-    top2 = -np.partition(-np.asarray(scores, np.float64), 1, axis=1)[:, :2]
-    gap = top2[:, 0] - top2[:, 1]
+    gap = np.empty(len(scores))
+    step = 1 << 20
+    for a in range(0, len(scores), step):  # in chunks: no float64 copy of all the scores
+        top2 = -np.partition(-np.asarray(scores[a : a + step], np.float64), 1, axis=1)[:, :2]
+        gap[a : a + step] = top2[:, 0] - top2[:, 1]
     gap[~np.isfinite(gap)] = np.inf
     k = min(len(gap) - 1, max(0, int(share * len(gap))))
     cut = np.partition(gap, k)[k]
