@@ -144,3 +144,14 @@ def test_a_store_source_searches_by_band_as_the_array(tmp_path):
         assert _truth.prunes(src, index, 0.8)
         _assert_same(_truth.sampled_pairs(src, index, q, 0.8), ec.similar_pairs(q, 0.8, y=live))
     store.close()
+
+
+def test_sampled_neighbours_searched_together_are_each_rows_own_top_lists():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1500, 12)).astype(np.float32)
+    x[10:20] = x[10]  # ties: the lower row first, however the rows are batched
+    truth = _recall.SampledNeighbours(x, 5)
+    first, second = np.sort(rng.choice(1500, 70, replace=False)), np.arange(5, 40)
+    truth.prefetch(np.concatenate([first, second]))
+    for s in (first, second, np.array([3, 11, 1499])):
+        assert np.array_equal(truth(s), ec.top_k(x[s], x, 6)[1])

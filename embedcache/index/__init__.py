@@ -225,8 +225,13 @@ def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int 
         probes = max(1, index.cells)  # one cell: the search is exact
         rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
-        rec = _recall.calibrate(lambda s, r: _recall.knn_evidence(x, index, s, kk, r),
-                                len(x), index.cells, recall, seed,
+        truth = _recall.SampledNeighbours(x, kk)
+
+        def evidence(sample, rng):
+            return _recall.knn_evidence(x, index, sample, kk, rng, truth)
+
+        evidence.prefetch = truth.prefetch
+        rec = _recall.calibrate(evidence, len(x), index.cells, recall, seed,
                                 largest_exact=_config.INDEX_EXACT_FALLBACK_ROWS)
         probes = rec.probes
     if _every_cell(x, index, probes):

@@ -403,13 +403,45 @@ def _takes_cols(x) -> bool:
     return "cols" in inspect.signature(x.pairs_with).parameters
 
 
-def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
+class SampledNeighbours:
+    """The exact top ``k + 1`` rows of sampled rows of ``x`` (:func:`embedcache.top_k`: the
+    same lists however the rows are batched), kept by row: the rows of several samples (a
+    calibration's, its first check's and the report's) are searched in one pass over ``x``
+    (:meth:`prefetch`), and a row drawn twice once."""
+
+    def __init__(self, x, k: int) -> None:
+        self.x = source_of(x)
+        self.k = min(k + 1, len(self.x))
+        self.keys = np.empty(0, np.int64)
+        self.lists = np.empty((0, self.k), np.int64)
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Search the rows not searched yet, in one pass."""
+        new = np.setdiff1d(np.asarray(rows, np.int64), self.keys)
+        if not len(new):
+            return
+        _, nb = self.x.top_k(self.x[new], self.k)
+        keys = np.concatenate([self.keys, new])
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.lists = np.concatenate([self.lists, np.asarray(nb, np.int64)])[order]
+
+    def __call__(self, sample: np.ndarray) -> np.ndarray:
+        """(len(sample), k + 1) the top lists of the sampled rows."""
+        self.prefetch(sample)
+        return self.lists[np.searchsorted(self.keys, sample)]
+
+
+def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator,
+                 truth: SampledNeighbours | None = None) -> Evidence:
     """Evidence for a k-nearest-neighbour search of the sampled rows (own cell always probed,
     each product serving both rows, :func:`._knn.rows_knn`): a true neighbour j of i is found
-    when it shares i's cell, when i probes j's cell, or when j probes i's cell."""
+    when it shares i's cell, when i probes j's cell, or when j probes i's cell. ``truth``:
+    where the sampled rows' exact top lists are kept (:class:`SampledNeighbours` of the same
+    ``x`` and ``k``; default: searched here)."""
     x = source_of(x)
     q = x[sample]
-    _, nb = x.top_k(q, min(k + 1, len(x)))
+    nb = truth(sample) if truth is not None else x.top_k(q, min(k + 1, len(x)))[1]
     qi, jj = other_neighbours(nb, sample, k)
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
     need = _needed_both_ways(x, index, q, sample, qi, jj)
