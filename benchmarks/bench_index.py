@@ -4,6 +4,7 @@
                                      [--recall 0.99] [--knn-recall 0.95] [--exact-up-to 100000]
                                      [--queries 2000] [--no-knn] [--no-faiss] [--no-faiss-knn] [--faiss-knn-rows N]
                                      [--data-dir DIR] [--truth-dir DIR [--truth-part I/M]] [--no-pairs]
+                                     [--miss-rows]
 
 Data (:func:`generate`, documented so that others can rebuild it; the same for a given n and
 seed whatever the memory, written chunk by chunk into a memmap with ``--data-dir``): d=384,

@@ -529,9 +529,10 @@ class Design:
     weighted by the inverse of its probability per draw (the deterministic-mixture
     estimator: unbiased, and no row weighs more than 1 / the uniform share times what it
     would in a uniform sample). A uniform sample of 1000 rows of 3M holds about 3 rows of
-    blocks that hold half the pairs: the probes were chosen on them, or without them; and
-    at 10M the density draws rarely held the straddling near-duplicates that held most of
-    the misses (0.9996 reported, 0.9928 true)."""
+    blocks that hold half the pairs: the probes were chosen on them, or without them. The
+    border rows are a stratum for misses near cell borders; on the benchmark's data they
+    are mostly rows of near-identical blocks (cells split within rounding), and the misses
+    at the gap chosen at 10M sat in rows far from a border (``bench_index.py --miss-rows``)."""
 
     def __init__(self, n: int, index=None, density: np.ndarray | None = None,
                  border: np.ndarray | None = None) -> None:
