@@ -4,6 +4,7 @@
                                      [--recall 0.99] [--knn-recall 0.95] [--exact-up-to 100000]
                                      [--queries 2000] [--no-knn] [--no-faiss] [--no-faiss-knn] [--faiss-knn-rows N]
                                      [--data-dir DIR] [--truth-dir DIR [--truth-part I/M]] [--no-pairs]
+                                     [--miss-rows]
 
 Data (:func:`generate`, documented so that others can rebuild it; the same for a given n and
 seed whatever the memory, written chunk by chunk into a memmap with ``--data-dir``): d=384,
@@ -338,6 +339,9 @@ def main() -> None:
     ap.add_argument("--truth-part", default=None, metavar="I/M",
                     help="only compute and keep part I (0-based) of M of the sampled truth, then stop")
     ap.add_argument("--no-pairs", action="store_true", help="kNN only (its truth from --truth-dir)")
+    ap.add_argument("--miss-rows", action="store_true",
+                    help="print where the sampled rows that missed pairs lie: the gap between their two best "
+                         "centroid scores, against all rows' (the calibration's border stratum)")
     a = ap.parse_args()
     import faiss
 
@@ -429,6 +433,44 @@ def cached_truth(a, x, sample):
     return keys, top, sec
 
 
+class Timed:
+    """Wall seconds spent in some functions of the library (patched for one run, restored
+    after): where the calibration's time goes."""
+
+    def __init__(self, targets: dict) -> None:
+        self.targets = targets  # name -> (owner, attribute)
+        self.seconds = dict.fromkeys(targets, 0.0)
+        self.saved: list = []
+
+    def __enter__(self) -> Timed:
+        for name, (owner, attr) in self.targets.items():
+            fn = getattr(owner, attr)
+            self.saved.append((owner, attr, fn))
+
+            def timed(*args, _fn=fn, _name=name, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*args, **kw)
+                finally:
+                    self.seconds[_name] += time.perf_counter() - t0
+
+            setattr(owner, attr, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, fn in reversed(self.saved):
+            setattr(owner, attr, fn)
+
+
+def calibration_timer() -> Timed:
+    import embedcache.index as eix
+    from embedcache.index import _recall, _truth
+
+    return Timed({"calibration": (_recall, "calibrate"), "exact truth": (_recall.SampledPairs, "prefetch"),
+                  "bands": (_truth, "bands_of"), "density": (_recall, "cell_density"),
+                  "probe lists": (eix, "_scored_lists")})
+
+
 def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
     from embedcache.index import partitioned_pairs
 
@@ -436,8 +478,13 @@ def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
     sz = index.sizes.astype(np.float64)
     t0 = time.perf_counter()
     anon.start()
-    i, j, s, rec = partitioned_pairs(x, a.threshold, recall=a.recall, index=index)
+    with calibration_timer() as timer:
+        i, j, s, rec = partitioned_pairs(x, a.threshold, recall=a.recall, index=index)
     t_part = time.perf_counter() - t0
+    sec = timer.seconds
+    print(f"  calibration {sec['calibration']:.1f} s: exact truth {sec['exact truth']:.1f} s (of which "
+          f"bands {sec['bands']:.1f} s), evidence {sec['calibration'] - sec['exact truth']:.1f} s; before it: "
+          f"cell density {sec['density']:.1f} s, probe lists {sec['probe lists']:.1f} s (the search's own)", flush=True)
     step_peak = anon.step_gib()
     r_sample = recall_of(sample_keys(i, j, sample, n), truth)
     # the quantity the library estimates: the share of all true pairs found
@@ -458,7 +505,36 @@ def pairs_run(a, x, index, sample, truth, exact_keys, t_exact, t_build, anon):
           f"peak RSS {rss_gib():.2f} GiB (anonymous, beyond the map: {anon.gib():.2f} GiB; during the "
           f"search: {step_peak:.2f} GiB, its output {len(i) * 20 / 2**30:.2f} GiB)", flush=True)
     a.t_part, a.t_build = t_part, t_build
+    if a.miss_rows:
+        miss_rows(x, index, sample, truth, sample_keys(i, j, sample, n))
     return r_true
+
+
+def miss_rows(x, index, sample, truth, found_keys):
+    """Where the missed pairs of the sampled rows lie: each sampled row's gap between its two
+    best centroid scores, as a percentile of a uniform sample of 200k rows' gaps; the share
+    of the misses (and of the true pairs) held by rows in the lowest 1%, 5% and 20%."""
+    n = len(x)
+    rng = np.random.default_rng(5)
+    ref = np.sort(rng.choice(n, min(n, 200_000), replace=False))
+
+    def g1(rows):
+        sc = np.sort(index.probe_cells_scored(np.asarray(x[rows], np.float32), 2)[1].astype(np.float64), axis=1)
+        return sc[:, -1] - sc[:, -2]
+
+    ref_gaps = np.sort(g1(ref))
+    pct = np.searchsorted(ref_gaps, g1(sample)) / len(ref_gaps)
+    missed = truth[~np.isin(truth, found_keys)]
+    m = np.bincount(np.searchsorted(sample, missed // n), minlength=len(sample))
+    t = np.bincount(np.searchsorted(sample, truth // n), minlength=len(sample))
+    rows = m > 0
+    print(f"  missed pairs of the sampled rows: {m.sum()} in {rows.sum()} rows; their gap percentiles "
+          f"(10/25/50/75/90%): {np.quantile(pct[rows], [0.1, 0.25, 0.5, 0.75, 0.9]).round(3) if rows.any() else '-'}")
+    for share in (0.01, 0.05, 0.2):
+        inb = pct <= share
+        print(f"    rows in the lowest {share:.0%} of gaps: {m[inb].sum() / max(1, m.sum()):.3f} of the misses, "
+              f"{t[inb].sum() / max(1, t.sum()):.3f} of the true pairs, {inb.mean():.3f} of the sampled rows",
+              flush=True)
 
 
 def knn_true_recall(ki, sample, truth_k):

@@ -115,6 +115,13 @@ INDEX_RECALL_SAMPLE = 1000
 #: rests on the few rows of near-identical blocks (3M rows at 1M partners: 1 probe chosen
 #: for 0.99, 0.88 reached, though the interval covered it)
 INDEX_RECALL_COLUMNS = 0
+#: rows per band of a cell (rows ordered by angle to its centroid) when the sampled rows' exact
+#: pairs are searched: a band whose angles cannot reach a sampled row's is skipped (exact;
+#: smaller bands skip more and multiply in smaller products)
+INDEX_RECALL_TRUTH_BAND = 256
+#: ... unless the bands leave more than this share of the products (the plain scan, in larger
+#: products, is then faster)
+INDEX_RECALL_TRUTH_SHARE = 0.4
 #: true pairs looked at per sampled row (more are subsampled, and weighted back)
 INDEX_RECALL_PAIRS_PER_ROW = 64
 #: probes are chosen where the calibration sample's one-sided lower bound at this level
@@ -131,9 +138,15 @@ INDEX_RECALL_DEPTH = 64
 INDEX_RECALL_CELL_ROWS = 16
 #: ... looked at against the rows drawn in this many nearest cells (its own included)
 INDEX_RECALL_CELL_NEIGHBOURS = 8
-#: share of the pair calibration's rows drawn uniformly (the rest by cell density): bounds
-#: the weight of any row at 1 / this times a uniform sample's
+#: share of the pair calibration's rows drawn uniformly (the rest by cell density and among
+#: border rows): bounds the weight of any row at 1 / this times a uniform sample's
 INDEX_RECALL_UNIFORM = 0.5
+#: share of the pair calibration's rows drawn among the border rows (a pair search by score
+#: gap: near-duplicates that straddle two cells are missed there, and are rare)
+INDEX_RECALL_BORDER = 0.2
+#: the border rows: this share of the rows, those with the smallest gap between their best
+#: and second-best centroid scores
+INDEX_RECALL_BORDER_ROWS = 0.05
 #: measurement rounds of the calibration: while the measurement's lower bound at
 #: ``INDEX_RECALL_CHOOSE_LEVEL`` misses the recall asked for, the probes are chosen again on
 #: all the evidence (at least one step more) and measured on a fresh sample

@@ -114,6 +114,33 @@ class StoreSource:
             top_s, top_i = _tasks.merge_top(top_s, top_i, s, gi, k)
         return top_s, top_i
 
+    def pivot_cosines(self, centroids: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """(n,) float64: every row's cosine with its cell's centroid, one task per block
+        (:func:`embedcache.index._truth.pivot_cosines`)."""
+        tasks = [(b, own[b.first : b.first + b.count]) for b in self.blocks]
+        parts = [None] * len(tasks)
+        for t, r in self.engine.run(_tasks.pivot_block, tasks, shared={"centroids": centroids}):
+            parts[t] = r
+        return np.concatenate(parts) if parts else np.empty(0, np.float64)
+
+    def band_pairs(self, q: np.ndarray, work, threshold: float):
+        """As :meth:`embedcache.index._source.ArraySource.band_pairs`: the pieces of ``work``
+        in tasks of about ``ENGINE_BLOCK_ROWS`` rows read, the queries sent once."""
+        target = max(1, int(_config.ENGINE_BLOCK_ROWS))
+        tasks, group, rows = [], [], 0
+        for piece in list(work) + [None]:
+            if piece is not None:
+                group.append(piece)
+                rows += len(piece[0])
+            if group and (piece is None or rows >= target):
+                need = np.unique(np.concatenate([p[0] for p in group]))
+                tasks.append((pick(self.view, self.rows[need]), need, group, threshold))
+                group, rows = [], 0
+        parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
+        for _, part in self.engine.run(_tasks.band_pairs, tasks, shared={"queries": q}):
+            parts.append(part)
+        return tuple(np.concatenate(p) for p in zip(*parts))
+
     # --------------------------------------------------------------------- the search
 
     def _groups(self, index: Any, qrows: np.ndarray, starts: np.ndarray):

@@ -18,8 +18,8 @@ from embedcache.index._cells import assign, probe_order
 from embedcache.index._copies import row_digests
 from embedcache.index._partition import pairs_of_cell
 
-__all__ = ["cell_pairs", "cell_topk", "knn_rows", "merge_top", "assign_block", "assign_picks", "nearest_block", "pair_tile",
-           "pairs_block", "row_keys", "search_block", "top_against"]
+__all__ = ["band_pairs", "cell_pairs", "cell_topk", "knn_rows", "merge_top", "assign_block", "assign_picks",
+           "nearest_block", "pair_tile", "pairs_block", "pivot_block", "row_keys", "search_block", "top_against"]
 
 #: pairs compared for byte equality at a time (bounds the memory of the copy check)
 _COPY_CHUNK = 65536
@@ -140,6 +140,29 @@ def pairs_block(b: Block, threshold: float, *, queries: np.ndarray):
     """Pairs (query, row of ``b``) with cosine >= threshold: ``(i, j local to b, scores)``."""
     _threads()
     return kernels.similar_pairs(queries, threshold, y=read(b))
+
+
+def pivot_block(b: Block, own: np.ndarray, *, centroids: np.ndarray):
+    """Each row's cosine with its cell's centroid (:func:`embedcache.index._truth.pivot_cosines`;
+    ``own``: the cell of each row of ``b``)."""
+    from embedcache.index._truth import pivot_cosines
+
+    _threads()
+    return pivot_cosines(read(b), centroids, own)
+
+
+def band_pairs(picks: Picks, need: np.ndarray, work: list, threshold: float, *, queries: np.ndarray):
+    """Pairs of queries with rows, for the pieces of ``work`` (:meth:`embedcache.index._truth.
+    Bands.plan`; job rows read by ``picks`` as the sorted ``need``): ``(i, j, scores)``, i a
+    position in ``queries``, j a job row."""
+    from embedcache.index._truth import piece_pairs
+
+    _threads()
+    x = read_picks(picks)
+    parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
+    for piece in work:
+        parts.extend(piece_pairs(x[np.searchsorted(need, piece[0])], queries[piece[2]], piece, threshold))
+    return tuple(np.concatenate(p) for p in zip(*parts))
 
 
 def _cell_rows(picks: Picks, need: np.ndarray, cells: list[tuple[np.ndarray, np.ndarray]]):

@@ -67,13 +67,14 @@ def partitioned_pairs(x: np.ndarray, threshold: float, *, recall: float = 0.99, 
     the gap and the mean probes per row when the gap rule ran).
     ``bar``: optional progress bar, updated with row-by-row comparisons.
     """
-    index, probes, gap, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index, gap)
+    index, probes, gap, rec, scored = _pair_probes(x, threshold, recall, probes, cells, seed, index, gap)
     if gap is None and _every_cell(x, index, probes):
         from embedcache.kernels import similar_pairs
 
         i, j, s = similar_pairs(x, threshold)
         return i, j, s, _exact_recall(index, rec)
-    near, rec = _gap_probes(x, index, probes, gap, rec)
+    near, rec = _gap_probes(x, index, probes, gap, rec, scored)
+    del scored
     if bar is not None:
         bar.total = _partition.pair_work(index, len(x), probes, near)
     i, j, s = _partition.pairs(x, index, threshold, probes, bar, near=near)
@@ -91,29 +92,46 @@ def partitioned_forest(x: np.ndarray, threshold: float, parent: np.ndarray, *, r
     Returns ``(i, j, scores, recall)``: the pairs that joined two trees (a spanning forest,
     at most n - 1 pairs, in no particular order) and the :class:`Recall`.
     """
-    index, probes, gap, rec = _pair_probes(x, threshold, recall, probes, cells, seed, index, gap)
+    index, probes, gap, rec, scored = _pair_probes(x, threshold, recall, probes, cells, seed, index, gap)
     if gap is None and _every_cell(x, index, probes):
         from embedcache.kernels.pairs import threshold_forest
 
         i, j, s = threshold_forest(x, threshold, parent)
         return i, j, s, _exact_recall(index, rec)
-    near, rec = _gap_probes(x, index, probes, gap, rec)
+    near, rec = _gap_probes(x, index, probes, gap, rec, scored)
+    del scored
     if bar is not None:
         bar.total = _partition.pair_work(index, len(x), probes, near)
     i, j, s = _partition.forest(x, index, threshold, probes, parent, bar, near=near)
     return i, j, s, rec
 
 
-def _gap_probes(x, index: PartitionIndex, probes: int, gap: float | None, rec: Recall | None):
+def _scored_lists(x, index: PartitionIndex, probes: int):
+    """Every row's first ``probes`` cells and their centroid scores, as a search by score gap
+    probes them (:func:`._partition.probed`): for the border rows of the calibration's
+    design, then for the search itself (computed once)."""
+    from embedcache.index._source import ArraySource, source_of
+
+    src = source_of(x)
+    if isinstance(src, ArraySource):
+        return index.row_cells_scored(src.x, probes)
+    return src.nearest(index.centroids, probes, scores=True)
+
+
+def _gap_probes(x, index: PartitionIndex, probes: int, gap: float | None, rec: Recall | None, scored=None):
     """(the probe lists of a search by score ``gap``, ``rec`` with its mean probes per row);
-    (None, rec) for a fixed number of probes."""
+    (None, rec) for a fixed number of probes. ``scored``: :func:`_scored_lists` at ``probes``
+    when computed already."""
     if gap is None:
         return None, rec
     from dataclasses import replace
 
     from embedcache.index._source import source_of
 
-    near = _partition.probed(source_of(x), index, probes, gap)
+    if scored is not None and scored[0].shape[1] == min(probes, index.cells):
+        near = _partition.within_gap(scored[0], scored[1], gap, index.small_cells()[index.own])
+    else:
+        near = _partition.probed(source_of(x), index, probes, gap)
     if rec is not None:
         rec = replace(rec, mean_probes=_partition.probes_per_row(near, index.own))
     return near, rec
@@ -133,23 +151,25 @@ def _exact_recall(index: PartitionIndex, rec: Recall | None) -> Recall | None:
 
 
 def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
-    """(index, probes, gap, recall) of a pair search: the score gap (at most
+    """(index, probes, gap, recall, scored) of a pair search: the score gap (at most
     ``INDEX_GAP_PROBES`` probes) calibrated for ``recall``, else (no gap reaches it, or
     ``INDEX_GAP_PROBES`` is 0) the probes; unless ``probes`` or ``gap`` are given (gap
-    None: a fixed number of probes)."""
+    None: a fixed number of probes). ``scored``: every row's probe cells and scores when
+    the calibration computed them (:func:`_scored_lists`), else None."""
     threshold = check_threshold(threshold)
     recall = check_recall(recall)
     index, seed, probes = _setup(x, cells, seed, index, probes)
     if gap is not None:
         gap = check_gap(gap)
         probes = probes if probes is not None else max(1, min(index.cells, int(_config.INDEX_GAP_PROBES)))
-        return index, probes, gap, None
+        return index, probes, gap, None, None
     rec = None
+    scored = None
     if probes is None and (len(x) < 2 or index.cells <= 1):
         probes = max(1, index.cells)  # one cell: the search is exact
         rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
-        truth = _recall.SampledPairs(x, threshold)
+        truth = _recall.SampledPairs(x, threshold, index)
 
         def evidence(sample, rng, nearest=False, gap_probes=None):
             return _recall.pair_evidence(x, index, sample, threshold, rng, nearest, gap_probes, truth)
@@ -158,6 +178,14 @@ def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
 
         density = _recall.cell_density(x, index, threshold, np.random.default_rng([seed, 11]))
         cap = min(index.cells, int(_config.INDEX_GAP_PROBES))
+        border = None
+        if 0 < cap < index.cells:
+            scored = _scored_lists(x, index, cap)
+            border = _recall.border_rows(scored[1])
+
+        def design():
+            return _recall.Design(len(x), index, density, border)
+
         if 0 < cap < index.cells:
             def gap_evidence(s, r):
                 return evidence(s, r, gap_probes=cap)
@@ -165,15 +193,15 @@ def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
             gap_evidence.prefetch = truth.prefetch
             rec = _recall.calibrate(gap_evidence, len(x), index.cells, recall,
                                     seed, fallback=lambda s, r: evidence(s, r, True, cap),
-                                    design=_recall.Design(len(x), index, density), choice=_recall.ScoreGap(cap))
+                                    design=design(), choice=_recall.ScoreGap(cap))
             if rec is not None:
-                return index, cap, rec.gap, rec
+                return index, cap, rec.gap, rec, scored
         rec = _recall.calibrate(evidence, len(x), index.cells, recall, seed,
                                 fallback=lambda s, r: evidence(s, r, True),
-                                design=_recall.Design(len(x), index, density),
+                                design=design(),
                                 largest_exact=_config.INDEX_EXACT_FALLBACK_ROWS)
         probes = rec.probes
-    return index, probes, None, rec
+    return index, probes, None, rec, None
 
 
 def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int | None = None,
@@ -197,8 +225,13 @@ def partitioned_knn(x: np.ndarray, k: int, *, recall: float = 0.95, probes: int 
         probes = max(1, index.cells)  # one cell: the search is exact
         rec = Recall(1.0, 1.0, 1.0, probes, 0)
     if probes is None:
-        rec = _recall.calibrate(lambda s, r: _recall.knn_evidence(x, index, s, kk, r),
-                                len(x), index.cells, recall, seed,
+        truth = _recall.SampledNeighbours(x, kk)
+
+        def evidence(sample, rng):
+            return _recall.knn_evidence(x, index, sample, kk, rng, truth)
+
+        evidence.prefetch = truth.prefetch
+        rec = _recall.calibrate(evidence, len(x), index.cells, recall, seed,
                                 largest_exact=_config.INDEX_EXACT_FALLBACK_ROWS)
         probes = rec.probes
     if _every_cell(x, index, probes):

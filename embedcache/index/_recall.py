@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedcache import _config, kernels
+from embedcache.index import _truth
 from embedcache.index._source import source_of
 
 _Z = 1.959963984540054  # two-sided 95%
@@ -284,11 +285,14 @@ def _subsample(qi: np.ndarray, rows: int, cap: int, rng: np.random.Generator):
 class SampledPairs:
     """The exact pairs (score >= ``threshold``) of sampled rows of ``x`` with all its rows,
     kept by row: the rows of several samples (a calibration's and its first measurement's)
-    are searched in one pass over ``x`` (:meth:`prefetch`), and a row drawn twice once."""
+    are searched in one pass over ``x`` (:meth:`prefetch`), and a row drawn twice once.
+    With ``index`` (a :class:`PartitionIndex` of ``x``), only the bands of its cells that can
+    hold a pair of a sampled row are read (:mod:`._truth`: the same pairs, bit for bit)."""
 
-    def __init__(self, x, threshold: float) -> None:
+    def __init__(self, x, threshold: float, index=None) -> None:
         self.x = source_of(x)
         self.threshold = threshold
+        self.index = index
         self.keys = np.empty(0, np.int64)  # rows searched, sorted
         self.starts = np.zeros(1, np.int64)  # partners of keys[k]: part[starts[k]:starts[k + 1]]
         self.part = np.empty(0, np.int64)
@@ -298,7 +302,10 @@ class SampledPairs:
         new = np.setdiff1d(np.asarray(rows, np.int64), self.keys)
         if not len(new):
             return
-        qi, jj, _ = self.x.pairs_with(self.x[new], self.threshold)
+        if _truth.prunes(self.x, self.index, self.threshold):
+            qi, jj, _ = _truth.sampled_pairs(self.x, self.index, self.x[new], self.threshold)
+        else:
+            qi, jj, _ = self.x.pairs_with(self.x[new], self.threshold)
         ok = jj != new[qi]
         qi, jj = qi[ok], jj[ok]
         rows_all = np.concatenate([np.repeat(self.keys, np.diff(self.starts)), new[qi]])
@@ -396,13 +403,45 @@ def _takes_cols(x) -> bool:
     return "cols" in inspect.signature(x.pairs_with).parameters
 
 
-def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator) -> Evidence:
+class SampledNeighbours:
+    """The exact top ``k + 1`` rows of sampled rows of ``x`` (:func:`embedcache.top_k`: the
+    same lists however the rows are batched), kept by row: the rows of several samples (a
+    calibration's, its first check's and the report's) are searched in one pass over ``x``
+    (:meth:`prefetch`), and a row drawn twice once."""
+
+    def __init__(self, x, k: int) -> None:
+        self.x = source_of(x)
+        self.k = min(k + 1, len(self.x))
+        self.keys = np.empty(0, np.int64)
+        self.lists = np.empty((0, self.k), np.int64)
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Search the rows not searched yet, in one pass."""
+        new = np.setdiff1d(np.asarray(rows, np.int64), self.keys)
+        if not len(new):
+            return
+        _, nb = self.x.top_k(self.x[new], self.k)
+        keys = np.concatenate([self.keys, new])
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.lists = np.concatenate([self.lists, np.asarray(nb, np.int64)])[order]
+
+    def __call__(self, sample: np.ndarray) -> np.ndarray:
+        """(len(sample), k + 1) the top lists of the sampled rows."""
+        self.prefetch(sample)
+        return self.lists[np.searchsorted(self.keys, sample)]
+
+
+def knn_evidence(x, index, sample: np.ndarray, k: int, rng: np.random.Generator,
+                 truth: SampledNeighbours | None = None) -> Evidence:
     """Evidence for a k-nearest-neighbour search of the sampled rows (own cell always probed,
     each product serving both rows, :func:`._knn.rows_knn`): a true neighbour j of i is found
-    when it shares i's cell, when i probes j's cell, or when j probes i's cell."""
+    when it shares i's cell, when i probes j's cell, or when j probes i's cell. ``truth``:
+    where the sampled rows' exact top lists are kept (:class:`SampledNeighbours` of the same
+    ``x`` and ``k``; default: searched here)."""
     x = source_of(x)
     q = x[sample]
-    _, nb = x.top_k(q, min(k + 1, len(x)))
+    nb = truth(sample) if truth is not None else x.top_k(q, min(k + 1, len(x)))[1]
     qi, jj = other_neighbours(nb, sample, k)
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
     need = _needed_both_ways(x, index, q, sample, qi, jj)
@@ -478,34 +517,63 @@ def cell_density(x, index, threshold: float, rng: np.random.Generator) -> np.nda
 class Design:
     """How the calibration's query rows are drawn.
 
-    Without a density (kNN: every row has ``k`` true neighbours): uniform samples without
-    replacement, disjoint from each other. With ``density`` (per cell, :func:`cell_density`)
-    for pairs, where a few rows (near-identical blocks) may hold most of a collection's true
-    pairs: each row is drawn with replacement from a mixture, ``INDEX_RECALL_UNIFORM`` of
-    the draws uniform over the rows, the rest over cells in proportion to their rows' density
-    then uniform within the cell, and weighted by the inverse of its probability per draw
-    (the deterministic-mixture estimator: unbiased, and no row weighs more than 1 / the
-    uniform share times what it would in a uniform sample). A uniform sample of 1000 rows of
-    3M holds about 3 rows of blocks that hold half the pairs: the probes were chosen on
-    them, or without them."""
+    Without a density or border rows (kNN: every row has ``k`` true neighbours): uniform
+    samples without replacement, disjoint from each other. With ``density`` (per cell,
+    :func:`cell_density`) for pairs, where a few rows (near-identical blocks) may hold most of
+    a collection's true pairs, and ``border`` ((n,) bool, :func:`border_rows`: rows near a
+    cell border, where a search by score gap misses the near-duplicates that straddle two
+    cells): each row is drawn with replacement from a mixture, ``INDEX_RECALL_UNIFORM`` of
+    the draws uniform over the rows, ``INDEX_RECALL_BORDER`` uniform over the border rows,
+    the rest over cells in proportion to their rows' density then uniform within the cell
+    (a missing component's share goes to the density, then to the uniform draws), and
+    weighted by the inverse of its probability per draw (the deterministic-mixture
+    estimator: unbiased, and no row weighs more than 1 / the uniform share times what it
+    would in a uniform sample). A uniform sample of 1000 rows of 3M holds about 3 rows of
+    blocks that hold half the pairs: the probes were chosen on them, or without them. The
+    border rows are a stratum for misses near cell borders; on the benchmark's data they
+    are mostly rows of near-identical blocks (cells split within rounding), and the misses
+    at the gap chosen at 10M sat in rows far from a border (``bench_index.py --miss-rows``)."""
 
-    def __init__(self, n: int, index=None, density: np.ndarray | None = None) -> None:
+    def __init__(self, n: int, index=None, density: np.ndarray | None = None,
+                 border: np.ndarray | None = None) -> None:
         self.n = n
-        self.size = min(_config.INDEX_RECALL_SAMPLE, n // 2)
+        self.size = min(_config.INDEX_RECALL_SAMPLE, n // 3)  # a choice, a check, a report
         self.index = index
         self.mass = None
+        self.density = None
         if density is not None and index is not None and n > 0:
             mass = np.asarray(density, np.float64) * index.sizes
             if mass.sum() > 0:
                 self.mass = mass / mass.sum()
-                self.density = np.asarray(density, np.float64) / float(
-                    (np.asarray(density, np.float64) * index.sizes).sum())
+                self.density = np.asarray(density, np.float64) / float(mass.sum())
+        self.border = None
+        if border is not None and np.any(border):
+            self.border = np.flatnonzero(border)
+        self.mixture = self.mass is not None or self.border is not None
         self._perm = None
         self._used = 0
 
+    def shares(self) -> tuple[float, float, float]:
+        """(uniform, density, border) shares of the draws of a mixture."""
+        u = min(1.0, max(0.0, float(_config.INDEX_RECALL_UNIFORM)))
+        b = min(1.0 - u, max(0.0, float(_config.INDEX_RECALL_BORDER))) if self.border is not None else 0.0
+        d = 1.0 - u - b if self.mass is not None else 0.0
+        return 1.0 - d - b, d, b
+
+    def probability(self, rows: np.ndarray) -> np.ndarray:
+        """The probability of each of ``rows`` at one draw of the mixture."""
+        u, d, b = self.shares()
+        q = np.full(len(rows), u / self.n)
+        if d > 0:
+            q += d * self.density[self.index.own[rows]]
+        if b > 0:
+            inside = np.isin(rows, self.border)
+            q += b * inside / len(self.border)
+        return q
+
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None] | None:
         """(sorted rows, their weights or None when equal); None when no fresh rows remain."""
-        if self.mass is None:
+        if not self.mixture:
             if self._perm is None:
                 self._perm = rng.permutation(self.n)
             if self.size <= 0 or self._used + self.size > self.n:
@@ -514,15 +582,38 @@ class Design:
             self._used += self.size
             return rows, None
         m = max(1, int(_config.INDEX_RECALL_SAMPLE))
-        u = float(_config.INDEX_RECALL_UNIFORM)
-        mu = int(round(u * m))
-        uni = rng.integers(0, self.n, mu)
-        idx = self.index
-        c = rng.choice(len(self.mass), m - mu, p=self.mass)
-        dense = idx.order[idx.offsets[c] + (rng.random(m - mu) * idx.sizes[c]).astype(np.int64)]
-        rows = np.sort(np.concatenate([uni, dense]))
-        q = (mu / m) / self.n + ((m - mu) / m) * self.density[idx.own[rows]]
-        return rows, 1.0 / (q * self.n)
+        u, d, b = self.shares()
+        mb = int(round(b * m))
+        md = int(round(d * m)) if d > 0 else 0
+        mu = m - mb - md
+        parts = [rng.integers(0, self.n, mu)]
+        if md:
+            idx = self.index
+            c = rng.choice(len(self.mass), md, p=self.mass)
+            parts.append(idx.order[idx.offsets[c] + (rng.random(md) * idx.sizes[c]).astype(np.int64)])
+        if mb:
+            parts.append(self.border[rng.integers(0, len(self.border), mb)])
+        rows = np.sort(np.concatenate(parts))
+        return rows, 1.0 / (self.probability(rows) * self.n)
+
+
+def border_rows(scores: np.ndarray) -> np.ndarray | None:
+    """(n,) bool: the ``INDEX_RECALL_BORDER_ROWS`` share of the rows with the smallest gap
+    between their best and second-best centroid scores (``scores``: (n, p) each row's probe
+    cells' scores, -inf where none), ties at the cut included; None with fewer than two
+    scores per row, or no share."""
+    share = float(_config.INDEX_RECALL_BORDER_ROWS)
+    if scores.ndim != 2 or scores.shape[1] < 2 or not len(scores) or share <= 0:
+        return None
+    gap = np.empty(len(scores))
+    step = 1 << 20
+    for a in range(0, len(scores), step):  # in chunks: no float64 copy of all the scores
+        top2 = -np.partition(-np.asarray(scores[a : a + step], np.float64), 1, axis=1)[:, :2]
+        gap[a : a + step] = top2[:, 0] - top2[:, 1]
+    gap[~np.isfinite(gap)] = np.inf
+    k = min(len(gap) - 1, max(0, int(share * len(gap))))
+    cut = np.partition(gap, k)[k]
+    return gap <= cut
 
 
 def samples(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -573,23 +664,28 @@ class ScoreGap:
 def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
               fallback=None, design: Design | None = None, choice=None,
               largest_exact: int | None = None) -> Recall | None:
-    """Choose the probes for ``target`` on one sample and measure them on another.
+    """Choose the probes for ``target`` on one sample, check them on another, and report the
+    recall they reach measured on a third.
 
     ``evidence_of(sample, rng) -> Evidence``; ``fallback`` (same form) is used to choose when
     the calibration sample holds fewer than 20 true pairs. ``design``: how rows are drawn
     (default: uniformly). ``choice``: what is chosen, :class:`ProbeCount` (default, of
     ``cells``) or :class:`ScoreGap`. The probes (or gap) are the fewest (smallest) whose
-    lower bound at ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while the measurement's
-    lower bound at that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS``
-    measurements), they are chosen again on all the evidence so far (at least one step
-    more) and measured on a fresh sample. The reported recall (95% interval) is the last
-    measurement's, made after the last choice. The first measurement's rows are drawn with
-    the calibration's and, when ``evidence_of`` has a ``prefetch(rows)``, handed to it at once
-    (one exact pass over the rows for both). When the choice reaches the most there is
-    (every cell: exact, recall 1; a gap: None, the target is out of the gap rule's reach).
-    Every cell of a collection of more than ``largest_exact`` rows raises
-    :class:`~embedcache.errors.RecallUnreachableError` instead: that is an exact, quadratic
-    search (days at ten million rows), not a fair substitute for the one asked for.
+    lower bound at ``INDEX_RECALL_CHOOSE_LEVEL`` reaches ``target``; while a check's lower
+    bound at that level is below ``target`` (up to ``INDEX_RECALL_ROUNDS`` checks), they are
+    chosen again on all the evidence so far (at least one step more) and checked on a fresh
+    sample. The reported recall (95% interval) is measured on a sample drawn at the start
+    that takes no part in any choice or check: the check stops on a measurement that
+    passes, so reporting that one would report a figure picked for being high (the truth
+    fell below its low end more often than the stated 2.5%). The rows of the calibration,
+    of the first check and of the report are drawn together and, when ``evidence_of`` has a
+    ``prefetch(rows)``, handed to it at once (one exact pass over the rows for all three).
+    When the design has rows for two samples only (a few rows), the last check is reported.
+    When the choice reaches the most there is (every cell: exact, recall 1; a gap: None,
+    the target is out of the gap rule's reach). Every cell of a collection of more than
+    ``largest_exact`` rows raises :class:`~embedcache.errors.RecallUnreachableError`
+    instead: that is an exact, quadratic search (days at ten million rows), not a fair
+    substitute for the one asked for.
     """
     rng = np.random.default_rng([seed, 7])
     design = design if design is not None else Design(n)
@@ -599,25 +695,22 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
     if got is None:
         return Recall(1.0, 1.0, 1.0, cells, 0) if isinstance(choice, ProbeCount) else None
     cal, w = got
-    ahead = design.draw(rng)  # the first measurement's rows: searched with these in one pass
+    ahead = design.draw(rng)  # the first check's rows, and the report's
+    report = design.draw(rng) if ahead is not None else None
     prefetch = getattr(evidence_of, "prefetch", None)
     if prefetch is not None:
-        prefetch(cal if ahead is None else np.concatenate([cal, ahead[0]]))
+        prefetch(np.concatenate([cal] + [g[0] for g in (ahead, report) if g is not None]))
     ev = evidence_of(cal, rng)
     if ev.true.sum() < 20 and fallback is not None:
         ev = fallback(cal, rng)
     ev.row_weight = w
     value = choice.choose(ev, target, level)
     pool = [ev]
-    rec = Recall(1.0, 1.0, 1.0, cells, 0)  # every cell: exact
+    rec = None  # the last check, reported when there is no report sample
     rounds = max(1, int(_config.INDEX_RECALL_ROUNDS))
     for r in range(rounds):
         if value >= choice.most:
-            if not isinstance(choice, ProbeCount):
-                return None
-            if largest_exact is not None and n > largest_exact and cells > 1:
-                _unreachable(Evidence.concat(pool), target, cells, n)
-            return Recall(1.0, 1.0, 1.0, cells, rec.sample)
+            break
         got, ahead = (ahead, None) if r == 0 else (design.draw(rng), None)
         if got is None:
             break
@@ -631,8 +724,19 @@ def calibrate(evidence_of, n: int, cells: int, target: float, seed: int,
         pool.append(m)
         every = Evidence.concat(pool)
         value = max(choice.choose(every, target, level), choice.step(every, value))
-    if rec.sample == 0 and isinstance(choice, ScoreGap):
-        return None  # never measured: no fresh rows left
+    if value >= choice.most:
+        if not isinstance(choice, ProbeCount):
+            return None
+        if largest_exact is not None and n > largest_exact and cells > 1:
+            _unreachable(Evidence.concat(pool), target, cells, n)
+        return Recall(1.0, 1.0, 1.0, cells, 0 if rec is None else rec.sample)
+    if report is not None:
+        rows, w = report
+        m = evidence_of(rows, rng)
+        m.row_weight = w
+        return choice.recall(*m.interval(value), value, len(rows))
+    if rec is None:  # never checked: no rows for it (a gap: None; probes: every cell, exact)
+        return None if isinstance(choice, ScoreGap) else Recall(1.0, 1.0, 1.0, cells, 0)
     return rec
 
 

@@ -67,6 +67,23 @@ class ArraySource:
     def top_k(self, q: np.ndarray, k: int):
         return kernels.top_k(q, self.x, k)
 
+    def pivot_cosines(self, centroids: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """(n,) float64: every row's cosine with its cell's centroid (:func:`._truth.pivot_cosines`)."""
+        from embedcache.index._truth import pivot_cosines
+
+        return pivot_cosines(self.x, centroids, own)
+
+    def band_pairs(self, q: np.ndarray, work, threshold: float):
+        """``(i, j, s)``: the pairs at ``threshold`` of queries ``q`` with rows of x, searched
+        in the pieces of ``work`` only (:meth:`._truth.Bands.plan`: rows of x and positions
+        in ``q`` of the queries to score against them); in no particular order."""
+        from embedcache.index._truth import piece_pairs
+
+        parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
+        for piece in work:
+            parts.extend(piece_pairs(self.x[piece[0]], q[piece[2]], piece, threshold))
+        return tuple(np.concatenate(p) for p in zip(*parts))
+
     def cell_pairs(self, index: Any, qrows: np.ndarray, starts: np.ndarray, threshold: float, bar=None,
                    near: np.ndarray | None = None):
         """``(i, j, s)`` parts, cell by cell (see :func:`._partition.pairs`). Each cell's rows
