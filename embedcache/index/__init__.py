@@ -181,7 +181,7 @@ def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
         border = None
         if 0 < cap < index.cells:
             scored = _scored_lists(x, index, cap)
-            border = _recall.border_rows(scored[1])
+            border = _recall.border_rows(scored[1]) if _config.INDEX_RECALL_BORDER > 0 else None
 
         def design():
             return _recall.Design(len(x), index, density, border)
