@@ -88,7 +88,8 @@ INDEX_KMEANS_ITERS = 8
 #: 0.615 / 0.893 / 0.937 without, 0.667 / 0.910 / 0.948 after one, 0.692 / 0.916 / 0.949
 #: after four; one-level training 0.757 / 0.939 / 0.961)
 INDEX_REFINE_ITERS = 1
-#: cells larger than this many times the mean cell size are split again
+#: cells larger than this many times the mean cell size are split again (on the training
+#: sample; after every row is assigned, past ``INDEX_RESPLIT`` times that)
 INDEX_MAX_CELL_FACTOR = 4
 #: cells are split on the training sample (its share of that size), before every row is
 #: assigned: one pass over the rows then gives each row its cell and its probe list. After
@@ -142,10 +143,9 @@ INDEX_RECALL_CELL_NEIGHBOURS = 8
 #: border rows): bounds the weight of any row at 1 / this times a uniform sample's
 INDEX_RECALL_UNIFORM = 0.5
 #: share of the pair calibration's rows drawn among the border rows (a pair search by score
-#: gap misses pairs that straddle two cells). Off by default: on the benchmark's data the
-#: missed pairs' rows lie at every gap (28th-91st percentile at 10M), not among the 5% of
-#: rows nearest a border, and those rows are mostly near-identical blocks the density draws
-#: cover already; a share here would only thin the other draws
+#: gap misses pairs that straddle two cells). Off by default: where the missed pairs' rows
+#: are not the rows nearest a border (``benchmarks/bench_index.py --miss-rows`` shows where
+#: they are), a share here only thins the other draws
 INDEX_RECALL_BORDER = 0.0
 #: the border rows: this share of the rows, those with the smallest gap between their best
 #: and second-best centroid scores

@@ -154,7 +154,7 @@ def pivot_block(b: Block, own: np.ndarray, *, centroids: np.ndarray):
 def band_pairs(picks: Picks, need: np.ndarray, work: list, threshold: float, *, queries: np.ndarray):
     """Pairs of queries with rows, for the pieces of ``work`` (:meth:`embedcache.index._truth.
     Bands.plan`; job rows read by ``picks`` as the sorted ``need``): ``(i, j, scores)``, i a
-    position in ``queries``, j a job row."""
+    position in ``queries``, j the row's position in the source."""
     from embedcache.index._truth import piece_pairs
 
     _threads()

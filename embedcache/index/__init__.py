@@ -5,8 +5,8 @@ into cells (spherical k-means on a sample, assigned through coarse groups of cel
 are many, big cells split again, see :mod:`._cells`); each
 row is compared only with the rows of the cells nearest to it (:mod:`._partition`). How many
 cells to probe is chosen for the recall asked for, on a sample of query rows checked against
-the exact answer, and the recall reached is measured on a second sample and reported with a
-95% interval (:class:`Recall`, :mod:`._recall`). Scores always come from the exact kernels:
+the exact answer, and the recall reached is measured on another sample, which took no part
+in the choice, and reported with a 95% interval (:class:`Recall`, :mod:`._recall`). Scores always come from the exact kernels:
 an approximate answer may miss a pair, never invent one or misreport a score, and probing
 every cell gives the exact answer bit for bit.
 
@@ -115,7 +115,8 @@ def _scored_lists(x, index: PartitionIndex, probes: int):
     src = source_of(x)
     if isinstance(src, ArraySource):
         return index.row_cells_scored(src.x, probes)
-    return src.nearest(index.centroids, probes, scores=True)
+    got = index.kept_scored(len(src), probes)
+    return got if got is not None else src.nearest(index.centroids, probes, scores=True)
 
 
 def _gap_probes(x, index: PartitionIndex, probes: int, gap: float | None, rec: Recall | None, scored=None):
@@ -179,9 +180,9 @@ def _pair_probes(x, threshold, recall, probes, cells, seed, index, gap=None):
         density = _recall.cell_density(x, index, threshold, np.random.default_rng([seed, 11]))
         cap = min(index.cells, int(_config.INDEX_GAP_PROBES))
         border = None
-        if 0 < cap < index.cells:
+        if 0 < cap < index.cells and _config.INDEX_RECALL_BORDER > 0:  # else the search's own
             scored = _scored_lists(x, index, cap)
-            border = _recall.border_rows(scored[1]) if _config.INDEX_RECALL_BORDER > 0 else None
+            border = _recall.border_rows(scored[1])
 
         def design():
             return _recall.Design(len(x), index, density, border)

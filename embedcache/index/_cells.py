@@ -13,8 +13,9 @@ exactly; no Python loop over rows); with more than
 ``_config.INDEX_TWO_LEVEL_CELLS`` centroids, through two levels (about sqrt(cells) coarse
 groups of centroids, then the centroids of a row's nearest groups), so assignment costs about
 ``n * sqrt(cells)`` products instead of ``n * cells``. A cell holding more than
-``_config.INDEX_MAX_CELL_FACTOR`` times the mean cell size is split again by k-means on its
-own members, recursively, so the work of a pair search (which grows with the sum of squared
+``_config.INDEX_MAX_CELL_FACTOR`` times the mean cell size (of the training sample's; after
+every row is assigned, more than ``_config.INDEX_RESPLIT`` times that) is split again by
+k-means on its own members, recursively, so the work of a pair search (which grows with the sum of squared
 cell sizes) stays near-linear even when one cluster holds a large part of the data. The split
 is made on the training sample first (:func:`build_cells_listed`), so that one pass over all
 rows gives each row its cell and, for a pair search, its probe list. Rows that
@@ -501,7 +502,8 @@ def build_cells(
     x: an (n, d) array, or a source of rows (:mod:`._source`): samples are read with
     ``x[rows]``, every row is assigned with ``x.assign``. Trained on a sample of at most
     ``INDEX_SAMPLE_PER_CELL * cells`` rows; cells larger than ``INDEX_MAX_CELL_FACTOR`` times
-    the mean (and than ``INDEX_MIN_CELL``) are split again.
+    the mean (and than ``INDEX_MIN_CELL``) are split again, on the sample, then, once every
+    row is assigned, those past ``INDEX_RESPLIT`` times that size.
     """
     cent, own, _ = build_cells_listed(x, cells, seed, 0)
     return cent, own

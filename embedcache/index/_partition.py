@@ -165,17 +165,28 @@ class PartitionIndex:
         """:meth:`probe_cells_scored` of the indexed rows ``x`` (cells as int32), kept for the
         next search of the same index when within ``INDEX_ROW_CELLS_BYTES`` (lists kept for
         more probes serve fewer: a row's first cells are the same whatever the count)."""
+        got = self.kept_scored(len(x), probes)
+        if got is not None:
+            return got
+        cells, sc = self.probe_cells_scored(x, min(probes, self.cells))
+        return self._keep_scored(cells, sc)
+
+    def kept_scored(self, n: int, probes: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The kept probe lists of the ``n`` indexed rows (from the build's pass or an earlier
+        search) at ``probes`` cells, when kept for as many cells or more; else None. An index
+        belongs to the rows it was built on: its lists are theirs."""
         p = min(probes, self.cells)
         have = self._near.get("scored")
-        kept = -1 if have is None else have[0].shape[1]
+        if have is None or len(have[0]) != n:
+            return None
+        kept = have[0].shape[1]
         if kept == p:
             return have
         # a longer list's first p cells, unless it lists every cell of a two-level index
         # (then in the one-level order)
         if p < kept and (kept < self.cells or not self.two_level):
             return np.ascontiguousarray(have[0][:, :p]), np.ascontiguousarray(have[1][:, :p])
-        cells, sc = self.probe_cells_scored(x, p)
-        return self._keep_scored(cells, sc)
+        return None
 
     def _keep_scored(self, cells: np.ndarray, sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The probe lists ``cells`` (as int32) and their scores, kept with the index when
@@ -274,7 +285,8 @@ def probed(src: Any, index: PartitionIndex, probes: int, gap: float | None = Non
     if isinstance(src, ArraySource):
         near, sc = index.row_cells_scored(src.x, probes)
     else:
-        near, sc = src.nearest(index.centroids, probes, scores=True)
+        got = index.kept_scored(len(src), probes)
+        near, sc = got if got is not None else src.nearest(index.centroids, probes, scores=True)
     return within_gap(near, sc, gap, index.small_cells()[index.own])
 
 

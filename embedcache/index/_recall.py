@@ -24,10 +24,12 @@ true neighbours) the number of probes that would find it (rows with more than
 smallest number of probes whose one-sided lower bound at ``INDEX_RECALL_CHOOSE_LEVEL``
 (default 0.9: the low end of an 80% interval) reaches the target is chosen: the point
 estimate alone reaches the target on a lucky sample and then misses it about half the
-time. On a second (measurement) sample the recall of that choice is measured the same way,
-so the reported figure is not biased by the choice; where the measurement's lower bound at
-the same level misses the target, the probes are chosen again on all the evidence (one
-step more at least) and measured on a fresh sample (``INDEX_RECALL_ROUNDS``).
+time. On a second (check) sample the recall of that choice is measured the same way; where
+the check's lower bound at the same level misses the target, the probes are chosen again on
+all the evidence (one step more at least) and checked on a fresh sample
+(``INDEX_RECALL_ROUNDS``). The reported figure is measured on a third sample that took no
+part in any choice or check: a figure reported from the check that passed would be
+conditioned on passing, and biased upward.
 
 What is chosen: a number of probes, or for pairs a score gap (:class:`ScoreGap`; a row probes
 the cells of its first ``INDEX_GAP_PROBES`` whose centroid scores within the gap of its best,
@@ -530,9 +532,8 @@ class Design:
     estimator: unbiased, and no row weighs more than 1 / the uniform share times what it
     would in a uniform sample). A uniform sample of 1000 rows of 3M holds about 3 rows of
     blocks that hold half the pairs: the probes were chosen on them, or without them. The
-    border rows are a stratum for misses near cell borders; on the benchmark's data they
-    are mostly rows of near-identical blocks (cells split within rounding), and the misses
-    at the gap chosen at 10M sat in rows far from a border (``bench_index.py --miss-rows``)."""
+    border stratum (off unless ``INDEX_RECALL_BORDER`` is set) is for collections whose
+    misses sit near cell borders; ``bench_index.py --miss-rows`` shows where they sit."""
 
     def __init__(self, n: int, index=None, density: np.ndarray | None = None,
                  border: np.ndarray | None = None) -> None:
@@ -553,16 +554,22 @@ class Design:
         self._perm = None
         self._used = 0
 
-    def shares(self) -> tuple[float, float, float]:
-        """(uniform, density, border) shares of the draws of a mixture."""
+    def counts(self) -> tuple[int, int, int]:
+        """(uniform, density, border) draws of a mixture sample of ``INDEX_RECALL_SAMPLE``
+        rows: the shares asked for, rounded to whole draws."""
+        m = max(1, int(_config.INDEX_RECALL_SAMPLE))
         u = min(1.0, max(0.0, float(_config.INDEX_RECALL_UNIFORM)))
         b = min(1.0 - u, max(0.0, float(_config.INDEX_RECALL_BORDER))) if self.border is not None else 0.0
         d = 1.0 - u - b if self.mass is not None else 0.0
-        return 1.0 - d - b, d, b
+        mb = int(round(b * m))
+        md = int(round(d * m)) if d > 0 else 0
+        return m - mb - md, md, mb
 
     def probability(self, rows: np.ndarray) -> np.ndarray:
-        """The probability of each of ``rows`` at one draw of the mixture."""
-        u, d, b = self.shares()
+        """The probability of each of ``rows`` at one draw of the mixture, from the draws'
+        actual shares (:meth:`counts`: the deterministic-mixture weights need those)."""
+        m = max(1, int(_config.INDEX_RECALL_SAMPLE))
+        u, d, b = (c / m for c in self.counts())
         q = np.full(len(rows), u / self.n)
         if d > 0:
             q += d * self.density[self.index.own[rows]]
@@ -581,11 +588,7 @@ class Design:
             rows = np.sort(self._perm[self._used : self._used + self.size])
             self._used += self.size
             return rows, None
-        m = max(1, int(_config.INDEX_RECALL_SAMPLE))
-        u, d, b = self.shares()
-        mb = int(round(b * m))
-        md = int(round(d * m)) if d > 0 else 0
-        mu = m - mb - md
+        mu, md, mb = self.counts()
         parts = [rng.integers(0, self.n, mu)]
         if md:
             idx = self.index
@@ -611,7 +614,7 @@ def border_rows(scores: np.ndarray) -> np.ndarray | None:
         top2 = -np.partition(-np.asarray(scores[a : a + step], np.float64), 1, axis=1)[:, :2]
         gap[a : a + step] = top2[:, 0] - top2[:, 1]
     gap[~np.isfinite(gap)] = np.inf
-    k = min(len(gap) - 1, max(0, int(share * len(gap))))
+    k = min(len(gap) - 1, max(0, int(share * len(gap)) - 1))  # the k + 1 smallest
     cut = np.partition(gap, k)[k]
     return gap <= cut
 

@@ -106,7 +106,7 @@ class Bands:
         ``qpos[ranges[k, 0]:ranges[k, 1]]``: a cell's rows and queries are gathered once."""
         eps = margin(self.d)
         reach = math.acos(max(-1.0, min(1.0, threshold - eps)))
-        c = np.ascontiguousarray(centroids, np.float64)
+        c = np.array(centroids, np.float64)  # a copy: the index's centroids stay as they are
         c /= np.maximum(np.sqrt((c * c).sum(axis=1)), 1e-300)[:, None]
         qq = np.asarray(q, np.float64)
         qq = qq / np.maximum(np.sqrt((qq * qq).sum(axis=1)), 1e-300)[:, None]
