@@ -32,6 +32,7 @@ from numba import njit, prange
 
 from embedcache import _config, kernels
 from embedcache.kernels._core import FASTMATH, _cutoff, _pair_score, _stats
+from embedcache.index._knn import _insert
 
 #: BLAS scores held at once when rows are scored against centroids (float32 each: 128 MiB)
 _SCORES = 1 << 25
@@ -462,16 +463,7 @@ def _pick_listed_rows(lo, hi, s, loc, near, sizes, members, mstart, x, inv_x, ce
                         continue
                     c = members[f + u]
                     e = _pair_score(x[r], cent[c], inv_x[r], inv_c[c], True)
-                    # into the list, score descending, ties to the lower cell
-                    if e < hs[p - 1] or (e == hs[p - 1] and c >= hidx[p - 1]):
-                        continue
-                    pos = p - 1
-                    while pos > 0 and (hs[pos - 1] < e or (hs[pos - 1] == e and hidx[pos - 1] > c)):
-                        hs[pos] = hs[pos - 1]
-                        hidx[pos] = hidx[pos - 1]
-                        pos -= 1
-                    hs[pos] = e
-                    hidx[pos] = c
+                    _insert(hs, hidx, e, c)  # score descending, ties to the lower cell
         for t in range(p):
             found = hidx[t] != none
             out[r, t] = hidx[t] if found else -1
