@@ -181,7 +181,13 @@ STORE_INDEX_SHARE_ROWS = 32768
 #: best max(STORE_INDEX_SHORTLIST, STORE_INDEX_SHORTLIST_PER_K * k) rows of each query by
 #: the codes' estimate; a row outside that shortlist is missed
 STORE_INDEX_SHORTLIST = 100
-STORE_INDEX_SHORTLIST_PER_K = 10
+STORE_INDEX_SHORTLIST_PER_K = 30
+#: an index's codes keep the leading principal directions of the rows' offsets from their
+#: centroids that hold this share of the offsets' energy (a share of the dimensions when the
+#: spectrum falls, all of them when it is flat)
+STORE_INDEX_CODE_ENERGY = 0.9
+#: rows whose offsets train those directions (evenly spaced over the index)
+STORE_INDEX_CODE_SAMPLE = 65536
 #: VectorStore.add_texts embeds this many texts per call to the embedder
 STORE_EMBED_CHUNK = 4096
 

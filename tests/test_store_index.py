@@ -117,7 +117,7 @@ def test_a_stale_index_is_reported_and_not_used(tmp_path):
         np.testing.assert_array_equal(ids, ei)
         store.create_index(seed=0)  # rebuilt: used again, the old files removed
         assert not store.index_info()["stale"] and store.index_info()["rows"] == 2000
-        assert len(list((tmp_path / "s" / "index").iterdir())) == 5
+        assert len(list((tmp_path / "s" / "index").iterdir())) == 6
 
 
 def test_float16_store(tmp_path):
@@ -196,7 +196,7 @@ def test_sigkill_during_the_build_leaves_the_old_index_or_the_new(tmp_path, stag
         _assert_same(exact, full)
         s.create_index(seed=0)  # the next build removes what the dead one left
         listed = {f.split("/")[-1] for f in [p.name for p in (path / "index").iterdir()]}
-        assert len(listed) == 5 and s.verify()["index_bytes"] > 0
+        assert len(listed) == 6 and s.verify()["index_bytes"] > 0
 
 
 def test_another_handle_follows_a_rebuilt_index(tmp_path):
@@ -296,22 +296,29 @@ def _probed_rows(store, q, recall):
 
 
 @settings(max_examples=40, deadline=None)
-@given(x=matrices(max_rows=30, min_rows=1, max_dim=8), seed=st.integers(0, 5))
-def test_a_code_decodes_to_its_row_within_half_a_step(x, seed):
-    from embedcache.store._probe import encode
+@given(x=matrices(max_rows=30, min_rows=1, max_dim=8), seed=st.integers(0, 5), energy=st.sampled_from([0.5, 1.0]))
+def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, seed, energy):
+    from embedcache.store._probe import code_basis, encode, residuals
 
     x = np.clip(x, -1000, 1000).astype(np.float32)
     rng = np.random.default_rng(seed)
     cent = rng.normal(size=(3, x.shape[1])).astype(np.float32)
     cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-30)
     cell = rng.integers(0, 3, len(x))
+    resid, _ = residuals(x, cent, cell)
+    basis = code_basis(resid, energy)
+    d, m = basis.shape
+    np.testing.assert_allclose(basis.T @ basis, np.eye(m), atol=1e-5)  # orthonormal directions
+    assert m == d or (m % 16 == 0 and m < d)
+    if energy == 1.0:
+        assert m == d
     for cosine in (True, False):
-        codes, fac = encode(x, cent, cell, cosine)
+        codes, fac = encode(x, cent, cell, cosine, basis)
         norm = np.linalg.norm(x.astype(np.float64), axis=1)
         unit = np.divide(x, norm[:, None], out=np.zeros(x.shape), where=norm[:, None] > 0)
-        back = cent[cell] + fac[:, :1].astype(np.float64) * codes
-        step = fac[:, 0].astype(np.float64)
-        assert np.all(np.abs(back - unit) <= 0.5 * step[:, None] + 1e-6)
+        kept = (unit - cent[cell]) @ basis.astype(np.float64)
+        step = fac[:, :1].astype(np.float64)
+        assert np.all(np.abs(kept - step * codes) <= 0.5 * step + 1e-6)
         np.testing.assert_allclose(fac[:, 1], 1.0 if cosine else norm, rtol=1e-6)
 
 

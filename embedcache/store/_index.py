@@ -5,7 +5,8 @@ Files (in ``index/`` of the store directory, ``N`` a number taken from ``next_se
     index/N.cent   the cell centroids: (cells, dim) float32 unit rows, row-major
     index/N.rows   int64: ``offsets`` (cells + 1 values), then the row numbers in cell order
     index/N.vec    the vectors of those rows in cell order, in the store's dtype
-    index/N.code   int8 (rows, dim): each row's offset from its cell's centroid in 8 bits
+    index/N.rot    float32 (dim, m): the directions the codes keep (``code_dims`` m)
+    index/N.code   int8 (rows, m): each row's offset from its cell's centroid in 8 bits
     index/N.fac    float32 (rows, 2): each row's code scale and gain (:mod:`._probe`)
 
 The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` (rows held),
@@ -55,15 +56,15 @@ from embedcache.index._partition import PartitionIndex
 from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
-from embedcache.store._probe import Codes, _inverse_norms, encode, probe
+from embedcache.store._probe import Codes, _inverse_norms, code_basis, encode, probe, residuals
 from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
 SETTING = "index"
-INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|code|fac)(\.tmp)?$")
+INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac)(\.tmp)?$")
 #: recall levels whose probes (and measured recall) the description records
 LEVELS = (0.8, 0.9, 0.95, 0.99)
-_KINDS = ("cent", "rows", "vec", "code", "fac")
+_KINDS = ("cent", "rows", "vec", "rot", "code", "fac")
 
 
 def description(view: View) -> dict[str, Any] | None:
@@ -143,11 +144,21 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
     step = max(1, _config.STORE_CHUNK_BYTES // (d * view.dtype.itemsize))
     cell = np.repeat(np.arange(index.cells, dtype=np.int64), np.diff(index.offsets))  # of each index row
     factors: list[np.ndarray] = []
+    basis: list[np.ndarray] = []
+
+    def written() -> np.ndarray:
+        return np.memmap(idx_dir / f"{number:06d}.vec", view.dtype, mode="r", shape=(len(rows), d))
+
+    def directions():  # from the offsets of rows spread over the vectors just written
+        spread = np.linspace(0, len(rows) - 1, min(len(rows), _config.STORE_INDEX_CODE_SAMPLE))
+        pick = np.unique(spread.astype(np.int64))
+        basis.append(code_basis(residuals(written()[pick], cent, cell[pick])[0], _config.STORE_INDEX_CODE_ENERGY))
+        yield basis[0]
 
     def codes():  # from the vectors just written, in order, in pieces
-        vec = np.memmap(idx_dir / f"{number:06d}.vec", view.dtype, mode="r", shape=(len(rows), d))
+        vec = written()
         for a in range(0, len(rows), step):
-            c, f = encode(vec[a : a + step], cent, cell[a : a + step], view.metric == "cosine")
+            c, f = encode(vec[a : a + step], cent, cell[a : a + step], view.metric == "cosine", basis[0])
             factors.append(f)
             yield c
 
@@ -156,6 +167,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "rows": iter([np.ascontiguousarray(index.offsets, "<i8"), np.ascontiguousarray(rows, "<i8")]),
         "vec": (np.ascontiguousarray(_query.gather(view, rows[a : a + step]))
                 for a in range(0, len(rows), step)),
+        "rot": directions(),
         "code": codes(),
         "fac": (f for f in factors),  # filled by the codes' pass, written after it
     }
@@ -165,7 +177,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
             nbytes, crc = write_segment(idx_dir, number, chunks[kind], threading.Event(), "." + kind)
             files.append({"file": f"{INDEX_DIR}/{number:06d}.{kind}", "nbytes": nbytes, "crc32": crc})
         fsync_dir(idx_dir)
-        loaded = _map(root, view, number, index.cells, len(rows), files)
+        loaded = _map(root, view, number, index.cells, len(rows), basis[0].shape[1], files)
         assert loaded is not None, "the index files just written are gone"
         curve, levels = _measure(view, source, index, live, seed, loaded)
     except BaseException:
@@ -182,6 +194,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "k": _config.INDEX_CURVE_K,
         "curve": curve,
         "levels": levels,
+        "code_dims": basis[0].shape[1],
         "files": files,
     }
     conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (SETTING, json.dumps(desc)))
@@ -288,19 +301,19 @@ def load(root: Path, view: View, desc: dict[str, Any], cache: dict[int, Loaded])
     number = desc["number"]
     if number in cache:
         return cache[number]
-    loaded = _map(root, view, number, desc["cells"], desc["rows"], desc["files"])
+    loaded = _map(root, view, number, desc["cells"], desc["rows"], desc.get("code_dims", 0), desc["files"])
     if loaded is not None:
         cache.clear()  # one index at a time
         cache[number] = loaded
     return loaded
 
 
-def _map(root: Path, view: View, number: int, c: int, n: int, listed: list[dict[str, Any]]) -> Loaded | None:
-    """Map the index files ``listed`` (None when one is gone)."""
+def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: list[dict[str, Any]]) -> Loaded | None:
+    """Map the index files ``listed`` (None when one is gone); ``m``: the codes' dimensions."""
     d = view.dim
     assert d is not None
-    expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize, "code": n * d,
-              "fac": n * 8}
+    expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize, "rot": d * m * 4,
+              "code": n * m, "fac": n * 8}
     maps = {}
     with contextlib.ExitStack() as files:
         for f in listed:
@@ -319,8 +332,9 @@ def _map(root: Path, view: View, number: int, c: int, n: int, listed: list[dict[
         vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
         codes = None
         if "code" in maps and n:
-            codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, d)),
-                          np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)))
+            codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, m)),
+                          np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)),
+                          np.fromfile(maps["rot"], "<f4").reshape(d, m))
     return Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec, codes, _inverse_norms(cent))
 
 
@@ -362,6 +376,7 @@ def info(view: View) -> dict[str, Any] | None:
         "deleted_rows": deleted,
         "stale": added + deleted > _config.INDEX_STALE_FRACTION * max(1, desc["rows"]),
         "bytes": sum(f["nbytes"] for f in desc["files"]),
+        "code_dims": desc.get("code_dims"),  # None: an index without codes
     }
 
 

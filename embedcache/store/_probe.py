@@ -11,10 +11,13 @@ for the same rows, bit for bit; ties go to the lower row number. The cells a que
 its nearest centroids as :func:`embedcache.top_k` ranks them (ties to the lower cell).
 
 With the index's 8-bit codes (:class:`Codes`) and fewer than every cell probed, the probed
-rows are read as codes instead, a quarter of the bytes of float32 rows: each code holds the
-row's offset from its cell's centroid (the row scaled to unit length first), one scale per
-row, so ``gain * (query . centroid + scale * query . code)`` approximates the row's score,
-closest where a cell's rows are closest together (near-duplicates, near-identical blocks).
+rows are read as codes instead: each code holds the row's offset from its cell's centroid
+(the row scaled to unit length first) in the leading ``m`` directions of those offsets'
+principal axes (as many as hold ``STORE_INDEX_CODE_ENERGY`` of their energy, measured at
+build time), 8 bits each with one scale per row, so ``gain * (query . centroid + scale *
+(query . basis) . code)`` approximates the row's score, closest where a cell's rows are
+closest together (near-duplicates, near-identical blocks). A row reads ``m`` bytes instead
+of ``4 d``.
 The ``shortlist`` best rows of each query by that estimate are then scored exactly, from the
 vectors, as above: a reported score is always the exact one, and a row can be missed only
 when its estimate ranks it below the shortlist (the measured recall includes that).
@@ -49,25 +52,51 @@ CODE_MAX = 127
 
 @dataclass
 class Codes:
-    """The 8-bit codes of an index's rows, in cell order: ``codes`` (n, d) int8 and ``fac``
-    (n, 2) float32, each row's scale and gain: row i is about ``gain * (centroid + scale *
-    codes[i])`` (gain 1 for cosine, the row's norm for dot)."""
+    """The 8-bit codes of an index's rows, in cell order: ``codes`` (n, m) int8, ``fac``
+    (n, 2) float32 (each row's scale and gain) and ``basis`` (d, m) float32 (orthonormal
+    columns): row i is about ``gain * (centroid + scale * basis @ codes[i])`` (gain 1 for
+    cosine, the row's norm for dot)."""
 
     codes: np.ndarray
     fac: np.ndarray
+    basis: np.ndarray
 
 
-def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (m, d) int8, factors (m, 2) float32: scale, gain) of rows ``x`` of cells ``cell``."""
+def residuals(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each row scaled to unit length minus its cell's centroid (rows, d) float32, the rows'
+    inverse norms); a zero row stays zero."""
     x = np.asarray(x, dtype=np.float32)
     inv = _inverse_norms(x)
-    resid = (x * inv[:, None]).astype(np.float32)  # the unit row (float64 first: no overflow)
+    resid = (x * inv[:, None]).astype(np.float32)  # float64 first: no overflow
     resid -= centroids[cell]
-    top = np.abs(resid).max(axis=1) if x.shape[1] else np.zeros(len(x), np.float32)
+    return resid, inv
+
+
+def code_basis(resid: np.ndarray, energy: float) -> np.ndarray:
+    """(d, m) float32: the leading principal axes of the offsets ``resid`` (uncentred), as
+    many as hold ``energy`` of their sum of squares, ``m`` rounded up to a multiple of 16."""
+    d = resid.shape[1]
+    r = resid.astype(np.float64)
+    w, v = np.linalg.eigh(r.T @ r)
+    order = np.argsort(-w, kind="stable")
+    w, v = np.maximum(w[order], 0.0), v[:, order]
+    total = w.sum()
+    m = d if total <= 0 else int(np.searchsorted(np.cumsum(w) / total, min(energy, 1.0) - 1e-12)) + 1
+    m = min(d, -(-m // 16) * 16)
+    return np.ascontiguousarray(v[:, :m], dtype=np.float32)
+
+
+def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
+           basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (rows, m) int8, factors (rows, 2) float32: scale, gain) of rows ``x`` of cells
+    ``cell`` in the ``basis`` (d, m)."""
+    unit, inv = residuals(x, centroids, cell)
+    resid = unit @ basis
+    top = np.abs(resid).max(axis=1) if resid.shape[1] else np.zeros(len(resid), np.float32)
     scale = (top / CODE_MAX).astype(np.float32)
     safe = np.where(scale > 0, scale, np.float32(1.0))
     codes = np.clip(np.rint(resid / safe[:, None]), -CODE_MAX, CODE_MAX).astype(np.int8)
-    fac = np.empty((len(x), 2), np.float32)
+    fac = np.empty((len(resid), 2), np.float32)
     fac[:, 0] = scale
     with np.errstate(divide="ignore"):
         fac[:, 1] = 1.0 if cosine else np.where(inv > 0, 1.0 / inv, 0.0)
@@ -99,9 +128,10 @@ def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries,
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, queries, hs, hi):
+def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, hs, hi):
     """Fold the estimates of index rows ``j0 .. j1`` of one cell (their codes) into the
-    shortlists of the queries ``ql`` (``qc``: each one's product with the cell's centroid).
+    shortlists of the queries ``ql`` (``qc``: each one's product with the cell's centroid;
+    ``projected``: the queries in the codes' basis).
     One compact loop per cell: it vectorizes, where a call per row would not."""
     d = codes.shape[1]
     for j in range(j0, j1):
@@ -113,7 +143,7 @@ def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, queries, hs
         code = codes[j]
         for u in range(ql.shape[0]):
             q = ql[u]
-            qq = queries[q]
+            qq = projected[q]
             acc = np.float32(0.0)
             for t in range(d):
                 acc += qq[t] * np.float32(code[t])
@@ -124,7 +154,7 @@ def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, queries, hs
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _scan(a, b, work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-          cosine, use_codes, cent, codes, fac, hs, hi):
+          cosine, use_codes, cent, codes, fac, projected, hs, hi):
     """Fold the work ``a .. b`` into the heaps ``hs, hi`` ((q, k)). Cell ``t`` of the list
     (cell number ``cells[t]``) holds index rows ``first[t] ..`` (as many as ``(work[t + 1] -
     work[t])`` divided by its query count), probed by queries ``qlist[qstart[t]:qstart[t +
@@ -143,7 +173,7 @@ def _scan(a, b, work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16,
                 for u in range(nq):
                     qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
                 _fold_codes(codes, fac, first[t] + lo, first[t] + hi_row, rows, deleted, use_dead, ql, qc[:nq],
-                            queries, hs, hi)
+                            projected, hs, hi)
             else:
                 _fold_rows(vec32, vec16, half, first[t] + lo, first[t] + hi_row, rows, deleted, use_dead, ql,
                            queries, inv_q, cosine, hs, hi)
@@ -152,12 +182,13 @@ def _scan(a, b, work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16,
 
 @njit(parallel=True, cache=True)
 def _scan_shares(work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-                 cosine, use_codes, cent, codes, fac, heap_s, heap_i):
+                 cosine, use_codes, cent, codes, fac, projected, heap_s, heap_i):
     total = work[-1]
     shares = heap_s.shape[0]
     for t in prange(shares):
         _scan(total * t // shares, total * (t + 1) // shares, work, first, cells, qstart, qlist, queries, inv_q,
-              vec32, vec16, half, rows, deleted, use_dead, cosine, use_codes, cent, codes, fac, heap_s[t], heap_i[t])
+              vec32, vec16, half, rows, deleted, use_dead, cosine, use_codes, cent, codes, fac, projected,
+              heap_s[t], heap_i[t])
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -250,9 +281,10 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     dead = deleted if use_dead else np.empty(0, np.int64)
     if use_codes:
         cent, c = codes
-        cdata = (cent, c.codes, c.fac)
+        cdata = (cent, c.codes, c.fac, np.ascontiguousarray(queries @ c.basis, dtype=np.float32))
     else:
-        cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32))
+        cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
+                 np.empty((nq, d), np.float32))
     args = (work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
             use_codes, *cdata)
     if shares == 1:
