@@ -332,3 +332,24 @@ def test_codes_keep_the_recall_of_the_cells_they_probe(tmp_path):
         same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ci, fi)])
         assert same >= 0.99, same  # the shortlist loses almost nothing the scan of those cells finds
         assert np.all(cs <= fs)  # the k-th best of fewer rows is never better
+
+
+def test_what_the_shortlist_loses_is_measured_and_probed_for(tmp_path):
+    x = clustered(12_000, d=24, clusters=80, noise=0.6, seed=3)
+    q = clustered(12_400, d=24, clusters=80, noise=0.6, seed=3)[12_000:]
+    from embedcache.store import _index
+
+    with _config.override(STORE_INDEX_SHORTLIST=12, STORE_INDEX_SHORTLIST_PER_K=1, STORE_INDEX_CODE_ENERGY=0.3), \
+            ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        info = store.create_index(seed=0)
+        assert 0 < info["code_dims"] < 24 and info["shortlist_loss"] > 0.01  # a short list over coarse codes
+        with store._txn.reading() as v:
+            desc = _index.description(v)
+        plain = _index.probes_for({**desc, "shortlist_loss": 0.0}, 0.9)
+        assert info["probes"][0.9] > plain  # asks the curve for what the shortlist loses
+        rec = info["recall"][0.9]
+        assert rec["high"] >= 0.9, rec  # measured through the search itself
+        _, exact = store.search(q, 10, exact=True)
+        _, got = store.search(q, 10, recall=0.9)
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]) >= 0.87

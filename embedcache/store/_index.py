@@ -14,7 +14,10 @@ The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` 
 it), ``deleted_at_build`` (rows below ``covered`` deleted then), ``generation`` (the commit
 that made it), ``seed``, the recall-vs-probes curve measured at build time (``curve``:
 ``[probes, recall]`` steps at ``k``), the probes and the measured recall (95% interval) for
-a few recall levels, and the ``files`` with their lengths and crc32. It is written like a
+a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_loss`` (the
+share of true neighbours in the probed cells that the codes' shortlist lost on a sample: a
+search asks the curve for that much more recall), and the ``files`` with their lengths and
+crc32. It is written like a
 segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
 setting is changed in the commit that makes the index visible. A kill at any point leaves
 the old index (or none); leftover files are removed by the next ``create_index`` or
@@ -179,7 +182,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         fsync_dir(idx_dir)
         loaded = _map(root, view, number, index.cells, len(rows), basis[0].shape[1], files)
         assert loaded is not None, "the index files just written are gone"
-        curve, levels = _measure(view, source, index, live, seed, loaded)
+        curve, levels, loss = _measure(view, source, index, live, seed, loaded)
     except BaseException:
         remove_orphans(idx_dir, old)
         raise
@@ -195,6 +198,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "curve": curve,
         "levels": levels,
         "code_dims": basis[0].shape[1],
+        "shortlist_loss": loss,
         "files": files,
     }
     conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (SETTING, json.dumps(desc)))
@@ -212,7 +216,7 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     rng = np.random.default_rng([seed, 11])
     cal, mea = samples(len(live), rng)
     if not len(cal):
-        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}
+        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}, 0.0
     cal_ev, mea_ev = (_evidence(view, source, index, live, s) for s in (cal, mea))
     total = cal_ev.true.sum()
     order = np.argsort(cal_ev.need, kind="stable")
@@ -220,15 +224,23 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     cum = np.cumsum(cal_ev.weight[order]) / max(total, 1.0)
     last = np.flatnonzero(np.diff(need, append=need[-1] + 1))  # the last entry of each step
     curve = [[int(need[t]), round(float(cum[t]), 6)] for t in last] if total > 0 else [[index.cells, 1.0]]
-    levels = {}
     queries = np.ascontiguousarray(source[mea], dtype=np.float32)
+    k = min(_config.INDEX_CURVE_K, len(live) - 1)
+
+    def found(p: int) -> np.ndarray:
+        return _found(mea_ev, _search_loaded(view, loaded, queries, k + 1, p, None)[1], live[mea], k)
+
+    # what the codes' shortlist loses of what the probed cells hold, at the probes of each
+    # level: the levels (and the searches) then ask the curve for that much more
+    true = max(float(mea_ev.true.sum()), 1.0)
+    loss = max(0.0, max((mea_ev.found(p).sum() - found(p).sum()) / true
+                        for p in {cal_ev.smallest(lv, index.cells) for lv in LEVELS}))
+    levels = {}
     for lv in LEVELS:
-        p = cal_ev.smallest(lv, index.cells)
-        k = min(_config.INDEX_CURVE_K, len(live) - 1)
-        _, got = _search_loaded(view, loaded, queries, k + 1, p, None)
-        est, low, high = interval(_found(mea_ev, got, live[mea], k), mea_ev.true)
+        p = probes_for({"cells": index.cells, "curve": curve, "shortlist_loss": loss}, lv)
+        est, low, high = interval(found(p), mea_ev.true)
         levels[str(lv)] = [p, round(est, 6), round(low, 6), round(high, 6)]
-    return curve, levels
+    return curve, levels, round(loss, 6)
 
 
 def _evidence(view: View, source: Any, index: PartitionIndex, live: np.ndarray, sample: np.ndarray) -> Evidence:
@@ -347,12 +359,13 @@ def stale_rows(view: View, desc: dict[str, Any]) -> tuple[int, int]:
 
 
 def probes_for(desc: dict[str, Any], recall: float) -> int:
-    """The fewest probes whose recall on the build-time curve reaches ``recall`` (every
-    cell for recall 1)."""
+    """The fewest probes whose recall on the build-time curve reaches ``recall`` plus what
+    the codes' shortlist was measured to lose (``shortlist_loss``); every cell for recall 1."""
     if recall >= 1.0:
         return int(desc["cells"])
+    target = recall + desc.get("shortlist_loss", 0.0)
     for p, r in desc["curve"]:
-        if r >= recall - 1e-12:
+        if r >= target - 1e-12:
             return int(p)
     return int(desc["cells"])
 
@@ -377,6 +390,7 @@ def info(view: View) -> dict[str, Any] | None:
         "stale": added + deleted > _config.INDEX_STALE_FRACTION * max(1, desc["rows"]),
         "bytes": sum(f["nbytes"] for f in desc["files"]),
         "code_dims": desc.get("code_dims"),  # None: an index without codes
+        "shortlist_loss": desc.get("shortlist_loss", 0.0),
     }
 
 
