@@ -164,7 +164,7 @@ def main() -> None:
         if info is not None:
             from embedcache.store._index import probes_for
 
-            probes = probes_for({"cells": info["cells"], "curve": _curve(store)}, target)
+            probes = probes_for(_description(store), target)
         passes = ("first pass", "warm") if n_pass == 0 else ("warm",)
         for name in passes:
             peak.reset()
@@ -180,11 +180,11 @@ def main() -> None:
     store.close()
 
 
-def _curve(store) -> list:
+def _description(store) -> dict:
     from embedcache.store import _index
 
     with store._txn.reading() as v:
-        return _index.description(v)["curve"]
+        return _index.description(v)
 
 
 if __name__ == "__main__":

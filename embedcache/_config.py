@@ -177,6 +177,17 @@ STORE_INDEX_FEW_QUERIES = 16
 #: rows per thread at least in that pass (fewer rows: fewer threads; one thread never waits
 #: for a second that a busy machine has descheduled)
 STORE_INDEX_SHARE_ROWS = 32768
+#: a search through an index with codes (fewer than every cell probed) scores exactly the
+#: best max(STORE_INDEX_SHORTLIST, STORE_INDEX_SHORTLIST_PER_K * k) rows of each query by
+#: the codes' estimate; a row outside that shortlist is missed
+STORE_INDEX_SHORTLIST = 100
+STORE_INDEX_SHORTLIST_PER_K = 30
+#: an index's codes keep the leading principal directions of the rows' offsets from their
+#: centroids that hold this share of the offsets' energy (a share of the dimensions when the
+#: spectrum falls, all of them when it is flat)
+STORE_INDEX_CODE_ENERGY = 0.9
+#: rows whose offsets train those directions (evenly spaced over the index)
+STORE_INDEX_CODE_SAMPLE = 65536
 #: VectorStore.add_texts embeds this many texts per call to the embedder
 STORE_EMBED_CHUNK = 4096
 

@@ -117,7 +117,7 @@ def test_a_stale_index_is_reported_and_not_used(tmp_path):
         np.testing.assert_array_equal(ids, ei)
         store.create_index(seed=0)  # rebuilt: used again, the old files removed
         assert not store.index_info()["stale"] and store.index_info()["rows"] == 2000
-        assert len(list((tmp_path / "s" / "index").iterdir())) == 3
+        assert len(list((tmp_path / "s" / "index").iterdir())) == 6
 
 
 def test_float16_store(tmp_path):
@@ -196,7 +196,7 @@ def test_sigkill_during_the_build_leaves_the_old_index_or_the_new(tmp_path, stag
         _assert_same(exact, full)
         s.create_index(seed=0)  # the next build removes what the dead one left
         listed = {f.split("/")[-1] for f in [p.name for p in (path / "index").iterdir()]}
-        assert len(listed) == 3 and s.verify()["index_bytes"] > 0
+        assert len(listed) == 6 and s.verify()["index_bytes"] > 0
 
 
 def test_another_handle_follows_a_rebuilt_index(tmp_path):
@@ -240,3 +240,116 @@ def test_one_query_at_a_time_equals_the_batch_bit_for_bit(x, cells, k, probes_re
         np.testing.assert_array_equal(batch[0], np.concatenate([a[0] for a in alone]))
         np.testing.assert_array_equal(batch[1], np.concatenate([a[1] for a in alone]))
         store.close()
+
+
+def _probe_both(store, q, k, recall):
+    """(through the codes, over the same cells scored exactly) of ``store``'s index."""
+    from embedcache.store import _index
+    from embedcache.store._probe import probe
+
+    with store._txn.reading() as v:
+        desc, loaded = _index.usable(store.path, v, store._index_maps)
+        p = _index.probes_for(desc, recall)
+        args = (q, loaded.centroids, p, loaded.offsets, loaded.vectors, loaded.rows, k, v.metric, None)
+        assert loaded.codes is not None
+        return probe(*args, codes=loaded.codes, inv_c=loaded.inv_c), probe(*args, inv_c=loaded.inv_c)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices(max_rows=60, min_rows=2, max_dim=6), cells=st.integers(2, 9), k=st.integers(1, 8),
+       dtype=st.sampled_from(["float32", "float16"]), metric=st.sampled_from(["cosine", "dot"]),
+       shortlist=st.integers(1, 12), seed=st.integers(0, 3))
+def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_enough(
+        x, cells, k, dtype, metric, shortlist, seed):
+    x = np.clip(x, -1000, 1000)
+    n = len(x)
+    q = np.concatenate([x[::-1], np.zeros((1, x.shape[1]), np.float32)])[:10].astype(np.float32)
+    with tempfile.TemporaryDirectory() as d, _config.override(INDEX_MIN_CELL=1):
+        store = ec.VectorStore(d, dtype=dtype, metric=metric)
+        store.add(ids_of(n), x)
+        store.create_index(cells=cells, seed=seed)
+        kk = min(k, n)
+        with _config.override(STORE_INDEX_SHORTLIST=n, STORE_INDEX_SHORTLIST_PER_K=1):
+            (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
+        np.testing.assert_array_equal(cs, fs)  # every probed row shortlisted: the exact scan's answer
+        np.testing.assert_array_equal(ci, fi)
+        with _config.override(STORE_INDEX_SHORTLIST=shortlist, STORE_INDEX_SHORTLIST_PER_K=0):
+            (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
+        xs = store.get([f"r{i}" for i in range(n)]).astype(np.float32)
+        exact = ec.cosine_similarity(q, xs) if metric == "cosine" else ec.dot_similarity(q, xs)
+        for t in range(len(q)):
+            got = ci[t][ci[t] >= 0]
+            assert len(got) == min(kk, max(shortlist, kk), (fi[t] >= 0).sum())
+            np.testing.assert_array_equal(cs[t][: len(got)], exact[t, got])  # exact scores, never estimates
+            assert set(got) <= set(_probed_rows(store, q[t : t + 1], 0.5))
+        store.close()
+
+
+def _probed_rows(store, q, recall):
+    from embedcache.store import _index
+    from embedcache.store._probe import nearest_cells
+
+    with store._txn.reading() as v:
+        desc, loaded = _index.usable(store.path, v, store._index_maps)
+        near = nearest_cells(q, loaded.centroids, _index.probes_for(desc, recall))[0]
+        return np.concatenate([loaded.rows[loaded.offsets[c] : loaded.offsets[c + 1]] for c in near])
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=matrices(max_rows=30, min_rows=1, max_dim=8), seed=st.integers(0, 5), energy=st.sampled_from([0.5, 1.0]))
+def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, seed, energy):
+    from embedcache.store._probe import code_basis, encode, residuals
+
+    x = np.clip(x, -1000, 1000).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    cent = rng.normal(size=(3, x.shape[1])).astype(np.float32)
+    cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-30)
+    cell = rng.integers(0, 3, len(x))
+    resid, _ = residuals(x, cent, cell)
+    basis = code_basis(resid, energy)
+    d, m = basis.shape
+    np.testing.assert_allclose(basis.T @ basis, np.eye(m), atol=1e-5)  # orthonormal directions
+    assert m == d or (m % 16 == 0 and m < d)
+    if energy == 1.0:
+        assert m == d
+    for cosine in (True, False):
+        codes, fac = encode(x, cent, cell, cosine, basis)
+        norm = np.linalg.norm(x.astype(np.float64), axis=1)
+        unit = np.divide(x, norm[:, None], out=np.zeros(x.shape), where=norm[:, None] > 0)
+        kept = (unit - cent[cell]) @ basis.astype(np.float64)
+        step = fac[:, :1].astype(np.float64)
+        assert np.all(np.abs(kept - step * codes) <= 0.5 * step + 1e-6)
+        np.testing.assert_allclose(fac[:, 1], 1.0 if cosine else norm, rtol=1e-6)
+
+
+def test_codes_keep_the_recall_of_the_cells_they_probe(tmp_path):
+    x = clustered(12_000, d=24, clusters=80, noise=0.6, seed=3)
+    q = clustered(12_400, d=24, clusters=80, noise=0.6, seed=3)[12_000:]
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        (cs, ci), (fs, fi) = _probe_both(store, q, 10, 0.95)
+        same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ci, fi)])
+        assert same >= 0.99, same  # the shortlist loses almost nothing the scan of those cells finds
+        assert np.all(cs <= fs)  # the k-th best of fewer rows is never better
+
+
+def test_what_the_shortlist_loses_is_measured_and_probed_for(tmp_path):
+    x = clustered(12_000, d=24, clusters=80, noise=0.6, seed=3)
+    q = clustered(12_400, d=24, clusters=80, noise=0.6, seed=3)[12_000:]
+    from embedcache.store import _index
+
+    with _config.override(STORE_INDEX_SHORTLIST=12, STORE_INDEX_SHORTLIST_PER_K=1, STORE_INDEX_CODE_ENERGY=0.3), \
+            ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        info = store.create_index(seed=0)
+        assert 0 < info["code_dims"] < 24 and info["shortlist_loss"] > 0.01  # a short list over coarse codes
+        with store._txn.reading() as v:
+            desc = _index.description(v)
+        plain = _index.probes_for({**desc, "shortlist_loss": 0.0}, 0.9)
+        assert info["probes"][0.9] > plain  # asks the curve for what the shortlist loses
+        rec = info["recall"][0.9]
+        assert rec["high"] >= 0.9, rec  # measured through the search itself
+        _, exact = store.search(q, 10, exact=True)
+        _, got = store.search(q, 10, recall=0.9)
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]) >= 0.87

@@ -5,13 +5,19 @@ Files (in ``index/`` of the store directory, ``N`` a number taken from ``next_se
     index/N.cent   the cell centroids: (cells, dim) float32 unit rows, row-major
     index/N.rows   int64: ``offsets`` (cells + 1 values), then the row numbers in cell order
     index/N.vec    the vectors of those rows in cell order, in the store's dtype
+    index/N.rot    float32 (dim, m): the directions the codes keep (``code_dims`` m)
+    index/N.code   int8 (rows, m): each row's offset from its cell's centroid in 8 bits
+    index/N.fac    float32 (rows, 2): each row's code scale and gain (:mod:`._probe`)
 
 The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` (rows held),
 ``covered`` (the store's row count when it was built: rows numbered from there on are not in
 it), ``deleted_at_build`` (rows below ``covered`` deleted then), ``generation`` (the commit
 that made it), ``seed``, the recall-vs-probes curve measured at build time (``curve``:
 ``[probes, recall]`` steps at ``k``), the probes and the measured recall (95% interval) for
-a few recall levels, and the ``files`` with their lengths and crc32. It is written like a
+a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_loss`` (the
+share of true neighbours in the probed cells that the codes' shortlist lost on a sample: a
+search asks the curve for that much more recall), and the ``files`` with their lengths and
+crc32. It is written like a
 segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
 setting is changed in the commit that makes the index visible. A kill at any point leaves
 the old index (or none); leftover files are removed by the next ``create_index`` or
@@ -19,8 +25,11 @@ the old index (or none); leftover files are removed by the next ``create_index``
 
 A search through it probes the cells nearest each query and scores their rows with the
 kernels' own per-pair score (:mod:`._probe`: each probed cell read once, in one piece, for all
-the queries that probe it, in one compiled pass); rows deleted since the build are masked, rows added since are scanned exactly and
-merged. When those exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is
+the queries that probe it, in one compiled pass), through the codes when fewer than every
+cell is probed (a shortlist by the codes' estimate, then scored exactly); rows deleted since
+the build are masked, rows added since are scanned exactly and merged. The recall recorded
+for each level is measured through that same search, codes and shortlist included; an index
+written before codes existed (three files) is searched without them. When those exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is
 stale: a warning says so and the search scans exactly. ``compact`` renumbers rows, so it
 drops the index (with a warning).
 """
@@ -50,15 +59,15 @@ from embedcache.index._partition import PartitionIndex
 from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
-from embedcache.store._probe import probe
+from embedcache.store._probe import Codes, _inverse_norms, code_basis, encode, probe, residuals
 from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
 SETTING = "index"
-INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec)(\.tmp)?$")
+INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac)(\.tmp)?$")
 #: recall levels whose probes (and measured recall) the description records
 LEVELS = (0.8, 0.9, 0.95, 0.99)
-_KINDS = ("cent", "rows", "vec")
+_KINDS = ("cent", "rows", "vec", "rot", "code", "fac")
 
 
 def description(view: View) -> dict[str, Any] | None:
@@ -133,15 +142,37 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
     cent, own = build_cells(source, cells, seed)  # type: ignore[arg-type]
     index = PartitionIndex.from_assignment(cent, own)
     rows = live[index.order]
-    curve, levels = _measure(view, source, index, live, seed)
-
+    cent = np.ascontiguousarray(index.centroids, "<f4")
     number = next_segment(view)
     step = max(1, _config.STORE_CHUNK_BYTES // (d * view.dtype.itemsize))
+    cell = np.repeat(np.arange(index.cells, dtype=np.int64), np.diff(index.offsets))  # of each index row
+    factors: list[np.ndarray] = []
+    basis: list[np.ndarray] = []
+
+    def written() -> np.ndarray:
+        return np.memmap(idx_dir / f"{number:06d}.vec", view.dtype, mode="r", shape=(len(rows), d))
+
+    def directions():  # from the offsets of rows spread over the vectors just written
+        spread = np.linspace(0, len(rows) - 1, min(len(rows), _config.STORE_INDEX_CODE_SAMPLE))
+        pick = np.unique(spread.astype(np.int64))
+        basis.append(code_basis(residuals(written()[pick], cent, cell[pick])[0], _config.STORE_INDEX_CODE_ENERGY))
+        yield basis[0]
+
+    def codes():  # from the vectors just written, in order, in pieces
+        vec = written()
+        for a in range(0, len(rows), step):
+            c, f = encode(vec[a : a + step], cent, cell[a : a + step], view.metric == "cosine", basis[0])
+            factors.append(f)
+            yield c
+
     chunks = {
-        "cent": iter([np.ascontiguousarray(index.centroids, "<f4")]),
+        "cent": iter([cent]),
         "rows": iter([np.ascontiguousarray(index.offsets, "<i8"), np.ascontiguousarray(rows, "<i8")]),
         "vec": (np.ascontiguousarray(_query.gather(view, rows[a : a + step]))
                 for a in range(0, len(rows), step)),
+        "rot": directions(),
+        "code": codes(),
+        "fac": (f for f in factors),  # filled by the codes' pass, written after it
     }
     files = []
     try:
@@ -149,6 +180,9 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
             nbytes, crc = write_segment(idx_dir, number, chunks[kind], threading.Event(), "." + kind)
             files.append({"file": f"{INDEX_DIR}/{number:06d}.{kind}", "nbytes": nbytes, "crc32": crc})
         fsync_dir(idx_dir)
+        loaded = _map(root, view, number, index.cells, len(rows), basis[0].shape[1], files)
+        assert loaded is not None, "the index files just written are gone"
+        curve, levels, loss = _measure(view, source, index, live, seed, loaded)
     except BaseException:
         remove_orphans(idx_dir, old)
         raise
@@ -163,6 +197,8 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "k": _config.INDEX_CURVE_K,
         "curve": curve,
         "levels": levels,
+        "code_dims": basis[0].shape[1],
+        "shortlist_loss": loss,
         "files": files,
     }
     conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (SETTING, json.dumps(desc)))
@@ -172,14 +208,15 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
     return desc
 
 
-def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, seed: int):
+def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, seed: int, loaded: Loaded):
     """The recall-vs-probes curve at k (one sample of stored rows as queries, their exact
     neighbours other than themselves), and per level the probes it calls for with the recall
-    measured on a second sample (estimate, 95% interval)."""
+    measured on a second sample (estimate, 95% interval) through the search itself
+    (``loaded``: the index's files), codes and shortlist included."""
     rng = np.random.default_rng([seed, 11])
     cal, mea = samples(len(live), rng)
     if not len(cal):
-        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}
+        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}, 0.0
     cal_ev, mea_ev = (_evidence(view, source, index, live, s) for s in (cal, mea))
     total = cal_ev.true.sum()
     order = np.argsort(cal_ev.need, kind="stable")
@@ -187,12 +224,23 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     cum = np.cumsum(cal_ev.weight[order]) / max(total, 1.0)
     last = np.flatnonzero(np.diff(need, append=need[-1] + 1))  # the last entry of each step
     curve = [[int(need[t]), round(float(cum[t]), 6)] for t in last] if total > 0 else [[index.cells, 1.0]]
+    queries = np.ascontiguousarray(source[mea], dtype=np.float32)
+    k = min(_config.INDEX_CURVE_K, len(live) - 1)
+
+    def found(p: int) -> np.ndarray:
+        return _found(mea_ev, _search_loaded(view, loaded, queries, k + 1, p, None)[1], live[mea], k)
+
+    # what the codes' shortlist loses of what the probed cells hold, at the probes of each
+    # level: the levels (and the searches) then ask the curve for that much more
+    true = max(float(mea_ev.true.sum()), 1.0)
+    loss = max(0.0, max((mea_ev.found(p).sum() - found(p).sum()) / true
+                        for p in {cal_ev.smallest(lv, index.cells) for lv in LEVELS}))
     levels = {}
     for lv in LEVELS:
-        p = cal_ev.smallest(lv, index.cells)
-        est, low, high = interval(mea_ev.found(p), mea_ev.true)
+        p = probes_for({"cells": index.cells, "curve": curve, "shortlist_loss": loss}, lv)
+        est, low, high = interval(found(p), mea_ev.true)
         levels[str(lv)] = [p, round(est, 6), round(low, 6), round(high, 6)]
-    return curve, levels
+    return curve, levels, round(loss, 6)
 
 
 def _evidence(view: View, source: Any, index: PartitionIndex, live: np.ndarray, sample: np.ndarray) -> Evidence:
@@ -211,7 +259,16 @@ def _evidence(view: View, source: Any, index: PartitionIndex, live: np.ndarray, 
     cell = index.own[np.searchsorted(live, jj)]
     need = _rank(kernels.cosine_similarity(q, index.centroids), qi, cell) + 1
     true = np.bincount(qi, minlength=len(q)).astype(np.float64)
-    return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)))
+    return Evidence(true, qi.astype(np.int64), need, np.ones(len(qi)), partner=jj.astype(np.int64))
+
+
+def _found(ev: Evidence, got: np.ndarray, self_rows: np.ndarray, k: int) -> np.ndarray:
+    """(queries,) float64: how many of each sampled row's true neighbours (``ev``) are among
+    the first ``k`` rows other than itself of its search result ``got`` (q, k + 1)."""
+    qi, jj = other_neighbours(got, self_rows, k)
+    width = int(max(got.max(initial=0), ev.partner.max(initial=0))) + 1 if len(ev.partner) else 1
+    hit = np.isin(ev.row * width + ev.partner, qi * width + jj)
+    return np.bincount(ev.row[hit], minlength=len(ev.true)).astype(np.float64)
 
 
 def remove_orphans(idx_dir: Path, desc: dict[str, Any] | None) -> None:
@@ -246,6 +303,8 @@ class Loaded:
     offsets: np.ndarray
     rows: np.ndarray
     vectors: np.ndarray
+    codes: Codes | None  # None: an index written before codes existed
+    inv_c: np.ndarray  # the centroids' inverse norms
 
 
 def load(root: Path, view: View, desc: dict[str, Any], cache: dict[int, Loaded]) -> Loaded | None:
@@ -254,11 +313,22 @@ def load(root: Path, view: View, desc: dict[str, Any], cache: dict[int, Loaded])
     number = desc["number"]
     if number in cache:
         return cache[number]
-    d, c, n = view.dim, desc["cells"], desc["rows"]
-    expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize}
+    loaded = _map(root, view, number, desc["cells"], desc["rows"], desc.get("code_dims", 0), desc["files"])
+    if loaded is not None:
+        cache.clear()  # one index at a time
+        cache[number] = loaded
+    return loaded
+
+
+def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: list[dict[str, Any]]) -> Loaded | None:
+    """Map the index files ``listed`` (None when one is gone); ``m``: the codes' dimensions."""
+    d = view.dim
+    assert d is not None
+    expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize, "rot": d * m * 4,
+              "code": n * m, "fac": n * 8}
     maps = {}
     with contextlib.ExitStack() as files:
-        for f in desc["files"]:
+        for f in listed:
             path = root / f["file"]
             kind = path.suffix[1:]
             try:  # open once, then check and map that file: a writer may unlink the name
@@ -272,9 +342,12 @@ def load(root: Path, view: View, desc: dict[str, Any], cache: dict[int, Loaded])
         cent = np.fromfile(maps["cent"], "<f4").reshape(c, d)
         ro = np.memmap(maps["rows"], "<i8", mode="r")
         vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
-    cache.clear()  # one index at a time
-    cache[number] = Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec)
-    return cache[number]
+        codes = None
+        if "code" in maps and n:
+            codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, m)),
+                          np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)),
+                          np.fromfile(maps["rot"], "<f4").reshape(d, m))
+    return Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec, codes, _inverse_norms(cent))
 
 
 def stale_rows(view: View, desc: dict[str, Any]) -> tuple[int, int]:
@@ -286,12 +359,13 @@ def stale_rows(view: View, desc: dict[str, Any]) -> tuple[int, int]:
 
 
 def probes_for(desc: dict[str, Any], recall: float) -> int:
-    """The fewest probes whose recall on the build-time curve reaches ``recall`` (every
-    cell for recall 1)."""
+    """The fewest probes whose recall on the build-time curve reaches ``recall`` plus what
+    the codes' shortlist was measured to lose (``shortlist_loss``); every cell for recall 1."""
     if recall >= 1.0:
         return int(desc["cells"])
+    target = recall + desc.get("shortlist_loss", 0.0)
     for p, r in desc["curve"]:
-        if r >= recall - 1e-12:
+        if r >= target - 1e-12:
             return int(p)
     return int(desc["cells"])
 
@@ -315,6 +389,8 @@ def info(view: View) -> dict[str, Any] | None:
         "deleted_rows": deleted,
         "stale": added + deleted > _config.INDEX_STALE_FRACTION * max(1, desc["rows"]),
         "bytes": sum(f["nbytes"] for f in desc["files"]),
+        "code_dims": desc.get("code_dims"),  # None: an index without codes
+        "shortlist_loss": desc.get("shortlist_loss", 0.0),
     }
 
 
@@ -349,8 +425,7 @@ def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray
     nq = len(queries)
     deleted = view.deleted[: np.searchsorted(view.deleted, desc["covered"])]
     check_dead = len(deleted) > desc["deleted_at_build"]
-    scores, found = probe(queries, loaded.centroids, probes, loaded.offsets, loaded.vectors, loaded.rows, k,
-                          view.metric, deleted if check_dead else None)
+    scores, found = _search_loaded(view, loaded, queries, k, probes, deleted if check_dead else None)
     if view.next_row > desc["covered"]:  # rows added since the build: an exact scan of them
         added = np.arange(desc["covered"], view.next_row, dtype=np.int64)
         added = added[~np.isin(added, view.deleted, assume_unique=True)]
@@ -360,6 +435,13 @@ def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray
             merge_topk(scores, found, np.arange(nq, dtype=np.int64), s2, r2, np.zeros(nq, np.int64), False)
             found[found == NO_INDEX] = -1
     return scores, found
+
+
+def _search_loaded(view: View, loaded: Loaded, queries: np.ndarray, k: int, probes: int,
+                   deleted: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, row numbers) of the indexed rows alone (:func:`._probe.probe`)."""
+    return probe(queries, loaded.centroids, probes, loaded.offsets, loaded.vectors, loaded.rows, k,
+                 view.metric, deleted, codes=loaded.codes, inv_c=loaded.inv_c)
 
 
 # ----------------------------------------------------------------------------- checking

@@ -306,9 +306,13 @@ class VectorStore:
         about the square root of the row count; big cells are split again); every row is then
         assigned to its nearest centroid, segment by segment, so the store is never loaded
         whole. The index keeps a copy of the vectors in cell order (as much disk again as the
-        live rows) so a search reads each probed cell in one piece, and a recall-vs-probes
-        curve measured on sampled rows against the exact answer, from which :meth:`search`
-        chooses how many cells to probe. ``seed``: the sample and the k-means start.
+        live rows) so a search reads each probed cell in one piece, 8-bit codes of the rows
+        (their offsets from their centroids in the leading principal directions of those
+        offsets) that a search below every cell reads instead, scoring its shortlist of best
+        estimates exactly, and a recall-vs-probes curve measured on sampled rows against the
+        exact answer, from which :meth:`search` chooses how many cells to probe; the recall
+        reported for each level is measured through that search. ``seed``: the sample and the
+        k-means start.
 
         Written like any commit (files fsynced and renamed, then registered in one
         transaction), it replaces the previous index; a crash leaves the old one or none.
@@ -347,7 +351,10 @@ class VectorStore:
         ``k``; ``probes`` and ``recall`` (estimate, low, high: a 95% interval measured on
         sampled rows at recall@k) for the recall levels 0.8, 0.9, 0.95, 0.99;
         ``added_rows`` and ``deleted_rows`` since the build, ``stale`` (searches then scan
-        exactly), ``bytes``."""
+        exactly), ``bytes``, ``code_dims`` (the dimensions the codes keep; None for an index
+        written without codes), ``shortlist_loss`` (the share of the probed cells' true
+        neighbours the codes' shortlist lost on sampled rows; searches probe for that much
+        more recall)."""
         with self._txn.reading() as v:
             return _index.info(v)
 
