@@ -182,9 +182,11 @@ STORE_INDEX_SHARE_ROWS = 32768
 #: the codes' estimate; a row outside that shortlist is missed
 STORE_INDEX_SHORTLIST = 100
 STORE_INDEX_SHORTLIST_PER_K = 30
+#: queries searched together through codes (each holds its shortlist while its block runs)
+STORE_INDEX_QUERY_BLOCK = 4096
 #: an index's codes keep the leading principal directions of the rows' offsets from their
-#: centroids that hold this share of the offsets' energy (a share of the dimensions when the
-#: spectrum falls, all of them when it is flat)
+#: centroids that hold this share of the offsets' energy (a small share of the dimensions
+#: when the spectrum falls steeply, about this share of them when it is flat)
 STORE_INDEX_CODE_ENERGY = 0.9
 #: rows whose offsets train those directions (evenly spaced over the index)
 STORE_INDEX_CODE_SAMPLE = 65536

@@ -306,7 +306,7 @@ def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, se
     cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-30)
     cell = rng.integers(0, 3, len(x))
     resid, _ = residuals(x, cent, cell)
-    basis = code_basis(resid, energy)
+    basis = code_basis(resid.T.astype(np.float64) @ resid, energy)
     d, m = basis.shape
     np.testing.assert_allclose(basis.T @ basis, np.eye(m), atol=1e-5)  # orthonormal directions
     assert m == d or (m % 16 == 0 and m < d)
@@ -353,3 +353,35 @@ def test_what_the_shortlist_loses_is_measured_and_probed_for(tmp_path):
         _, exact = store.search(q, 10, exact=True)
         _, got = store.search(q, 10, recall=0.9)
         assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]) >= 0.87
+
+
+def test_one_query_alone_and_in_a_batch_shortlist_the_same_rows(tmp_path):
+    # codes in fewer directions than the rows have (d 40), a shortlist of 3: a row at its edge
+    # must fall the same way for a query alone as in a batch
+    x = clustered(4000, d=40, clusters=30, noise=0.8, seed=5)
+    q = clustered(4100, d=40, clusters=30, noise=0.8, seed=5)[4000:]
+    with _config.override(STORE_INDEX_SHORTLIST=3, STORE_INDEX_SHORTLIST_PER_K=0, STORE_INDEX_FEW_QUERIES=4,
+                          STORE_INDEX_CODE_ENERGY=0.6, STORE_INDEX_QUERY_BLOCK=32), \
+            ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        info = store.create_index(seed=0)
+        assert info["code_dims"] < 40
+        batch = store.search(q, 3, recall=0.8)  # blocks of 32, several threads
+        alone = [store.search(v, 3, recall=0.8) for v in q]
+        np.testing.assert_array_equal(batch[0], np.concatenate([a[0] for a in alone]))
+        np.testing.assert_array_equal(batch[1], np.concatenate([a[1] for a in alone]))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e3, 1e30])
+def test_a_few_queries_rank_cells_as_top_k_does_at_any_scale(scale):
+    from embedcache.store._probe import nearest_cells
+
+    rng = np.random.default_rng(7)
+    cent = rng.normal(size=(300, 24)).astype(np.float32)
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    cent[10] = cent[11]  # a tie: the lower cell first
+    q = np.concatenate([cent[[11, 3]] + 1e-7, rng.normal(size=(3, 24))]).astype(np.float32) * np.float32(scale)
+    for p in (1, 7, 300):
+        with _config.override(STORE_INDEX_FEW_QUERIES=16):
+            few = nearest_cells(q, cent, p)
+        np.testing.assert_array_equal(np.sort(few, axis=1), np.sort(ec.top_k(q, cent, p)[1], axis=1))

@@ -15,9 +15,9 @@ it), ``deleted_at_build`` (rows below ``covered`` deleted then), ``generation`` 
 that made it), ``seed``, the recall-vs-probes curve measured at build time (``curve``:
 ``[probes, recall]`` steps at ``k``), the probes and the measured recall (95% interval) for
 a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_loss`` (the
-share of true neighbours in the probed cells that the codes' shortlist lost on a sample: a
-search asks the curve for that much more recall), and the ``files`` with their lengths and
-crc32. It is written like a
+most, over the levels' probes, of the sampled rows' true neighbours that the probed cells
+held and the codes' shortlist lost, as a share of all their true neighbours: a search asks
+the curve for that much more recall), and the ``files`` with their lengths and crc32. It is written like a
 segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
 setting is changed in the commit that makes the index visible. A kill at any point leaves
 the old index (or none); leftover files are removed by the next ``create_index`` or
@@ -155,7 +155,11 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
     def directions():  # from the offsets of rows spread over the vectors just written
         spread = np.linspace(0, len(rows) - 1, min(len(rows), _config.STORE_INDEX_CODE_SAMPLE))
         pick = np.unique(spread.astype(np.int64))
-        basis.append(code_basis(residuals(written()[pick], cent, cell[pick])[0], _config.STORE_INDEX_CODE_ENERGY))
+        gram = np.zeros((d, d), np.float64)
+        for a in range(0, len(pick), step):  # in pieces: memory stays bounded at any dimension
+            r = residuals(written()[pick[a : a + step]], cent, cell[pick[a : a + step]])[0].astype(np.float64)
+            gram += r.T @ r
+        basis.append(code_basis(gram, _config.STORE_INDEX_CODE_ENERGY))
         yield basis[0]
 
     def codes():  # from the vectors just written, in order, in pieces
@@ -233,14 +237,14 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     # what the codes' shortlist loses of what the probed cells hold, at the probes of each
     # level: the levels (and the searches) then ask the curve for that much more
     true = max(float(mea_ev.true.sum()), 1.0)
-    loss = max(0.0, max((mea_ev.found(p).sum() - found(p).sum()) / true
-                        for p in {cal_ev.smallest(lv, index.cells) for lv in LEVELS}))
+    loss = round(max(0.0, max((mea_ev.found(p).sum() - found(p).sum()) / true
+                              for p in {cal_ev.smallest(lv, index.cells) for lv in LEVELS})), 6)
     levels = {}
     for lv in LEVELS:
         p = probes_for({"cells": index.cells, "curve": curve, "shortlist_loss": loss}, lv)
         est, low, high = interval(found(p), mea_ev.true)
         levels[str(lv)] = [p, round(est, 6), round(low, 6), round(high, 6)]
-    return curve, levels, round(loss, 6)
+    return curve, levels, loss
 
 
 def _evidence(view: View, source: Any, index: PartitionIndex, live: np.ndarray, sample: np.ndarray) -> Evidence:

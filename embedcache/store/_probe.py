@@ -15,9 +15,10 @@ rows are read as codes instead: each code holds the row's offset from its cell's
 (the row scaled to unit length first) in the leading ``m`` directions of those offsets'
 principal axes (as many as hold ``STORE_INDEX_CODE_ENERGY`` of their energy, measured at
 build time), 8 bits each with one scale per row, so ``gain * (query . centroid + scale *
-(query . basis) . code)`` approximates the row's score, closest where a cell's rows are
-closest together (near-duplicates, near-identical blocks). A row reads ``m`` bytes instead
-of ``4 d``.
+(query . basis) . code)`` approximates the row's score (times ``|query|`` for cosine, the
+same for every row of a query), closest where a cell's rows are closest together
+(near-duplicates, near-identical blocks). A row reads ``m + 8`` bytes instead of ``4 d``
+(``2 d`` for a float16 store).
 The ``shortlist`` best rows of each query by that estimate are then scored exactly, from the
 vectors, as above: a reported score is always the exact one, and a row can be missed only
 when its estimate ranks it below the shortlist (the measured recall includes that).
@@ -72,12 +73,12 @@ def residuals(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> tuple[n
     return resid, inv
 
 
-def code_basis(resid: np.ndarray, energy: float) -> np.ndarray:
-    """(d, m) float32: the leading principal axes of the offsets ``resid`` (uncentred), as
-    many as hold ``energy`` of their sum of squares, ``m`` rounded up to a multiple of 16."""
-    d = resid.shape[1]
-    r = resid.astype(np.float64)
-    w, v = np.linalg.eigh(r.T @ r)
+def code_basis(gram: np.ndarray, energy: float) -> np.ndarray:
+    """(d, m) float32: the leading principal axes of offsets whose (uncentred) Gram matrix
+    ``resid.T @ resid`` is ``gram`` (d, d), as many as hold ``energy`` of their sum of
+    squares, ``m`` rounded up to a multiple of 16."""
+    d = gram.shape[0]
+    w, v = np.linalg.eigh(gram)
     order = np.argsort(-w, kind="stable")
     w, v = np.maximum(w[order], 0.0), v[:, order]
     total = w.sum()
@@ -99,7 +100,8 @@ def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
     fac = np.empty((len(resid), 2), np.float32)
     fac[:, 0] = scale
     with np.errstate(divide="ignore"):
-        fac[:, 1] = 1.0 if cosine else np.where(inv > 0, 1.0 / inv, 0.0)
+        # the row's norm, within float32 (a larger one would make every estimate inf or NaN)
+        fac[:, 1] = 1.0 if cosine else np.minimum(np.where(inv > 0, 1.0 / inv, 0.0), np.finfo(np.float32).max)
     return codes, fac
 
 
@@ -192,12 +194,12 @@ def _scan_shares(work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _rescore(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi):
-    """Score the shortlisted index positions ``cand`` (q, m) exactly into heaps ``hs, hi``
-    ((q, k), row numbers)."""
+def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi):
+    """Score the shortlisted index positions ``cand`` (q, m) of queries ``q0 .. q1`` exactly
+    into heaps ``hs, hi`` ((q, k), row numbers)."""
     d = queries.shape[1]
     buf = np.empty(d, np.float32)
-    for q in range(cand.shape[0]):
+    for q in range(q0, q1):
         for u in range(cand.shape[1]):
             j = cand[q, u]
             if j == _NO_INDEX:
@@ -211,6 +213,23 @@ def _rescore(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi):
             e = _pair_score(queries[q], row, inv_q[q], _inv_norm(_sumsq(row)), cosine)
             if _better(e, r, hs[q, 0], hi[q, 0]):
                 _heap_replace_root(hs[q], hi[q], e, r)
+
+
+@njit(parallel=True, cache=True)
+def _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi, shares):
+    nq = cand.shape[0]
+    for t in prange(shares):
+        _rescore(nq * t // shares, nq * (t + 1) // shares, cand, queries, inv_q, vec32, vec16, half, rows, cosine,
+                 hs, hi)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _project(queries, basis_t, out):
+    """out[q, c] = queries[q] . basis_t[c], each product summed as :func:`_dot32` sums it
+    (a query alone and in a batch: the same bits, so the same shortlist)."""
+    for q in range(queries.shape[0]):
+        for c in range(basis_t.shape[0]):
+            out[q, c] = _dot32(queries[q], basis_t[c])
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -281,7 +300,9 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     dead = deleted if use_dead else np.empty(0, np.int64)
     if use_codes:
         cent, c = codes
-        cdata = (cent, c.codes, c.fac, np.ascontiguousarray(queries @ c.basis, dtype=np.float32))
+        projected = np.empty((nq, c.basis.shape[1]), np.float32)
+        _project(queries, np.ascontiguousarray(c.basis.T), projected)
+        cdata = (cent, c.codes, c.fac, projected)
     else:
         cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
                  np.empty((nq, d), np.float32))
@@ -300,7 +321,10 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     cand = np.where(cand < 0, _NO_INDEX, cand)
     hs = np.full((nq, k), -np.inf, np.float32)
     hi = np.full((nq, k), _NO_INDEX, np.int64)
-    _rescore(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi)
+    if nq > _config.STORE_INDEX_FEW_QUERIES:
+        _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi, numba.get_num_threads())
+    else:
+        _rescore(0, nq, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi)
     return _best(hs, hi, k)
 
 
@@ -318,14 +342,16 @@ def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
         inv_c = _inverse_norms(centroids)
     d = queries.shape[1]
     inv_q = _inverse_norms(queries)
-    est = (queries @ centroids.T) * inv_c[None, :]  # float64: (q . c) / |c|
+    if not np.all((inv_q >= 2.0**-40) & (inv_q <= 2.0**40)):  # zero, tiny or huge: where float32
+        return kernels.top_k(queries, centroids, p)[1]  # products lose the bounds used below
+    est = (queries @ centroids.T) * inv_c[None, :]  # (q . c) / |c|, float32 products
     out = np.empty((nq, p), np.int64)
     for i in range(nq):
         e = est[i]
         kth = np.partition(e, cells - p)[cells - p]
         # float32 products of length d are within d * 2**-24 * |q| |c| of the exact ones, on
         # either side: cells within twice that and more of the p-th estimate are listed
-        margin = np.sqrt(float(queries[i] @ queries[i])) * (d + 8) * 2.0**-22
+        margin = (d + 8) * 2.0**-22 / inv_q[i]
         cand = np.flatnonzero(e >= kth - margin).astype(np.int64)
         sc = np.empty(len(cand), np.float32)
         _cell_scores(queries[i], centroids, inv_q[i], inv_c, cand, sc)
@@ -342,7 +368,13 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     (float32 or float16; rows ``rows``, cell c at ``offsets[c] .. offsets[c + 1]``).
     ``deleted``: sorted row numbers never returned (None: none). ``codes``: the rows' codes,
     used (through a shortlist of each query's best estimates, scored exactly) when fewer
-    than every cell is probed."""
+    than every cell is probed; then queries go ``STORE_INDEX_QUERY_BLOCK`` at a time (each
+    one's shortlist is held while its block is searched)."""
+    block = max(1, _config.STORE_INDEX_QUERY_BLOCK)
+    if codes is not None and probes < len(centroids) and len(queries) > block:
+        parts = [probe(queries[a : a + block], centroids, probes, offsets, vectors, rows, k, metric, deleted,
+                       codes=codes, inv_c=inv_c) for a in range(0, len(queries), block)]
+        return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
     near = nearest_cells(queries, centroids, probes, inv_c)
     cells_of = near.reshape(-1)
     order = np.argsort(cells_of, kind="stable")  # queries of one cell together, in order

@@ -352,9 +352,9 @@ class VectorStore:
         sampled rows at recall@k) for the recall levels 0.8, 0.9, 0.95, 0.99;
         ``added_rows`` and ``deleted_rows`` since the build, ``stale`` (searches then scan
         exactly), ``bytes``, ``code_dims`` (the dimensions the codes keep; None for an index
-        written without codes), ``shortlist_loss`` (the share of the probed cells' true
-        neighbours the codes' shortlist lost on sampled rows; searches probe for that much
-        more recall)."""
+        written without codes), ``shortlist_loss`` (the share of sampled rows' true
+        neighbours that the probed cells held and the codes' shortlist lost, at most over the
+        levels; searches probe for that much more recall)."""
         with self._txn.reading() as v:
             return _index.info(v)
 
