@@ -105,6 +105,15 @@ def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
     return codes, fac
 
 
+@njit(inline="always")
+def _row_at(vec32, vec16, half, j, buf):
+    """Index row ``j`` as float32: the row itself, or a float16 row decoded into ``buf``."""
+    if half:
+        _decode_f16(vec16[j], buf)
+        return buf
+    return vec32[j]
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries, inv_q, cosine, hs, hi):
     """Fold index rows ``j0 .. j1`` of one cell into the heaps of the queries ``ql``, each
@@ -116,11 +125,7 @@ def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries,
             x = np.searchsorted(deleted, r)
             if x < len(deleted) and deleted[x] == r:
                 continue
-        if half:
-            _decode_f16(vec16[j], buf)
-            row = buf
-        else:
-            row = vec32[j]
+        row = _row_at(vec32, vec16, half, j, buf)
         inv_r = _inv_norm(_sumsq(row))
         for u in range(ql.shape[0]):
             q = ql[u]
@@ -204,11 +209,7 @@ def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs,
             j = cand[q, u]
             if j == _NO_INDEX:
                 continue
-            if half:
-                _decode_f16(vec16[j], buf)
-                row = buf
-            else:
-                row = vec32[j]
+            row = _row_at(vec32, vec16, half, j, buf)
             r = rows[j]
             e = _pair_score(queries[q], row, inv_q[q], _inv_norm(_sumsq(row)), cosine)
             if _better(e, r, hs[q, 0], hi[q, 0]):
