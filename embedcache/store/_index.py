@@ -17,8 +17,8 @@ that made it), ``seed``, the recall-vs-probes curve measured at build time (``cu
 a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_loss`` (the
 most, over the levels' probes, of the sampled rows' true neighbours that the probed cells
 held and the codes' shortlist lost, as a share of all their true neighbours: a search asks
-the curve for that much more recall), and the ``files`` with their lengths and crc32. It is written like a
-segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
+the curve for that much more recall), and the ``files`` with their lengths and crc32. It is
+written like a segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
 setting is changed in the commit that makes the index visible. A kill at any point leaves
 the old index (or none); leftover files are removed by the next ``create_index`` or
 ``compact``.
@@ -27,10 +27,11 @@ A search through it probes the cells nearest each query and scores their rows wi
 kernels' own per-pair score (:mod:`._probe`: each probed cell read once, in one piece, for all
 the queries that probe it, in one compiled pass), through the codes when fewer than every
 cell is probed (a shortlist by the codes' estimate, then scored exactly); rows deleted since
-the build are masked, rows added since are scanned exactly and merged. The recall recorded
-for each level is measured through that same search, codes and shortlist included; an index
-written before codes existed (three files) is searched without them. When those exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is
-stale: a warning says so and the search scans exactly. ``compact`` renumbers rows, so it
+the build are masked, rows added since are scanned exactly and merged. When those changes
+exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is stale: a warning
+says so and the search scans exactly. The recall recorded for each level is measured through
+that same search, codes and shortlist included; an index written before codes existed (three
+files) is searched without them. ``compact`` renumbers rows, so it
 drops the index (with a warning).
 """
 
@@ -155,9 +156,9 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
     def directions():  # from the offsets of rows spread over the vectors just written
         spread = np.linspace(0, len(rows) - 1, min(len(rows), _config.STORE_INDEX_CODE_SAMPLE))
         pick = np.unique(spread.astype(np.int64))
-        gram = np.zeros((d, d), np.float64)
+        vec, gram = written(), np.zeros((d, d), np.float64)
         for a in range(0, len(pick), step):  # in pieces: memory stays bounded at any dimension
-            r = residuals(written()[pick[a : a + step]], cent, cell[pick[a : a + step]])[0].astype(np.float64)
+            r = residuals(vec[pick[a : a + step]], cent, cell[pick[a : a + step]])[0].astype(np.float64)
             gram += r.T @ r
         basis.append(code_basis(gram, _config.STORE_INDEX_CODE_ENERGY))
         yield basis[0]
@@ -231,6 +232,7 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     queries = np.ascontiguousarray(source[mea], dtype=np.float32)
     k = min(_config.INDEX_CURVE_K, len(live) - 1)
 
+    @functools.lru_cache(maxsize=None)  # a level's probes are often a probe count searched already
     def found(p: int) -> np.ndarray:
         return _found(mea_ev, _search_loaded(view, loaded, queries, k + 1, p, None)[1], live[mea], k)
 
@@ -350,7 +352,7 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
         if "code" in maps and n:
             codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, m)),
                           np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)),
-                          np.fromfile(maps["rot"], "<f4").reshape(d, m))
+                          np.ascontiguousarray(np.fromfile(maps["rot"], "<f4").reshape(d, m).T))
     return Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec, codes, _inverse_norms(cent))
 
 

@@ -54,13 +54,14 @@ CODE_MAX = 127
 @dataclass
 class Codes:
     """The 8-bit codes of an index's rows, in cell order: ``codes`` (n, m) int8, ``fac``
-    (n, 2) float32 (each row's scale and gain) and ``basis`` (d, m) float32 (orthonormal
-    columns): row i is about ``gain * (centroid + scale * basis @ codes[i])`` (gain 1 for
-    cosine, the row's norm for dot)."""
+    (n, 2) float32 (each row's scale and gain) and ``axes`` (m, d) float32 (orthonormal
+    rows: the basis of :func:`code_basis`, transposed once for the searches): row i is about
+    ``gain * (centroid + scale * axes.T @ codes[i])`` (gain 1 for cosine, the row's norm for
+    dot)."""
 
     codes: np.ndarray
     fac: np.ndarray
-    basis: np.ndarray
+    axes: np.ndarray
 
 
 def residuals(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +115,13 @@ def _row_at(vec32, vec16, half, j, buf):
     return vec32[j]
 
 
+@njit(inline="always")
+def _dead(deleted, r):
+    """Row number ``r`` is in the sorted ``deleted``."""
+    x = np.searchsorted(deleted, r)
+    return x < len(deleted) and deleted[x] == r
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries, inv_q, cosine, hs, hi):
     """Fold index rows ``j0 .. j1`` of one cell into the heaps of the queries ``ql``, each
@@ -121,10 +129,8 @@ def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries,
     buf = np.empty(queries.shape[1], np.float32)
     for j in range(j0, j1):
         r = rows[j]
-        if use_dead:
-            x = np.searchsorted(deleted, r)
-            if x < len(deleted) and deleted[x] == r:
-                continue
+        if use_dead and _dead(deleted, r):
+            continue
         row = _row_at(vec32, vec16, half, j, buf)
         inv_r = _inv_norm(_sumsq(row))
         for u in range(ql.shape[0]):
@@ -142,11 +148,8 @@ def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, 
     One compact loop per cell: it vectorizes, where a call per row would not."""
     d = codes.shape[1]
     for j in range(j0, j1):
-        if use_dead:
-            r = rows[j]
-            x = np.searchsorted(deleted, r)
-            if x < len(deleted) and deleted[x] == r:
-                continue
+        if use_dead and _dead(deleted, rows[j]):
+            continue
         code = codes[j]
         for u in range(ql.shape[0]):
             q = ql[u]
@@ -225,12 +228,12 @@ def _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, 
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _project(queries, basis_t, out):
-    """out[q, c] = queries[q] . basis_t[c], each product summed as :func:`_dot32` sums it
+def _project(queries, axes, out):
+    """out[q, c] = queries[q] . axes[c], each product summed as :func:`_dot32` sums it
     (a query alone and in a batch: the same bits, so the same shortlist)."""
     for q in range(queries.shape[0]):
-        for c in range(basis_t.shape[0]):
-            out[q, c] = _dot32(queries[q], basis_t[c])
+        for c in range(axes.shape[0]):
+            out[q, c] = _dot32(queries[q], axes[c])
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -301,8 +304,8 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     dead = deleted if use_dead else np.empty(0, np.int64)
     if use_codes:
         cent, c = codes
-        projected = np.empty((nq, c.basis.shape[1]), np.float32)
-        _project(queries, np.ascontiguousarray(c.basis.T), projected)
+        projected = np.empty((nq, c.axes.shape[0]), np.float32)
+        _project(queries, c.axes, projected)
         cdata = (cent, c.codes, c.fac, projected)
     else:
         cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
