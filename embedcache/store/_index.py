@@ -8,6 +8,9 @@ Files (in ``index/`` of the store directory, ``N`` a number taken from ``next_se
     index/N.rot    float32 (dim, m): the directions the codes keep (``code_dims`` m)
     index/N.code   int8 (rows, m): each row's offset from its cell's centroid in 8 bits
     index/N.fac    float32 (rows, 2): each row's code scale and gain (:mod:`._probe`)
+    index/N.srot   float32 (dim, m): those directions turned by a random rotation
+    index/N.sign   uint64 (rows, words + 2): each row's offset in 1 bit a direction of those,
+                   then its factors (:class:`._probe.Signs`)
 
 The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` (rows held),
 ``covered`` (the store's row count when it was built: rows numbered from there on are not in
@@ -27,11 +30,13 @@ A search through it probes the cells nearest each query and scores their rows wi
 kernels' own per-pair score (:mod:`._probe`: each probed cell read once, in one piece, for all
 the queries that probe it, in one compiled pass), through the codes when fewer than every
 cell is probed (a shortlist by the codes' estimate, then scored exactly); rows deleted since
-the build are masked, rows added since are scanned exactly and merged. When those changes
+the build are masked, rows added since are scanned exactly and merged; with the 1-bit codes,
+a first, wider shortlist by their estimate comes before the 8-bit codes' one. When those changes
 exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is stale: a warning
 says so and the search scans exactly. The recall recorded for each level is measured through
-that same search, codes and shortlist included; an index written before codes existed (three
-files) is searched without them. ``compact`` renumbers rows, so it
+that same search, codes and shortlists included; an index written before codes existed (three
+files) is searched without them, one written before 1-bit codes (six files) with the 8-bit
+codes alone. ``compact`` renumbers rows, so it
 drops the index (with a warning).
 """
 
@@ -60,15 +65,26 @@ from embedcache.index._partition import PartitionIndex
 from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
-from embedcache.store._probe import Codes, _inverse_norms, code_basis, encode, probe, residuals
+from embedcache.store._probe import (
+    Codes,
+    Signs,
+    _inverse_norms,
+    code_basis,
+    encode,
+    encode_signs,
+    probe,
+    residuals,
+    spin,
+    words_for,
+)
 from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
 SETTING = "index"
-INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac)(\.tmp)?$")
+INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac|srot|sign)(\.tmp)?$")
 #: recall levels whose probes (and measured recall) the description records
 LEVELS = (0.8, 0.9, 0.95, 0.99)
-_KINDS = ("cent", "rows", "vec", "rot", "code", "fac")
+_KINDS = ("cent", "rows", "vec", "rot", "code", "fac", "srot", "sign")
 
 
 def description(view: View) -> dict[str, Any] | None:
@@ -161,6 +177,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
             r = residuals(vec[pick[a : a + step]], cent, cell[pick[a : a + step]])[0].astype(np.float64)
             gram += r.T @ r
         basis.append(code_basis(gram, _config.STORE_INDEX_CODE_ENERGY))
+        basis.append(spin(basis[0], seed))
         yield basis[0]
 
     def codes():  # from the vectors just written, in order, in pieces
@@ -170,6 +187,11 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
             factors.append(f)
             yield c
 
+    def signs():  # a second pass over the vectors: memory stays bounded at any size
+        vec = written()
+        for a in range(0, len(rows), step):
+            yield encode_signs(vec[a : a + step], cent, cell[a : a + step], view.metric == "cosine", basis[1])
+
     chunks = {
         "cent": iter([cent]),
         "rows": iter([np.ascontiguousarray(index.offsets, "<i8"), np.ascontiguousarray(rows, "<i8")]),
@@ -178,6 +200,8 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "rot": directions(),
         "code": codes(),
         "fac": (f for f in factors),  # filled by the codes' pass, written after it
+        "srot": (basis[i] for i in [1]),  # made by the directions' pass
+        "sign": signs(),
     }
     files = []
     try:
@@ -331,7 +355,7 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
     d = view.dim
     assert d is not None
     expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize, "rot": d * m * 4,
-              "code": n * m, "fac": n * 8}
+              "code": n * m, "fac": n * 8, "srot": d * m * 4, "sign": n * (words_for(m) + 2) * 8}
     maps = {}
     with contextlib.ExitStack() as files:
         for f in listed:
@@ -350,9 +374,13 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
         vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
         codes = None
         if "code" in maps and n:
+            signs = None
+            if "sign" in maps:
+                signs = Signs(np.memmap(maps["sign"], "<u8", mode="r", shape=(n, words_for(m) + 2)),
+                              np.ascontiguousarray(np.fromfile(maps["srot"], "<f4").reshape(d, m).T))
             codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, m)),
                           np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)),
-                          np.ascontiguousarray(np.fromfile(maps["rot"], "<f4").reshape(d, m).T))
+                          np.ascontiguousarray(np.fromfile(maps["rot"], "<f4").reshape(d, m).T), signs)
     return Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec, codes, _inverse_norms(cent))
 
 

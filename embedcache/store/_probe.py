@@ -22,6 +22,14 @@ same for every row of a query), closest where a cell's rows are closest together
 The ``shortlist`` best rows of each query by that estimate are then scored exactly, from the
 vectors, as above: a reported score is always the exact one, and a row can be missed only
 when its estimate ranks it below the shortlist (the measured recall includes that).
+
+With the index's 1-bit codes (:class:`Signs`) as well, a first pass reads ``m / 8 + 16``
+bytes a row instead: the signs of each row's offset in a random rotation of those ``m``
+directions, one factor per row, estimated against the query in 4 bits (popcounts of the
+row's bits with each of the query's 4 bit planes, the estimator of RaBitQ, Gao and Long,
+SIGMOD 2024). Each query keeps its best ``max(STORE_INDEX_SIGN_SHORTLIST,
+STORE_INDEX_SIGN_SHORTLIST_PER_K * k)`` rows by that estimate, those are estimated again
+from their 8-bit codes into the shortlist above, and that is scored exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from embedcache import _config, kernels
 from embedcache.kernels._core import (
@@ -49,6 +59,24 @@ from embedcache.kernels._core import (
 
 #: largest code magnitude: codes are symmetric, -127 .. 127
 CODE_MAX = 127
+#: a query's estimate against the 1-bit codes uses this many bit planes (0 .. 15 levels)
+QUERY_BITS = 4
+
+
+@dataclass
+class Signs:
+    """The 1-bit codes of an index's rows, in cell order: ``records`` (n, w + 2) uint64, each
+    row's ``w = ceil(m / 64)`` words of bits (bit t of the row: bit ``t % 64`` of word ``t //
+    64``, set where the row's offset is >= 0 in direction t of ``axes``, the higher bits of
+    the last word clear), then 4 float32: the gain, the gain times the row's factor, ``2 *
+    (bits set) - m``, 0. ``axes`` (m, d) float32: the rotated directions (orthonormal rows)."""
+
+    records: np.ndarray
+    axes: np.ndarray
+
+    @property
+    def words(self) -> int:
+        return self.records.shape[1] - 2
 
 
 @dataclass
@@ -62,6 +90,19 @@ class Codes:
     codes: np.ndarray
     fac: np.ndarray
     axes: np.ndarray
+    signs: Signs | None = None  # None: an index written before 1-bit codes existed
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """The number of bits set in a uint64 (LLVM's ctpop: one instruction where the CPU has one)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, args)
+
+    return sig, codegen
 
 
 def residuals(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +127,73 @@ def code_basis(gram: np.ndarray, energy: float) -> np.ndarray:
     m = d if total <= 0 else int(np.searchsorted(np.cumsum(w) / total, min(energy, 1.0) - 1e-12)) + 1
     m = min(d, -(-m // 16) * 16)
     return np.ascontiguousarray(v[:, :m], dtype=np.float32)
+
+
+def spin(basis: np.ndarray, seed: int) -> np.ndarray:
+    """(d, m) float32: ``basis`` (d, m) turned by a random rotation of its ``m`` directions
+    (the same directions' span, its energy spread evenly over them, as 1-bit codes need)."""
+    m = basis.shape[1]
+    g = np.random.default_rng([seed, 13]).standard_normal((m, m))
+    r, upper = np.linalg.qr(g)
+    r *= np.where(np.diag(upper) < 0, -1.0, 1.0)[None, :]  # the uniform (Haar) rotation
+    return np.ascontiguousarray(basis.astype(np.float64) @ r, dtype=np.float32)
+
+
+def words_for(m: int) -> int:
+    """uint64 words holding ``m`` bits."""
+    return -(-m // 64)
+
+
+def pack_bits(on: np.ndarray) -> np.ndarray:
+    """(rows, words_for(m)) uint64 of a (rows, m) bool array: bit t in bit ``t % 64`` of
+    word ``t // 64``."""
+    rows, m = on.shape
+    out = np.zeros((rows, words_for(m) * 8), np.uint8)
+    out[:, : -(-m // 8)] = np.packbits(on, axis=1, bitorder="little")
+    return out.view("<u8")
+
+
+def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
+                 axes: np.ndarray) -> np.ndarray:
+    """(rows, words + 2) uint64: the :class:`Signs` records of rows ``x`` of cells ``cell``
+    in the rotated directions ``axes`` (d, m). A row's factor ``|r|^2 / sum |r_t|`` (r: its
+    offset in those directions) turns the dot product of the query with the row's signs
+    into an estimate of the query's product with the offset (0 for a zero offset)."""
+    unit, inv = residuals(x, centroids, cell)
+    r = (unit @ axes).astype(np.float64)
+    m = r.shape[1]
+    bits = pack_bits(r >= 0)
+    l1 = np.abs(r).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(l1 > 0, (r * r).sum(axis=1) / l1, 0.0)
+        gain = np.ones(len(r)) if cosine else np.minimum(np.where(inv > 0, 1.0 / inv, 0.0),
+                                                           np.finfo(np.float32).max)
+    tail = np.zeros((len(r), 4), np.float32)
+    tail[:, 0] = gain
+    tail[:, 1] = np.minimum(gain * f, np.finfo(np.float32).max)
+    tail[:, 2] = 2 * (r >= 0).sum(axis=1) - m
+    return np.ascontiguousarray(np.concatenate([bits, tail.view("<u8")], axis=1))
+
+
+def query_planes(projected: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray]:
+    """The queries' rotated products ``projected`` (q, m) in ``QUERY_BITS`` bits: (planes (q,
+    QUERY_BITS, words) uint64: bit t of plane p set where level ``u_t`` has bit p; terms (q,
+    3) float32: ``2 * step``, ``low``, ``step * sum u``), for levels ``u_t = round((x_t - low)
+    / step)`` in 0 .. 15 between the query's smallest and largest product."""
+    nq, m = projected.shape
+    top = (1 << QUERY_BITS) - 1
+    low = projected.min(axis=1) if m else np.zeros(nq, np.float32)
+    step = (projected.max(axis=1) - low) / top if m else np.ones(nq, np.float32)
+    step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)
+    u = np.clip(np.rint((projected - low[:, None]) / step[:, None]), 0, top).astype(np.uint8)
+    planes = np.zeros((nq, QUERY_BITS, words), np.uint64)
+    for b in range(QUERY_BITS):
+        planes[:, b] = pack_bits((u >> b) & 1 > 0)
+    terms = np.empty((nq, 3), np.float32)
+    terms[:, 0] = 2 * step
+    terms[:, 1] = low
+    terms[:, 2] = step * u.sum(axis=1, dtype=np.float64)
+    return planes, terms
 
 
 def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
@@ -163,14 +271,41 @@ def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, 
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, hs, hi):
+    """Fold the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their :class:`Signs`
+    records; ``recf``: the same records as float32) into the heaps of the queries ``ql``
+    (``qc``: each one's product with the cell's centroid; ``planes``, ``terms``: the queries
+    in bits, :func:`query_planes`)."""
+    w = recs.shape[1] - 2
+    f0 = 2 * w
+    for j in range(j0, j1):
+        if use_dead and _dead(deleted, rows[j]):
+            continue
+        rec = recs[j]
+        gain, gf, pm = recf[j, f0], recf[j, f0 + 1], recf[j, f0 + 2]
+        for u in range(ql.shape[0]):
+            q = ql[u]
+            pl = planes[q]
+            s = np.uint64(0)
+            for b in range(pl.shape[0]):
+                c = np.uint64(0)
+                for t in range(w):
+                    c += _popcount(rec[t] & pl[b, t])
+                s += c << np.uint64(b)
+            e = gain * qc[u] + gf * (terms[q, 0] * np.float32(s) + terms[q, 1] * pm - terms[q, 2])
+            if _better(e, j, hs[q, 0], hi[q, 0]):
+                _heap_replace_root(hs[q], hi[q], e, j)
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _scan(a, b, work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-          cosine, use_codes, cent, codes, fac, projected, hs, hi):
+          cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, hs, hi):
     """Fold the work ``a .. b`` into the heaps ``hs, hi`` ((q, k)). Cell ``t`` of the list
     (cell number ``cells[t]``) holds index rows ``first[t] ..`` (as many as ``(work[t + 1] -
     work[t])`` divided by its query count), probed by queries ``qlist[qstart[t]:qstart[t +
     1]]``; its row ``i`` is unit ``work[t] + i * queries`` of the work, and belongs to the
-    share holding that unit. With ``use_codes`` the heaps collect index positions by the
-    codes' estimate; else row numbers by exact score."""
+    share holding that unit. ``mode`` 0: the heaps collect row numbers by exact score; 1:
+    index positions by the 8-bit codes' estimate; 2: by the 1-bit codes' estimate."""
     qc = np.empty(qlist.shape[0], np.float32)
     t = np.searchsorted(work, a, side="right") - 1
     while t < len(first) and work[t] < b:
@@ -179,26 +314,78 @@ def _scan(a, b, work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16,
             lo = max(0, (a - work[t] + nq - 1) // nq)
             hi_row = (min(b, work[t + 1]) - work[t] + nq - 1) // nq
             ql = qlist[qstart[t] : qstart[t + 1]]
-            if use_codes:
+            j0, j1 = first[t] + lo, first[t] + hi_row
+            if mode == 0:
+                _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries, inv_q, cosine, hs, hi)
+            else:
                 for u in range(nq):
                     qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-                _fold_codes(codes, fac, first[t] + lo, first[t] + hi_row, rows, deleted, use_dead, ql, qc[:nq],
-                            projected, hs, hi)
-            else:
-                _fold_rows(vec32, vec16, half, first[t] + lo, first[t] + hi_row, rows, deleted, use_dead, ql,
-                           queries, inv_q, cosine, hs, hi)
+                if mode == 1:
+                    _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
+                else:
+                    _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi)
         t += 1
 
 
 @njit(parallel=True, cache=True)
 def _scan_shares(work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-                 cosine, use_codes, cent, codes, fac, projected, heap_s, heap_i):
+                 cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s, heap_i):
     total = work[-1]
     shares = heap_s.shape[0]
     for t in prange(shares):
         _scan(total * t // shares, total * (t + 1) // shares, work, first, cells, qstart, qlist, queries, inv_q,
-              vec32, vec16, half, rows, deleted, use_dead, cosine, use_codes, cent, codes, fac, projected,
-              heap_s[t], heap_i[t])
+              vec32, vec16, half, rows, deleted, use_dead, cosine, mode, cent, codes, fac, projected, recs, recf,
+              planes, terms, heap_s[t], heap_i[t])
+
+
+@njit(cache=True)
+def _merge_shares(heap_s, heap_i):
+    """Fold the heaps of shares 1 .. into share 0's: each query's best entries over all
+    shares (the same set, whatever the shares: the order is total)."""
+    for t in range(1, heap_s.shape[0]):
+        for q in range(heap_s.shape[1]):
+            for u in range(heap_s.shape[2]):
+                j = heap_i[t, q, u]
+                if j != _NO_INDEX and _better(heap_s[t, q, u], j, heap_s[0, q, 0], heap_i[0, q, 0]):
+                    _heap_replace_root(heap_s[0, q], heap_i[0, q], heap_s[t, q, u], j)
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _reestimate(q0, q1, cand, codes, fac, projected, offsets, near, qc_near, hs, hi):
+    """Estimate the index positions ``cand`` (q, m) of queries ``q0 .. q1`` from their 8-bit
+    codes, as :func:`_fold_codes` does (``near``: each query's probed cells, sorted;
+    ``qc_near``: its products with them), into heaps ``hs, hi`` (index positions)."""
+    d = codes.shape[1]
+    for q in range(q0, q1):
+        qq = projected[q]
+        for u in range(cand.shape[1]):
+            j = cand[q, u]
+            if j == _NO_INDEX:
+                continue
+            x = np.searchsorted(near[q], np.searchsorted(offsets, j, side="right") - 1)
+            code = codes[j]
+            acc = np.float32(0.0)
+            for t in range(d):
+                acc += qq[t] * np.float32(code[t])
+            e = fac[j, 1] * (qc_near[q, x] + fac[j, 0] * acc)
+            if _better(e, j, hs[q, 0], hi[q, 0]):
+                _heap_replace_root(hs[q], hi[q], e, j)
+
+
+@njit(parallel=True, cache=True)
+def _reestimate_shares(cand, codes, fac, projected, offsets, near, qc_near, hs, hi, shares):
+    nq = cand.shape[0]
+    for t in prange(shares):
+        _reestimate(nq * t // shares, nq * (t + 1) // shares, cand, codes, fac, projected, offsets, near, qc_near,
+                    hs, hi)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _near_products(queries, cent, near, out):
+    """out[q, t] = queries[q] . cent[near[q, t]], as :func:`_scan` computes it."""
+    for q in range(near.shape[0]):
+        for t in range(near.shape[1]):
+            out[q, t] = _dot32(queries[q], cent[near[q, t]])
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -285,16 +472,13 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
          codes: tuple | None = None, shortlist: int = 0):
     """Top-``k`` (scores, rows) per query over the listed cells (index rows ``first[t] ..
     first[t] + lengths[t]`` of cell ``cells[t]``, probed by ``qlist[qstart[t]:qstart[t +
-    1]]``); through the ``shortlist`` best estimates of ``codes`` ((centroids, Codes)) when
-    given."""
+    1]]``); through the ``shortlist`` best estimates of the 8-bit codes when ``codes``
+    ((centroids, Codes, each query's probed cells sorted, the index's cell offsets, the 1-bit
+    shortlist)) is given, and first through the 1-bit codes' best when the Codes hold them."""
     nq = len(queries)
     work = np.zeros(len(first) + 1, np.int64)
     np.cumsum(lengths * np.diff(qstart), out=work[1:])
     shares = _shares(work)
-    use_codes = codes is not None
-    m = max(k, shortlist) if use_codes else k
-    heap_s = np.full((shares, nq, m), -np.inf, np.float32)
-    heap_i = np.full((shares, nq, m), _NO_INDEX, np.int64)
     base = vectors.view(np.ndarray)
     half = base.dtype == np.float16
     d = queries.shape[1]
@@ -302,33 +486,55 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     vec16 = base.view(np.uint16) if half else np.empty((0, d), np.uint16)
     use_dead = deleted is not None and len(deleted) > 0
     dead = deleted if use_dead else np.empty(0, np.int64)
-    if use_codes:
-        cent, c = codes
+    no_signs = (np.empty((0, 2), np.uint64), np.empty((0, 4), np.float32), np.empty((nq, 1, 0), np.uint64),
+                np.empty((nq, 3), np.float32))
+    if codes is None:
+        mode, m = 0, k
+        cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
+                 np.empty((nq, d), np.float32), *no_signs)
+    else:
+        cent, c, near, offsets, wide = codes
         projected = np.empty((nq, c.axes.shape[0]), np.float32)
         _project(queries, c.axes, projected)
-        cdata = (cent, c.codes, c.fac, projected)
-    else:
-        cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
-                 np.empty((nq, d), np.float32))
+        sdata = no_signs
+        mode, m = 1, max(k, shortlist)
+        if c.signs is not None and wide > m:
+            mode, m = 2, wide
+            recs = c.signs.records.view(np.ndarray)
+            turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
+            _project(queries, c.signs.axes, turned)
+            sdata = (recs, recs.view(np.float32), *query_planes(turned, c.signs.words))
+        cdata = (cent, c.codes, c.fac, projected, *sdata)
+    heap_s = np.full((shares, nq, m), -np.inf, np.float32)
+    heap_i = np.full((shares, nq, m), _NO_INDEX, np.int64)
     args = (work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
-            use_codes, *cdata)
+            mode, *cdata)
     if shares == 1:
         _scan(0, work[-1], *args, heap_s[0], heap_i[0])
     else:
         _scan_shares(*args, heap_s, heap_i)
-    flat_s, flat_i = _flat(heap_s, heap_i)
-    if not use_codes:
-        return _best(flat_s, flat_i, k)
-    # the shortlist: the best ``m`` estimates over all shares (so one query alone and in a
-    # batch, on one thread or several, shortlists the same rows), then scored exactly
-    _, cand = _best(flat_s, flat_i, m) if shares > 1 else (None, flat_i)
-    cand = np.where(cand < 0, _NO_INDEX, cand)
+    if mode == 0:
+        return _best(*_flat(heap_s, heap_i), k)
+    # a shortlist: the best ``m`` estimates over all shares (so one query alone and in a
+    # batch, on one thread or several, shortlists the same rows)
+    _merge_shares(heap_s, heap_i)
+    cand = heap_i[0]
+    many = nq > _config.STORE_INDEX_FEW_QUERIES
+    threads = numba.get_num_threads()
+    if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes
+        qc_near = np.empty(near.shape, np.float32)
+        _near_products(queries, cent, near, qc_near)
+        m = max(k, shortlist)
+        hs = np.full((nq, m), -np.inf, np.float32)
+        hi = np.full((nq, m), _NO_INDEX, np.int64)
+        cargs = (cand, c.codes, c.fac, projected, offsets, near, qc_near, hs, hi)
+        _reestimate_shares(*cargs, threads) if many else _reestimate(0, nq, *cargs)
+        cand = hi
+    # then scored exactly
     hs = np.full((nq, k), -np.inf, np.float32)
     hi = np.full((nq, k), _NO_INDEX, np.int64)
-    if nq > _config.STORE_INDEX_FEW_QUERIES:
-        _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi, numba.get_num_threads())
-    else:
-        _rescore(0, nq, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi)
+    rargs = (cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi)
+    _rescore_shares(*rargs, threads) if many else _rescore(0, nq, *rargs)
     return _best(hs, hi, k)
 
 
@@ -373,9 +579,15 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     ``deleted``: sorted row numbers never returned (None: none). ``codes``: the rows' codes,
     used (through a shortlist of each query's best estimates, scored exactly) when fewer
     than every cell is probed; then queries go ``STORE_INDEX_QUERY_BLOCK`` at a time (each
-    one's shortlist is held while its block is searched)."""
-    block = max(1, _config.STORE_INDEX_QUERY_BLOCK)
-    if codes is not None and probes < len(centroids) and len(queries) > block:
+    one's shortlists are held while its block is searched)."""
+    shortlist = max(_config.STORE_INDEX_SHORTLIST, _config.STORE_INDEX_SHORTLIST_PER_K * k)
+    wide = max(_config.STORE_INDEX_SIGN_SHORTLIST, _config.STORE_INDEX_SIGN_SHORTLIST_PER_K * k)
+    use = codes is not None and probes < len(centroids)
+    # each query of a block holds its shortlists while the block runs: blocks of at most
+    # STORE_INDEX_QUERY_BLOCK queries holding the 8-bit shortlist's entries between them
+    held = wide if use and codes.signs is not None and wide > shortlist else shortlist
+    block = max(1, _config.STORE_INDEX_QUERY_BLOCK * shortlist // max(held, 1))
+    if use and len(queries) > block:
         parts = [probe(queries[a : a + block], centroids, probes, offsets, vectors, rows, k, metric, deleted,
                        codes=codes, inv_c=inv_c) for a in range(0, len(queries), block)]
         return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
@@ -389,8 +601,9 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     qstart = np.append(head, len(listed)).astype(np.int64)
     first = np.asarray(offsets[cells], np.int64)
     lengths = np.asarray(offsets[cells + 1], np.int64) - first
-    use = codes is not None and near.shape[1] < len(centroids)
-    shortlist = max(_config.STORE_INDEX_SHORTLIST, _config.STORE_INDEX_SHORTLIST_PER_K * k)
+    cdata = None
+    if use and near.shape[1] < len(centroids):
+        cdata = (np.ascontiguousarray(centroids, np.float32), codes, np.sort(near, axis=1),
+                 np.asarray(offsets, np.int64), wide)
     return _top(first, lengths, cells, qstart, qlist, queries, _inverse_norms(queries), vectors,
-                rows.view(np.ndarray), k, metric == "cosine", deleted,
-                (np.ascontiguousarray(centroids, np.float32), codes) if use else None, shortlist)
+                rows.view(np.ndarray), k, metric == "cosine", deleted, cdata, shortlist)
