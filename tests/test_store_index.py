@@ -117,7 +117,7 @@ def test_a_stale_index_is_reported_and_not_used(tmp_path):
         np.testing.assert_array_equal(ids, ei)
         store.create_index(seed=0)  # rebuilt: used again, the old files removed
         assert not store.index_info()["stale"] and store.index_info()["rows"] == 2000
-        assert len(list((tmp_path / "s" / "index").iterdir())) == 6
+        assert len(list((tmp_path / "s" / "index").iterdir())) == 8
 
 
 def test_float16_store(tmp_path):
@@ -196,7 +196,7 @@ def test_sigkill_during_the_build_leaves_the_old_index_or_the_new(tmp_path, stag
         _assert_same(exact, full)
         s.create_index(seed=0)  # the next build removes what the dead one left
         listed = {f.split("/")[-1] for f in [p.name for p in (path / "index").iterdir()]}
-        assert len(listed) == 6 and s.verify()["index_bytes"] > 0
+        assert len(listed) == 8 and s.verify()["index_bytes"] > 0
 
 
 def test_another_handle_follows_a_rebuilt_index(tmp_path):
@@ -258,9 +258,9 @@ def _probe_both(store, q, k, recall):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=matrices(max_rows=60, min_rows=2, max_dim=6), cells=st.integers(2, 9), k=st.integers(1, 8),
        dtype=st.sampled_from(["float32", "float16"]), metric=st.sampled_from(["cosine", "dot"]),
-       shortlist=st.integers(1, 12), seed=st.integers(0, 3))
+       shortlist=st.integers(1, 12), wide=st.integers(1, 30), seed=st.integers(0, 3))
 def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_enough(
-        x, cells, k, dtype, metric, shortlist, seed):
+        x, cells, k, dtype, metric, shortlist, wide, seed):
     x = np.clip(x, -1000, 1000)
     n = len(x)
     q = np.concatenate([x[::-1], np.zeros((1, x.shape[1]), np.float32)])[:10].astype(np.float32)
@@ -269,11 +269,14 @@ def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_eno
         store.add(ids_of(n), x)
         store.create_index(cells=cells, seed=seed)
         kk = min(k, n)
-        with _config.override(STORE_INDEX_SHORTLIST=n, STORE_INDEX_SHORTLIST_PER_K=1):
-            (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
-        np.testing.assert_array_equal(cs, fs)  # every probed row shortlisted: the exact scan's answer
-        np.testing.assert_array_equal(ci, fi)
-        with _config.override(STORE_INDEX_SHORTLIST=shortlist, STORE_INDEX_SHORTLIST_PER_K=0):
+        for first in (0, n + 1):  # the 8-bit codes alone; the 1-bit codes first, every row kept
+            with _config.override(STORE_INDEX_SHORTLIST=n, STORE_INDEX_SHORTLIST_PER_K=1,
+                                  STORE_INDEX_SIGN_SHORTLIST=first, STORE_INDEX_SIGN_SHORTLIST_PER_K=0):
+                (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
+            np.testing.assert_array_equal(cs, fs)  # every probed row shortlisted: the exact scan's answer
+            np.testing.assert_array_equal(ci, fi)
+        with _config.override(STORE_INDEX_SHORTLIST=shortlist, STORE_INDEX_SHORTLIST_PER_K=0,
+                              STORE_INDEX_SIGN_SHORTLIST=shortlist + wide, STORE_INDEX_SIGN_SHORTLIST_PER_K=0):
             (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
         xs = store.get([f"r{i}" for i in range(n)]).astype(np.float32)
         exact = ec.cosine_similarity(q, xs) if metric == "cosine" else ec.dot_similarity(q, xs)
@@ -320,6 +323,101 @@ def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, se
         step = fac[:, :1].astype(np.float64)
         assert np.all(np.abs(kept - step * codes) <= 0.5 * step + 1e-6)
         np.testing.assert_allclose(fac[:, 1], 1.0 if cosine else norm, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=matrices(max_rows=30, min_rows=1, max_dim=70), seed=st.integers(0, 5), energy=st.sampled_from([0.5, 1.0]),
+       cosine=st.booleans())
+def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, energy, cosine):
+    from embedcache.kernels._core import _NO_INDEX
+    from embedcache.store._probe import (QUERY_BITS, code_basis, encode_signs, query_planes, residuals, spin,
+                                         words_for, _fold_signs)
+
+    x = np.clip(x, -1000, 1000).astype(np.float32)
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    cent = rng.normal(size=(1, d)).astype(np.float32)
+    cent /= max(float(np.linalg.norm(cent)), 1e-30)
+    cell = np.zeros(n, np.int64)
+    resid, inv = residuals(x, cent, cell)
+    axes = spin(code_basis(resid.T.astype(np.float64) @ resid, energy), seed)
+    m = axes.shape[1]
+    np.testing.assert_allclose(axes.T.astype(np.float64) @ axes, np.eye(m), atol=1e-5)  # still orthonormal
+    recs = encode_signs(x, cent, cell, cosine, axes)
+    w = words_for(m)
+    assert recs.shape == (n, w + 2) and recs.dtype == np.uint64
+    bits = np.unpackbits(recs[:, :w].view(np.uint8), axis=1, bitorder="little")
+    r = resid.astype(np.float64) @ axes
+    np.testing.assert_array_equal(bits[:, :m], r >= 0)  # bit t: the sign in direction t
+    assert not bits[:, m:].any()
+    q = (rng.normal(size=(3, d)) * rng.choice([1e-3, 1.0, 1e3])).astype(np.float32)
+    turned = q @ axes
+    planes, terms = query_planes(turned, w)
+    levels = sum(np.unpackbits(planes[:, b].view(np.uint8), axis=-1, bitorder="little")[:, :m].astype(np.int64)
+                 << b for b in range(QUERY_BITS))
+    low = turned.min(axis=1, keepdims=True)
+    step = terms[:, :1] / 2.0
+    assert levels.max() < 2**QUERY_BITS
+    assert np.all(np.abs(low + step * levels - turned) <= 0.5 * step * (1 + 1e-4))  # within half a level
+    hs = np.full((3, n), -np.inf, np.float32)
+    hi = np.full((3, n), _NO_INDEX, np.int64)
+    qc = (q @ cent[0]).astype(np.float32)
+    _fold_signs(recs, recs.view(np.float32), 0, n, np.arange(n), np.zeros(0, np.int64), False, np.arange(3), qc,
+                planes, terms, hs, hi)
+    got = np.full((3, n), np.nan)
+    np.put_along_axis(got, hi, hs, axis=1)
+    gain = np.ones(n) if cosine else np.linalg.norm(x.astype(np.float64), axis=1)
+    l1 = np.abs(r).sum(axis=1)
+    f = np.divide((r * r).sum(axis=1), l1, out=np.zeros(n), where=l1 > 0)
+    signed = np.where(bits[:, :m] > 0, 1.0, -1.0)
+    want = gain[None, :] * qc[:, None].astype(np.float64) + (gain * f)[None, :] * ((low + step * levels) @ signed.T)
+    size = gain[None, :] * (np.abs(qc)[:, None] + f[None, :] * np.abs(turned).sum(axis=1, keepdims=True) * 2)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(size.max()) + 1e-30)
+
+
+def test_one_bit_codes_first_keep_the_recall_of_the_8_bit_codes(tmp_path):
+    x = clustered(12_000, d=128, clusters=60, noise=0.8, seed=3)
+    q = clustered(12_200, d=128, clusters=60, noise=0.8, seed=3)[12_000:]
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(cells=20, seed=0)
+        rows = np.mean([len(_probed_rows(store, q[i : i + 1], 0.95)) for i in range(20)])
+        with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0):
+            eight = store.search(q, 10, recall=0.95)
+        with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=100):
+            assert 1000 * 1.4 < rows  # the 1-bit shortlist leaves out a third of the probed rows
+            both = store.search(q, 10, recall=0.95)
+        # isotropic noise in 128 dimensions is the hard case for 1 bit (the planted near-duplicates
+        # of real data stand out far more); the loss is measured at build time either way
+        same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(both[1], eight[1])])
+        assert same >= 0.985, same
+
+
+def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_path):
+    import json
+    import sqlite3
+
+    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
+    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
+    with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0), \
+            ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        want = store.search(q, 5, recall=0.9)
+    con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
+    desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
+    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign"))]
+    assert len(old) == 2
+    desc["files"] = [f for f in desc["files"] if f not in old]  # as an index written before them
+    with con:
+        con.execute("UPDATE settings SET value = ? WHERE key = 'index'", (json.dumps(desc),))
+    con.close()
+    for f in old:
+        (tmp_path / "s" / f["file"]).unlink()
+    with ec.VectorStore(tmp_path / "s") as store:
+        got = store.search(q, 5, recall=0.9)
+        store.verify()
+    _assert_same(got, want)
 
 
 def test_codes_keep_the_recall_of_the_cells_they_probe(tmp_path):

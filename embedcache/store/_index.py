@@ -67,9 +67,11 @@ from embedcache.store import _query
 from embedcache.store._format import View, next_segment
 from embedcache.store._probe import (
     Codes,
+    Coarse,
     Signs,
     _inverse_norms,
     code_basis,
+    coarse,
     encode,
     encode_signs,
     probe,
@@ -335,6 +337,7 @@ class Loaded:
     vectors: np.ndarray
     codes: Codes | None  # None: an index written before codes existed
     inv_c: np.ndarray  # the centroids' inverse norms
+    small: Coarse  # the centroids in 8 bits (ranking them against a few queries)
 
 
 def load(root: Path, view: View, desc: dict[str, Any], cache: dict[int, Loaded]) -> Loaded | None:
@@ -381,7 +384,7 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
             codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, m)),
                           np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)),
                           np.ascontiguousarray(np.fromfile(maps["rot"], "<f4").reshape(d, m).T), signs)
-    return Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec, codes, _inverse_norms(cent))
+    return Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec, codes, _inverse_norms(cent), coarse(cent))
 
 
 def stale_rows(view: View, desc: dict[str, Any]) -> tuple[int, int]:
@@ -475,7 +478,7 @@ def _search_loaded(view: View, loaded: Loaded, queries: np.ndarray, k: int, prob
                    deleted: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, row numbers) of the indexed rows alone (:func:`._probe.probe`)."""
     return probe(queries, loaded.centroids, probes, loaded.offsets, loaded.vectors, loaded.rows, k,
-                 view.metric, deleted, codes=loaded.codes, inv_c=loaded.inv_c)
+                 view.metric, deleted, codes=loaded.codes, inv_c=loaded.inv_c, small=loaded.small)
 
 
 # ----------------------------------------------------------------------------- checking

@@ -538,31 +538,70 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     return _best(hs, hi, k)
 
 
+@dataclass
+class Coarse:
+    """The centroids in 8 bits, for ranking them against a few queries: ``codes`` (cells, d)
+    int8, ``scale`` (cells,) float32 (centroid c is about ``scale[c] * codes[c]``) and
+    ``err`` (cells,) float64, each one's distance from that, ``|c - scale[c] * codes[c]|``,
+    rounded up."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    err: np.ndarray
+
+
+def coarse(centroids: np.ndarray) -> Coarse:
+    """The :class:`Coarse` copy of float32 ``centroids`` (cells, d)."""
+    c = np.asarray(centroids, np.float64)
+    top = np.abs(c).max(axis=1) if c.shape[1] else np.zeros(len(c))
+    scale = (top / CODE_MAX).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float64)
+    codes = np.clip(np.rint(c / safe[:, None]), -CODE_MAX, CODE_MAX).astype(np.int8)
+    err = np.linalg.norm(c - scale[:, None].astype(np.float64) * codes, axis=1) * (1 + 2.0**-20)
+    return Coarse(codes, scale, err)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _coarse_scores(query, codes, scale, out):
+    """out[c] = scale[c] * (query . codes[c]), float32 products."""
+    for c in range(codes.shape[0]):
+        row = codes[c]
+        acc = np.float32(0.0)
+        for t in range(codes.shape[1]):
+            acc += query[t] * np.float32(row[t])
+        out[c] = scale[c] * acc
+
+
 def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
-                  inv_c: np.ndarray | None = None) -> np.ndarray:
+                  inv_c: np.ndarray | None = None, small: Coarse | None = None) -> np.ndarray:
     """(q, min(probes, cells)) int64: each query's nearest cells, ties to the lower cell (the
-    ranking of :func:`embedcache.top_k`, as a set): for a few queries, one matrix-vector
-    product picks the cells within rounding of the nearest, which are then scored as the
-    kernel scores them; the kernel itself for more. ``inv_c``: the centroids' inverse norms."""
+    ranking of :func:`embedcache.top_k`, as a set): for a few queries, the centroids' 8-bit
+    copy (``small``, :func:`coarse`) bounds each cell's score within its rounding, and the
+    cells whose bound reaches the ``probes``-th best lower bound are then scored as the kernel
+    scores them; the kernel itself for more. ``inv_c``: the centroids' inverse norms."""
     nq, cells = len(queries), len(centroids)
     p = min(probes, cells)
     if nq > _config.STORE_INDEX_FEW_QUERIES:
         return kernels.top_k(queries, centroids, p)[1]
     if inv_c is None:
         inv_c = _inverse_norms(centroids)
+    if small is None:
+        small = coarse(centroids)
     d = queries.shape[1]
     inv_q = _inverse_norms(queries)
     if not np.all((inv_q >= 2.0**-40) & (inv_q <= 2.0**40)):  # zero, tiny or huge: where float32
         return kernels.top_k(queries, centroids, p)[1]  # products lose the bounds used below
-    est = (queries @ centroids.T) * inv_c[None, :]  # (q . c) / |c|, float32 products
     out = np.empty((nq, p), np.int64)
+    est = np.empty(cells, np.float32)
     for i in range(nq):
-        e = est[i]
-        kth = np.partition(e, cells - p)[cells - p]
-        # float32 products of length d are within d * 2**-24 * |q| |c| of the exact ones, on
-        # either side: cells within twice that and more of the p-th estimate are listed
-        margin = (d + 8) * 2.0**-22 / inv_q[i]
-        cand = np.flatnonzero(e >= kth - margin).astype(np.int64)
+        _coarse_scores(queries[i], small.codes, small.scale, est)
+        e = est * inv_c  # (q . c) / |c| within the bound below
+        # the 8-bit copy is within err[c] of c: the product within |q| err[c]; float32 products
+        # of length d are within d * 2**-24 * |q| |c| of the exact ones, on either side
+        bound = small.err * inv_c / inv_q[i] + (d + 8) * 2.0**-22 / inv_q[i]
+        low = e - bound
+        kth = np.partition(low, cells - p)[cells - p]
+        cand = np.flatnonzero(e + bound >= kth).astype(np.int64)
         sc = np.empty(len(cand), np.float32)
         _cell_scores(queries[i], centroids, inv_q[i], inv_c, cand, sc)
         out[i] = cand[np.lexsort((cand, -sc))[:p]]
@@ -571,7 +610,7 @@ def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
 
 def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.ndarray, vectors: np.ndarray,
           rows: np.ndarray, k: int, metric: str, deleted: np.ndarray | None, *, codes: Codes | None = None,
-          inv_c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+          inv_c: np.ndarray | None = None, small: Coarse | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores float32, row numbers int64; -inf / -1 where fewer) of float32
     ``queries`` (q, d) over the rows of each query's ``probes`` nearest cells
     (:func:`nearest_cells` of the ``centroids``) in the index's cell-ordered ``vectors``
@@ -579,7 +618,8 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     ``deleted``: sorted row numbers never returned (None: none). ``codes``: the rows' codes,
     used (through a shortlist of each query's best estimates, scored exactly) when fewer
     than every cell is probed; then queries go ``STORE_INDEX_QUERY_BLOCK`` at a time (each
-    one's shortlists are held while its block is searched)."""
+    one's shortlists are held while its block is searched). ``inv_c``, ``small``: the
+    centroids' inverse norms and :func:`coarse` copy, when kept."""
     shortlist = max(_config.STORE_INDEX_SHORTLIST, _config.STORE_INDEX_SHORTLIST_PER_K * k)
     wide = max(_config.STORE_INDEX_SIGN_SHORTLIST, _config.STORE_INDEX_SIGN_SHORTLIST_PER_K * k)
     use = codes is not None and probes < len(centroids)
@@ -589,9 +629,9 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     block = max(1, _config.STORE_INDEX_QUERY_BLOCK * shortlist // max(held, 1))
     if use and len(queries) > block:
         parts = [probe(queries[a : a + block], centroids, probes, offsets, vectors, rows, k, metric, deleted,
-                       codes=codes, inv_c=inv_c) for a in range(0, len(queries), block)]
+                       codes=codes, inv_c=inv_c, small=small) for a in range(0, len(queries), block)]
         return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
-    near = nearest_cells(queries, centroids, probes, inv_c)
+    near = nearest_cells(queries, centroids, probes, inv_c, small)
     cells_of = near.reshape(-1)
     order = np.argsort(cells_of, kind="stable")  # queries of one cell together, in order
     qlist = (order // near.shape[1]).astype(np.int64)
