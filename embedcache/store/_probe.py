@@ -59,7 +59,8 @@ from embedcache.kernels._core import (
 
 #: largest code magnitude: codes are symmetric, -127 .. 127
 CODE_MAX = 127
-#: a query's estimate against the 1-bit codes uses this many bit planes (0 .. 15 levels)
+#: a query's estimate against the 1-bit codes uses this many bit planes (0 .. 15 levels;
+#: :func:`_fold_signs` reads four)
 QUERY_BITS = 4
 
 
@@ -281,61 +282,59 @@ def _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
     for j in range(j0, j1):
         if use_dead and _dead(deleted, rows[j]):
             continue
-        rec = recs[j]
         gain, gf, pm = recf[j, f0], recf[j, f0 + 1], recf[j, f0 + 2]
         for u in range(ql.shape[0]):
             q = ql[u]
-            pl = planes[q]
-            s = np.uint64(0)
-            for b in range(pl.shape[0]):
-                c = np.uint64(0)
-                for t in range(w):
-                    c += _popcount(rec[t] & pl[b, t])
-                s += c << np.uint64(b)
+            s0 = np.uint64(0)  # the bits set in both the row and plane b, for b = 0 .. 3
+            s1 = np.uint64(0)
+            s2 = np.uint64(0)
+            s3 = np.uint64(0)
+            for t in range(w):
+                x = recs[j, t]
+                s0 += _popcount(x & planes[q, 0, t])
+                s1 += _popcount(x & planes[q, 1, t])
+                s2 += _popcount(x & planes[q, 2, t])
+                s3 += _popcount(x & planes[q, 3, t])
+            s = s0 + (s1 << np.uint64(1)) + (s2 << np.uint64(2)) + (s3 << np.uint64(3))
             e = gain * qc[u] + gf * (terms[q, 0] * np.float32(s) + terms[q, 1] * pm - terms[q, 2])
             if _better(e, j, hs[q, 0], hi[q, 0]):
                 _heap_replace_root(hs[q], hi[q], e, j)
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _scan(a, b, work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-          cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, hs, hi):
-    """Fold the work ``a .. b`` into the heaps ``hs, hi`` ((q, k)). Cell ``t`` of the list
-    (cell number ``cells[t]``) holds index rows ``first[t] ..`` (as many as ``(work[t + 1] -
-    work[t])`` divided by its query count), probed by queries ``qlist[qstart[t]:qstart[t +
-    1]]``; its row ``i`` is unit ``work[t] + i * queries`` of the work, and belongs to the
-    share holding that unit. ``mode`` 0: the heaps collect row numbers by exact score; 1:
-    index positions by the 8-bit codes' estimate; 2: by the 1-bit codes' estimate."""
+def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
+          use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, hs, hi):
+    """Fold share ``share`` of ``shares`` of the listed cells into the heaps ``hs, hi`` ((q,
+    k)): that share of the rows of each cell, in list order. Cell ``t`` of the list (cell
+    number ``cells[t]``) holds index rows ``first[t] .. first[t] + lengths[t]``, probed by
+    queries ``qlist[qstart[t]:qstart[t + 1]]``. ``mode`` 0: the heaps collect row numbers by
+    exact score; 1: index positions by the 8-bit codes' estimate; 2: by the 1-bit codes'."""
     qc = np.empty(qlist.shape[0], np.float32)
-    t = np.searchsorted(work, a, side="right") - 1
-    while t < len(first) and work[t] < b:
+    for t in range(len(first)):
         nq = qstart[t + 1] - qstart[t]
-        if nq > 0:
-            lo = max(0, (a - work[t] + nq - 1) // nq)
-            hi_row = (min(b, work[t + 1]) - work[t] + nq - 1) // nq
-            ql = qlist[qstart[t] : qstart[t + 1]]
-            j0, j1 = first[t] + lo, first[t] + hi_row
-            if mode == 0:
-                _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries, inv_q, cosine, hs, hi)
-            else:
-                for u in range(nq):
-                    qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-                if mode == 1:
-                    _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
-                else:
-                    _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi)
-        t += 1
+        j0 = first[t] + lengths[t] * share // shares
+        j1 = first[t] + lengths[t] * (share + 1) // shares
+        if nq == 0 or j0 >= j1:
+            continue
+        ql = qlist[qstart[t] : qstart[t + 1]]
+        if mode == 0:
+            _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries, inv_q, cosine, hs, hi)
+            continue
+        for u in range(nq):
+            qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
+        if mode == 1:
+            _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
+        else:
+            _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi)
 
 
 @njit(parallel=True, cache=True)
-def _scan_shares(work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
+def _scan_shares(first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
                  cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s, heap_i):
-    total = work[-1]
     shares = heap_s.shape[0]
     for t in prange(shares):
-        _scan(total * t // shares, total * (t + 1) // shares, work, first, cells, qstart, qlist, queries, inv_q,
-              vec32, vec16, half, rows, deleted, use_dead, cosine, mode, cent, codes, fac, projected, recs, recf,
-              planes, terms, heap_s[t], heap_i[t])
+        _scan(t, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
+              use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s[t], heap_i[t])
 
 
 @njit(cache=True)
@@ -438,9 +437,10 @@ def _inverse_norms(x: np.ndarray) -> np.ndarray:
     return inv
 
 
-def _shares(work: np.ndarray) -> int:
+def _shares(work: int) -> int:
+    """Threads for ``work`` rows times queries."""
     share = max(1, _config.STORE_INDEX_SHARE_ROWS)
-    return max(1, min(numba.get_num_threads(), int(work[-1]) // share))
+    return max(1, min(numba.get_num_threads(), work // share))
 
 
 def _best(heap_s: np.ndarray, heap_i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -476,9 +476,7 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     ((centroids, Codes, each query's probed cells sorted, the index's cell offsets, the 1-bit
     shortlist)) is given, and first through the 1-bit codes' best when the Codes hold them."""
     nq = len(queries)
-    work = np.zeros(len(first) + 1, np.int64)
-    np.cumsum(lengths * np.diff(qstart), out=work[1:])
-    shares = _shares(work)
+    shares = _shares(int(np.dot(lengths, np.diff(qstart))))
     base = vectors.view(np.ndarray)
     half = base.dtype == np.float16
     d = queries.shape[1]
@@ -507,10 +505,10 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         cdata = (cent, c.codes, c.fac, projected, *sdata)
     heap_s = np.full((shares, nq, m), -np.inf, np.float32)
     heap_i = np.full((shares, nq, m), _NO_INDEX, np.int64)
-    args = (work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
+    args = (first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
             mode, *cdata)
     if shares == 1:
-        _scan(0, work[-1], *args, heap_s[0], heap_i[0])
+        _scan(0, 1, *args, heap_s[0], heap_i[0])
     else:
         _scan_shares(*args, heap_s, heap_i)
     if mode == 0:
@@ -518,7 +516,7 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     # a shortlist: the best ``m`` estimates over all shares (so one query alone and in a
     # batch, on one thread or several, shortlists the same rows)
     _merge_shares(heap_s, heap_i)
-    cand = heap_i[0]
+    cand = np.sort(heap_i[0], axis=1)  # in index order: the rows' pages in turn
     many = nq > _config.STORE_INDEX_FEW_QUERIES
     threads = numba.get_num_threads()
     if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes
@@ -529,7 +527,7 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         hi = np.full((nq, m), _NO_INDEX, np.int64)
         cargs = (cand, c.codes, c.fac, projected, offsets, near, qc_near, hs, hi)
         _reestimate_shares(*cargs, threads) if many else _reestimate(0, nq, *cargs)
-        cand = hi
+        cand = np.sort(hi, axis=1)
     # then scored exactly
     hs = np.full((nq, k), -np.inf, np.float32)
     hi = np.full((nq, k), _NO_INDEX, np.int64)
@@ -639,6 +637,14 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     head = np.flatnonzero(np.r_[True, listed[1:] != listed[:-1]]) if len(listed) else np.zeros(0, np.int64)
     cells = listed[head].astype(np.int64)
     qstart = np.append(head, len(listed)).astype(np.int64)
+    if len(head):  # nearest cells first (by the best rank any query gives them): the heaps
+        # fill with good rows early, and fewer rows after them displace one
+        lead = np.argsort(np.minimum.reduceat(order % near.shape[1], head), kind="stable")
+        size = np.diff(qstart)[lead]
+        start = np.zeros(len(lead) + 1, np.int64)
+        np.cumsum(size, out=start[1:])
+        qlist = qlist[np.repeat(qstart[lead] - start[:-1], size) + np.arange(start[-1])]
+        cells, qstart = cells[lead], start
     first = np.asarray(offsets[cells], np.int64)
     lengths = np.asarray(offsets[cells + 1], np.int64) - first
     cdata = None
