@@ -40,6 +40,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from embedcache import _config, kernels
@@ -104,6 +105,40 @@ def _popcount(typingctx, x):
         return builder.call(fn, args)
 
     return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i, off):
+    """Ask for the cache line holding byte ``off`` of row ``i`` of the 2-d array ``arr``
+    (LLVM's prefetch: a hint, never a fault)."""
+    sig = types.void(arr, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        stride = builder.extract_value(ary.strides, 0)
+        base = builder.ptrtoint(ary.data, ir.IntType(64))
+        addr = builder.add(base, builder.add(builder.mul(args[1], stride), args[2]))
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read, keep in every cache level, data
+        builder.call(fn, [builder.inttoptr(addr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _prefetch_row(arr, i):
+    """Ask for every cache line of row ``i`` of ``arr``."""
+    for off in range(0, arr.shape[1] * arr.itemsize, 64):
+        _prefetch(arr, i, off)
+
+
+#: rows of a shortlist asked for this far ahead of the one being scored (random rows: each a
+#: wait on memory otherwise)
+AHEAD = 16
 
 
 def residuals(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -271,14 +306,43 @@ def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, 
                 _heap_replace_root(hs[q], hi[q], e, j)
 
 
+@njit(cache=True, nogil=True)
+def _keep_best(s, i, n, keep):
+    """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
+    keep) to the front, in no order; return ``keep`` and the score and index of the worst
+    of them."""
+    th = np.partition(s[:n].copy(), n - keep)[n - keep]  # the keep-th highest score
+    w = 0
+    for u in range(n):  # the higher scores first
+        if s[u] > th:
+            s[w], s[u] = s[u], s[w]
+            i[w], i[u] = i[u], i[w]
+            w += 1
+    t = w
+    for u in range(w, n):  # then the ties, of which the lowest indices are kept
+        if s[u] == th:
+            s[t], s[u] = s[u], s[t]
+            i[t], i[u] = i[u], i[t]
+            t += 1
+    tie = np.sort(i[w:t])
+    need = keep - w
+    i[w : w + need] = tie[:need]
+    s[w : w + need] = th
+    return keep, th, tie[need - 1]
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, hs, hi):
-    """Fold the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their :class:`Signs`
-    records; ``recf``: the same records as float32) into the heaps of the queries ``ql``
-    (``qc``: each one's product with the cell's centroid; ``planes``, ``terms``: the queries
-    in bits, :func:`query_planes`)."""
+def _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj):
+    """Collect the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their :class:`Signs`
+    records; ``recf``: the same records as float32) for the queries ``ql`` (``qc``: each
+    one's product with the cell's centroid; ``planes``, ``terms``: the queries in bits,
+    :func:`query_planes`): query q's buffer ``bs[q], bi[q]`` holds ``fill[q]`` entries,
+    every one seen at least as good as ``(bar[q], barj[q])``; a full buffer keeps its best
+    half (:func:`_keep_best`), and that half's worst becomes the bar. A buffer, not a heap:
+    a few thousand best of a few hundred thousand rows displace each other too often."""
     w = recs.shape[1] - 2
     f0 = 2 * w
+    width = bs.shape[1]
     for j in range(j0, j1):
         if use_dead and _dead(deleted, rows[j]):
             continue
@@ -297,18 +361,46 @@ def _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
                 s3 += _popcount(x & planes[q, 3, t])
             s = s0 + (s1 << np.uint64(1)) + (s2 << np.uint64(2)) + (s3 << np.uint64(3))
             e = gain * qc[u] + gf * (terms[q, 0] * np.float32(s) + terms[q, 1] * pm - terms[q, 2])
-            if _better(e, j, hs[q, 0], hi[q, 0]):
-                _heap_replace_root(hs[q], hi[q], e, j)
+            if e > bar[q] or (e == bar[q] and j <= barj[q]):
+                n = fill[q]
+                bs[q, n] = e
+                bi[q, n] = j
+                n += 1
+                if n == width:
+                    n, bar[q], barj[q] = _keep_best(bs[q], bi[q], n, width // 2)
+                fill[q] = n
+
+
+@njit(cache=True)
+def _buffered_best(bs, bi, fill, keep, out):
+    """Each query's best ``keep`` entries over the buffers of every share ((shares, q, width),
+    ``fill`` (shares, q) entries each) into ``out`` (q, keep), in index order, then
+    ``_NO_INDEX``: the same set whatever the shares (the order is total)."""
+    shares, nq, width = bs.shape
+    s = np.empty(shares * width, np.float32)
+    ix = np.empty(shares * width, np.int64)
+    for q in range(nq):
+        n = 0
+        for t in range(shares):
+            for u in range(fill[t, q]):
+                s[n] = bs[t, q, u]
+                ix[n] = bi[t, q, u]
+                n += 1
+        if n > keep:
+            n, _, _ = _keep_best(s, ix, n, keep)
+        out[q, :n] = np.sort(ix[:n])
+        out[q, n:] = _NO_INDEX
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
-          use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, hs, hi):
+          use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, hs, hi, fill, bar, barj):
     """Fold share ``share`` of ``shares`` of the listed cells into the heaps ``hs, hi`` ((q,
     k)): that share of the rows of each cell, in list order. Cell ``t`` of the list (cell
     number ``cells[t]``) holds index rows ``first[t] .. first[t] + lengths[t]``, probed by
     queries ``qlist[qstart[t]:qstart[t + 1]]``. ``mode`` 0: the heaps collect row numbers by
-    exact score; 1: index positions by the 8-bit codes' estimate; 2: by the 1-bit codes'."""
+    exact score; 1: index positions by the 8-bit codes' estimate; 2: ``hs, hi`` are buffers
+    of the 1-bit codes' estimates with ``fill, bar, barj`` (:func:`_fold_signs`)."""
     qc = np.empty(qlist.shape[0], np.float32)
     for t in range(len(first)):
         nq = qstart[t + 1] - qstart[t]
@@ -325,16 +417,19 @@ def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, v
         if mode == 1:
             _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
         else:
-            _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi)
+            _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi, fill, bar,
+                        barj)
 
 
 @njit(parallel=True, cache=True)
 def _scan_shares(first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-                 cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s, heap_i):
+                 cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s, heap_i, fill, bar,
+                 barj):
     shares = heap_s.shape[0]
     for t in prange(shares):
         _scan(t, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
-              use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s[t], heap_i[t])
+              use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s[t], heap_i[t],
+              fill[t], bar[t], barj[t])
 
 
 @njit(cache=True)
@@ -358,6 +453,9 @@ def _reestimate(q0, q1, cand, codes, fac, projected, offsets, near, qc_near, hs,
     for q in range(q0, q1):
         qq = projected[q]
         for u in range(cand.shape[1]):
+            if u + AHEAD < cand.shape[1] and cand[q, u + AHEAD] != _NO_INDEX:
+                _prefetch_row(codes, cand[q, u + AHEAD])
+                _prefetch_row(fac, cand[q, u + AHEAD])
             j = cand[q, u]
             if j == _NO_INDEX:
                 continue
@@ -395,6 +493,8 @@ def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs,
     buf = np.empty(d, np.float32)
     for q in range(q0, q1):
         for u in range(cand.shape[1]):
+            if u + AHEAD < cand.shape[1] and cand[q, u + AHEAD] != _NO_INDEX:
+                _prefetch_row(vec16 if half else vec32, cand[q, u + AHEAD])
             j = cand[q, u]
             if j == _NO_INDEX:
                 continue
@@ -503,20 +603,29 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
             _project(queries, c.signs.axes, turned)
             sdata = (recs, recs.view(np.float32), *query_planes(turned, c.signs.words))
         cdata = (cent, c.codes, c.fac, projected, *sdata)
-    heap_s = np.full((shares, nq, m), -np.inf, np.float32)
-    heap_i = np.full((shares, nq, m), _NO_INDEX, np.int64)
+    width = 2 * m if mode == 2 else m  # the 1-bit estimates' buffers keep their best half
+    heap_s = np.full((shares, nq, width), -np.inf, np.float32)
+    heap_i = np.full((shares, nq, width), _NO_INDEX, np.int64)
+    fill = np.zeros((shares, nq), np.int64)
+    bar = np.full((shares, nq), -np.inf, np.float32)
+    barj = np.full((shares, nq), _NO_INDEX, np.int64)
     args = (first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
             mode, *cdata)
     if shares == 1:
-        _scan(0, 1, *args, heap_s[0], heap_i[0])
+        _scan(0, 1, *args, heap_s[0], heap_i[0], fill[0], bar[0], barj[0])
     else:
-        _scan_shares(*args, heap_s, heap_i)
+        _scan_shares(*args, heap_s, heap_i, fill, bar, barj)
     if mode == 0:
         return _best(*_flat(heap_s, heap_i), k)
     # a shortlist: the best ``m`` estimates over all shares (so one query alone and in a
-    # batch, on one thread or several, shortlists the same rows)
-    _merge_shares(heap_s, heap_i)
-    cand = np.sort(heap_i[0], axis=1)  # in index order: the rows' pages in turn
+    # batch, on one thread or several, shortlists the same rows), in index order (the rows'
+    # pages in turn)
+    cand = np.empty((nq, m), np.int64)
+    if mode == 2:
+        _buffered_best(heap_s, heap_i, fill, m, cand)
+    else:
+        _merge_shares(heap_s, heap_i)
+        cand[:] = np.sort(heap_i[0], axis=1)
     many = nq > _config.STORE_INDEX_FEW_QUERIES
     threads = numba.get_num_threads()
     if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes
@@ -623,7 +732,7 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     use = codes is not None and probes < len(centroids)
     # each query of a block holds its shortlists while the block runs: blocks of at most
     # STORE_INDEX_QUERY_BLOCK queries holding the 8-bit shortlist's entries between them
-    held = wide if use and codes.signs is not None and wide > shortlist else shortlist
+    held = 2 * wide if use and codes.signs is not None and wide > shortlist else shortlist
     block = max(1, _config.STORE_INDEX_QUERY_BLOCK * shortlist // max(held, 1))
     if use and len(queries) > block:
         parts = [probe(queries[a : a + block], centroids, probes, offsets, vectors, rows, k, metric, deleted,
