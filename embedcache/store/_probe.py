@@ -494,7 +494,10 @@ def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs,
     for q in range(q0, q1):
         for u in range(cand.shape[1]):
             if u + AHEAD < cand.shape[1] and cand[q, u + AHEAD] != _NO_INDEX:
-                _prefetch_row(vec16 if half else vec32, cand[q, u + AHEAD])
+                if half:
+                    _prefetch_row(vec16, cand[q, u + AHEAD])
+                else:
+                    _prefetch_row(vec32, cand[q, u + AHEAD])
             j = cand[q, u]
             if j == _NO_INDEX:
                 continue
