@@ -117,7 +117,7 @@ def test_a_stale_index_is_reported_and_not_used(tmp_path):
         np.testing.assert_array_equal(ids, ei)
         store.create_index(seed=0)  # rebuilt: used again, the old files removed
         assert not store.index_info()["stale"] and store.index_info()["rows"] == 2000
-        assert len(list((tmp_path / "s" / "index").iterdir())) == 8
+        assert len(list((tmp_path / "s" / "index").iterdir())) == 9
 
 
 def test_float16_store(tmp_path):
@@ -196,7 +196,7 @@ def test_sigkill_during_the_build_leaves_the_old_index_or_the_new(tmp_path, stag
         _assert_same(exact, full)
         s.create_index(seed=0)  # the next build removes what the dead one left
         listed = {f.split("/")[-1] for f in [p.name for p in (path / "index").iterdir()]}
-        assert len(listed) == 8 and s.verify()["index_bytes"] > 0
+        assert len(listed) == 9 and s.verify()["index_bytes"] > 0
 
 
 def test_another_handle_follows_a_rebuilt_index(tmp_path):
@@ -326,8 +326,8 @@ def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, se
 
 
 @settings(max_examples=40, deadline=None)
-@given(x=matrices(max_rows=30, min_rows=1, max_dim=70), seed=st.integers(0, 5), energy=st.sampled_from([0.5, 1.0]),
-       cosine=st.booleans())
+@given(x=matrices(max_rows=140, min_rows=1, max_dim=70), seed=st.integers(0, 5),
+       energy=st.sampled_from([0.5, 1.0]), cosine=st.booleans())
 def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, energy, cosine):
     from embedcache.kernels._core import _NO_INDEX
     from embedcache.store._probe import (QUERY_BITS, code_basis, encode_signs, query_planes, residuals, spin,
@@ -343,10 +343,12 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
     axes = spin(code_basis(resid.T.astype(np.float64) @ resid, energy), seed)
     m = axes.shape[1]
     np.testing.assert_allclose(axes.T.astype(np.float64) @ axes, np.eye(m), atol=1e-5)  # still orthonormal
-    recs = encode_signs(x, cent, cell, cosine, axes)
+    blocked, sfac = encode_signs(x, cent, cell, cosine, axes)
     w = words_for(m)
-    assert recs.shape == (n, w + 2) and recs.dtype == np.uint64
-    bits = np.unpackbits(recs[:, :w].view(np.uint8), axis=1, bitorder="little")
+    assert blocked.shape == (-(-n // 64), w, 64) and blocked.dtype == np.uint64 and sfac.shape == (n, 4)
+    per_row = np.ascontiguousarray(blocked.transpose(0, 2, 1).reshape(-1, w))  # word t of row j: [j // 64, t, j % 64]
+    assert not per_row[n:].any()  # rows past the last: clear
+    bits = np.unpackbits(per_row[:n].view(np.uint8), axis=1, bitorder="little")
     r = resid.astype(np.float64) @ axes
     np.testing.assert_array_equal(bits[:, :m], r >= 0)  # bit t: the sign in direction t
     assert not bits[:, m:].any()
@@ -359,20 +361,45 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
     step = terms[:, :1] / 2.0
     assert levels.max() < 2**QUERY_BITS
     assert np.all(np.abs(low + step * levels - turned) <= 0.5 * step * (1 + 1e-4))  # within half a level
-    hs = np.full((3, n), -np.inf, np.float32)
-    hi = np.full((3, n), _NO_INDEX, np.int64)
+    width = 2 * n + 2  # never full: every estimate kept
+    bs = np.full((3, width), -np.inf, np.float32)
+    bi = np.full((3, width), _NO_INDEX, np.int64)
+    fill = np.zeros(3, np.int64)
     qc = (q @ cent[0]).astype(np.float32)
-    _fold_signs(recs, recs.view(np.float32), 0, n, np.arange(n), np.zeros(0, np.int64), False, np.arange(3), qc,
-                planes, terms, hs, hi)
+    j0 = int(rng.integers(0, n))  # rows from the middle of a block too
+    _fold_signs(blocked, sfac, j0, n, np.arange(n), np.zeros(0, np.int64), False, np.arange(3), qc, planes, terms,
+                bs, bi, fill, np.full(3, -np.inf, np.float32), np.full(3, _NO_INDEX, np.int64))
+    assert np.all(fill == n - j0)
     got = np.full((3, n), np.nan)
-    np.put_along_axis(got, hi, hs, axis=1)
+    for t in range(3):
+        got[t, bi[t, : fill[t]]] = bs[t, : fill[t]]
+    got = got[:, j0:]
     gain = np.ones(n) if cosine else np.linalg.norm(x.astype(np.float64), axis=1)
     l1 = np.abs(r).sum(axis=1)
     f = np.divide((r * r).sum(axis=1), l1, out=np.zeros(n), where=l1 > 0)
     signed = np.where(bits[:, :m] > 0, 1.0, -1.0)
     want = gain[None, :] * qc[:, None].astype(np.float64) + (gain * f)[None, :] * ((low + step * levels) @ signed.T)
     size = gain[None, :] * (np.abs(qc)[:, None] + f[None, :] * np.abs(turned).sum(axis=1, keepdims=True) * 2)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(size.max()) + 1e-30)
+    np.testing.assert_allclose(got, want[:, j0:], rtol=0, atol=1e-4 * float(size.max()) + 1e-30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, 3.0]) | st.floats(-5, 5, width=32), min_size=2,
+                       max_size=60), data=st.data())
+def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data):
+    from embedcache.store._probe import _keep_best
+
+    n = len(scores)
+    keep = data.draw(st.integers(1, n - 1))
+    s = np.array(scores, np.float32)
+    i = np.array(data.draw(st.permutations(range(100, 100 + n))), np.int64)
+    want = np.lexsort((i, -s))[:keep]
+    s2, i2 = s.copy(), i.copy()
+    kept, bar, barj = _keep_best(s2, i2, n, keep)
+    assert kept == keep
+    assert set(i2[:keep]) == set(i[want])  # the best under (score descending, index ascending)
+    assert (bar, barj) == (s[want[-1]], i[want[-1]])  # the worst of them
+    np.testing.assert_array_equal(np.sort(s2[:keep]), np.sort(s[want]))
 
 
 def test_one_bit_codes_first_keep_the_recall_of_the_8_bit_codes(tmp_path):
@@ -406,8 +433,8 @@ def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_pat
         want = store.search(q, 5, recall=0.9)
     con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
     desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
-    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign"))]
-    assert len(old) == 2
+    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sfac"))]
+    assert len(old) == 3
     desc["files"] = [f for f in desc["files"] if f not in old]  # as an index written before them
     with con:
         con.execute("UPDATE settings SET value = ? WHERE key = 'index'", (json.dumps(desc),))

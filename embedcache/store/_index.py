@@ -9,8 +9,9 @@ Files (in ``index/`` of the store directory, ``N`` a number taken from ``next_se
     index/N.code   int8 (rows, m): each row's offset from its cell's centroid in 8 bits
     index/N.fac    float32 (rows, 2): each row's code scale and gain (:mod:`._probe`)
     index/N.srot   float32 (dim, m): those directions turned by a random rotation
-    index/N.sign   uint64 (rows, words + 2): each row's offset in 1 bit a direction of those,
-                   then its factors (:class:`._probe.Signs`)
+    index/N.sign   uint64 (blocks of 64 rows, words, 64): each row's offset in 1 bit a
+                   direction of those, the words of a block's rows together
+    index/N.sfac   float32 (rows, 4): each row's factors for those (:class:`._probe.Signs`)
 
 The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` (rows held),
 ``covered`` (the store's row count when it was built: rows numbered from there on are not in
@@ -66,6 +67,7 @@ from embedcache.index._recall import Evidence, _rank, interval, other_neighbours
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
 from embedcache.store._probe import (
+    SIGN_BLOCK,
     Codes,
     Coarse,
     Signs,
@@ -83,10 +85,10 @@ from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
 SETTING = "index"
-INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac|srot|sign)(\.tmp)?$")
+INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac|srot|sign|sfac)(\.tmp)?$")
 #: recall levels whose probes (and measured recall) the description records
 LEVELS = (0.8, 0.9, 0.95, 0.99)
-_KINDS = ("cent", "rows", "vec", "rot", "code", "fac", "srot", "sign")
+_KINDS = ("cent", "rows", "vec", "rot", "code", "fac", "srot", "sign", "sfac")
 
 
 def description(view: View) -> dict[str, Any] | None:
@@ -189,10 +191,14 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
             factors.append(f)
             yield c
 
-    def signs():  # a second pass over the vectors: memory stays bounded at any size
-        vec = written()
-        for a in range(0, len(rows), step):
-            yield encode_signs(vec[a : a + step], cent, cell[a : a + step], view.metric == "cosine", basis[1])
+    sign_factors: list[np.ndarray] = []
+
+    def signs():  # a second pass over the vectors, in blocks of whole 64 rows
+        vec, block = written(), max(SIGN_BLOCK, step // SIGN_BLOCK * SIGN_BLOCK)
+        for a in range(0, len(rows), block):
+            bits, f = encode_signs(vec[a : a + block], cent, cell[a : a + block], view.metric == "cosine", basis[1])
+            sign_factors.append(f)
+            yield bits
 
     chunks = {
         "cent": iter([cent]),
@@ -204,6 +210,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "fac": (f for f in factors),  # filled by the codes' pass, written after it
         "srot": (basis[i] for i in [1]),  # made by the directions' pass
         "sign": signs(),
+        "sfac": (f for f in sign_factors),  # filled by the signs' pass, written after it
     }
     files = []
     try:
@@ -358,7 +365,8 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
     d = view.dim
     assert d is not None
     expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize, "rot": d * m * 4,
-              "code": n * m, "fac": n * 8, "srot": d * m * 4, "sign": n * (words_for(m) + 2) * 8}
+              "code": n * m, "fac": n * 8, "srot": d * m * 4,
+              "sign": -(-n // SIGN_BLOCK) * SIGN_BLOCK * words_for(m) * 8, "sfac": n * 16}
     maps = {}
     with contextlib.ExitStack() as files:
         for f in listed:
@@ -379,7 +387,9 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
         if "code" in maps and n:
             signs = None
             if "sign" in maps:
-                signs = Signs(np.memmap(maps["sign"], "<u8", mode="r", shape=(n, words_for(m) + 2)),
+                signs = Signs(np.memmap(maps["sign"], "<u8", mode="r", shape=(-(-n // SIGN_BLOCK), words_for(m),
+                                                                             SIGN_BLOCK)),
+                              np.memmap(maps["sfac"], "<f4", mode="r", shape=(n, 4)),
                               np.ascontiguousarray(np.fromfile(maps["srot"], "<f4").reshape(d, m).T))
             codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, m)),
                           np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)),

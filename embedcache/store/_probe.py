@@ -24,7 +24,8 @@ vectors, as above: a reported score is always the exact one, and a row can be mi
 when its estimate ranks it below the shortlist (the measured recall includes that).
 
 With the index's 1-bit codes (:class:`Signs`) as well, a first pass reads ``m / 8 + 16``
-bytes a row instead: the signs of each row's offset in a random rotation of those ``m``
+bytes a row instead (the bits of 64 rows at a time word by word, so one instruction counts
+the bits of several rows): the signs of each row's offset in a random rotation of those ``m``
 directions, one factor per row, estimated against the query in 4 bits (popcounts of the
 row's bits with each of the query's 4 bit planes, the estimator of RaBitQ, Gao and Long,
 SIGMOD 2024). Each query keeps its best ``max(STORE_INDEX_SIGN_SHORTLIST,
@@ -65,20 +66,26 @@ CODE_MAX = 127
 QUERY_BITS = 4
 
 
+#: rows whose bits are stored together, word by word (:class:`Signs`)
+SIGN_BLOCK = 64
+
+
 @dataclass
 class Signs:
-    """The 1-bit codes of an index's rows, in cell order: ``records`` (n, w + 2) uint64, each
-    row's ``w = ceil(m / 64)`` words of bits (bit t of the row: bit ``t % 64`` of word ``t //
-    64``, set where the row's offset is >= 0 in direction t of ``axes``, the higher bits of
-    the last word clear), then 4 float32: the gain, the gain times the row's factor, ``2 *
-    (bits set) - m``, 0. ``axes`` (m, d) float32: the rotated directions (orthonormal rows)."""
+    """The 1-bit codes of an index's rows, in cell order: ``bits`` (ceil(n / 64), w, 64)
+    uint64, word t of row j at ``bits[j // 64, t, j % 64]`` (``w = ceil(m / 64)`` words a row;
+    bit i of the row, set where the row's offset is >= 0 in direction i of ``axes``, is bit
+    ``i % 64`` of word ``i // 64``; the higher bits of the last word and the rows past n are
+    clear); ``fac`` (n, 4) float32: each row's gain, gain times its factor, ``2 * (bits set)
+    - m``, 0. ``axes`` (m, d) float32: the rotated directions (orthonormal rows)."""
 
-    records: np.ndarray
+    bits: np.ndarray
+    fac: np.ndarray
     axes: np.ndarray
 
     @property
     def words(self) -> int:
-        return self.records.shape[1] - 2
+        return self.bits.shape[1]
 
 
 @dataclass
@@ -190,25 +197,30 @@ def pack_bits(on: np.ndarray) -> np.ndarray:
 
 
 def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
-                 axes: np.ndarray) -> np.ndarray:
-    """(rows, words + 2) uint64: the :class:`Signs` records of rows ``x`` of cells ``cell``
-    in the rotated directions ``axes`` (d, m). A row's factor ``|r|^2 / sum |r_t|`` (r: its
+                 axes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bits (ceil(rows / 64), words, 64) uint64, factors (rows, 4) float32): the
+    :class:`Signs` of rows ``x`` of cells ``cell`` in the rotated directions ``axes`` (d, m),
+    for rows starting at a multiple of 64. A row's factor ``|r|^2 / sum |r_t|`` (r: its
     offset in those directions) turns the dot product of the query with the row's signs
     into an estimate of the query's product with the offset (0 for a zero offset)."""
     unit, inv = residuals(x, centroids, cell)
     r = (unit @ axes).astype(np.float64)
-    m = r.shape[1]
-    bits = pack_bits(r >= 0)
+    rows, m = r.shape
+    per_row = pack_bits(r >= 0)  # (rows, words)
+    blocks = -(-rows // SIGN_BLOCK)
+    padded = np.zeros((blocks * SIGN_BLOCK, per_row.shape[1]), np.uint64)
+    padded[:rows] = per_row
+    bits = np.ascontiguousarray(padded.reshape(blocks, SIGN_BLOCK, -1).transpose(0, 2, 1))
     l1 = np.abs(r).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         f = np.where(l1 > 0, (r * r).sum(axis=1) / l1, 0.0)
-        gain = np.ones(len(r)) if cosine else np.minimum(np.where(inv > 0, 1.0 / inv, 0.0),
-                                                           np.finfo(np.float32).max)
-    tail = np.zeros((len(r), 4), np.float32)
-    tail[:, 0] = gain
-    tail[:, 1] = np.minimum(gain * f, np.finfo(np.float32).max)
-    tail[:, 2] = 2 * (r >= 0).sum(axis=1) - m
-    return np.ascontiguousarray(np.concatenate([bits, tail.view("<u8")], axis=1))
+        gain = np.ones(rows) if cosine else np.minimum(np.where(inv > 0, 1.0 / inv, 0.0),
+                                                       np.finfo(np.float32).max)
+    fac = np.zeros((rows, 4), np.float32)
+    fac[:, 0] = gain
+    fac[:, 1] = np.minimum(gain * f, np.finfo(np.float32).max)
+    fac[:, 2] = 2 * (r >= 0).sum(axis=1) - m
+    return bits, fac
 
 
 def query_planes(projected: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray]:
@@ -332,43 +344,44 @@ def _keep_best(s, i, n, keep):
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj):
-    """Collect the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their :class:`Signs`
-    records; ``recf``: the same records as float32) for the queries ``ql`` (``qc``: each
-    one's product with the cell's centroid; ``planes``, ``terms``: the queries in bits,
-    :func:`query_planes`): query q's buffer ``bs[q], bi[q]`` holds ``fill[q]`` entries,
-    every one seen at least as good as ``(bar[q], barj[q])``; a full buffer keeps its best
-    half (:func:`_keep_best`), and that half's worst becomes the bar. A buffer, not a heap:
-    a few thousand best of a few hundred thousand rows displace each other too often."""
-    w = recs.shape[1] - 2
-    f0 = 2 * w
+def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj):
+    """Collect the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their
+    :class:`Signs` ``bits``, ``sfac``) for the queries ``ql`` (``qc``: each one's product with
+    the cell's centroid; ``planes``, ``terms``: the queries in bits, :func:`query_planes`):
+    query q's buffer ``bs[q], bi[q]`` holds ``fill[q]`` entries, every one seen at least as
+    good as ``(bar[q], barj[q])``; a full buffer keeps its best half (:func:`_keep_best`),
+    and that half's worst becomes the bar. A buffer, not a heap: a few thousand best of a
+    few hundred thousand rows displace each other too often. The bits of all 64 rows of a
+    block are counted a word at a time (one vector instruction for several rows), those of
+    the block's rows outside ``j0 .. j1`` then left out."""
+    w = bits.shape[1]
     width = bs.shape[1]
-    for j in range(j0, j1):
-        if use_dead and _dead(deleted, rows[j]):
-            continue
-        gain, gf, pm = recf[j, f0], recf[j, f0 + 1], recf[j, f0 + 2]
-        for u in range(ql.shape[0]):
-            q = ql[u]
-            s0 = np.uint64(0)  # the bits set in both the row and plane b, for b = 0 .. 3
-            s1 = np.uint64(0)
-            s2 = np.uint64(0)
-            s3 = np.uint64(0)
+    count = np.empty(SIGN_BLOCK, np.uint64)
+    for u in range(ql.shape[0]):
+        q = ql[u]
+        for blk in range(j0 // SIGN_BLOCK, (j1 + SIGN_BLOCK - 1) // SIGN_BLOCK):
+            for r in range(SIGN_BLOCK):
+                count[r] = 0
             for t in range(w):
-                x = recs[j, t]
-                s0 += _popcount(x & planes[q, 0, t])
-                s1 += _popcount(x & planes[q, 1, t])
-                s2 += _popcount(x & planes[q, 2, t])
-                s3 += _popcount(x & planes[q, 3, t])
-            s = s0 + (s1 << np.uint64(1)) + (s2 << np.uint64(2)) + (s3 << np.uint64(3))
-            e = gain * qc[u] + gf * (terms[q, 0] * np.float32(s) + terms[q, 1] * pm - terms[q, 2])
-            if e > bar[q] or (e == bar[q] and j <= barj[q]):
-                n = fill[q]
-                bs[q, n] = e
-                bi[q, n] = j
-                n += 1
-                if n == width:
-                    n, bar[q], barj[q] = _keep_best(bs[q], bi[q], n, width // 2)
-                fill[q] = n
+                p0, p1, p2, p3 = planes[q, 0, t], planes[q, 1, t], planes[q, 2, t], planes[q, 3, t]
+                xs = bits[blk, t]
+                for r in range(SIGN_BLOCK):  # every row of the block (a fixed count: it vectorizes)
+                    x = xs[r]
+                    count[r] += (_popcount(x & p0) + (_popcount(x & p1) << np.uint64(1))
+                                 + (_popcount(x & p2) << np.uint64(2)) + (_popcount(x & p3) << np.uint64(3)))
+            base = blk * SIGN_BLOCK
+            for r in range(max(j0 - base, 0), min(SIGN_BLOCK, j1 - base)):
+                jj = base + r
+                e = sfac[jj, 0] * qc[u] + sfac[jj, 1] * (terms[q, 0] * np.float32(count[r]) + terms[q, 1] * sfac[jj, 2]
+                                                         - terms[q, 2])
+                if (e > bar[q] or (e == bar[q] and jj <= barj[q])) and not (use_dead and _dead(deleted, rows[jj])):
+                    n = fill[q]
+                    bs[q, n] = e
+                    bi[q, n] = jj
+                    n += 1
+                    if n == width:
+                        n, bar[q], barj[q] = _keep_best(bs[q], bi[q], n, width // 2)
+                    fill[q] = n
 
 
 @njit(cache=True)
@@ -587,8 +600,8 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     vec16 = base.view(np.uint16) if half else np.empty((0, d), np.uint16)
     use_dead = deleted is not None and len(deleted) > 0
     dead = deleted if use_dead else np.empty(0, np.int64)
-    no_signs = (np.empty((0, 2), np.uint64), np.empty((0, 4), np.float32), np.empty((nq, 1, 0), np.uint64),
-                np.empty((nq, 3), np.float32))
+    no_signs = (np.empty((0, 1, SIGN_BLOCK), np.uint64), np.empty((0, 4), np.float32),
+                np.empty((nq, 1, 0), np.uint64), np.empty((nq, 3), np.float32))
     if codes is None:
         mode, m = 0, k
         cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
@@ -601,10 +614,9 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         mode, m = 1, max(k, shortlist)
         if c.signs is not None and wide > m:
             mode, m = 2, wide
-            recs = c.signs.records.view(np.ndarray)
             turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
             _project(queries, c.signs.axes, turned)
-            sdata = (recs, recs.view(np.float32), *query_planes(turned, c.signs.words))
+            sdata = (c.signs.bits.view(np.ndarray), c.signs.fac.view(np.ndarray), *query_planes(turned, c.signs.words))
         cdata = (cent, c.codes, c.fac, projected, *sdata)
     width = 2 * m if mode == 2 else m  # the 1-bit estimates' buffers keep their best half
     heap_s = np.full((shares, nq, width), -np.inf, np.float32)
