@@ -7,11 +7,11 @@ Files (in ``index/`` of the store directory, ``N`` a number taken from ``next_se
     index/N.vec    the vectors of those rows in cell order, in the store's dtype
     index/N.rot    float32 (dim, m): the directions the codes keep (``code_dims`` m)
     index/N.code   int8 (rows, m): each row's offset from its cell's centroid in 8 bits
-    index/N.fac    float32 (rows, 2): each row's code scale and gain (:mod:`._probe`)
+    index/N.fac    float32 (rows, 2): each row's code scale and gain (:mod:`._codes`)
     index/N.srot   float32 (dim, m): those directions turned by a random rotation
     index/N.sign   uint64 (blocks of 64 rows, words, 64): each row's offset in 1 bit a
                    direction of those, the words of a block's rows together
-    index/N.sfac   float32 (rows, 4): each row's factors for those (:class:`._probe.Signs`)
+    index/N.sfac   float32 (rows, 4): each row's factors for those (:class:`._codes.Signs`)
 
 The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` (rows held),
 ``covered`` (the store's row count when it was built: rows numbered from there on are not in
@@ -66,21 +66,21 @@ from embedcache.index._partition import PartitionIndex
 from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
-from embedcache.store._probe import (
+from embedcache.store._codes import (
     SIGN_BLOCK,
-    Codes,
     Coarse,
+    Codes,
     Signs,
     _inverse_norms,
     code_basis,
     coarse,
     encode,
     encode_signs,
-    probe,
     residuals,
     spin,
     words_for,
 )
+from embedcache.store._probe import probe
 from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
