@@ -89,6 +89,10 @@ def _prefetch_row(arr, i):
         _prefetch(arr, i, off)
 
 
+#: a query's buffer of 1-bit estimates holds this many times its shortlist; a full one keeps
+#: its best shortlist (:func:`_keep_best`: a pass over the buffer, so wider buffers pass less)
+BUFFER_SPAN = 2
+
 #: rows of a shortlist asked for this far ahead of the one being scored (random rows: each a
 #: wait on memory otherwise)
 AHEAD = 16
@@ -212,7 +216,7 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
                     bi[q, n] = jj
                     n += 1
                     if n == width:
-                        n, bar[q], barj[q] = _keep_best(bs[q], bi[q], n, width // 2)
+                        n, bar[q], barj[q] = _keep_best(bs[q], bi[q], n, width // BUFFER_SPAN)
                     fill[q] = n
 
 
@@ -290,15 +294,15 @@ def _merge_shares(heap_s, heap_i):
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _reestimate(q0, q1, cand, codes, fac, projected, offsets, near, qc_near, hs, hi):
-    """Estimate the index positions ``cand`` (q, m) of queries ``q0 .. q1`` from their 8-bit
-    codes, as :func:`_fold_codes` does (``near``: each query's probed cells, sorted;
-    ``qc_near``: its products with them), into heaps ``hs, hi`` (index positions)."""
+def _reestimate(q0, q1, u0, u1, cand, codes, fac, projected, offsets, near, qc_near, hs, hi):
+    """Estimate the index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 .. q1``) from
+    their 8-bit codes, as :func:`_fold_codes` does (``near``: each query's probed cells,
+    sorted; ``qc_near``: its products with them), into heaps ``hs, hi`` (index positions)."""
     d = codes.shape[1]
     for q in range(q0, q1):
         qq = projected[q]
-        for u in range(cand.shape[1]):
-            if u + AHEAD < cand.shape[1] and cand[q, u + AHEAD] != _NO_INDEX:
+        for u in range(u0, u1):
+            if u + AHEAD < u1 and cand[q, u + AHEAD] != _NO_INDEX:
                 _prefetch_row(codes, cand[q, u + AHEAD])
                 _prefetch_row(fac, cand[q, u + AHEAD])
             j = cand[q, u]
@@ -315,11 +319,19 @@ def _reestimate(q0, q1, cand, codes, fac, projected, offsets, near, qc_near, hs,
 
 
 @njit(parallel=True, cache=True)
-def _reestimate_shares(cand, codes, fac, projected, offsets, near, qc_near, hs, hi, shares):
-    nq = cand.shape[0]
+def _reestimate_shares(cand, codes, fac, projected, offsets, near, qc_near, hs, hi, by_query):
+    """:func:`_reestimate` on every thread: the queries split between them (``by_query``,
+    into heaps ``hs[0], hi[0]``), or each query's candidates (into heaps ``hs[t], hi[t]`` of
+    thread t, then merged)."""
+    nq, m = cand.shape
+    shares = hs.shape[0]
     for t in prange(shares):
-        _reestimate(nq * t // shares, nq * (t + 1) // shares, cand, codes, fac, projected, offsets, near, qc_near,
-                    hs, hi)
+        if by_query:
+            _reestimate(nq * t // shares, nq * (t + 1) // shares, 0, m, cand, codes, fac, projected, offsets, near,
+                        qc_near, hs[0], hi[0])
+        else:
+            _reestimate(0, nq, m * t // shares, m * (t + 1) // shares, cand, codes, fac, projected, offsets, near,
+                        qc_near, hs[t], hi[t])
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -443,7 +455,7 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
             _project(queries, c.signs.axes, turned)
             sdata = (c.signs.bits.view(np.ndarray), c.signs.fac.view(np.ndarray), *query_planes(turned, c.signs.words))
         cdata = (cent, c.codes, c.fac, projected, *sdata)
-    width = 2 * m if mode == 2 else m  # the 1-bit estimates' buffers keep their best half
+    width = BUFFER_SPAN * m if mode == 2 else m  # the 1-bit estimates: buffers of several shortlists
     heap_s = np.full((shares, nq, width), -np.inf, np.float32)
     heap_i = np.full((shares, nq, width), _NO_INDEX, np.int64)
     fill = np.zeros((shares, nq), np.int64)
@@ -468,15 +480,21 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         cand[:] = np.sort(heap_i[0], axis=1)
     many = nq > _config.STORE_INDEX_FEW_QUERIES
     threads = numba.get_num_threads()
-    if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes
+    if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes, on every thread
         qc_near = np.empty(near.shape, np.float32)
         _near_products(queries, cent, near, qc_near)
         m = max(k, shortlist)
-        hs = np.full((nq, m), -np.inf, np.float32)
-        hi = np.full((nq, m), _NO_INDEX, np.int64)
-        cargs = (cand, c.codes, c.fac, projected, offsets, near, qc_near, hs, hi)
-        _reestimate_shares(*cargs, threads) if many else _reestimate(0, nq, *cargs)
-        cand = np.sort(hi, axis=1)
+        parts = threads if cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads or many else 1
+        hs = np.full((parts, nq, m), -np.inf, np.float32)
+        hi = np.full((parts, nq, m), _NO_INDEX, np.int64)
+        cargs = (cand, c.codes, c.fac, projected, offsets, near, qc_near)
+        if parts > 1:
+            _reestimate_shares(*cargs, hs, hi, many)
+            if not many:
+                _merge_shares(hs, hi)
+        else:
+            _reestimate(0, nq, 0, cand.shape[1], *cargs, hs[0], hi[0])
+        cand = np.sort(hi[0], axis=1)
     # then scored exactly
     hs = np.full((nq, k), -np.inf, np.float32)
     hi = np.full((nq, k), _NO_INDEX, np.int64)
@@ -485,15 +503,22 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     return _best(hs, hi, k)
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _coarse_scores(query, codes, scale, out):
-    """out[c] = scale[c] * (query . codes[c]), float32 products."""
-    for c in range(codes.shape[0]):
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _coarse_scores(query, codes, scale, c0, c1, out):
+    """out[c] = scale[c] * (query . codes[c]) for centroids ``c0 .. c1``, float32 products."""
+    for c in range(c0, c1):
         row = codes[c]
         acc = np.float32(0.0)
         for t in range(codes.shape[1]):
             acc += query[t] * np.float32(row[t])
         out[c] = scale[c] * acc
+
+
+@njit(parallel=True, cache=True)
+def _coarse_scores_shares(query, codes, scale, out, shares):
+    n = codes.shape[0]
+    for t in prange(shares):
+        _coarse_scores(query, codes, scale, n * t // shares, n * (t + 1) // shares, out)
 
 
 def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
@@ -517,8 +542,12 @@ def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
         return kernels.top_k(queries, centroids, p)[1]  # products lose the bounds used below
     out = np.empty((nq, p), np.int64)
     est = np.empty(cells, np.float32)
+    shares = _shares(cells * d // 8)  # a product of a row by 8 bits: about an eighth of a row's scan
     for i in range(nq):
-        _coarse_scores(queries[i], small.codes, small.scale, est)
+        if shares > 1:
+            _coarse_scores_shares(queries[i], small.codes, small.scale, est, shares)
+        else:
+            _coarse_scores(queries[i], small.codes, small.scale, 0, cells, est)
         e = est * inv_c  # (q . c) / |c| within the bound below
         # the 8-bit copy is within err[c] of c: the product within |q| err[c]; float32 products
         # of length d are within d * 2**-24 * |q| |c| of the exact ones, on either side
