@@ -183,10 +183,12 @@ STORE_INDEX_SHARE_ROWS = 32768
 STORE_INDEX_SHORTLIST = 100
 STORE_INDEX_SHORTLIST_PER_K = 30
 #: with 1-bit codes as well, each query first keeps its best max(STORE_INDEX_SIGN_SHORTLIST,
-#: STORE_INDEX_SIGN_SHORTLIST_PER_K * k) rows by their estimate, estimated again from the
-#: 8-bit codes into the shortlist above (a row outside it is missed)
+#: STORE_INDEX_SIGN_SHORTLIST_PER_K * k, STORE_INDEX_SIGN_SHORTLIST_SHARE * the rows its
+#: probes hold on average) rows by their estimate, estimated again from the 8-bit codes
+#: into the shortlist above (a row outside it is missed)
 STORE_INDEX_SIGN_SHORTLIST = 2000
 STORE_INDEX_SIGN_SHORTLIST_PER_K = 400
+STORE_INDEX_SIGN_SHORTLIST_SHARE = 0.025
 #: queries searched together through codes (each holds its shortlist while its block runs)
 STORE_INDEX_QUERY_BLOCK = 4096
 #: an index's codes keep the leading principal directions of the rows' offsets from their

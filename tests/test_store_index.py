@@ -271,12 +271,14 @@ def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_eno
         kk = min(k, n)
         for first in (0, n + 1):  # the 8-bit codes alone; the 1-bit codes first, every row kept
             with _config.override(STORE_INDEX_SHORTLIST=n, STORE_INDEX_SHORTLIST_PER_K=1,
-                                  STORE_INDEX_SIGN_SHORTLIST=first, STORE_INDEX_SIGN_SHORTLIST_PER_K=0):
+                                  STORE_INDEX_SIGN_SHORTLIST=first, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                                  STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
                 (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
             np.testing.assert_array_equal(cs, fs)  # every probed row shortlisted: the exact scan's answer
             np.testing.assert_array_equal(ci, fi)
         with _config.override(STORE_INDEX_SHORTLIST=shortlist, STORE_INDEX_SHORTLIST_PER_K=0,
-                              STORE_INDEX_SIGN_SHORTLIST=shortlist + wide, STORE_INDEX_SIGN_SHORTLIST_PER_K=0):
+                              STORE_INDEX_SIGN_SHORTLIST=shortlist + wide, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                              STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
             (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
         xs = store.get([f"r{i}" for i in range(n)]).astype(np.float32)
         exact = ec.cosine_similarity(q, xs) if metric == "cosine" else ec.dot_similarity(q, xs)
@@ -410,9 +412,11 @@ def test_one_bit_codes_first_keep_the_recall_of_the_8_bit_codes(tmp_path):
         store.add(ids_of(len(x)), x)
         store.create_index(cells=20, seed=0)
         rows = np.mean([len(_probed_rows(store, q[i : i + 1], 0.95)) for i in range(20)])
-        with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0):
+        with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                              STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
             eight = store.search(q, 10, recall=0.95)
-        with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=100):
+        with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=100,
+                              STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
             assert 1000 * 1.4 < rows  # the 1-bit shortlist leaves out a third of the probed rows
             both = store.search(q, 10, recall=0.95)
         # isotropic noise in 128 dimensions is the hard case for 1 bit (the planted near-duplicates
@@ -421,13 +425,32 @@ def test_one_bit_codes_first_keep_the_recall_of_the_8_bit_codes(tmp_path):
         assert same >= 0.985, same
 
 
+def test_the_one_bit_shortlist_grows_with_the_rows_the_probes_hold(tmp_path):
+    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
+    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        info = store.create_index(cells=30, seed=0)
+        with _config.override(STORE_INDEX_SHORTLIST=20, STORE_INDEX_SHORTLIST_PER_K=0, STORE_INDEX_SIGN_SHORTLIST=0,
+                              STORE_INDEX_SIGN_SHORTLIST_PER_K=0, STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
+            eight = store.search(q, 5, recall=0.9)  # the 8-bit codes alone
+        base = dict(STORE_INDEX_SHORTLIST=20, STORE_INDEX_SHORTLIST_PER_K=0, STORE_INDEX_SIGN_SHORTLIST=21,
+                    STORE_INDEX_SIGN_SHORTLIST_PER_K=0)
+        with _config.override(**base, STORE_INDEX_SIGN_SHORTLIST_SHARE=info["cells"]):  # at least every row
+            _assert_same(store.search(q, 5, recall=0.9), eight)
+        with _config.override(**base, STORE_INDEX_SIGN_SHORTLIST_SHARE=0):  # 21 rows of each query's hundreds
+            few = store.search(q, 5, recall=0.9)
+        assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(few[1], eight[1])]) < 0.99
+
+
 def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_path):
     import json
     import sqlite3
 
     x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
     q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
-    with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0), \
+    with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                          STORE_INDEX_SIGN_SHORTLIST_SHARE=0), \
             ec.VectorStore(tmp_path / "s") as store:
         store.add(ids_of(len(x)), x)
         store.create_index(seed=0)

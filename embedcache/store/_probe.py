@@ -17,8 +17,9 @@ STORE_INDEX_SHORTLIST_PER_K * k)`` rows by their estimate, which are then scored
 from the vectors, as above: a reported score is always the exact one, and a row can be
 missed only when its estimate ranks it below the shortlist (the measured recall includes
 that). With the 1-bit codes as well, a first pass over them keeps each query's best
-``max(STORE_INDEX_SIGN_SHORTLIST, STORE_INDEX_SIGN_SHORTLIST_PER_K * k)`` rows by their
-estimate (in buffers that keep their best half when full), and those are estimated again
+``max(STORE_INDEX_SIGN_SHORTLIST, STORE_INDEX_SIGN_SHORTLIST_PER_K * k,
+STORE_INDEX_SIGN_SHORTLIST_SHARE * rows)`` rows by their estimate (``rows``: what its
+probes hold on average; in buffers that keep their best half when full), and those are estimated again
 from their 8-bit codes into that shortlist. The rows of a shortlist are read in index order,
 each asked for from memory a few rows ahead of its scoring.
 """
@@ -193,6 +194,7 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
     w = bits.shape[1]
     width = bs.shape[1]
     count = np.empty(SIGN_BLOCK, np.uint64)
+    est = np.empty(SIGN_BLOCK, np.float32)
     for u in range(ql.shape[0]):
         q = ql[u]
         for blk in range(j0 // SIGN_BLOCK, (j1 + SIGN_BLOCK - 1) // SIGN_BLOCK):
@@ -206,10 +208,13 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
                     count[r] += (_popcount(x & p0) + (_popcount(x & p1) << np.uint64(1))
                                  + (_popcount(x & p2) << np.uint64(2)) + (_popcount(x & p3) << np.uint64(3)))
             base = blk * SIGN_BLOCK
-            for r in range(max(j0 - base, 0), min(SIGN_BLOCK, j1 - base)):
+            r0, r1 = max(j0 - base, 0), min(SIGN_BLOCK, j1 - base)
+            qcu, t0, t1, t2 = qc[u], terms[q, 0], terms[q, 1], terms[q, 2]
+            for r in range(r0, r1):  # the estimates, without a branch (it vectorizes)
                 jj = base + r
-                e = sfac[jj, 0] * qc[u] + sfac[jj, 1] * (terms[q, 0] * np.float32(count[r]) + terms[q, 1] * sfac[jj, 2]
-                                                         - terms[q, 2])
+                est[r] = sfac[jj, 0] * qcu + sfac[jj, 1] * (t0 * np.float32(count[r]) + t1 * sfac[jj, 2] - t2)
+            for r in range(r0, r1):
+                e, jj = est[r], base + r
                 if (e > bar[q] or (e == bar[q] and jj <= barj[q])) and not (use_dead and _dead(deleted, rows[jj])):
                     n = fill[q]
                     bs[q, n] = e
@@ -569,12 +574,16 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     (:func:`nearest_cells` of the ``centroids``) in the index's cell-ordered ``vectors``
     (float32 or float16; rows ``rows``, cell c at ``offsets[c] .. offsets[c + 1]``).
     ``deleted``: sorted row numbers never returned (None: none). ``codes``: the rows' codes,
-    used (through a shortlist of each query's best estimates, scored exactly) when fewer
+    used (through shortlists of each query's best estimates, the last scored exactly) when fewer
     than every cell is probed; then queries go ``STORE_INDEX_QUERY_BLOCK`` at a time (each
     one's shortlists are held while its block is searched). ``inv_c``, ``small``: the
     centroids' inverse norms and :func:`coarse` copy, when kept."""
     shortlist = max(_config.STORE_INDEX_SHORTLIST, _config.STORE_INDEX_SHORTLIST_PER_K * k)
-    wide = max(_config.STORE_INDEX_SIGN_SHORTLIST, _config.STORE_INDEX_SIGN_SHORTLIST_PER_K * k)
+    # the 1-bit shortlist grows with the rows probed (on average): more rows, more of them
+    # near the query's best, and the same share of its true neighbours kept
+    held_rows = min(probes, len(centroids)) * len(rows) / max(len(centroids), 1)
+    wide = max(_config.STORE_INDEX_SIGN_SHORTLIST, _config.STORE_INDEX_SIGN_SHORTLIST_PER_K * k,
+               int(np.ceil(held_rows * _config.STORE_INDEX_SIGN_SHORTLIST_SHARE)))
     use = codes is not None and probes < len(centroids)
     # each query of a block holds its shortlists while the block runs: blocks of at most
     # STORE_INDEX_QUERY_BLOCK queries holding the 8-bit shortlist's entries between them
