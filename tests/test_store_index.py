@@ -495,7 +495,12 @@ def test_what_the_shortlist_loses_is_measured_and_probed_for(tmp_path):
         assert 0 < info["code_dims"] < 24 and info["shortlist_loss"] > 0.01  # a short list over coarse codes
         with store._txn.reading() as v:
             desc = _index.description(v)
-        plain = _index.probes_for({**desc, "shortlist_loss": 0.0}, 0.9)
+        losses = info["shortlist_losses"]
+        assert set(losses) == {0.8, 0.9, 0.95, 0.99} and max(losses.values()) == info["shortlist_loss"]
+        assert _index.shortlist_loss(desc, 0.9) == losses[0.9]  # each level its own
+        assert _index.shortlist_loss(desc, 0.92) == max(losses[0.9], losses[0.95])  # between: the larger
+        assert _index.shortlist_loss({**desc, "shortlist_losses": None}, 0.9) == info["shortlist_loss"]  # older
+        plain = _index.probes_for({**desc, "shortlist_losses": {}, "shortlist_loss": 0.0}, 0.9)
         assert info["probes"][0.9] > plain  # asks the curve for what the shortlist loses
         rec = info["recall"][0.9]
         assert rec["high"] >= 0.9, rec  # measured through the search itself

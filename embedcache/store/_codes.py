@@ -44,8 +44,9 @@ class Signs:
     uint64, word t of row j at ``bits[j // 64, t, j % 64]`` (``w = ceil(m / 64)`` words a row;
     bit i of the row, set where the row's offset is >= 0 in direction i of ``axes``, is bit
     ``i % 64`` of word ``i // 64``; the higher bits of the last word and the rows past n are
-    clear); ``fac`` (n, 4) float32: each row's gain, gain times its factor, ``2 * (bits set)
-    - m``, 0. ``axes`` (m, d) float32: the rotated directions (orthonormal rows)."""
+    clear); ``fac`` (n, 4) float32: each row's gain, its factor, ``2 * (bits set) - m``, 0:
+    the row's estimate is ``gain * (query . centroid + factor * (signs . query in 4 bits))``.
+    ``axes`` (m, d) float32: the rotated directions (orthonormal rows)."""
 
     bits: np.ndarray
     fac: np.ndarray
@@ -72,7 +73,7 @@ class Codes:
 
 def residuals(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(each row scaled to unit length minus its cell's centroid (rows, d) float32, the rows'
-    inverse norms); a zero row stays zero."""
+    inverse norms); a zero row's offset is minus its centroid."""
     x = np.asarray(x, dtype=np.float32)
     inv = _inverse_norms(x)
     resid = (x * inv[:, None]).astype(np.float32)  # float64 first: no overflow
@@ -136,11 +137,9 @@ def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine:
     l1 = np.abs(r).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         f = np.where(l1 > 0, (r * r).sum(axis=1) / l1, 0.0)
-        gain = np.ones(rows) if cosine else np.minimum(np.where(inv > 0, 1.0 / inv, 0.0),
-                                                       np.finfo(np.float32).max)
     fac = np.zeros((rows, 4), np.float32)
-    fac[:, 0] = gain
-    fac[:, 1] = np.minimum(gain * f, np.finfo(np.float32).max)
+    fac[:, 0] = _gains(inv, cosine)
+    fac[:, 1] = f
     fac[:, 2] = 2 * (r >= 0).sum(axis=1) - m
     return bits, fac
 
@@ -178,10 +177,17 @@ def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
     codes = np.clip(np.rint(resid / safe[:, None]), -CODE_MAX, CODE_MAX).astype(np.int8)
     fac = np.empty((len(resid), 2), np.float32)
     fac[:, 0] = scale
-    with np.errstate(divide="ignore"):
-        # the row's norm, within float32 (a larger one would make every estimate inf or NaN)
-        fac[:, 1] = 1.0 if cosine else np.minimum(np.where(inv > 0, 1.0 / inv, 0.0), np.finfo(np.float32).max)
+    fac[:, 1] = _gains(inv, cosine)
     return codes, fac
+
+
+def _gains(inv: np.ndarray, cosine: bool) -> np.ndarray:
+    """Each row's gain: 1 for cosine, else its norm within float32 (a larger one would make
+    every estimate inf or NaN); ``inv``: the rows' inverse norms."""
+    if cosine:
+        return np.ones(len(inv), np.float32)
+    with np.errstate(divide="ignore"):
+        return np.minimum(np.where(inv > 0, 1.0 / inv, 0.0), np.finfo(np.float32).max).astype(np.float32)
 
 
 def _inverse_norms(x: np.ndarray) -> np.ndarray:

@@ -18,10 +18,10 @@ The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` 
 it), ``deleted_at_build`` (rows below ``covered`` deleted then), ``generation`` (the commit
 that made it), ``seed``, the recall-vs-probes curve measured at build time (``curve``:
 ``[probes, recall]`` steps at ``k``), the probes and the measured recall (95% interval) for
-a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_loss`` (the
-most, over the levels' probes, of the sampled rows' true neighbours that the probed cells
-held and the codes' shortlist lost, as a share of all their true neighbours: a search asks
-the curve for that much more recall), and the ``files`` with their lengths and crc32. It is
+a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_losses``
+(for each level, at its probes, the sampled rows' true neighbours that the probed cells held
+and the codes' shortlists lost, as a share of all their true neighbours: a search near that
+level asks the curve for that much more recall) and ``shortlist_loss`` (the most of them), and the ``files`` with their lengths and crc32. It is
 written like a segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
 setting is changed in the commit that makes the index visible. A kill at any point leaves
 the old index (or none); leftover files are removed by the next ``create_index`` or
@@ -220,7 +220,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         fsync_dir(idx_dir)
         loaded = _map(root, view, number, index.cells, len(rows), basis[0].shape[1], files)
         assert loaded is not None, "the index files just written are gone"
-        curve, levels, loss = _measure(view, source, index, live, seed, loaded)
+        curve, levels, losses = _measure(view, source, index, live, seed, loaded)
     except BaseException:
         remove_orphans(idx_dir, old)
         raise
@@ -236,7 +236,8 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "curve": curve,
         "levels": levels,
         "code_dims": basis[0].shape[1],
-        "shortlist_loss": loss,
+        "shortlist_loss": max(losses.values(), default=0.0),
+        "shortlist_losses": losses,
         "files": files,
     }
     conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (SETTING, json.dumps(desc)))
@@ -254,7 +255,7 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     rng = np.random.default_rng([seed, 11])
     cal, mea = samples(len(live), rng)
     if not len(cal):
-        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}, 0.0
+        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}, {}
     cal_ev, mea_ev = (_evidence(view, source, index, live, s) for s in (cal, mea))
     total = cal_ev.true.sum()
     order = np.argsort(cal_ev.need, kind="stable")
@@ -269,17 +270,19 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     def found(p: int) -> np.ndarray:
         return _found(mea_ev, _search_loaded(view, loaded, queries, k + 1, p, None)[1], live[mea], k)
 
-    # what the codes' shortlist loses of what the probed cells hold, at the probes of each
-    # level: the levels (and the searches) then ask the curve for that much more
+    # what the codes' shortlists lose of what the probed cells hold, at the probes of each
+    # level: that level (and a search near it) then asks the curve for that much more
     true = max(float(mea_ev.true.sum()), 1.0)
-    loss = round(max(0.0, max((mea_ev.found(p).sum() - found(p).sum()) / true
-                              for p in {cal_ev.smallest(lv, index.cells) for lv in LEVELS})), 6)
+    losses = {}
+    for lv in LEVELS:
+        p = cal_ev.smallest(lv, index.cells)
+        losses[str(lv)] = round(max(0.0, float(mea_ev.found(p).sum() - found(p).sum()) / true), 6)
     levels = {}
     for lv in LEVELS:
-        p = probes_for({"cells": index.cells, "curve": curve, "shortlist_loss": loss}, lv)
+        p = probes_for({"cells": index.cells, "curve": curve, "shortlist_losses": losses}, lv)
         est, low, high = interval(found(p), mea_ev.true)
         levels[str(lv)] = [p, round(est, 6), round(low, 6), round(high, 6)]
-    return curve, levels, loss
+    return curve, levels, losses
 
 
 def _evidence(view: View, source: Any, index: PartitionIndex, live: np.ndarray, sample: np.ndarray) -> Evidence:
@@ -384,6 +387,10 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
         ro = np.memmap(maps["rows"], "<i8", mode="r")
         vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
         codes = None
+        ones = {"srot", "sign", "sfac"} & set(maps)
+        if ones and len(ones) < 3:
+            raise StoreCorruptedError(f"{root / INDEX_DIR}: index {number} lists {sorted(ones)} of its 1-bit codes' "
+                                      "three files")
         if "code" in maps and n:
             signs = None
             if "sign" in maps:
@@ -407,14 +414,27 @@ def stale_rows(view: View, desc: dict[str, Any]) -> tuple[int, int]:
 
 def probes_for(desc: dict[str, Any], recall: float) -> int:
     """The fewest probes whose recall on the build-time curve reaches ``recall`` plus what
-    the codes' shortlist was measured to lose (``shortlist_loss``); every cell for recall 1."""
+    the codes' shortlists were measured to lose near it (:func:`shortlist_loss`); every
+    cell for recall 1."""
     if recall >= 1.0:
         return int(desc["cells"])
-    target = recall + desc.get("shortlist_loss", 0.0)
+    target = recall + shortlist_loss(desc, recall)
     for p, r in desc["curve"]:
         if r >= target - 1e-12:
             return int(p)
     return int(desc["cells"])
+
+
+def shortlist_loss(desc: dict[str, Any], recall: float) -> float:
+    """What the codes' shortlists lose at ``recall``: the larger of the losses measured at
+    the levels on either side of it (the nearest one outside them), or the one loss of an
+    index that recorded no loss per level (0 without codes)."""
+    per = sorted((float(lv), v) for lv, v in (desc.get("shortlist_losses") or {}).items())
+    if not per:
+        return float(desc.get("shortlist_loss", 0.0))
+    below = [v for lv, v in per if lv <= recall]
+    above = [v for lv, v in per if lv >= recall]
+    return float(max(below[-1:] + above[:1]))
 
 
 def info(view: View) -> dict[str, Any] | None:
@@ -438,6 +458,7 @@ def info(view: View) -> dict[str, Any] | None:
         "bytes": sum(f["nbytes"] for f in desc["files"]),
         "code_dims": desc.get("code_dims"),  # None: an index without codes
         "shortlist_loss": desc.get("shortlist_loss", 0.0),
+        "shortlist_losses": {float(lv): v for lv, v in (desc.get("shortlist_losses") or {}).items()},
     }
 
 

@@ -30,7 +30,6 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from embedcache import _config, kernels
@@ -75,7 +74,7 @@ def _prefetch(typingctx, arr, i, off):
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
         # read, keep in every cache level, data
         builder.call(fn, [builder.inttoptr(addr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
@@ -133,24 +132,27 @@ def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries,
                 _heap_replace_root(hs[q], hi[q], e, r)
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _code_estimate(code, qq, qc, fac_j):
+    """A row's 8-bit estimate: ``gain * (qc + scale * (qq . code))`` (``fac_j``: scale, gain)."""
+    acc = np.float32(0.0)
+    for t in range(code.shape[0]):
+        acc += qq[t] * np.float32(code[t])
+    return fac_j[1] * (qc + fac_j[0] * acc)
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, hs, hi):
     """Fold the estimates of index rows ``j0 .. j1`` of one cell (their codes) into the
     shortlists of the queries ``ql`` (``qc``: each one's product with the cell's centroid;
     ``projected``: the queries in the codes' basis).
     One compact loop per cell: it vectorizes, where a call per row would not."""
-    d = codes.shape[1]
     for j in range(j0, j1):
         if use_dead and _dead(deleted, rows[j]):
             continue
-        code = codes[j]
         for u in range(ql.shape[0]):
             q = ql[u]
-            qq = projected[q]
-            acc = np.float32(0.0)
-            for t in range(d):
-                acc += qq[t] * np.float32(code[t])
-            e = fac[j, 1] * (qc[u] + fac[j, 0] * acc)
+            e = _code_estimate(codes[j], projected[q], qc[u], fac[j])
             if _better(e, j, hs[q, 0], hi[q, 0]):
                 _heap_replace_root(hs[q], hi[q], e, j)
 
@@ -180,7 +182,7 @@ def _keep_best(s, i, n, keep):
     return keep, th, tie[need - 1]
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(cache=True, nogil=True)  # not fastmath: a row's estimate the same bits in any lane
 def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj):
     """Collect the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their
     :class:`Signs` ``bits``, ``sfac``) for the queries ``ql`` (``qc``: each one's product with
@@ -212,7 +214,7 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
             qcu, t0, t1, t2 = qc[u], terms[q, 0], terms[q, 1], terms[q, 2]
             for r in range(r0, r1):  # the estimates, without a branch (it vectorizes)
                 jj = base + r
-                est[r] = sfac[jj, 0] * qcu + sfac[jj, 1] * (t0 * np.float32(count[r]) + t1 * sfac[jj, 2] - t2)
+                est[r] = sfac[jj, 0] * (qcu + sfac[jj, 1] * (t0 * np.float32(count[r]) + t1 * sfac[jj, 2] - t2))
             for r in range(r0, r1):
                 e, jj = est[r], base + r
                 if (e > bar[q] or (e == bar[q] and jj <= barj[q])) and not (use_dead and _dead(deleted, rows[jj])):
@@ -303,9 +305,7 @@ def _reestimate(q0, q1, u0, u1, cand, codes, fac, projected, offsets, near, qc_n
     """Estimate the index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 .. q1``) from
     their 8-bit codes, as :func:`_fold_codes` does (``near``: each query's probed cells,
     sorted; ``qc_near``: its products with them), into heaps ``hs, hi`` (index positions)."""
-    d = codes.shape[1]
     for q in range(q0, q1):
-        qq = projected[q]
         for u in range(u0, u1):
             if u + AHEAD < u1 and cand[q, u + AHEAD] != _NO_INDEX:
                 _prefetch_row(codes, cand[q, u + AHEAD])
@@ -314,22 +314,17 @@ def _reestimate(q0, q1, u0, u1, cand, codes, fac, projected, offsets, near, qc_n
             if j == _NO_INDEX:
                 continue
             x = np.searchsorted(near[q], np.searchsorted(offsets, j, side="right") - 1)
-            code = codes[j]
-            acc = np.float32(0.0)
-            for t in range(d):
-                acc += qq[t] * np.float32(code[t])
-            e = fac[j, 1] * (qc_near[q, x] + fac[j, 0] * acc)
+            e = _code_estimate(codes[j], projected[q], qc_near[q, x], fac[j])
             if _better(e, j, hs[q, 0], hi[q, 0]):
                 _heap_replace_root(hs[q], hi[q], e, j)
 
 
 @njit(parallel=True, cache=True)
-def _reestimate_shares(cand, codes, fac, projected, offsets, near, qc_near, hs, hi, by_query):
-    """:func:`_reestimate` on every thread: the queries split between them (``by_query``,
-    into heaps ``hs[0], hi[0]``), or each query's candidates (into heaps ``hs[t], hi[t]`` of
-    thread t, then merged)."""
+def _reestimate_shares(cand, codes, fac, projected, offsets, near, qc_near, hs, hi, by_query, shares):
+    """:func:`_reestimate` on ``shares`` threads: the queries split between them
+    (``by_query``, into heaps ``hs[0], hi[0]``), or each query's candidates (into heaps
+    ``hs[t], hi[t]`` of thread t, then merged)."""
     nq, m = cand.shape
-    shares = hs.shape[0]
     for t in prange(shares):
         if by_query:
             _reestimate(nq * t // shares, nq * (t + 1) // shares, 0, m, cand, codes, fac, projected, offsets, near,
@@ -490,11 +485,11 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         _near_products(queries, cent, near, qc_near)
         m = max(k, shortlist)
         parts = threads if cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads or many else 1
-        hs = np.full((parts, nq, m), -np.inf, np.float32)
-        hi = np.full((parts, nq, m), _NO_INDEX, np.int64)
+        hs = np.full((1 if many else parts, nq, m), -np.inf, np.float32)
+        hi = np.full(hs.shape, _NO_INDEX, np.int64)
         cargs = (cand, c.codes, c.fac, projected, offsets, near, qc_near)
         if parts > 1:
-            _reestimate_shares(*cargs, hs, hi, many)
+            _reestimate_shares(*cargs, hs, hi, many, parts)
             if not many:
                 _merge_shares(hs, hi)
         else:
@@ -575,19 +570,23 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     (float32 or float16; rows ``rows``, cell c at ``offsets[c] .. offsets[c + 1]``).
     ``deleted``: sorted row numbers never returned (None: none). ``codes``: the rows' codes,
     used (through shortlists of each query's best estimates, the last scored exactly) when fewer
-    than every cell is probed; then queries go ``STORE_INDEX_QUERY_BLOCK`` at a time (each
-    one's shortlists are held while its block is searched). ``inv_c``, ``small``: the
+    than every cell is probed; then queries go in blocks (each one's shortlists are held
+    while its block is searched: at most ``STORE_INDEX_QUERY_BLOCK`` queries, fewer when
+    their 1-bit shortlists are long). ``inv_c``, ``small``: the
     centroids' inverse norms and :func:`coarse` copy, when kept."""
     shortlist = max(_config.STORE_INDEX_SHORTLIST, _config.STORE_INDEX_SHORTLIST_PER_K * k)
     # the 1-bit shortlist grows with the rows probed (on average): more rows, more of them
     # near the query's best, and the same share of its true neighbours kept
     held_rows = min(probes, len(centroids)) * len(rows) / max(len(centroids), 1)
     wide = max(_config.STORE_INDEX_SIGN_SHORTLIST, _config.STORE_INDEX_SIGN_SHORTLIST_PER_K * k,
-               int(np.ceil(held_rows * _config.STORE_INDEX_SIGN_SHORTLIST_SHARE)))
+               min(int(np.ceil(held_rows * _config.STORE_INDEX_SIGN_SHORTLIST_SHARE)),
+                   _config.STORE_INDEX_SIGN_SHORTLIST_MAX))
     use = codes is not None and probes < len(centroids)
-    # each query of a block holds its shortlists while the block runs: blocks of at most
-    # STORE_INDEX_QUERY_BLOCK queries holding the 8-bit shortlist's entries between them
-    held = 2 * wide if use and codes.signs is not None and wide > shortlist else shortlist
+    # each query of a block holds its shortlists while the block runs (the 1-bit one in a
+    # buffer of each thread): blocks of at most STORE_INDEX_QUERY_BLOCK queries holding as
+    # many entries between them as that many 8-bit shortlists
+    signs = use and codes.signs is not None and wide > shortlist
+    held = BUFFER_SPAN * wide * numba.get_num_threads() if signs else shortlist
     block = max(1, _config.STORE_INDEX_QUERY_BLOCK * shortlist // max(held, 1))
     if use and len(queries) > block:
         parts = [probe(queries[a : a + block], centroids, probes, offsets, vectors, rows, k, metric, deleted,
