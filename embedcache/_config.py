@@ -182,7 +182,17 @@ STORE_INDEX_SHARE_ROWS = 32768
 #: the codes' estimate; a row outside that shortlist is missed
 STORE_INDEX_SHORTLIST = 100
 STORE_INDEX_SHORTLIST_PER_K = 30
-#: queries searched together through codes (each holds its shortlist while its block runs)
+#: with 1-bit codes as well, each query first keeps its best max(STORE_INDEX_SIGN_SHORTLIST,
+#: STORE_INDEX_SIGN_SHORTLIST_PER_K * k, STORE_INDEX_SIGN_SHORTLIST_SHARE * the rows its
+#: probes hold on average) rows by their estimate, estimated again from the 8-bit codes
+#: into the shortlist above (a row outside it is missed)
+STORE_INDEX_SIGN_SHORTLIST = 2000
+STORE_INDEX_SIGN_SHORTLIST_PER_K = 400
+STORE_INDEX_SIGN_SHORTLIST_SHARE = 0.025
+#: ... but never more than this many (each query holds two of them for each thread)
+STORE_INDEX_SIGN_SHORTLIST_MAX = 1 << 16
+#: queries searched together through codes (each holds its shortlists while its block runs;
+#: fewer at a time when their 1-bit shortlists are long)
 STORE_INDEX_QUERY_BLOCK = 4096
 #: an index's codes keep the leading principal directions of the rows' offsets from their
 #: centroids that hold this share of the offsets' energy (a small share of the dimensions

@@ -117,7 +117,7 @@ def test_a_stale_index_is_reported_and_not_used(tmp_path):
         np.testing.assert_array_equal(ids, ei)
         store.create_index(seed=0)  # rebuilt: used again, the old files removed
         assert not store.index_info()["stale"] and store.index_info()["rows"] == 2000
-        assert len(list((tmp_path / "s" / "index").iterdir())) == 6
+        assert len(list((tmp_path / "s" / "index").iterdir())) == 9
 
 
 def test_float16_store(tmp_path):
@@ -196,7 +196,7 @@ def test_sigkill_during_the_build_leaves_the_old_index_or_the_new(tmp_path, stag
         _assert_same(exact, full)
         s.create_index(seed=0)  # the next build removes what the dead one left
         listed = {f.split("/")[-1] for f in [p.name for p in (path / "index").iterdir()]}
-        assert len(listed) == 6 and s.verify()["index_bytes"] > 0
+        assert len(listed) == 9 and s.verify()["index_bytes"] > 0
 
 
 def test_another_handle_follows_a_rebuilt_index(tmp_path):
@@ -258,9 +258,9 @@ def _probe_both(store, q, k, recall):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=matrices(max_rows=60, min_rows=2, max_dim=6), cells=st.integers(2, 9), k=st.integers(1, 8),
        dtype=st.sampled_from(["float32", "float16"]), metric=st.sampled_from(["cosine", "dot"]),
-       shortlist=st.integers(1, 12), seed=st.integers(0, 3))
+       shortlist=st.integers(1, 12), wide=st.integers(1, 30), seed=st.integers(0, 3))
 def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_enough(
-        x, cells, k, dtype, metric, shortlist, seed):
+        x, cells, k, dtype, metric, shortlist, wide, seed):
     x = np.clip(x, -1000, 1000)
     n = len(x)
     q = np.concatenate([x[::-1], np.zeros((1, x.shape[1]), np.float32)])[:10].astype(np.float32)
@@ -269,11 +269,16 @@ def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_eno
         store.add(ids_of(n), x)
         store.create_index(cells=cells, seed=seed)
         kk = min(k, n)
-        with _config.override(STORE_INDEX_SHORTLIST=n, STORE_INDEX_SHORTLIST_PER_K=1):
-            (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
-        np.testing.assert_array_equal(cs, fs)  # every probed row shortlisted: the exact scan's answer
-        np.testing.assert_array_equal(ci, fi)
-        with _config.override(STORE_INDEX_SHORTLIST=shortlist, STORE_INDEX_SHORTLIST_PER_K=0):
+        for first in (0, n + 1):  # the 8-bit codes alone; the 1-bit codes first, every row kept
+            with _config.override(STORE_INDEX_SHORTLIST=n, STORE_INDEX_SHORTLIST_PER_K=1,
+                                  STORE_INDEX_SIGN_SHORTLIST=first, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                                  STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
+                (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
+            np.testing.assert_array_equal(cs, fs)  # every probed row shortlisted: the exact scan's answer
+            np.testing.assert_array_equal(ci, fi)
+        with _config.override(STORE_INDEX_SHORTLIST=shortlist, STORE_INDEX_SHORTLIST_PER_K=0,
+                              STORE_INDEX_SIGN_SHORTLIST=shortlist + wide, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                              STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
             (cs, ci), (fs, fi) = _probe_both(store, q, kk, 0.5)
         xs = store.get([f"r{i}" for i in range(n)]).astype(np.float32)
         exact = ec.cosine_similarity(q, xs) if metric == "cosine" else ec.dot_similarity(q, xs)
@@ -298,7 +303,7 @@ def _probed_rows(store, q, recall):
 @settings(max_examples=40, deadline=None)
 @given(x=matrices(max_rows=30, min_rows=1, max_dim=8), seed=st.integers(0, 5), energy=st.sampled_from([0.5, 1.0]))
 def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, seed, energy):
-    from embedcache.store._probe import code_basis, encode, residuals
+    from embedcache.store._codes import code_basis, encode, residuals
 
     x = np.clip(x, -1000, 1000).astype(np.float32)
     rng = np.random.default_rng(seed)
@@ -320,6 +325,150 @@ def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, se
         step = fac[:, :1].astype(np.float64)
         assert np.all(np.abs(kept - step * codes) <= 0.5 * step + 1e-6)
         np.testing.assert_allclose(fac[:, 1], 1.0 if cosine else norm, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.data_too_large, HealthCheck.too_slow])
+@given(x=matrices(max_rows=130, min_rows=1, max_dim=40), seed=st.integers(0, 5),
+       energy=st.sampled_from([0.5, 1.0]), cosine=st.booleans())
+def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, energy, cosine):
+    from embedcache.kernels._core import _NO_INDEX
+    from embedcache.store._codes import (QUERY_BITS, code_basis, encode_signs, query_planes, residuals, spin,
+                                         words_for)
+    from embedcache.store._probe import _fold_signs
+
+    x = np.clip(x, -1000, 1000).astype(np.float32)
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    cent = rng.normal(size=(1, d)).astype(np.float32)
+    cent /= max(float(np.linalg.norm(cent)), 1e-30)
+    cell = np.zeros(n, np.int64)
+    resid, inv = residuals(x, cent, cell)
+    axes = spin(code_basis(resid.T.astype(np.float64) @ resid, energy), seed)
+    m = axes.shape[1]
+    np.testing.assert_allclose(axes.T.astype(np.float64) @ axes, np.eye(m), atol=1e-5)  # still orthonormal
+    blocked, sfac = encode_signs(x, cent, cell, cosine, axes)
+    w = words_for(m)
+    assert blocked.shape == (-(-n // 64), w, 64) and blocked.dtype == np.uint64 and sfac.shape == (n, 4)
+    per_row = np.ascontiguousarray(blocked.transpose(0, 2, 1).reshape(-1, w))  # word t of row j: [j // 64, t, j % 64]
+    assert not per_row[n:].any()  # rows past the last: clear
+    bits = np.unpackbits(per_row[:n].view(np.uint8), axis=1, bitorder="little")
+    r = resid.astype(np.float64) @ axes
+    np.testing.assert_array_equal(bits[:, :m], r >= 0)  # bit t: the sign in direction t
+    assert not bits[:, m:].any()
+    q = (rng.normal(size=(3, d)) * rng.choice([1e-3, 1.0, 1e3])).astype(np.float32)
+    turned = q @ axes
+    planes, terms = query_planes(turned, w)
+    levels = sum(np.unpackbits(planes[:, b].view(np.uint8), axis=-1, bitorder="little")[:, :m].astype(np.int64)
+                 << b for b in range(QUERY_BITS))
+    low = turned.min(axis=1, keepdims=True)
+    step = terms[:, :1] / 2.0
+    assert levels.max() < 2**QUERY_BITS
+    assert np.all(np.abs(low + step * levels - turned) <= 0.5 * step * (1 + 1e-4))  # within half a level
+    width = 2 * n + 2  # never full: every estimate kept
+    bs = np.full((3, width), -np.inf, np.float32)
+    bi = np.full((3, width), _NO_INDEX, np.int64)
+    fill = np.zeros(3, np.int64)
+    qc = (q @ cent[0]).astype(np.float32)
+    j0 = int(rng.integers(0, n))  # rows from the middle of a block too
+    _fold_signs(blocked, sfac, j0, n, np.arange(n), np.zeros(0, np.int64), False, np.arange(3), qc, planes, terms,
+                bs, bi, fill, np.full(3, -np.inf, np.float32), np.full(3, _NO_INDEX, np.int64))
+    assert np.all(fill == n - j0)
+    got = np.full((3, n), np.nan)
+    for t in range(3):
+        got[t, bi[t, : fill[t]]] = bs[t, : fill[t]]
+    got = got[:, j0:]
+    gain = np.ones(n) if cosine else np.linalg.norm(x.astype(np.float64), axis=1)
+    l1 = np.abs(r).sum(axis=1)
+    f = np.divide((r * r).sum(axis=1), l1, out=np.zeros(n), where=l1 > 0)
+    signed = np.where(bits[:, :m] > 0, 1.0, -1.0)
+    want = gain[None, :] * qc[:, None].astype(np.float64) + (gain * f)[None, :] * ((low + step * levels) @ signed.T)
+    size = gain[None, :] * (np.abs(qc)[:, None] + f[None, :] * np.abs(turned).sum(axis=1, keepdims=True) * 2)
+    np.testing.assert_allclose(got, want[:, j0:], rtol=0, atol=1e-4 * float(size.max()) + 1e-30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, 3.0]) | st.floats(-5, 5, width=32), min_size=2,
+                       max_size=60), data=st.data())
+def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data):
+    from embedcache.store._probe import _keep_best
+
+    n = len(scores)
+    keep = data.draw(st.integers(1, n - 1))
+    s = np.array(scores, np.float32)
+    i = np.array(data.draw(st.permutations(range(100, 100 + n))), np.int64)
+    want = np.lexsort((i, -s))[:keep]
+    s2, i2 = s.copy(), i.copy()
+    kept, bar, barj = _keep_best(s2, i2, n, keep)
+    assert kept == keep
+    assert set(i2[:keep]) == set(i[want])  # the best under (score descending, index ascending)
+    assert (bar, barj) == (s[want[-1]], i[want[-1]])  # the worst of them
+    np.testing.assert_array_equal(np.sort(s2[:keep]), np.sort(s[want]))
+
+
+def test_one_bit_codes_first_keep_the_recall_of_the_8_bit_codes(tmp_path):
+    x = clustered(12_000, d=128, clusters=60, noise=0.8, seed=3)
+    q = clustered(12_200, d=128, clusters=60, noise=0.8, seed=3)[12_000:]
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(cells=20, seed=0)
+        rows = np.mean([len(_probed_rows(store, q[i : i + 1], 0.95)) for i in range(20)])
+        with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                              STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
+            eight = store.search(q, 10, recall=0.95)
+        with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=100,
+                              STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
+            assert 1000 * 1.4 < rows  # the 1-bit shortlist leaves out a third of the probed rows
+            both = store.search(q, 10, recall=0.95)
+        # isotropic noise in 128 dimensions is the hard case for 1 bit (the planted near-duplicates
+        # of real data stand out far more); the loss is measured at build time either way
+        same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(both[1], eight[1])])
+        assert same >= 0.985, same
+
+
+def test_the_one_bit_shortlist_grows_with_the_rows_the_probes_hold(tmp_path):
+    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
+    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        info = store.create_index(cells=30, seed=0)
+        with _config.override(STORE_INDEX_SHORTLIST=20, STORE_INDEX_SHORTLIST_PER_K=0, STORE_INDEX_SIGN_SHORTLIST=0,
+                              STORE_INDEX_SIGN_SHORTLIST_PER_K=0, STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
+            eight = store.search(q, 5, recall=0.9)  # the 8-bit codes alone
+        base = dict(STORE_INDEX_SHORTLIST=20, STORE_INDEX_SHORTLIST_PER_K=0, STORE_INDEX_SIGN_SHORTLIST=21,
+                    STORE_INDEX_SIGN_SHORTLIST_PER_K=0)
+        with _config.override(**base, STORE_INDEX_SIGN_SHORTLIST_SHARE=info["cells"]):  # at least every row
+            _assert_same(store.search(q, 5, recall=0.9), eight)
+        with _config.override(**base, STORE_INDEX_SIGN_SHORTLIST_SHARE=0):  # 21 rows of each query's hundreds
+            few = store.search(q, 5, recall=0.9)
+        assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(few[1], eight[1])]) < 0.99
+
+
+def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_path):
+    import json
+    import sqlite3
+
+    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
+    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
+    with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                          STORE_INDEX_SIGN_SHORTLIST_SHARE=0), \
+            ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        want = store.search(q, 5, recall=0.9)
+    con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
+    desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
+    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sfac"))]
+    assert len(old) == 3
+    desc["files"] = [f for f in desc["files"] if f not in old]  # as an index written before them
+    with con:
+        con.execute("UPDATE settings SET value = ? WHERE key = 'index'", (json.dumps(desc),))
+    con.close()
+    for f in old:
+        (tmp_path / "s" / f["file"]).unlink()
+    with ec.VectorStore(tmp_path / "s") as store:
+        got = store.search(q, 5, recall=0.9)
+        store.verify()
+    _assert_same(got, want)
 
 
 def test_codes_keep_the_recall_of_the_cells_they_probe(tmp_path):
@@ -346,7 +495,12 @@ def test_what_the_shortlist_loses_is_measured_and_probed_for(tmp_path):
         assert 0 < info["code_dims"] < 24 and info["shortlist_loss"] > 0.01  # a short list over coarse codes
         with store._txn.reading() as v:
             desc = _index.description(v)
-        plain = _index.probes_for({**desc, "shortlist_loss": 0.0}, 0.9)
+        losses = info["shortlist_losses"]
+        assert set(losses) == {0.8, 0.9, 0.95, 0.99} and max(losses.values()) == info["shortlist_loss"]
+        assert _index.shortlist_loss(desc, 0.9) == losses[0.9]  # each level its own
+        assert _index.shortlist_loss(desc, 0.92) == max(losses[0.9], losses[0.95])  # between: the larger
+        assert _index.shortlist_loss({**desc, "shortlist_losses": None}, 0.9) == info["shortlist_loss"]  # older
+        plain = _index.probes_for({**desc, "shortlist_losses": {}, "shortlist_loss": 0.0}, 0.9)
         assert info["probes"][0.9] > plain  # asks the curve for what the shortlist loses
         rec = info["recall"][0.9]
         assert rec["high"] >= 0.9, rec  # measured through the search itself

@@ -7,17 +7,21 @@ Files (in ``index/`` of the store directory, ``N`` a number taken from ``next_se
     index/N.vec    the vectors of those rows in cell order, in the store's dtype
     index/N.rot    float32 (dim, m): the directions the codes keep (``code_dims`` m)
     index/N.code   int8 (rows, m): each row's offset from its cell's centroid in 8 bits
-    index/N.fac    float32 (rows, 2): each row's code scale and gain (:mod:`._probe`)
+    index/N.fac    float32 (rows, 2): each row's code scale and gain (:mod:`._codes`)
+    index/N.srot   float32 (dim, m): those directions turned by a random rotation
+    index/N.sign   uint64 (blocks of 64 rows, words, 64): each row's offset in 1 bit a
+                   direction of those, the words of a block's rows together
+    index/N.sfac   float32 (rows, 4): each row's factors for those (:class:`._codes.Signs`)
 
 The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` (rows held),
 ``covered`` (the store's row count when it was built: rows numbered from there on are not in
 it), ``deleted_at_build`` (rows below ``covered`` deleted then), ``generation`` (the commit
 that made it), ``seed``, the recall-vs-probes curve measured at build time (``curve``:
 ``[probes, recall]`` steps at ``k``), the probes and the measured recall (95% interval) for
-a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_loss`` (the
-most, over the levels' probes, of the sampled rows' true neighbours that the probed cells
-held and the codes' shortlist lost, as a share of all their true neighbours: a search asks
-the curve for that much more recall), and the ``files`` with their lengths and crc32. It is
+a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_losses``
+(for each level, at its probes, the sampled rows' true neighbours that the probed cells held
+and the codes' shortlists lost, as a share of all their true neighbours: a search near that
+level asks the curve for that much more recall) and ``shortlist_loss`` (the most of them), and the ``files`` with their lengths and crc32. It is
 written like a segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
 setting is changed in the commit that makes the index visible. A kill at any point leaves
 the old index (or none); leftover files are removed by the next ``create_index`` or
@@ -27,11 +31,13 @@ A search through it probes the cells nearest each query and scores their rows wi
 kernels' own per-pair score (:mod:`._probe`: each probed cell read once, in one piece, for all
 the queries that probe it, in one compiled pass), through the codes when fewer than every
 cell is probed (a shortlist by the codes' estimate, then scored exactly); rows deleted since
-the build are masked, rows added since are scanned exactly and merged. When those changes
+the build are masked, rows added since are scanned exactly and merged; with the 1-bit codes,
+a first, wider shortlist by their estimate comes before the 8-bit codes' one. When those changes
 exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is stale: a warning
 says so and the search scans exactly. The recall recorded for each level is measured through
-that same search, codes and shortlist included; an index written before codes existed (three
-files) is searched without them. ``compact`` renumbers rows, so it
+that same search, codes and shortlists included; an index written before codes existed (three
+files) is searched without them, one written before 1-bit codes (six files) with the 8-bit
+codes alone. ``compact`` renumbers rows, so it
 drops the index (with a warning).
 """
 
@@ -60,15 +66,29 @@ from embedcache.index._partition import PartitionIndex
 from embedcache.index._recall import Evidence, _rank, interval, other_neighbours, samples
 from embedcache.store import _query
 from embedcache.store._format import View, next_segment
-from embedcache.store._probe import Codes, _inverse_norms, code_basis, encode, probe, residuals
+from embedcache.store._codes import (
+    SIGN_BLOCK,
+    Coarse,
+    Codes,
+    Signs,
+    _inverse_norms,
+    code_basis,
+    coarse,
+    encode,
+    encode_signs,
+    residuals,
+    spin,
+    words_for,
+)
+from embedcache.store._probe import probe
 from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
 SETTING = "index"
-INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac)(\.tmp)?$")
+INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac|srot|sign|sfac)(\.tmp)?$")
 #: recall levels whose probes (and measured recall) the description records
 LEVELS = (0.8, 0.9, 0.95, 0.99)
-_KINDS = ("cent", "rows", "vec", "rot", "code", "fac")
+_KINDS = ("cent", "rows", "vec", "rot", "code", "fac", "srot", "sign", "sfac")
 
 
 def description(view: View) -> dict[str, Any] | None:
@@ -161,6 +181,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
             r = residuals(vec[pick[a : a + step]], cent, cell[pick[a : a + step]])[0].astype(np.float64)
             gram += r.T @ r
         basis.append(code_basis(gram, _config.STORE_INDEX_CODE_ENERGY))
+        basis.append(spin(basis[0], seed))
         yield basis[0]
 
     def codes():  # from the vectors just written, in order, in pieces
@@ -170,6 +191,15 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
             factors.append(f)
             yield c
 
+    sign_factors: list[np.ndarray] = []
+
+    def signs():  # a second pass over the vectors, in blocks of whole 64 rows
+        vec, block = written(), max(SIGN_BLOCK, step // SIGN_BLOCK * SIGN_BLOCK)
+        for a in range(0, len(rows), block):
+            bits, f = encode_signs(vec[a : a + block], cent, cell[a : a + block], view.metric == "cosine", basis[1])
+            sign_factors.append(f)
+            yield bits
+
     chunks = {
         "cent": iter([cent]),
         "rows": iter([np.ascontiguousarray(index.offsets, "<i8"), np.ascontiguousarray(rows, "<i8")]),
@@ -178,6 +208,9 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "rot": directions(),
         "code": codes(),
         "fac": (f for f in factors),  # filled by the codes' pass, written after it
+        "srot": (basis[i] for i in [1]),  # made by the directions' pass
+        "sign": signs(),
+        "sfac": (f for f in sign_factors),  # filled by the signs' pass, written after it
     }
     files = []
     try:
@@ -187,7 +220,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         fsync_dir(idx_dir)
         loaded = _map(root, view, number, index.cells, len(rows), basis[0].shape[1], files)
         assert loaded is not None, "the index files just written are gone"
-        curve, levels, loss = _measure(view, source, index, live, seed, loaded)
+        curve, levels, losses = _measure(view, source, index, live, seed, loaded)
     except BaseException:
         remove_orphans(idx_dir, old)
         raise
@@ -203,7 +236,8 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "curve": curve,
         "levels": levels,
         "code_dims": basis[0].shape[1],
-        "shortlist_loss": loss,
+        "shortlist_loss": max(losses.values(), default=0.0),
+        "shortlist_losses": losses,
         "files": files,
     }
     conn.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (SETTING, json.dumps(desc)))
@@ -221,7 +255,7 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     rng = np.random.default_rng([seed, 11])
     cal, mea = samples(len(live), rng)
     if not len(cal):
-        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}, 0.0
+        return [[index.cells, 1.0]], {str(lv): [index.cells, 1.0, 1.0, 1.0] for lv in LEVELS}, {}
     cal_ev, mea_ev = (_evidence(view, source, index, live, s) for s in (cal, mea))
     total = cal_ev.true.sum()
     order = np.argsort(cal_ev.need, kind="stable")
@@ -236,17 +270,19 @@ def _measure(view: View, source: Any, index: PartitionIndex, live: np.ndarray, s
     def found(p: int) -> np.ndarray:
         return _found(mea_ev, _search_loaded(view, loaded, queries, k + 1, p, None)[1], live[mea], k)
 
-    # what the codes' shortlist loses of what the probed cells hold, at the probes of each
-    # level: the levels (and the searches) then ask the curve for that much more
+    # what the codes' shortlists lose of what the probed cells hold, at the probes of each
+    # level: that level (and a search near it) then asks the curve for that much more
     true = max(float(mea_ev.true.sum()), 1.0)
-    loss = round(max(0.0, max((mea_ev.found(p).sum() - found(p).sum()) / true
-                              for p in {cal_ev.smallest(lv, index.cells) for lv in LEVELS})), 6)
+    losses = {}
+    for lv in LEVELS:
+        p = cal_ev.smallest(lv, index.cells)
+        losses[str(lv)] = round(max(0.0, float(mea_ev.found(p).sum() - found(p).sum()) / true), 6)
     levels = {}
     for lv in LEVELS:
-        p = probes_for({"cells": index.cells, "curve": curve, "shortlist_loss": loss}, lv)
+        p = probes_for({"cells": index.cells, "curve": curve, "shortlist_losses": losses}, lv)
         est, low, high = interval(found(p), mea_ev.true)
         levels[str(lv)] = [p, round(est, 6), round(low, 6), round(high, 6)]
-    return curve, levels, loss
+    return curve, levels, losses
 
 
 def _evidence(view: View, source: Any, index: PartitionIndex, live: np.ndarray, sample: np.ndarray) -> Evidence:
@@ -311,6 +347,7 @@ class Loaded:
     vectors: np.ndarray
     codes: Codes | None  # None: an index written before codes existed
     inv_c: np.ndarray  # the centroids' inverse norms
+    small: Coarse  # the centroids in 8 bits (ranking them against a few queries)
 
 
 def load(root: Path, view: View, desc: dict[str, Any], cache: dict[int, Loaded]) -> Loaded | None:
@@ -331,7 +368,8 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
     d = view.dim
     assert d is not None
     expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize, "rot": d * m * 4,
-              "code": n * m, "fac": n * 8}
+              "code": n * m, "fac": n * 8, "srot": d * m * 4,
+              "sign": -(-n // SIGN_BLOCK) * SIGN_BLOCK * words_for(m) * 8, "sfac": n * 16}
     maps = {}
     with contextlib.ExitStack() as files:
         for f in listed:
@@ -349,11 +387,21 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
         ro = np.memmap(maps["rows"], "<i8", mode="r")
         vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
         codes = None
+        ones = {"srot", "sign", "sfac"} & set(maps)
+        if ones and len(ones) < 3:
+            raise StoreCorruptedError(f"{root / INDEX_DIR}: index {number} lists {sorted(ones)} of its 1-bit codes' "
+                                      "three files")
         if "code" in maps and n:
+            signs = None
+            if "sign" in maps:
+                signs = Signs(np.memmap(maps["sign"], "<u8", mode="r", shape=(-(-n // SIGN_BLOCK), words_for(m),
+                                                                             SIGN_BLOCK)),
+                              np.memmap(maps["sfac"], "<f4", mode="r", shape=(n, 4)),
+                              np.ascontiguousarray(np.fromfile(maps["srot"], "<f4").reshape(d, m).T))
             codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, m)),
                           np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)),
-                          np.ascontiguousarray(np.fromfile(maps["rot"], "<f4").reshape(d, m).T))
-    return Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec, codes, _inverse_norms(cent))
+                          np.ascontiguousarray(np.fromfile(maps["rot"], "<f4").reshape(d, m).T), signs)
+    return Loaded(number, cent, np.asarray(ro[: c + 1]), ro[c + 1 :], vec, codes, _inverse_norms(cent), coarse(cent))
 
 
 def stale_rows(view: View, desc: dict[str, Any]) -> tuple[int, int]:
@@ -366,14 +414,27 @@ def stale_rows(view: View, desc: dict[str, Any]) -> tuple[int, int]:
 
 def probes_for(desc: dict[str, Any], recall: float) -> int:
     """The fewest probes whose recall on the build-time curve reaches ``recall`` plus what
-    the codes' shortlist was measured to lose (``shortlist_loss``); every cell for recall 1."""
+    the codes' shortlists were measured to lose near it (:func:`shortlist_loss`); every
+    cell for recall 1."""
     if recall >= 1.0:
         return int(desc["cells"])
-    target = recall + desc.get("shortlist_loss", 0.0)
+    target = recall + shortlist_loss(desc, recall)
     for p, r in desc["curve"]:
         if r >= target - 1e-12:
             return int(p)
     return int(desc["cells"])
+
+
+def shortlist_loss(desc: dict[str, Any], recall: float) -> float:
+    """What the codes' shortlists lose at ``recall``: the larger of the losses measured at
+    the levels on either side of it (the nearest one outside them), or the one loss of an
+    index that recorded no loss per level (0 without codes)."""
+    per = sorted((float(lv), v) for lv, v in (desc.get("shortlist_losses") or {}).items())
+    if not per:
+        return float(desc.get("shortlist_loss", 0.0))
+    below = [v for lv, v in per if lv <= recall]
+    above = [v for lv, v in per if lv >= recall]
+    return float(max(below[-1:] + above[:1]))
 
 
 def info(view: View) -> dict[str, Any] | None:
@@ -397,6 +458,7 @@ def info(view: View) -> dict[str, Any] | None:
         "bytes": sum(f["nbytes"] for f in desc["files"]),
         "code_dims": desc.get("code_dims"),  # None: an index without codes
         "shortlist_loss": desc.get("shortlist_loss", 0.0),
+        "shortlist_losses": {float(lv): v for lv, v in (desc.get("shortlist_losses") or {}).items()},
     }
 
 
@@ -447,7 +509,7 @@ def _search_loaded(view: View, loaded: Loaded, queries: np.ndarray, k: int, prob
                    deleted: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, row numbers) of the indexed rows alone (:func:`._probe.probe`)."""
     return probe(queries, loaded.centroids, probes, loaded.offsets, loaded.vectors, loaded.rows, k,
-                 view.metric, deleted, codes=loaded.codes, inv_c=loaded.inv_c)
+                 view.metric, deleted, codes=loaded.codes, inv_c=loaded.inv_c, small=loaded.small)
 
 
 # ----------------------------------------------------------------------------- checking

@@ -1,36 +1,36 @@
 """Queries through the store's index in one compiled pass.
 
-The probed cells of all queries are grouped by cell: each probed cell is read once, from the
-index's cell-ordered copy of the vectors (one contiguous piece per cell), and each of its
-rows is scored against every query that probes it while the row is in the cache. The work
-(rows times the queries probing them) is cut into equal shares, one per numba thread, each
-folding into heaps of its own, merged at the end; a small search runs on one thread. A score
-is the kernels' own per-pair score (:func:`embedcache.kernels._core._pair_score` on the row
-decoded exactly, as the exact scan computes it), so a result equals what the exact scan gives
-for the same rows, bit for bit; ties go to the lower row number. The cells a query probes are
-its nearest centroids as :func:`embedcache.top_k` ranks them (ties to the lower cell).
+The probed cells of all queries are grouped by cell and taken nearest first (by the best
+rank any query gives them): each probed cell is read once, from the index's cell-ordered
+copy of the vectors (one contiguous piece per cell), and each of its rows is scored against
+every query that probes it while the row is in the cache. Each cell's rows are split evenly
+between the numba threads, each folding into heaps of its own, merged at the end; a small
+search runs on one thread. A score is the kernels' own per-pair score
+(:func:`embedcache.kernels._core._pair_score` on the row decoded exactly, as the exact scan
+computes it), so a result equals what the exact scan gives for the same rows, bit for bit;
+ties go to the lower row number. The cells a query probes are its nearest centroids as
+:func:`embedcache.top_k` ranks them (ties to the lower cell).
 
-With the index's 8-bit codes (:class:`Codes`) and fewer than every cell probed, the probed
-rows are read as codes instead: each code holds the row's offset from its cell's centroid
-(the row scaled to unit length first) in the leading ``m`` directions of those offsets'
-principal axes (as many as hold ``STORE_INDEX_CODE_ENERGY`` of their energy, measured at
-build time), 8 bits each with one scale per row, so ``gain * (query . centroid + scale *
-(query . basis) . code)`` approximates the row's score (times ``|query|`` for cosine, the
-same for every row of a query), closest where a cell's rows are closest together
-(near-duplicates, near-identical blocks). A row reads ``m + 8`` bytes instead of ``4 d``
-(``2 d`` for a float16 store).
-The ``shortlist`` best rows of each query by that estimate are then scored exactly, from the
-vectors, as above: a reported score is always the exact one, and a row can be missed only
-when its estimate ranks it below the shortlist (the measured recall includes that).
+Through the index's codes (:mod:`._codes`) when fewer than every cell is probed: with the
+8-bit codes, each query keeps the best ``max(STORE_INDEX_SHORTLIST,
+STORE_INDEX_SHORTLIST_PER_K * k)`` rows by their estimate, which are then scored exactly,
+from the vectors, as above: a reported score is always the exact one, and a row can be
+missed only when its estimate ranks it below the shortlist (the measured recall includes
+that). With the 1-bit codes as well, a first pass over them keeps each query's best
+``max(STORE_INDEX_SIGN_SHORTLIST, STORE_INDEX_SIGN_SHORTLIST_PER_K * k,
+STORE_INDEX_SIGN_SHORTLIST_SHARE * rows)`` rows by their estimate (``rows``: what its
+probes hold on average; in buffers that keep their best half when full), and those are estimated again
+from their 8-bit codes into that shortlist. The rows of a shortlist are read in index order,
+each asked for from memory a few rows ahead of its scoring.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from embedcache import _config, kernels
 from embedcache.kernels._core import (
@@ -42,68 +42,60 @@ from embedcache.kernels._core import (
     _heap_replace_root,
     _inv_norm,
     _pair_score,
-    _row_stats_chunk,
     _sort_heaps,
     _sumsq,
 )
-
-#: largest code magnitude: codes are symmetric, -127 .. 127
-CODE_MAX = 127
+from embedcache.store._codes import SIGN_BLOCK, Coarse, Codes, _inverse_norms, coarse, query_planes
 
 
-@dataclass
-class Codes:
-    """The 8-bit codes of an index's rows, in cell order: ``codes`` (n, m) int8, ``fac``
-    (n, 2) float32 (each row's scale and gain) and ``axes`` (m, d) float32 (orthonormal
-    rows: the basis of :func:`code_basis`, transposed once for the searches): row i is about
-    ``gain * (centroid + scale * axes.T @ codes[i])`` (gain 1 for cosine, the row's norm for
-    dot)."""
+@intrinsic
+def _popcount(typingctx, x):
+    """The number of bits set in a uint64 (LLVM's ctpop: one instruction where the CPU has one)."""
+    sig = types.uint64(types.uint64)
 
-    codes: np.ndarray
-    fac: np.ndarray
-    axes: np.ndarray
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, args)
 
-
-def residuals(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(each row scaled to unit length minus its cell's centroid (rows, d) float32, the rows'
-    inverse norms); a zero row stays zero."""
-    x = np.asarray(x, dtype=np.float32)
-    inv = _inverse_norms(x)
-    resid = (x * inv[:, None]).astype(np.float32)  # float64 first: no overflow
-    resid -= centroids[cell]
-    return resid, inv
+    return sig, codegen
 
 
-def code_basis(gram: np.ndarray, energy: float) -> np.ndarray:
-    """(d, m) float32: the leading principal axes of offsets whose (uncentred) Gram matrix
-    ``resid.T @ resid`` is ``gram`` (d, d), as many as hold ``energy`` of their sum of
-    squares, ``m`` rounded up to a multiple of 16."""
-    d = gram.shape[0]
-    w, v = np.linalg.eigh(gram)
-    order = np.argsort(-w, kind="stable")
-    w, v = np.maximum(w[order], 0.0), v[:, order]
-    total = w.sum()
-    m = d if total <= 0 else int(np.searchsorted(np.cumsum(w) / total, min(energy, 1.0) - 1e-12)) + 1
-    m = min(d, -(-m // 16) * 16)
-    return np.ascontiguousarray(v[:, :m], dtype=np.float32)
+@intrinsic
+def _prefetch(typingctx, arr, i, off):
+    """Ask for the cache line holding byte ``off`` of row ``i`` of the 2-d array ``arr``
+    (LLVM's prefetch: a hint, never a fault)."""
+    sig = types.void(arr, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        stride = builder.extract_value(ary.strides, 0)
+        base = builder.ptrtoint(ary.data, ir.IntType(64))
+        addr = builder.add(base, builder.add(builder.mul(args[1], stride), args[2]))
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
+        # read, keep in every cache level, data
+        builder.call(fn, [builder.inttoptr(addr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
-def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
-           basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (rows, m) int8, factors (rows, 2) float32: scale, gain) of rows ``x`` of cells
-    ``cell`` in the ``basis`` (d, m)."""
-    unit, inv = residuals(x, centroids, cell)
-    resid = unit @ basis
-    top = np.abs(resid).max(axis=1) if resid.shape[1] else np.zeros(len(resid), np.float32)
-    scale = (top / CODE_MAX).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))
-    codes = np.clip(np.rint(resid / safe[:, None]), -CODE_MAX, CODE_MAX).astype(np.int8)
-    fac = np.empty((len(resid), 2), np.float32)
-    fac[:, 0] = scale
-    with np.errstate(divide="ignore"):
-        # the row's norm, within float32 (a larger one would make every estimate inf or NaN)
-        fac[:, 1] = 1.0 if cosine else np.minimum(np.where(inv > 0, 1.0 / inv, 0.0), np.finfo(np.float32).max)
-    return codes, fac
+@njit(inline="always")
+def _prefetch_row(arr, i):
+    """Ask for every cache line of row ``i`` of ``arr``."""
+    for off in range(0, arr.shape[1] * arr.itemsize, 64):
+        _prefetch(arr, i, off)
+
+
+#: a query's buffer of 1-bit estimates holds this many times its shortlist; a full one keeps
+#: its best shortlist (:func:`_keep_best`: a pass over the buffer, so wider buffers pass less)
+BUFFER_SPAN = 2
+
+#: rows of a shortlist asked for this far ahead of the one being scored (random rows: each a
+#: wait on memory otherwise)
+AHEAD = 16
 
 
 @njit(inline="always")
@@ -140,65 +132,214 @@ def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries,
                 _heap_replace_root(hs[q], hi[q], e, r)
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _code_estimate(code, qq, qc, fac_j):
+    """A row's 8-bit estimate: ``gain * (qc + scale * (qq . code))`` (``fac_j``: scale, gain)."""
+    acc = np.float32(0.0)
+    for t in range(code.shape[0]):
+        acc += qq[t] * np.float32(code[t])
+    return fac_j[1] * (qc + fac_j[0] * acc)
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, hs, hi):
     """Fold the estimates of index rows ``j0 .. j1`` of one cell (their codes) into the
     shortlists of the queries ``ql`` (``qc``: each one's product with the cell's centroid;
     ``projected``: the queries in the codes' basis).
     One compact loop per cell: it vectorizes, where a call per row would not."""
-    d = codes.shape[1]
     for j in range(j0, j1):
         if use_dead and _dead(deleted, rows[j]):
             continue
-        code = codes[j]
         for u in range(ql.shape[0]):
             q = ql[u]
-            qq = projected[q]
-            acc = np.float32(0.0)
-            for t in range(d):
-                acc += qq[t] * np.float32(code[t])
-            e = fac[j, 1] * (qc[u] + fac[j, 0] * acc)
+            e = _code_estimate(codes[j], projected[q], qc[u], fac[j])
             if _better(e, j, hs[q, 0], hi[q, 0]):
                 _heap_replace_root(hs[q], hi[q], e, j)
 
 
+@njit(cache=True, nogil=True)
+def _keep_best(s, i, n, keep):
+    """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
+    keep) to the front, in no order; return ``keep`` and the score and index of the worst
+    of them."""
+    th = np.partition(s[:n].copy(), n - keep)[n - keep]  # the keep-th highest score
+    w = 0
+    for u in range(n):  # the higher scores first
+        if s[u] > th:
+            s[w], s[u] = s[u], s[w]
+            i[w], i[u] = i[u], i[w]
+            w += 1
+    t = w
+    for u in range(w, n):  # then the ties, of which the lowest indices are kept
+        if s[u] == th:
+            s[t], s[u] = s[u], s[t]
+            i[t], i[u] = i[u], i[t]
+            t += 1
+    tie = np.sort(i[w:t])
+    need = keep - w
+    i[w : w + need] = tie[:need]
+    s[w : w + need] = th
+    return keep, th, tie[need - 1]
+
+
+@njit(cache=True, nogil=True)  # not fastmath: a row's estimate the same bits in any lane
+def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj):
+    """Collect the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their
+    :class:`Signs` ``bits``, ``sfac``) for the queries ``ql`` (``qc``: each one's product with
+    the cell's centroid; ``planes``, ``terms``: the queries in bits, :func:`query_planes`):
+    query q's buffer ``bs[q], bi[q]`` holds ``fill[q]`` entries, every one seen at least as
+    good as ``(bar[q], barj[q])``; a full buffer keeps its best half (:func:`_keep_best`),
+    and that half's worst becomes the bar. A buffer, not a heap: a few thousand best of a
+    few hundred thousand rows displace each other too often. The bits of all 64 rows of a
+    block are counted a word at a time (one vector instruction for several rows), those of
+    the block's rows outside ``j0 .. j1`` then left out."""
+    w = bits.shape[1]
+    width = bs.shape[1]
+    count = np.empty(SIGN_BLOCK, np.uint64)
+    est = np.empty(SIGN_BLOCK, np.float32)
+    for u in range(ql.shape[0]):
+        q = ql[u]
+        for blk in range(j0 // SIGN_BLOCK, (j1 + SIGN_BLOCK - 1) // SIGN_BLOCK):
+            for r in range(SIGN_BLOCK):
+                count[r] = 0
+            for t in range(w):
+                p0, p1, p2, p3 = planes[q, 0, t], planes[q, 1, t], planes[q, 2, t], planes[q, 3, t]
+                xs = bits[blk, t]
+                for r in range(SIGN_BLOCK):  # every row of the block (a fixed count: it vectorizes)
+                    x = xs[r]
+                    count[r] += (_popcount(x & p0) + (_popcount(x & p1) << np.uint64(1))
+                                 + (_popcount(x & p2) << np.uint64(2)) + (_popcount(x & p3) << np.uint64(3)))
+            base = blk * SIGN_BLOCK
+            r0, r1 = max(j0 - base, 0), min(SIGN_BLOCK, j1 - base)
+            qcu, t0, t1, t2 = qc[u], terms[q, 0], terms[q, 1], terms[q, 2]
+            for r in range(r0, r1):  # the estimates, without a branch (it vectorizes)
+                jj = base + r
+                est[r] = sfac[jj, 0] * (qcu + sfac[jj, 1] * (t0 * np.float32(count[r]) + t1 * sfac[jj, 2] - t2))
+            for r in range(r0, r1):
+                e, jj = est[r], base + r
+                if (e > bar[q] or (e == bar[q] and jj <= barj[q])) and not (use_dead and _dead(deleted, rows[jj])):
+                    n = fill[q]
+                    bs[q, n] = e
+                    bi[q, n] = jj
+                    n += 1
+                    if n == width:
+                        n, bar[q], barj[q] = _keep_best(bs[q], bi[q], n, width // BUFFER_SPAN)
+                    fill[q] = n
+
+
+@njit(cache=True)
+def _buffered_best(bs, bi, fill, keep, out):
+    """Each query's best ``keep`` entries over the buffers of every share ((shares, q, width),
+    ``fill`` (shares, q) entries each) into ``out`` (q, keep), in index order, then
+    ``_NO_INDEX``: the same set whatever the shares (the order is total)."""
+    shares, nq, width = bs.shape
+    s = np.empty(shares * width, np.float32)
+    ix = np.empty(shares * width, np.int64)
+    for q in range(nq):
+        n = 0
+        for t in range(shares):
+            for u in range(fill[t, q]):
+                s[n] = bs[t, q, u]
+                ix[n] = bi[t, q, u]
+                n += 1
+        if n > keep:
+            n, _, _ = _keep_best(s, ix, n, keep)
+        out[q, :n] = np.sort(ix[:n])
+        out[q, n:] = _NO_INDEX
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _scan(a, b, work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-          cosine, use_codes, cent, codes, fac, projected, hs, hi):
-    """Fold the work ``a .. b`` into the heaps ``hs, hi`` ((q, k)). Cell ``t`` of the list
-    (cell number ``cells[t]``) holds index rows ``first[t] ..`` (as many as ``(work[t + 1] -
-    work[t])`` divided by its query count), probed by queries ``qlist[qstart[t]:qstart[t +
-    1]]``; its row ``i`` is unit ``work[t] + i * queries`` of the work, and belongs to the
-    share holding that unit. With ``use_codes`` the heaps collect index positions by the
-    codes' estimate; else row numbers by exact score."""
+def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
+          use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, hs, hi, fill, bar, barj):
+    """Fold share ``share`` of ``shares`` of the listed cells into the heaps ``hs, hi`` ((q,
+    k)): that share of the rows of each cell, in list order. Cell ``t`` of the list (cell
+    number ``cells[t]``) holds index rows ``first[t] .. first[t] + lengths[t]``, probed by
+    queries ``qlist[qstart[t]:qstart[t + 1]]``. ``mode`` 0: the heaps collect row numbers by
+    exact score; 1: index positions by the 8-bit codes' estimate; 2: ``hs, hi`` are buffers
+    of the 1-bit codes' estimates with ``fill, bar, barj`` (:func:`_fold_signs`)."""
     qc = np.empty(qlist.shape[0], np.float32)
-    t = np.searchsorted(work, a, side="right") - 1
-    while t < len(first) and work[t] < b:
+    for t in range(len(first)):
         nq = qstart[t + 1] - qstart[t]
-        if nq > 0:
-            lo = max(0, (a - work[t] + nq - 1) // nq)
-            hi_row = (min(b, work[t + 1]) - work[t] + nq - 1) // nq
-            ql = qlist[qstart[t] : qstart[t + 1]]
-            if use_codes:
-                for u in range(nq):
-                    qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-                _fold_codes(codes, fac, first[t] + lo, first[t] + hi_row, rows, deleted, use_dead, ql, qc[:nq],
-                            projected, hs, hi)
-            else:
-                _fold_rows(vec32, vec16, half, first[t] + lo, first[t] + hi_row, rows, deleted, use_dead, ql,
-                           queries, inv_q, cosine, hs, hi)
-        t += 1
+        j0 = first[t] + lengths[t] * share // shares
+        j1 = first[t] + lengths[t] * (share + 1) // shares
+        if nq == 0 or j0 >= j1:
+            continue
+        ql = qlist[qstart[t] : qstart[t + 1]]
+        if mode == 0:
+            _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries, inv_q, cosine, hs, hi)
+            continue
+        for u in range(nq):
+            qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
+        if mode == 1:
+            _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
+        else:
+            _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi, fill, bar,
+                        barj)
 
 
 @njit(parallel=True, cache=True)
-def _scan_shares(work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-                 cosine, use_codes, cent, codes, fac, projected, heap_s, heap_i):
-    total = work[-1]
+def _scan_shares(first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
+                 cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s, heap_i, fill, bar,
+                 barj):
     shares = heap_s.shape[0]
     for t in prange(shares):
-        _scan(total * t // shares, total * (t + 1) // shares, work, first, cells, qstart, qlist, queries, inv_q,
-              vec32, vec16, half, rows, deleted, use_dead, cosine, use_codes, cent, codes, fac, projected,
-              heap_s[t], heap_i[t])
+        _scan(t, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
+              use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s[t], heap_i[t],
+              fill[t], bar[t], barj[t])
+
+
+@njit(cache=True)
+def _merge_shares(heap_s, heap_i):
+    """Fold the heaps of shares 1 .. into share 0's: each query's best entries over all
+    shares (the same set, whatever the shares: the order is total)."""
+    for t in range(1, heap_s.shape[0]):
+        for q in range(heap_s.shape[1]):
+            for u in range(heap_s.shape[2]):
+                j = heap_i[t, q, u]
+                if j != _NO_INDEX and _better(heap_s[t, q, u], j, heap_s[0, q, 0], heap_i[0, q, 0]):
+                    _heap_replace_root(heap_s[0, q], heap_i[0, q], heap_s[t, q, u], j)
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _reestimate(q0, q1, u0, u1, cand, codes, fac, projected, offsets, near, qc_near, hs, hi):
+    """Estimate the index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 .. q1``) from
+    their 8-bit codes, as :func:`_fold_codes` does (``near``: each query's probed cells,
+    sorted; ``qc_near``: its products with them), into heaps ``hs, hi`` (index positions)."""
+    for q in range(q0, q1):
+        for u in range(u0, u1):
+            if u + AHEAD < u1 and cand[q, u + AHEAD] != _NO_INDEX:
+                _prefetch_row(codes, cand[q, u + AHEAD])
+                _prefetch_row(fac, cand[q, u + AHEAD])
+            j = cand[q, u]
+            if j == _NO_INDEX:
+                continue
+            x = np.searchsorted(near[q], np.searchsorted(offsets, j, side="right") - 1)
+            e = _code_estimate(codes[j], projected[q], qc_near[q, x], fac[j])
+            if _better(e, j, hs[q, 0], hi[q, 0]):
+                _heap_replace_root(hs[q], hi[q], e, j)
+
+
+@njit(parallel=True, cache=True)
+def _reestimate_shares(cand, codes, fac, projected, offsets, near, qc_near, hs, hi, by_query, shares):
+    """:func:`_reestimate` on ``shares`` threads: the queries split between them
+    (``by_query``, into heaps ``hs[0], hi[0]``), or each query's candidates (into heaps
+    ``hs[t], hi[t]`` of thread t, then merged)."""
+    nq, m = cand.shape
+    for t in prange(shares):
+        if by_query:
+            _reestimate(nq * t // shares, nq * (t + 1) // shares, 0, m, cand, codes, fac, projected, offsets, near,
+                        qc_near, hs[0], hi[0])
+        else:
+            _reestimate(0, nq, m * t // shares, m * (t + 1) // shares, cand, codes, fac, projected, offsets, near,
+                        qc_near, hs[t], hi[t])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _near_products(queries, cent, near, out):
+    """out[q, t] = queries[q] . cent[near[q, t]], as :func:`_scan` computes it."""
+    for q in range(near.shape[0]):
+        for t in range(near.shape[1]):
+            out[q, t] = _dot32(queries[q], cent[near[q, t]])
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -209,6 +350,11 @@ def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs,
     buf = np.empty(d, np.float32)
     for q in range(q0, q1):
         for u in range(cand.shape[1]):
+            if u + AHEAD < cand.shape[1] and cand[q, u + AHEAD] != _NO_INDEX:
+                if half:
+                    _prefetch_row(vec16, cand[q, u + AHEAD])
+                else:
+                    _prefetch_row(vec32, cand[q, u + AHEAD])
             j = cand[q, u]
             if j == _NO_INDEX:
                 continue
@@ -244,16 +390,10 @@ def _cell_scores(query, cent, inv_q, inv_c, cand, out):
         out[t] = _pair_score(query, cent[c], inv_q, inv_c[c], True)
 
 
-def _inverse_norms(x: np.ndarray) -> np.ndarray:
-    """1/|x_i| (0 for a zero row) by the kernels' own function (rows already checked finite)."""
-    inv = np.empty(x.shape[0], np.float64)
-    _row_stats_chunk(x, inv, np.empty(x.shape[0], np.float64))
-    return inv
-
-
-def _shares(work: np.ndarray) -> int:
+def _shares(work: int) -> int:
+    """Threads for ``work`` rows times queries."""
     share = max(1, _config.STORE_INDEX_SHARE_ROWS)
-    return max(1, min(numba.get_num_threads(), int(work[-1]) // share))
+    return max(1, min(numba.get_num_threads(), work // share))
 
 
 def _best(heap_s: np.ndarray, heap_i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,16 +425,11 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
          codes: tuple | None = None, shortlist: int = 0):
     """Top-``k`` (scores, rows) per query over the listed cells (index rows ``first[t] ..
     first[t] + lengths[t]`` of cell ``cells[t]``, probed by ``qlist[qstart[t]:qstart[t +
-    1]]``); through the ``shortlist`` best estimates of ``codes`` ((centroids, Codes)) when
-    given."""
+    1]]``); through the ``shortlist`` best estimates of the 8-bit codes when ``codes``
+    ((centroids, Codes, each query's probed cells sorted, the index's cell offsets, the 1-bit
+    shortlist)) is given, and first through the 1-bit codes' best when the Codes hold them."""
     nq = len(queries)
-    work = np.zeros(len(first) + 1, np.int64)
-    np.cumsum(lengths * np.diff(qstart), out=work[1:])
-    shares = _shares(work)
-    use_codes = codes is not None
-    m = max(k, shortlist) if use_codes else k
-    heap_s = np.full((shares, nq, m), -np.inf, np.float32)
-    heap_i = np.full((shares, nq, m), _NO_INDEX, np.int64)
+    shares = _shares(int(np.dot(lengths, np.diff(qstart))))
     base = vectors.view(np.ndarray)
     half = base.dtype == np.float16
     d = queries.shape[1]
@@ -302,61 +437,124 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     vec16 = base.view(np.uint16) if half else np.empty((0, d), np.uint16)
     use_dead = deleted is not None and len(deleted) > 0
     dead = deleted if use_dead else np.empty(0, np.int64)
-    if use_codes:
-        cent, c = codes
+    no_signs = (np.empty((0, 1, SIGN_BLOCK), np.uint64), np.empty((0, 4), np.float32),
+                np.empty((nq, 1, 0), np.uint64), np.empty((nq, 3), np.float32))
+    if codes is None:
+        mode, m = 0, k
+        cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
+                 np.empty((nq, d), np.float32), *no_signs)
+    else:
+        cent, c, near, offsets, wide = codes
         projected = np.empty((nq, c.axes.shape[0]), np.float32)
         _project(queries, c.axes, projected)
-        cdata = (cent, c.codes, c.fac, projected)
-    else:
-        cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
-                 np.empty((nq, d), np.float32))
-    args = (work, first, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
-            use_codes, *cdata)
+        sdata = no_signs
+        mode, m = 1, max(k, shortlist)
+        if c.signs is not None and wide > m:
+            mode, m = 2, wide
+            turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
+            _project(queries, c.signs.axes, turned)
+            sdata = (c.signs.bits.view(np.ndarray), c.signs.fac.view(np.ndarray), *query_planes(turned, c.signs.words))
+        cdata = (cent, c.codes, c.fac, projected, *sdata)
+    width = BUFFER_SPAN * m if mode == 2 else m  # the 1-bit estimates: buffers of several shortlists
+    heap_s = np.full((shares, nq, width), -np.inf, np.float32)
+    heap_i = np.full((shares, nq, width), _NO_INDEX, np.int64)
+    fill = np.zeros((shares, nq), np.int64)
+    bar = np.full((shares, nq), -np.inf, np.float32)
+    barj = np.full((shares, nq), _NO_INDEX, np.int64)
+    args = (first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
+            mode, *cdata)
     if shares == 1:
-        _scan(0, work[-1], *args, heap_s[0], heap_i[0])
+        _scan(0, 1, *args, heap_s[0], heap_i[0], fill[0], bar[0], barj[0])
     else:
-        _scan_shares(*args, heap_s, heap_i)
-    flat_s, flat_i = _flat(heap_s, heap_i)
-    if not use_codes:
-        return _best(flat_s, flat_i, k)
-    # the shortlist: the best ``m`` estimates over all shares (so one query alone and in a
-    # batch, on one thread or several, shortlists the same rows), then scored exactly
-    _, cand = _best(flat_s, flat_i, m) if shares > 1 else (None, flat_i)
-    cand = np.where(cand < 0, _NO_INDEX, cand)
+        _scan_shares(*args, heap_s, heap_i, fill, bar, barj)
+    if mode == 0:
+        return _best(*_flat(heap_s, heap_i), k)
+    # a shortlist: the best ``m`` estimates over all shares (so one query alone and in a
+    # batch, on one thread or several, shortlists the same rows), in index order (the rows'
+    # pages in turn)
+    cand = np.empty((nq, m), np.int64)
+    if mode == 2:
+        _buffered_best(heap_s, heap_i, fill, m, cand)
+    else:
+        _merge_shares(heap_s, heap_i)
+        cand[:] = np.sort(heap_i[0], axis=1)
+    many = nq > _config.STORE_INDEX_FEW_QUERIES
+    threads = numba.get_num_threads()
+    if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes, on every thread
+        qc_near = np.empty(near.shape, np.float32)
+        _near_products(queries, cent, near, qc_near)
+        m = max(k, shortlist)
+        parts = threads if cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads or many else 1
+        hs = np.full((1 if many else parts, nq, m), -np.inf, np.float32)
+        hi = np.full(hs.shape, _NO_INDEX, np.int64)
+        cargs = (cand, c.codes, c.fac, projected, offsets, near, qc_near)
+        if parts > 1:
+            _reestimate_shares(*cargs, hs, hi, many, parts)
+            if not many:
+                _merge_shares(hs, hi)
+        else:
+            _reestimate(0, nq, 0, cand.shape[1], *cargs, hs[0], hi[0])
+        cand = np.sort(hi[0], axis=1)
+    # then scored exactly
     hs = np.full((nq, k), -np.inf, np.float32)
     hi = np.full((nq, k), _NO_INDEX, np.int64)
-    if nq > _config.STORE_INDEX_FEW_QUERIES:
-        _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi, numba.get_num_threads())
-    else:
-        _rescore(0, nq, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi)
+    rargs = (cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi)
+    _rescore_shares(*rargs, threads) if many else _rescore(0, nq, *rargs)
     return _best(hs, hi, k)
 
 
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _coarse_scores(query, codes, scale, c0, c1, out):
+    """out[c] = scale[c] * (query . codes[c]) for centroids ``c0 .. c1``, float32 products."""
+    for c in range(c0, c1):
+        row = codes[c]
+        acc = np.float32(0.0)
+        for t in range(codes.shape[1]):
+            acc += query[t] * np.float32(row[t])
+        out[c] = scale[c] * acc
+
+
+@njit(parallel=True, cache=True)
+def _coarse_scores_shares(query, codes, scale, out, shares):
+    n = codes.shape[0]
+    for t in prange(shares):
+        _coarse_scores(query, codes, scale, n * t // shares, n * (t + 1) // shares, out)
+
+
 def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
-                  inv_c: np.ndarray | None = None) -> np.ndarray:
+                  inv_c: np.ndarray | None = None, small: Coarse | None = None) -> np.ndarray:
     """(q, min(probes, cells)) int64: each query's nearest cells, ties to the lower cell (the
-    ranking of :func:`embedcache.top_k`, as a set): for a few queries, one matrix-vector
-    product picks the cells within rounding of the nearest, which are then scored as the
-    kernel scores them; the kernel itself for more. ``inv_c``: the centroids' inverse norms."""
+    ranking of :func:`embedcache.top_k`, as a set): for a few queries, the centroids' 8-bit
+    copy (``small``, :func:`coarse`) bounds each cell's score within its rounding, and the
+    cells whose bound reaches the ``probes``-th best lower bound are then scored as the kernel
+    scores them; the kernel itself for more. ``inv_c``: the centroids' inverse norms."""
     nq, cells = len(queries), len(centroids)
     p = min(probes, cells)
     if nq > _config.STORE_INDEX_FEW_QUERIES:
         return kernels.top_k(queries, centroids, p)[1]
     if inv_c is None:
         inv_c = _inverse_norms(centroids)
+    if small is None:
+        small = coarse(centroids)
     d = queries.shape[1]
     inv_q = _inverse_norms(queries)
     if not np.all((inv_q >= 2.0**-40) & (inv_q <= 2.0**40)):  # zero, tiny or huge: where float32
         return kernels.top_k(queries, centroids, p)[1]  # products lose the bounds used below
-    est = (queries @ centroids.T) * inv_c[None, :]  # (q . c) / |c|, float32 products
     out = np.empty((nq, p), np.int64)
+    est = np.empty(cells, np.float32)
+    shares = _shares(cells * d // 8)  # a product of a row by 8 bits: about an eighth of a row's scan
     for i in range(nq):
-        e = est[i]
-        kth = np.partition(e, cells - p)[cells - p]
-        # float32 products of length d are within d * 2**-24 * |q| |c| of the exact ones, on
-        # either side: cells within twice that and more of the p-th estimate are listed
-        margin = (d + 8) * 2.0**-22 / inv_q[i]
-        cand = np.flatnonzero(e >= kth - margin).astype(np.int64)
+        if shares > 1:
+            _coarse_scores_shares(queries[i], small.codes, small.scale, est, shares)
+        else:
+            _coarse_scores(queries[i], small.codes, small.scale, 0, cells, est)
+        e = est * inv_c  # (q . c) / |c| within the bound below
+        # the 8-bit copy is within err[c] of c: the product within |q| err[c]; float32 products
+        # of length d are within d * 2**-24 * |q| |c| of the exact ones, on either side
+        bound = small.err * inv_c / inv_q[i] + (d + 8) * 2.0**-22 / inv_q[i]
+        low = e - bound
+        kth = np.partition(low, cells - p)[cells - p]
+        cand = np.flatnonzero(e + bound >= kth).astype(np.int64)
         sc = np.empty(len(cand), np.float32)
         _cell_scores(queries[i], centroids, inv_q[i], inv_c, cand, sc)
         out[i] = cand[np.lexsort((cand, -sc))[:p]]
@@ -365,21 +563,36 @@ def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
 
 def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.ndarray, vectors: np.ndarray,
           rows: np.ndarray, k: int, metric: str, deleted: np.ndarray | None, *, codes: Codes | None = None,
-          inv_c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+          inv_c: np.ndarray | None = None, small: Coarse | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores float32, row numbers int64; -inf / -1 where fewer) of float32
     ``queries`` (q, d) over the rows of each query's ``probes`` nearest cells
     (:func:`nearest_cells` of the ``centroids``) in the index's cell-ordered ``vectors``
     (float32 or float16; rows ``rows``, cell c at ``offsets[c] .. offsets[c + 1]``).
     ``deleted``: sorted row numbers never returned (None: none). ``codes``: the rows' codes,
-    used (through a shortlist of each query's best estimates, scored exactly) when fewer
-    than every cell is probed; then queries go ``STORE_INDEX_QUERY_BLOCK`` at a time (each
-    one's shortlist is held while its block is searched)."""
-    block = max(1, _config.STORE_INDEX_QUERY_BLOCK)
-    if codes is not None and probes < len(centroids) and len(queries) > block:
+    used (through shortlists of each query's best estimates, the last scored exactly) when fewer
+    than every cell is probed; then queries go in blocks (each one's shortlists are held
+    while its block is searched: at most ``STORE_INDEX_QUERY_BLOCK`` queries, fewer when
+    their 1-bit shortlists are long). ``inv_c``, ``small``: the
+    centroids' inverse norms and :func:`coarse` copy, when kept."""
+    shortlist = max(_config.STORE_INDEX_SHORTLIST, _config.STORE_INDEX_SHORTLIST_PER_K * k)
+    # the 1-bit shortlist grows with the rows probed (on average): more rows, more of them
+    # near the query's best, and the same share of its true neighbours kept
+    held_rows = min(probes, len(centroids)) * len(rows) / max(len(centroids), 1)
+    wide = max(_config.STORE_INDEX_SIGN_SHORTLIST, _config.STORE_INDEX_SIGN_SHORTLIST_PER_K * k,
+               min(int(np.ceil(held_rows * _config.STORE_INDEX_SIGN_SHORTLIST_SHARE)),
+                   _config.STORE_INDEX_SIGN_SHORTLIST_MAX))
+    use = codes is not None and probes < len(centroids)
+    # each query of a block holds its shortlists while the block runs (the 1-bit one in a
+    # buffer of each thread): blocks of at most STORE_INDEX_QUERY_BLOCK queries holding as
+    # many entries between them as that many 8-bit shortlists
+    signs = use and codes.signs is not None and wide > shortlist
+    held = BUFFER_SPAN * wide * numba.get_num_threads() if signs else shortlist
+    block = max(1, _config.STORE_INDEX_QUERY_BLOCK * shortlist // max(held, 1))
+    if use and len(queries) > block:
         parts = [probe(queries[a : a + block], centroids, probes, offsets, vectors, rows, k, metric, deleted,
-                       codes=codes, inv_c=inv_c) for a in range(0, len(queries), block)]
+                       codes=codes, inv_c=inv_c, small=small) for a in range(0, len(queries), block)]
         return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
-    near = nearest_cells(queries, centroids, probes, inv_c)
+    near = nearest_cells(queries, centroids, probes, inv_c, small)
     cells_of = near.reshape(-1)
     order = np.argsort(cells_of, kind="stable")  # queries of one cell together, in order
     qlist = (order // near.shape[1]).astype(np.int64)
@@ -387,10 +600,19 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     head = np.flatnonzero(np.r_[True, listed[1:] != listed[:-1]]) if len(listed) else np.zeros(0, np.int64)
     cells = listed[head].astype(np.int64)
     qstart = np.append(head, len(listed)).astype(np.int64)
+    if len(head):  # nearest cells first (by the best rank any query gives them): the heaps
+        # fill with good rows early, and fewer rows after them displace one
+        lead = np.argsort(np.minimum.reduceat(order % near.shape[1], head), kind="stable")
+        size = np.diff(qstart)[lead]
+        start = np.zeros(len(lead) + 1, np.int64)
+        np.cumsum(size, out=start[1:])
+        qlist = qlist[np.repeat(qstart[lead] - start[:-1], size) + np.arange(start[-1])]
+        cells, qstart = cells[lead], start
     first = np.asarray(offsets[cells], np.int64)
     lengths = np.asarray(offsets[cells + 1], np.int64) - first
-    use = codes is not None and near.shape[1] < len(centroids)
-    shortlist = max(_config.STORE_INDEX_SHORTLIST, _config.STORE_INDEX_SHORTLIST_PER_K * k)
+    cdata = None
+    if use and near.shape[1] < len(centroids):
+        cdata = (np.ascontiguousarray(centroids, np.float32), codes, np.sort(near, axis=1),
+                 np.asarray(offsets, np.int64), wide)
     return _top(first, lengths, cells, qstart, qlist, queries, _inverse_norms(queries), vectors,
-                rows.view(np.ndarray), k, metric == "cosine", deleted,
-                (np.ascontiguousarray(centroids, np.float32), codes) if use else None, shortlist)
+                rows.view(np.ndarray), k, metric == "cosine", deleted, cdata, shortlist)

@@ -306,13 +306,13 @@ class VectorStore:
         about the square root of the row count; big cells are split again); every row is then
         assigned to its nearest centroid, segment by segment, so the store is never loaded
         whole. The index keeps a copy of the vectors in cell order (as much disk again as the
-        live rows) so a search reads each probed cell in one piece, 8-bit codes of the rows
-        (their offsets from their centroids in the leading principal directions of those
-        offsets) that a search below every cell reads instead, scoring its shortlist of best
-        estimates exactly, and a recall-vs-probes curve measured on sampled rows against the
-        exact answer, from which :meth:`search` chooses how many cells to probe; the recall
-        reported for each level is measured through that search. ``seed``: the sample and the
-        k-means start.
+        live rows) so a search reads each probed cell in one piece, 1-bit and 8-bit codes of
+        the rows (their offsets from their centroids in the leading principal directions of
+        those offsets) that a search below every cell reads instead, narrowing each query's
+        rows to a shortlist by each in turn and scoring that exactly, and a recall-vs-probes
+        curve measured on sampled rows against the exact answer, from which :meth:`search`
+        chooses how many cells to probe; the recall reported for each level is measured
+        through that search. ``seed``: the sample and the k-means start.
 
         Written like any commit (files fsynced and renamed, then registered in one
         transaction), it replaces the previous index; a crash leaves the old one or none.
@@ -352,9 +352,10 @@ class VectorStore:
         sampled rows at recall@k) for the recall levels 0.8, 0.9, 0.95, 0.99;
         ``added_rows`` and ``deleted_rows`` since the build, ``stale`` (searches then scan
         exactly), ``bytes``, ``code_dims`` (the dimensions the codes keep; None for an index
-        written without codes), ``shortlist_loss`` (the share of sampled rows' true
-        neighbours that the probed cells held and the codes' shortlist lost, at most over the
-        levels; searches probe for that much more recall)."""
+        written without codes), ``shortlist_losses`` (for each level, the share of sampled
+        rows' true neighbours that the probed cells held and the codes' shortlists lost;
+        searches near that level probe for that much more recall) and ``shortlist_loss``
+        (the most of them)."""
         with self._txn.reading() as v:
             return _index.info(v)
 
