@@ -390,6 +390,14 @@ def _cell_scores(query, cent, inv_q, inv_c, cand, out):
         out[t] = _pair_score(query, cent[c], inv_q, inv_c[c], True)
 
 
+def _ro(a: np.ndarray) -> np.ndarray:
+    """A read-only plain view of ``a``: the index's arrays reach the kernels with one type
+    (memory maps and stand-ins alike), so each kernel compiles once."""
+    v = np.asarray(a).view(np.ndarray)
+    v.flags.writeable = False
+    return v
+
+
 def _shares(work: int) -> int:
     """Threads for ``work`` rows times queries."""
     share = max(1, _config.STORE_INDEX_SHARE_ROWS)
@@ -430,18 +438,19 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     shortlist)) is given, and first through the 1-bit codes' best when the Codes hold them."""
     nq = len(queries)
     shares = _shares(int(np.dot(lengths, np.diff(qstart))))
-    base = vectors.view(np.ndarray)
+    base = _ro(vectors)
     half = base.dtype == np.float16
     d = queries.shape[1]
-    vec32 = np.empty((0, d), np.float32) if half else base
-    vec16 = base.view(np.uint16) if half else np.empty((0, d), np.uint16)
+    vec32 = _ro(np.empty((0, d), np.float32)) if half else base
+    vec16 = base.view(np.uint16) if half else _ro(np.empty((0, d), np.uint16))
     use_dead = deleted is not None and len(deleted) > 0
-    dead = deleted if use_dead else np.empty(0, np.int64)
-    no_signs = (np.empty((0, 1, SIGN_BLOCK), np.uint64), np.empty((0, 4), np.float32),
+    dead = _ro(deleted if use_dead else np.empty(0, np.int64))
+    rows = _ro(rows)
+    no_signs = (_ro(np.empty((0, 1, SIGN_BLOCK), np.uint64)), _ro(np.empty((0, 4), np.float32)),
                 np.empty((nq, 1, 0), np.uint64), np.empty((nq, 3), np.float32))
     if codes is None:
         mode, m = 0, k
-        cdata = (np.empty((0, d), np.float32), np.empty((0, d), np.int8), np.empty((0, 2), np.float32),
+        cdata = (np.empty((0, d), np.float32), _ro(np.empty((0, d), np.int8)), _ro(np.empty((0, 2), np.float32)),
                  np.empty((nq, d), np.float32), *no_signs)
     else:
         cent, c, near, offsets, wide = codes
@@ -453,8 +462,8 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
             mode, m = 2, wide
             turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
             _project(queries, c.signs.axes, turned)
-            sdata = (c.signs.bits.view(np.ndarray), c.signs.fac.view(np.ndarray), *query_planes(turned, c.signs.words))
-        cdata = (cent, c.codes, c.fac, projected, *sdata)
+            sdata = (_ro(c.signs.bits), _ro(c.signs.fac), *query_planes(turned, c.signs.words))
+        cdata = (cent, _ro(c.codes), _ro(c.fac), projected, *sdata)
     width = BUFFER_SPAN * m if mode == 2 else m  # the 1-bit estimates: buffers of several shortlists
     heap_s = np.full((shares, nq, width), -np.inf, np.float32)
     heap_i = np.full((shares, nq, width), _NO_INDEX, np.int64)
@@ -487,7 +496,7 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         parts = threads if cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads or many else 1
         hs = np.full((1 if many else parts, nq, m), -np.inf, np.float32)
         hi = np.full(hs.shape, _NO_INDEX, np.int64)
-        cargs = (cand, c.codes, c.fac, projected, offsets, near, qc_near)
+        cargs = (cand, _ro(c.codes), _ro(c.fac), projected, offsets, near, qc_near)
         if parts > 1:
             _reestimate_shares(*cargs, hs, hi, many, parts)
             if not many:
