@@ -387,6 +387,17 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
 
 
 @settings(max_examples=60, deadline=None)
+@given(a=st.lists(st.sampled_from([-1.0, 0.0, 2.0]) | st.floats(-5, 5, width=32), min_size=1, max_size=50),
+       data=st.data())
+def test_the_kth_highest_is_the_sorted_value(a, data):
+    from embedcache.store._probe import _kth_highest
+
+    x = np.array(a, np.float32)
+    kth = data.draw(st.integers(0, len(x) - 1))
+    assert _kth_highest(x.copy(), kth) == np.sort(x)[::-1][kth]
+
+
+@settings(max_examples=60, deadline=None)
 @given(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, 3.0]) | st.floats(-5, 5, width=32), min_size=2,
                        max_size=60), data=st.data())
 def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data):

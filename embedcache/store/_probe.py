@@ -158,11 +158,37 @@ def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, 
 
 
 @njit(cache=True, nogil=True)
+def _kth_highest(a, kth):
+    """The value at position ``kth`` (from 0) of ``a`` sorted high to low; ``a`` is reordered
+    (Hoare's selection: a compiled ``np.partition`` costs seconds to compile, this does not)."""
+    lo, hi = 0, len(a) - 1
+    while lo < hi:
+        pivot = a[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j
+        elif kth >= i:
+            lo = i
+        else:
+            break
+    return a[kth]
+
+
+@njit(cache=True, nogil=True)
 def _keep_best(s, i, n, keep):
     """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
     keep) to the front, in no order; return ``keep`` and the score and index of the worst
     of them."""
-    th = np.partition(s[:n].copy(), n - keep)[n - keep]  # the keep-th highest score
+    th = _kth_highest(s[:n].copy(), keep - 1)
     w = 0
     for u in range(n):  # the higher scores first
         if s[u] > th:
@@ -177,8 +203,9 @@ def _keep_best(s, i, n, keep):
             t += 1
     tie = np.sort(i[w:t])
     need = keep - w
-    i[w : w + need] = tie[:need]
-    s[w : w + need] = th
+    for u in range(need):  # loops, not slice assignments: their shape checks compile slowly
+        i[w + u] = tie[u]
+        s[w + u] = th
     return keep, th, tie[need - 1]
 
 
@@ -244,8 +271,9 @@ def _buffered_best(bs, bi, fill, keep, out):
                 n += 1
         if n > keep:
             n, _, _ = _keep_best(s, ix, n, keep)
-        out[q, :n] = np.sort(ix[:n])
-        out[q, n:] = _NO_INDEX
+        kept = np.sort(ix[:n])
+        for u in range(out.shape[1]):
+            out[q, u] = kept[u] if u < n else _NO_INDEX
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
