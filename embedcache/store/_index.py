@@ -21,24 +21,23 @@ that made it), ``seed``, the recall-vs-probes curve measured at build time (``cu
 a few recall levels, ``code_dims`` (the dimensions the codes keep), ``shortlist_losses``
 (for each level, at its probes, the sampled rows' true neighbours that the probed cells held
 and the codes' shortlists lost, as a share of all their true neighbours: a search near that
-level asks the curve for that much more recall) and ``shortlist_loss`` (the most of them), and the ``files`` with their lengths and crc32. It is
-written like a segment: files under temporary names, fsynced, renamed, the directory fsynced, then the
-setting is changed in the commit that makes the index visible. A kill at any point leaves
-the old index (or none); leftover files are removed by the next ``create_index`` or
-``compact``.
+level asks the curve for that much more recall) and ``shortlist_loss`` (the most of them),
+and the ``files`` with their lengths and crc32. It is written like a segment: files under
+temporary names, fsynced, renamed, the directory fsynced, then the setting is changed in the
+commit that makes the index visible. A kill at any point leaves the old index (or none);
+leftover files are removed by the next ``create_index`` or ``compact``.
 
 A search through it probes the cells nearest each query and scores their rows with the
 kernels' own per-pair score (:mod:`._probe`: each probed cell read once, in one piece, for all
 the queries that probe it, in one compiled pass), through the codes when fewer than every
 cell is probed (a shortlist by the codes' estimate, then scored exactly); rows deleted since
 the build are masked, rows added since are scanned exactly and merged; with the 1-bit codes,
-a first, wider shortlist by their estimate comes before the 8-bit codes' one. When those changes
-exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is stale: a warning
-says so and the search scans exactly. The recall recorded for each level is measured through
+a first, wider shortlist by their estimate comes before the 8-bit codes' one. When those
+changes exceed ``_config.INDEX_STALE_FRACTION`` of the indexed rows the index is stale: a
+warning says so and the search scans exactly. The recall recorded for each level is measured through
 that same search, codes and shortlists included; an index written before codes existed (three
 files) is searched without them, one written before 1-bit codes (six files) with the 8-bit
-codes alone. ``compact`` renumbers rows, so it
-drops the index (with a warning).
+codes alone. ``compact`` renumbers rows, so it drops the index (with a warning).
 """
 
 from __future__ import annotations
@@ -191,6 +190,9 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
             factors.append(f)
             yield c
 
+    def turned():  # the rotated directions, made by the directions' pass (written after it)
+        yield basis[1]
+
     sign_factors: list[np.ndarray] = []
 
     def signs():  # a second pass over the vectors, in blocks of whole 64 rows
@@ -208,7 +210,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "rot": directions(),
         "code": codes(),
         "fac": (f for f in factors),  # filled by the codes' pass, written after it
-        "srot": (basis[i] for i in [1]),  # made by the directions' pass
+        "srot": turned(),
         "sign": signs(),
         "sfac": (f for f in sign_factors),  # filled by the signs' pass, written after it
     }

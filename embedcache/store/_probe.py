@@ -19,8 +19,8 @@ missed only when its estimate ranks it below the shortlist (the measured recall 
 that). With the 1-bit codes as well, a first pass over them keeps each query's best
 ``max(STORE_INDEX_SIGN_SHORTLIST, STORE_INDEX_SIGN_SHORTLIST_PER_K * k,
 STORE_INDEX_SIGN_SHORTLIST_SHARE * rows)`` rows by their estimate (``rows``: what its
-probes hold on average; in buffers that keep their best half when full), and those are estimated again
-from their 8-bit codes into that shortlist. The rows of a shortlist are read in index order,
+probes hold on average; in buffers that keep their best half when full), and those are
+estimated again from their 8-bit codes into that shortlist. The rows of a shortlist are read in index order,
 each asked for from memory a few rows ahead of its scoring.
 """
 
@@ -133,12 +133,18 @@ def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries,
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _code_estimate(code, qq, qc, fac_j):
-    """A row's 8-bit estimate: ``gain * (qc + scale * (qq . code))`` (``fac_j``: scale, gain)."""
+def _dot_i8(qq, code):
+    """``qq . code`` for an int8 ``code``, summed in float32."""
     acc = np.float32(0.0)
     for t in range(code.shape[0]):
         acc += qq[t] * np.float32(code[t])
-    return fac_j[1] * (qc + fac_j[0] * acc)
+    return acc
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _code_estimate(code, qq, qc, fac_j):
+    """A row's 8-bit estimate: ``gain * (qc + scale * (qq . code))`` (``fac_j``: scale, gain)."""
+    return fac_j[1] * (qc + fac_j[0] * _dot_i8(qq, code))
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -278,7 +284,7 @@ def _buffered_best(bs, bi, fill, keep, out):
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
-          use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, hs, hi, fill, bar, barj):
+          use_dead, cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, hs, hi, fill, bar, barj):
     """Fold share ``share`` of ``shares`` of the listed cells into the heaps ``hs, hi`` ((q,
     k)): that share of the rows of each cell, in list order. Cell ``t`` of the list (cell
     number ``cells[t]``) holds index rows ``first[t] .. first[t] + lengths[t]``, probed by
@@ -301,18 +307,18 @@ def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, v
         if mode == 1:
             _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
         else:
-            _fold_signs(recs, recf, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi, fill, bar,
+            _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi, fill, bar,
                         barj)
 
 
 @njit(parallel=True, cache=True)
 def _scan_shares(first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-                 cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s, heap_i, fill, bar,
+                 cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, heap_s, heap_i, fill, bar,
                  barj):
     shares = heap_s.shape[0]
     for t in prange(shares):
         _scan(t, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
-              use_dead, cosine, mode, cent, codes, fac, projected, recs, recf, planes, terms, heap_s[t], heap_i[t],
+              use_dead, cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, heap_s[t], heap_i[t],
               fill[t], bar[t], barj[t])
 
 
@@ -544,11 +550,7 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
 def _coarse_scores(query, codes, scale, c0, c1, out):
     """out[c] = scale[c] * (query . codes[c]) for centroids ``c0 .. c1``, float32 products."""
     for c in range(c0, c1):
-        row = codes[c]
-        acc = np.float32(0.0)
-        for t in range(codes.shape[1]):
-            acc += query[t] * np.float32(row[t])
-        out[c] = scale[c] * acc
+        out[c] = scale[c] * _dot_i8(query, codes[c])
 
 
 @njit(parallel=True, cache=True)
@@ -606,11 +608,11 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     (:func:`nearest_cells` of the ``centroids``) in the index's cell-ordered ``vectors``
     (float32 or float16; rows ``rows``, cell c at ``offsets[c] .. offsets[c + 1]``).
     ``deleted``: sorted row numbers never returned (None: none). ``codes``: the rows' codes,
-    used (through shortlists of each query's best estimates, the last scored exactly) when fewer
-    than every cell is probed; then queries go in blocks (each one's shortlists are held
-    while its block is searched: at most ``STORE_INDEX_QUERY_BLOCK`` queries, fewer when
-    their 1-bit shortlists are long). ``inv_c``, ``small``: the
-    centroids' inverse norms and :func:`coarse` copy, when kept."""
+    used (through shortlists of each query's best estimates, the last scored exactly) when
+    fewer than every cell is probed; then queries go in blocks (each one's shortlists are
+    held while its block is searched: at most ``STORE_INDEX_QUERY_BLOCK`` queries, fewer
+    when their 1-bit shortlists are long). ``inv_c``, ``small``: the centroids' inverse
+    norms and :func:`coarse` copy, when kept."""
     shortlist = max(_config.STORE_INDEX_SHORTLIST, _config.STORE_INDEX_SHORTLIST_PER_K * k)
     # the 1-bit shortlist grows with the rows probed (on average): more rows, more of them
     # near the query's best, and the same share of its true neighbours kept
@@ -648,7 +650,7 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
     first = np.asarray(offsets[cells], np.int64)
     lengths = np.asarray(offsets[cells + 1], np.int64) - first
     cdata = None
-    if use and near.shape[1] < len(centroids):
+    if use:
         cdata = (np.ascontiguousarray(centroids, np.float32), codes, np.sort(near, axis=1),
                  np.asarray(offsets, np.int64), wide)
     return _top(first, lengths, cells, qstart, qlist, queries, _inverse_norms(queries), vectors,
