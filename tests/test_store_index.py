@@ -332,7 +332,7 @@ def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, se
        energy=st.sampled_from([0.5, 1.0]), cosine=st.booleans())
 def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, energy, cosine):
     from embedcache.kernels._core import _NO_INDEX
-    from embedcache.store._codes import (QUERY_BITS, code_basis, encode_signs, query_planes, residuals, spin,
+    from embedcache.store._codes import (QUERY_BITS, SIGN_BLOCK, code_basis, encode_signs, query_planes, residuals, spin,
                                          words_for)
     from embedcache.store._probe import _fold_signs
 
@@ -364,14 +364,14 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
     step = terms[:, :1] / 2.0
     assert levels.max() < 2**QUERY_BITS
     assert np.all(np.abs(low + step * levels - turned) <= 0.5 * step * (1 + 1e-4))  # within half a level
-    width = 2 * n + 2  # never full: every estimate kept
+    width = n + 2 * SIGN_BLOCK  # never full: every estimate kept
     bs = np.full((3, width), -np.inf, np.float32)
     bi = np.full((3, width), _NO_INDEX, np.int64)
     fill = np.zeros(3, np.int64)
     qc = (q @ cent[0]).astype(np.float32)
     j0 = int(rng.integers(0, n))  # rows from the middle of a block too
     _fold_signs(blocked, sfac, j0, n, np.arange(n), np.zeros(0, np.int64), False, np.arange(3), qc, planes, terms,
-                bs, bi, fill, np.full(3, -np.inf, np.float32), np.full(3, _NO_INDEX, np.int64))
+                bs, bi, fill, np.full(3, -np.inf, np.float32), np.full(3, _NO_INDEX, np.int64), width)
     assert np.all(fill == n - j0)
     got = np.full((3, n), np.nan)
     for t in range(3):
@@ -414,6 +414,62 @@ def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data)
     assert set(i2[:keep]) == set(i[want])  # the best under (score descending, index ascending)
     assert (bar, barj) == (s[want[-1]], i[want[-1]])  # the worst of them
     np.testing.assert_array_equal(np.sort(s2[:keep]), np.sort(s[want]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 5000), levels=st.sampled_from([3, 50, 100_000]), seed=st.integers(0, 2**32 - 1),
+       data=st.data())
+def test_a_full_buffer_of_thousands_keeps_its_best_through_its_histogram(n, levels, seed, data):
+    from embedcache.store._probe import _keep_best
+
+    # many entries: the buckets of the histogram decide, and ties (few levels) straddle them
+    rng = np.random.default_rng(seed)
+    s = (rng.integers(0, levels, n) * rng.choice([1e-30, 1e-3, 1.0, 1e30])).astype(np.float32)
+    s[rng.random(n) < 0.05] = np.float32(rng.normal())  # a few outliers stretch the range
+    keep = data.draw(st.integers(1, n - 1)) if n > 1 else 1
+    i = rng.permutation(n).astype(np.int64) + 7
+    want = np.lexsort((i, -s))[:keep]
+    s2, i2 = s.copy(), i.copy()
+    assert _keep_best(s2, i2, n, keep) == (keep, s[want[-1]], i[want[-1]])
+    assert sorted(zip(s2[:keep].tolist(), i2[:keep].tolist())) == sorted(zip(s[want].tolist(), i[want].tolist()))
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_full_one_bit_buffers_hold_the_best_estimates_of_every_row(dead):
+    from embedcache.kernels._core import _NO_INDEX
+    from embedcache.store._codes import SIGN_BLOCK, code_basis, encode_signs, query_planes, residuals, spin
+    from embedcache.store._probe import BUFFER_SPAN, _fold_signs
+
+    # buffers far narrower than the rows: they fill and keep their best many times over,
+    # and still hold every row that is among the best ``keep`` of all (deleted rows never)
+    x = clustered(3000, d=48, clusters=4, noise=0.5, seed=5)
+    n, d = x.shape
+    cent = (x.mean(axis=0) / np.linalg.norm(x.mean(axis=0))).astype(np.float32)[None]
+    cell = np.zeros(n, np.int64)
+    resid, _ = residuals(x, cent, cell)
+    axes = spin(code_basis(resid.T.astype(np.float64) @ resid, 0.9), 1)
+    blocked, sfac = encode_signs(x, cent, cell, True, axes)
+    q = x[:4] + np.float32(0.1)
+    planes, terms = query_planes(q @ axes, blocked.shape[1])
+    qc = (q @ cent[0]).astype(np.float32)
+    deleted = np.arange(0, n, 7) if dead else np.zeros(0, np.int64)
+
+    def fold(keep, width):
+        bs = np.full((4, width), -np.inf, np.float32)
+        bi = np.full((4, width), _NO_INDEX, np.int64)
+        fill = np.zeros(4, np.int64)
+        _fold_signs(blocked, sfac, 5, n, np.arange(n), deleted, dead, np.arange(4), qc, planes, terms, bs, bi, fill,
+                    np.full(4, -np.inf, np.float32), np.full(4, _NO_INDEX, np.int64), keep)
+        return [sorted(zip(bs[t, : fill[t]].tolist(), bi[t, : fill[t]].tolist()), key=lambda e: (-e[0], e[1]))
+                for t in range(4)]
+
+    every = fold(n, n + 2 * SIGN_BLOCK)
+    keep = 150
+    narrow = fold(keep, BUFFER_SPAN * keep + SIGN_BLOCK)
+    for t in range(4):
+        assert len(every[t]) == n - 5 - int(np.sum(deleted >= 5))  # all rows, less the deleted
+        assert not {j for _, j in narrow[t]} & set(deleted.tolist())
+        assert narrow[t][:keep] == every[t][:keep]
 
 
 def test_one_bit_codes_first_keep_the_recall_of_the_8_bit_codes(tmp_path):

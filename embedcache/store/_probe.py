@@ -89,8 +89,9 @@ def _prefetch_row(arr, i):
         _prefetch(arr, i, off)
 
 
-#: a query's buffer of 1-bit estimates holds this many times its shortlist; a full one keeps
-#: its best shortlist (:func:`_keep_best`: a pass over the buffer, so wider buffers pass less)
+#: a query's buffer of 1-bit estimates holds this many times its shortlist (and a block of
+#: rows more); a full one keeps its best shortlist (:func:`_keep_best`: passes over the
+#: buffer, so wider buffers pass less)
 BUFFER_SPAN = 2
 
 #: rows of a shortlist asked for this far ahead of the one being scored (random rows: each a
@@ -190,10 +191,10 @@ def _kth_highest(a, kth):
 
 
 @njit(cache=True, nogil=True)
-def _keep_best(s, i, n, keep):
+def _keep_best_of(s, i, n, keep):
     """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
     keep) to the front, in no order; return ``keep`` and the score and index of the worst
-    of them."""
+    of them. By selection over all ``n``: :func:`_keep_best` for many."""
     th = _kth_highest(s[:n].copy(), keep - 1)
     w = 0
     for u in range(n):  # the higher scores first
@@ -215,23 +216,88 @@ def _keep_best(s, i, n, keep):
     return keep, th, tie[need - 1]
 
 
+#: a full buffer's scores are counted in this many buckets of their range (:func:`_keep_best`)
+_BUCKETS = 1024
+
+
+@njit(inline="always")
+def _bucket(x, lo, scale):
+    """The bucket of score ``x`` in a range from ``lo`` (never past ``_BUCKETS``): the same
+    for the same score, and never lower for a higher one."""
+    return min(np.int64((x - lo) * scale), _BUCKETS)
+
+
+@njit(inline="always")
+def _move_front(s, i, w, n, lo, scale, b, above):
+    """Move the entries ``w .. n`` whose bucket is above ``b`` (``above``) or is ``b`` (not
+    ``above``) to the front of that range, without a branch (a Lomuto pass: every entry
+    swapped, the front grown by those that belong there); return where the front ends."""
+    for u in range(w, n):
+        v, j = s[u], i[u]
+        x = _bucket(v, lo, scale)
+        s[u], i[u] = s[w], i[w]
+        s[w], i[w] = v, j
+        w += (x > b) if above else (x == b)
+    return w
+
+
+@njit(cache=True, nogil=True)
+def _keep_best(s, i, n, keep):
+    """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
+    keep) to the front, in no order; return ``keep`` and the score and index of the worst
+    of them. The scores are counted in ``_BUCKETS`` buckets of their range: the buckets
+    above the one where the best ``keep`` end are kept whole, and the best of that bucket
+    chosen by :func:`_keep_best_of` (a few entries, not all: a selection over thousands of
+    entries is a branch mispredicted for each)."""
+    lo = hi = s[0]
+    for u in range(1, n):
+        lo = min(lo, s[u])
+        hi = max(hi, s[u])
+    span = hi - lo
+    if not (span > 0 and span < np.inf) or not np.float32(_BUCKETS) / span < np.inf:
+        return _keep_best_of(s, i, n, keep)  # one score, or a range with no finite scale
+    scale = np.float32(_BUCKETS) / span
+    count = np.zeros(_BUCKETS + 1, np.int64)
+    for u in range(n):
+        count[_bucket(s[u], lo, scale)] += 1
+    b, above = _BUCKETS, 0
+    while above + count[b] < keep:
+        above += count[b]
+        b -= 1
+    w = _move_front(s, i, 0, n, lo, scale, b, True)
+    t = _move_front(s, i, w, n, lo, scale, b, False)
+    need = keep - w
+    if t - w > need:
+        _, th, tj = _keep_best_of(s[w:t], i[w:t], t - w, need)
+        return keep, th, tj
+    th, tj = s[w], i[w]  # the whole bucket is kept: its worst is the worst kept
+    for u in range(w + 1, t):
+        if s[u] < th or (s[u] == th and i[u] > tj):
+            th, tj = s[u], i[u]
+    return keep, th, tj
+
+
 @njit(cache=True, nogil=True)  # not fastmath: a row's estimate the same bits in any lane
-def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj):
+def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj, keep):
     """Collect the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their
     :class:`Signs` ``bits``, ``sfac``) for the queries ``ql`` (``qc``: each one's product with
     the cell's centroid; ``planes``, ``terms``: the queries in bits, :func:`query_planes`):
     query q's buffer ``bs[q], bi[q]`` holds ``fill[q]`` entries, every one seen at least as
-    good as ``(bar[q], barj[q])``; a full buffer keeps its best half (:func:`_keep_best`),
-    and that half's worst becomes the bar. A buffer, not a heap: a few thousand best of a
-    few hundred thousand rows displace each other too often. The bits of all 64 rows of a
-    block are counted a word at a time (one vector instruction for several rows), those of
-    the block's rows outside ``j0 .. j1`` then left out."""
+    good as ``(bar[q], barj[q])``; one filled to within a block of its end keeps its best
+    ``keep`` (:func:`_keep_best`), and their worst becomes the bar. A buffer, not a heap: a
+    few thousand best of a few hundred thousand rows displace each other too often. The bits
+    of all 64 rows of a block are counted a word at a time (one vector instruction for
+    several rows), those of the block's rows outside ``j0 .. j1`` then left out; every
+    estimate is written at the buffer's end, which grows by those that pass the bar (no
+    branch to mispredict)."""
     w = bits.shape[1]
-    width = bs.shape[1]
+    limit = bs.shape[1] - SIGN_BLOCK
     count = np.empty(SIGN_BLOCK, np.uint64)
     est = np.empty(SIGN_BLOCK, np.float32)
     for u in range(ql.shape[0]):
         q = ql[u]
+        n, b, bj = fill[q], bar[q], barj[q]
+        sq, iq = bs[q], bi[q]
         for blk in range(j0 // SIGN_BLOCK, (j1 + SIGN_BLOCK - 1) // SIGN_BLOCK):
             for r in range(SIGN_BLOCK):
                 count[r] = 0
@@ -250,14 +316,14 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
                 est[r] = sfac[jj, 0] * (qcu + sfac[jj, 1] * (t0 * np.float32(count[r]) + t1 * sfac[jj, 2] - t2))
             for r in range(r0, r1):
                 e, jj = est[r], base + r
-                if (e > bar[q] or (e == bar[q] and jj <= barj[q])) and not (use_dead and _dead(deleted, rows[jj])):
-                    n = fill[q]
-                    bs[q, n] = e
-                    bi[q, n] = jj
-                    n += 1
-                    if n == width:
-                        n, bar[q], barj[q] = _keep_best(bs[q], bi[q], n, width // BUFFER_SPAN)
-                    fill[q] = n
+                sq[n], iq[n] = e, jj
+                ok = (e > b) | ((e == b) & (jj <= bj))
+                if use_dead and ok:
+                    ok = not _dead(deleted, rows[jj])
+                n += ok
+            if n > limit:
+                n, b, bj = _keep_best(sq, iq, n, keep)
+        fill[q], bar[q], barj[q] = n, b, bj
 
 
 @njit(cache=True)
@@ -308,7 +374,7 @@ def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, v
             _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
         else:
             _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi, fill, bar,
-                        barj)
+                        barj, (hs.shape[1] - SIGN_BLOCK) // BUFFER_SPAN)
 
 
 @njit(parallel=True, cache=True)
@@ -498,7 +564,8 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
             _project(queries, c.signs.axes, turned)
             sdata = (_ro(c.signs.bits), _ro(c.signs.fac), *query_planes(turned, c.signs.words))
         cdata = (cent, _ro(c.codes), _ro(c.fac), projected, *sdata)
-    width = BUFFER_SPAN * m if mode == 2 else m  # the 1-bit estimates: buffers of several shortlists
+    # the 1-bit estimates: buffers of several shortlists, and a block's rows beyond them
+    width = BUFFER_SPAN * m + SIGN_BLOCK if mode == 2 else m
     heap_s = np.full((shares, nq, width), -np.inf, np.float32)
     heap_i = np.full((shares, nq, width), _NO_INDEX, np.int64)
     fill = np.zeros((shares, nq), np.int64)
