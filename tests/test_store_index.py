@@ -398,6 +398,20 @@ def test_the_kth_highest_is_the_sorted_value(a, data):
 
 
 @settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), levels=st.sampled_from([1, 4, 10**6]), scale=st.sampled_from([1e-300, 1.0, 1e300]),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_the_kth_highest_through_buckets_is_the_sorted_value(n, levels, scale, seed, data):
+    from embedcache.store._probe import _kth_of
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, levels, n) * scale - rng.integers(0, 2) * scale  # ties, and ranges near the limits
+    kth = data.draw(st.integers(0, n - 1))
+    before = a.copy()
+    assert _kth_of(a, kth) == np.sort(a)[::-1][kth]
+    np.testing.assert_array_equal(a, before)
+
+
+@settings(max_examples=60, deadline=None)
 @given(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, 3.0]) | st.floats(-5, 5, width=32), min_size=2,
                        max_size=60), data=st.data())
 def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data):

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from embedcache.kernels._core import _row_stats_chunk
 
@@ -149,20 +150,36 @@ def query_planes(projected: np.ndarray, words: int) -> tuple[np.ndarray, np.ndar
     QUERY_BITS, words) uint64: bit t of plane p set where level ``u_t`` has bit p; terms (q,
     3) float32: ``2 * step``, ``low``, ``step * sum u``), for levels ``u_t = round((x_t - low)
     / step)`` in 0 .. 15 between the query's smallest and largest product."""
+    nq = projected.shape[0]
+    planes = np.zeros((nq, QUERY_BITS, words), np.uint64)
+    terms = np.empty((nq, 3), np.float32)
+    _quantize(np.ascontiguousarray(projected, np.float32), planes, terms)
+    return planes, terms
+
+
+@njit(cache=True)
+def _quantize(projected, planes, terms):
+    """:func:`query_planes` into ``planes`` (clear) and ``terms``."""
     nq, m = projected.shape
     top = (1 << QUERY_BITS) - 1
-    low = projected.min(axis=1) if m else np.zeros(nq, np.float32)
-    step = (projected.max(axis=1) - low) / top if m else np.ones(nq, np.float32)
-    step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)
-    u = np.clip(np.rint((projected - low[:, None]) / step[:, None]), 0, top).astype(np.uint8)
-    planes = np.zeros((nq, QUERY_BITS, words), np.uint64)
-    for b in range(QUERY_BITS):
-        planes[:, b] = pack_bits((u >> b) & 1 > 0)
-    terms = np.empty((nq, 3), np.float32)
-    terms[:, 0] = 2 * step
-    terms[:, 1] = low
-    terms[:, 2] = step * u.sum(axis=1, dtype=np.float64)
-    return planes, terms
+    for q in range(nq):
+        low = high = projected[q, 0] if m else np.float32(0.0)
+        for t in range(m):
+            low = min(low, projected[q, t])
+            high = max(high, projected[q, t])
+        step = (high - low) / np.float32(top)
+        if not step > 0:
+            step = np.float32(1.0)
+        total = 0
+        for t in range(m):
+            level = np.int64(min(max(np.rint((projected[q, t] - low) / step), np.float32(0.0)), np.float32(top)))
+            total += level
+            for b in range(QUERY_BITS):
+                if (level >> b) & 1:
+                    planes[q, b, t // 64] |= np.uint64(1) << np.uint64(t % 64)
+        terms[q, 0] = 2 * step
+        terms[q, 1] = low
+        terms[q, 2] = step * np.float64(total)
 
 
 def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,

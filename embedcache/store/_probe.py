@@ -42,6 +42,7 @@ from embedcache.kernels._core import (
     _heap_replace_root,
     _inv_norm,
     _pair_score,
+    _sort_few_heaps,
     _sort_heaps,
     _sumsq,
 )
@@ -402,18 +403,24 @@ def _merge_shares(heap_s, heap_i):
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _reestimate(q0, q1, u0, u1, cand, codes, fac, projected, offsets, near, qc_near, hs, hi):
-    """Estimate the index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 .. q1``) from
-    their 8-bit codes, as :func:`_fold_codes` does (``near``: each query's probed cells,
-    sorted; ``qc_near``: its products with them), into heaps ``hs, hi`` (index positions)."""
+    """Estimate the index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 .. q1``; each
+    query's in ascending order, then ``_NO_INDEX``) from their 8-bit codes, as
+    :func:`_fold_codes` does (``near``: each query's probed cells, sorted; ``qc_near``: its
+    products with them), into heaps ``hs, hi`` (index positions). The cells of a query's
+    candidates come in the order of its probed cells: each found by walking them."""
     for q in range(q0, q1):
+        if u0 >= u1 or cand[q, u0] == _NO_INDEX:
+            continue
+        x = np.searchsorted(near[q], np.searchsorted(offsets, cand[q, u0], side="right") - 1)
         for u in range(u0, u1):
             if u + AHEAD < u1 and cand[q, u + AHEAD] != _NO_INDEX:
                 _prefetch_row(codes, cand[q, u + AHEAD])
                 _prefetch_row(fac, cand[q, u + AHEAD])
             j = cand[q, u]
             if j == _NO_INDEX:
-                continue
-            x = np.searchsorted(near[q], np.searchsorted(offsets, j, side="right") - 1)
+                break
+            while offsets[near[q, x] + 1] <= j:  # a later probed cell holds j
+                x += 1
             e = _code_estimate(codes[j], projected[q], qc_near[q, x], fac[j])
             if _better(e, j, hs[q, 0], hi[q, 0]):
                 _heap_replace_root(hs[q], hi[q], e, j)
@@ -508,17 +515,10 @@ def _best(heap_s: np.ndarray, heap_i: np.ndarray, k: int) -> tuple[np.ndarray, n
     """Each row's best ``k`` of the candidates (q, m), sorted (score desc, index asc); -inf / -1
     where fewer."""
     nq = len(heap_s)
-    if nq > _config.STORE_INDEX_FEW_QUERIES:
-        out_s = np.empty((nq, k), np.float32)
-        out_i = np.empty((nq, k), np.int64)
-        _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
-        return out_s, out_i
-    # a few lists: sorted here, without a parallel launch (score descending, then row)
-    order = np.lexsort((heap_i, -heap_s), axis=-1)[:, :k]
-    out_s = np.take_along_axis(heap_s, order, axis=1)
-    out_i = np.take_along_axis(heap_i, order, axis=1)
-    empty = out_i == _NO_INDEX
-    out_s[empty], out_i[empty] = -np.inf, -1
+    out_s = np.empty((nq, k), np.float32)
+    out_i = np.empty((nq, k), np.int64)
+    # a few lists: sorted without a parallel launch
+    (_sort_heaps if nq > _config.STORE_INDEX_FEW_QUERIES else _sort_few_heaps)(heap_s, heap_i, out_s, out_i, _NO_INDEX)
     return out_s, out_i
 
 
@@ -627,6 +627,71 @@ def _coarse_scores_shares(query, codes, scale, out, shares):
         _coarse_scores(query, codes, scale, n * t // shares, n * (t + 1) // shares, out)
 
 
+@njit(cache=True, nogil=True)
+def _kth_of(a, kth):
+    """The value at position ``kth`` (from 0) of ``a`` sorted high to low (``a`` unchanged):
+    the values counted in ``_BUCKETS`` buckets of their range, then selected among those of
+    the bucket that holds it."""
+    lo = hi = a[0]
+    for u in range(1, a.shape[0]):
+        lo = min(lo, a[u])
+        hi = max(hi, a[u])
+    span = hi - lo
+    if not (span > 0 and span < np.inf) or not _BUCKETS / span < np.inf:
+        return _kth_highest(a.copy(), kth)
+    scale = _BUCKETS / span
+    count = np.zeros(_BUCKETS + 1, np.int64)
+    for u in range(a.shape[0]):
+        count[_bucket(a[u], lo, scale)] += 1
+    b, above = _BUCKETS, 0
+    while above + count[b] <= kth:
+        above += count[b]
+        b -= 1
+    part = np.empty(count[b], a.dtype)
+    t = 0
+    for u in range(a.shape[0]):
+        if _bucket(a[u], lo, scale) == b:
+            part[t] = a[u]
+            t += 1
+    return _kth_highest(part, kth - above)
+
+
+@njit(cache=True, nogil=True)
+def _nearest_of(query, inv_q, est, inv_c, err, centroids, out):
+    """The ``len(out)`` cells nearest ``query`` (inverse norm ``inv_q``) into ``out``, best
+    first (ties: the lower cell), from ``est``, its float32 products with the centroids'
+    8-bit copy (``err``: each one's distance from its centroid; ``inv_c``: the centroids'
+    inverse norms): the cells whose bound reaches the ``len(out)``-th best lower bound are
+    scored as :func:`embedcache.top_k` scores them."""
+    cells, d = centroids.shape
+    p = out.shape[0]
+    high = np.empty(cells)
+    low = np.empty(cells)
+    # the 8-bit copy is within err[c] of c: the product within |q| err[c]; float32 products
+    # of length d are within d * 2**-24 * |q| |c| of the exact ones, on either side
+    slack = (d + 8) * 2.0**-22 / inv_q
+    for c in range(cells):
+        e = est[c] * inv_c[c]  # (q . c) / |c| within the bound
+        bound = err[c] * inv_c[c] / inv_q + slack
+        low[c] = e - bound
+        high[c] = e + bound
+    kth = _kth_of(low, p - 1)
+    n = 0
+    for c in range(cells):
+        n += high[c] >= kth
+    cand = np.empty(n, np.int64)
+    n = 0
+    for c in range(cells):
+        if high[c] >= kth:
+            cand[n] = c
+            n += 1
+    sc = np.empty(n, np.float32)
+    _cell_scores(query, centroids, inv_q, inv_c, cand, sc)
+    order = np.argsort(-sc, kind="mergesort")  # stable: ties keep the lower cell first
+    for t in range(p):
+        out[t] = cand[order[t]]
+
+
 def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
                   inv_c: np.ndarray | None = None, small: Coarse | None = None) -> np.ndarray:
     """(q, min(probes, cells)) int64: each query's nearest cells, ties to the lower cell (the
@@ -654,16 +719,7 @@ def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
             _coarse_scores_shares(queries[i], small.codes, small.scale, est, shares)
         else:
             _coarse_scores(queries[i], small.codes, small.scale, 0, cells, est)
-        e = est * inv_c  # (q . c) / |c| within the bound below
-        # the 8-bit copy is within err[c] of c: the product within |q| err[c]; float32 products
-        # of length d are within d * 2**-24 * |q| |c| of the exact ones, on either side
-        bound = small.err * inv_c / inv_q[i] + (d + 8) * 2.0**-22 / inv_q[i]
-        low = e - bound
-        kth = np.partition(low, cells - p)[cells - p]
-        cand = np.flatnonzero(e + bound >= kth).astype(np.int64)
-        sc = np.empty(len(cand), np.float32)
-        _cell_scores(queries[i], centroids, inv_q[i], inv_c, cand, sc)
-        out[i] = cand[np.lexsort((cand, -sc))[:p]]
+        _nearest_of(queries[i], inv_q[i], est, inv_c, small.err, centroids, out[i])
     return out
 
 
