@@ -348,7 +348,7 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
     np.testing.assert_allclose(axes.T.astype(np.float64) @ axes, np.eye(m), atol=1e-5)  # still orthonormal
     blocked, sfac = encode_signs(x, cent, cell, cosine, axes)
     w = words_for(m)
-    assert blocked.shape == (-(-n // 64), w, 64) and blocked.dtype == np.uint64 and sfac.shape == (n, 4)
+    assert blocked.shape == (-(-n // 64), w, 64) and blocked.dtype == np.uint64 and sfac.shape == (-(-n // 64), 3, 64)
     per_row = np.ascontiguousarray(blocked.transpose(0, 2, 1).reshape(-1, w))  # word t of row j: [j // 64, t, j % 64]
     assert not per_row[n:].any()  # rows past the last: clear
     bits = np.unpackbits(per_row[:n].view(np.uint8), axis=1, bitorder="little")
@@ -538,7 +538,7 @@ def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_pat
         want = store.search(q, 5, recall=0.9)
     con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
     desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
-    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sfac"))]
+    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sblk"))]
     assert len(old) == 3
     desc["files"] = [f for f in desc["files"] if f not in old]  # as an index written before them
     with con:
@@ -549,6 +549,39 @@ def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_pat
     with ec.VectorStore(tmp_path / "s") as store:
         got = store.search(q, 5, recall=0.9)
         store.verify()
+    _assert_same(got, want)
+
+
+def test_an_index_with_its_1_bit_factors_a_row_at_a_time_is_searched_the_same(tmp_path):
+    import json
+    import sqlite3
+    import zlib
+
+    # the factors were written (rows, 4) before they were kept in blocks of 64 rows
+    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
+    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        want = store.search(q, 5, recall=0.9)
+    con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
+    desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
+    (entry,) = [f for f in desc["files"] if f["file"].endswith(".sblk")]
+    path = tmp_path / "s" / entry["file"]
+    n = desc["rows"]
+    blocked = np.fromfile(path, "<f4").reshape(-1, 3, 64)
+    rows = np.zeros((n, 4), "<f4")
+    rows[:, :3] = blocked.transpose(0, 2, 1).reshape(-1, 3)[:n]
+    path.unlink()
+    old = path.with_suffix(".sfac")
+    rows.tofile(old)
+    entry.update(file=entry["file"][: -len("sblk")] + "sfac", nbytes=rows.nbytes, crc32=zlib.crc32(rows.tobytes()))
+    with con:
+        con.execute("UPDATE settings SET value = ? WHERE key = 'index'", (json.dumps(desc),))
+    con.close()
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.verify()
+        got = store.search(q, 5, recall=0.9)
     _assert_same(got, want)
 
 

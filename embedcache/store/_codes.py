@@ -45,7 +45,8 @@ class Signs:
     uint64, word t of row j at ``bits[j // 64, t, j % 64]`` (``w = ceil(m / 64)`` words a row;
     bit i of the row, set where the row's offset is >= 0 in direction i of ``axes``, is bit
     ``i % 64`` of word ``i // 64``; the higher bits of the last word and the rows past n are
-    clear); ``fac`` (n, 4) float32: each row's gain, its factor, ``2 * (bits set) - m``, 0:
+    clear); ``fac`` (ceil(n / 64), 3, 64) float32: each row's gain, its factor and ``2 *
+    (bits set) - m``, at ``fac[j // 64, :, j % 64]`` (a block's rows together, 0 past n):
     the row's estimate is ``gain * (query . centroid + factor * (signs . query in 4 bits))``.
     ``axes`` (m, d) float32: the rotated directions (orthonormal rows)."""
 
@@ -122,8 +123,8 @@ def pack_bits(on: np.ndarray) -> np.ndarray:
 
 def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
                  axes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(bits (ceil(rows / 64), words, 64) uint64, factors (rows, 4) float32): the
-    :class:`Signs` of rows ``x`` of cells ``cell`` in the rotated directions ``axes`` (d, m),
+    """(bits (ceil(rows / 64), words, 64) uint64, factors (ceil(rows / 64), 3, 64) float32):
+    the :class:`Signs` of rows ``x`` of cells ``cell`` in the rotated directions ``axes`` (d, m),
     for rows starting at a multiple of 64. A row's factor ``|r|^2 / sum |r_t|`` (r: its
     offset in those directions) turns the dot product of the query with the row's signs
     into an estimate of the query's product with the offset (0 for a zero offset)."""
@@ -138,11 +139,20 @@ def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine:
     l1 = np.abs(r).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         f = np.where(l1 > 0, (r * r).sum(axis=1) / l1, 0.0)
-    fac = np.zeros((rows, 4), np.float32)
+    fac = np.zeros((rows, 3), np.float32)
     fac[:, 0] = _gains(inv, cosine)
     fac[:, 1] = f
     fac[:, 2] = 2 * (r >= 0).sum(axis=1) - m
-    return bits, fac
+    return bits, block_factors(fac)
+
+
+def block_factors(fac: np.ndarray) -> np.ndarray:
+    """Rows' 1-bit factors (n, 3 or more) float32 -> (ceil(n / 64), 3, 64), the layout of
+    :class:`Signs` (the first three of each row; 0 past n)."""
+    n = len(fac)
+    padded = np.zeros((-(-n // SIGN_BLOCK) * SIGN_BLOCK, 3), np.float32)
+    padded[:n] = fac[:, :3]
+    return np.ascontiguousarray(padded.reshape(-1, SIGN_BLOCK, 3).transpose(0, 2, 1))
 
 
 def query_planes(projected: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray]:

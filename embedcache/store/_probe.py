@@ -312,9 +312,14 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
             base = blk * SIGN_BLOCK
             r0, r1 = max(j0 - base, 0), min(SIGN_BLOCK, j1 - base)
             qcu, t0, t1, t2 = qc[u], terms[q, 0], terms[q, 1], terms[q, 2]
-            for r in range(r0, r1):  # the estimates, without a branch (it vectorizes)
-                jj = base + r
-                est[r] = sfac[jj, 0] * (qcu + sfac[jj, 1] * (t0 * np.float32(count[r]) + t1 * sfac[jj, 2] - t2))
+            gain, factor, ones = sfac[blk, 0], sfac[blk, 1], sfac[blk, 2]
+            for r in range(SIGN_BLOCK):  # the estimates of the whole block (it vectorizes)
+                est[r] = gain[r] * (qcu + factor[r] * (t0 * np.float32(count[r]) + t1 * ones[r] - t2))
+            top = est[r0]
+            for r in range(r0, r1):  # the block's best (it vectorizes): most blocks pass none
+                top = max(top, est[r])
+            if top < b:
+                continue
             for r in range(r0, r1):
                 e, jj = est[r], base + r
                 sq[n], iq[n] = e, jj
@@ -351,13 +356,12 @@ def _buffered_best(bs, bi, fill, keep, out):
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
-          use_dead, cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, hs, hi, fill, bar, barj):
+          use_dead, cosine, mode, cent, codes, fac, projected, hs, hi):
     """Fold share ``share`` of ``shares`` of the listed cells into the heaps ``hs, hi`` ((q,
     k)): that share of the rows of each cell, in list order. Cell ``t`` of the list (cell
     number ``cells[t]``) holds index rows ``first[t] .. first[t] + lengths[t]``, probed by
     queries ``qlist[qstart[t]:qstart[t + 1]]``. ``mode`` 0: the heaps collect row numbers by
-    exact score; 1: index positions by the 8-bit codes' estimate; 2: ``hs, hi`` are buffers
-    of the 1-bit codes' estimates with ``fill, bar, barj`` (:func:`_fold_signs`)."""
+    exact score; 1: index positions by the 8-bit codes' estimate."""
     qc = np.empty(qlist.shape[0], np.float32)
     for t in range(len(first)):
         nq = qstart[t + 1] - qstart[t]
@@ -371,22 +375,58 @@ def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, v
             continue
         for u in range(nq):
             qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-        if mode == 1:
-            _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
-        else:
-            _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi, fill, bar,
-                        barj, (hs.shape[1] - SIGN_BLOCK) // BUFFER_SPAN)
+        _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
 
 
 @njit(parallel=True, cache=True)
 def _scan_shares(first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-                 cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, heap_s, heap_i, fill, bar,
-                 barj):
+                 cosine, mode, cent, codes, fac, projected, heap_s, heap_i):
     shares = heap_s.shape[0]
     for t in prange(shares):
         _scan(t, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
-              use_dead, cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, heap_s[t], heap_i[t],
-              fill[t], bar[t], barj[t])
+              use_dead, cosine, mode, cent, codes, fac, projected, heap_s[t], heap_i[t])
+
+
+@njit(inline="always")
+def _signs_share(share, shares, first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits,
+                 sfac, planes, terms, bs, bi, fill, bar, barj):
+    """Collect the 1-bit estimates of share ``share`` of ``shares`` of the listed cells' rows
+    (split as :func:`_scan` splits them) into that share's buffers ``bs, bi`` with ``fill,
+    bar, barj`` (:func:`_fold_signs`)."""
+    qc = np.empty(qlist.shape[0], np.float32)
+    for t in range(len(first)):
+        nq = qstart[t + 1] - qstart[t]
+        j0 = first[t] + lengths[t] * share // shares
+        j1 = first[t] + lengths[t] * (share + 1) // shares
+        if nq == 0 or j0 >= j1:
+            continue
+        ql = qlist[qstart[t] : qstart[t + 1]]
+        for u in range(nq):
+            qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
+        _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, bs, bi, fill, bar, barj,
+                    (bs.shape[1] - SIGN_BLOCK) // BUFFER_SPAN)
+
+
+# the 1-bit scan has kernels of its own, the loop over the cells inside them: through
+# ``_scan`` (one function for every mode) the same fold ran a fifth slower
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _scan_signs_shares(first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits, sfac,
+                       planes, terms, bs, bi, fill, bar, barj):
+    """:func:`_signs_share` on every share ((shares, q, width) buffers), one thread each."""
+    shares = bs.shape[0]
+    for t in prange(shares):
+        _signs_share(t, shares, first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits,
+                     sfac, planes, terms, bs[t], bi[t], fill[t], bar[t], barj[t])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _scan_signs(first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits, sfac, planes,
+                terms, bs, bi, fill, bar, barj):
+    """:func:`_signs_share` as the only share, on this thread."""
+    _signs_share(0, 1, first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits, sfac,
+                 planes, terms, bs, bi, fill, bar, barj)
 
 
 @njit(cache=True)
@@ -546,37 +586,41 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     use_dead = deleted is not None and len(deleted) > 0
     dead = _ro(deleted if use_dead else np.empty(0, np.int64))
     rows = _ro(rows)
-    no_signs = (_ro(np.empty((0, 1, SIGN_BLOCK), np.uint64)), _ro(np.empty((0, 4), np.float32)),
-                np.empty((nq, 1, 0), np.uint64), np.empty((nq, 3), np.float32))
     if codes is None:
         mode, m = 0, k
         cdata = (np.empty((0, d), np.float32), _ro(np.empty((0, d), np.int8)), _ro(np.empty((0, 2), np.float32)),
-                 np.empty((nq, d), np.float32), *no_signs)
+                 np.empty((nq, d), np.float32))
     else:
         cent, c, near, offsets, wide = codes
         projected = np.empty((nq, c.axes.shape[0]), np.float32)
         _project(queries, c.axes, projected)
-        sdata = no_signs
         mode, m = 1, max(k, shortlist)
         if c.signs is not None and wide > m:
             mode, m = 2, wide
-            turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
-            _project(queries, c.signs.axes, turned)
-            sdata = (_ro(c.signs.bits), _ro(c.signs.fac), *query_planes(turned, c.signs.words))
-        cdata = (cent, _ro(c.codes), _ro(c.fac), projected, *sdata)
+        cdata = (cent, _ro(c.codes), _ro(c.fac), projected)
     # the 1-bit estimates: buffers of several shortlists, and a block's rows beyond them
     width = BUFFER_SPAN * m + SIGN_BLOCK if mode == 2 else m
     heap_s = np.full((shares, nq, width), -np.inf, np.float32)
     heap_i = np.full((shares, nq, width), _NO_INDEX, np.int64)
-    fill = np.zeros((shares, nq), np.int64)
-    bar = np.full((shares, nq), -np.inf, np.float32)
-    barj = np.full((shares, nq), _NO_INDEX, np.int64)
-    args = (first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
-            mode, *cdata)
-    if shares == 1:
-        _scan(0, 1, *args, heap_s[0], heap_i[0], fill[0], bar[0], barj[0])
+    if mode == 2:
+        turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
+        _project(queries, c.signs.axes, turned)
+        fill = np.zeros((shares, nq), np.int64)
+        bar = np.full((shares, nq), -np.inf, np.float32)
+        barj = np.full((shares, nq), _NO_INDEX, np.int64)
+        sargs = (first, lengths, cells, qstart, qlist, queries, rows, dead, use_dead, cent, _ro(c.signs.bits),
+                 _ro(c.signs.fac), *query_planes(turned, c.signs.words))
+        if shares == 1:
+            _scan_signs(*sargs, heap_s[0], heap_i[0], fill[0], bar[0], barj[0])
+        else:
+            _scan_signs_shares(*sargs, heap_s, heap_i, fill, bar, barj)
     else:
-        _scan_shares(*args, heap_s, heap_i, fill, bar, barj)
+        args = (first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead,
+                cosine, mode, *cdata)
+        if shares == 1:
+            _scan(0, 1, *args, heap_s[0], heap_i[0])
+        else:
+            _scan_shares(*args, heap_s, heap_i)
     if mode == 0:
         return _best(*_flat(heap_s, heap_i), k)
     # a shortlist: the best ``m`` estimates over all shares (so one query alone and in a
