@@ -31,6 +31,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from embedcache import _config, kernels
 from embedcache.kernels._core import (
@@ -61,6 +62,10 @@ def _popcount(typingctx, x):
     return sig, codegen
 
 
+#: every bit of a uint64
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
 @intrinsic
 def _prefetch(typingctx, arr, i, off):
     """Ask for the cache line holding byte ``off`` of row ``i`` of the 2-d array ``arr``
@@ -85,8 +90,9 @@ def _prefetch(typingctx, arr, i, off):
 
 @njit(inline="always")
 def _prefetch_row(arr, i):
-    """Ask for every cache line of row ``i`` of ``arr``."""
-    for off in range(0, arr.shape[1] * arr.itemsize, 64):
+    """Ask for every cache line of row ``i`` of ``arr`` (C-contiguous: all it holds below
+    the first index ``i``)."""
+    for off in range(0, arr.strides[0], 64):
         _prefetch(arr, i, off)
 
 
@@ -98,6 +104,10 @@ BUFFER_SPAN = 2
 #: rows of a shortlist asked for this far ahead of the one being scored (random rows: each a
 #: wait on memory otherwise)
 AHEAD = 16
+
+#: blocks of 1-bit codes asked for this far ahead of the one being counted (a cell's blocks
+#: are read in turn, but a thread's share of a cell is too short for the CPU to see a stream)
+SIGN_AHEAD = 2
 
 
 @njit(inline="always")
@@ -228,28 +238,14 @@ def _bucket(x, lo, scale):
     return min(np.int64((x - lo) * scale), _BUCKETS)
 
 
-@njit(inline="always")
-def _move_front(s, i, w, n, lo, scale, b, above):
-    """Move the entries ``w .. n`` whose bucket is above ``b`` (``above``) or is ``b`` (not
-    ``above``) to the front of that range, without a branch (a Lomuto pass: every entry
-    swapped, the front grown by those that belong there); return where the front ends."""
-    for u in range(w, n):
-        v, j = s[u], i[u]
-        x = _bucket(v, lo, scale)
-        s[u], i[u] = s[w], i[w]
-        s[w], i[w] = v, j
-        w += (x > b) if above else (x == b)
-    return w
-
-
 @njit(cache=True, nogil=True)
 def _keep_best(s, i, n, keep):
     """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
     keep) to the front, in no order; return ``keep`` and the score and index of the worst
-    of them. The scores are counted in ``_BUCKETS`` buckets of their range: the buckets
-    above the one where the best ``keep`` end are kept whole, and the best of that bucket
-    chosen by :func:`_keep_best_of` (a few entries, not all: a selection over thousands of
-    entries is a branch mispredicted for each)."""
+    of them. The scores are counted in ``_BUCKETS`` buckets of their range: one pass keeps
+    the buckets above the one where the best ``keep`` end and sets that bucket's entries
+    aside (writing every entry, advancing by those that stay: no branch to mispredict), and
+    the best of those few are chosen by :func:`_keep_best_of`."""
     lo = hi = s[0]
     for u in range(1, n):
         lo = min(lo, s[u])
@@ -265,16 +261,27 @@ def _keep_best(s, i, n, keep):
     while above + count[b] < keep:
         above += count[b]
         b -= 1
-    w = _move_front(s, i, 0, n, lo, scale, b, True)
-    t = _move_front(s, i, w, n, lo, scale, b, False)
+    edge = count[b]
+    side_s = np.empty(edge + 1, s.dtype)  # one more: where the entries that stay out are written
+    side_i = np.empty(edge + 1, i.dtype)
+    w = t = 0
+    for u in range(n):
+        v, j = s[u], i[u]
+        x = _bucket(v, lo, scale)
+        s[w], i[w] = v, j
+        w += x > b
+        side_s[t], side_i[t] = v, j
+        t += x == b
     need = keep - w
-    if t - w > need:
-        _, th, tj = _keep_best_of(s[w:t], i[w:t], t - w, need)
-        return keep, th, tj
-    th, tj = s[w], i[w]  # the whole bucket is kept: its worst is the worst kept
-    for u in range(w + 1, t):
-        if s[u] < th or (s[u] == th and i[u] > tj):
-            th, tj = s[u], i[u]
+    if edge > need:
+        _, th, tj = _keep_best_of(side_s, side_i, edge, need)
+    else:  # the whole bucket is kept: its worst is the worst kept
+        th, tj = side_s[0], side_i[0]
+        for u in range(1, edge):
+            if side_s[u] < th or (side_s[u] == th and side_i[u] > tj):
+                th, tj = side_s[u], side_i[u]
+    for u in range(need):
+        s[w + u], i[w + u] = side_s[u], side_i[u]
     return keep, th, tj
 
 
@@ -299,7 +306,8 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
         q = ql[u]
         n, b, bj = fill[q], bar[q], barj[q]
         sq, iq = bs[q], bi[q]
-        for blk in range(j0 // SIGN_BLOCK, (j1 + SIGN_BLOCK - 1) // SIGN_BLOCK):
+        last = (j1 + SIGN_BLOCK - 1) // SIGN_BLOCK
+        for blk in range(j0 // SIGN_BLOCK, last):
             for r in range(SIGN_BLOCK):
                 count[r] = 0
             for t in range(w):
@@ -315,18 +323,19 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
             gain, factor, ones = sfac[blk, 0], sfac[blk, 1], sfac[blk, 2]
             for r in range(SIGN_BLOCK):  # the estimates of the whole block (it vectorizes)
                 est[r] = gain[r] * (qcu + factor[r] * (t0 * np.float32(count[r]) + t1 * ones[r] - t2))
-            top = est[r0]
-            for r in range(r0, r1):  # the block's best (it vectorizes): most blocks pass none
-                top = max(top, est[r])
-            if top < b:
-                continue
-            for r in range(r0, r1):
-                e, jj = est[r], base + r
-                sq[n], iq[n] = e, jj
-                ok = (e > b) | ((e == b) & (jj <= bj))
-                if use_dead and ok:
-                    ok = not _dead(deleted, rows[jj])
-                n += ok
+            passed = np.uint64(0)  # a bit for each row of the block that passes the bar
+            for r in range(SIGN_BLOCK):  # (it vectorizes)
+                e = est[r]
+                passed |= np.uint64((e > b) | ((e == b) & (base + r <= bj))) << np.uint64(r)
+            passed &= (_ALL << np.uint64(r0)) & (_ALL >> np.uint64(SIGN_BLOCK - r1))
+            while passed:  # those rows alone, lowest first
+                r = trailing_zeros(passed)
+                passed &= passed - np.uint64(1)
+                jj = base + r
+                if use_dead and _dead(deleted, rows[jj]):
+                    continue
+                sq[n], iq[n] = est[r], jj
+                n += 1
             if n > limit:
                 n, b, bj = _keep_best(sq, iq, n, keep)
         fill[q], bar[q], barj[q] = n, b, bj
