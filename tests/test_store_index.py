@@ -292,7 +292,7 @@ def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_eno
 
 def _probed_rows(store, q, recall):
     from embedcache.store import _index
-    from embedcache.store._probe import nearest_cells
+    from embedcache.store._nearest import nearest_cells
 
     with store._txn.reading() as v:
         desc, loaded = _index.usable(store.path, v, store._index_maps)
@@ -390,7 +390,7 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
 @given(a=st.lists(st.sampled_from([-1.0, 0.0, 2.0]) | st.floats(-5, 5, width=32), min_size=1, max_size=50),
        data=st.data())
 def test_the_kth_highest_is_the_sorted_value(a, data):
-    from embedcache.store._probe import _kth_highest
+    from embedcache.store._select import _kth_highest
 
     x = np.array(a, np.float32)
     kth = data.draw(st.integers(0, len(x) - 1))
@@ -401,7 +401,7 @@ def test_the_kth_highest_is_the_sorted_value(a, data):
 @given(n=st.integers(1, 3000), levels=st.sampled_from([1, 4, 10**6]), scale=st.sampled_from([1e-300, 1.0, 1e300]),
        seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_the_kth_highest_through_buckets_is_the_sorted_value(n, levels, scale, seed, data):
-    from embedcache.store._probe import _kth_of
+    from embedcache.store._select import _kth_of
 
     rng = np.random.default_rng(seed)
     a = rng.integers(0, levels, n) * scale - rng.integers(0, 2) * scale  # ties, and ranges near the limits
@@ -415,7 +415,7 @@ def test_the_kth_highest_through_buckets_is_the_sorted_value(n, levels, scale, s
 @given(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, 3.0]) | st.floats(-5, 5, width=32), min_size=2,
                        max_size=60), data=st.data())
 def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data):
-    from embedcache.store._probe import _keep_best
+    from embedcache.store._select import _keep_best
 
     n = len(scores)
     keep = data.draw(st.integers(1, n - 1))
@@ -434,7 +434,7 @@ def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data)
 @given(n=st.integers(2, 5000), levels=st.sampled_from([3, 50, 100_000]), seed=st.integers(0, 2**32 - 1),
        data=st.data())
 def test_a_full_buffer_of_thousands_keeps_its_best_through_its_histogram(n, levels, seed, data):
-    from embedcache.store._probe import _keep_best
+    from embedcache.store._select import _keep_best
 
     # many entries: the buckets of the histogram decide, and ties (few levels) straddle them
     rng = np.random.default_rng(seed)
@@ -642,7 +642,7 @@ def test_one_query_alone_and_in_a_batch_shortlist_the_same_rows(tmp_path):
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e3, 1e30])
 def test_a_few_queries_rank_cells_as_top_k_does_at_any_scale(scale):
-    from embedcache.store._probe import nearest_cells
+    from embedcache.store._nearest import nearest_cells
 
     rng = np.random.default_rng(7)
     cent = rng.normal(size=(300, 24)).astype(np.float32)

@@ -9,7 +9,7 @@ search runs on one thread. A score is the kernels' own per-pair score
 (:func:`embedcache.kernels._core._pair_score` on the row decoded exactly, as the exact scan
 computes it), so a result equals what the exact scan gives for the same rows, bit for bit;
 ties go to the lower row number. The cells a query probes are its nearest centroids as
-:func:`embedcache.top_k` ranks them (ties to the lower cell).
+:func:`embedcache.top_k` ranks them (ties to the lower cell; :mod:`._nearest`).
 
 Through the index's codes (:mod:`._codes`) when fewer than every cell is probed: with the
 8-bit codes, each query keeps the best ``max(STORE_INDEX_SHORTLIST,
@@ -19,9 +19,10 @@ missed only when its estimate ranks it below the shortlist (the measured recall 
 that). With the 1-bit codes as well, a first pass over them keeps each query's best
 ``max(STORE_INDEX_SIGN_SHORTLIST, STORE_INDEX_SIGN_SHORTLIST_PER_K * k,
 STORE_INDEX_SIGN_SHORTLIST_SHARE * rows)`` rows by their estimate (``rows``: what its
-probes hold on average; in buffers that keep their best half when full), and those are
-estimated again from their 8-bit codes into that shortlist. The rows of a shortlist are read in index order,
-each asked for from memory a few rows ahead of its scoring.
+probes hold on average; in buffers that keep their best when full, :mod:`._select`), and
+those are estimated again from their 8-bit codes into that shortlist. The rows of a
+shortlist are read in index order, each asked for from memory a few rows ahead of its
+scoring.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from embedcache import _config, kernels
+from embedcache import _config
 from embedcache.kernels._core import (
     _NO_INDEX,
     FASTMATH,
@@ -47,7 +48,9 @@ from embedcache.kernels._core import (
     _sort_heaps,
     _sumsq,
 )
-from embedcache.store._codes import SIGN_BLOCK, Coarse, Codes, _inverse_norms, coarse, query_planes
+from embedcache.store._codes import SIGN_BLOCK, Coarse, Codes, _inverse_norms, query_planes
+from embedcache.store._nearest import _dot_i8, _shares, nearest_cells
+from embedcache.store._select import _buffered_best, _keep_best
 
 
 @intrinsic
@@ -105,10 +108,6 @@ BUFFER_SPAN = 2
 #: wait on memory otherwise)
 AHEAD = 16
 
-#: blocks of 1-bit codes asked for this far ahead of the one being counted (a cell's blocks
-#: are read in turn, but a thread's share of a cell is too short for the CPU to see a stream)
-SIGN_AHEAD = 2
-
 
 @njit(inline="always")
 def _row_at(vec32, vec16, half, j, buf):
@@ -145,15 +144,6 @@ def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries,
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _dot_i8(qq, code):
-    """``qq . code`` for an int8 ``code``, summed in float32."""
-    acc = np.float32(0.0)
-    for t in range(code.shape[0]):
-        acc += qq[t] * np.float32(code[t])
-    return acc
-
-
-@njit(inline="always", fastmath=FASTMATH)
 def _code_estimate(code, qq, qc, fac_j):
     """A row's 8-bit estimate: ``gain * (qc + scale * (qq . code))`` (``fac_j``: scale, gain)."""
     return fac_j[1] * (qc + fac_j[0] * _dot_i8(qq, code))
@@ -173,116 +163,6 @@ def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, 
             e = _code_estimate(codes[j], projected[q], qc[u], fac[j])
             if _better(e, j, hs[q, 0], hi[q, 0]):
                 _heap_replace_root(hs[q], hi[q], e, j)
-
-
-@njit(cache=True, nogil=True)
-def _kth_highest(a, kth):
-    """The value at position ``kth`` (from 0) of ``a`` sorted high to low; ``a`` is reordered
-    (Hoare's selection: a compiled ``np.partition`` costs seconds to compile, this does not)."""
-    lo, hi = 0, len(a) - 1
-    while lo < hi:
-        pivot = a[(lo + hi) // 2]
-        i, j = lo, hi
-        while i <= j:
-            while a[i] > pivot:
-                i += 1
-            while a[j] < pivot:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if kth <= j:
-            hi = j
-        elif kth >= i:
-            lo = i
-        else:
-            break
-    return a[kth]
-
-
-@njit(cache=True, nogil=True)
-def _keep_best_of(s, i, n, keep):
-    """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
-    keep) to the front, in no order; return ``keep`` and the score and index of the worst
-    of them. By selection over all ``n``: :func:`_keep_best` for many."""
-    th = _kth_highest(s[:n].copy(), keep - 1)
-    w = 0
-    for u in range(n):  # the higher scores first
-        if s[u] > th:
-            s[w], s[u] = s[u], s[w]
-            i[w], i[u] = i[u], i[w]
-            w += 1
-    t = w
-    for u in range(w, n):  # then the ties, of which the lowest indices are kept
-        if s[u] == th:
-            s[t], s[u] = s[u], s[t]
-            i[t], i[u] = i[u], i[t]
-            t += 1
-    tie = np.sort(i[w:t])
-    need = keep - w
-    for u in range(need):  # loops, not slice assignments: their shape checks compile slowly
-        i[w + u] = tie[u]
-        s[w + u] = th
-    return keep, th, tie[need - 1]
-
-
-#: a full buffer's scores are counted in this many buckets of their range (:func:`_keep_best`)
-_BUCKETS = 1024
-
-
-@njit(inline="always")
-def _bucket(x, lo, scale):
-    """The bucket of score ``x`` in a range from ``lo`` (never past ``_BUCKETS``): the same
-    for the same score, and never lower for a higher one."""
-    return min(np.int64((x - lo) * scale), _BUCKETS)
-
-
-@njit(cache=True, nogil=True)
-def _keep_best(s, i, n, keep):
-    """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
-    keep) to the front, in no order; return ``keep`` and the score and index of the worst
-    of them. The scores are counted in ``_BUCKETS`` buckets of their range: one pass keeps
-    the buckets above the one where the best ``keep`` end and sets that bucket's entries
-    aside (writing every entry, advancing by those that stay: no branch to mispredict), and
-    the best of those few are chosen by :func:`_keep_best_of`."""
-    lo = hi = s[0]
-    for u in range(1, n):
-        lo = min(lo, s[u])
-        hi = max(hi, s[u])
-    span = hi - lo
-    if not (span > 0 and span < np.inf) or not np.float32(_BUCKETS) / span < np.inf:
-        return _keep_best_of(s, i, n, keep)  # one score, or a range with no finite scale
-    scale = np.float32(_BUCKETS) / span
-    count = np.zeros(_BUCKETS + 1, np.int64)
-    for u in range(n):
-        count[_bucket(s[u], lo, scale)] += 1
-    b, above = _BUCKETS, 0
-    while above + count[b] < keep:
-        above += count[b]
-        b -= 1
-    edge = count[b]
-    side_s = np.empty(edge + 1, s.dtype)  # one more: where the entries that stay out are written
-    side_i = np.empty(edge + 1, i.dtype)
-    w = t = 0
-    for u in range(n):
-        v, j = s[u], i[u]
-        x = _bucket(v, lo, scale)
-        s[w], i[w] = v, j
-        w += x > b
-        side_s[t], side_i[t] = v, j
-        t += x == b
-    need = keep - w
-    if edge > need:
-        _, th, tj = _keep_best_of(side_s, side_i, edge, need)
-    else:  # the whole bucket is kept: its worst is the worst kept
-        th, tj = side_s[0], side_i[0]
-        for u in range(1, edge):
-            if side_s[u] < th or (side_s[u] == th and side_i[u] > tj):
-                th, tj = side_s[u], side_i[u]
-    for u in range(need):
-        s[w + u], i[w + u] = side_s[u], side_i[u]
-    return keep, th, tj
 
 
 @njit(cache=True, nogil=True)  # not fastmath: a row's estimate the same bits in any lane
@@ -339,28 +219,6 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
             if n > limit:
                 n, b, bj = _keep_best(sq, iq, n, keep)
         fill[q], bar[q], barj[q] = n, b, bj
-
-
-@njit(cache=True)
-def _buffered_best(bs, bi, fill, keep, out):
-    """Each query's best ``keep`` entries over the buffers of every share ((shares, q, width),
-    ``fill`` (shares, q) entries each) into ``out`` (q, keep), in index order, then
-    ``_NO_INDEX``: the same set whatever the shares (the order is total)."""
-    shares, nq, width = bs.shape
-    s = np.empty(shares * width, np.float32)
-    ix = np.empty(shares * width, np.int64)
-    for q in range(nq):
-        n = 0
-        for t in range(shares):
-            for u in range(fill[t, q]):
-                s[n] = bs[t, q, u]
-                ix[n] = bi[t, q, u]
-                n += 1
-        if n > keep:
-            n, _, _ = _keep_best(s, ix, n, keep)
-        kept = np.sort(ix[:n])
-        for u in range(out.shape[1]):
-            out[q, u] = kept[u] if u < n else _NO_INDEX
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -538,26 +396,12 @@ def _project(queries, axes, out):
             out[q, c] = _dot32(queries[q], axes[c])
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _cell_scores(query, cent, inv_q, inv_c, cand, out):
-    """The kernels' cosine of ``query`` with the centroids ``cand`` (as top_k scores them)."""
-    for t in range(cand.shape[0]):
-        c = cand[t]
-        out[t] = _pair_score(query, cent[c], inv_q, inv_c[c], True)
-
-
 def _ro(a: np.ndarray) -> np.ndarray:
     """A read-only plain view of ``a``: the index's arrays reach the kernels with one type
     (memory maps and stand-ins alike), so each kernel compiles once."""
     v = np.asarray(a).view(np.ndarray)
     v.flags.writeable = False
     return v
-
-
-def _shares(work: int) -> int:
-    """Threads for ``work`` rows times queries."""
-    share = max(1, _config.STORE_INDEX_SHARE_ROWS)
-    return max(1, min(numba.get_num_threads(), work // share))
 
 
 def _best(heap_s: np.ndarray, heap_i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -666,114 +510,26 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     return _best(hs, hi, k)
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _coarse_scores(query, codes, scale, c0, c1, out):
-    """out[c] = scale[c] * (query . codes[c]) for centroids ``c0 .. c1``, float32 products."""
-    for c in range(c0, c1):
-        out[c] = scale[c] * _dot_i8(query, codes[c])
-
-
-@njit(parallel=True, cache=True)
-def _coarse_scores_shares(query, codes, scale, out, shares):
-    n = codes.shape[0]
-    for t in prange(shares):
-        _coarse_scores(query, codes, scale, n * t // shares, n * (t + 1) // shares, out)
-
-
-@njit(cache=True, nogil=True)
-def _kth_of(a, kth):
-    """The value at position ``kth`` (from 0) of ``a`` sorted high to low (``a`` unchanged):
-    the values counted in ``_BUCKETS`` buckets of their range, then selected among those of
-    the bucket that holds it."""
-    lo = hi = a[0]
-    for u in range(1, a.shape[0]):
-        lo = min(lo, a[u])
-        hi = max(hi, a[u])
-    span = hi - lo
-    if not (span > 0 and span < np.inf) or not _BUCKETS / span < np.inf:
-        return _kth_highest(a.copy(), kth)
-    scale = _BUCKETS / span
-    count = np.zeros(_BUCKETS + 1, np.int64)
-    for u in range(a.shape[0]):
-        count[_bucket(a[u], lo, scale)] += 1
-    b, above = _BUCKETS, 0
-    while above + count[b] <= kth:
-        above += count[b]
-        b -= 1
-    part = np.empty(count[b], a.dtype)
-    t = 0
-    for u in range(a.shape[0]):
-        if _bucket(a[u], lo, scale) == b:
-            part[t] = a[u]
-            t += 1
-    return _kth_highest(part, kth - above)
-
-
-@njit(cache=True, nogil=True)
-def _nearest_of(query, inv_q, est, inv_c, err, centroids, out):
-    """The ``len(out)`` cells nearest ``query`` (inverse norm ``inv_q``) into ``out``, best
-    first (ties: the lower cell), from ``est``, its float32 products with the centroids'
-    8-bit copy (``err``: each one's distance from its centroid; ``inv_c``: the centroids'
-    inverse norms): the cells whose bound reaches the ``len(out)``-th best lower bound are
-    scored as :func:`embedcache.top_k` scores them."""
-    cells, d = centroids.shape
-    p = out.shape[0]
-    high = np.empty(cells)
-    low = np.empty(cells)
-    # the 8-bit copy is within err[c] of c: the product within |q| err[c]; float32 products
-    # of length d are within d * 2**-24 * |q| |c| of the exact ones, on either side
-    slack = (d + 8) * 2.0**-22 / inv_q
-    for c in range(cells):
-        e = est[c] * inv_c[c]  # (q . c) / |c| within the bound
-        bound = err[c] * inv_c[c] / inv_q + slack
-        low[c] = e - bound
-        high[c] = e + bound
-    kth = _kth_of(low, p - 1)
-    n = 0
-    for c in range(cells):
-        n += high[c] >= kth
-    cand = np.empty(n, np.int64)
-    n = 0
-    for c in range(cells):
-        if high[c] >= kth:
-            cand[n] = c
-            n += 1
-    sc = np.empty(n, np.float32)
-    _cell_scores(query, centroids, inv_q, inv_c, cand, sc)
-    order = np.argsort(-sc, kind="mergesort")  # stable: ties keep the lower cell first
-    for t in range(p):
-        out[t] = cand[order[t]]
-
-
-def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
-                  inv_c: np.ndarray | None = None, small: Coarse | None = None) -> np.ndarray:
-    """(q, min(probes, cells)) int64: each query's nearest cells, ties to the lower cell (the
-    ranking of :func:`embedcache.top_k`, as a set): for a few queries, the centroids' 8-bit
-    copy (``small``, :func:`coarse`) bounds each cell's score within its rounding, and the
-    cells whose bound reaches the ``probes``-th best lower bound are then scored as the kernel
-    scores them; the kernel itself for more. ``inv_c``: the centroids' inverse norms."""
-    nq, cells = len(queries), len(centroids)
-    p = min(probes, cells)
-    if nq > _config.STORE_INDEX_FEW_QUERIES:
-        return kernels.top_k(queries, centroids, p)[1]
-    if inv_c is None:
-        inv_c = _inverse_norms(centroids)
-    if small is None:
-        small = coarse(centroids)
-    d = queries.shape[1]
-    inv_q = _inverse_norms(queries)
-    if not np.all((inv_q >= 2.0**-40) & (inv_q <= 2.0**40)):  # zero, tiny or huge: where float32
-        return kernels.top_k(queries, centroids, p)[1]  # products lose the bounds used below
-    out = np.empty((nq, p), np.int64)
-    est = np.empty(cells, np.float32)
-    shares = _shares(cells * d // 8)  # a product of a row by 8 bits: about an eighth of a row's scan
-    for i in range(nq):
-        if shares > 1:
-            _coarse_scores_shares(queries[i], small.codes, small.scale, est, shares)
-        else:
-            _coarse_scores(queries[i], small.codes, small.scale, 0, cells, est)
-        _nearest_of(queries[i], inv_q[i], est, inv_c, small.err, centroids, out[i])
-    return out
+def _listing(near: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cells, qstart, qlist): the cells that the queries' probed cells ``near`` (q, p) list,
+    nearest first (by the best rank any query gives them: the heaps fill with good rows
+    early, and fewer rows after them displace one), cell ``cells[t]`` probed by the queries
+    ``qlist[qstart[t]:qstart[t + 1]]`` (in order)."""
+    cells_of = near.reshape(-1)
+    order = np.argsort(cells_of, kind="stable")  # queries of one cell together, in order
+    qlist = (order // near.shape[1]).astype(np.int64)
+    listed = cells_of[order]
+    head = np.flatnonzero(np.r_[True, listed[1:] != listed[:-1]]) if len(listed) else np.zeros(0, np.int64)
+    cells = listed[head].astype(np.int64)
+    qstart = np.append(head, len(listed)).astype(np.int64)
+    if len(head):  # nearest cells first
+        lead = np.argsort(np.minimum.reduceat(order % near.shape[1], head), kind="stable")
+        size = np.diff(qstart)[lead]
+        start = np.zeros(len(lead) + 1, np.int64)
+        np.cumsum(size, out=start[1:])
+        qlist = qlist[np.repeat(qstart[lead] - start[:-1], size) + np.arange(start[-1])]
+        cells, qstart = cells[lead], start
+    return cells, qstart, qlist
 
 
 def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.ndarray, vectors: np.ndarray,
@@ -808,21 +564,12 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
                        codes=codes, inv_c=inv_c, small=small) for a in range(0, len(queries), block)]
         return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
     near = nearest_cells(queries, centroids, probes, inv_c, small)
-    cells_of = near.reshape(-1)
-    order = np.argsort(cells_of, kind="stable")  # queries of one cell together, in order
-    qlist = (order // near.shape[1]).astype(np.int64)
-    listed = cells_of[order]
-    head = np.flatnonzero(np.r_[True, listed[1:] != listed[:-1]]) if len(listed) else np.zeros(0, np.int64)
-    cells = listed[head].astype(np.int64)
-    qstart = np.append(head, len(listed)).astype(np.int64)
-    if len(head):  # nearest cells first (by the best rank any query gives them): the heaps
-        # fill with good rows early, and fewer rows after them displace one
-        lead = np.argsort(np.minimum.reduceat(order % near.shape[1], head), kind="stable")
-        size = np.diff(qstart)[lead]
-        start = np.zeros(len(lead) + 1, np.int64)
-        np.cumsum(size, out=start[1:])
-        qlist = qlist[np.repeat(qstart[lead] - start[:-1], size) + np.arange(start[-1])]
-        cells, qstart = cells[lead], start
+    if len(queries) == 1:  # its cells, nearest first: the listing, without its sorts
+        cells = near[0].astype(np.int64)
+        qstart = np.arange(len(cells) + 1, dtype=np.int64)
+        qlist = np.zeros(len(cells), np.int64)
+    else:
+        cells, qstart, qlist = _listing(near)
     first = np.asarray(offsets[cells], np.int64)
     lengths = np.asarray(offsets[cells + 1], np.int64) - first
     cdata = None
