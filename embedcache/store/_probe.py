@@ -357,14 +357,14 @@ def _near_products(queries, cent, near, out):
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi):
-    """Score the shortlisted index positions ``cand`` (q, m) of queries ``q0 .. q1`` exactly
-    into heaps ``hs, hi`` ((q, k), row numbers)."""
+def _rescore(q0, q1, u0, u1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi):
+    """Score the shortlisted index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 ..
+    q1``) exactly into heaps ``hs, hi`` ((q, k), row numbers)."""
     d = queries.shape[1]
     buf = np.empty(d, np.float32)
     for q in range(q0, q1):
-        for u in range(cand.shape[1]):
-            if u + AHEAD < cand.shape[1] and cand[q, u + AHEAD] != _NO_INDEX:
+        for u in range(u0, u1):
+            if u + AHEAD < u1 and cand[q, u + AHEAD] != _NO_INDEX:
                 if half:
                     _prefetch_row(vec16, cand[q, u + AHEAD])
                 else:
@@ -380,11 +380,18 @@ def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs,
 
 
 @njit(parallel=True, cache=True)
-def _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi, shares):
-    nq = cand.shape[0]
+def _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi, by_query, shares):
+    """:func:`_rescore` on ``shares`` threads: the queries split between them (``by_query``,
+    into heaps ``hs[0], hi[0]``), or each query's shortlist (into heaps ``hs[t], hi[t]`` of
+    thread t, then merged)."""
+    nq, m = cand.shape
     for t in prange(shares):
-        _rescore(nq * t // shares, nq * (t + 1) // shares, cand, queries, inv_q, vec32, vec16, half, rows, cosine,
-                 hs, hi)
+        if by_query:
+            _rescore(nq * t // shares, nq * (t + 1) // shares, 0, m, cand, queries, inv_q, vec32, vec16, half, rows,
+                     cosine, hs[0], hi[0])
+        else:
+            _rescore(0, nq, m * t // shares, m * (t + 1) // shares, cand, queries, inv_q, vec32, vec16, half, rows,
+                     cosine, hs[t], hi[t])
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -502,12 +509,18 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         else:
             _reestimate(0, nq, 0, cand.shape[1], *cargs, hs[0], hi[0])
         cand = np.sort(hi[0], axis=1)
-    # then scored exactly
-    hs = np.full((nq, k), -np.inf, np.float32)
-    hi = np.full((nq, k), _NO_INDEX, np.int64)
-    rargs = (cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi)
-    _rescore_shares(*rargs, threads) if many else _rescore(0, nq, *rargs)
-    return _best(hs, hi, k)
+    # then scored exactly: a long shortlist of a few queries split between the threads
+    parts = threads if many or cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads else 1
+    hs = np.full((1 if many else parts, nq, k), -np.inf, np.float32)
+    hi = np.full(hs.shape, _NO_INDEX, np.int64)
+    rargs = (cand, queries, inv_q, vec32, vec16, half, rows, cosine)
+    if parts > 1:
+        _rescore_shares(*rargs, hs, hi, many, parts)
+        if not many:
+            _merge_shares(hs, hi)
+    else:
+        _rescore(0, nq, 0, cand.shape[1], *rargs, hs[0], hi[0])
+    return _best(hs[0], hi[0], k)
 
 
 def _listing(near: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
