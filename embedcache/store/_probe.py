@@ -102,7 +102,7 @@ def _prefetch_row(arr, i):
 #: a query's buffer of 1-bit estimates holds this many times its shortlist (and a block of
 #: rows more); a full one keeps its best shortlist (:func:`_keep_best`: passes over the
 #: buffer, so wider buffers pass less)
-BUFFER_SPAN = 2
+BUFFER_SPAN = 3
 
 #: rows of a shortlist asked for this far ahead of the one being scored (random rows: each a
 #: wait on memory otherwise)
@@ -259,7 +259,9 @@ def _signs_share(share, shares, first, lengths, cells, qstart, qlist, queries, r
                  sfac, planes, terms, bs, bi, fill, bar, barj):
     """Collect the 1-bit estimates of share ``share`` of ``shares`` of the listed cells' rows
     (split as :func:`_scan` splits them) into that share's buffers ``bs, bi`` with ``fill,
-    bar, barj`` (:func:`_fold_signs`)."""
+    bar, barj`` (:func:`_fold_signs`), each left with its best ``keep`` at most (on every
+    thread: what :func:`_buffered_best` then merges on one is no more than it keeps)."""
+    keep = (bs.shape[1] - SIGN_BLOCK) // BUFFER_SPAN
     qc = np.empty(qlist.shape[0], np.float32)
     for t in range(len(first)):
         nq = qstart[t + 1] - qstart[t]
@@ -271,7 +273,10 @@ def _signs_share(share, shares, first, lengths, cells, qstart, qlist, queries, r
         for u in range(nq):
             qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
         _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, bs, bi, fill, bar, barj,
-                    (bs.shape[1] - SIGN_BLOCK) // BUFFER_SPAN)
+                    keep)
+    for q in range(bs.shape[0]):
+        if fill[q] > keep:
+            fill[q], bar[q], barj[q] = _keep_best(bs[q], bi[q], fill[q], keep)
 
 
 # the 1-bit scan has kernels of its own, the loop over the cells inside them: through
