@@ -181,7 +181,7 @@ STORE_INDEX_SHARE_ROWS = 32768
 #: best max(STORE_INDEX_SHORTLIST, STORE_INDEX_SHORTLIST_PER_K * k) rows of each query by
 #: the codes' estimate; a row outside that shortlist is missed
 STORE_INDEX_SHORTLIST = 100
-STORE_INDEX_SHORTLIST_PER_K = 30
+STORE_INDEX_SHORTLIST_PER_K = 60
 #: with 1-bit codes as well, each query first keeps its best max(STORE_INDEX_SIGN_SHORTLIST,
 #: STORE_INDEX_SIGN_SHORTLIST_PER_K * k, STORE_INDEX_SIGN_SHORTLIST_SHARE * the rows its
 #: probes hold on average) rows by their estimate, estimated again from the 8-bit codes

@@ -292,7 +292,7 @@ def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_eno
 
 def _probed_rows(store, q, recall):
     from embedcache.store import _index
-    from embedcache.store._probe import nearest_cells
+    from embedcache.store._nearest import nearest_cells
 
     with store._txn.reading() as v:
         desc, loaded = _index.usable(store.path, v, store._index_maps)
@@ -332,7 +332,7 @@ def test_a_code_holds_its_offset_within_half_a_step_in_the_directions_kept(x, se
        energy=st.sampled_from([0.5, 1.0]), cosine=st.booleans())
 def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, energy, cosine):
     from embedcache.kernels._core import _NO_INDEX
-    from embedcache.store._codes import (QUERY_BITS, code_basis, encode_signs, query_planes, residuals, spin,
+    from embedcache.store._codes import (QUERY_BITS, SIGN_BLOCK, code_basis, encode_signs, query_planes, residuals, spin,
                                          words_for)
     from embedcache.store._probe import _fold_signs
 
@@ -348,7 +348,7 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
     np.testing.assert_allclose(axes.T.astype(np.float64) @ axes, np.eye(m), atol=1e-5)  # still orthonormal
     blocked, sfac = encode_signs(x, cent, cell, cosine, axes)
     w = words_for(m)
-    assert blocked.shape == (-(-n // 64), w, 64) and blocked.dtype == np.uint64 and sfac.shape == (n, 4)
+    assert blocked.shape == (-(-n // 64), w, 64) and blocked.dtype == np.uint64 and sfac.shape == (-(-n // 64), 3, 64)
     per_row = np.ascontiguousarray(blocked.transpose(0, 2, 1).reshape(-1, w))  # word t of row j: [j // 64, t, j % 64]
     assert not per_row[n:].any()  # rows past the last: clear
     bits = np.unpackbits(per_row[:n].view(np.uint8), axis=1, bitorder="little")
@@ -364,14 +364,14 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
     step = terms[:, :1] / 2.0
     assert levels.max() < 2**QUERY_BITS
     assert np.all(np.abs(low + step * levels - turned) <= 0.5 * step * (1 + 1e-4))  # within half a level
-    width = 2 * n + 2  # never full: every estimate kept
+    width = n + 2 * SIGN_BLOCK  # never full: every estimate kept
     bs = np.full((3, width), -np.inf, np.float32)
     bi = np.full((3, width), _NO_INDEX, np.int64)
     fill = np.zeros(3, np.int64)
     qc = (q @ cent[0]).astype(np.float32)
     j0 = int(rng.integers(0, n))  # rows from the middle of a block too
     _fold_signs(blocked, sfac, j0, n, np.arange(n), np.zeros(0, np.int64), False, np.arange(3), qc, planes, terms,
-                bs, bi, fill, np.full(3, -np.inf, np.float32), np.full(3, _NO_INDEX, np.int64))
+                bs, bi, fill, np.full(3, -np.inf, np.float32), np.full(3, _NO_INDEX, np.int64), width)
     assert np.all(fill == n - j0)
     got = np.full((3, n), np.nan)
     for t in range(3):
@@ -390,7 +390,7 @@ def test_the_one_bit_estimate_is_the_signs_against_the_query_in_4_bits(x, seed, 
 @given(a=st.lists(st.sampled_from([-1.0, 0.0, 2.0]) | st.floats(-5, 5, width=32), min_size=1, max_size=50),
        data=st.data())
 def test_the_kth_highest_is_the_sorted_value(a, data):
-    from embedcache.store._probe import _kth_highest
+    from embedcache.store._select import _kth_highest
 
     x = np.array(a, np.float32)
     kth = data.draw(st.integers(0, len(x) - 1))
@@ -398,10 +398,24 @@ def test_the_kth_highest_is_the_sorted_value(a, data):
 
 
 @settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), levels=st.sampled_from([1, 4, 10**6]), scale=st.sampled_from([1e-300, 1.0, 1e300]),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_the_kth_highest_through_buckets_is_the_sorted_value(n, levels, scale, seed, data):
+    from embedcache.store._select import _kth_of
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, levels, n) * scale - rng.integers(0, 2) * scale  # ties, and ranges near the limits
+    kth = data.draw(st.integers(0, n - 1))
+    before = a.copy()
+    assert _kth_of(a, kth) == np.sort(a)[::-1][kth]
+    np.testing.assert_array_equal(a, before)
+
+
+@settings(max_examples=60, deadline=None)
 @given(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, 3.0]) | st.floats(-5, 5, width=32), min_size=2,
                        max_size=60), data=st.data())
 def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data):
-    from embedcache.store._probe import _keep_best
+    from embedcache.store._select import _keep_best
 
     n = len(scores)
     keep = data.draw(st.integers(1, n - 1))
@@ -414,6 +428,62 @@ def test_a_full_buffer_keeps_its_best_under_score_then_lower_index(scores, data)
     assert set(i2[:keep]) == set(i[want])  # the best under (score descending, index ascending)
     assert (bar, barj) == (s[want[-1]], i[want[-1]])  # the worst of them
     np.testing.assert_array_equal(np.sort(s2[:keep]), np.sort(s[want]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 5000), levels=st.sampled_from([3, 50, 100_000]), seed=st.integers(0, 2**32 - 1),
+       data=st.data())
+def test_a_full_buffer_of_thousands_keeps_its_best_through_its_histogram(n, levels, seed, data):
+    from embedcache.store._select import _keep_best
+
+    # many entries: the buckets of the histogram decide, and ties (few levels) straddle them
+    rng = np.random.default_rng(seed)
+    s = (rng.integers(0, levels, n) * rng.choice([1e-30, 1e-3, 1.0, 1e30])).astype(np.float32)
+    s[rng.random(n) < 0.05] = np.float32(rng.normal())  # a few outliers stretch the range
+    keep = data.draw(st.integers(1, n - 1)) if n > 1 else 1
+    i = rng.permutation(n).astype(np.int64) + 7
+    want = np.lexsort((i, -s))[:keep]
+    s2, i2 = s.copy(), i.copy()
+    assert _keep_best(s2, i2, n, keep) == (keep, s[want[-1]], i[want[-1]])
+    assert sorted(zip(s2[:keep].tolist(), i2[:keep].tolist())) == sorted(zip(s[want].tolist(), i[want].tolist()))
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_full_one_bit_buffers_hold_the_best_estimates_of_every_row(dead):
+    from embedcache.kernels._core import _NO_INDEX
+    from embedcache.store._codes import SIGN_BLOCK, code_basis, encode_signs, query_planes, residuals, spin
+    from embedcache.store._probe import BUFFER_SPAN, _fold_signs
+
+    # buffers far narrower than the rows: they fill and keep their best many times over,
+    # and still hold every row that is among the best ``keep`` of all (deleted rows never)
+    x = clustered(3000, d=48, clusters=4, noise=0.5, seed=5)
+    n, d = x.shape
+    cent = (x.mean(axis=0) / np.linalg.norm(x.mean(axis=0))).astype(np.float32)[None]
+    cell = np.zeros(n, np.int64)
+    resid, _ = residuals(x, cent, cell)
+    axes = spin(code_basis(resid.T.astype(np.float64) @ resid, 0.9), 1)
+    blocked, sfac = encode_signs(x, cent, cell, True, axes)
+    q = x[:4] + np.float32(0.1)
+    planes, terms = query_planes(q @ axes, blocked.shape[1])
+    qc = (q @ cent[0]).astype(np.float32)
+    deleted = np.arange(0, n, 7) if dead else np.zeros(0, np.int64)
+
+    def fold(keep, width):
+        bs = np.full((4, width), -np.inf, np.float32)
+        bi = np.full((4, width), _NO_INDEX, np.int64)
+        fill = np.zeros(4, np.int64)
+        _fold_signs(blocked, sfac, 5, n, np.arange(n), deleted, dead, np.arange(4), qc, planes, terms, bs, bi, fill,
+                    np.full(4, -np.inf, np.float32), np.full(4, _NO_INDEX, np.int64), keep)
+        return [sorted(zip(bs[t, : fill[t]].tolist(), bi[t, : fill[t]].tolist()), key=lambda e: (-e[0], e[1]))
+                for t in range(4)]
+
+    every = fold(n, n + 2 * SIGN_BLOCK)
+    keep = 150
+    narrow = fold(keep, BUFFER_SPAN * keep + SIGN_BLOCK)
+    for t in range(4):
+        assert len(every[t]) == n - 5 - int(np.sum(deleted >= 5))  # all rows, less the deleted
+        assert not {j for _, j in narrow[t]} & set(deleted.tolist())
+        assert narrow[t][:keep] == every[t][:keep]
 
 
 def test_one_bit_codes_first_keep_the_recall_of_the_8_bit_codes(tmp_path):
@@ -468,7 +538,7 @@ def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_pat
         want = store.search(q, 5, recall=0.9)
     con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
     desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
-    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sfac"))]
+    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sblk"))]
     assert len(old) == 3
     desc["files"] = [f for f in desc["files"] if f not in old]  # as an index written before them
     with con:
@@ -479,6 +549,39 @@ def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_pat
     with ec.VectorStore(tmp_path / "s") as store:
         got = store.search(q, 5, recall=0.9)
         store.verify()
+    _assert_same(got, want)
+
+
+def test_an_index_with_its_1_bit_factors_a_row_at_a_time_is_searched_the_same(tmp_path):
+    import json
+    import sqlite3
+    import zlib
+
+    # the factors were written (rows, 4) before they were kept in blocks of 64 rows
+    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
+    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        want = store.search(q, 5, recall=0.9)
+    con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
+    desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
+    (entry,) = [f for f in desc["files"] if f["file"].endswith(".sblk")]
+    path = tmp_path / "s" / entry["file"]
+    n = desc["rows"]
+    blocked = np.fromfile(path, "<f4").reshape(-1, 3, 64)
+    rows = np.zeros((n, 4), "<f4")
+    rows[:, :3] = blocked.transpose(0, 2, 1).reshape(-1, 3)[:n]
+    path.unlink()
+    old = path.with_suffix(".sfac")
+    rows.tofile(old)
+    entry.update(file=entry["file"][: -len("sblk")] + "sfac", nbytes=rows.nbytes, crc32=zlib.crc32(rows.tobytes()))
+    with con:
+        con.execute("UPDATE settings SET value = ? WHERE key = 'index'", (json.dumps(desc),))
+    con.close()
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.verify()
+        got = store.search(q, 5, recall=0.9)
     _assert_same(got, want)
 
 
@@ -539,7 +642,7 @@ def test_one_query_alone_and_in_a_batch_shortlist_the_same_rows(tmp_path):
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e3, 1e30])
 def test_a_few_queries_rank_cells_as_top_k_does_at_any_scale(scale):
-    from embedcache.store._probe import nearest_cells
+    from embedcache.store._nearest import nearest_cells
 
     rng = np.random.default_rng(7)
     cent = rng.normal(size=(300, 24)).astype(np.float32)

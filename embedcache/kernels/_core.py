@@ -546,30 +546,41 @@ def _stream(queries, inv_q, corpus, cosine, mask, use_mask, exclude_self, heap_s
 # ----------------------------------------------------------------------------------------
 
 
+@njit(inline="always")
+def _sort_heap(hs, hi, out_s, out_i, no_index):
+    """One row of candidates -> its best len(out_s), sorted (score desc, index asc); empty
+    slots (the sentinel index) become score -inf, index -1."""
+    m = hs.shape[0]
+    order = np.argsort(hi, kind="mergesort")
+    neg = np.empty(m, np.float32)
+    for t in range(m):
+        neg[t] = -hs[order[t]]
+    order2 = np.argsort(neg, kind="mergesort")
+    for t in range(out_s.shape[0]):
+        p = order[order2[t]]
+        if hi[p] == no_index:
+            out_s[t] = -np.inf
+            out_i[t] = -1
+        else:
+            out_s[t] = hs[p]
+            out_i[t] = hi[p]
+
+
 @njit(parallel=True, cache=True)
 def _sort_heaps(heap_s, heap_i, out_s, out_i, no_index):
     """Rows of candidates -> the best out.shape[1] of each, sorted (score desc, index asc).
 
     Empty slots (the sentinel index) become score -inf, index -1.
     """
-    nq, m = heap_s.shape
-    kk = out_s.shape[1]
-    for q in prange(nq):
-        hs = heap_s[q]
-        hi = heap_i[q]
-        order = np.argsort(hi, kind="mergesort")
-        neg = np.empty(m, np.float32)
-        for t in range(m):
-            neg[t] = -hs[order[t]]
-        order2 = np.argsort(neg, kind="mergesort")
-        for t in range(kk):
-            p = order[order2[t]]
-            if hi[p] == no_index:
-                out_s[q, t] = -np.inf
-                out_i[q, t] = -1
-            else:
-                out_s[q, t] = hs[p]
-                out_i[q, t] = hi[p]
+    for q in prange(heap_s.shape[0]):
+        _sort_heap(heap_s[q], heap_i[q], out_s[q], out_i[q], no_index)
+
+
+@njit(cache=True)
+def _sort_few_heaps(heap_s, heap_i, out_s, out_i, no_index):
+    """:func:`_sort_heaps` on one thread (a few rows: no parallel launch)."""
+    for q in range(heap_s.shape[0]):
+        _sort_heap(heap_s[q], heap_i[q], out_s[q], out_i[q], no_index)
 
 
 # ----------------------------------------------------------------------------------------

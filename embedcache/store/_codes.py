@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from embedcache.kernels._core import _row_stats_chunk
 
@@ -44,7 +45,8 @@ class Signs:
     uint64, word t of row j at ``bits[j // 64, t, j % 64]`` (``w = ceil(m / 64)`` words a row;
     bit i of the row, set where the row's offset is >= 0 in direction i of ``axes``, is bit
     ``i % 64`` of word ``i // 64``; the higher bits of the last word and the rows past n are
-    clear); ``fac`` (n, 4) float32: each row's gain, its factor, ``2 * (bits set) - m``, 0:
+    clear); ``fac`` (ceil(n / 64), 3, 64) float32: each row's gain, its factor and ``2 *
+    (bits set) - m``, at ``fac[j // 64, :, j % 64]`` (a block's rows together, 0 past n):
     the row's estimate is ``gain * (query . centroid + factor * (signs . query in 4 bits))``.
     ``axes`` (m, d) float32: the rotated directions (orthonormal rows)."""
 
@@ -121,8 +123,8 @@ def pack_bits(on: np.ndarray) -> np.ndarray:
 
 def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
                  axes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(bits (ceil(rows / 64), words, 64) uint64, factors (rows, 4) float32): the
-    :class:`Signs` of rows ``x`` of cells ``cell`` in the rotated directions ``axes`` (d, m),
+    """(bits (ceil(rows / 64), words, 64) uint64, factors (ceil(rows / 64), 3, 64) float32):
+    the :class:`Signs` of rows ``x`` of cells ``cell`` in the rotated directions ``axes`` (d, m),
     for rows starting at a multiple of 64. A row's factor ``|r|^2 / sum |r_t|`` (r: its
     offset in those directions) turns the dot product of the query with the row's signs
     into an estimate of the query's product with the offset (0 for a zero offset)."""
@@ -137,11 +139,20 @@ def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine:
     l1 = np.abs(r).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         f = np.where(l1 > 0, (r * r).sum(axis=1) / l1, 0.0)
-    fac = np.zeros((rows, 4), np.float32)
+    fac = np.zeros((rows, 3), np.float32)
     fac[:, 0] = _gains(inv, cosine)
     fac[:, 1] = f
     fac[:, 2] = 2 * (r >= 0).sum(axis=1) - m
-    return bits, fac
+    return bits, block_factors(fac)
+
+
+def block_factors(fac: np.ndarray) -> np.ndarray:
+    """Rows' 1-bit factors (n, 3 or more) float32 -> (ceil(n / 64), 3, 64), the layout of
+    :class:`Signs` (the first three of each row; 0 past n)."""
+    n = len(fac)
+    padded = np.zeros((-(-n // SIGN_BLOCK) * SIGN_BLOCK, 3), np.float32)
+    padded[:n] = fac[:, :3]
+    return np.ascontiguousarray(padded.reshape(-1, SIGN_BLOCK, 3).transpose(0, 2, 1))
 
 
 def query_planes(projected: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,20 +160,36 @@ def query_planes(projected: np.ndarray, words: int) -> tuple[np.ndarray, np.ndar
     QUERY_BITS, words) uint64: bit t of plane p set where level ``u_t`` has bit p; terms (q,
     3) float32: ``2 * step``, ``low``, ``step * sum u``), for levels ``u_t = round((x_t - low)
     / step)`` in 0 .. 15 between the query's smallest and largest product."""
+    nq = projected.shape[0]
+    planes = np.zeros((nq, QUERY_BITS, words), np.uint64)
+    terms = np.empty((nq, 3), np.float32)
+    _quantize(np.ascontiguousarray(projected, np.float32), planes, terms)
+    return planes, terms
+
+
+@njit(cache=True)
+def _quantize(projected, planes, terms):
+    """:func:`query_planes` into ``planes`` (clear) and ``terms``."""
     nq, m = projected.shape
     top = (1 << QUERY_BITS) - 1
-    low = projected.min(axis=1) if m else np.zeros(nq, np.float32)
-    step = (projected.max(axis=1) - low) / top if m else np.ones(nq, np.float32)
-    step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)
-    u = np.clip(np.rint((projected - low[:, None]) / step[:, None]), 0, top).astype(np.uint8)
-    planes = np.zeros((nq, QUERY_BITS, words), np.uint64)
-    for b in range(QUERY_BITS):
-        planes[:, b] = pack_bits((u >> b) & 1 > 0)
-    terms = np.empty((nq, 3), np.float32)
-    terms[:, 0] = 2 * step
-    terms[:, 1] = low
-    terms[:, 2] = step * u.sum(axis=1, dtype=np.float64)
-    return planes, terms
+    for q in range(nq):
+        low = high = projected[q, 0] if m else np.float32(0.0)
+        for t in range(m):
+            low = min(low, projected[q, t])
+            high = max(high, projected[q, t])
+        step = (high - low) / np.float32(top)
+        if not step > 0:
+            step = np.float32(1.0)
+        total = 0
+        for t in range(m):
+            level = np.int64(min(max(np.rint((projected[q, t] - low) / step), np.float32(0.0)), np.float32(top)))
+            total += level
+            for b in range(QUERY_BITS):
+                if (level >> b) & 1:
+                    planes[q, b, t // 64] |= np.uint64(1) << np.uint64(t % 64)
+        terms[q, 0] = 2 * step
+        terms[q, 1] = low
+        terms[q, 2] = step * np.float64(total)
 
 
 def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,

@@ -11,7 +11,9 @@ Files (in ``index/`` of the store directory, ``N`` a number taken from ``next_se
     index/N.srot   float32 (dim, m): those directions turned by a random rotation
     index/N.sign   uint64 (blocks of 64 rows, words, 64): each row's offset in 1 bit a
                    direction of those, the words of a block's rows together
-    index/N.sfac   float32 (rows, 4): each row's factors for those (:class:`._codes.Signs`)
+    index/N.sblk   float32 (blocks of 64 rows, 3, 64): each row's factors for those, the
+                   factors of a block's rows together (:class:`._codes.Signs`; an index
+                   written before them has ``N.sfac``, float32 (rows, 4) a row each)
 
 The setting ``index`` holds a JSON description: ``number``, ``cells``, ``rows`` (rows held),
 ``covered`` (the store's row count when it was built: rows numbered from there on are not in
@@ -71,6 +73,7 @@ from embedcache.store._codes import (
     Codes,
     Signs,
     _inverse_norms,
+    block_factors,
     code_basis,
     coarse,
     encode,
@@ -84,10 +87,10 @@ from embedcache.store._transactions import Write
 
 INDEX_DIR = "index"
 SETTING = "index"
-INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac|srot|sign|sfac)(\.tmp)?$")
+INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac|srot|sign|sblk|sfac)(\.tmp)?$")
 #: recall levels whose probes (and measured recall) the description records
 LEVELS = (0.8, 0.9, 0.95, 0.99)
-_KINDS = ("cent", "rows", "vec", "rot", "code", "fac", "srot", "sign", "sfac")
+_KINDS = ("cent", "rows", "vec", "rot", "code", "fac", "srot", "sign", "sblk")
 
 
 def description(view: View) -> dict[str, Any] | None:
@@ -212,7 +215,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         "fac": (f for f in factors),  # filled by the codes' pass, written after it
         "srot": turned(),
         "sign": signs(),
-        "sfac": (f for f in sign_factors),  # filled by the signs' pass, written after it
+        "sblk": (f for f in sign_factors),  # filled by the signs' pass, written after it
     }
     files = []
     try:
@@ -371,7 +374,8 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
     assert d is not None
     expect = {"cent": c * d * 4, "rows": (c + 1 + n) * 8, "vec": n * d * view.dtype.itemsize, "rot": d * m * 4,
               "code": n * m, "fac": n * 8, "srot": d * m * 4,
-              "sign": -(-n // SIGN_BLOCK) * SIGN_BLOCK * words_for(m) * 8, "sfac": n * 16}
+              "sign": -(-n // SIGN_BLOCK) * SIGN_BLOCK * words_for(m) * 8,
+              "sblk": -(-n // SIGN_BLOCK) * SIGN_BLOCK * 12, "sfac": n * 16}
     maps = {}
     with contextlib.ExitStack() as files:
         for f in listed:
@@ -389,17 +393,20 @@ def _map(root: Path, view: View, number: int, c: int, n: int, m: int, listed: li
         ro = np.memmap(maps["rows"], "<i8", mode="r")
         vec = np.memmap(maps["vec"], view.dtype, mode="r", shape=(n, d))
         codes = None
-        ones = {"srot", "sign", "sfac"} & set(maps)
-        if ones and len(ones) < 3:
+        ones = {"srot", "sign", "sblk", "sfac"} & set(maps)
+        if ones and (len(ones) != 3 or "sign" not in ones or "srot" not in ones):
             raise StoreCorruptedError(f"{root / INDEX_DIR}: index {number} lists {sorted(ones)} of its 1-bit codes' "
                                       "three files")
         if "code" in maps and n:
             signs = None
             if "sign" in maps:
-                signs = Signs(np.memmap(maps["sign"], "<u8", mode="r", shape=(-(-n // SIGN_BLOCK), words_for(m),
-                                                                             SIGN_BLOCK)),
-                              np.memmap(maps["sfac"], "<f4", mode="r", shape=(n, 4)),
-                              np.ascontiguousarray(np.fromfile(maps["srot"], "<f4").reshape(d, m).T))
+                blocks = -(-n // SIGN_BLOCK)
+                if "sblk" in maps:
+                    sfac = np.memmap(maps["sblk"], "<f4", mode="r", shape=(blocks, 3, SIGN_BLOCK))
+                else:  # written a row at a time: put in blocks here, once
+                    sfac = block_factors(np.memmap(maps["sfac"], "<f4", mode="r", shape=(n, 4)))
+                signs = Signs(np.memmap(maps["sign"], "<u8", mode="r", shape=(blocks, words_for(m), SIGN_BLOCK)),
+                              sfac, np.ascontiguousarray(np.fromfile(maps["srot"], "<f4").reshape(d, m).T))
             codes = Codes(np.memmap(maps["code"], np.int8, mode="r", shape=(n, m)),
                           np.memmap(maps["fac"], "<f4", mode="r", shape=(n, 2)),
                           np.ascontiguousarray(np.fromfile(maps["rot"], "<f4").reshape(d, m).T), signs)

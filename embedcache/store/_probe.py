@@ -9,7 +9,7 @@ search runs on one thread. A score is the kernels' own per-pair score
 (:func:`embedcache.kernels._core._pair_score` on the row decoded exactly, as the exact scan
 computes it), so a result equals what the exact scan gives for the same rows, bit for bit;
 ties go to the lower row number. The cells a query probes are its nearest centroids as
-:func:`embedcache.top_k` ranks them (ties to the lower cell).
+:func:`embedcache.top_k` ranks them (ties to the lower cell; :mod:`._nearest`).
 
 Through the index's codes (:mod:`._codes`) when fewer than every cell is probed: with the
 8-bit codes, each query keeps the best ``max(STORE_INDEX_SHORTLIST,
@@ -19,9 +19,10 @@ missed only when its estimate ranks it below the shortlist (the measured recall 
 that). With the 1-bit codes as well, a first pass over them keeps each query's best
 ``max(STORE_INDEX_SIGN_SHORTLIST, STORE_INDEX_SIGN_SHORTLIST_PER_K * k,
 STORE_INDEX_SIGN_SHORTLIST_SHARE * rows)`` rows by their estimate (``rows``: what its
-probes hold on average; in buffers that keep their best half when full), and those are
-estimated again from their 8-bit codes into that shortlist. The rows of a shortlist are read in index order,
-each asked for from memory a few rows ahead of its scoring.
+probes hold on average; in buffers that keep their best when full, :mod:`._select`), and
+those are estimated again from their 8-bit codes into that shortlist. The rows of a
+shortlist are read in index order, each asked for from memory a few rows ahead of its
+scoring.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
+from numba.cpython.unsafe.numbers import trailing_zeros
 
-from embedcache import _config, kernels
+from embedcache import _config
 from embedcache.kernels._core import (
     _NO_INDEX,
     FASTMATH,
@@ -42,10 +44,13 @@ from embedcache.kernels._core import (
     _heap_replace_root,
     _inv_norm,
     _pair_score,
+    _sort_few_heaps,
     _sort_heaps,
     _sumsq,
 )
-from embedcache.store._codes import SIGN_BLOCK, Coarse, Codes, _inverse_norms, coarse, query_planes
+from embedcache.store._codes import SIGN_BLOCK, Coarse, Codes, _inverse_norms, query_planes
+from embedcache.store._nearest import _dot_i8, _shares, nearest_cells
+from embedcache.store._select import _buffered_best, _keep_best
 
 
 @intrinsic
@@ -58,6 +63,10 @@ def _popcount(typingctx, x):
         return builder.call(fn, args)
 
     return sig, codegen
+
+
+#: every bit of a uint64
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @intrinsic
@@ -84,14 +93,16 @@ def _prefetch(typingctx, arr, i, off):
 
 @njit(inline="always")
 def _prefetch_row(arr, i):
-    """Ask for every cache line of row ``i`` of ``arr``."""
-    for off in range(0, arr.shape[1] * arr.itemsize, 64):
+    """Ask for every cache line of row ``i`` of ``arr`` (C-contiguous: all it holds below
+    the first index ``i``)."""
+    for off in range(0, arr.strides[0], 64):
         _prefetch(arr, i, off)
 
 
-#: a query's buffer of 1-bit estimates holds this many times its shortlist; a full one keeps
-#: its best shortlist (:func:`_keep_best`: a pass over the buffer, so wider buffers pass less)
-BUFFER_SPAN = 2
+#: a query's buffer of 1-bit estimates holds this many times its shortlist (and a block of
+#: rows more); a full one keeps its best shortlist (:func:`_keep_best`: passes over the
+#: buffer, so wider buffers pass less)
+BUFFER_SPAN = 3
 
 #: rows of a shortlist asked for this far ahead of the one being scored (random rows: each a
 #: wait on memory otherwise)
@@ -133,15 +144,6 @@ def _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries,
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _dot_i8(qq, code):
-    """``qq . code`` for an int8 ``code``, summed in float32."""
-    acc = np.float32(0.0)
-    for t in range(code.shape[0]):
-        acc += qq[t] * np.float32(code[t])
-    return acc
-
-
-@njit(inline="always", fastmath=FASTMATH)
 def _code_estimate(code, qq, qc, fac_j):
     """A row's 8-bit estimate: ``gain * (qc + scale * (qq . code))`` (``fac_j``: scale, gain)."""
     return fac_j[1] * (qc + fac_j[0] * _dot_i8(qq, code))
@@ -163,76 +165,29 @@ def _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc, projected, 
                 _heap_replace_root(hs[q], hi[q], e, j)
 
 
-@njit(cache=True, nogil=True)
-def _kth_highest(a, kth):
-    """The value at position ``kth`` (from 0) of ``a`` sorted high to low; ``a`` is reordered
-    (Hoare's selection: a compiled ``np.partition`` costs seconds to compile, this does not)."""
-    lo, hi = 0, len(a) - 1
-    while lo < hi:
-        pivot = a[(lo + hi) // 2]
-        i, j = lo, hi
-        while i <= j:
-            while a[i] > pivot:
-                i += 1
-            while a[j] < pivot:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if kth <= j:
-            hi = j
-        elif kth >= i:
-            lo = i
-        else:
-            break
-    return a[kth]
-
-
-@njit(cache=True, nogil=True)
-def _keep_best(s, i, n, keep):
-    """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
-    keep) to the front, in no order; return ``keep`` and the score and index of the worst
-    of them."""
-    th = _kth_highest(s[:n].copy(), keep - 1)
-    w = 0
-    for u in range(n):  # the higher scores first
-        if s[u] > th:
-            s[w], s[u] = s[u], s[w]
-            i[w], i[u] = i[u], i[w]
-            w += 1
-    t = w
-    for u in range(w, n):  # then the ties, of which the lowest indices are kept
-        if s[u] == th:
-            s[t], s[u] = s[u], s[t]
-            i[t], i[u] = i[u], i[t]
-            t += 1
-    tie = np.sort(i[w:t])
-    need = keep - w
-    for u in range(need):  # loops, not slice assignments: their shape checks compile slowly
-        i[w + u] = tie[u]
-        s[w + u] = th
-    return keep, th, tie[need - 1]
-
-
 @njit(cache=True, nogil=True)  # not fastmath: a row's estimate the same bits in any lane
-def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj):
+def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, terms, bs, bi, fill, bar, barj, keep):
     """Collect the 1-bit estimates of index rows ``j0 .. j1`` of one cell (their
     :class:`Signs` ``bits``, ``sfac``) for the queries ``ql`` (``qc``: each one's product with
     the cell's centroid; ``planes``, ``terms``: the queries in bits, :func:`query_planes`):
     query q's buffer ``bs[q], bi[q]`` holds ``fill[q]`` entries, every one seen at least as
-    good as ``(bar[q], barj[q])``; a full buffer keeps its best half (:func:`_keep_best`),
-    and that half's worst becomes the bar. A buffer, not a heap: a few thousand best of a
-    few hundred thousand rows displace each other too often. The bits of all 64 rows of a
-    block are counted a word at a time (one vector instruction for several rows), those of
-    the block's rows outside ``j0 .. j1`` then left out."""
+    good as ``(bar[q], barj[q])``; one filled to within a block of its end keeps its best
+    ``keep`` (:func:`_keep_best`), and their worst becomes the bar. A buffer, not a heap: a
+    few thousand best of a few hundred thousand rows displace each other too often. The bits
+    of all 64 rows of a block are counted a word at a time (one vector instruction for
+    several rows), those of the block's rows outside ``j0 .. j1`` then left out; every
+    estimate is written at the buffer's end, which grows by those that pass the bar (no
+    branch to mispredict)."""
     w = bits.shape[1]
-    width = bs.shape[1]
+    limit = bs.shape[1] - SIGN_BLOCK
     count = np.empty(SIGN_BLOCK, np.uint64)
     est = np.empty(SIGN_BLOCK, np.float32)
     for u in range(ql.shape[0]):
         q = ql[u]
-        for blk in range(j0 // SIGN_BLOCK, (j1 + SIGN_BLOCK - 1) // SIGN_BLOCK):
+        n, b, bj = fill[q], bar[q], barj[q]
+        sq, iq = bs[q], bi[q]
+        last = (j1 + SIGN_BLOCK - 1) // SIGN_BLOCK
+        for blk in range(j0 // SIGN_BLOCK, last):
             for r in range(SIGN_BLOCK):
                 count[r] = 0
             for t in range(w):
@@ -245,52 +200,35 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
             base = blk * SIGN_BLOCK
             r0, r1 = max(j0 - base, 0), min(SIGN_BLOCK, j1 - base)
             qcu, t0, t1, t2 = qc[u], terms[q, 0], terms[q, 1], terms[q, 2]
-            for r in range(r0, r1):  # the estimates, without a branch (it vectorizes)
+            gain, factor, ones = sfac[blk, 0], sfac[blk, 1], sfac[blk, 2]
+            for r in range(SIGN_BLOCK):  # the estimates of the whole block (it vectorizes)
+                est[r] = gain[r] * (qcu + factor[r] * (t0 * np.float32(count[r]) + t1 * ones[r] - t2))
+            passed = np.uint64(0)  # a bit for each row of the block that passes the bar
+            for r in range(SIGN_BLOCK):  # (it vectorizes)
+                e = est[r]
+                passed |= np.uint64((e > b) | ((e == b) & (base + r <= bj))) << np.uint64(r)
+            passed &= (_ALL << np.uint64(r0)) & (_ALL >> np.uint64(SIGN_BLOCK - r1))
+            while passed:  # those rows alone, lowest first
+                r = trailing_zeros(passed)
+                passed &= passed - np.uint64(1)
                 jj = base + r
-                est[r] = sfac[jj, 0] * (qcu + sfac[jj, 1] * (t0 * np.float32(count[r]) + t1 * sfac[jj, 2] - t2))
-            for r in range(r0, r1):
-                e, jj = est[r], base + r
-                if (e > bar[q] or (e == bar[q] and jj <= barj[q])) and not (use_dead and _dead(deleted, rows[jj])):
-                    n = fill[q]
-                    bs[q, n] = e
-                    bi[q, n] = jj
-                    n += 1
-                    if n == width:
-                        n, bar[q], barj[q] = _keep_best(bs[q], bi[q], n, width // BUFFER_SPAN)
-                    fill[q] = n
-
-
-@njit(cache=True)
-def _buffered_best(bs, bi, fill, keep, out):
-    """Each query's best ``keep`` entries over the buffers of every share ((shares, q, width),
-    ``fill`` (shares, q) entries each) into ``out`` (q, keep), in index order, then
-    ``_NO_INDEX``: the same set whatever the shares (the order is total)."""
-    shares, nq, width = bs.shape
-    s = np.empty(shares * width, np.float32)
-    ix = np.empty(shares * width, np.int64)
-    for q in range(nq):
-        n = 0
-        for t in range(shares):
-            for u in range(fill[t, q]):
-                s[n] = bs[t, q, u]
-                ix[n] = bi[t, q, u]
+                if use_dead and _dead(deleted, rows[jj]):
+                    continue
+                sq[n], iq[n] = est[r], jj
                 n += 1
-        if n > keep:
-            n, _, _ = _keep_best(s, ix, n, keep)
-        kept = np.sort(ix[:n])
-        for u in range(out.shape[1]):
-            out[q, u] = kept[u] if u < n else _NO_INDEX
+            if n > limit:
+                n, b, bj = _keep_best(sq, iq, n, keep)
+        fill[q], bar[q], barj[q] = n, b, bj
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
-          use_dead, cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, hs, hi, fill, bar, barj):
+          use_dead, cosine, mode, cent, codes, fac, projected, hs, hi):
     """Fold share ``share`` of ``shares`` of the listed cells into the heaps ``hs, hi`` ((q,
     k)): that share of the rows of each cell, in list order. Cell ``t`` of the list (cell
     number ``cells[t]``) holds index rows ``first[t] .. first[t] + lengths[t]``, probed by
     queries ``qlist[qstart[t]:qstart[t + 1]]``. ``mode`` 0: the heaps collect row numbers by
-    exact score; 1: index positions by the 8-bit codes' estimate; 2: ``hs, hi`` are buffers
-    of the 1-bit codes' estimates with ``fill, bar, barj`` (:func:`_fold_signs`)."""
+    exact score; 1: index positions by the 8-bit codes' estimate."""
     qc = np.empty(qlist.shape[0], np.float32)
     for t in range(len(first)):
         nq = qstart[t + 1] - qstart[t]
@@ -304,22 +242,63 @@ def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, v
             continue
         for u in range(nq):
             qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-        if mode == 1:
-            _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
-        else:
-            _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, hs, hi, fill, bar,
-                        barj)
+        _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
 
 
 @njit(parallel=True, cache=True)
 def _scan_shares(first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted, use_dead,
-                 cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, heap_s, heap_i, fill, bar,
-                 barj):
+                 cosine, mode, cent, codes, fac, projected, heap_s, heap_i):
     shares = heap_s.shape[0]
     for t in prange(shares):
         _scan(t, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
-              use_dead, cosine, mode, cent, codes, fac, projected, bits, sfac, planes, terms, heap_s[t], heap_i[t],
-              fill[t], bar[t], barj[t])
+              use_dead, cosine, mode, cent, codes, fac, projected, heap_s[t], heap_i[t])
+
+
+@njit(inline="always")
+def _signs_share(share, shares, first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits,
+                 sfac, planes, terms, bs, bi, fill, bar, barj):
+    """Collect the 1-bit estimates of share ``share`` of ``shares`` of the listed cells' rows
+    (split as :func:`_scan` splits them) into that share's buffers ``bs, bi`` with ``fill,
+    bar, barj`` (:func:`_fold_signs`), each left with its best ``keep`` at most (on every
+    thread: what :func:`_buffered_best` then merges on one is no more than it keeps)."""
+    keep = (bs.shape[1] - SIGN_BLOCK) // BUFFER_SPAN
+    qc = np.empty(qlist.shape[0], np.float32)
+    for t in range(len(first)):
+        nq = qstart[t + 1] - qstart[t]
+        j0 = first[t] + lengths[t] * share // shares
+        j1 = first[t] + lengths[t] * (share + 1) // shares
+        if nq == 0 or j0 >= j1:
+            continue
+        ql = qlist[qstart[t] : qstart[t + 1]]
+        for u in range(nq):
+            qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
+        _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, bs, bi, fill, bar, barj,
+                    keep)
+    for q in range(bs.shape[0]):
+        if fill[q] > keep:
+            fill[q], bar[q], barj[q] = _keep_best(bs[q], bi[q], fill[q], keep)
+
+
+# the 1-bit scan has kernels of its own, the loop over the cells inside them: through
+# ``_scan`` (one function for every mode) the same fold ran a fifth slower
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _scan_signs_shares(first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits, sfac,
+                       planes, terms, bs, bi, fill, bar, barj):
+    """:func:`_signs_share` on every share ((shares, q, width) buffers), one thread each."""
+    shares = bs.shape[0]
+    for t in prange(shares):
+        _signs_share(t, shares, first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits,
+                     sfac, planes, terms, bs[t], bi[t], fill[t], bar[t], barj[t])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _scan_signs(first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits, sfac, planes,
+                terms, bs, bi, fill, bar, barj):
+    """:func:`_signs_share` as the only share, on this thread."""
+    _signs_share(0, 1, first, lengths, cells, qstart, qlist, queries, rows, deleted, use_dead, cent, bits, sfac,
+                 planes, terms, bs, bi, fill, bar, barj)
 
 
 @njit(cache=True)
@@ -336,18 +315,24 @@ def _merge_shares(heap_s, heap_i):
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _reestimate(q0, q1, u0, u1, cand, codes, fac, projected, offsets, near, qc_near, hs, hi):
-    """Estimate the index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 .. q1``) from
-    their 8-bit codes, as :func:`_fold_codes` does (``near``: each query's probed cells,
-    sorted; ``qc_near``: its products with them), into heaps ``hs, hi`` (index positions)."""
+    """Estimate the index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 .. q1``; each
+    query's in ascending order, then ``_NO_INDEX``) from their 8-bit codes, as
+    :func:`_fold_codes` does (``near``: each query's probed cells, sorted; ``qc_near``: its
+    products with them), into heaps ``hs, hi`` (index positions). The cells of a query's
+    candidates come in the order of its probed cells: each found by walking them."""
     for q in range(q0, q1):
+        if u0 >= u1 or cand[q, u0] == _NO_INDEX:
+            continue
+        x = np.searchsorted(near[q], np.searchsorted(offsets, cand[q, u0], side="right") - 1)
         for u in range(u0, u1):
             if u + AHEAD < u1 and cand[q, u + AHEAD] != _NO_INDEX:
                 _prefetch_row(codes, cand[q, u + AHEAD])
                 _prefetch_row(fac, cand[q, u + AHEAD])
             j = cand[q, u]
             if j == _NO_INDEX:
-                continue
-            x = np.searchsorted(near[q], np.searchsorted(offsets, j, side="right") - 1)
+                break
+            while offsets[near[q, x] + 1] <= j:  # a later probed cell holds j
+                x += 1
             e = _code_estimate(codes[j], projected[q], qc_near[q, x], fac[j])
             if _better(e, j, hs[q, 0], hi[q, 0]):
                 _heap_replace_root(hs[q], hi[q], e, j)
@@ -377,14 +362,14 @@ def _near_products(queries, cent, near, out):
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi):
-    """Score the shortlisted index positions ``cand`` (q, m) of queries ``q0 .. q1`` exactly
-    into heaps ``hs, hi`` ((q, k), row numbers)."""
+def _rescore(q0, q1, u0, u1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi):
+    """Score the shortlisted index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 ..
+    q1``) exactly into heaps ``hs, hi`` ((q, k), row numbers)."""
     d = queries.shape[1]
     buf = np.empty(d, np.float32)
     for q in range(q0, q1):
-        for u in range(cand.shape[1]):
-            if u + AHEAD < cand.shape[1] and cand[q, u + AHEAD] != _NO_INDEX:
+        for u in range(u0, u1):
+            if u + AHEAD < u1 and cand[q, u + AHEAD] != _NO_INDEX:
                 if half:
                     _prefetch_row(vec16, cand[q, u + AHEAD])
                 else:
@@ -400,11 +385,18 @@ def _rescore(q0, q1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs,
 
 
 @njit(parallel=True, cache=True)
-def _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi, shares):
-    nq = cand.shape[0]
+def _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi, by_query, shares):
+    """:func:`_rescore` on ``shares`` threads: the queries split between them (``by_query``,
+    into heaps ``hs[0], hi[0]``), or each query's shortlist (into heaps ``hs[t], hi[t]`` of
+    thread t, then merged)."""
+    nq, m = cand.shape
     for t in prange(shares):
-        _rescore(nq * t // shares, nq * (t + 1) // shares, cand, queries, inv_q, vec32, vec16, half, rows, cosine,
-                 hs, hi)
+        if by_query:
+            _rescore(nq * t // shares, nq * (t + 1) // shares, 0, m, cand, queries, inv_q, vec32, vec16, half, rows,
+                     cosine, hs[0], hi[0])
+        else:
+            _rescore(0, nq, m * t // shares, m * (t + 1) // shares, cand, queries, inv_q, vec32, vec16, half, rows,
+                     cosine, hs[t], hi[t])
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -416,14 +408,6 @@ def _project(queries, axes, out):
             out[q, c] = _dot32(queries[q], axes[c])
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _cell_scores(query, cent, inv_q, inv_c, cand, out):
-    """The kernels' cosine of ``query`` with the centroids ``cand`` (as top_k scores them)."""
-    for t in range(cand.shape[0]):
-        c = cand[t]
-        out[t] = _pair_score(query, cent[c], inv_q, inv_c[c], True)
-
-
 def _ro(a: np.ndarray) -> np.ndarray:
     """A read-only plain view of ``a``: the index's arrays reach the kernels with one type
     (memory maps and stand-ins alike), so each kernel compiles once."""
@@ -432,27 +416,14 @@ def _ro(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def _shares(work: int) -> int:
-    """Threads for ``work`` rows times queries."""
-    share = max(1, _config.STORE_INDEX_SHARE_ROWS)
-    return max(1, min(numba.get_num_threads(), work // share))
-
-
 def _best(heap_s: np.ndarray, heap_i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's best ``k`` of the candidates (q, m), sorted (score desc, index asc); -inf / -1
     where fewer."""
     nq = len(heap_s)
-    if nq > _config.STORE_INDEX_FEW_QUERIES:
-        out_s = np.empty((nq, k), np.float32)
-        out_i = np.empty((nq, k), np.int64)
-        _sort_heaps(heap_s, heap_i, out_s, out_i, _NO_INDEX)
-        return out_s, out_i
-    # a few lists: sorted here, without a parallel launch (score descending, then row)
-    order = np.lexsort((heap_i, -heap_s), axis=-1)[:, :k]
-    out_s = np.take_along_axis(heap_s, order, axis=1)
-    out_i = np.take_along_axis(heap_i, order, axis=1)
-    empty = out_i == _NO_INDEX
-    out_s[empty], out_i[empty] = -np.inf, -1
+    out_s = np.empty((nq, k), np.float32)
+    out_i = np.empty((nq, k), np.int64)
+    # a few lists: sorted without a parallel launch
+    (_sort_heaps if nq > _config.STORE_INDEX_FEW_QUERIES else _sort_few_heaps)(heap_s, heap_i, out_s, out_i, _NO_INDEX)
     return out_s, out_i
 
 
@@ -480,36 +451,41 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     use_dead = deleted is not None and len(deleted) > 0
     dead = _ro(deleted if use_dead else np.empty(0, np.int64))
     rows = _ro(rows)
-    no_signs = (_ro(np.empty((0, 1, SIGN_BLOCK), np.uint64)), _ro(np.empty((0, 4), np.float32)),
-                np.empty((nq, 1, 0), np.uint64), np.empty((nq, 3), np.float32))
     if codes is None:
         mode, m = 0, k
         cdata = (np.empty((0, d), np.float32), _ro(np.empty((0, d), np.int8)), _ro(np.empty((0, 2), np.float32)),
-                 np.empty((nq, d), np.float32), *no_signs)
+                 np.empty((nq, d), np.float32))
     else:
         cent, c, near, offsets, wide = codes
         projected = np.empty((nq, c.axes.shape[0]), np.float32)
         _project(queries, c.axes, projected)
-        sdata = no_signs
         mode, m = 1, max(k, shortlist)
         if c.signs is not None and wide > m:
             mode, m = 2, wide
-            turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
-            _project(queries, c.signs.axes, turned)
-            sdata = (_ro(c.signs.bits), _ro(c.signs.fac), *query_planes(turned, c.signs.words))
-        cdata = (cent, _ro(c.codes), _ro(c.fac), projected, *sdata)
-    width = BUFFER_SPAN * m if mode == 2 else m  # the 1-bit estimates: buffers of several shortlists
+        cdata = (cent, _ro(c.codes), _ro(c.fac), projected)
+    # the 1-bit estimates: buffers of several shortlists, and a block's rows beyond them
+    width = BUFFER_SPAN * m + SIGN_BLOCK if mode == 2 else m
     heap_s = np.full((shares, nq, width), -np.inf, np.float32)
     heap_i = np.full((shares, nq, width), _NO_INDEX, np.int64)
-    fill = np.zeros((shares, nq), np.int64)
-    bar = np.full((shares, nq), -np.inf, np.float32)
-    barj = np.full((shares, nq), _NO_INDEX, np.int64)
-    args = (first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead, cosine,
-            mode, *cdata)
-    if shares == 1:
-        _scan(0, 1, *args, heap_s[0], heap_i[0], fill[0], bar[0], barj[0])
+    if mode == 2:
+        turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
+        _project(queries, c.signs.axes, turned)
+        fill = np.zeros((shares, nq), np.int64)
+        bar = np.full((shares, nq), -np.inf, np.float32)
+        barj = np.full((shares, nq), _NO_INDEX, np.int64)
+        sargs = (first, lengths, cells, qstart, qlist, queries, rows, dead, use_dead, cent, _ro(c.signs.bits),
+                 _ro(c.signs.fac), *query_planes(turned, c.signs.words))
+        if shares == 1:
+            _scan_signs(*sargs, heap_s[0], heap_i[0], fill[0], bar[0], barj[0])
+        else:
+            _scan_signs_shares(*sargs, heap_s, heap_i, fill, bar, barj)
     else:
-        _scan_shares(*args, heap_s, heap_i, fill, bar, barj)
+        args = (first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead,
+                cosine, mode, *cdata)
+        if shares == 1:
+            _scan(0, 1, *args, heap_s[0], heap_i[0])
+        else:
+            _scan_shares(*args, heap_s, heap_i)
     if mode == 0:
         return _best(*_flat(heap_s, heap_i), k)
     # a shortlist: the best ``m`` estimates over all shares (so one query alone and in a
@@ -538,66 +514,40 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         else:
             _reestimate(0, nq, 0, cand.shape[1], *cargs, hs[0], hi[0])
         cand = np.sort(hi[0], axis=1)
-    # then scored exactly
-    hs = np.full((nq, k), -np.inf, np.float32)
-    hi = np.full((nq, k), _NO_INDEX, np.int64)
-    rargs = (cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, hi)
-    _rescore_shares(*rargs, threads) if many else _rescore(0, nq, *rargs)
-    return _best(hs, hi, k)
+    # then scored exactly: a long shortlist of a few queries split between the threads
+    parts = threads if many or cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads else 1
+    hs = np.full((1 if many else parts, nq, k), -np.inf, np.float32)
+    hi = np.full(hs.shape, _NO_INDEX, np.int64)
+    rargs = (cand, queries, inv_q, vec32, vec16, half, rows, cosine)
+    if parts > 1:
+        _rescore_shares(*rargs, hs, hi, many, parts)
+        if not many:
+            _merge_shares(hs, hi)
+    else:
+        _rescore(0, nq, 0, cand.shape[1], *rargs, hs[0], hi[0])
+    return _best(hs[0], hi[0], k)
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _coarse_scores(query, codes, scale, c0, c1, out):
-    """out[c] = scale[c] * (query . codes[c]) for centroids ``c0 .. c1``, float32 products."""
-    for c in range(c0, c1):
-        out[c] = scale[c] * _dot_i8(query, codes[c])
-
-
-@njit(parallel=True, cache=True)
-def _coarse_scores_shares(query, codes, scale, out, shares):
-    n = codes.shape[0]
-    for t in prange(shares):
-        _coarse_scores(query, codes, scale, n * t // shares, n * (t + 1) // shares, out)
-
-
-def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
-                  inv_c: np.ndarray | None = None, small: Coarse | None = None) -> np.ndarray:
-    """(q, min(probes, cells)) int64: each query's nearest cells, ties to the lower cell (the
-    ranking of :func:`embedcache.top_k`, as a set): for a few queries, the centroids' 8-bit
-    copy (``small``, :func:`coarse`) bounds each cell's score within its rounding, and the
-    cells whose bound reaches the ``probes``-th best lower bound are then scored as the kernel
-    scores them; the kernel itself for more. ``inv_c``: the centroids' inverse norms."""
-    nq, cells = len(queries), len(centroids)
-    p = min(probes, cells)
-    if nq > _config.STORE_INDEX_FEW_QUERIES:
-        return kernels.top_k(queries, centroids, p)[1]
-    if inv_c is None:
-        inv_c = _inverse_norms(centroids)
-    if small is None:
-        small = coarse(centroids)
-    d = queries.shape[1]
-    inv_q = _inverse_norms(queries)
-    if not np.all((inv_q >= 2.0**-40) & (inv_q <= 2.0**40)):  # zero, tiny or huge: where float32
-        return kernels.top_k(queries, centroids, p)[1]  # products lose the bounds used below
-    out = np.empty((nq, p), np.int64)
-    est = np.empty(cells, np.float32)
-    shares = _shares(cells * d // 8)  # a product of a row by 8 bits: about an eighth of a row's scan
-    for i in range(nq):
-        if shares > 1:
-            _coarse_scores_shares(queries[i], small.codes, small.scale, est, shares)
-        else:
-            _coarse_scores(queries[i], small.codes, small.scale, 0, cells, est)
-        e = est * inv_c  # (q . c) / |c| within the bound below
-        # the 8-bit copy is within err[c] of c: the product within |q| err[c]; float32 products
-        # of length d are within d * 2**-24 * |q| |c| of the exact ones, on either side
-        bound = small.err * inv_c / inv_q[i] + (d + 8) * 2.0**-22 / inv_q[i]
-        low = e - bound
-        kth = np.partition(low, cells - p)[cells - p]
-        cand = np.flatnonzero(e + bound >= kth).astype(np.int64)
-        sc = np.empty(len(cand), np.float32)
-        _cell_scores(queries[i], centroids, inv_q[i], inv_c, cand, sc)
-        out[i] = cand[np.lexsort((cand, -sc))[:p]]
-    return out
+def _listing(near: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cells, qstart, qlist): the cells that the queries' probed cells ``near`` (q, p) list,
+    nearest first (by the best rank any query gives them: the heaps fill with good rows
+    early, and fewer rows after them displace one), cell ``cells[t]`` probed by the queries
+    ``qlist[qstart[t]:qstart[t + 1]]`` (in order)."""
+    cells_of = near.reshape(-1)
+    order = np.argsort(cells_of, kind="stable")  # queries of one cell together, in order
+    qlist = (order // near.shape[1]).astype(np.int64)
+    listed = cells_of[order]
+    head = np.flatnonzero(np.r_[True, listed[1:] != listed[:-1]]) if len(listed) else np.zeros(0, np.int64)
+    cells = listed[head].astype(np.int64)
+    qstart = np.append(head, len(listed)).astype(np.int64)
+    if len(head):  # nearest cells first
+        lead = np.argsort(np.minimum.reduceat(order % near.shape[1], head), kind="stable")
+        size = np.diff(qstart)[lead]
+        start = np.zeros(len(lead) + 1, np.int64)
+        np.cumsum(size, out=start[1:])
+        qlist = qlist[np.repeat(qstart[lead] - start[:-1], size) + np.arange(start[-1])]
+        cells, qstart = cells[lead], start
+    return cells, qstart, qlist
 
 
 def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.ndarray, vectors: np.ndarray,
@@ -632,21 +582,12 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
                        codes=codes, inv_c=inv_c, small=small) for a in range(0, len(queries), block)]
         return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
     near = nearest_cells(queries, centroids, probes, inv_c, small)
-    cells_of = near.reshape(-1)
-    order = np.argsort(cells_of, kind="stable")  # queries of one cell together, in order
-    qlist = (order // near.shape[1]).astype(np.int64)
-    listed = cells_of[order]
-    head = np.flatnonzero(np.r_[True, listed[1:] != listed[:-1]]) if len(listed) else np.zeros(0, np.int64)
-    cells = listed[head].astype(np.int64)
-    qstart = np.append(head, len(listed)).astype(np.int64)
-    if len(head):  # nearest cells first (by the best rank any query gives them): the heaps
-        # fill with good rows early, and fewer rows after them displace one
-        lead = np.argsort(np.minimum.reduceat(order % near.shape[1], head), kind="stable")
-        size = np.diff(qstart)[lead]
-        start = np.zeros(len(lead) + 1, np.int64)
-        np.cumsum(size, out=start[1:])
-        qlist = qlist[np.repeat(qstart[lead] - start[:-1], size) + np.arange(start[-1])]
-        cells, qstart = cells[lead], start
+    if len(queries) == 1:  # its cells, nearest first: the listing, without its sorts
+        cells = near[0].astype(np.int64)
+        qstart = np.arange(len(cells) + 1, dtype=np.int64)
+        qlist = np.zeros(len(cells), np.int64)
+    else:
+        cells, qstart, qlist = _listing(near)
     first = np.asarray(offsets[cells], np.int64)
     lengths = np.asarray(offsets[cells + 1], np.int64) - first
     cdata = None

@@ -20,6 +20,8 @@ from embedcache.store._format import SQL_CHUNK, Segment, View
 
 #: above this many distinct rows, ids are looked up by reading the whole id column once
 _BULK_IDS = 50_000
+#: up to this many, as bound parameters of one statement (SQLite allows 999 at least)
+_FEW_IDS = 500
 
 
 def where_clause(where: object) -> tuple[str, list[Any]]:
@@ -97,6 +99,10 @@ def ids_of_rows(conn: sqlite3.Connection, rows: np.ndarray) -> np.ndarray:
         r = np.fromiter((t[0] for t in table), dtype=np.int64, count=len(table))
         ids = np.array([t[1] for t in table], dtype=object)
         names[:] = ids[np.searchsorted(r, uniq)]
+    elif len(uniq) <= _FEW_IDS:  # bound parameters: no JSON to write and parse
+        ul = uniq.tolist()
+        few = dict(conn.execute(f"SELECT row, id FROM rows WHERE row IN ({','.join('?' * len(ul))})", ul))
+        names[:] = [few[r] for r in ul]
     else:
         found: dict[int, str] = {}
         ul = uniq.tolist()
