@@ -440,12 +440,25 @@ def test_a_full_buffer_of_thousands_keeps_its_best_through_its_histogram(n, leve
     rng = np.random.default_rng(seed)
     s = (rng.integers(0, levels, n) * rng.choice([1e-30, 1e-3, 1.0, 1e30])).astype(np.float32)
     s[rng.random(n) < 0.05] = np.float32(rng.normal())  # a few outliers stretch the range
-    keep = data.draw(st.integers(1, n - 1)) if n > 1 else 1
+    keep = data.draw(st.integers(1, n + 2))  # more than there are: all of them
     i = rng.permutation(n).astype(np.int64) + 7
     want = np.lexsort((i, -s))[:keep]
+    kept = min(keep, n)
     s2, i2 = s.copy(), i.copy()
-    assert _keep_best(s2, i2, n, keep) == (keep, s[want[-1]], i[want[-1]])
-    assert sorted(zip(s2[:keep].tolist(), i2[:keep].tolist())) == sorted(zip(s[want].tolist(), i[want].tolist()))
+    assert _keep_best(s2, i2, n, keep) == (kept, s[want[-1]], i[want[-1]])
+    assert sorted(zip(s2[:kept].tolist(), i2[:kept].tolist())) == sorted(zip(s[want].tolist(), i[want].tolist()))
+
+
+def test_a_nan_among_a_buffers_scores_stays_within_its_buckets():
+    from embedcache.store._select import _keep_best
+
+    # estimates are never NaN; if one were, the histogram must not count it outside itself
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=3000).astype(np.float32)
+    s[[5, 700, 2999]] = np.nan
+    i = np.arange(3000, dtype=np.int64)
+    kept, _, _ = _keep_best(s.copy(), i.copy(), 3000, 1000)
+    assert kept == 1000
 
 
 @pytest.mark.parametrize("dead", [False, True])
