@@ -221,6 +221,24 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
         fill[q], bar[q], barj[q] = n, b, bj
 
 
+@njit(inline="always")
+def _share_of(t, share, shares, first, lengths, qstart, qlist):
+    """(j0, j1, queries): the index rows ``j0 .. j1`` of share ``share`` of ``shares`` of
+    listed cell ``t`` (its rows split evenly) and the queries that probe it (j0 = j1: none,
+    or no rows)."""
+    ql = qlist[qstart[t] : qstart[t + 1]]
+    if not len(ql):
+        return first[t], first[t], ql
+    return first[t] + lengths[t] * share // shares, first[t] + lengths[t] * (share + 1) // shares, ql
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _products(queries, ql, centroid, out):
+    """out[u] = queries[ql[u]] . centroid (summed as :func:`_dot32` sums it)."""
+    for u in range(len(ql)):
+        out[u] = _dot32(queries[ql[u]], centroid)
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
           use_dead, cosine, mode, cent, codes, fac, projected, hs, hi):
@@ -231,18 +249,14 @@ def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, v
     exact score; 1: index positions by the 8-bit codes' estimate."""
     qc = np.empty(qlist.shape[0], np.float32)
     for t in range(len(first)):
-        nq = qstart[t + 1] - qstart[t]
-        j0 = first[t] + lengths[t] * share // shares
-        j1 = first[t] + lengths[t] * (share + 1) // shares
-        if nq == 0 or j0 >= j1:
+        j0, j1, ql = _share_of(t, share, shares, first, lengths, qstart, qlist)
+        if j0 >= j1:
             continue
-        ql = qlist[qstart[t] : qstart[t + 1]]
         if mode == 0:
             _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries, inv_q, cosine, hs, hi)
             continue
-        for u in range(nq):
-            qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-        _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
+        _products(queries, ql, cent[cells[t]], qc)
+        _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[: len(ql)], projected, hs, hi)
 
 
 @njit(parallel=True, cache=True)
@@ -264,16 +278,12 @@ def _signs_share(share, shares, first, lengths, cells, qstart, qlist, queries, r
     keep = (bs.shape[1] - SIGN_BLOCK) // BUFFER_SPAN
     qc = np.empty(qlist.shape[0], np.float32)
     for t in range(len(first)):
-        nq = qstart[t + 1] - qstart[t]
-        j0 = first[t] + lengths[t] * share // shares
-        j1 = first[t] + lengths[t] * (share + 1) // shares
-        if nq == 0 or j0 >= j1:
+        j0, j1, ql = _share_of(t, share, shares, first, lengths, qstart, qlist)
+        if j0 >= j1:
             continue
-        ql = qlist[qstart[t] : qstart[t + 1]]
-        for u in range(nq):
-            qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-        _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, bs, bi, fill, bar, barj,
-                    keep)
+        _products(queries, ql, cent[cells[t]], qc)
+        _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[: len(ql)], planes, terms, bs, bi, fill, bar,
+                    barj, keep)
     for q in range(bs.shape[0]):
         if fill[q] > keep:
             fill[q], bar[q], barj[q] = _keep_best(bs[q], bi[q], fill[q], keep)
