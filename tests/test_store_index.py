@@ -440,12 +440,25 @@ def test_a_full_buffer_of_thousands_keeps_its_best_through_its_histogram(n, leve
     rng = np.random.default_rng(seed)
     s = (rng.integers(0, levels, n) * rng.choice([1e-30, 1e-3, 1.0, 1e30])).astype(np.float32)
     s[rng.random(n) < 0.05] = np.float32(rng.normal())  # a few outliers stretch the range
-    keep = data.draw(st.integers(1, n - 1)) if n > 1 else 1
+    keep = data.draw(st.integers(1, n + 2))  # more than there are: all of them
     i = rng.permutation(n).astype(np.int64) + 7
     want = np.lexsort((i, -s))[:keep]
+    kept = min(keep, n)
     s2, i2 = s.copy(), i.copy()
-    assert _keep_best(s2, i2, n, keep) == (keep, s[want[-1]], i[want[-1]])
-    assert sorted(zip(s2[:keep].tolist(), i2[:keep].tolist())) == sorted(zip(s[want].tolist(), i[want].tolist()))
+    assert _keep_best(s2, i2, n, keep) == (kept, s[want[-1]], i[want[-1]])
+    assert sorted(zip(s2[:kept].tolist(), i2[:kept].tolist())) == sorted(zip(s[want].tolist(), i[want].tolist()))
+
+
+def test_a_nan_among_a_buffers_scores_stays_within_its_buckets():
+    from embedcache.store._select import _keep_best
+
+    # estimates are never NaN; if one were, the histogram must not count it outside itself
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=3000).astype(np.float32)
+    s[[5, 700, 2999]] = np.nan
+    i = np.arange(3000, dtype=np.int64)
+    kept, _, _ = _keep_best(s.copy(), i.copy(), 3000, 1000)
+    assert kept == 1000
 
 
 @pytest.mark.parametrize("dead", [False, True])
@@ -524,10 +537,21 @@ def test_the_one_bit_shortlist_grows_with_the_rows_the_probes_hold(tmp_path):
         assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(few[1], eight[1])]) < 0.99
 
 
-def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_path):
+def _rewrite_index(root, rewrite):
+    """Change the index of the store at ``root`` as ``rewrite(description)`` does (to what
+    an older version wrote), in its committed setting."""
     import json
     import sqlite3
 
+    con = sqlite3.connect(root / "store.sqlite")
+    desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
+    rewrite(desc)
+    with con:
+        con.execute("UPDATE settings SET value = ? WHERE key = 'index'", (json.dumps(desc),))
+    con.close()
+
+
+def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_path):
     x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
     q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
     with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
@@ -536,16 +560,14 @@ def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_pat
         store.add(ids_of(len(x)), x)
         store.create_index(seed=0)
         want = store.search(q, 5, recall=0.9)
-    con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
-    desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
-    old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sblk"))]
-    assert len(old) == 3
-    desc["files"] = [f for f in desc["files"] if f not in old]  # as an index written before them
-    with con:
-        con.execute("UPDATE settings SET value = ? WHERE key = 'index'", (json.dumps(desc),))
-    con.close()
-    for f in old:
-        (tmp_path / "s" / f["file"]).unlink()
+    def without_them(desc):  # as an index written before them
+        old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sblk"))]
+        assert len(old) == 3
+        desc["files"] = [f for f in desc["files"] if f not in old]
+        for f in old:
+            (tmp_path / "s" / f["file"]).unlink()
+
+    _rewrite_index(tmp_path / "s", without_them)
     with ec.VectorStore(tmp_path / "s") as store:
         got = store.search(q, 5, recall=0.9)
         store.verify()
@@ -553,8 +575,6 @@ def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_pat
 
 
 def test_an_index_with_its_1_bit_factors_a_row_at_a_time_is_searched_the_same(tmp_path):
-    import json
-    import sqlite3
     import zlib
 
     # the factors were written (rows, 4) before they were kept in blocks of 64 rows
@@ -564,21 +584,18 @@ def test_an_index_with_its_1_bit_factors_a_row_at_a_time_is_searched_the_same(tm
         store.add(ids_of(len(x)), x)
         store.create_index(seed=0)
         want = store.search(q, 5, recall=0.9)
-    con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
-    desc = json.loads(con.execute("SELECT value FROM settings WHERE key = 'index'").fetchone()[0])
-    (entry,) = [f for f in desc["files"] if f["file"].endswith(".sblk")]
-    path = tmp_path / "s" / entry["file"]
-    n = desc["rows"]
-    blocked = np.fromfile(path, "<f4").reshape(-1, 3, 64)
-    rows = np.zeros((n, 4), "<f4")
-    rows[:, :3] = blocked.transpose(0, 2, 1).reshape(-1, 3)[:n]
-    path.unlink()
-    old = path.with_suffix(".sfac")
-    rows.tofile(old)
-    entry.update(file=entry["file"][: -len("sblk")] + "sfac", nbytes=rows.nbytes, crc32=zlib.crc32(rows.tobytes()))
-    with con:
-        con.execute("UPDATE settings SET value = ? WHERE key = 'index'", (json.dumps(desc),))
-    con.close()
+
+    def a_row_at_a_time(desc):
+        (entry,) = [f for f in desc["files"] if f["file"].endswith(".sblk")]
+        path = tmp_path / "s" / entry["file"]
+        blocked = np.fromfile(path, "<f4").reshape(-1, 3, 64)
+        rows = np.zeros((desc["rows"], 4), "<f4")
+        rows[:, :3] = blocked.transpose(0, 2, 1).reshape(-1, 3)[: desc["rows"]]
+        path.unlink()
+        rows.tofile(path.with_suffix(".sfac"))
+        entry.update(file=entry["file"][: -len("sblk")] + "sfac", nbytes=rows.nbytes, crc32=zlib.crc32(rows.tobytes()))
+
+    _rewrite_index(tmp_path / "s", a_row_at_a_time)
     with ec.VectorStore(tmp_path / "s") as store:
         store.verify()
         got = store.search(q, 5, recall=0.9)

@@ -93,8 +93,8 @@ def _prefetch(typingctx, arr, i, off):
 
 @njit(inline="always")
 def _prefetch_row(arr, i):
-    """Ask for every cache line of row ``i`` of ``arr`` (C-contiguous: all it holds below
-    the first index ``i``)."""
+    """Ask for every cache line of ``arr[i]`` (the whole of it when ``arr`` is C-contiguous:
+    its first stride's bytes)."""
     for off in range(0, arr.strides[0], 64):
         _prefetch(arr, i, off)
 
@@ -175,9 +175,9 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
     ``keep`` (:func:`_keep_best`), and their worst becomes the bar. A buffer, not a heap: a
     few thousand best of a few hundred thousand rows displace each other too often. The bits
     of all 64 rows of a block are counted a word at a time (one vector instruction for
-    several rows), those of the block's rows outside ``j0 .. j1`` then left out; every
-    estimate is written at the buffer's end, which grows by those that pass the bar (no
-    branch to mispredict)."""
+    several rows), those of the block's rows outside ``j0 .. j1`` then left out; the rows
+    that pass the bar are marked in a 64-bit mask (compared in vectors) and those alone
+    visited."""
     w = bits.shape[1]
     limit = bs.shape[1] - SIGN_BLOCK
     count = np.empty(SIGN_BLOCK, np.uint64)
@@ -221,6 +221,24 @@ def _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc, planes, ter
         fill[q], bar[q], barj[q] = n, b, bj
 
 
+@njit(inline="always")
+def _share_of(t, share, shares, first, lengths, qstart, qlist):
+    """(j0, j1, queries): the index rows ``j0 .. j1`` of share ``share`` of ``shares`` of
+    listed cell ``t`` (its rows split evenly) and the queries that probe it (j0 = j1: none,
+    or no rows)."""
+    ql = qlist[qstart[t] : qstart[t + 1]]
+    if not len(ql):
+        return first[t], first[t], ql
+    return first[t] + lengths[t] * share // shares, first[t] + lengths[t] * (share + 1) // shares, ql
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _products(queries, ql, centroid, out):
+    """out[u] = queries[ql[u]] . centroid (summed as :func:`_dot32` sums it)."""
+    for u in range(len(ql)):
+        out[u] = _dot32(queries[ql[u]], centroid)
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, deleted,
           use_dead, cosine, mode, cent, codes, fac, projected, hs, hi):
@@ -231,18 +249,14 @@ def _scan(share, shares, first, lengths, cells, qstart, qlist, queries, inv_q, v
     exact score; 1: index positions by the 8-bit codes' estimate."""
     qc = np.empty(qlist.shape[0], np.float32)
     for t in range(len(first)):
-        nq = qstart[t + 1] - qstart[t]
-        j0 = first[t] + lengths[t] * share // shares
-        j1 = first[t] + lengths[t] * (share + 1) // shares
-        if nq == 0 or j0 >= j1:
+        j0, j1, ql = _share_of(t, share, shares, first, lengths, qstart, qlist)
+        if j0 >= j1:
             continue
-        ql = qlist[qstart[t] : qstart[t + 1]]
         if mode == 0:
             _fold_rows(vec32, vec16, half, j0, j1, rows, deleted, use_dead, ql, queries, inv_q, cosine, hs, hi)
             continue
-        for u in range(nq):
-            qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-        _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], projected, hs, hi)
+        _products(queries, ql, cent[cells[t]], qc)
+        _fold_codes(codes, fac, j0, j1, rows, deleted, use_dead, ql, qc[: len(ql)], projected, hs, hi)
 
 
 @njit(parallel=True, cache=True)
@@ -264,16 +278,12 @@ def _signs_share(share, shares, first, lengths, cells, qstart, qlist, queries, r
     keep = (bs.shape[1] - SIGN_BLOCK) // BUFFER_SPAN
     qc = np.empty(qlist.shape[0], np.float32)
     for t in range(len(first)):
-        nq = qstart[t + 1] - qstart[t]
-        j0 = first[t] + lengths[t] * share // shares
-        j1 = first[t] + lengths[t] * (share + 1) // shares
-        if nq == 0 or j0 >= j1:
+        j0, j1, ql = _share_of(t, share, shares, first, lengths, qstart, qlist)
+        if j0 >= j1:
             continue
-        ql = qlist[qstart[t] : qstart[t + 1]]
-        for u in range(nq):
-            qc[u] = _dot32(queries[ql[u]], cent[cells[t]])
-        _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[:nq], planes, terms, bs, bi, fill, bar, barj,
-                    keep)
+        _products(queries, ql, cent[cells[t]], qc)
+        _fold_signs(bits, sfac, j0, j1, rows, deleted, use_dead, ql, qc[: len(ql)], planes, terms, bs, bi, fill, bar,
+                    barj, keep)
     for q in range(bs.shape[0]):
         if fill[q] > keep:
             fill[q], bar[q], barj[q] = _keep_best(bs[q], bi[q], fill[q], keep)
@@ -434,6 +444,24 @@ def _flat(heap_s: np.ndarray, heap_i: np.ndarray) -> tuple[np.ndarray, np.ndarra
             np.ascontiguousarray(heap_i.transpose(1, 0, 2)).reshape(nq, shares * m))
 
 
+def _over_threads(one, shares, cand: np.ndarray, args: tuple, m: int, many: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Heaps ``(q, m)`` of the candidates ``cand`` (q, c) folded by ``one(q0, q1, u0, u1,
+    cand, *args, hs, hi)``: on every thread when there are many queries (split between
+    them) or a long list of a few (each list split, the threads' heaps then merged), on this
+    one otherwise (``shares``: ``one`` on threads, :func:`_reestimate_shares`' arguments)."""
+    nq, threads = len(cand), numba.get_num_threads()
+    parts = threads if many or cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads else 1
+    hs = np.full((1 if many else parts, nq, m), -np.inf, np.float32)
+    hi = np.full(hs.shape, _NO_INDEX, np.int64)
+    if parts > 1:
+        shares(cand, *args, hs, hi, many, parts)
+        if not many:
+            _merge_shares(hs, hi)
+    else:
+        one(0, nq, 0, cand.shape[1], cand, *args, hs[0], hi[0])
+    return hs[0], hi[0]
+
+
 def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k, cosine, deleted,
          codes: tuple | None = None, shortlist: int = 0):
     """Top-``k`` (scores, rows) per query over the listed cells (index rows ``first[t] ..
@@ -498,34 +526,15 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
         _merge_shares(heap_s, heap_i)
         cand[:] = np.sort(heap_i[0], axis=1)
     many = nq > _config.STORE_INDEX_FEW_QUERIES
-    threads = numba.get_num_threads()
-    if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes, on every thread
+    if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes
         qc_near = np.empty(near.shape, np.float32)
         _near_products(queries, cent, near, qc_near)
-        m = max(k, shortlist)
-        parts = threads if cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads or many else 1
-        hs = np.full((1 if many else parts, nq, m), -np.inf, np.float32)
-        hi = np.full(hs.shape, _NO_INDEX, np.int64)
-        cargs = (cand, _ro(c.codes), _ro(c.fac), projected, offsets, near, qc_near)
-        if parts > 1:
-            _reestimate_shares(*cargs, hs, hi, many, parts)
-            if not many:
-                _merge_shares(hs, hi)
-        else:
-            _reestimate(0, nq, 0, cand.shape[1], *cargs, hs[0], hi[0])
-        cand = np.sort(hi[0], axis=1)
-    # then scored exactly: a long shortlist of a few queries split between the threads
-    parts = threads if many or cand.shape[1] >= 2 * _config.STORE_INDEX_SHORTLIST * threads else 1
-    hs = np.full((1 if many else parts, nq, k), -np.inf, np.float32)
-    hi = np.full(hs.shape, _NO_INDEX, np.int64)
-    rargs = (cand, queries, inv_q, vec32, vec16, half, rows, cosine)
-    if parts > 1:
-        _rescore_shares(*rargs, hs, hi, many, parts)
-        if not many:
-            _merge_shares(hs, hi)
-    else:
-        _rescore(0, nq, 0, cand.shape[1], *rargs, hs[0], hi[0])
-    return _best(hs[0], hi[0], k)
+        cargs = (_ro(c.codes), _ro(c.fac), projected, offsets, near, qc_near)
+        hi = _over_threads(_reestimate, _reestimate_shares, cand, cargs, max(k, shortlist), many)[1]
+        cand = np.sort(hi, axis=1)
+    # then scored exactly
+    hs, hi = _over_threads(_rescore, _rescore_shares, cand, (queries, inv_q, vec32, vec16, half, rows, cosine), k, many)
+    return _best(hs, hi, k)
 
 
 def _listing(near: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from numba import njit
 from embedcache.kernels._core import _NO_INDEX
 
 
-#: a full buffer's scores are counted in this many buckets of their range (:func:`_keep_best`)
+#: values are counted in this many buckets of their range (:func:`_buckets`)
 _BUCKETS = 1024
 
 
@@ -72,34 +72,52 @@ def _keep_best_of(s, i, n, keep):
 
 @njit(inline="always")
 def _bucket(x, lo, scale):
-    """The bucket of score ``x`` in a range from ``lo`` (never past ``_BUCKETS``): the same
-    for the same score, and never lower for a higher one."""
-    return min(np.int64((x - lo) * scale), _BUCKETS)
+    """The bucket of value ``x`` in a range from ``lo``, in 0 .. ``_BUCKETS``: the same for
+    the same value, and never lower for a higher one (NaN: some bucket in that range)."""
+    return max(min(np.int64((x - lo) * scale), _BUCKETS), 0)
 
 
-@njit(cache=True, nogil=True)
-def _keep_best(s, i, n, keep):
-    """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n >
-    keep) to the front, in no order; return ``keep`` and the score and index of the worst
-    of them. The scores are counted in ``_BUCKETS`` buckets of their range: one pass keeps
-    the buckets above the one where the best ``keep`` end and sets that bucket's entries
-    aside (writing every entry, advancing by those that stay: no branch to mispredict), and
-    the best of those few are chosen by :func:`_keep_best_of`."""
+@njit(inline="always")
+def _buckets(s, n, rank):
+    """``s[:n]`` counted in ``_BUCKETS`` buckets of their range: (lo, scale, count, b,
+    above), ``b`` the bucket of the value at position ``rank`` (from 0) of them sorted high
+    to low and ``above`` how many lie in higher buckets; ``scale`` 0 where the range has no
+    finite scale (one value, or infinities: the caller then selects over them all)."""
     lo = hi = s[0]
     for u in range(1, n):
         lo = min(lo, s[u])
         hi = max(hi, s[u])
-    span = hi - lo
-    if not (span > 0 and span < np.inf) or not np.float32(_BUCKETS) / span < np.inf:
-        return _keep_best_of(s, i, n, keep)  # one score, or a range with no finite scale
-    scale = np.float32(_BUCKETS) / span
+    span = np.float64(hi) - np.float64(lo)
     count = np.zeros(_BUCKETS + 1, np.int64)
+    if not (span > 0 and span < np.inf and _BUCKETS / span < np.inf):
+        return lo, 0.0, count, -1, 0
+    scale = _BUCKETS / span
     for u in range(n):
         count[_bucket(s[u], lo, scale)] += 1
     b, above = _BUCKETS, 0
-    while above + count[b] < keep:
+    while above + count[b] <= rank:
         above += count[b]
         b -= 1
+    return lo, scale, count, b, above
+
+
+@njit(cache=True, nogil=True)
+def _keep_best(s, i, n, keep):
+    """Move the best ``keep`` of ``s[:n], i[:n]`` (score descending, then index ascending; n
+    >= 1) to the front, in no order; return how many were kept (``keep``, or ``n`` when no
+    more) and the score and index of the worst of them. One pass over the scores' buckets
+    (:func:`_buckets`) keeps those above the bucket where the best ``keep`` end and sets
+    that bucket's entries aside (writing every entry, advancing by those that stay: no
+    branch to mispredict); the best of those few are chosen by :func:`_keep_best_of`."""
+    if n <= keep:  # all of them
+        th, tj = s[0], i[0]
+        for u in range(1, n):
+            if s[u] < th or (s[u] == th and i[u] > tj):
+                th, tj = s[u], i[u]
+        return n, th, tj
+    lo, scale, count, b, _ = _buckets(s, n, keep - 1)
+    if scale == 0:
+        return _keep_best_of(s, i, n, keep)
     edge = count[b]
     side_s = np.empty(edge + 1, s.dtype)  # one more: where the entries that stay out are written
     side_i = np.empty(edge + 1, i.dtype)
@@ -127,23 +145,10 @@ def _keep_best(s, i, n, keep):
 @njit(cache=True, nogil=True)
 def _kth_of(a, kth):
     """The value at position ``kth`` (from 0) of ``a`` sorted high to low (``a`` unchanged):
-    the values counted in ``_BUCKETS`` buckets of their range, then selected among those of
-    the bucket that holds it."""
-    lo = hi = a[0]
-    for u in range(1, a.shape[0]):
-        lo = min(lo, a[u])
-        hi = max(hi, a[u])
-    span = hi - lo
-    if not (span > 0 and span < np.inf) or not _BUCKETS / span < np.inf:
+    selected among the values of the bucket that holds it (:func:`_buckets`)."""
+    lo, scale, count, b, above = _buckets(a, a.shape[0], kth)
+    if scale == 0:
         return _kth_highest(a.copy(), kth)
-    scale = _BUCKETS / span
-    count = np.zeros(_BUCKETS + 1, np.int64)
-    for u in range(a.shape[0]):
-        count[_bucket(a[u], lo, scale)] += 1
-    b, above = _BUCKETS, 0
-    while above + count[b] <= kth:
-        above += count[b]
-        b -= 1
     part = np.empty(count[b], a.dtype)
     t = 0
     for u in range(a.shape[0]):
