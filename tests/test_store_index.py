@@ -452,13 +452,16 @@ def test_a_full_buffer_of_thousands_keeps_its_best_through_its_histogram(n, leve
 def test_a_nan_among_a_buffers_scores_stays_within_its_buckets():
     from embedcache.store._select import _keep_best
 
-    # estimates are never NaN; if one were, the histogram must not count it outside itself
+    # estimates are never NaN; if one were, the histogram must count it within itself (in
+    # its lowest bucket): the best of the others are still the ones kept
     rng = np.random.default_rng(0)
     s = rng.normal(size=3000).astype(np.float32)
     s[[5, 700, 2999]] = np.nan
     i = np.arange(3000, dtype=np.int64)
-    kept, _, _ = _keep_best(s.copy(), i.copy(), 3000, 1000)
-    assert kept == 1000
+    s2, i2 = s.copy(), i.copy()
+    assert _keep_best(s2, i2, 3000, 1000)[0] == 1000
+    finite = np.flatnonzero(~np.isnan(s))
+    assert set(i2[:1000]) == set(finite[np.argsort(-s[finite], kind="stable")[:1000]])
 
 
 @pytest.mark.parametrize("dead", [False, True])

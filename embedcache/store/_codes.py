@@ -131,11 +131,7 @@ def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine:
     unit, inv = residuals(x, centroids, cell)
     r = (unit @ axes).astype(np.float64)
     rows, m = r.shape
-    per_row = pack_bits(r >= 0)  # (rows, words)
-    blocks = -(-rows // SIGN_BLOCK)
-    padded = np.zeros((blocks * SIGN_BLOCK, per_row.shape[1]), np.uint64)
-    padded[:rows] = per_row
-    bits = np.ascontiguousarray(padded.reshape(blocks, SIGN_BLOCK, -1).transpose(0, 2, 1))
+    bits = _in_blocks(pack_bits(r >= 0))  # (rows, words) -> (blocks, words, 64)
     l1 = np.abs(r).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         f = np.where(l1 > 0, (r * r).sum(axis=1) / l1, 0.0)
@@ -149,10 +145,16 @@ def encode_signs(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine:
 def block_factors(fac: np.ndarray) -> np.ndarray:
     """Rows' 1-bit factors (n, 3 or more) float32 -> (ceil(n / 64), 3, 64), the layout of
     :class:`Signs` (the first three of each row; 0 past n)."""
-    n = len(fac)
-    padded = np.zeros((-(-n // SIGN_BLOCK) * SIGN_BLOCK, 3), np.float32)
-    padded[:n] = fac[:, :3]
-    return np.ascontiguousarray(padded.reshape(-1, SIGN_BLOCK, 3).transpose(0, 2, 1))
+    return _in_blocks(np.asarray(fac[:, :3], np.float32))
+
+
+def _in_blocks(per_row: np.ndarray) -> np.ndarray:
+    """(rows, c) -> (ceil(rows / 64), c, 64): the values of each 64 rows together, column by
+    column (rows past the last: 0)."""
+    rows, c = per_row.shape
+    padded = np.zeros((-(-rows // SIGN_BLOCK) * SIGN_BLOCK, c), per_row.dtype)
+    padded[:rows] = per_row
+    return np.ascontiguousarray(padded.reshape(-1, SIGN_BLOCK, c).transpose(0, 2, 1))
 
 
 def query_planes(projected: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,14 +200,20 @@ def encode(x: np.ndarray, centroids: np.ndarray, cell: np.ndarray, cosine: bool,
     ``cell`` in the ``basis`` (d, m)."""
     unit, inv = residuals(x, centroids, cell)
     resid = unit @ basis
-    top = np.abs(resid).max(axis=1) if resid.shape[1] else np.zeros(len(resid), np.float32)
-    scale = (top / CODE_MAX).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))
-    codes = np.clip(np.rint(resid / safe[:, None]), -CODE_MAX, CODE_MAX).astype(np.int8)
+    codes, scale = _in_8_bits(resid)
     fac = np.empty((len(resid), 2), np.float32)
     fac[:, 0] = scale
     fac[:, 1] = _gains(inv, cosine)
     return codes, fac
+
+
+def _in_8_bits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (rows, c) int8, scale (rows,) float32): each row of ``x`` (computed in its own
+    dtype) about ``scale * codes``, its largest magnitude at ``CODE_MAX``."""
+    top = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(len(x), x.dtype)
+    scale = (top / CODE_MAX).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0)).astype(x.dtype)
+    return np.clip(np.rint(x / safe[:, None]), -CODE_MAX, CODE_MAX).astype(np.int8), scale
 
 
 def _gains(inv: np.ndarray, cosine: bool) -> np.ndarray:
@@ -239,9 +247,6 @@ class Coarse:
 def coarse(centroids: np.ndarray) -> Coarse:
     """The :class:`Coarse` copy of float32 ``centroids`` (cells, d)."""
     c = np.asarray(centroids, np.float64)
-    top = np.abs(c).max(axis=1) if c.shape[1] else np.zeros(len(c))
-    scale = (top / CODE_MAX).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float64)
-    codes = np.clip(np.rint(c / safe[:, None]), -CODE_MAX, CODE_MAX).astype(np.int8)
+    codes, scale = _in_8_bits(c)
     err = np.linalg.norm(c - scale[:, None].astype(np.float64) * codes, axis=1) * (1 + 2.0**-20)
     return Coarse(codes, scale, err)

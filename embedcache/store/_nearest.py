@@ -72,17 +72,8 @@ def _nearest_of(query, inv_q, est, inv_c, err, centroids, out):
         bound = err[c] * inv_c[c] / inv_q + slack
         low[c] = e - bound
         high[c] = e + bound
-    kth = _kth_of(low, p - 1)
-    n = 0
-    for c in range(cells):
-        n += high[c] >= kth
-    cand = np.empty(n, np.int64)
-    n = 0
-    for c in range(cells):
-        if high[c] >= kth:
-            cand[n] = c
-            n += 1
-    sc = np.empty(n, np.float32)
+    cand = np.flatnonzero(high >= _kth_of(low, p - 1))
+    sc = np.empty(len(cand), np.float32)
     _cell_scores(query, centroids, inv_q, inv_c, cand, sc)
     order = np.argsort(-sc, kind="mergesort")  # stable: ties keep the lower cell first
     for t in range(p):

@@ -323,6 +323,18 @@ def _merge_shares(heap_s, heap_i):
                     _heap_replace_root(heap_s[0, q], heap_i[0, q], heap_s[t, q, u], j)
 
 
+@njit(inline="always")
+def _part(t, shares, shape, by_query):
+    """(q0, q1, u0, u1, heap) of thread ``t`` of ``shares`` over candidates of ``shape`` (q,
+    m): its queries, all their candidates, into heap 0 (``by_query``); or all queries, its
+    part of each one's candidates, into heap ``t``."""
+    nq, m = shape
+    t = np.int64(t)  # (a parallel loop's index may come unsigned)
+    if by_query:
+        return nq * t // shares, nq * (t + 1) // shares, np.int64(0), m, np.int64(0)
+    return np.int64(0), nq, m * t // shares, m * (t + 1) // shares, t
+
+
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _reestimate(q0, q1, u0, u1, cand, codes, fac, projected, offsets, near, qc_near, hs, hi):
     """Estimate the index positions ``cand[q0:q1, u0:u1]`` (of queries ``q0 .. q1``; each
@@ -353,14 +365,9 @@ def _reestimate_shares(cand, codes, fac, projected, offsets, near, qc_near, hs, 
     """:func:`_reestimate` on ``shares`` threads: the queries split between them
     (``by_query``, into heaps ``hs[0], hi[0]``), or each query's candidates (into heaps
     ``hs[t], hi[t]`` of thread t, then merged)."""
-    nq, m = cand.shape
     for t in prange(shares):
-        if by_query:
-            _reestimate(nq * t // shares, nq * (t + 1) // shares, 0, m, cand, codes, fac, projected, offsets, near,
-                        qc_near, hs[0], hi[0])
-        else:
-            _reestimate(0, nq, m * t // shares, m * (t + 1) // shares, cand, codes, fac, projected, offsets, near,
-                        qc_near, hs[t], hi[t])
+        q0, q1, u0, u1, h = _part(t, shares, cand.shape, by_query)
+        _reestimate(q0, q1, u0, u1, cand, codes, fac, projected, offsets, near, qc_near, hs[h], hi[h])
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -399,14 +406,9 @@ def _rescore_shares(cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs, 
     """:func:`_rescore` on ``shares`` threads: the queries split between them (``by_query``,
     into heaps ``hs[0], hi[0]``), or each query's shortlist (into heaps ``hs[t], hi[t]`` of
     thread t, then merged)."""
-    nq, m = cand.shape
     for t in prange(shares):
-        if by_query:
-            _rescore(nq * t // shares, nq * (t + 1) // shares, 0, m, cand, queries, inv_q, vec32, vec16, half, rows,
-                     cosine, hs[0], hi[0])
-        else:
-            _rescore(0, nq, m * t // shares, m * (t + 1) // shares, cand, queries, inv_q, vec32, vec16, half, rows,
-                     cosine, hs[t], hi[t])
+        q0, q1, u0, u1, h = _part(t, shares, cand.shape, by_query)
+        _rescore(q0, q1, u0, u1, cand, queries, inv_q, vec32, vec16, half, rows, cosine, hs[h], hi[h])
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -542,6 +544,8 @@ def _listing(near: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     nearest first (by the best rank any query gives them: the heaps fill with good rows
     early, and fewer rows after them displace one), cell ``cells[t]`` probed by the queries
     ``qlist[qstart[t]:qstart[t + 1]]`` (in order)."""
+    if len(near) == 1:  # one query: its cells in its order, without the sorts below
+        return near[0].astype(np.int64), np.arange(near.shape[1] + 1, dtype=np.int64), np.zeros(near.shape[1], np.int64)
     cells_of = near.reshape(-1)
     order = np.argsort(cells_of, kind="stable")  # queries of one cell together, in order
     qlist = (order // near.shape[1]).astype(np.int64)
@@ -591,12 +595,7 @@ def probe(queries: np.ndarray, centroids: np.ndarray, probes: int, offsets: np.n
                        codes=codes, inv_c=inv_c, small=small) for a in range(0, len(queries), block)]
         return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
     near = nearest_cells(queries, centroids, probes, inv_c, small)
-    if len(queries) == 1:  # its cells, nearest first: the listing, without its sorts
-        cells = near[0].astype(np.int64)
-        qstart = np.arange(len(cells) + 1, dtype=np.int64)
-        qlist = np.zeros(len(cells), np.int64)
-    else:
-        cells, qstart, qlist = _listing(near)
+    cells, qstart, qlist = _listing(near)
     first = np.asarray(offsets[cells], np.int64)
     lengths = np.asarray(offsets[cells + 1], np.int64) - first
     cdata = None
