@@ -597,12 +597,41 @@ def test_an_index_with_its_1_bit_factors_a_row_at_a_time_is_searched_the_same(tm
         path.unlink()
         rows.tofile(path.with_suffix(".sfac"))
         entry.update(file=entry["file"][: -len("sblk")] + "sfac", nbytes=rows.nbytes, crc32=zlib.crc32(rows.tobytes()))
+        assert desc.pop("format") == 2  # written before the description said its format
 
     _rewrite_index(tmp_path / "s", a_row_at_a_time)
     with ec.VectorStore(tmp_path / "s") as store:
         store.verify()
+        assert store.index_info()["format"] == 1
         got = store.search(q, 5, recall=0.9)
     _assert_same(got, want)
+
+
+def test_an_index_of_a_later_format_is_left_unused_never_misread(tmp_path):
+    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
+    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        assert store.index_info()["format"] == 2 and store.index_info()["readable"]
+        exact = store.search(q, 5, exact=True)
+
+    def later(desc):  # as a newer version might write it: another layout, other keys
+        desc.update(format=3, cells="elsewhere")
+        name = desc["files"][0]["file"]
+        (tmp_path / "s" / name).rename(tmp_path / "s" / name.replace(".cent", ".tree"))
+        desc["files"][0]["file"] = name.replace(".cent", ".tree")
+
+    _rewrite_index(tmp_path / "s", later)
+    with ec.VectorStore(tmp_path / "s") as store:
+        with pytest.warns(UserWarning, match=r"newer version of embedcache \(index format 3; this version reads "
+                                             r"formats up to 2\); searching exactly"):
+            got = store.search(q, 5, recall=0.5)
+        _assert_same(got, exact)
+        info = store.index_info()
+        assert info["format"] == 3 and info["readable"] is False and info["bytes"] > 0
+        assert "cells" not in info
+        store.verify()  # its files are whole (lengths and checksums); their layout is not read
 
 
 def test_codes_keep_the_recall_of_the_cells_they_probe(tmp_path):

@@ -91,6 +91,15 @@ INDEX_NAME = re.compile(r"^\d+\.(cent|rows|vec|rot|code|fac|srot|sign|sblk|sfac)
 #: recall levels whose probes (and measured recall) the description records
 LEVELS = (0.8, 0.9, 0.95, 0.99)
 _KINDS = ("cent", "rows", "vec", "rot", "code", "fac", "srot", "sign", "sblk")
+#: the index layout this version writes, and the latest it reads (1: the 1-bit codes' factors
+#: a row at a time, ``sfac``, or none; 2: in blocks of 64 rows, ``sblk``). An index written in
+#: a later format is left unused (searches scan exactly, with a warning), never misread.
+INDEX_FORMAT = 2
+
+
+def index_format(desc: dict[str, Any]) -> int:
+    """The format ``desc`` was written in (1 when it does not say: written before formats)."""
+    return int(desc.get("format", 1))
 
 
 def description(view: View) -> dict[str, Any] | None:
@@ -230,6 +239,7 @@ def build(conn: sqlite3.Connection, w: Write, root: Path, cells: int | None, see
         remove_orphans(idx_dir, old)
         raise
     desc = {
+        "format": INDEX_FORMAT,
         "number": number,
         "cells": index.cells,
         "rows": len(rows),
@@ -451,8 +461,13 @@ def info(view: View) -> dict[str, Any] | None:
     desc = description(view)
     if desc is None:
         return None
+    if index_format(desc) > INDEX_FORMAT:  # what it records may have changed: only the format
+        return {"format": index_format(desc), "readable": False,
+                "bytes": sum(f.get("nbytes", 0) for f in desc.get("files", []))}
     added, deleted = stale_rows(view, desc)
     return {
+        "format": index_format(desc),
+        "readable": True,
         "cells": desc["cells"],
         "rows": desc["rows"],
         "covered_rows": desc["covered"],
@@ -476,6 +491,15 @@ def usable(root: Path, view: View, cache: dict[int, Loaded]) -> tuple[dict[str, 
     when an index exists but is stale or its files are gone)."""
     desc = description(view)
     if desc is None:
+        return None
+    if index_format(desc) > INDEX_FORMAT:
+        warnings.warn(
+            f"the index of {root} was written by a newer version of embedcache (index format "
+            f"{index_format(desc)}; this version reads formats up to {INDEX_FORMAT}); searching exactly "
+            "(upgrade embedcache, or run create_index() again to write one this version reads)",
+            UserWarning,
+            stacklevel=4,
+        )
         return None
     added, deleted = stale_rows(view, desc)
     if added + deleted > _config.INDEX_STALE_FRACTION * max(1, desc["rows"]):
@@ -546,6 +570,8 @@ def verify(root: Path, view: View) -> int:
         if crc != f["crc32"]:
             raise StoreCorruptedError(f"{path}: checksum {crc:#010x} differs from the recorded {f['crc32']:#010x}")
         total += size
+    if index_format(desc) > INDEX_FORMAT:  # its files are whole; their layout is not this version's to check
+        return total
     loaded = load(root, view, desc, {})
     assert loaded is not None
     off, rows = loaded.offsets, loaded.rows

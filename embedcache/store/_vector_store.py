@@ -346,7 +346,9 @@ class VectorStore:
         return info
 
     def index_info(self) -> dict[str, Any] | None:
-        """The committed index, or None: ``cells``, ``rows`` (indexed), ``covered_rows`` (row
+        """The committed index, or None: ``format`` (its layout's version) and ``readable``
+        (False for an index written by a newer version, in a later format: searches then scan
+        exactly, and only ``bytes`` is given besides), ``cells``, ``rows`` (indexed), ``covered_rows`` (row
         count of the store when built), ``generation`` (the commit that made it), ``seed``,
         ``k``; ``probes`` and ``recall`` (estimate, low, high: a 95% interval measured on
         sampled rows at recall@k) for the recall levels 0.8, 0.9, 0.95, 0.99;
