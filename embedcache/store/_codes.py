@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from embedcache.kernels._core import _row_stats_chunk
+from embedcache.kernels._core import FASTMATH, _row_stats_chunk
 
 #: largest code magnitude: codes are symmetric, -127 .. 127
 CODE_MAX = 127
@@ -37,6 +37,15 @@ QUERY_BITS = 4
 
 #: rows whose bits are stored together, word by word (:class:`Signs`)
 SIGN_BLOCK = 64
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _dot_i8(qq, code):
+    """``qq . code`` for an int8 ``code`` (a row's or a centroid's), summed in float32."""
+    acc = np.float32(0.0)
+    for t in range(code.shape[0]):
+        acc += qq[t] * np.float32(code[t])
+    return acc
 
 
 @dataclass

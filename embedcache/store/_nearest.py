@@ -6,23 +6,14 @@ cells whose bound reaches the ``p``-th best lower bound scored as the kernel sco
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from embedcache import _config, kernels
 from embedcache.kernels._core import FASTMATH, _pair_score
-from embedcache.store._codes import Coarse, _inverse_norms, coarse
+from embedcache.store._codes import Coarse, _dot_i8, _inverse_norms, coarse
+from embedcache.store._threads import shares_for
 from embedcache.store._select import _kth_of
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _dot_i8(qq, code):
-    """``qq . code`` for an int8 ``code``, summed in float32."""
-    acc = np.float32(0.0)
-    for t in range(code.shape[0]):
-        acc += qq[t] * np.float32(code[t])
-    return acc
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -31,12 +22,6 @@ def _cell_scores(query, cent, inv_q, inv_c, cand, out):
     for t in range(cand.shape[0]):
         c = cand[t]
         out[t] = _pair_score(query, cent[c], inv_q, inv_c[c], True)
-
-
-def _shares(work: int) -> int:
-    """Threads for ``work`` rows times queries."""
-    share = max(1, _config.STORE_INDEX_SHARE_ROWS)
-    return max(1, min(numba.get_num_threads(), work // share))
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -101,7 +86,7 @@ def nearest_cells(queries: np.ndarray, centroids: np.ndarray, probes: int,
         return kernels.top_k(queries, centroids, p)[1]  # products lose the bounds used below
     out = np.empty((nq, p), np.int64)
     est = np.empty(cells, np.float32)
-    shares = _shares(cells * d // 8)  # a product of a row by 8 bits: about an eighth of a row's scan
+    shares = shares_for(cells * d // 8)  # a product of a row by 8 bits: about an eighth of a row's scan
     for i in range(nq):
         if shares > 1:
             _coarse_scores_shares(queries[i], small.codes, small.scale, est, shares)

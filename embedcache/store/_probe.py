@@ -48,8 +48,9 @@ from embedcache.kernels._core import (
     _sort_heaps,
     _sumsq,
 )
-from embedcache.store._codes import SIGN_BLOCK, Coarse, Codes, _inverse_norms, query_planes
-from embedcache.store._nearest import _dot_i8, _shares, nearest_cells
+from embedcache.store._codes import SIGN_BLOCK, Coarse, Codes, _dot_i8, _inverse_norms, query_planes
+from embedcache.store._nearest import nearest_cells
+from embedcache.store._threads import shares_for
 from embedcache.store._select import _buffered_best, _keep_best
 
 
@@ -472,7 +473,7 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     ((centroids, Codes, each query's probed cells sorted, the index's cell offsets, the 1-bit
     shortlist)) is given, and first through the 1-bit codes' best when the Codes hold them."""
     nq = len(queries)
-    shares = _shares(int(np.dot(lengths, np.diff(qstart))))
+    shares = shares_for(int(np.dot(lengths, np.diff(qstart))))
     base = _ro(vectors)
     half = base.dtype == np.float16
     d = queries.shape[1]
