@@ -554,15 +554,22 @@ def _rewrite_index(root, rewrite):
     con.close()
 
 
-def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_path):
+def _indexed(root, **search):
+    """A store of 3000 clustered rows at ``root`` with its index; returns 50 queries like
+    them and what ``store.search(queries, 5, **search)`` answers right after the build."""
     x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
     q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
-    with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
-                          STORE_INDEX_SIGN_SHORTLIST_SHARE=0), \
-            ec.VectorStore(tmp_path / "s") as store:
+    with ec.VectorStore(root) as store:
         store.add(ids_of(len(x)), x)
         store.create_index(seed=0)
-        want = store.search(q, 5, recall=0.9)
+        return q, store.search(q, 5, **search)
+
+
+def test_an_index_without_one_bit_codes_is_searched_with_the_8_bit_codes(tmp_path):
+    with _config.override(STORE_INDEX_SIGN_SHORTLIST=0, STORE_INDEX_SIGN_SHORTLIST_PER_K=0,
+                          STORE_INDEX_SIGN_SHORTLIST_SHARE=0):
+        q, want = _indexed(tmp_path / "s", recall=0.9)
+
     def without_them(desc):  # as an index written before them
         old = [f for f in desc["files"] if f["file"].endswith((".srot", ".sign", ".sblk"))]
         assert len(old) == 3
@@ -581,12 +588,7 @@ def test_an_index_with_its_1_bit_factors_a_row_at_a_time_is_searched_the_same(tm
     import zlib
 
     # the factors were written (rows, 4) before they were kept in blocks of 64 rows
-    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
-    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
-    with ec.VectorStore(tmp_path / "s") as store:
-        store.add(ids_of(len(x)), x)
-        store.create_index(seed=0)
-        want = store.search(q, 5, recall=0.9)
+    q, want = _indexed(tmp_path / "s", recall=0.9)
 
     def a_row_at_a_time(desc):
         (entry,) = [f for f in desc["files"] if f["file"].endswith(".sblk")]
@@ -608,13 +610,9 @@ def test_an_index_with_its_1_bit_factors_a_row_at_a_time_is_searched_the_same(tm
 
 
 def test_an_index_of_a_later_format_is_left_unused_never_misread(tmp_path):
-    x = clustered(3000, d=32, clusters=20, noise=0.8, seed=2)
-    q = clustered(3050, d=32, clusters=20, noise=0.8, seed=2)[3000:]
+    q, exact = _indexed(tmp_path / "s", exact=True)
     with ec.VectorStore(tmp_path / "s") as store:
-        store.add(ids_of(len(x)), x)
-        store.create_index(seed=0)
         assert store.index_info()["format"] == 2 and store.index_info()["readable"]
-        exact = store.search(q, 5, exact=True)
 
     def later(desc):  # as a newer version might write it: another layout, other keys
         desc.update(format=3, cells="elsewhere")
