@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import store_crash_worker as cw
 from support.stores import ids_of
@@ -269,6 +269,8 @@ def _probe_both(store, q, k, recall):
 @given(x=matrices(max_rows=60, min_rows=2, max_dim=6), cells=st.integers(2, 9), k=st.integers(1, 8),
        dtype=st.sampled_from(["float32", "float16"]), metric=st.sampled_from(["cosine", "dot"]),
        shortlist=st.integers(1, 12), wide=st.integers(1, 30), seed=st.integers(0, 3))
+@example(x=np.float32([[0.0], [-1.0], [1e-45]]), cells=2, k=1, dtype="float32", metric="cosine", shortlist=1,
+         wide=1, seed=0)  # a query of length 2**-149: scaled for its estimates without overflow
 def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_enough(
         x, cells, k, dtype, metric, shortlist, wide, seed):
     x = np.clip(x, -1000, 1000)
