@@ -134,14 +134,27 @@ def as_matrix(x: object, name: str) -> np.ndarray:
     return x
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_finite(x: np.ndarray, name: str, block: int = 8192) -> None:
-    """Raise InvalidInputError naming ``name`` and the first row holding NaN or infinity.
+    """Raise InvalidInputError naming ``name`` and the first row holding NaN or infinity, or
+    (in a wider float type) a value beyond float32's range, which the computations use.
     Reads ``x`` block by block, so a memmap is never loaded whole."""
+    wide = x.dtype.kind == "f" and x.dtype.itemsize > 4
     for start in range(0, x.shape[0], block):
-        ok = np.isfinite(x[start : start + block]).all(axis=1)
+        part = x[start : start + block]
+        ok = np.isfinite(part).all(axis=1)
         if not ok.all():
             bad = start + int(np.flatnonzero(~ok)[0])
             raise InvalidInputError(f"{name} must be finite, got NaN or infinity in row {bad}")
+        if wide:
+            big = (np.abs(part) > _F32_MAX).any(axis=1)
+            if big.any():
+                bad = int(np.flatnonzero(big)[0])
+                value = part[bad][np.abs(part[bad]) > _F32_MAX][0]
+                raise InvalidInputError(f"{name} must fit float32 (magnitudes up to {_F32_MAX:.4g}), got "
+                                        f"{value:.4g} in row {start + bad}")
 
 
 def as_float32(x: object, name: str) -> np.ndarray:

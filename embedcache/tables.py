@@ -46,6 +46,8 @@ import itertools
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -467,15 +469,45 @@ def _read_parquet(path: str, field: str, skip_empty: bool) -> Dataset:
 
 
 def check_output(path: str) -> None:
-    """Raise ``OSError`` now if ``path`` cannot be written later (before any work is done)."""
+    """Raise ``OSError`` now if ``path`` cannot be written later (before any work is done):
+    the directory of the file it names (through a symbolic link) must take a new file, or a
+    FIFO or device it names must be writable."""
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
+    real = Path(os.path.realpath(path))
+    directory = (target.parent if str(target.parent) else Path(".")) if real == target.absolute() else real.parent
+    if _special(path):  # written into, not replaced
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"output is not writable: {path}")
+        return
     if not directory.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {directory}")
-    if target.is_dir():
+    if real.is_dir():
         raise IsADirectoryError(f"output is a directory: {path}")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"output directory is not writable: {directory}")
+    store = _store_around(directory)
+    if store is not None:
+        raise InvalidInputError(f"output {path} is inside the vector store {store}, whose files it would "
+                                "replace; write it elsewhere")
+
+
+def _special(path: str) -> bool:
+    """Whether ``path`` names (through any links) what is written into rather than replaced:
+    a FIFO, a device, a terminal, a pipe (``/dev/stdout``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode)
+
+
+def _store_around(directory: Path) -> Path | None:
+    """The vector store directory that holds ``directory`` (or is it), if any."""
+    here = Path(os.path.realpath(directory))
+    for d in (here, *here.parents):
+        if (d / "store.sqlite").is_file() and (d / "segments").is_dir():
+            return d
+    return None
 
 
 def _same_file_key(path: str) -> Any:
@@ -556,10 +588,14 @@ class Outputs:
 
     @contextlib.contextmanager
     def open(self, path: str, mode: str = "w") -> Iterator[Any]:
-        """A temporary file for ``path``: complete and flushed to disk when the block ends."""
+        """A temporary file for ``path``: complete and flushed to disk when the block ends.
+        A symbolic link is written through (the file it names is replaced, the link stays);
+        a FIFO, a device or a terminal (``/dev/stdout``) is written into at the commit."""
         check_output(path)
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        special = _special(path)
+        target = Path(path) if special else Path(os.path.realpath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
+                                   dir=None if special else target.parent)
         self._open.add(tmp)
         with os.fdopen(fd, "wb") as raw:
             with _compressed(raw, compression_of(path)) as stream:
@@ -573,14 +609,28 @@ class Outputs:
         self._written.append((tmp, target))
 
     def commit(self) -> None:
-        """Give the files the mode a new file gets (mkstemp makes them 0600), then rename
-        each into place."""
-        mode = 0o666 & ~_umask()
-        for tmp, _ in self._written:
-            os.chmod(tmp, mode)
+        """Give each file the mode (and owner) of the file it replaces, or the mode a new file
+        gets (mkstemp makes them 0600), then rename each into place; copy those for a FIFO or
+        a device into it."""
+        new_mode = 0o666 & ~_umask()
+        for tmp, target in self._written:
+            try:
+                st = os.stat(target)
+            except FileNotFoundError:
+                os.chmod(tmp, new_mode)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(tmp, stat.S_IMODE(st.st_mode))
+                with contextlib.suppress(OSError):  # only where this process may give it
+                    os.chown(tmp, st.st_uid, st.st_gid)
         while self._written:
             tmp, target = self._written.pop(0)
-            os.replace(tmp, target)
+            if _special(str(target)):
+                with open(tmp, "rb") as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, target)
             self._open.discard(tmp)
 
     def discard(self) -> None:

@@ -213,7 +213,7 @@ def test_set_many_accepts_vectors_of_several_lengths(cache):
     [
         (np.array([[1.0, np.nan]]), InvalidInputError, "NaN or infinity"),
         (np.array([[1.0, np.inf]]), InvalidInputError, "NaN or infinity"),
-        (np.array([[1e39, 0.0]]), InvalidInputError, "NaN or infinity"),  # overflows float32
+        (np.array([[1e39, 0.0]]), InvalidInputError, "must fit float32"),  # finite, beyond float32
         (np.array([[1, 2]]), InvalidInputTypeError, "floating point"),
         (np.ones((2, 2)), InvalidInputError, "expected 1 vectors"),
         (np.ones(2), InvalidInputError, "2-D array"),

@@ -276,7 +276,7 @@ def _nan(b, v):
         (lambda b, v: v.astype(np.int64), "2-D float array"),
         (lambda b, v: v.tolist(), "2-D float array"),
         (lambda b, v: v[:, :0], "dimension"),
-        (lambda b, v: v.astype(np.float64) * 1e300, "NaN or infinity"),  # overflows float32
+        (lambda b, v: v.astype(np.float64) * 1e300, "must fit float32"),  # finite, beyond float32
     ],
 )
 def test_bad_vectors_are_rejected_and_never_cached(cache, corrupt, message):

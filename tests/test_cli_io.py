@@ -398,3 +398,46 @@ def test_lone_surrogate_is_printed_as_an_escape(run, tmp_path):
     proc = run("dedup", "in.jsonl", "-o", "out.jsonl", extra_env={"PYTHONIOENCODING": "utf-8"})
     assert "truncated tweet \\ud83d here" in proc.stdout and "Traceback" not in proc.stderr
     assert len(read_back(tmp_path / "out.jsonl", "jsonl")) == 1
+
+
+def test_an_output_through_a_link_a_fifo_or_a_private_file_is_written_into_not_replaced(run, tmp_path):
+    import stat
+    import threading
+
+    write_input(tmp_path, "jsonl")
+    run("dedup", "in.jsonl", "-o", "plain.jsonl", inproc=True)
+    want = (tmp_path / "plain.jsonl").read_bytes()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "kept.jsonl").write_text("old\n")
+    os.symlink("real/kept.jsonl", tmp_path / "link.jsonl")
+    run("dedup", "in.jsonl", "-o", "link.jsonl", inproc=True)
+    assert (tmp_path / "link.jsonl").is_symlink()  # the link stays, the file it names is replaced
+    assert (tmp_path / "real" / "kept.jsonl").read_bytes() == want
+    (tmp_path / "private.jsonl").write_text("old\n")
+    os.chmod(tmp_path / "private.jsonl", 0o600)
+    run("dedup", "in.jsonl", "-o", "private.jsonl", inproc=True)
+    assert stat.S_IMODE(os.stat(tmp_path / "private.jsonl").st_mode) == 0o600
+    assert (tmp_path / "private.jsonl").read_bytes() == want
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    got = []
+    reader = threading.Thread(target=lambda: got.append((tmp_path / "fifo.jsonl").read_bytes()), daemon=True)
+    reader.start()
+    run("dedup", "in.jsonl", "-o", "fifo.jsonl", inproc=True)
+    reader.join(30)
+    assert got == [want] and stat.S_ISFIFO(os.stat(tmp_path / "fifo.jsonl").st_mode)
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_an_output_inside_a_store_or_a_directory_that_is_no_store_is_refused(run, tmp_path):
+    write_input(tmp_path, "jsonl")
+    run("store", "add", "st", "in.jsonl", inproc=True)
+    before = {p: p.read_bytes() for p in (tmp_path / "st").rglob("*") if p.is_file()}
+    for args in (["dedup", "st", "-o", "st/store.sqlite"], ["pairs", "in.jsonl", "-t", "0.9", "-o", "st/segments/p.csv"]):
+        assert_one_line_error(run(*args, ok=False, inproc=True), "is inside the vector store")
+    assert {p: p.read_bytes() for p in (tmp_path / "st").rglob("*") if p.is_file()} == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.bin").write_bytes(b"theirs")
+    for args in (["store", "info", "other"], ["store", "search", "other", "hello"], ["store", "compact", "other"],
+                 ["store", "index", "other"]):
+        assert_one_line_error(run(*args, ok=False, inproc=True), "other", "vector store")
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["data.bin"]

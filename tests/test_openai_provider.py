@@ -133,6 +133,21 @@ def test_list_models(fake_server):
     assert fake_server.requests[-1].method == "GET"
 
 
+def test_a_key_in_the_base_url_is_refused_and_never_shown():
+    with pytest.raises(ConfigurationError, match=r"query string or fragment \(got http://127\.0\.0\.1:9/v1\?…\)") as e:
+        OpenAIEmbeddings(MODEL, base_url="http://127.0.0.1:9/v1?api-key=sk-0123456789", api_key="test-key")
+    assert "sk-0123456789" not in str(e.value)
+
+
+def test_a_model_list_that_echoes_the_key_shows_it_masked():
+    from embedcache.testing import FakeEmbeddingServer
+
+    key = "sk-echoed-0123456789"
+    with FakeEmbeddingServer(api_key=key, models=(MODEL, key, f"{key}-large")) as server, \
+            make(server, api_key=key) as emb:
+        assert emb.list_models() == [MODEL, "***", "***-large"]
+
+
 def test_on_batch_gets_each_batch_once_with_positions(fake_server):
     calls = []
     with make(fake_server, batch_size=4, max_concurrency=3) as emb:
@@ -384,6 +399,8 @@ def test_missing_key_is_a_configuration_error_before_any_request(fake_server, mo
         ({"model": ""}, InvalidInputError),
         ({"base_url": "ftp://example.com"}, ConfigurationError),
         ({"base_url": "https://user:pw@example.com/v1"}, ConfigurationError),
+        ({"base_url": "https://example.com/v1?api-key=sk-0123456789"}, ConfigurationError),
+        ({"base_url": "https://example.com/v1#sk-0123456789"}, ConfigurationError),
         ({"dimensions": 0}, InvalidInputError),
         ({"batch_size": 0}, InvalidInputError),
         ({"max_batch_chars": 0}, InvalidInputError),

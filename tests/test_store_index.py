@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import store_crash_worker as cw
 from support.stores import ids_of
@@ -145,6 +145,16 @@ def test_where_and_info_verify_compact(tmp_path):
         assert all(int(i[1:]) % 2 == 1 for i in ids.ravel())
         v = store.verify()
         assert v["index_bytes"] == store.index_info()["bytes"]
+    with _config.override(MAX_SEGMENT_BYTES=16 * 4 * 400), ec.VectorStore(tmp_path / "s") as store:
+        store.add(["late"], x[:1])  # a second segment: compact rewrites them, renumbering no row
+        want = store.search(x[:20], 5)
+        assert store.info()["segments"] == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            store.compact()
+        assert store.info()["segments"] == 4  # 1501 rows in segments of 400
+        assert store.index_info() is not None and not store.index_info()["stale"]
+        _assert_same(store.search(x[:20], 5), want)
         store.delete(["r1"])
         with pytest.warns(UserWarning, match="dropped its index"):
             store.compact()
@@ -259,6 +269,8 @@ def _probe_both(store, q, k, recall):
 @given(x=matrices(max_rows=60, min_rows=2, max_dim=6), cells=st.integers(2, 9), k=st.integers(1, 8),
        dtype=st.sampled_from(["float32", "float16"]), metric=st.sampled_from(["cosine", "dot"]),
        shortlist=st.integers(1, 12), wide=st.integers(1, 30), seed=st.integers(0, 3))
+@example(x=np.float32([[0.0], [-1.0], [1e-45]]), cells=2, k=1, dtype="float32", metric="cosine", shortlist=1,
+         wide=1, seed=0)  # a query of length 2**-149: scaled for its estimates without overflow
 def test_codes_shortlist_scores_exactly_and_holds_every_probed_row_when_long_enough(
         x, cells, k, dtype, metric, shortlist, wide, seed):
     x = np.clip(x, -1000, 1000)
@@ -700,3 +712,46 @@ def test_a_few_queries_rank_cells_as_top_k_does_at_any_scale(scale):
         with _config.override(STORE_INDEX_FEW_QUERIES=16):
             few = nearest_cells(q, cent, p)
         np.testing.assert_array_equal(np.sort(few, axis=1), np.sort(ec.top_k(q, cent, p)[1], axis=1))
+
+
+def test_a_query_whose_cells_hold_too_few_live_rows_is_searched_further(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((10, 32)) * 5  # ten tight clusters of 500 rows
+    x = (centres.repeat(500, 0) + 0.1 * rng.standard_normal((5000, 32))).astype(np.float32)
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        store.delete(ids_of(500))  # the query's whole cluster, a tenth of the rows: not stale
+        assert not store.index_info()["stale"]
+        got = store.search(x[:3], 5, recall=0.9)
+        _assert_same(got, store.search(x[:3], 5, exact=True))
+        # k beyond the rows of any few cells: every live row comes back, in the exact order
+        got = store.search(x[600:601], 6000, recall=0.9)
+        assert got[1].shape == (1, 4500) and None not in got[1][0]
+        _assert_same(got, store.search(x[600:601], 6000, exact=True))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_the_query_scale_changes_no_row_the_codes_shortlist(tmp_path, metric):
+    x = clustered(3000, d=16, clusters=20, noise=0.8, seed=4) * np.float32(0.01)  # dot scores stay finite
+    q = clustered(3020, d=16, clusters=20, noise=0.8, seed=4)[3000:]
+    with ec.VectorStore(tmp_path / "s", metric=metric) as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        _, want = store.search(q, 5, recall=0.9)
+        for scale in (2.0**-100, 1e-30, 3.0, 1e30, 1e37):  # products of codes and a query this long overflow float32
+            got = store.search(q * np.float32(scale), 5, recall=0.9)[1]
+            np.testing.assert_array_equal(got, want, err_msg=f"scale {scale}")
+        assert np.all(np.isfinite(store.search(q * np.float32(1e37), 5, exact=True)[0]))
+
+
+def test_a_zero_query_gets_the_lowest_rows_as_the_exact_scan_does(tmp_path):
+    x = clustered(3000, d=16, clusters=20, noise=0.8, seed=4)
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        q = np.zeros((2, 16), np.float32)
+        q[1] = x[7]
+        got = store.search(q, 5, recall=0.5)
+        _assert_same(got, store.search(q, 5, exact=True))
+        assert list(got[1][0]) == ids_of(5)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import embedcache as ec
+from embedcache.errors import InvalidInputError
 
 X = np.float32([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.9, 0.1], [0, 0, 1]])
 
@@ -97,3 +98,20 @@ def test_a_bad_threshold_is_refused_alike_everywhere(store, threshold, error, me
 )
 def test_a_bad_metric_is_refused_alike_everywhere(store, tmp_path, metric, error, message):
     assert_one_refusal(refusals(takers_of_metric(store, tmp_path), metric), error, message)
+
+
+def test_a_finite_value_beyond_float32_is_named_not_called_infinite(tmp_path):
+    q = np.ones((1, 4))
+    q[0, 2] = -1e300
+    with pytest.raises(InvalidInputError, match=r"queries must fit float32 \(magnitudes up to 3\.403e\+38\), "
+                                                r"got -1e\+300 in row 0"):
+        ec.top_k(q, np.ones((3, 4)), 1)
+    with ec.VectorStore(tmp_path / "s") as store:
+        store.add(["a", "b"], np.ones((2, 4), np.float32))
+        with pytest.raises(InvalidInputError, match="must fit float32"):
+            store.search(q, 1)
+        with pytest.raises(InvalidInputError, match=r"row 1 is not \(float32 holds values up to 3\.4028e\+38\)"):
+            store.add(["c", "d"], np.vstack([np.ones((1, 4)), q]))
+        assert len(store) == 2
+    with pytest.raises(InvalidInputError, match="must fit float32"):
+        ec.normalize(q)

@@ -123,10 +123,8 @@ def float32_rows(x: object, name: str) -> np.ndarray:
     x = as_matrix(x, name)
     if x.shape[1] > MAX_DIM:
         raise InvalidInputError(f"{name} must have at most {MAX_DIM} columns, got shape {x.shape}")
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(x, dtype=np.float32)
-    check_finite(out, name)
-    return out
+    check_finite(x, name)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- values

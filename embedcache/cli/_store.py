@@ -39,10 +39,14 @@ def store() -> None:
 
 
 def _open_store(path: str, *, must_exist: bool = True):
+    """The store at ``path``; unless it may be made here (``store add``), a path without one
+    (missing, or a directory holding none) is refused, never made into a store."""
     from embedcache.store import VectorStore
+    from embedcache.store._format import DB_NAME
 
-    if must_exist and not Path(path).is_dir():
-        raise FileNotFoundError(f"no vector store at {path}")
+    if must_exist and not (Path(path) / DB_NAME).is_file():
+        raise FileNotFoundError(f"no vector store at {path}" + (f" (a directory without {DB_NAME})"
+                                                              if Path(path).is_dir() else ""))
     return VectorStore(path)
 
 

@@ -83,6 +83,7 @@ from embedcache.providers._http import (
     Secret,
     TokenBucket,
     cancelled,
+    redact,
     request_error,
     status_error,
 )
@@ -271,6 +272,10 @@ class OpenAIEmbeddings:
             )
         if url.userinfo:
             raise ConfigurationError("base_url must not contain credentials; pass api_key instead")
+        if url.query or url.fragment:  # a key there would be shown in messages and kept in stores
+            shown = str(url.copy_with(query=None, fragment=None))
+            raise ConfigurationError(f"base_url must not carry a query string or fragment (got {shown}?…); "
+                                     "pass a key as api_key instead")
         if dimensions is not None:
             dimensions = check_int("dimensions", dimensions, 1)
         if encoding_format not in ("base64", "float"):
@@ -551,10 +556,11 @@ class OpenAIEmbeddings:
         return results.array()
 
     def list_models(self) -> list[str]:
-        """Model ids the server offers (``GET /models``)."""
+        """Model ids the server offers (``GET /models``; the key masked in any that echo it)."""
         self._headers()
         with self._call() as halt:
-            return self._retry.retrying(halt)(lambda: parse_models(self._send(_MODELS, halt).content))
+            names = self._retry.retrying(halt)(lambda: parse_models(self._send(_MODELS, halt).content))
+        return [redact(name, self._key) for name in names]
 
     def close(self) -> None:
         """Stop every sync call under way and close connections and worker threads (the async

@@ -522,7 +522,26 @@ def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray
            probes: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, row numbers) of float32 ``queries`` through the index: ``probes``
     cells per query, rows deleted since the build masked, rows added since scanned exactly.
-    Ties go to the lower row, as in the exact scan."""
+    Ties go to the lower row, as in the exact scan. ``k`` is at most the live rows: a query
+    whose cells held fewer live rows (most of them deleted since the build, or ``k`` near
+    the rows there are), or a zero query (every row ties at 0: the lowest rows are the
+    answer), is searched again with four times the probes, up to every cell: the exact
+    answer."""
+    scores, found = _search_probed(view, desc, loaded, queries, k, probes)
+    cells = int(desc["cells"])
+    zero = ~np.any(queries != 0, axis=1)
+    while probes < cells:
+        again = np.flatnonzero((found[:, k - 1] < 0) | zero) if k else np.zeros(0, np.int64)
+        if not len(again):
+            break
+        probes = cells if zero[again].any() else min(cells, 4 * probes)
+        scores[again], found[again] = _search_probed(view, desc, loaded, queries[again], k, probes)
+    return scores, found
+
+
+def _search_probed(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray, k: int,
+                   probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`search` at ``probes`` cells, as they come."""
     nq = len(queries)
     deleted = view.deleted[: np.searchsorted(view.deleted, desc["covered"])]
     check_dead = len(deleted) > desc["deleted_at_build"]

@@ -488,8 +488,9 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
                  np.empty((nq, d), np.float32))
     else:
         cent, c, near, offsets, wide = codes
+        est_q = _estimable(queries, inv_q)
         projected = np.empty((nq, c.axes.shape[0]), np.float32)
-        _project(queries, c.axes, projected)
+        _project(est_q, c.axes, projected)
         mode, m = 1, max(k, shortlist)
         if c.signs is not None and wide > m:
             mode, m = 2, wide
@@ -500,19 +501,19 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     heap_i = np.full((shares, nq, width), _NO_INDEX, np.int64)
     if mode == 2:
         turned = np.empty((nq, c.signs.axes.shape[0]), np.float32)
-        _project(queries, c.signs.axes, turned)
+        _project(est_q, c.signs.axes, turned)
         fill = np.zeros((shares, nq), np.int64)
         bar = np.full((shares, nq), -np.inf, np.float32)
         barj = np.full((shares, nq), _NO_INDEX, np.int64)
-        sargs = (first, lengths, cells, qstart, qlist, queries, rows, dead, use_dead, cent, _ro(c.signs.bits),
+        sargs = (first, lengths, cells, qstart, qlist, est_q, rows, dead, use_dead, cent, _ro(c.signs.bits),
                  _ro(c.signs.fac), *query_planes(turned, c.signs.words))
         if shares == 1:
             _scan_signs(*sargs, heap_s[0], heap_i[0], fill[0], bar[0], barj[0])
         else:
             _scan_signs_shares(*sargs, heap_s, heap_i, fill, bar, barj)
     else:
-        args = (first, lengths, cells, qstart, qlist, queries, inv_q, vec32, vec16, half, rows, dead, use_dead,
-                cosine, mode, *cdata)
+        args = (first, lengths, cells, qstart, qlist, queries if mode == 0 else est_q, inv_q, vec32, vec16, half, rows,
+                dead, use_dead, cosine, mode, *cdata)  # mode 1 reads the queries for its estimates alone
         if shares == 1:
             _scan(0, 1, *args, heap_s[0], heap_i[0])
         else:
@@ -531,13 +532,23 @@ def _top(first, lengths, cells, qstart, qlist, queries, inv_q, vectors, rows, k,
     many = nq > _config.STORE_INDEX_FEW_QUERIES
     if mode == 2:  # the 1-bit shortlist, estimated again from the 8-bit codes
         qc_near = np.empty(near.shape, np.float32)
-        _near_products(queries, cent, near, qc_near)
+        _near_products(est_q, cent, near, qc_near)
         cargs = (_ro(c.codes), _ro(c.fac), projected, offsets, near, qc_near)
         hi = _over_threads(_reestimate, _reestimate_shares, cand, cargs, max(k, shortlist), many)[1]
         cand = np.sort(hi, axis=1)
     # then scored exactly
     hs, hi = _over_threads(_rescore, _rescore_shares, cand, (queries, inv_q, vec32, vec16, half, rows, cosine), k, many)
     return _best(hs, hi, k)
+
+
+def _estimable(queries: np.ndarray, inv_q: np.ndarray) -> np.ndarray:
+    """The queries each scaled by a power of two to a length in [0.5, 1) (a zero one as it
+    is), for the codes' estimates: they only rank one query's rows, which its scale does not
+    change, and float32 products of a code and a query far from unit length overflow or
+    lose their bits (the exact scores are computed from ``queries`` as they are)."""
+    _, e = np.frexp(np.where(inv_q > 0, 1.0 / np.where(inv_q > 0, inv_q, 1.0), 0.0))
+    scale = np.ldexp(1.0, -e)  # in float64: 2**149 for a query of length 1e-45
+    return np.ascontiguousarray(queries * scale[:, None], np.float32)
 
 
 def _listing(near: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -286,13 +286,16 @@ class VectorStore:
         """Rewrite the live rows into full segments and drop deleted rows, in one commit.
 
         Old segment files are removed only after the commit, so a crash leaves either the old or
-        the new state. Row order (and so tie-breaking in :meth:`search`) is kept.
+        the new state. Row order (and so tie-breaking in :meth:`search`) is kept. Rows after a
+        deleted one move up, so an index is dropped with them; without deleted rows (only
+        segments joined) the rows keep their numbers and the index stays.
         """
         with self._txn.writing() as w:
             conn = self._txn.current()
             _index.remove_orphans(self.path / _index.INDEX_DIR, _index.description(w.view))
+            renumbered = len(w.view.deleted) > 0
             _write.compact(conn, w, self._txn.seg_dir)
-            dropped = bool(w.obsolete) and _index.drop(conn, w, self.path)
+            dropped = bool(w.obsolete) and renumbered and _index.drop(conn, w, self.path)
         self._txn.checkpoint()
         if dropped:
             warnings.warn(f"compact renumbered the rows of {self.path} and dropped its index; "
@@ -536,8 +539,10 @@ class VectorStore:
     # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
-        """Close the database and unmap the segments (idempotent; waits for a write under way)."""
+        """Close the database and unmap the segments and the index (idempotent; waits for a
+        write under way)."""
         self._txn.close()
+        self._index_maps.clear()
 
     def __enter__(self) -> VectorStore:
         return self

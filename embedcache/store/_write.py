@@ -226,9 +226,11 @@ def converted(chunks: Iterable[np.ndarray], dt: np.dtype) -> Iterator[np.ndarray
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
                 y = np.ascontiguousarray(c[a : a + step], dtype=dt)
             if not np.isfinite(y).all():
-                bad = int(np.flatnonzero(~np.isfinite(y).all(axis=1))[0]) + done + a
-                extra = " (float16 holds values up to 65504)" if dt.itemsize == 2 else ""
-                raise InvalidInputError(f"vectors must be finite, row {bad} is not{extra}")
+                row = int(np.flatnonzero(~np.isfinite(y).all(axis=1))[0])
+                # finite as given: too large for the store's dtype
+                extra = f" ({dt.name} holds values up to {float(np.finfo(dt).max):.5g})" \
+                    if np.isfinite(c[a + row]).all() or dt.itemsize == 2 else ""
+                raise InvalidInputError(f"vectors must be finite, row {row + done + a} is not{extra}")
             yield y
         done += c.shape[0]
 
