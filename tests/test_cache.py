@@ -716,3 +716,29 @@ def test_a_read_only_cache_raises_cache_error_naming_the_directory(tmp_path):
     assert out["error"] is not None and f"embedding cache at {str(directory)!r}" in out["error"]
     with EmbeddingCache(directory) as c:  # what was there is still served
         assert c.get_many([key("a")])[0] is not None
+
+
+def test_another_programs_diskcache_or_a_store_is_never_opened_as_the_cache(tmp_path):
+    from embedcache import VectorStore
+
+    with diskcache.Cache(str(tmp_path / "theirs")) as theirs:
+        theirs["user-key"] = "precious"
+    tables = {r[0] for r in sqlite3.connect(tmp_path / "theirs" / "cache.db").execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    with pytest.raises(CacheError, match="holds another program's diskcache"):
+        EmbeddingCache(tmp_path / "theirs")
+    with diskcache.Cache(str(tmp_path / "theirs")) as theirs:
+        assert theirs["user-key"] == "precious"
+    assert {r[0] for r in sqlite3.connect(tmp_path / "theirs" / "cache.db").execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")} == tables  # nothing added to it
+    with VectorStore(tmp_path / "store") as store:
+        store.add(["a"], np.ones((1, 3), np.float32))
+    with pytest.raises(CacheError, match="is a vector store, not an embedding cache"):
+        EmbeddingCache(tmp_path / "store")
+    assert not (tmp_path / "store" / "cache.db").exists()
+    diskcache.Cache(str(tmp_path / "empty")).close()  # made, never filled: nothing to lose
+    with EmbeddingCache(tmp_path / "empty") as cache:
+        key = cache.make_key("ns", "m", None, "x")
+        cache.set_many([key], np.ones((1, 3), np.float32))
+    with EmbeddingCache(tmp_path / "empty") as cache:  # and ours from then on
+        assert cache.get_many([key])[0] is not None

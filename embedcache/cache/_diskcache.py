@@ -168,9 +168,38 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
+def _refuse_foreign(directory: str) -> None:
+    """Raise CacheError for a directory that is not an embedding cache to be: a vector store,
+    or one whose ``cache.db`` another program's diskcache made and filled (entries whose
+    keys are not this cache's 32-byte digests), so that no command adds tables to it or
+    clears it."""
+    if os.path.exists(os.path.join(directory, "store.sqlite")):
+        raise CacheError(f"{directory} is a vector store, not an embedding cache; give another cache directory")
+    path = os.path.join(directory, "cache.db")
+    if not os.path.exists(path):
+        return
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return  # opening it for real says what is wrong
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "Cache" not in tables or any(t.startswith("Embedcache_") for t in tables):
+            return
+        first = con.execute("SELECT typeof(key), length(key) FROM Cache LIMIT 1").fetchone()
+    except sqlite3.Error:
+        return
+    finally:
+        con.close()
+    if first is not None and tuple(first) != ("blob", 32):
+        raise CacheError(f"{directory} holds another program's diskcache ({path} has entries that are not "
+                         "embedding vectors); embedcache neither reads nor changes it: give another cache directory")
+
+
 def _create(directory: str) -> None:
     """Create the database of a new cache with ``_config.CACHE_PAGE_SIZE`` pages (the page
     size of a database is fixed once it holds anything; an existing cache keeps its own)."""
+    _refuse_foreign(directory)
     path = os.path.join(directory, "cache.db")
     if os.path.exists(path):
         return

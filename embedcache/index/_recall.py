@@ -490,7 +490,6 @@ def cell_density(x, index, threshold: float, rng: np.random.Generator) -> np.nda
     v[srt] = np.asarray(x[rows[srt]], np.float32)
     v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
     # padded (cells, r, d) with a mask of the rows drawn
-    start = np.concatenate([[0], np.cumsum(take)[:-1]])
     slot = np.arange(r)
     have = slot[None, :] < take[:, None]
     pad = np.zeros((cells, r, x.shape[1]), np.float32)
