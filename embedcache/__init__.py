@@ -11,7 +11,6 @@
 True
 """
 
-from embedcache.cache import CachedEmbedder, EmbeddingCache, EmbedStats
 from embedcache.errors import (
     APIConnectionError,
     APIError,
@@ -42,27 +41,45 @@ from embedcache.errors import (
     StoreWriteError,
     TextTooLongError,
 )
-from embedcache.kernels import (
-    cosine_similarity,
-    dot_similarity,
-    normalize,
-    similar_pairs,
-    top_k,
-)
-from embedcache.providers import (
-    Embedder,
-    HashingEmbeddings,
-    LocalEmbeddings,
-    OpenAIEmbeddings,
-)
-from embedcache.store import VectorStore
-from embedcache.workflows import (
-    DedupResult,
-    PairTable,
-    deduplicate,
-    knn_graph,
-    near_duplicates,
-)
+
+#: the public names of the submodules, imported at their first use (numpy, numba and the
+#: kernels load then, not when the command line starts or only an exception is needed)
+_LAZY = {
+    "CachedEmbedder": "embedcache.cache",
+    "EmbeddingCache": "embedcache.cache",
+    "EmbedStats": "embedcache.cache",
+    "cosine_similarity": "embedcache.kernels",
+    "dot_similarity": "embedcache.kernels",
+    "normalize": "embedcache.kernels",
+    "similar_pairs": "embedcache.kernels",
+    "top_k": "embedcache.kernels",
+    "Embedder": "embedcache.providers",
+    "HashingEmbeddings": "embedcache.providers",
+    "LocalEmbeddings": "embedcache.providers",
+    "OpenAIEmbeddings": "embedcache.providers",
+    "VectorStore": "embedcache.store",
+    "DedupResult": "embedcache.workflows",
+    "PairTable": "embedcache.workflows",
+    "deduplicate": "embedcache.workflows",
+    "knn_graph": "embedcache.workflows",
+    "near_duplicates": "embedcache.workflows",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embedcache' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

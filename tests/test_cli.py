@@ -539,3 +539,13 @@ def test_store_refuses_an_embedder_of_another_namespace(run, tmp_path):
                        ok=False, inproc=True)
             assert_one_line_error(proc, "hashing", "test-embed-small")
         assert server.embedding_requests == []  # refused before a request was made
+
+
+def test_the_command_starts_without_loading_the_kernels():
+    # the package's names load their submodules at first use: the command line reaches its
+    # own Ctrl-C handling (and --help) before numba and the kernels are imported
+    code = ("import sys, embedcache, embedcache.cli; assert 'numba' not in sys.modules, 'numba'; "
+            "import numpy as np; s, i = embedcache.top_k(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), 1); "
+            "assert 'numba' in sys.modules and i.ravel().tolist() == [0, 1, 2]; "
+            "assert sorted(embedcache.__all__) == sorted(n for n in dir(embedcache) if n in embedcache.__all__)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
