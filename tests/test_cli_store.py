@@ -150,3 +150,18 @@ def test_store_help_states_the_stores_embedder_as_the_default(run):
         help_text = " ".join(run("store", command, "--help", inproc=True).stdout.split())
         assert "Default: the embedder that made STORE's vectors (a new store: openai when" in help_text
     assert "Default: openai when IONOS_API_TOKEN" in " ".join(run("embed", "--help", inproc=True).stdout.split())
+
+
+def test_a_failed_first_add_leaves_no_empty_store_behind(run, tmp_path):
+    bad = ("--provider", "openai", "--model", "m", "--base-url", "http://127.0.0.1:9/v1?key=sk-0123456789")
+    proc = run("store", "add", "new", EXAMPLE, *bad, ok=False, inproc=True, extra_env={"OPENAI_API_KEY": "sk-x"})
+    assert_one_line_error(proc, "query string")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    run("store", "add", "mine", EXAMPLE, *bad, ok=False, inproc=True, extra_env={"OPENAI_API_KEY": "sk-x"})
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # the directory was there before
+    run("store", "add", "vs", EXAMPLE, "-q", inproc=True)
+    run("store", "add", "vs", EXAMPLE, *bad, ok=False, inproc=True, extra_env={"OPENAI_API_KEY": "sk-x"})
+    with ec.VectorStore(tmp_path / "vs") as vs:  # a store that was there keeps its rows
+        assert len(vs) == len(TEXTS)

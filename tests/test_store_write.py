@@ -585,3 +585,19 @@ def test_readers_are_not_blocked_by_a_write_in_another_thread(path):
             release.set()
             writer.join(30)
         assert len(s) == 2
+
+
+def test_an_embedder_of_another_width_costs_one_text_before_it_is_refused(path):
+    class Counting(_Widths):
+        texts = 0
+
+        def embed(self, texts):
+            Counting.texts += len(texts)
+            return super().embed(texts)
+
+    with VectorStore(path, dimensions=3) as s:
+        with pytest.raises(DimensionMismatchError, match="dimension 3"):
+            s.add_texts([f"t{i}" for i in range(50)], Counting(5))
+        assert Counting.texts == 1 and len(s) == 0
+        s.add_texts([f"t{i}" for i in range(50)], Counting(3))  # one text, then the other 49
+        assert len(s) == 50 and Counting.texts == 51

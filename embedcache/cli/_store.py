@@ -148,6 +148,49 @@ def store_add(store_path, input_path, field, fmt, no_header, id_field, upsert, e
     if hashed:
         ids = text_ids(data.texts)
     metadata = [jsonable(row) for row in data.rows]
+    from embedcache.store._format import DB_NAME
+
+    directory = Path(store_path).exists()
+    made = not (Path(store_path) / DB_NAME).exists()
+    try:
+        _add_rows(store_path, input_path, data, ids, hashed, metadata, upsert, embedder_opts, cache_dir, quiet)
+    except BaseException:
+        if made:  # a store this command made and left empty is not left behind
+            _remove_if_empty(store_path, directory)
+        raise
+
+
+#: what a new, empty store consists of
+_STORE_PARTS = ("segments", "index", "store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "write.lock")
+
+
+def _remove_if_empty(store_path: str, keep_directory: bool) -> None:
+    """Remove the store at ``store_path`` if it holds no row: its files, and its directory
+    unless ``keep_directory`` (it was there before)."""
+    import shutil
+
+    from embedcache.store import VectorStore
+
+    try:
+        with VectorStore(store_path) as vs:
+            empty = vs.info()["rows"] == 0 and vs.info()["deleted"] == 0
+    except Exception:  # noqa: BLE001 - unreadable: left for the user to see
+        return
+    if not empty:
+        return
+    if not keep_directory and {p.name for p in Path(store_path).iterdir()} <= set(_STORE_PARTS):
+        shutil.rmtree(store_path, ignore_errors=True)
+        return
+    for name in _STORE_PARTS:
+        part = Path(store_path) / name
+        if part.is_dir():
+            shutil.rmtree(part, ignore_errors=True)
+        elif part.exists():
+            part.unlink()
+
+
+def _add_rows(store_path, input_path, data, ids, hashed, metadata, upsert, embedder_opts, cache_dir, quiet) -> None:
+    """The body of ``store add``: the rows of ``data`` embedded and added to the store."""
     with _open_store(store_path, must_exist=False) as vs:
         key = data.field if len(vs) == 0 else vs.text_key
         for k, (meta, text) in enumerate(zip(metadata, data.texts)):

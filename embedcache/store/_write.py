@@ -237,12 +237,17 @@ def converted(chunks: Iterable[np.ndarray], dt: np.dtype) -> Iterator[np.ndarray
 
 def embedded(texts: list[str], embedder: Any, path: Path, view: View) -> tuple[int, Iterator[np.ndarray]]:
     """Embed ``texts`` in chunks of ``_config.STORE_EMBED_CHUNK``: the width of the vectors
-    (from the first chunk, embedded now) and every chunk (the later ones checked to be as wide)."""
+    (from the first chunk, embedded now) and every chunk (the later ones checked to be as wide).
+    Into a store that has a width, the first text goes alone: an embedder of another width is
+    found at the price of one text, not of a chunk."""
 
     def calls() -> Iterator[np.ndarray]:
         step = _config.STORE_EMBED_CHUNK
-        for a in range(0, len(texts), step):
-            part = texts[a : a + step]
+        starts = list(range(0, len(texts), step))
+        if view.dim is not None and len(texts) > 1:
+            starts.insert(1, 1)
+        for a, b in zip(starts, starts[1:] + [len(texts)]):
+            part = texts[a:b]
             y = as_matrix(embedder.embed(part), "embedder output")
             if y.shape[0] != len(part):
                 raise InvalidInputError(f"embedder returned {y.shape[0]} vectors for {len(part)} texts")
