@@ -549,3 +549,10 @@ def test_the_command_starts_without_loading_the_kernels():
             "assert 'numba' in sys.modules and i.ravel().tolist() == [0, 1, 2]; "
             "assert sorted(embedcache.__all__) == sorted(n for n in dir(embedcache) if n in embedcache.__all__)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_recall_nan_is_a_usage_error_and_an_exhaustive_search_says_so(run):
+    proc = run("dedup", EXAMPLE, "-o", "k.jsonl", "--recall", "nan", ok=False, inproc=True)
+    assert proc.returncode == 2 and "Invalid value for '--recall': nan" in proc.stderr
+    proc = run("dedup", EXAMPLE, "-o", "k.jsonl", "--method", "partitioned", inproc=True)
+    assert "method: partitioned, recall 1 (every cell searched: the exact answer)" in proc.stdout

@@ -29,7 +29,7 @@ def method_options(f):
                   help="exact: compare every row with every row; partitioned: only rows in nearby "
                        "cells of a partition index, at the recall of --recall; auto (default): exact "
                        "below the size where exact search is fast. The summary says which ran.")
-    @click.option("--recall", type=click.FloatRange(0, 1, min_open=True), default=None,
+    @click.option("--recall", type=click.FloatRange(0, 1, min_open=True), default=None, callback=_finite,
                   help="Share of the true pairs (or neighbours) a partitioned search must find; it is "
                        "measured on sampled rows against exact search and reported with a 95% "
                        "interval. Default: the library's.")
@@ -38,6 +38,13 @@ def method_options(f):
         return f(*args, search={"method": method, "recall": recall}, **kwargs)
 
     return wrapper
+
+
+def _finite(ctx: Any, param: Any, value: float | None) -> float | None:
+    """A NaN passes FloatRange's bounds (every comparison with it is false): refused here."""
+    if value is not None and value != value:
+        raise click.BadParameter(f"{value} is not a number in the range 0<x<=1.", ctx, param)
+    return value
 
 
 def search_kwargs(search: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +67,9 @@ def search_note(result: Any, search: dict[str, Any], *, method: str | None = Non
     >>> rec = NS(estimate=0.995, low=0.99, high=0.998, sample=400)
     >>> search_note(NS(method="partitioned", recall=rec), {"method": "partitioned"})
     '; method: partitioned, recall 0.9950 (95% CI 0.9900-0.9980, 400 sampled rows)'
+    >>> every = NS(estimate=1.0, low=1.0, high=1.0, sample=0)
+    >>> search_note(NS(method="partitioned", recall=every), {"method": "partitioned"})
+    '; method: partitioned, recall 1 (every cell searched: the exact answer)'
     """
     method = getattr(result, "method", method)
     recall = getattr(result, "recall", recall)
@@ -70,6 +80,8 @@ def search_note(result: Any, search: dict[str, Any], *, method: str | None = Non
         est = float(recall.estimate)
         if est != est:  # NaN: the sampled rows had nothing to find
             note += ", recall not measured (no true match among the sampled rows)"
+        elif not recall.sample and est == 1.0:  # nothing sampled: every cell was searched
+            note += ", recall 1 (every cell searched: the exact answer)"
         else:
             note += (f", recall {est:.4f} (95% CI {float(recall.low):.4f}-{float(recall.high):.4f}, "
                      f"{recall.sample} sampled rows)")
