@@ -49,6 +49,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -796,14 +797,19 @@ def write_rows(path: str, data: Dataset, indices: Sequence[int], *, fmt: str | N
     idx = [int(k) for k in indices]
     where = [f"row {k + 1}" for k in idx]
     if fmt == "text":  # one line per row: a line break inside a text becomes a space
+        joined = 0
         with opener(path) as f:
             for w, k in zip(where, idx):
-                text = _LINE_BREAK.sub(" ", data.texts[k])
+                text, breaks = _LINE_BREAK.subn(" ", data.texts[k])
+                joined += breaks > 0
                 if _SURROGATE.search(text):
                     raise InvalidInputError(
                         f"{path}: {w} holds a lone surrogate, which UTF-8 cannot encode; write .jsonl instead"
                     )
                 f.write(text + "\n")
+        if joined:
+            warnings.warn(f"{path}: {joined} of the texts written held line breaks, written as spaces (plain "
+                          "text holds one row a line; .jsonl keeps them)", UserWarning, stacklevel=2)
     elif fmt in ("csv", "tsv") and data.cells is not None:
         with opener(path) as f:
             _write_cells(f, path, fmt, data.fieldnames, zip(where, (data.cells[k] for k in idx)),

@@ -340,8 +340,9 @@ def test_parquet_bytes_and_dates_go_to_json_as_text(run, tmp_path):
 def test_text_output_is_one_line_per_row(run, tmp_path):
     rows = [{"text": "carriage\rreturn"}, {"text": "line\nbreak"}, {"text": "crlf\r\nend"}, {"text": "plain"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run("dedup", "in.jsonl", "-o", "out.txt", "-q", inproc=True)
+    proc = run("dedup", "in.jsonl", "-o", "out.txt", "-q", inproc=True)
     assert read_back(tmp_path / "out.txt", "txt") == ["carriage return", "line break", "crlf end", "plain"]
+    assert "out.txt: 3 of the texts written held line breaks, written as spaces" in proc.stderr
     run("embed", "out.txt", "-o", "v.npy", "-q", inproc=True)
     assert np.load(tmp_path / "v.npy").shape[0] == len(rows)
 

@@ -114,7 +114,8 @@ def _store_client(scheduler: str | None, quiet: bool, input_path: str):
 @click.command()
 @input_or_store_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Kept rows, unchanged (format from the extension, else the input's); from a "
+              help="Kept rows, unchanged (format from the extension, else the input's; plain text "
+                   "holds one row a line, so a text's line breaks become spaces there); from a "
                    "store, each row's id and metadata (JSON Lines unless the extension says otherwise).")
 @click.option("--duplicates", "report", type=click.Path(dir_okay=False), default=None,
               help="Report, one row per removed row with what it duplicates and the score "
