@@ -80,7 +80,7 @@ def read_back_text(data: bytes) -> list[dict]:
 
 
 @pytest.mark.parametrize("name, blob, fragments", [
-    ("bad.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 50)[:25], ["bad.jsonl.gz", "not a readable gzip file"]),
+    ("bad.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 50, mtime=0)[:25], ["bad.jsonl.gz", "not a readable gzip file"]),
     ("bad.jsonl.gz", b"plain text, not gzip", ["bad.jsonl.gz", "not a readable gzip file"]),
     ("bad.csv.zst", b"plain text, not zstd", ["bad.csv.zst", "not a readable zstd file"]),
 ])
