@@ -165,3 +165,13 @@ def test_a_failed_first_add_leaves_no_empty_store_behind(run, tmp_path):
     run("store", "add", "vs", EXAMPLE, *bad, ok=False, inproc=True, extra_env={"OPENAI_API_KEY": "sk-x"})
     with ec.VectorStore(tmp_path / "vs") as vs:  # a store that was there keeps its rows
         assert len(vs) == len(TEXTS)
+
+
+def test_store_index_drop(run, tmp_path):
+    run("store", "add", "vs", EXAMPLE, "-q", inproc=True)
+    run("store", "index", "vs", "-q", inproc=True)
+    assert "vs: index removed" in run("store", "index", "vs", "--drop", inproc=True).stdout
+    assert "vs: had no index" in run("store", "index", "vs", "--drop", inproc=True).stdout
+    assert_one_line_error(run("store", "index", "vs", "--drop", "--cells", "4", ok=False, inproc=True), "--drop")
+    with ec.VectorStore(tmp_path / "vs") as vs:
+        assert vs.index_info() is None

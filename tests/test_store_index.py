@@ -755,3 +755,16 @@ def test_a_zero_query_gets_the_lowest_rows_as_the_exact_scan_does(tmp_path):
         got = store.search(q, 5, recall=0.5)
         _assert_same(got, store.search(q, 5, exact=True))
         assert list(got[1][0]) == ids_of(5)
+
+
+def test_drop_index_removes_it_and_its_files_and_searches_scan_exactly(tmp_path):
+    x = clustered(1500, d=16, clusters=15, seed=5)
+    with ec.VectorStore(tmp_path / "s") as store:
+        assert store.drop_index() is False
+        store.add(ids_of(len(x)), x)
+        store.create_index(seed=0)
+        store.search(x[:5], 3, recall=0.5)  # maps the index
+        assert store.drop_index() is True and store.index_info() is None
+        assert list((tmp_path / "s" / "index").iterdir()) == []
+        _assert_same(store.search(x[:5], 3, recall=0.5), store.search(x[:5], 3, exact=True))
+        store.verify()

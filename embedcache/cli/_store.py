@@ -285,8 +285,9 @@ def store_compact(store_path):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the k-means sample and start.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes on stderr.")
+@click.option("--drop", is_flag=True, help="Remove STORE's index instead (searches then scan every row).")
 @scheduler_option
-def store_index(store_path, cells, seed, quiet, scheduler):
+def store_index(store_path, cells, seed, quiet, drop, scheduler):
     """Build STORE's partition index, which store search and the workflows on STORE use; it
     replaces the old one only when complete (a crash keeps the old one, or none).
 
@@ -294,6 +295,11 @@ def store_index(store_path, cells, seed, quiet, scheduler):
     as tasks on the Dask cluster, whose workers read STORE's files; the same index."""
     vs = input_store(store_path, "STORE")
     _opened.append(vs)
+    if drop:
+        if cells is not None:
+            raise ConfigurationError("--drop removes the index; --cells is for building one")
+        click.echo(f"{store_path}: " + ("index removed" if vs.drop_index() else "had no index"))
+        return
     if not callable(getattr(vs, "create_index", None)):
         raise ConfigurationError("store index needs an embedcache whose VectorStore has create_index(); "
                                  "this one searches exactly only")

@@ -348,6 +348,14 @@ class VectorStore:
         assert info is not None
         return info
 
+    def drop_index(self) -> bool:
+        """Remove the index in one commit (its files after it); searches then scan exactly.
+        Returns whether there was one."""
+        with self._txn.writing() as w:
+            dropped = _index.drop(self._txn.current(), w, self.path)
+        self._index_maps.clear()
+        return dropped
+
     def index_info(self) -> dict[str, Any] | None:
         """The committed index, or None: ``format`` (its layout's version) and ``readable``
         (False for an index written by a newer version, in a later format: searches then scan
