@@ -135,6 +135,7 @@ def as_matrix(x: object, name: str) -> np.ndarray:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
 
 def check_finite(x: np.ndarray, name: str, block: int = 8192) -> None:
@@ -155,6 +156,13 @@ def check_finite(x: np.ndarray, name: str, block: int = 8192) -> None:
                 value = part[bad][np.abs(part[bad]) > _F32_MAX][0]
                 raise InvalidInputError(f"{name} must fit float32 (magnitudes up to {_F32_MAX:.4g}), got "
                                         f"{value:.4g} in row {start + bad}")
+            lost = (part != 0).any(axis=1) & ~(np.asarray(part, np.float32) != 0).any(axis=1)
+            if lost.any():  # every value below float32's least: the row would become a zero vector
+                bad = int(np.flatnonzero(lost)[0])
+                value = part[bad][part[bad] != 0][0]
+                raise InvalidInputError(f"{name} must fit float32: row {start + bad} holds only values below its "
+                                        f"least magnitude ({_F32_TINY:.4g}), such as {value:.4g}, and would "
+                                        "become a zero vector; scale it up")
 
 
 def as_float32(x: object, name: str) -> np.ndarray:

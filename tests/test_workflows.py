@@ -935,3 +935,63 @@ def test_canonically_equivalent_texts_are_exact_duplicates():
     assert ec.cosine_similarity(emb.embed([nfc, nfd]))[0, 1] < 0.9  # the embedder tells them apart
     res = ec.deduplicate([nfc, "tea", nfd], threshold=0.99, embedder=emb, progress=False)
     assert res.kept.tolist() == [0, 1] and res.duplicate_of.tolist() == [0]
+
+
+def test_a_dataframe_is_read_as_its_values_never_its_column_names():
+    import pandas as pd
+
+    from embedcache.errors import InvalidInputTypeError
+
+    x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    x[7] = x[3]
+    df = pd.DataFrame(x, columns=[f"e{j}" for j in range(8)])
+    got = ec.near_duplicates(df, 0.99, progress=False)
+    want = ec.near_duplicates(x, 0.99, progress=False)
+    assert len(got) == len(want) == 1 and got[0]["i"] == 3 and got[0]["j"] == 7
+    assert ec.deduplicate(df, threshold=0.99, progress=False).removed.tolist() == [7]
+    texts = pd.DataFrame({"text": ["a cat", "a cat", "a dog"], "id": [1, 2, 3]})
+    with pytest.raises(InvalidInputTypeError, match=r"DataFrame of shape \(3, 2\).*df\['text'\]"):
+        ec.deduplicate(texts, threshold=0.9, progress=False)
+
+
+def test_rows_float32_would_round_to_zero_are_refused_not_emptied():
+    from embedcache.errors import InvalidInputError
+
+    x = np.array([[1e-50, 1e-50], [2e-50, 2e-50], [1.0, 1.0]])  # parallel rows: cosine 1
+    for call in (lambda: ec.near_duplicates(x, 0.99, progress=False), lambda: ec.similar_pairs(x, 0.5),
+                 lambda: ec.top_k(x, x, 1), lambda: ec.top_k(np.ones((1, 2)), x, 1),
+                 lambda: ec.similar_pairs(np.ones((2, 2)), 0.5, y=x)):
+        with pytest.raises(InvalidInputError, match=r"row 0 holds only values below its least magnitude"):
+            call()
+    ok = np.array([[1.0, 1e-50], [1.0, 1.0]])  # one value lost in a row that stays itself: accepted
+    assert len(ec.similar_pairs(ok, 0.5)[0]) == 1
+
+
+def test_explain_after_a_partitioned_search_says_what_the_search_found():
+    from embedcache.errors import InvalidInputTypeError
+
+    x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
+    res = ec.deduplicate(x, threshold=0.85, method="partitioned", recall=0.9, progress=False)
+    assert res.method == "partitioned"
+    said = [res.explain(i) for i in range(0, 3000, 97)]
+    assert all("no other item scores" not in s and "no kept item scores" not in s for s in said)
+    assert any("the partitioned search found no other item scoring >= 0.85" in res.explain(i) for i in res.kept)
+    exact = ec.deduplicate(x[:300], threshold=0.85, progress=False)
+    assert "found" not in exact.explain(0)
+    for bad in (1.5, "a", None):
+        with pytest.raises(InvalidInputTypeError):
+            res.explain(bad)
+        with pytest.raises(InvalidInputTypeError):
+            res.least_similar_pairs(bad)
+    with pytest.raises(InvalidInputTypeError):
+        ec.near_duplicates(x[:50], 0.5, progress=False)[1.5]
+
+
+def test_a_knn_graph_queried_with_itself_gives_each_rows_nearest_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.random.default_rng(1).normal(size=(200, 6)).astype(np.float32)
+    g = ec.knn_graph(x, 5, weights="distance", symmetric=False)
+    got = NearestNeighbors(metric="precomputed").fit(g).kneighbors(g, n_neighbors=5, return_distance=False)
+    want = ec.top_k(x, x, 5, exclude_self=True)[1]
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))

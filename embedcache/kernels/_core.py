@@ -25,6 +25,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from embedcache._validation import check_finite
 from embedcache.errors import InvalidInputError
 
 __all__ = ["FASTMATH"]
@@ -797,7 +798,10 @@ def _rows32(x: np.ndarray, start: int, count: int) -> np.ndarray:
 
 
 def _block_stats(x: np.ndarray, name: str, block: int):
-    """1/|row| and |row| of every row, converting and checking one block at a time."""
+    """1/|row| and |row| of every row, converting and checking one block at a time (a wider
+    float type first checked to fit float32: see :func:`check_finite`)."""
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+        check_finite(x, name)
     inv = np.empty(x.shape[0], np.float64)
     norm = np.empty(x.shape[0], np.float64)
     for start in range(0, x.shape[0], block):

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 
 from embedcache import _config
-from embedcache._validation import as_float32, as_matrix, check_k, check_metric, check_same_columns
+from embedcache._validation import as_float32, as_matrix, check_finite, check_k, check_metric, check_same_columns
 from embedcache.errors import InvalidInputError, InvalidInputTypeError
 from embedcache.kernels._core import (
     _NO_INDEX,
@@ -90,6 +90,8 @@ def top_k(queries, corpus, k, *, metric="cosine", exclude_self=False, mask=None)
     metric = check_metric(metric)
     q32 = as_float32(queries, "queries")
     corpus = as_matrix(corpus, "corpus")
+    if corpus.dtype.kind == "f" and corpus.dtype.itemsize > 4:  # values float32 cannot hold, named
+        check_finite(corpus, "corpus")
     check_same_columns(q32, "queries", corpus, "corpus")
     k = check_k(k)
     n = corpus.shape[0]

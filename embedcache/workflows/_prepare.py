@@ -123,6 +123,14 @@ def _ordered(items: Any, name: str) -> Any:
             f"{name} must be ordered, since results index the items; got a {type(items).__name__}, "
             f"which has no stable order: pass a list, e.g. sorted({name})"
         )
+    if hasattr(items, "__array__"):  # a table (a pandas DataFrame): its values, never its column names
+        table = np.asarray(items)
+        if table.ndim == 2 and table.dtype.kind not in "fiub":
+            raise InvalidInputTypeError(
+                f"{name} must be {_ACCEPTED}; got a {type(items).__name__} of shape {table.shape} holding "
+                f"{table.dtype} values: pass one column of it (e.g. df['text']) for texts, or numbers for vectors"
+            )
+        return table
     try:
         return list(items)
     except TypeError:

@@ -39,7 +39,8 @@ def knn_graph(
     (no self loops). weights="similarity" stores the score; weights="distance" stores
     ``1 - cosine`` (clipped at 0, kept as explicit entries even when 0) with each row
     ordered by increasing distance, the form scikit-learn's ``metric="precomputed"``
-    (DBSCAN, HDBSCAN, ``NearestNeighbors``, spectral embedding) expects. symmetric=True
+    (DBSCAN, HDBSCAN, ``NearestNeighbors`` queried with ``kneighbors(G)``: without ``G`` it
+    takes each row's first entry for the row itself; spectral embedding) expects. symmetric=True
     adds j -> i for every i -> j (the graph then has k or more entries per row).
     client: a ``distributed.Client`` (x a VectorStore): blocks of rows run as tasks on its
     Dask cluster, whose workers read the store's files (see :mod:`embedcache.engine`); the

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from embedcache.errors import InvalidInputError, MissingDependencyError
+from embedcache._validation import _is_int, check_int
+from embedcache.errors import InvalidInputError, InvalidInputTypeError, MissingDependencyError
 from embedcache.kernels.pairs import pair_order
 
 __all__ = ["DedupResult", "PairTable"]
@@ -107,6 +108,8 @@ class PairTable:
         return row
 
     def __getitem__(self, k: int) -> dict[str, Any]:
+        if not _is_int(k):
+            raise InvalidInputTypeError(f"pairs are indexed by an int, got {type(k).__name__}")
         if not -len(self) <= k < len(self):
             raise IndexError(f"pair {k} out of range for {len(self)} pairs")
         return self._row(k % len(self))
@@ -232,14 +235,21 @@ class DedupResult:
         return label
 
     def explain(self, i: int) -> str:
-        """A few lines telling why item ``i`` was kept or removed."""
+        """A few lines telling why item ``i`` was kept or removed. After a partitioned search
+        they say what the search found: a pair it missed (see ``recall``) is not in them."""
+        if not _is_int(i):
+            raise InvalidInputTypeError(f"i must be an int (an item's index), got {type(i).__name__}")
         i = int(i)
         if not 0 <= i < self.n:
             raise InvalidInputError(f"i must be in [0, {self.n}), got {i}")
         pos = self._removed_at(i)
         is_removed = pos is not None
+        found = " found" if self.method == "partitioned" else ""
         if self.reference:
             if not is_removed:
+                if found:
+                    return f"{self._name(i)} was kept: the partitioned search found no reference item scoring " \
+                           f">= {self.threshold}."
                 return f"{self._name(i)} was kept: no reference item scores >= {self.threshold}."
             r, s = int(self.duplicate_of[pos]), float(self.scores[pos])
             return (
@@ -259,11 +269,13 @@ class DedupResult:
                         f"representative of its group (cosine similarity {s:.4f}; the group is "
                         f"joined by pairs >= threshold {t}).")
         elif not len(linked):
-            line = f"{self._name(i)} was kept: no other item scores >= {t} with it."
+            line = (f"{self._name(i)} was kept: the partitioned search found no other item scoring >= {t} "
+                    "with it." if found else f"{self._name(i)} was kept: no other item scores >= {t} with it.")
         elif self.mode == "greedy":
-            line = (f"{self._name(i)} was kept: no kept item scores >= {t} with it (an item is "
-                    "removed when it scores >= the threshold with an item kept before it in keep "
-                    "order).")
+            line = (f"{self._name(i)} was kept: " + ("the partitioned search found no kept item scoring"
+                                                     if found else "no kept item scores")
+                    + f" >= {t} with it (an item is removed when it scores >= the threshold with an item "
+                    "kept before it in keep order).")
         else:
             line = f"{self._name(i)} was kept as the representative of its group."
         lines = [line]
@@ -276,7 +288,7 @@ class DedupResult:
             order = np.lexsort((linked, -scores.astype(np.float64)))
             shown = ", ".join(f"{int(linked[k])} ({float(scores[k]):.4f}, {self._fate(int(linked[k]))})"
                               for k in order[:5])
-            lines.append(f"Items scoring >= {t} with it ({len(linked)}): {shown}"
+            lines.append(f"Items{found} scoring >= {t} with it ({len(linked)}): {shown}"
                          + (", ..." if len(linked) > 5 else "") + ".")
         return "\n".join(lines)
 
@@ -296,8 +308,7 @@ class DedupResult:
         could go lower; if not, raise it. For a reference run, the weakest matches between
         removed items and reference items.
         """
-        if n < 0:
-            raise InvalidInputError(f"n must be >= 0, got {n}")
+        n = check_int("n", n, 0)
         if self._weakest is not None:
             pi, pj, ps = self._weakest(n)
             order = np.arange(len(pi))
