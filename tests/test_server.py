@@ -157,6 +157,29 @@ def test_not_json(proxy):
     assert r.status_code == 400 and "must be JSON" in r.json()["error"]["message"]
 
 
+def test_a_body_past_the_limit_is_refused_with_or_without_its_length(proxy, upstream, monkeypatch):
+    import json
+
+    from embedcache.server import _app
+
+    monkeypatch.setattr(_app, "MAX_BODY", 2000)
+    body = json.dumps({"model": MODEL, "input": ["x" * 3000]}).encode()
+    before = len(upstream.embedding_requests)
+
+    def chunks(data):  # no Content-Length: sent with Transfer-Encoding: chunked
+        for a in range(0, len(data), 500):
+            yield data[a : a + 500]
+
+    for content in (body, chunks(body)):
+        r = httpx.post(proxy.base_url + "/embeddings", content=content, headers=AUTH, timeout=30)
+        assert r.status_code == 413, r.text
+        assert "must be at most 2000 bytes" in r.json()["error"]["message"]
+    small = json.dumps({"model": MODEL, "input": ["a chunked request"]}).encode()
+    r = httpx.post(proxy.base_url + "/embeddings", content=chunks(small), headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    assert len(upstream.embedding_requests) == before + 1
+
+
 # ---------------------------------------------------------------------------- the cache
 
 

@@ -49,6 +49,18 @@ MAX_ITEMS = 2048
 #: largest request body read, in bytes
 MAX_BODY = 32 * 2**20
 
+
+async def _bounded_body(request: Request) -> bytes | None:
+    """The request's body, or None as soon as it passes ``MAX_BODY`` bytes (the rest is not
+    read into memory)."""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
 _TOKEN_ARRAYS = (
     "input must be a string or a list of strings; token-id arrays are not accepted, because the "
     "cache is keyed by text and the upstream's tokenizer is not the client's (LangChain: "
@@ -171,8 +183,11 @@ class _Proxy:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             return _error(413, f"request body must be at most {MAX_BODY} bytes, got {length}")
+        body = await _bounded_body(request)
+        if body is None:  # sent in chunks, with no length announced: counted as it comes
+            return _error(413, f"request body must be at most {MAX_BODY} bytes, got more")
         try:
-            payload = orjson.loads(await request.body())
+            payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             return _error(400, f"request body must be JSON: {exc}")
         if not isinstance(payload, dict):
