@@ -446,3 +446,22 @@ def test_a_batch_the_upstream_refuses_as_too_large_is_split(tmp_path):
         np.testing.assert_array_equal(got, np.stack([expected_vector(t, DIM) for t in texts]))
         sizes = [len(q.body["input"]) for q in upstream.embedding_requests[before:]]
         assert sizes[0] == 6 and max(sizes[1:]) <= 4 and sum(sizes[1:]) == 6
+
+
+def test_after_a_restart_a_reply_of_another_width_is_refused_never_cached(upstream, tmp_path):
+    from embedcache import EmbeddingCache
+
+    cache = str(tmp_path / "c")
+    with running_proxy(upstream.base_url, cache=cache, max_retries=0) as p:
+        assert _post(p, ["the first text"]).status_code == 200
+    with running_proxy(upstream.base_url, cache=cache, max_retries=0) as p:  # knows the width from the cache
+        upstream.push(Fault.all_wrong_dim())
+        r = _post(p, ["a new text"])
+        assert r.status_code == 502, r.text
+        assert f"returned {DIM}-d embeddings before, {DIM + 1}-d now" in r.json()["error"]["message"]
+        r = _post(p, ["a new text", "the first text"])  # the model still served
+        assert r.status_code == 200, r.text
+        assert [len(d["embedding"]) for d in r.json()["data"]] == [DIM, DIM]
+    with EmbeddingCache(cache) as c:
+        assert [n["vector_dimensions"] for n in c.info()["namespaces"]] == [DIM]
+        assert c.info()["entries"] == 2

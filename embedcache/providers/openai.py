@@ -407,6 +407,14 @@ class OpenAIEmbeddings:
             raise err
         return response
 
+    def expect_width(self, width: int) -> None:
+        """Refuse replies whose vectors are not ``width`` long, as if vectors of that length
+        had come before (a width known from elsewhere: the cache the vectors go into)."""
+        width = check_int("width", width, 1)
+        with self._lock:
+            if self._seen_dim is None:
+                self._seen_dim = width
+
     def _embeddings_from(self, response: Reply, batch: list[str]) -> np.ndarray:
         """The vectors of one checked /embeddings reply for ``batch``."""
         reply = parse_embeddings(

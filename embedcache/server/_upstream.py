@@ -301,7 +301,24 @@ class Upstream:
                     f"got a new one: model={model!r}, dimensions={dimensions}"
                 )
             group = self._groups[(model, dimensions)] = _Group(self._embedder(model, dimensions))
+            if group.dim is None:  # the width the cache holds for it, from an earlier run: a reply
+                group.dim = self._cached_width(group.source)  # of another is refused, never cached
+                if group.dim is not None:
+                    group.embedder.expect_width(group.dim)
         return group
+
+    def _cached_width(self, source: tuple[str, str, int | None]) -> int | None:
+        """The length of the vectors the cache holds for ``source`` (None: none, or unreadable)."""
+        namespace, model, dimensions = source
+        try:
+            held = self.cache.info()["namespaces"]
+        except CacheError:
+            return None
+        for entry in held:
+            if (entry["namespace"], entry["model"], entry["dimensions"]) == (namespace, model, dimensions) \
+                    and entry["entries"] and entry["vector_dimensions"]:
+                return int(entry["vector_dimensions"])
+        return None
 
     # ------------------------------------------------------------------ requests
 
