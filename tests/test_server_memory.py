@@ -305,6 +305,50 @@ def test_a_killed_writer_process_is_reported_restarted_and_sent_what_was_not_wri
     cache.close()
 
 
+def test_a_writer_killed_before_its_first_commit_hands_its_rows_to_the_next(tmp_path, caplog):
+    """A writer killed by a signal before it answered anything is not taken for one that
+    cannot write: the next one is started at once and sent every row not yet written."""
+    import asyncio
+    import signal
+
+    from embedcache import _config
+    from embedcache.server._memory import CacheWriter
+    from embedcache.server._metrics import Metrics
+
+    cache = EmbeddingCache(str(tmp_path))
+    rng = np.random.default_rng(4)
+    source = ("ns", "m", None)
+    metrics = Metrics()
+    sent = [_rows(cache, source, f"early {i}", 6, 4, rng) for i in range(2)]
+
+    async def main():
+        writer = CacheWriter(cache, metrics)  # commits after 30 s, or on a flush
+        writer.add(source, *sent[0])
+        first = writer.pid
+        await asyncio.sleep(0.3)
+        assert len(writer.pending) == 6  # nothing committed yet
+        os.kill(first, signal.SIGKILL)
+        for _ in range(500):  # its exit is seen, and another starts at once
+            if writer.pid != first:
+                break
+            await asyncio.sleep(0.01)
+        assert writer.pid != first and _alive(writer.pid)
+        writer.add(source, *sent[1])
+        await asyncio.wait_for(writer.flush(), 60)
+        assert not writer.pending
+        await writer.aclose()
+
+    with _config.override(SERVER_WRITE_DELAY=30.0), caplog.at_level("WARNING", logger="embedcache.server"):
+        asyncio.run(main())
+    assert any("exited (code -9) with 6 vectors not yet written; starting it again" in r.getMessage()
+               for r in caplog.records)
+    for keys, vectors, _ in sent:
+        found, got = cache.lookup(keys, 4)
+        assert found.all()
+        np.testing.assert_array_equal(got, vectors)
+    cache.close()
+
+
 def test_a_writer_process_that_cannot_write_is_reported_and_not_restarted_at_once(tmp_path, caplog):
     """A writer that exits without writing anything (here: its cache directory is gone, a
     file stands in its place) is logged and counted, its rows are dropped as a failed

@@ -60,6 +60,8 @@ logger = logging.getLogger("embedcache.server")
 #: seconds before a writer process that failed at once is started again (doubling, up to the max)
 _FIRST_BACKOFF = 1.0
 _MAX_BACKOFF = 60.0
+#: writers killed by a signal before their first answer that are replaced at once, in a row
+_MAX_KILLED = 3
 
 #: bytes an entry of :class:`RecentVectors` costs beyond its vector (key, bytes object, map slot)
 ENTRY_OVERHEAD = 200
@@ -223,6 +225,7 @@ class CacheWriter:
         self._progressed = False  # whether the writer now running has answered
         self._retry_at = 0.0  # no writer is started before this (time.monotonic())
         self._backoff = _FIRST_BACKOFF
+        self._killed = 0  # writers killed by a signal in a row before they answered
 
     @property
     def pid(self) -> int | None:
@@ -328,6 +331,7 @@ class CacheWriter:
         """Every write up to ``seq`` is done (committed, or failed with ``error``)."""
         self._progressed = True
         self._backoff = _FIRST_BACKOFF
+        self._killed = 0
         if error:
             logger.warning("%s", error)
             self.metrics.cache_errors.inc()
@@ -359,9 +363,15 @@ class CacheWriter:
         code = self._process.wait()
         if self._closing and not self._unacked:
             return
-        if not self._progressed:  # it could not write at all (an unusable cache directory...)
-            self._failed_start(f"the cache writer process exited (code {code}) without writing anything")
-            return
+        if not self._progressed:
+            # killed by a signal before its first answer (by someone, not by its cache): its rows
+            # go to the next one, like those of a writer killed later; a writer that exits on its
+            # own without writing anything (an unusable cache directory...), or is killed again
+            # and again before it answers, is a failed start
+            if code >= 0 or self._killed >= _MAX_KILLED:
+                self._failed_start(f"the cache writer process exited (code {code}) without writing anything")
+                return
+            self._killed += 1
         logger.warning("the cache writer process exited (code %s) with %d vectors not yet written; "
                        "starting it again", code, sum(len(w.keys) for w in self._unacked.values()))
         self.metrics.cache_errors.inc()
