@@ -336,3 +336,11 @@ def test_models_health_and_metrics(proxy, upstream):
                  "embedcache_proxy_queue_depth", "embedcache_proxy_upstream_rate_limited_total"):
         assert name in text
     assert UPSTREAM_KEY not in text and CLIENT_KEY not in text
+
+
+def test_a_route_or_method_not_served_is_answered_openai_shaped(proxy):
+    r = httpx.post(proxy.base_url + "/embedding", json={"model": MODEL, "input": ["a"]}, headers=AUTH, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no such route: POST /v1/embedding"
+    r = httpx.get(proxy.base_url + "/embeddings", headers=AUTH, timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["allow"]

@@ -74,6 +74,15 @@ def _error(status: int, message: str, *, kind: str = "invalid_request_error", co
     return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """A path or method the proxy does not serve, answered in the OpenAI error shape."""
+    status = getattr(exc, "status_code", 404)
+    what = "no such route" if status == 404 else "method not allowed"
+    headers = getattr(exc, "headers", None)  # a 405 names the methods allowed
+    return _error(status, f"{what}: {request.method} {request.url.path}", code="not_found" if status == 404
+                  else "method_not_allowed", headers=dict(headers) if headers else None)
+
+
 def _retry_headers(seconds: float | None) -> dict[str, str] | None:
     if seconds is None:
         return None
@@ -311,7 +320,8 @@ def create_app(
                    Route(f"{prefix}/models", proxy.models, methods=["GET"])]
     routes += [Route("/health", proxy.health, methods=["GET"]),
                Route("/metrics", proxy.metrics_page, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=proxy.lifespan)
+    app = Starlette(routes=routes, lifespan=proxy.lifespan,
+                    exception_handlers={404: _http_error, 405: _http_error})
     app.state.upstream = core
     app.state.metrics = metrics
     return app
