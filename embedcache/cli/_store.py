@@ -160,28 +160,27 @@ def store_add(store_path, input_path, field, fmt, no_header, id_field, upsert, e
         raise
 
 
-#: what a new, empty store consists of
-_STORE_PARTS = ("segments", "index", "store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "write.lock")
-
-
 def _remove_if_empty(store_path: str, keep_directory: bool) -> None:
     """Remove the store at ``store_path`` if it holds no row: its files, and its directory
     unless ``keep_directory`` (it was there before)."""
     import shutil
 
     from embedcache.store import VectorStore
+    from embedcache.store._format import DB_NAME, LOCK_NAME, SEGMENT_DIR
+    from embedcache.store._index import INDEX_DIR
 
     try:
         with VectorStore(store_path) as vs:
-            empty = vs.info()["rows"] == 0 and vs.info()["deleted"] == 0
+            info = vs.info()
     except Exception:  # noqa: BLE001 - unreadable: left for the user to see
         return
-    if not empty:
+    if info["rows"] or info["deleted"]:
         return
-    if not keep_directory and {p.name for p in Path(store_path).iterdir()} <= set(_STORE_PARTS):
+    parts = (SEGMENT_DIR, INDEX_DIR, DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME)  # a new store's
+    if not keep_directory and {p.name for p in Path(store_path).iterdir()} <= set(parts):
         shutil.rmtree(store_path, ignore_errors=True)
         return
-    for name in _STORE_PARTS:
+    for name in parts:
         part = Path(store_path) / name
         if part.is_dir():
             shutil.rmtree(part, ignore_errors=True)

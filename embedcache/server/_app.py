@@ -49,18 +49,6 @@ MAX_ITEMS = 2048
 #: largest request body read, in bytes
 MAX_BODY = 32 * 2**20
 
-
-async def _bounded_body(request: Request) -> bytes | None:
-    """The request's body, or None as soon as it passes ``MAX_BODY`` bytes (the rest is not
-    read into memory)."""
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
-
 _TOKEN_ARRAYS = (
     "input must be a string or a list of strings; token-id arrays are not accepted, because the "
     "cache is keyed by text and the upstream's tokenizer is not the client's (LangChain: "
@@ -72,6 +60,18 @@ def _error(status: int, message: str, *, kind: str = "invalid_request_error", co
            param: str | None = None, headers: dict[str, str] | None = None) -> Response:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+
+
+async def _bounded_body(request: Request) -> bytes | None:
+    """The request's body, or None as soon as it passes ``MAX_BODY`` bytes (the rest is not
+    read into memory)."""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

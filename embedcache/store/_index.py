@@ -102,6 +102,11 @@ def index_format(desc: dict[str, Any]) -> int:
     return int(desc.get("format", 1))
 
 
+def _later(desc: dict[str, Any]) -> bool:
+    """Whether ``desc`` was written in a format later than this version reads."""
+    return index_format(desc) > INDEX_FORMAT
+
+
 def description(view: View) -> dict[str, Any] | None:
     """The committed index of ``view`` (its JSON description), or None."""
     text = view.settings.get(SETTING)
@@ -461,7 +466,7 @@ def info(view: View) -> dict[str, Any] | None:
     desc = description(view)
     if desc is None:
         return None
-    if index_format(desc) > INDEX_FORMAT:  # what it records may have changed: only the format
+    if _later(desc):  # what it records may have changed: only the format
         return {"format": index_format(desc), "readable": False,
                 "bytes": sum(f.get("nbytes", 0) for f in desc.get("files", []))}
     added, deleted = stale_rows(view, desc)
@@ -492,7 +497,7 @@ def usable(root: Path, view: View, cache: dict[int, Loaded]) -> tuple[dict[str, 
     desc = description(view)
     if desc is None:
         return None
-    if index_format(desc) > INDEX_FORMAT:
+    if _later(desc):
         warnings.warn(
             f"the index of {root} was written by a newer version of embedcache (index format "
             f"{index_format(desc)}; this version reads formats up to {INDEX_FORMAT}); searching exactly "
@@ -531,7 +536,7 @@ def search(view: View, desc: dict[str, Any], loaded: Loaded, queries: np.ndarray
     cells = int(desc["cells"])
     zero = ~np.any(queries != 0, axis=1)
     while probes < cells:
-        again = np.flatnonzero((found[:, k - 1] < 0) | zero) if k else np.zeros(0, np.int64)
+        again = np.flatnonzero((found[:, k - 1] < 0) | zero)
         if not len(again):
             break
         probes = cells if zero[again].any() else min(cells, 4 * probes)
@@ -589,7 +594,7 @@ def verify(root: Path, view: View) -> int:
         if crc != f["crc32"]:
             raise StoreCorruptedError(f"{path}: checksum {crc:#010x} differs from the recorded {f['crc32']:#010x}")
         total += size
-    if index_format(desc) > INDEX_FORMAT:  # its files are whole; their layout is not this version's to check
+    if _later(desc):  # its files are whole; their layout is not this version's to check
         return total
     loaded = load(root, view, desc, {})
     assert loaded is not None

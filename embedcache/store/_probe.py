@@ -546,7 +546,7 @@ def _estimable(queries: np.ndarray, inv_q: np.ndarray) -> np.ndarray:
     is), for the codes' estimates: they only rank one query's rows, which its scale does not
     change, and float32 products of a code and a query far from unit length overflow or
     lose their bits (the exact scores are computed from ``queries`` as they are)."""
-    _, e = np.frexp(np.where(inv_q > 0, 1.0 / np.where(inv_q > 0, inv_q, 1.0), 0.0))
+    _, e = np.frexp(np.divide(1.0, inv_q, out=np.zeros_like(inv_q), where=inv_q > 0))
     scale = np.ldexp(1.0, -e)  # in float64: 2**149 for a query of length 1e-45
     return np.ascontiguousarray(queries * scale[:, None], np.float32)
 
